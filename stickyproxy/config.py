@@ -1,0 +1,606 @@
+"""TOML configuration → validated, immutable settings objects.
+
+Every default is declared once, on the dataclass field that holds it. Loading never stops at
+the first problem: every error found is collected with the key path it belongs to
+(``backends[2].url: not an http URL: 'ftp://x'``) and raised together as ``ConfigError``.
+Pure: ``parse`` takes a mapping; only ``load`` reads a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .units import parse_duration, parse_size
+
+# A backend id is used as a ring node name, a metric label and a header value.
+BACKEND_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A header name is an RFC 9110 §5.6.2 token.
+TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Upper bound on a backend's weight: weight multiplies its ring points (vnodes × weight).
+MAX_WEIGHT = 100
+# Upper bound on vnodes: the ring holds vnodes × Σweights points and is rebuilt on reload.
+MAX_VNODES = 4096
+# Longest user key accepted from a request; longer keys are refused (keys.py).
+DEFAULT_MAX_KEY_LENGTH = 256
+KEY_SOURCES = ("header", "cookie", "query", "path", "jwt")
+NO_KEY_POLICIES = ("round-robin", "reject", "client-ip")
+
+
+class ConfigError(Exception):
+    """One or more problems with a configuration; ``errors`` lists them all."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = list(errors)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "; ".join(self.errors))
+
+    def render(self) -> str:
+        head = f"{self.source}: " if self.source else ""
+        n = len(self.errors)
+        lines = [f"{head}{n} error{'s' if n != 1 else ''}"]
+        lines += [f"  {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Field kinds: each turns a raw TOML value into a settings value or raises ValueError.
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def k_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def k_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def k_int(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if not _is_int(v):
+            raise ValueError(f"expected an integer, got {type(v).__name__} {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {v}")
+        return v
+    return conv
+
+
+def k_float(lo: float, hi: float) -> Callable[[Any], float]:
+    def conv(v: Any) -> float:
+        if not (_is_int(v) or isinstance(v, float)):
+            raise ValueError(f"expected a number, got {type(v).__name__} {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}, got {v}")
+        return float(v)
+    return conv
+
+
+def k_duration(lo: float = 0.0) -> Callable[[Any], float]:
+    def conv(v: Any) -> float:
+        if not isinstance(v, str):
+            raise ValueError(f"expected a duration string such as \"2s\" or \"500ms\", got {v!r}")
+        secs = parse_duration(v)
+        if secs < lo:
+            raise ValueError(f"must be at least {lo:g}s, got {v!r}")
+        return secs
+    return conv
+
+
+def k_size(v: Any) -> int:
+    if not (_is_int(v) or isinstance(v, str)):
+        raise ValueError(f"expected a size such as 65536 or \"64KiB\", got {v!r}")
+    return parse_size(v)
+
+
+def k_choice(*choices: str) -> Callable[[Any], str]:
+    def conv(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+    return conv
+
+
+def k_host(v: Any) -> str:
+    v = k_str(v)
+    if not v or any(c.isspace() for c in v) or "/" in v:
+        raise ValueError(f"not a host name or address: {v!r}")
+    return v
+
+
+def k_port(v: Any) -> int:
+    return k_int(0, 65535)(v)
+
+
+def k_header_name(v: Any) -> str:
+    v = k_str(v)
+    if not TOKEN_RE.match(v):
+        raise ValueError(f"not a valid header name: {v!r}")
+    return v
+
+
+def k_networks(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of addresses or CIDR ranges, got {v!r}")
+    out = []
+    for item in v:
+        try:
+            out.append(ipaddress.ip_network(k_str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or CIDR range: {item!r}") from None
+    return tuple(out)
+
+
+def k_status_range(v: Any) -> tuple[int, int]:
+    v = k_str(v)
+    m = re.match(r"^\s*(\d{3})\s*(?:-\s*(\d{3}))?\s*$", v)
+    if not m:
+        raise ValueError(f"expected a status or range such as \"200-399\", got {v!r}")
+    lo = int(m.group(1))
+    hi = int(m.group(2) or lo)
+    if not 100 <= lo <= hi <= 599:
+        raise ValueError(f"not a valid status range: {v!r}")
+    return (lo, hi)
+
+
+def spec(default: Any, kind: Callable[[Any], Any], doc: str = "") -> Any:
+    """A settings field: its default (already converted), its kind, a one-line doc."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("defaults must be immutable")
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+# ---------------------------------------------------------------------------------------
+# Settings. Defaults are the values on these fields and nowhere else.
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = spec("127.0.0.1", k_host, "address the proxy listens on")
+    port: int = spec(8080, k_port, "port the proxy listens on")
+    trusted_proxies: tuple = spec((), k_networks,
+                                  "peers whose X-Forwarded-For is kept and extended")
+
+
+@dataclass(frozen=True)
+class Admin:
+    enabled: bool = spec(True, k_bool, "serve the admin API and /metrics")
+    host: str = spec("127.0.0.1", k_host, "admin listener address (loopback by default)")
+    port: int = spec(9090, k_port, "admin listener port")
+    token: str = spec("", k_str, "bearer token required by mutating endpoints ('' = none)")
+    token_env: str = spec("", k_str, "environment variable holding the token, instead of inline")
+
+
+@dataclass(frozen=True)
+class KeySource:
+    kind: str
+    name: str = ""
+    pattern: re.Pattern[str] | None = None
+
+    def describe(self) -> str:
+        if self.kind == "path":
+            return f"path ~ {self.pattern.pattern if self.pattern else ''}"
+        return f"{self.kind} {self.name}"
+
+
+DEFAULT_KEYS = (KeySource("header", "X-User-Id"),)
+
+
+@dataclass(frozen=True)
+class Routing:
+    keys: tuple = field(default=DEFAULT_KEYS, metadata={"kind": None, "doc":
+                        "ordered key sources; the first one yielding a non-empty key wins"})
+    no_key: str = spec("round-robin", k_choice(*NO_KEY_POLICIES),
+                       "what to do with a request that carries no key")
+    vnodes: int = spec(160, k_int(1, MAX_VNODES), "ring points per unit of weight")
+    max_key_length: int = spec(DEFAULT_MAX_KEY_LENGTH, k_int(1, 4096),
+                               "longest user key accepted (bytes)")
+
+
+@dataclass(frozen=True)
+class Headers:
+    prefix: str = spec("X-Sticky-", k_header_name,
+                       "prefix of the headers the proxy sets for backends")
+    forwarded: bool = spec(True, k_bool, "add X-Forwarded-For/-Proto/-Host")
+
+    @property
+    def key(self) -> str:
+        return self.prefix + "Key"
+
+    @property
+    def backend(self) -> str:
+        return self.prefix + "Backend"
+
+    @property
+    def route(self) -> str:
+        return self.prefix + "Route"
+
+    @property
+    def ring(self) -> str:
+        return self.prefix + "Ring"
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    url: str
+    weight: int = 1
+    host: str = ""
+    port: int = 80
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Health:
+    enabled: bool = spec(True, k_bool, "run active health checks")
+    path: str = spec("/", k_str, "path of the HTTP GET health check")
+    interval: float = spec(2.0, k_duration(0.01), "time between checks of one backend")
+    timeout: float = spec(1.0, k_duration(0.001), "a check slower than this fails")
+    expect: tuple = spec((200, 399), k_status_range, "statuses that count as healthy")
+    rise: int = spec(2, k_int(1, 100), "consecutive successes that make a down backend up")
+    fall: int = spec(3, k_int(1, 100), "consecutive failures that make an up backend down")
+    jitter: float = spec(0.1, k_float(0.0, 1.0), "random spread of the interval (fraction)")
+    failback_delay: float = spec(0.0, k_duration(),
+                                 "keep users on their fallback this long after recovery")
+    panic_threshold: int = spec(50, k_int(0, 100),
+                                "below this % of usable backends, route by the plain ring")
+
+
+@dataclass(frozen=True)
+class Passive:
+    enabled: bool = spec(True, k_bool, "eject backends on consecutive failures")
+    consecutive_failures: int = spec(5, k_int(1, 1000), "failures in a row that eject")
+    on_5xx: bool = spec(False, k_bool, "count 5xx responses as failures")
+    connect_down: float = spec(2.0, k_duration(),
+                               "skip a backend this long after a refused connect")
+    base_ejection: float = spec(30.0, k_duration(0.001), "first ejection time")
+    max_ejection: float = spec(300.0, k_duration(0.001), "cap on ejection time")
+    max_ejected_percent: int = spec(50, k_int(0, 100), "never eject more than this % at once")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = spec(1.0, k_duration(0.001), "upstream TCP connect")
+    response: float = spec(30.0, k_duration(0.001), "request sent → response headers")
+    client_header: float = spec(10.0, k_duration(0.001),
+                                "a client must send a whole request head within this")
+    client_idle: float = spec(60.0, k_duration(0.001), "idle client keep-alive connection")
+    upstream_idle: float = spec(60.0, k_duration(0.001), "idle pooled upstream connection")
+    body_idle: float = spec(30.0, k_duration(0.001), "no body bytes in either direction")
+    websocket_idle: float = spec(3600.0, k_duration(0.001), "idle WebSocket tunnel")
+    shutdown: float = spec(30.0, k_duration(), "SIGTERM: time to finish in-flight requests")
+    drain: float = spec(30.0, k_duration(), "a drained backend's tunnels are closed after this")
+
+
+@dataclass(frozen=True)
+class Retries:
+    attempts: int = spec(2, k_int(0, 16), "extra backends tried after the first")
+    budget_percent: int = spec(20, k_int(0, 100), "retries at most this % of active requests")
+    budget_min: int = spec(3, k_int(0, 100000), "retries always allowed regardless of budget")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_line: int = spec(8192, k_size, "longest request line (414 beyond)")
+    max_header_bytes: int = spec(65536, k_size, "largest request head (431 beyond)")
+    max_headers: int = spec(100, k_int(1, 10000), "most header fields in a request (431)")
+    max_body: int = spec(1 << 30, k_size, "largest request body, 0 = unlimited (413 beyond)")
+    max_client_connections: int = spec(10000, k_int(1, 1_000_000),
+                                       "open client connections (503 beyond)")
+    max_pipeline: int = spec(32, k_int(1, 1024), "queued pipelined requests per connection")
+    pool_max_idle: int = spec(64, k_int(0, 100000), "idle upstream connections per backend")
+    pool_max_requests: int = spec(10000, k_int(1, 1 << 31), "requests per upstream connection")
+    max_inflight_per_backend: int = spec(0, k_int(0, 1_000_000), "0 = unlimited")
+    queue_per_backend: int = spec(0, k_int(0, 1_000_000),
+                                  "requests waiting for a backend slot (503 beyond)")
+    min_body_rate: int = spec(0, k_size, "bytes/s a request body must keep up, 0 = off")
+
+
+@dataclass(frozen=True)
+class Logging:
+    level: str = spec("info", k_choice("debug", "info", "warning", "error"), "log level")
+    format: str = spec("text", k_choice("text", "json"), "format of the process log")
+    access: str = spec("off", k_choice("off", "text", "json"), "access log")
+    access_key: str = spec("hash", k_choice("hash", "raw", "none"),
+                           "how the user key appears in the access log")
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen
+    admin: Admin
+    routing: Routing
+    headers: Headers
+    backends: tuple[Backend, ...]
+    health: Health
+    passive: Passive
+    timeouts: Timeouts
+    retries: Retries
+    limits: Limits
+    logging: Logging
+    source: str | None = None
+
+    def backend(self, backend_id: str) -> Backend:
+        for b in self.backends:
+            if b.id == backend_id:
+                return b
+        raise KeyError(backend_id)
+
+
+SECTIONS: dict[str, type] = {
+    "listen": Listen, "admin": Admin, "routing": Routing, "headers": Headers,
+    "health": Health, "passive": Passive, "timeouts": Timeouts, "retries": Retries,
+    "limits": Limits, "logging": Logging,
+}
+
+
+# ---------------------------------------------------------------------------------------
+
+def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table, got {type(raw).__name__}")
+        raw = {}
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind")}
+    for k in raw:
+        if k not in known and not (cls is Routing and k == "keys"):
+            errors.append(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
+    for name, f in known.items():
+        if name in raw:
+            try:
+                values[name] = f.metadata["kind"](raw[name])
+            except ValueError as e:
+                errors.append(f"{path}.{name}: {e}")
+    return cls(**values)
+
+
+def _key_sources(raw: Any, errors: list[str]) -> tuple[KeySource, ...]:
+    path = "routing.keys"
+    if not isinstance(raw, list):
+        errors.append(f"{path}: expected an array of key sources, got {raw!r}")
+        return DEFAULT_KEYS
+    if not raw:
+        errors.append(f"{path}: needs at least one key source")
+    out = []
+    for i, item in enumerate(raw):
+        p = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            errors.append(f"{p}: expected a table such as {{ from = \"header\", name = \"X-User-Id\" }}")
+            continue
+        kind = item.get("from")
+        if kind not in KEY_SOURCES:
+            errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
+            continue
+        if kind == "jwt":
+            errors.append(f"{p}.from: 'jwt' key sources are not supported by this version")
+            continue
+        allowed = {"from", "pattern"} if kind == "path" else {"from", "name"}
+        for k in item:
+            if k not in allowed:
+                errors.append(f"{p}.{k}: unknown key for a {kind} source (known: {', '.join(sorted(allowed))})")
+        if kind == "path":
+            pat = item.get("pattern")
+            if not isinstance(pat, str) or not pat:
+                errors.append(f"{p}.pattern: a path source needs a regular expression")
+                continue
+            try:
+                rx = re.compile(pat)
+            except re.error as e:
+                errors.append(f"{p}.pattern: not a valid regular expression: {e}")
+                continue
+            if "key" not in rx.groupindex:
+                errors.append(f"{p}.pattern: needs a named group (?P<key>...)")
+                continue
+            out.append(KeySource("path", pattern=rx))
+        else:
+            name = item.get("name")
+            try:
+                name = k_header_name(name) if kind == "header" else k_str(name)
+                if not name:
+                    raise ValueError("must not be empty")
+            except ValueError as e:
+                errors.append(f"{p}.name: {e}")
+                continue
+            out.append(KeySource(kind, name=name))
+    return tuple(out) or DEFAULT_KEYS
+
+
+def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
+    if raw is None:
+        errors.append("backends: at least one [[backends]] entry is required")
+        return ()
+    if not isinstance(raw, list):
+        errors.append("backends: expected an array of tables ([[backends]])")
+        return ()
+    if not raw:
+        errors.append("backends: at least one [[backends]] entry is required")
+    out: list[Backend] = []
+    seen_ids: dict[str, int] = {}
+    seen_addrs: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        p = f"backends[{i}]"
+        if not isinstance(item, dict):
+            errors.append(f"{p}: expected a table")
+            continue
+        for k in item:
+            if k not in ("id", "url", "weight"):
+                errors.append(f"{p}.{k}: unknown key (known: id, url, weight)")
+        ok = True
+        bid = item.get("id")
+        if bid is None:
+            errors.append(f"{p}.id: missing")
+            ok = False
+        elif not isinstance(bid, str) or not BACKEND_ID_RE.match(bid):
+            errors.append(f"{p}.id: must be 1-64 letters, digits, '.', '_' or '-', got {bid!r}")
+            ok = False
+        elif bid in seen_ids:
+            errors.append(f"{p}.id: duplicate of backends[{seen_ids[bid]}].id {bid!r}")
+            ok = False
+        else:
+            seen_ids[bid] = i
+        url = item.get("url")
+        host, port = "", 80
+        if url is None:
+            errors.append(f"{p}.url: missing")
+            ok = False
+        else:
+            try:
+                host, port = _parse_backend_url(url)
+                addr = f"{host.lower()}:{port}"
+                if addr in seen_addrs:
+                    errors.append(f"{p}.url: duplicate of backends[{seen_addrs[addr]}].url {url!r}")
+                    ok = False
+                else:
+                    seen_addrs[addr] = i
+            except ValueError as e:
+                errors.append(f"{p}.url: {e}")
+                ok = False
+        weight = item.get("weight", 1)
+        try:
+            weight = k_int(1, MAX_WEIGHT)(weight)
+        except ValueError as e:
+            errors.append(f"{p}.weight: {e}")
+            ok = False
+        if ok:
+            out.append(Backend(id=bid, url=url, weight=weight, host=host, port=port))
+    return tuple(out)
+
+
+def _parse_backend_url(url: Any) -> tuple[str, int]:
+    if not isinstance(url, str):
+        raise ValueError(f"expected a string, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"not a valid URL: {url!r}") from None
+    if parts.scheme != "http":
+        raise ValueError(f"not an http URL: {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"must be scheme://host[:port] without a path, query or fragment: {url!r}")
+    if parts.username or parts.password:
+        raise ValueError(f"must not carry credentials: {url!r}")
+    return parts.hostname, port or 80
+
+
+def parse(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    known = set(SECTIONS) | {"backends"}
+    for k in raw:
+        if k not in known:
+            errors.append(f"{k}: unknown section (known: {', '.join(sorted(known))})")
+    sections = {name: _section(cls, raw.get(name), name, errors) for name, cls in SECTIONS.items()}
+    routing_raw = raw.get("routing")
+    if isinstance(routing_raw, dict) and "keys" in routing_raw:
+        sections["routing"] = dataclasses.replace(
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors))
+    backends = _backends(raw.get("backends"), errors)
+
+    admin = sections["admin"]
+    if admin.token and admin.token_env:
+        errors.append("admin.token_env: set either admin.token or admin.token_env, not both")
+    elif admin.token_env:
+        token = os.environ.get(admin.token_env, "")
+        if not token:
+            errors.append(f"admin.token_env: environment variable {admin.token_env!r} is unset or empty")
+        sections["admin"] = dataclasses.replace(admin, token=token)
+    health, timeouts = sections["health"], sections["timeouts"]
+    if health.timeout > health.interval:
+        errors.append("health.timeout: must not exceed health.interval")
+    passive = sections["passive"]
+    if passive.base_ejection > passive.max_ejection:
+        errors.append("passive.base_ejection: must not exceed passive.max_ejection")
+    limits = sections["limits"]
+    if limits.max_request_line > limits.max_header_bytes:
+        errors.append("limits.max_request_line: must not exceed limits.max_header_bytes")
+    if sections["admin"].enabled and (sections["admin"].host, sections["admin"].port) == (
+            sections["listen"].host, sections["listen"].port) and sections["listen"].port:
+        errors.append("admin.port: the admin listener cannot share the proxy's address")
+    del timeouts
+    if errors:
+        raise ConfigError(errors, source)
+    return Config(backends=backends, source=source, **sections)
+
+
+def loads(text: str, source: str | None = None) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"TOML syntax error: {e}"], source) from None
+    return parse(raw, source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror}"], path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8: {e}"], path) from None
+    return loads(text, path)
+
+
+
+def _show_default(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return f'"{v[0]}-{v[1]}"'
+    if isinstance(v, tuple):
+        return "[]" if not v else repr(list(v))
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the fields that hold the defaults."""
+    from .units import format_duration
+    out = ["<!-- generated by `python -m stickyproxy.config`; do not edit by hand -->",
+           "# Configuration reference", ""]
+    for name, cls in SECTIONS.items():
+        out += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            kind = f.metadata.get("kind")
+            default = f.default
+            if name == "routing" and f.name == "keys":
+                shown = '[{ from = "header", name = "X-User-Id" }]'
+            elif kind is not None and getattr(kind, "__qualname__", "").startswith("k_duration"):
+                shown = f'"{format_duration(default)}"'
+            else:
+                shown = _show_default(default)
+            out.append(f"| `{f.name}` | `{shown}` | {f.metadata.get('doc', '')} |")
+        out.append("")
+    out += ["## [[backends]]", "", "| key | default | meaning |", "|---|---|---|",
+            "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
+            "| `url` | (required) | `http://host[:port]`, no path |",
+            f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

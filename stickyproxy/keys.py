@@ -1,0 +1,124 @@
+"""User-key extraction from a request head: pure, no I/O.
+
+Sources are tried in the configured order; the first that yields a non-empty key wins.
+Decisions where the RFCs leave room (each table-tested):
+
+- A header or query parameter present several times with *different* values is ambiguous:
+  the request is refused rather than guessing which copy the client meant (a proxy and a
+  backend that guess differently is how identity gets spoofed). Identical repeats are fine.
+- A cookie present several times: the first wins. Browsers send the cookie with the most
+  specific path first (RFC 6265 §5.4 step 2), and that is the one applications read.
+- Query values and path captures are percent-decoded; header and cookie values are taken
+  as sent (cookie values may be DQUOTE-wrapped, RFC 6265 §4.1.1: the quotes are removed).
+- A key must be valid UTF-8 without control characters, and at most ``max_length`` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import unquote_to_bytes
+
+from .config import DEFAULT_MAX_KEY_LENGTH, KeySource
+
+# C0 controls and DEL (RFC 9110 §5.5 forbids them in field values), plus C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class KeyRejected(ValueError):
+    """The request carries a key that must not be routed on; the reason is client-safe."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    key: str
+    source: KeySource
+
+
+def _check(raw: bytes, max_length: int, what: str) -> str:
+    if len(raw) > max_length:
+        raise KeyRejected(f"{what}: user key longer than {max_length} bytes")
+    try:
+        key = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyRejected(f"{what}: user key is not valid UTF-8") from None
+    if _CONTROL.search(key):
+        raise KeyRejected(f"{what}: user key contains control characters")
+    return key
+
+
+def _header_values(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
+    return [v for n, v in headers if n == lname]
+
+
+def _cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for value in _header_values(headers, b"cookie"):
+        for pair in value.split(b";"):
+            k, sep, v = pair.strip().partition(b"=")
+            if sep and k.strip() == name:
+                v = v.strip()
+                if len(v) >= 2 and v[:1] == b'"' and v[-1:] == b'"':
+                    v = v[1:-1]
+                return v
+    return None
+
+
+def _query_values(query: bytes, name: bytes) -> list[bytes]:
+    out = []
+    for pair in query.split(b"&"):
+        k, _, v = pair.partition(b"=")
+        if unquote_to_bytes(k.replace(b"+", b" ")) == name:
+            out.append(unquote_to_bytes(v.replace(b"+", b" ")))
+    return out
+
+
+def _one(values: list[bytes], what: str) -> bytes | None:
+    values = [v for v in values if v]
+    if not values:
+        return None
+    first = values[0]
+    if any(v != first for v in values[1:]):
+        raise KeyRejected(f"{what}: repeated with different values")
+    return first
+
+
+class KeyExtractor:
+    """Applies an ordered list of key sources to a request head."""
+
+    __slots__ = ("sources", "max_length", "_plan")
+
+    def __init__(self, sources: Sequence[KeySource], max_length: int = DEFAULT_MAX_KEY_LENGTH):
+        self.sources = tuple(sources)
+        self.max_length = max_length
+        self._plan = [(s, s.name.lower().encode("latin-1") if s.kind == "header"
+                       else s.name.encode("utf-8")) for s in self.sources]
+
+    def extract(self, headers: Sequence[tuple[bytes, bytes]], path: bytes,
+                query: bytes = b"") -> Extracted | None:
+        """The request's user key, or None if no source yields one.
+
+        ``headers`` are (lower-cased name, value) pairs as received; ``path`` is the
+        request target's path and ``query`` its query string (without '?').
+        Raises KeyRejected for an ambiguous, oversized or malformed key.
+        """
+        for src, name in self._plan:
+            kind = src.kind
+            if kind == "header":
+                what = f"header {src.name}"
+                raw = _one([v.strip(b" \t") for v in _header_values(headers, name)], what)
+            elif kind == "cookie":
+                what = f"cookie {src.name}"
+                raw = _cookie(headers, name) or None
+            elif kind == "query":
+                what = f"query parameter {src.name}"
+                raw = _one(_query_values(query, name), what) if query else None
+            elif kind == "path":
+                what = "path"
+                m = src.pattern.search(path.decode("latin-1")) if src.pattern else None
+                raw = unquote_to_bytes(m.group("key")) if m and m.group("key") else None
+            else:
+                continue
+            if raw:
+                return Extracted(_check(raw, self.max_length, what), src)
+        return None

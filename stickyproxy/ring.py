@@ -1,0 +1,148 @@
+"""The consistent-hash ring and each key's preference list: pure, no I/O.
+
+uhashring's default mode (md5, ``vnodes`` points per unit of weight), so any
+ketama-style client with the same members agrees. Invariants (DESIGN.md §2–3):
+
+- Nodes are backend *ids*, never addresses: proxies whose backends resolve to different IPs
+  still agree (P1). Members are inserted in id order, so even a hash collision between two
+  nodes' points resolves the same way whatever order the config lists them in.
+- Health never rebuilds the ring. An unusable backend is skipped by walking the key's
+  preference list, which maps every key exactly as removing the node would (P2, P3).
+- The hot path is one ``get_node`` when the key's owner is usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterable
+
+from uhashring import HashRing
+
+HASH_SPACE = 1 << 128  # md5 digests, as uhashring hashes keys and points
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The backend chosen for a key: ``backend`` is None when none is usable."""
+    backend: str | None
+    primary: bool
+    owner: str | None
+
+
+def fingerprint(members: Iterable[Member], vnodes: int) -> str:
+    """A short stable hash of ids, weights and vnodes (sent to backends as X-Sticky-Ring).
+
+    Independent of member order and of addresses: equal fingerprints mean equal rings.
+    """
+    text = f"v1;vnodes={vnodes};" + ";".join(
+        f"{m.id}={m.weight}" for m in sorted(members, key=lambda m: m.id))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class Ring:
+    """An immutable ring over ``members``; build a new one to change membership."""
+
+    __slots__ = ("members", "vnodes", "fingerprint", "_ring", "_ids", "_get_node")
+
+    def __init__(self, members: Iterable[Member], vnodes: int = 160):
+        self.members: tuple[Member, ...] = tuple(sorted(members, key=lambda m: m.id))
+        if len({m.id for m in self.members}) != len(self.members):
+            raise ValueError("member ids must be unique")
+        if any(m.weight < 1 for m in self.members):
+            raise ValueError("weights must be >= 1")
+        self.vnodes = vnodes
+        self.fingerprint = fingerprint(self.members, vnodes)
+        self._ids = frozenset(m.id for m in self.members)
+        nodes = {m.id: {"weight": m.weight, "vnodes": vnodes} for m in self.members}
+        self._ring = HashRing(nodes=nodes, vnodes=vnodes)
+        self._get_node = self._ring.get_node
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __contains__(self, backend_id: str) -> bool:
+        return backend_id in self._ids
+
+    def owner(self, key: str) -> str | None:
+        """The key's primary backend (None on an empty ring)."""
+        return self._get_node(key)
+
+    def preference(self, key: str) -> list[str]:
+        """Every member, ordered as the key would fail over along the ring."""
+        if not self.members:
+            return []
+        return list(self._ring.iterate_nodes(key))
+
+    def pick(self, key: str, usable: Callable[[str], bool] | Collection[str] | None = None) -> Pick:
+        """The first usable backend along the key's preference list.
+
+        ``usable`` is a predicate or a collection of usable ids; None means all are usable.
+        Costs one lookup when the owner is usable.
+        """
+        owner = self._get_node(key)
+        if owner is None:
+            return Pick(None, False, None)
+        if usable is None:
+            return Pick(owner, True, owner)
+        ok = usable if callable(usable) else usable.__contains__
+        if ok(owner):
+            return Pick(owner, True, owner)
+        for node in self._ring.iterate_nodes(key):
+            if ok(node):
+                return Pick(node, False, owner)
+        return Pick(None, False, owner)
+
+    def points(self) -> list[tuple[int, str]]:
+        """The continuum as sorted (point, backend id) pairs."""
+        return self._ring.get_points()
+
+    def key_share(self) -> dict[str, float]:
+        """Each member's exact share of the hash space (sums to 1.0).
+
+        A key hashing to h belongs to the first point strictly above h (wrapping), so a
+        point owns the arc from the previous point up to itself.
+        """
+        pts = self.points()
+        share = {m.id: 0.0 for m in self.members}
+        if not pts:
+            return share
+        prev = pts[-1][0] - HASH_SPACE
+        for point, node in pts:
+            share[node] += (point - prev) / HASH_SPACE
+            prev = point
+        return share
+
+
+def moved_share(old: Ring, new: Ring) -> dict[tuple[str, str], float]:
+    """The exact share of the hash space whose owner differs between two rings.
+
+    Returns {(from_id, to_id): share} for every pair with a non-zero share: what a plan
+    for a config change reports, without sampling keys.
+    """
+    a, b = old.points(), new.points()
+    moved: dict[tuple[str, str], float] = {}
+    if not a or not b:
+        return moved
+    # Every boundary of either ring splits the circle into arcs owned by one node in each.
+    bounds = sorted({p for p, _ in a} | {p for p, _ in b})
+    ia = ib = 0
+    prev = bounds[-1] - HASH_SPACE
+    for p in bounds:
+        # the owner of the arc (prev, p] in each ring is its first point >= p
+        while ia < len(a) and a[ia][0] < p:
+            ia += 1
+        while ib < len(b) and b[ib][0] < p:
+            ib += 1
+        oa = a[ia % len(a)][1]
+        ob = b[ib % len(b)][1]
+        if oa != ob:
+            moved[(oa, ob)] = moved.get((oa, ob), 0.0) + (p - prev) / HASH_SPACE
+        prev = p
+    return moved
