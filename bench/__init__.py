@@ -1,0 +1,1 @@
+"""Benchmarks for stickyproxy (see bench/README.md)."""

@@ -1,0 +1,367 @@
+"""Data-plane benchmark: stickyproxy, NGINX and HAProxy over the same three backends.
+
+    python -m bench.dataplane [--smoke] [--targets nginx,haproxy,stickyproxy] [--plot]
+
+See bench/README.md for what is measured and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import report
+from .probe import ProbeError, check_sticky_routing
+from .procs import (LOOPBACK, Server, StartError, free_ports, install_command, install_tools,
+                    missing_tools, start_server, tool_version)
+from .targets import (BACKEND_IDS, BASELINE, BODY, TARGET_KINDS, TargetKind, backends_launch)
+from .wrk import THREADS, WrkError, run_wrk
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUTPUT = RESULTS_DIR / "dataplane.json"
+DEFAULT_DURATION = 10.0
+DEFAULT_CONNECTIONS = 32
+DEFAULT_ROUNDS = 3
+DEFAULT_USERS = 10_000
+DEFAULT_WORKERS = (1,)
+WARMUP_SECONDS = 3.0
+SMOKE_DURATION = 1.0
+SMOKE_ROUNDS = 1
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = report.STATUS_OK, "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration: float
+    warmup: float
+    connections: int
+    rounds: int
+    users: int
+    workers: tuple[int, ...]
+    kinds: tuple[TargetKind, ...]
+    smoke: bool
+
+
+@dataclass
+class Target:
+    kind: TargetKind
+    workers: int
+    label: str
+    port: int = 0
+    server: Server | None = None
+    config: str = ""
+    command: list[str] = field(default_factory=list)
+    status: str = STATUS_OK
+    reason: str = ""
+    warmup: dict[str, Any] | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status == STATUS_OK
+
+    def give_up(self, reason: str) -> None:
+        self.status = STATUS_SKIPPED if self.kind.optional else STATUS_FAILED
+        self.reason = reason
+        if self.server is not None:
+            self.server.stop()
+
+
+def progress(message: str) -> None:
+    print(message, flush=True)
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("each worker count must be at least 1")
+    return values
+
+
+def _target_names(text: str) -> tuple[TargetKind, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGET_KINDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s) {', '.join(unknown) or '(none)'}; known: {', '.join(TARGET_KINDS)}")
+    return tuple(TARGET_KINDS[n] for n in dict.fromkeys(names))
+
+
+def _positive(kind: type):
+    def convert(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.dataplane",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=_positive(float), default=DEFAULT_DURATION,
+                   help=f"seconds per measured run (default {DEFAULT_DURATION:g})")
+    p.add_argument("--connections", type=_positive(int), default=DEFAULT_CONNECTIONS,
+                   help=f"wrk connections (default {DEFAULT_CONNECTIONS})")
+    p.add_argument("--rounds", type=_positive(int), default=DEFAULT_ROUNDS,
+                   help=f"interleaved rounds over all targets (default {DEFAULT_ROUNDS})")
+    p.add_argument("--users", type=_positive(int), default=DEFAULT_USERS,
+                   help=f"distinct X-User-Id values drawn at random (default {DEFAULT_USERS:,})")
+    p.add_argument("--targets", type=_target_names, default=tuple(TARGET_KINDS.values()),
+                   help=f"comma-separated, from {','.join(TARGET_KINDS)} (default all)")
+    p.add_argument("--workers", type=_csv_ints, default=DEFAULT_WORKERS,
+                   help="worker processes (threads for HAProxy) of every proxy; "
+                        "a list such as 1,2 runs each target at each count (default 1)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"check the harness: {SMOKE_DURATION:g}s runs, {SMOKE_ROUNDS} round, "
+                        "no warm-up")
+    p.add_argument("--plot", action="store_true", help="also write a PNG chart beside the JSON")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                   help="where to write the JSON results (default bench/results/dataplane.json)")
+    p.add_argument("--install", action="store_true",
+                   help="install missing nginx/haproxy/wrk with apt-get")
+    return p
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    duration = SMOKE_DURATION if args.smoke else args.duration
+    return Plan(duration=duration,
+                warmup=0.0 if args.smoke else min(WARMUP_SECONDS, duration),
+                connections=args.connections,
+                rounds=SMOKE_ROUNDS if args.smoke else args.rounds,
+                users=args.users,
+                workers=args.workers,
+                kinds=args.targets,
+                smoke=args.smoke)
+
+
+def required_tools(plan: Plan) -> list[str]:
+    tools = ["nginx", "wrk"] + [k.tool for k in plan.kinds if k.tool]
+    return list(dict.fromkeys(tools))
+
+
+def ensure_tools(plan: Plan, install: bool) -> bool:
+    missing = missing_tools(required_tools(plan))
+    if not missing:
+        return True
+    if not install:
+        print(f"missing: {', '.join(missing)}. Install with:\n  {install_command(missing)}\n"
+              "or run again with --install.", file=sys.stderr)
+        return False
+    progress(f"installing {', '.join(missing)}")
+    try:
+        install_tools(missing)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"install failed: {e}", file=sys.stderr)
+        return False
+    still = missing_tools(missing)
+    if still:
+        print(f"still missing after install: {', '.join(still)}", file=sys.stderr)
+    return not still
+
+
+def make_targets(plan: Plan) -> list[Target]:
+    many = len(plan.workers) > 1
+    return [Target(kind, workers, f"{kind.name} w{workers}" if many else kind.name)
+            for workers in plan.workers for kind in plan.kinds]
+
+
+def start_backends(workdir: Path, stack: contextlib.ExitStack) -> tuple[list[int], str]:
+    ports = free_ports(len(BACKEND_IDS))
+    launch = backends_launch(workdir, ports)
+    launch.write()
+    try:
+        start_server("backends", launch.argv, ports, workdir, stack)
+    except StartError as e:
+        raise StartError(f"backends ({launch.program}) {e}") from None
+    for backend_id, port in zip(BACKEND_IDS, ports):
+        progress(f"backend {backend_id} on {LOOPBACK}:{port}")
+    return ports, launch.config
+
+
+def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
+                 stack: contextlib.ExitStack) -> None:
+    (target.port,) = free_ports(1)
+    launch = target.kind.render(workdir, target.port, backend_ports, target.workers)
+    launch.write()
+    target.config, target.command = launch.config, launch.argv
+    name = target.label.replace(" ", "-")
+    try:
+        target.server = start_server(name, launch.argv, [target.port], workdir, stack, launch.env)
+        placement = check_sticky_routing(target.port)
+    except StartError as e:
+        target.give_up(f"`{launch.program}` {e}")
+    except ProbeError as e:
+        target.give_up(f"routing check failed: {e}")
+    else:
+        used = len(set(placement.values()))
+        progress(f"{target.label} on {LOOPBACK}:{target.port}, sticky over {used} backends")
+        return
+    progress(f"{target.label} {target.status}: {target.reason}")
+
+
+def _describe(result: dict[str, Any]) -> str:
+    text = (f"{result['rps']:,.0f} req/s (p50 {result['p50_ms']:.2f} ms, "
+            f"p99 {result['p99_ms']:.2f} ms)")
+    if result["non_2xx"] or result["socket_errors"]:
+        text += f", {result['non_2xx']:,} non-2xx, {result['socket_errors']:,} socket errors"
+    return text
+
+
+def measure(target: Target, plan: Plan, duration: float, step: str) -> dict[str, Any] | None:
+    """One wrk run against `target`; None (and the target given up) if it cannot be measured."""
+    if target.server is not None and not target.server.running:
+        target.give_up(f"exited during the benchmark: {target.server.describe_exit()}")
+        progress(f"{step} {target.label} ... {target.status}: {target.reason}")
+        return None
+    try:
+        result = run_wrk(target.port, duration, plan.connections, plan.users).as_dict()
+    except WrkError as e:
+        target.give_up(str(e))
+        progress(f"{step} {target.label} ... {target.status}: {e}")
+        return None
+    progress(f"{step} {target.label} ... {_describe(result)}")
+    return result
+
+
+def warm_up(targets: Sequence[Target], plan: Plan) -> None:
+    for target in targets:
+        if target.active:
+            target.warmup = measure(target, plan, plan.warmup, f"warm-up ({plan.warmup:g}s)")
+
+
+def run_rounds(targets: Sequence[Target], plan: Plan) -> None:
+    for round_no in range(1, plan.rounds + 1):
+        for target in targets:
+            if not target.active:
+                continue
+            result = measure(target, plan, plan.duration, f"round {round_no}/{plan.rounds}")
+            if result is not None:
+                target.runs.append({"round": round_no, **result})
+
+
+def target_results(targets: Sequence[Target]) -> list[dict[str, Any]]:
+    summaries = {id(t): report.summarize(t.runs) for t in targets if t.active and t.runs}
+    baselines = {t.workers: summaries.get(id(t)) for t in targets if t.kind.name == BASELINE}
+    out = []
+    for t in targets:
+        summary = summaries.get(id(t))
+        out.append({
+            "label": t.label, "name": t.kind.name, "workers": t.workers,
+            "status": t.status,
+            "reason": t.reason, "port": t.port, "command": t.command, "config": t.config,
+            "warmup": t.warmup, "runs": t.runs, "summary": summary,
+            "ratio_to_nginx": report.ratios(summary, baselines.get(t.workers)) if summary else None,
+        })
+    return out
+
+
+def tool_versions() -> dict[str, str]:
+    try:
+        stickyproxy_version = metadata.version("stickyproxy")
+    except metadata.PackageNotFoundError:
+        stickyproxy_version = "not installed"
+    return {"nginx": tool_version(["nginx", "-v"]),
+            "haproxy": tool_version(["haproxy", "-v"]),
+            "wrk": tool_version(["wrk", "-v"]),
+            "stickyproxy": stickyproxy_version,
+            "python": platform.python_version()}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run(plan: Plan) -> dict[str, Any]:
+    started = _now()
+    meta = {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "loadavg_before": os.getloadavg()}
+    targets = make_targets(plan)
+    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        backend_ports, backend_config = start_backends(workdir, stack)
+        for target in targets:
+            start_target(target, workdir, backend_ports, stack)
+        if plan.warmup:
+            warm_up(targets, plan)
+        run_rounds(targets, plan)
+    return {
+        "benchmark": "dataplane",
+        "started_at": started, "finished_at": _now(),
+        "machine": meta, "tools": tool_versions(),
+        "settings": {"duration_s": plan.duration, "warmup_s": plan.warmup,
+                     "connections": plan.connections, "threads": THREADS,
+                     "rounds": plan.rounds, "users": plan.users,
+                     "workers": list(plan.workers), "smoke": plan.smoke,
+                     "targets": [k.name for k in plan.kinds]},
+        "backends": {"ids": list(BACKEND_IDS), "ports": backend_ports, "body": BODY,
+                     "config": backend_config},
+        "targets": target_results(targets),
+    }
+
+
+class Interrupted(Exception):
+    """A signal asked the benchmark to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_on_signal(signum: int, _frame: Any) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = make_plan(args)
+    if not ensure_tools(plan, args.install):
+        return EXIT_USAGE
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_on_signal)
+    try:
+        results = run(plan)
+    except Interrupted as e:
+        print(f"\nstopped by {e}; all servers stopped", file=sys.stderr)
+        return 128 + e.signum
+    except StartError as e:
+        print(f"cannot start {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+    print()
+    print(report.render_table(results["targets"]))
+    report.write_json(args.output, results)
+    print(f"\nresults: {args.output}")
+    if args.plot:
+        chart = args.output.with_suffix(".png")
+        title = (f"{plan.connections} connections, {plan.duration:g}s x {plan.rounds} "
+                 f"round{'s' if plan.rounds != 1 else ''}, "
+                 f"{plan.users:,} users, {os.cpu_count()} CPUs")
+        report.write_chart(chart, results["targets"], title)
+        print(f"chart: {chart}")
+    failed = [t for t in results["targets"] if t["status"] == STATUS_FAILED]
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

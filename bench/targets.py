@@ -1,0 +1,184 @@
+"""Configurations and command lines for the backends and for each proxy under test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .procs import LOOPBACK
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+BODY = "ok\n"
+BACKEND_IDS = ("app-1", "app-2", "app-3")
+BACKEND_HEADER = "X-Backend"
+USER_HEADER = "X-User-Id"
+
+WORKER_CONNECTIONS = 4096
+UPSTREAM_KEEPALIVE = 64
+KEEPALIVE_REQUESTS = 1_000_000
+KEEPALIVE_TIMEOUT = "60s"
+HAPROXY_MAXCONN = 4096
+HAPROXY_TIMEOUTS = {"connect": "1s", "client": "30s", "server": "30s",
+                    "http-request": "10s", "http-keep-alive": "60s"}
+NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server: its command line, and the configuration it reads."""
+    program: str
+    argv: list[str]
+    config_path: Path
+    config: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def write(self) -> None:
+        self.config_path.write_text(self.config)
+
+
+Renderer = Callable[[Path, int, Sequence[int], int], Launch]
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    name: str
+    tool: str | None
+    optional: bool
+    render: Renderer
+
+
+def _nginx_main(prefix: Path, workers: int, http_body: str) -> str:
+    temp_paths = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_PATHS)
+    return f"""worker_processes {workers};
+pid {prefix / 'nginx.pid'};
+error_log {prefix / 'error.log'} warn;
+
+events {{
+    worker_connections {WORKER_CONNECTIONS};
+}}
+
+http {{
+    access_log off;
+    keepalive_requests {KEEPALIVE_REQUESTS};
+    keepalive_timeout {KEEPALIVE_TIMEOUT};
+{temp_paths}
+
+{http_body}
+}}
+"""
+
+
+def _nginx_launch(prefix: Path, config: str) -> Launch:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    argv = ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
+            "-c", str(conf), "-g", "daemon off;"]
+    return Launch("nginx", argv, conf, config)
+
+
+def backends_launch(workdir: Path, ports: Sequence[int]) -> Launch:
+    """One single-worker nginx answering `BODY` on each of `ports`, naming itself in a header."""
+    servers = "\n\n".join(f"""    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            add_header {BACKEND_HEADER} {backend_id};
+            return 200 "{BODY.encode('unicode_escape').decode()}";
+        }}
+    }}""" for backend_id, port in zip(BACKEND_IDS, ports))
+    body = f"    default_type text/plain;\n\n{servers}"
+    prefix = workdir / "backends"
+    return _nginx_launch(prefix, _nginx_main(prefix, 1, body))
+
+
+def nginx_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers: int) -> Launch:
+    upstream_servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in backend_ports)
+    body = f"""    upstream apps {{
+        hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
+{upstream_servers}
+        keepalive {UPSTREAM_KEEPALIVE};
+        keepalive_requests {KEEPALIVE_REQUESTS};
+    }}
+
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            proxy_pass http://apps;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    prefix = workdir / f"nginx-w{workers}"
+    return _nginx_launch(prefix, _nginx_main(prefix, workers, body))
+
+
+def haproxy_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers: int) -> Launch:
+    timeouts = "\n".join(f"    timeout {name} {value}" for name, value in HAPROXY_TIMEOUTS.items())
+    servers = "\n".join(f"    server {backend_id} {LOOPBACK}:{p}"
+                        for backend_id, p in zip(BACKEND_IDS, backend_ports))
+    config = f"""global
+    nbthread {workers}
+    maxconn {HAPROXY_MAXCONN}
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+{timeouts}
+
+frontend proxy
+    bind {LOOPBACK}:{port}
+    default_backend apps
+
+backend apps
+    balance hdr({USER_HEADER})
+    hash-type consistent
+{servers}
+"""
+    conf = workdir / f"haproxy-w{workers}.cfg"
+    return Launch("haproxy", ["haproxy", "-f", str(conf), "-db"], conf, config)
+
+
+def stickyproxy_launch(workdir: Path, port: int, backend_ports: Sequence[int],
+                       workers: int) -> Launch:
+    backends = "\n".join(f"""[[backends]]
+id = "{backend_id}"
+url = "http://{LOOPBACK}:{p}"
+""" for backend_id, p in zip(BACKEND_IDS, backend_ports))
+    config = f"""[listen]
+host = "{LOOPBACK}"
+port = {port}
+
+[admin]
+enabled = false
+
+[routing]
+keys = [{{ from = "header", name = "{USER_HEADER}" }}]
+
+{backends}
+[health]
+enabled = false
+
+[limits]
+pool_max_idle = {UPSTREAM_KEEPALIVE}
+pool_max_requests = {KEEPALIVE_REQUESTS}
+
+[logging]
+access = "off"
+"""
+    conf = workdir / f"stickyproxy-w{workers}.toml"
+    argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf),
+            "--workers", str(workers)]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return Launch("stickyproxy run", argv, conf, config, {"PYTHONPATH": pythonpath})
+
+
+TARGET_KINDS = {kind.name: kind for kind in (
+    TargetKind("nginx", "nginx", optional=False, render=nginx_launch),
+    TargetKind("haproxy", "haproxy", optional=False, render=haproxy_launch),
+    TargetKind("stickyproxy", None, optional=True, render=stickyproxy_launch),
+)}
+BASELINE = "nginx"

@@ -1,0 +1,55 @@
+"""stickyproxy.context: per-user context kept in the app instance's memory, fenced in Redis.
+
+    store = ContextStore("redis://127.0.0.1:6379/0")
+    async with store:
+        async with store.edit("alice") as ctx:
+            ctx["visits"] = ctx.get("visits", 0) + 1
+        print((await store.get("alice"))["visits"])
+
+See docs/context.md for the guarantees, costs and failure modes.
+"""
+
+from .breaker import BreakerState
+from .errors import (
+    BufferFull,
+    ConfigError,
+    ConflictError,
+    ContextError,
+    MissingUserKey,
+    RecordMismatch,
+    SerializationError,
+    StoreClosed,
+    StoreUnavailable,
+)
+from .headers import StickyHeaders, StickyInfo
+from .metrics import ContextMetrics
+from .middleware_aiohttp import context_middleware, get_context, get_info, metrics_handler
+from .middleware_asgi import StickyContextMiddleware, metrics_app, sticky_context
+from .serializers import JsonSerializer, Serializer
+from .store import ContextStore
+
+__all__ = [
+    "BreakerState",
+    "BufferFull",
+    "ConfigError",
+    "ConflictError",
+    "ContextError",
+    "ContextMetrics",
+    "ContextStore",
+    "JsonSerializer",
+    "MissingUserKey",
+    "RecordMismatch",
+    "SerializationError",
+    "Serializer",
+    "StickyContextMiddleware",
+    "StickyHeaders",
+    "StickyInfo",
+    "StoreClosed",
+    "StoreUnavailable",
+    "context_middleware",
+    "get_context",
+    "get_info",
+    "metrics_app",
+    "metrics_handler",
+    "sticky_context",
+]

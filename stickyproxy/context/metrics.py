@@ -1,0 +1,67 @@
+"""The context library's Prometheus metrics (prefix ``stickyctx_``), defined once.
+
+Each store registers its metrics in its own ``CollectorRegistry`` unless given one, so several
+stores in one process never collide; pass ``prometheus_client.REGISTRY`` to use the default.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+ACQUIRE_REASONS = ("first", "takeover", "revalidate")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ContextMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.local_hits = Counter(
+            "stickyctx_local_hits", "Context reads and edits served from local memory with no Redis call.", registry=r
+        )
+        self.acquisitions = Counter(
+            "stickyctx_acquisitions",
+            "Users acquired from Redis, by reason: first (no previous owner), takeover (another "
+            "instance owned it), revalidate (this instance re-checked or re-took a user it had held).",
+            ["reason"],
+            registry=r,
+        )
+        self.writes = Counter("stickyctx_writes", "Context changes committed to Redis.", registry=r)
+        self.conflicts = Counter(
+            "stickyctx_conflicts", "Writes rejected by the epoch/owner fence (another owner took over).", registry=r
+        )
+        self.takeovers_received = Counter(
+            "stickyctx_takeovers_received",
+            "Takeover messages that made this instance drop a user it held.",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "stickyctx_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r
+        )
+        self.breaker_rejections = Counter(
+            "stickyctx_breaker_rejections", "Calls refused without touching the network because the breaker was open.", registry=r
+        )
+        self.fenced_flushes = Counter(
+            "stickyctx_fenced_flushes",
+            "Buffered or write-behind changes dropped at flush because another instance had taken the user over.",
+            registry=r,
+        )
+        self.listener_reconnects = Counter(
+            "stickyctx_listener_reconnects", "Times the takeover listener lost its connection.", registry=r
+        )
+        self.entries = Gauge("stickyctx_entries", "Users held in local memory.", registry=r)
+        self.entry_bytes = Gauge("stickyctx_entry_bytes", "Bytes of context held in local memory.", registry=r)
+        self.buffered_writes = Gauge(
+            "stickyctx_buffered_writes", "Users whose latest change waits for Redis.", registry=r
+        )
+        self.breaker_state = Gauge(
+            "stickyctx_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", registry=r
+        )
+        self.listener_up = Gauge("stickyctx_listener_up", "1 while the takeover listener is subscribed.", registry=r)
+        for reason in ACQUIRE_REASONS:
+            self.acquisitions.labels(reason)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,136 @@
+"""Decoding of Redis replies into records, with the user-id check. Pure, no I/O.
+
+Every reply that carries a stored user id is checked against the user asked for; a mismatch
+raises :class:`RecordMismatch` and the reply is never served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .errors import ContextError, RecordMismatch
+
+
+class ProtocolError(ContextError):
+    """A script reply did not have the documented shape."""
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")
+    return str(value)
+
+
+def _check_user(user: str, stored: Any) -> None:
+    stored_text = _text(stored)
+    if stored_text is not None and stored_text != user:
+        raise RecordMismatch(user, stored_text)
+
+
+@dataclass(frozen=True)
+class Acquired:
+    user: str
+    epoch: int
+    payload: bytes | None
+    previous_owner: str | None
+
+
+def parse_acquire(reply: Any, user: str) -> Acquired:
+    if not isinstance(reply, list) or not reply:
+        raise ProtocolError(f"acquire reply: {reply!r}")
+    if reply[0] == 0:
+        _check_user(user, reply[1])
+        raise ProtocolError(f"acquire refused without a user mismatch: {reply!r}")
+    if reply[0] != 1 or len(reply) < 3:
+        raise ProtocolError(f"acquire reply: {reply!r}")
+    stored = _text(reply[1])
+    if stored != user:
+        raise RecordMismatch(user, str(stored))
+    payload = reply[3] if len(reply) > 3 else None
+    previous = _text(reply[4]) if len(reply) > 4 else None
+    return Acquired(user=user, epoch=int(reply[2]), payload=payload or None, previous_owner=previous or None)
+
+
+class WriteOutcome(Enum):
+    COMMITTED = "committed"
+    FENCED = "fenced"
+
+
+def parse_write(reply: Any, user: str) -> WriteOutcome:
+    if not isinstance(reply, list) or not reply:
+        raise ProtocolError(f"write reply: {reply!r}")
+    if reply[0] == -1:
+        _check_user(user, reply[1])
+        raise ProtocolError(f"write refused without a user mismatch: {reply!r}")
+    if reply[0] == 0:
+        return WriteOutcome.FENCED
+    if reply[0] == 1:
+        return WriteOutcome.COMMITTED
+    raise ProtocolError(f"write reply: {reply!r}")
+
+
+def parse_delete(reply: Any, user: str) -> int:
+    """The tombstone's epoch."""
+    if not isinstance(reply, list) or not reply:
+        raise ProtocolError(f"delete reply: {reply!r}")
+    if reply[0] == 0:
+        _check_user(user, reply[1])
+        raise ProtocolError(f"delete refused without a user mismatch: {reply!r}")
+    if reply[0] != 1 or len(reply) < 2:
+        raise ProtocolError(f"delete reply: {reply!r}")
+    return int(reply[1])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A plain read of a record: HMGET uid epoch owner data."""
+
+    epoch: int | None
+    owner: str | None
+    payload: bytes | None
+
+    def owned_by(self, node_id: str, epoch: int) -> bool:
+        return self.epoch == epoch and self.owner == node_id
+
+
+def parse_snapshot(reply: Any, user: str) -> Snapshot:
+    if not isinstance(reply, list) or len(reply) != 4:
+        raise ProtocolError(f"read reply: {reply!r}")
+    uid, epoch, owner, data = reply
+    _check_user(user, uid)
+    return Snapshot(
+        epoch=None if epoch is None else int(epoch),
+        owner=_text(owner),
+        payload=data or None,
+    )
+
+
+@dataclass(frozen=True)
+class Takeover:
+    user: str
+    epoch: int
+    owner: str
+
+
+def parse_takeover(message: Any) -> Takeover | None:
+    """Decode ``<epoch>\\n<owner>\\n<user>``; None if malformed (it is ignored, never trusted)."""
+    if isinstance(message, str):
+        message = message.encode("utf-8", errors="surrogateescape")
+    if not isinstance(message, bytes):
+        return None
+    parts = message.split(b"\n", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        epoch = int(parts[0])
+    except ValueError:
+        return None
+    return Takeover(
+        user=parts[2].decode("utf-8", errors="surrogateescape"),
+        epoch=epoch,
+        owner=parts[1].decode("utf-8", errors="surrogateescape"),
+    )

@@ -1,0 +1,694 @@
+"""ContextStore: per-user context in local memory, written through to Redis under an
+epoch/owner fence, rehydrated from Redis when a user lands on this instance.
+
+Invariants:
+* A cached entry is served without Redis only while it is *verified*: the takeover listener is
+  subscribed and has been continuously since the entry was last confirmed (``verified_gen``
+  equals the current listener generation), and its Redis TTL cannot have run out.
+* Every change reaches Redis through the fenced WRITE script with the epoch the entry was
+  acquired at; Redis rejects it once any other instance has acquired the user since.
+* One user's loads, commits and flushes on this instance run under that user's lock, so two
+  writes of one user from this instance are never in flight at once (no reordering).
+* A pending (buffered) write of a user is flushed before that user is acquired or re-read, so a
+  re-acquire never overtakes this instance's own unflushed change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, replace
+from types import MappingProxyType, TracebackType
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from .breaker import BreakerState, CircuitBreaker
+from .buffer import PendingWrite, PendingWrites
+from .connection import RedisClients, build_clients, parse_redis_url
+from .errors import BufferFull, ConflictError, RecordMismatch, StoreClosed, StoreUnavailable
+from .locks import UserLocks, UserSlot
+from .lru import LruCache
+from .metrics import ContextMetrics
+from .record import WriteOutcome, parse_acquire, parse_delete, parse_snapshot, parse_takeover, parse_write
+from .retry import Op, backoff_delay, should_retry_redis
+from .scripts import ACQUIRE, DELETE, FIELD_DATA, FIELD_EPOCH, FIELD_OWNER, FIELD_UID, WRITE, record_key, takeover_channel
+from .serializers import JsonSerializer, Serializer
+from .settings import (
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_BREAKER_RESET,
+    DEFAULT_BUFFER_MAX,
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MODE,
+    DEFAULT_NAMESPACE,
+    DEFAULT_ON_REDIS_DOWN,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_UPDATE_ATTEMPTS,
+    Mode,
+    OnRedisDown,
+    StoreSettings,
+    default_node_id,
+    parse_duration,
+)
+
+log = logging.getLogger("stickyproxy.context")
+
+T = TypeVar("T")
+
+# A local copy is trusted for this share of the idle TTL after Redis's TTL was last refreshed,
+# so it never outlives the Redis record (whose expiry would reset the epoch).
+LOCAL_EXPIRY_FRACTION = 0.9
+# A read refreshes the Redis TTL (one fenced PEXPIRE) once this share of the TTL has passed.
+TOUCH_FRACTION = 0.5
+# Bytes charged per cached entry beyond payload and user id: the Python objects holding them.
+ENTRY_OVERHEAD = 200
+# An idle takeover listener pings this often, to notice a connection that died silently.
+LISTENER_PING_INTERVAL = 5.0
+# Listener reconnect backoff: first delay and ceiling.
+LISTENER_BACKOFF_BASE = 0.05
+LISTENER_BACKOFF_CAP = 2.0
+# Floor of the listener's subscribe and pong deadlines (they are not on a request path).
+LISTENER_MIN_DEADLINE = 1.0
+# How long start() waits for the first subscription before serving with unverified entries.
+START_WAIT = 1.0
+# Bound on close()'s final flush and on closing a pub/sub connection.
+CLOSE_DEADLINE = 5.0
+
+_UNVERIFIED = -1
+# Replies meaning "Redis is there but cannot serve now": they count towards the breaker.
+_UNAVAILABLE_REPLIES = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
+_UNAVAILABLE_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS")
+
+
+@dataclass
+class _Entry:
+    payload: bytes
+    epoch: int
+    refreshed_at: float
+    verified_gen: int
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, ResponseError):
+        return isinstance(exc, _UNAVAILABLE_REPLIES) or str(exc).startswith(_UNAVAILABLE_PREFIXES)
+    return True
+
+
+class ContextStore:
+    """Per-user context held in memory and fenced in Redis. See docs/context.md."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        node_id: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        idle_ttl: float | str = DEFAULT_IDLE_TTL,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        mode: Mode = DEFAULT_MODE,
+        flush_interval: float | str = DEFAULT_FLUSH_INTERVAL,
+        on_redis_down: OnRedisDown = DEFAULT_ON_REDIS_DOWN,
+        buffer_max: int = DEFAULT_BUFFER_MAX,
+        redis_timeout: float | str = DEFAULT_REDIS_TIMEOUT,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_reset: float | str = DEFAULT_BREAKER_RESET,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        cluster: bool = False,
+        serializer: Serializer | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = StoreSettings(
+            redis_url=redis_url,
+            node_id=node_id or default_node_id(),
+            namespace=namespace,
+            idle_ttl=parse_duration(idle_ttl, name="idle_ttl"),
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            mode=mode,
+            flush_interval=parse_duration(flush_interval, name="flush_interval"),
+            on_redis_down=on_redis_down,
+            buffer_max=buffer_max,
+            redis_timeout=parse_duration(redis_timeout, name="redis_timeout"),
+            breaker_failures=breaker_failures,
+            breaker_reset=parse_duration(breaker_reset, name="breaker_reset"),
+            pool_size=pool_size,
+            cluster=cluster,
+        )
+        self._target = parse_redis_url(redis_url, cluster=cluster)
+        self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
+        self._empty = self._serializer.dumps({})
+        self.metrics = ContextMetrics(registry)
+        self._cache: LruCache[_Entry] = LruCache(max_entries, max_bytes)
+        self._pending = PendingWrites(buffer_max)
+        self._locks = UserLocks()
+        self._breaker = CircuitBreaker(breaker_failures, self.settings.breaker_reset)
+        self._channel = takeover_channel(namespace)
+        self._clients: RedisClients | None = None
+        self._acquire_script: Any = None
+        self._write_script: Any = None
+        self._delete_script: Any = None
+        self._gen = 0
+        self._listener_up = False
+        self._listener_ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = "new"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    @property
+    def listener_connected(self) -> bool:
+        return self._listener_up
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        return self._breaker.state
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    @property
+    def redis(self) -> Any:
+        """The command client (``redis.asyncio.Redis`` or ``RedisCluster``); for diagnostics."""
+        if self._clients is None:
+            raise StoreClosed("store is not started")
+        return self._clients.command
+
+    def holds(self, user: str) -> bool:
+        """Whether ``user`` is in local memory (verified or not)."""
+        return user in self._cache
+
+    async def start(self) -> None:
+        """Create clients, start the takeover listener (and the flusher when writes can be
+        buffered), and wait briefly for the first subscription. Does not fail if Redis is down:
+        the listener keeps retrying and Redis calls fail with ``StoreUnavailable`` meanwhile."""
+        if self._state != "new":
+            raise StoreClosed(f"store is {self._state}; create a new one")
+        self._state = "running"
+        self._clients = build_clients(
+            self._target, timeout=self.settings.redis_timeout, pool_size=self.settings.pool_size
+        )
+        command = self._clients.command
+        self._acquire_script = command.register_script(ACQUIRE)
+        self._write_script = command.register_script(WRITE)
+        self._delete_script = command.register_script(DELETE)
+        self._listener_ready = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._listen(), name=f"stickyctx-listener-{self.node_id}"))
+        if self.settings.buffers_writes:
+            self._tasks.append(asyncio.create_task(self._flush_loop(), name=f"stickyctx-flusher-{self.node_id}"))
+        with suppress(TimeoutError):
+            async with asyncio.timeout(START_WAIT):
+                await self._listener_ready.wait()
+
+    async def close(self) -> None:
+        """Stop background tasks, flush buffered writes (bounded), close connections."""
+        if self._state != "running":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if len(self._pending):
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_DEADLINE):
+                    await self.flush()
+            if len(self._pending):
+                log.error("closing with %d buffered context changes not in Redis; they are lost", len(self._pending))
+        assert self._clients is not None
+        with suppress(Exception):
+            await self._clients.aclose()
+        self._cache.clear()
+        self._listener_up = False
+        self._state = "closed"
+        self._update_gauges()
+
+    async def __aenter__(self) -> ContextStore:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise StoreClosed(f"store is {self._state}")
+
+    # -- public API ------------------------------------------------------------------------
+
+    async def get(self, user: str) -> Mapping[str, Any]:
+        """A read-only copy of ``user``'s context (empty if none). No Redis call in steady state."""
+        self._check_running()
+        entry = self._cache.get(user)
+        if entry is not None and self._fresh(entry, time.monotonic()):
+            self.metrics.local_hits.inc()
+            return MappingProxyType(self._serializer.loads(entry.payload))
+        async with self._locks.hold(user) as slot:
+            entry = await self._load(user, slot)
+            return MappingProxyType(self._serializer.loads(entry.payload))
+
+    @asynccontextmanager
+    async def edit(self, user: str) -> AsyncIterator[dict[str, Any]]:
+        """A mutable copy of ``user``'s context; saved when the block exits, only if changed.
+
+        Nothing is saved if the block raises. Write-through: when the block exits, the change
+        is in Redis. Raises :class:`ConflictError` if another instance took the user over (the
+        local copy is dropped; use :meth:`update` to retry) and :class:`StoreUnavailable` if
+        Redis cannot take the write and it cannot be buffered.
+        """
+        self._check_running()
+        async with self._locks.hold(user) as slot:
+            entry = await self._load(user, slot)
+            context = self._serializer.loads(entry.payload)
+            yield context
+            payload = self._serializer.dumps(context)
+            if payload != entry.payload:
+                await self._commit(user, slot, entry, payload)
+
+    async def update(
+        self,
+        user: str,
+        fn: Callable[[dict[str, Any]], T | Awaitable[T]],
+        *,
+        attempts: int = DEFAULT_UPDATE_ATTEMPTS,
+    ) -> T:
+        """Apply ``fn`` to ``user``'s context and save it; on a conflict, re-acquire and run
+        ``fn`` again, up to ``attempts`` times. Returns what ``fn`` returned."""
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.edit(user) as context:
+                    result = fn(context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                return result
+            except ConflictError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def delete(self, user: str) -> None:
+        """Forget ``user`` everywhere: Redis keeps an empty tombstone (so epochs never go back)
+        and every instance holding the user drops it."""
+        self._check_running()
+        async with self._locks.hold(user):
+            dropped = self._pending.pop(user)
+            key = record_key(self.settings.namespace, user)
+            try:
+                reply = await self._redis(
+                    Op.DELETE,
+                    lambda: self._delete_script(keys=[key], args=[user, self.settings.idle_ttl_ms, self._channel]),
+                )
+            except StoreUnavailable:
+                if dropped is not None:
+                    self._pending.restore(user, dropped)
+                raise
+            finally:
+                self._update_gauges()
+            self._forget(user)
+            parse_delete(reply, user)
+
+    async def flush(self) -> int:
+        """Write every buffered change now (fenced). Returns how many reached Redis; stops at the
+        first Redis failure, leaving the rest buffered."""
+        if self._state not in ("running", "closing"):
+            raise StoreClosed(f"store is {self._state}")
+        written = 0
+        for user in self._pending.users():
+            async with self._locks.hold(user) as slot:
+                try:
+                    if await self._flush_user(user, slot):
+                        written += 1
+                except StoreUnavailable:
+                    break
+                except RecordMismatch:
+                    continue
+        return written
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _verified(self, entry: _Entry) -> bool:
+        return self._listener_up and entry.verified_gen == self._gen
+
+    def _fresh(self, entry: _Entry, now: float) -> bool:
+        return self._verified(entry) and now - entry.refreshed_at < self.settings.idle_ttl * TOUCH_FRACTION
+
+    async def _load(self, user: str, slot: UserSlot) -> _Entry:
+        entry = self._cache.get(user)
+        if entry is None:
+            return await self._acquire(user, slot, reason=None)
+        age = time.monotonic() - entry.refreshed_at
+        if age >= self.settings.idle_ttl * LOCAL_EXPIRY_FRACTION:
+            self._forget(user)
+            return await self._acquire(user, slot, reason="revalidate")
+        if not self._verified(entry):
+            return await self._revalidate(user, slot, entry)
+        if age >= self.settings.idle_ttl * TOUCH_FRACTION:
+            return await self._touch(user, slot, entry)
+        self.metrics.local_hits.inc()
+        return entry
+
+    def _current_gen(self) -> int:
+        return self._gen if self._listener_up else _UNVERIFIED
+
+    async def _acquire(self, user: str, slot: UserSlot, *, reason: str | None) -> _Entry:
+        await self._flush_user(user, slot)
+        key = record_key(self.settings.namespace, user)
+        gen = self._current_gen()
+        started = time.monotonic()
+        reply = await self._redis(
+            Op.ACQUIRE,
+            lambda: self._acquire_script(
+                keys=[key], args=[self.node_id, user, self.settings.idle_ttl_ms, self._channel]
+            ),
+        )
+        acquired = parse_acquire(reply, user)
+        if reason is None:
+            if acquired.previous_owner is None:
+                reason = "first"
+            elif acquired.previous_owner == self.node_id:
+                reason = "revalidate"
+            else:
+                reason = "takeover"
+        self.metrics.acquisitions.labels(reason).inc()
+        entry = _Entry(acquired.payload or self._empty, acquired.epoch, started, gen)
+        self._install(user, slot, entry)
+        return entry
+
+    async def _revalidate(self, user: str, slot: UserSlot, entry: _Entry) -> _Entry:
+        key = record_key(self.settings.namespace, user)
+        try:
+            await self._flush_user(user, slot)
+            if self._cache.peek(user) is not entry:
+                return await self._acquire(user, slot, reason="revalidate")
+            gen = self._current_gen()
+            reply = await self._redis(Op.READ, lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA))
+        except StoreUnavailable:
+            # Redis is unreachable, so no other instance can take the user over through it:
+            # serve the local copy (degraded, C5) and revalidate on a later use.
+            self.metrics.local_hits.inc()
+            return entry
+        try:
+            snapshot = parse_snapshot(reply, user)
+        except RecordMismatch:
+            self._forget(user)
+            raise
+        if snapshot.owned_by(self.node_id, entry.epoch):
+            # Under this epoch only this instance writes, so Redis's data is the newest.
+            confirmed = replace(entry, payload=snapshot.payload or self._empty, verified_gen=gen)
+            self._install(user, slot, confirmed)
+            return confirmed
+        self._forget(user)
+        return await self._acquire(user, slot, reason="revalidate")
+
+    async def _touch(self, user: str, slot: UserSlot, entry: _Entry) -> _Entry:
+        key = record_key(self.settings.namespace, user)
+        started = time.monotonic()
+        try:
+            reply = await self._redis(
+                Op.TOUCH,
+                lambda: self._write_script(
+                    keys=[key], args=[self.node_id, user, entry.epoch, self.settings.idle_ttl_ms]
+                ),
+            )
+        except StoreUnavailable:
+            return entry
+        try:
+            outcome = parse_write(reply, user)
+        except RecordMismatch:
+            self._forget(user)
+            raise
+        if outcome is WriteOutcome.FENCED:
+            self._forget(user)
+            return await self._acquire(user, slot, reason="takeover")
+        entry.refreshed_at = started
+        return entry
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _commit(self, user: str, slot: UserSlot, entry: _Entry, payload: bytes) -> None:
+        change = PendingWrite(entry.epoch, payload)
+        if self.settings.mode == "write-behind":
+            if self._pending.put(user, change):
+                self._install(user, slot, replace(entry, payload=payload))
+                self._update_gauges()
+                return
+        superseded = self._pending.pop(user)
+        started = time.monotonic()
+        try:
+            outcome = await self._write(user, change)
+        except StoreUnavailable as exc:
+            if self.settings.on_redis_down == "buffer":
+                if self._pending.put(user, change):
+                    self._install(user, slot, replace(entry, payload=payload))
+                    self._update_gauges()
+                    log.warning("redis unavailable; change of user %r buffered (%d buffered)", user, len(self._pending))
+                    return
+                if superseded is not None:
+                    self._pending.restore(user, superseded)
+                # The write may have landed: the copy is re-read before it is trusted again.
+                entry.verified_gen = _UNVERIFIED
+                raise BufferFull(
+                    f"redis unavailable and write buffer full ({self.settings.buffer_max} users)", op=exc.op
+                ) from exc
+            if superseded is not None:
+                self._pending.restore(user, superseded)
+            entry.verified_gen = _UNVERIFIED
+            raise
+        except RecordMismatch:
+            self._forget(user)
+            raise
+        finally:
+            self._update_gauges()
+        if outcome is WriteOutcome.FENCED:
+            self.metrics.conflicts.inc()
+            self._forget(user)
+            raise ConflictError(user)
+        self.metrics.writes.inc()
+        self._install(user, slot, replace(entry, payload=payload, refreshed_at=started))
+
+    async def _write(self, user: str, change: PendingWrite) -> WriteOutcome:
+        key = record_key(self.settings.namespace, user)
+        reply = await self._redis(
+            Op.WRITE,
+            lambda: self._write_script(
+                keys=[key],
+                args=[self.node_id, user, change.epoch, self.settings.idle_ttl_ms, change.payload],
+            ),
+        )
+        return parse_write(reply, user)
+
+    async def _flush_user(self, user: str, slot: UserSlot) -> bool:
+        """Write ``user``'s buffered change, if any (caller holds the user's lock). True if it
+        committed; a fenced-off change is counted, logged and dropped."""
+        change = self._pending.pop(user)
+        if change is None:
+            return False
+        started = time.monotonic()
+        try:
+            outcome = await self._write(user, change)
+        except StoreUnavailable:
+            if not self._pending.restore(user, change):
+                log.error("buffered change of user %r lost: buffer full", user)
+            raise
+        except RecordMismatch:
+            self._forget(user)
+            log.error("buffered change of user %r dropped: record holds another user id", user)
+            raise
+        finally:
+            self._update_gauges()
+        entry = self._cache.peek(user)
+        if outcome is WriteOutcome.FENCED:
+            self.metrics.fenced_flushes.inc()
+            log.warning("buffered change of user %r dropped: taken over by another instance", user)
+            if entry is not None and entry.epoch == change.epoch:
+                self._forget(user)
+            return False
+        self.metrics.writes.inc()
+        if entry is not None and entry.epoch == change.epoch:
+            entry.refreshed_at = started
+        return True
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            if not len(self._pending) or not self._breaker_may_pass():
+                continue
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("flushing buffered context changes failed")
+
+    def _breaker_may_pass(self) -> bool:
+        breaker = self._breaker
+        if breaker.state is BreakerState.OPEN:
+            return time.monotonic() - breaker.opened_at >= breaker.reset_after
+        return not (breaker.state is BreakerState.HALF_OPEN and breaker.probe_in_flight)
+
+    # -- cache bookkeeping -----------------------------------------------------------------
+
+    def _install(self, user: str, slot: UserSlot, entry: _Entry) -> None:
+        if slot.fence_epoch > entry.epoch:
+            # Another instance took the user over while this call was in flight.
+            self._forget(user)
+            return
+        size = len(entry.payload) + len(user.encode("utf-8", "surrogateescape")) + ENTRY_OVERHEAD
+        self._cache.put(user, entry, size)
+        self._update_gauges()
+
+    def _forget(self, user: str) -> None:
+        self._cache.pop(user)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.entries.set(len(self._cache))
+        m.entry_bytes.set(self._cache.bytes)
+        m.buffered_writes.set(len(self._pending))
+        m.breaker_state.set(int(self._breaker.state))
+        m.listener_up.set(1 if self._listener_up else 0)
+
+    # -- Redis calls -----------------------------------------------------------------------
+
+    @property
+    def _command(self) -> Any:
+        assert self._clients is not None
+        return self._clients.command
+
+    async def _redis(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call through the breaker, bounded by ``redis_timeout`` in total
+        (pool wait and any retry included), retrying only idempotent operations."""
+        breaker = self._breaker
+        if not breaker.allow(time.monotonic()):
+            self.metrics.breaker_rejections.inc()
+            self._update_gauges()
+            raise StoreUnavailable(f"redis unavailable (circuit open); {op.value} not attempted", op=op.value)
+        deadline = time.monotonic() + self.settings.redis_timeout
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        result = await call()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    if not _is_outage(exc):
+                        breaker.record_success()
+                        self.metrics.redis_errors.labels(op.value).inc()
+                        raise StoreUnavailable(f"redis rejected {op.value}: {exc}", op=op.value) from exc
+                    if should_retry_redis(op, attempt, deadline - time.monotonic()):
+                        continue
+                    breaker.record_failure(time.monotonic())
+                    self.metrics.redis_errors.labels(op.value).inc()
+                    reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc or type(exc).__name__}"
+                    raise StoreUnavailable(f"redis {op.value} {reason}", op=op.value) from exc
+                breaker.record_success()
+                return result
+        except asyncio.CancelledError:
+            breaker.abandon()
+            raise
+        finally:
+            self._update_gauges()
+
+    # -- takeover listener -----------------------------------------------------------------
+
+    def _on_takeover(self, data: Any) -> None:
+        takeover = parse_takeover(data)
+        if takeover is None or takeover.owner == self.node_id:
+            return
+        slot = self._locks.peek(takeover.user)
+        if slot is not None:
+            slot.fence_epoch = max(slot.fence_epoch, takeover.epoch)
+        if self._cache.pop(takeover.user) is not None:
+            self.metrics.takeovers_received.inc()
+            self._update_gauges()
+
+    def _set_listener(self, up: bool) -> None:
+        # Every change of state starts a new generation: entries confirmed under an older one
+        # may have missed a takeover message and are revalidated on their next use.
+        self._gen += 1
+        self._listener_up = up
+        assert self._listener_ready is not None
+        if up:
+            self._listener_ready.set()
+        else:
+            self._listener_ready.clear()
+            self.metrics.listener_reconnects.inc()
+        self._update_gauges()
+
+    async def _listen(self) -> None:
+        assert self._clients is not None
+        deadline = max(self.settings.redis_timeout * 4, LISTENER_MIN_DEADLINE)
+        failures = 0
+        while True:
+            pubsub = None
+            try:
+                pubsub = await self._clients.new_pubsub()
+                async with asyncio.timeout(deadline):
+                    await pubsub.subscribe(self._channel)
+                    while True:
+                        message = await pubsub.get_message(timeout=deadline)
+                        if message is not None and message["type"] == "subscribe":
+                            break
+                self._set_listener(True)
+                failures = 0
+                await self._pump(pubsub, deadline)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("takeover listener disconnected: %s", exc or type(exc).__name__)
+            finally:
+                if self._listener_up:
+                    self._set_listener(False)
+                if pubsub is not None:
+                    with suppress(Exception):
+                        async with asyncio.timeout(CLOSE_DEADLINE):
+                            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            failures += 1
+            await asyncio.sleep(backoff_delay(failures, LISTENER_BACKOFF_BASE, LISTENER_BACKOFF_CAP))
+
+    async def _pump(self, pubsub: Any, pong_deadline: float) -> None:
+        ping_sent: float | None = None
+        while True:
+            if ping_sent is None:
+                wait = LISTENER_PING_INTERVAL
+            else:
+                wait = max(0.0, ping_sent + pong_deadline - time.monotonic())
+            message = await pubsub.get_message(timeout=wait)
+            if message is None:
+                if ping_sent is not None:
+                    raise ConnectionError("takeover listener: no reply to PING")
+                await pubsub.ping()
+                ping_sent = time.monotonic()
+                continue
+            ping_sent = None
+            if message["type"] == "message":
+                self._on_takeover(message["data"])

@@ -1,0 +1,544 @@
+"""The client side: one protocol object per client connection, parsing with llhttp.
+
+Invariants:
+- Responses go out in request order. Exchanges queue per connection and run one at a
+  time; the queue is bounded (``limits.max_pipeline``): past it, input is not parsed and
+  the socket is not read until the queue drains.
+- A request is forwarded only after its whole head parsed and validated; anything
+  malformed is answered 4xx and the connection closed without contacting a backend.
+- Reading stops for as long as any reason holds (a full queue, a full upstream buffer, a
+  body waiting for its connection, a pending upgrade): reasons are bits, not a flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import (HttpParserCallbackError, HttpParserError, HttpParserUpgrade,
+                       HttpRequestParser)
+
+from ..keys import KeyRejected
+from .exchange import DONE, PENDING, RESPONDING, Exchange
+from .http import (FORWARDED, HOP_BY_HOP, RequestError, connection_tokens, error_response,
+                   is_chunked_only, normalise_target, split_target)
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+    from .tunnel import Tunnel
+
+# Input is parsed in slices this large, so a burst of tiny pipelined requests can overrun
+# the queue bound by at most one slice's worth.
+FEED_SLICE = 16 * 1024
+
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: a Host is a reg-name or IP literal with an optional port.
+_HOST_RE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::\d{0,5})?$")
+
+
+class ClientProtocol(asyncio.Protocol):
+    PAUSE_PIPELINE = 1
+    PAUSE_BACKPRESSURE = 2
+    PAUSE_BODY = 4
+    PAUSE_UPGRADE = 8
+    PAUSE_STOPPED = 16
+
+    __slots__ = ("server", "transport", "parser", "queue", "pauses", "stash", "deadline",
+                 "deadline_kind", "peer_ip", "trusted", "url", "headers", "head_bytes",
+                 "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
+                 "limit_error", "advancing", "requests", "feeding", "eof")
+
+    def __init__(self, server: Proxy):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.pauses = 0
+        self.stash = b""
+        self.deadline = 0.0
+        self.deadline_kind = ""
+        self.peer_ip: str | None = None
+        self.trusted = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.in_head = False
+        self.receiving: Exchange | None = None
+        self.closing = False          # no further request is read or answered
+        self.tunnel: Tunnel | None = None
+        self.dead = False
+        self.write_paused = False
+        self.limit_error: RequestError | None = None
+        self.advancing = False
+        self.requests = 0
+        self.feeding = False
+        self.eof = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else None
+        server = self.server
+        self.trusted = server.is_trusted(self.peer_ip)
+        if not server.client_opened(self):
+            self.closing = True
+            transport.write(error_response(503, "too many connections", close=True))  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.deadline = time.monotonic() + server.config.timeouts.client_header
+        self.deadline_kind = "header"
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.closing:
+            return
+        if self.stash or self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
+            self.stash += data
+            return
+        self._feed(data)
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still be owed responses to requests it already sent.
+        self.eof = True
+        if self.tunnel is not None or not self.queue:
+            return False
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.closing = True
+        self.deadline = 0.0
+        if self.tunnel is not None:
+            self.tunnel.close()
+        while self.queue:
+            self.queue.popleft().abort()
+        self.server.client_closed(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.client_write_paused()
+        elif self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.client_write_resumed()
+        elif self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.resume_reading()
+
+    # -- input ---------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        self.feeding = True
+        try:
+            self._feed_slices(data)
+        finally:
+            self.feeding = False
+
+    def _feed_slices(self, data: bytes) -> None:
+        view = memoryview(data) if len(data) > FEED_SLICE else data
+        max_pipeline = self.server.config.limits.max_pipeline
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if len(self.queue) >= max_pipeline and not self.in_head and self.receiving is None:
+                self.stash = bytes(view[pos:])
+                self.pause_reading(self.PAUSE_PIPELINE)
+                return
+            end = min(n, pos + FEED_SLICE)
+            chunk = view[pos:end] if (pos or end < n) else data
+            try:
+                self.parser.feed_data(chunk)
+            except HttpParserUpgrade as e:
+                rest = bytes(view[pos + e.args[0]:])
+                self._after_upgrade_request(rest)
+                return
+            except HttpParserCallbackError as e:
+                self._parse_error(e)
+                return
+            except HttpParserError as e:
+                self._parse_error(e)
+                return
+            if self.closing:
+                return
+            pos = end
+
+    def _after_upgrade_request(self, rest: bytes) -> None:
+        ex = self.queue[-1] if self.queue else None
+        if ex is not None and ex.upgrade and ex.state != DONE:
+            # Until the backend answers, bytes after the upgrade request are held: they
+            # are tunnel data after a 101, or the next request after any other answer.
+            self.stash = rest
+            self.pause_reading(self.PAUSE_UPGRADE)
+            return
+        if rest and not self.closing:
+            self._feed(rest)
+
+    def _parse_error(self, e: Exception) -> None:
+        err = self.limit_error
+        if err is None:
+            err = RequestError(400, f"malformed request: {_parser_reason(e)}")
+        self.limit_error = None
+        self.in_head = False
+        self.receiving = None
+        self.pause_reading(self.PAUSE_STOPPED)
+        ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
+        ex.local = (err.status, err.reason, b"")
+        ex.local_close = True
+        self.server.events.request_rejected(err.status)
+        self._enqueue(ex)
+        self.closing = True
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        if self.deadline_kind != "header":
+            self.deadline = time.monotonic() + self.server.config.timeouts.client_header
+            self.deadline_kind = "header"
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.server.config.limits.max_request_line:
+            self.limit_error = RequestError(414, "request target too long")
+            raise self.limit_error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        if self.in_head:
+            self.head_bytes += len(name) + len(value) + 4
+            limits = self.server.config.limits
+            if self.head_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
+                self.limit_error = RequestError(431, "request header fields too large")
+                raise self.limit_error
+            headers.append((name, value))
+        elif self.receiving is not None:
+            # a trailer field of a chunked request body (RFC 9112 §7.1.2)
+            ln = name.lower()
+            if ln not in HOP_BY_HOP and ln not in (b"content-length", b"host"):
+                self.receiving.req_trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.deadline = 0.0
+        self.deadline_kind = ""
+        parser = self.parser
+        self.requests += 1
+        try:
+            ex = self._build(parser.get_method().decode("ascii"), parser.get_http_version(),
+                             parser.should_keep_alive())
+        except RequestError as err:
+            ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
+            ex.local = (err.status, err.reason, b"")
+            ex.local_close = True
+            self.server.events.request_rejected(err.status)
+            self.closing_after_parse()
+        self.receiving = ex
+        self._enqueue(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.receiving
+        if ex is None or ex.local is not None:
+            return
+        max_body = self.server.config.limits.max_body
+        if max_body and ex.body_seen + len(body) > max_body:
+            self._body_too_large(ex)
+            return
+        ex.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.receiving
+        self.receiving = None
+        if ex is not None:
+            ex.on_request_complete()
+        if not self.queue and not self.in_head:
+            self._set_idle()
+
+    # -- request building ----------------------------------------------------------------
+    def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
+        server = self.server
+        headers = self.headers
+        lheaders = [(n.lower(), v) for n, v in headers]
+        host: bytes | None = None
+        hosts = 0
+        te: list[bytes] = []
+        cl: bytes | None = None
+        conn_values: list[bytes] = []
+        upgrade_values: list[bytes] = []
+        xff: list[bytes] = []
+        xfp: bytes | None = None
+        xfh: bytes | None = None
+        for ln, v in lheaders:
+            if ln == b"host":
+                hosts += 1
+                host = v
+            elif ln == b"content-length":
+                cl = v
+            elif ln == b"transfer-encoding":
+                te.append(v)
+            elif ln == b"connection":
+                conn_values.append(v)
+            elif ln == b"upgrade":
+                upgrade_values.append(v)
+            elif ln == b"x-forwarded-for":
+                xff.append(v)
+            elif ln == b"x-forwarded-proto":
+                xfp = v
+            elif ln == b"x-forwarded-host":
+                xfh = v
+        if version not in ("1.1", "1.0"):
+            raise RequestError(505, f"HTTP/{version} is not supported")
+        if hosts > 1:
+            raise RequestError(400, "more than one Host header")
+        if hosts == 0 and version == "1.1":
+            raise RequestError(400, "missing Host header")
+        if host is not None and not _HOST_RE.match(host):
+            raise RequestError(400, "invalid Host header")
+        if te:
+            if version == "1.0":
+                raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if not is_chunked_only(te):
+                raise RequestError(400, "unsupported transfer coding")
+            framing, length = "chunked", 0
+        elif cl is not None:
+            framing, length = "cl", int(cl)
+        else:
+            framing, length = "none", 0
+        max_body = server.config.limits.max_body
+        if max_body and length > max_body:
+            raise RequestError(413, f"request body larger than {max_body} bytes")
+        target = normalise_target(method, self.url, host)
+        tokens = connection_tokens(conn_values)
+        upgrade = False
+        if b"upgrade" in tokens and upgrade_values:
+            wants_ws = any(v.strip().lower() == b"websocket" for v in upgrade_values)
+            upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
+        path, query = split_target(target)
+        router = server.router
+        key: str | None = None
+        try:
+            got = router.extractor.extract(lheaders, path, query)
+        except KeyRejected as e:
+            raise RequestError(400, str(e)) from None
+        if got is not None:
+            key = got.key
+        elif server.config.routing.no_key == "reject":
+            raise RequestError(400, "request carries no user key")
+
+        # -- the forwarded head (RFC 9110 §7.6: hop-by-hop fields are not forwarded)
+        prefix_l = server.header_prefix_lower
+        drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+        parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target)]
+        for (ln, v), (n, _) in zip(lheaders, headers):
+            if ln in drop or ln.startswith(prefix_l) or ln in FORWARDED:
+                continue
+            if ln == b"content-length":
+                continue  # re-framed by the exchange
+            parts.append(b"%s: %s\r\n" % (n, v))
+        if host is None:
+            parts.append(b"Host: %s\r\n" % server.default_host)
+        if upgrade:
+            parts.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+        if server.config.headers.forwarded:
+            peer = (self.peer_ip or "").encode()
+            if self.trusted and xff:
+                parts.append(b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(xff), peer))
+            else:
+                parts.append(b"X-Forwarded-For: %s\r\n" % peer)
+            parts.append(b"X-Forwarded-Proto: %s\r\n" % (xfp if self.trusted and xfp else b"http"))
+            fwd_host = xfh if self.trusted and xfh else host
+            if fwd_host:
+                parts.append(b"X-Forwarded-Host: %s\r\n" % fwd_host)
+        if key is not None:
+            parts.append(b"%s: %s\r\n" % (server.key_header, key.encode("utf-8")))
+        parts.append(server.ring_header)
+        ex = Exchange(self, method, target, version, b"".join(parts), framing, length,
+                      upgrade, key)
+        ex.close_after = not keep_alive
+        return ex
+
+    def closing_after_parse(self) -> None:
+        """Stop reading: the request that just parsed will be answered and the connection
+        closed, so nothing after it may be parsed or forwarded."""
+        self.pause_reading(self.PAUSE_STOPPED)
+        self.closing = True
+
+    def _body_too_large(self, ex: Exchange) -> None:
+        self.closing_after_parse()
+        self.receiving = None
+        reason = f"request body larger than {self.server.config.limits.max_body} bytes"
+        if ex.state == PENDING and self.queue and self.queue[0] is not ex:
+            ex.local = (413, reason, b"")
+            ex.local_close = True
+            ex.body_buf = []
+        elif ex.state == RESPONDING:
+            ex.error_kind = "body-too-large"
+            ex.finish(abort_client=True)
+        elif ex.state != DONE:
+            self.respond_local(ex, 413, reason, close=True)
+
+    # -- the queue -----------------------------------------------------------------------
+    def _enqueue(self, ex: Exchange) -> None:
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            self.deadline = 0.0
+            self.deadline_kind = ""
+            ex.begin()
+
+    def exchange_done(self, ex: Exchange, abort: bool = False) -> None:
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        if self.dead:
+            return
+        if abort:
+            self._close(abort=True)
+            return
+        if ex.close_after or (self.closing or self.eof or self.server.stopping) and not queue:
+            self._close()
+            return
+        if ex.upgrade and self.pauses & self.PAUSE_UPGRADE:
+            # the backend did not switch protocols: held bytes are the next request
+            self.pauses &= ~self.PAUSE_UPGRADE
+        if self.advancing:
+            return
+        self.advancing = True
+        try:
+            while queue and not self.dead:
+                head = queue[0]
+                if head.state != PENDING:
+                    break
+                head.begin()
+                if queue and queue[0] is head:
+                    break
+        finally:
+            self.advancing = False
+        if self.dead or self.closing:
+            if not queue:
+                self._close()
+            return
+        if not queue and not self.in_head and self.receiving is None:
+            self._set_idle()
+        if self.pauses & self.PAUSE_PIPELINE and len(queue) < self.server.config.limits.max_pipeline:
+            self.pauses &= ~self.PAUSE_PIPELINE
+        if self.stash and not self.feeding and not self.pauses & (
+                self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
+            data, self.stash = self.stash, b""
+            self._feed(data)
+        self._apply_pauses()
+
+    def _set_idle(self) -> None:
+        self.deadline = time.monotonic() + self.server.config.timeouts.client_idle
+        self.deadline_kind = "idle"
+
+    def must_close_after(self, ex: Exchange) -> bool:
+        return ex.close_after or self.server.stopping or (self.closing and len(self.queue) <= 1)
+
+    def respond_local(self, ex: Exchange, status: int, reason: str, close: bool,
+                      extra: bytes = b"") -> None:
+        """Answer ``ex`` with a proxy-made response (only when it is at the queue head)."""
+        close = close or self.must_close_after(ex)
+        ex.status = status
+        ex.close_after = close
+        t = self.transport
+        if t is not None and not self.dead:
+            t.write(error_response(status, reason, close=close, head_only=ex.method == "HEAD",
+                                   extra=extra))
+        if close:
+            self.closing = True
+        ex.finish()
+
+    def start_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.deadline = 0.0
+        self.pauses &= ~self.PAUSE_UPGRADE
+        if self.queue:
+            self.queue.popleft()
+        if self.stash:
+            data, self.stash = self.stash, b""
+            tunnel.from_client(data)
+        self._apply_pauses()
+
+    # -- flow control --------------------------------------------------------------------
+    def pause_reading(self, reason: int) -> None:
+        before = self.pauses
+        self.pauses |= reason
+        if not before and self.transport is not None and not self.dead:
+            self.transport.pause_reading()
+
+    def resume_reading(self, reason: int) -> None:
+        if not self.pauses & reason:
+            return
+        self.pauses &= ~reason
+        self._apply_pauses()
+
+    def _apply_pauses(self) -> None:
+        t = self.transport
+        if t is None or self.dead:
+            return
+        if self.pauses:
+            t.pause_reading()
+        elif not t.is_reading():
+            t.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.dead:
+            self.transport.write(data)
+
+    # -- time ----------------------------------------------------------------------------
+    def on_tick(self, now: float) -> None:
+        if self.tunnel is not None:
+            if self.tunnel.idle_expired(now, self.server.config.timeouts.websocket_idle):
+                self.tunnel.close()
+            return
+        if self.queue:
+            ex = self.queue[0]
+            if ex.deadline and now > ex.deadline:
+                ex.on_deadline(now)
+            return
+        if self.deadline and now > self.deadline:
+            if self.deadline_kind == "header" and (self.in_head or self.requests == 0):
+                if self.in_head or self.head_bytes or self.url:
+                    self.server.events.request_rejected(408)
+                    self._reply_and_close(408, "request head not received in time")
+                else:
+                    self._close()
+            else:
+                self._close()
+
+    def _reply_and_close(self, status: int, reason: str) -> None:
+        self.closing = True
+        if self.transport is not None and not self.dead:
+            self.transport.write(error_response(status, reason, close=True))
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        self.closing = True
+        self.deadline = 0.0
+        t = self.transport
+        if t is None or self.dead:
+            return
+        if abort:
+            t.abort()
+        else:
+            t.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now if idle, else after the current response."""
+        if self.tunnel is None and not self.queue and not self.in_head:
+            self._close()
+
+
+def _parser_reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.replace("`", "")[:80]

@@ -1,0 +1,118 @@
+"""HTTP/1.1 message rules the data plane applies: pure, no I/O.
+
+Framing and parsing are llhttp's (strict mode, no lenient flags); this module holds what a
+proxy adds on top: which fields are hop-by-hop, how a request target is normalised, which
+methods may be retried, and the short error responses the proxy itself sends.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+# RFC 9110 §9.2.2: methods whose intended effect of several identical requests is the same
+# as one; only these are retried after a request may have reached a backend.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies must drop
+# (Proxy-Connection, Keep-Alive) and HTTP/2 cleartext upgrade settings (never forwarded).
+# Transfer-Encoding is re-framed by the proxy on each hop (RFC 9112 §6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+    b"http2-settings",
+})
+
+# Fields the proxy sets itself on each forwarded request; client copies are dropped unless
+# the peer is a trusted proxy (X-Forwarded-*).
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                       b"forwarded"})
+
+# Statuses whose responses never carry a body (RFC 9110 §6.4.1, §15.3.5, §15.4.5).
+NO_BODY_STATUSES = frozenset({204, 304})
+
+REASONS = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
+    421: "Misdirected Request", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+class RequestError(Exception):
+    """A request the proxy answers itself; ``reason`` is short and safe to show a client."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def error_response(status: int, reason: str, *, close: bool, head_only: bool = False,
+                   extra: bytes = b"") -> bytes:
+    """A complete short plain-text response: "<status> <phrase>: <reason>\\n"."""
+    phrase = REASONS.get(status, "Error")
+    body = f"{status} {phrase}: {reason}\n".encode("utf-8", "replace")
+    head = (f"HTTP/1.1 {status} {phrase}\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"Cache-Control: no-store\r\n").encode()
+    if close:
+        head += b"Connection: close\r\n"
+    return head + extra + b"\r\n" + (b"" if head_only else body)
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-cased option names listed by Connection header fields (RFC 9110 §7.6.1)."""
+    out: set[bytes] = set()
+    for v in values:
+        for tok in v.split(b","):
+            tok = tok.strip().lower()
+            if tok:
+                out.add(tok)
+    return out
+
+
+def normalise_target(method: str, target: bytes, host: bytes | None) -> bytes:
+    """The origin-form target to forward (RFC 9112 §3.2), or RequestError.
+
+    origin-form is kept; absolute-form is rewritten to origin-form when its authority is
+    the request's Host (otherwise the two disagree about where the request goes: 400);
+    authority-form (CONNECT) and asterisk-form are refused.
+    """
+    if method == "CONNECT":
+        raise RequestError(405, "CONNECT is not supported")
+    if target[:1] == b"/":
+        return target
+    if target == b"*":
+        raise RequestError(400, "asterisk-form request target is not supported")
+    low = target[:8].lower()
+    if low.startswith(b"http://") or low.startswith(b"https://"):
+        try:
+            parts = urlsplit(target.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise RequestError(400, "malformed absolute-form request target") from None
+        if not parts.netloc or parts.username is not None or parts.password is not None:
+            raise RequestError(400, "malformed absolute-form request target")
+        if host is None or parts.netloc.lower() != host.decode("latin-1").lower():
+            raise RequestError(400, "absolute-form request target does not match Host")
+        path = parts.path or "/"
+        return (path + ("?" + parts.query if parts.query else "")).encode("ascii")
+    raise RequestError(400, "malformed request target")
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of an origin-form target."""
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
+def is_chunked_only(values: list[bytes]) -> bool:
+    """True when Transfer-Encoding is exactly one "chunked" coding (RFC 9112 §6.1).
+
+    Any other coding or a repeated one is refused: the proxy cannot know how a backend
+    would frame it, and disagreement about framing is request smuggling.
+    """
+    return len(values) == 1 and values[0].strip().lower() == b"chunked"

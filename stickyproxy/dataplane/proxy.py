@@ -1,0 +1,200 @@
+"""The data-plane server: listener, client connections, timers, config swaps.
+
+One ``Proxy`` per worker process. Reloading swaps the routing table atomically: requests
+already routed keep the table they started with; backends that stay keep their pools,
+health and drain state; removed backends' idle connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..config import Config
+from ..router import BackendState, Router
+from .client import ClientProtocol
+from .events import Events
+from .http import HOP_BY_HOP
+from .upstream import Pool
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+log = logging.getLogger("stickyproxy")
+
+# Deadlines are checked on this period: timeouts are enforced to within one tick, and
+# a connection costs no timer handle per request.
+TICK = 0.1
+
+
+class Proxy:
+    def __init__(self, config: Config, events: Events | None = None):
+        self.events = events or Events()
+        self.states: dict[str, BackendState] = {}
+        self.clients: set[ClientProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping = False
+        self.active = 0           # exchanges being answered
+        self.retrying = 0         # of which have been retried at least once
+        self._ticker: asyncio.Task | None = None
+        self._backend_headers: dict[str, bytes] = {}
+        self.config = config
+        self.router: Router = self._build_router(config)
+        self._set_config(config)
+
+    # -- configuration -------------------------------------------------------------------
+    def _build_router(self, config: Config) -> Router:
+        lim, tmo = config.limits, config.timeouts
+        states = {}
+        for b in config.backends:
+            st = self.states.get(b.id)
+            if st is None or st.address != b.address:
+                st = BackendState(b)
+                st.pool = Pool(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
+                st.last_change = time.monotonic()
+                old = self.states.get(b.id)
+                if old is not None:
+                    # same id, new address: the drain decision is the operator's and stays
+                    st.drained = old.drained
+            else:
+                st.weight = b.weight
+                st.pool.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)  # type: ignore[union-attr]
+            states[b.id] = st
+        for bid, st in self.states.items():
+            if states.get(bid) is not st and st.pool is not None:
+                st.pool.close_all()
+        self.states = states
+        return Router(config, states)
+
+    def _set_config(self, config: Config) -> None:
+        self.config = config
+        hdr = config.headers
+        self.header_prefix_lower = hdr.prefix.lower().encode("ascii")
+        self.key_header = hdr.key.encode("ascii")
+        self.ring_header = b"%s: %s\r\n" % (hdr.ring.encode("ascii"),
+                                            self.router.fingerprint.encode("ascii"))
+        self._backend_headers = {
+            bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
+            for bid in self.states}
+        self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
+        self._trusted = config.listen.trusted_proxies
+
+    def apply(self, config: Config) -> Router:
+        """Swap in a new (already validated) configuration; returns the new table."""
+        self.router = self._build_router(config)
+        self._set_config(config)
+        return self.router
+
+    # -- hooks used by the protocols -----------------------------------------------------
+    def backend_header(self, backend_id: str) -> bytes:
+        h = self._backend_headers.get(backend_id)
+        if h is None:
+            h = b"%s: %s\r\n" % (self.config.headers.backend.encode(), backend_id.encode())
+        return h
+
+    def is_trusted(self, ip: str | None) -> bool:
+        if not ip or not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    def client_opened(self, client: ClientProtocol) -> bool:
+        if len(self.clients) >= self.config.limits.max_client_connections or self.stopping:
+            self.events.request_rejected(503)
+            return False
+        self.clients.add(client)
+        self.events.client_opened()
+        return True
+
+    def client_closed(self, client: ClientProtocol) -> None:
+        if client in self.clients:
+            self.clients.discard(client)
+            self.events.client_closed()
+
+    def retry_allowed(self) -> bool:
+        """Retry budget: concurrent retries stay under a share of active requests."""
+        r = self.config.retries
+        budget = max(r.budget_min, self.active * r.budget_percent // 100)
+        return self.retrying < budget
+
+    def build_informational(self, status: int, reason: bytes,
+                            headers: list[tuple[bytes, bytes]]) -> bytes:
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
+        for n, v in headers:
+            if n.lower() not in HOP_BY_HOP:
+                parts.append(b"%s: %s\r\n" % (n, v))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.events.tunnel_closed(tunnel.backend)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, host: str | None = None, port: int | None = None, *,
+                    reuse_port: bool = False, sock=None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self.server = await loop.create_server(lambda: ClientProtocol(self), sock=sock,
+                                                   backlog=1024)
+        else:
+            self.server = await loop.create_server(
+                lambda: ClientProtocol(self),
+                host if host is not None else self.config.listen.host,
+                port if port is not None else self.config.listen.port,
+                reuse_port=reuse_port or None, backlog=1024)
+        self._ticker = loop.create_task(self._tick())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for c in list(self.clients):
+                try:
+                    c.on_tick(now)
+                except Exception:  # a bug in one connection must not stop every timer
+                    log.exception("timer handling failed for a client connection")
+                    c._close(abort=True)
+            for st in self.states.values():
+                if st.pool is not None:
+                    st.pool.sweep(now)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; let in-flight requests finish up to ``grace``; then close all."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.clients):
+            c.shutdown()
+        grace = self.config.timeouts.shutdown if grace is None else grace
+        deadline = time.monotonic() + grace
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            for c in list(self.clients):
+                c.shutdown()
+        for c in list(self.clients):
+            c._close(abort=True)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+        for st in self.states.values():
+            if st.pool is not None:
+                st.pool.close_all()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass

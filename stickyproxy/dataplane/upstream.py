@@ -1,0 +1,226 @@
+"""Connections to backends: the response-parsing protocol and per-backend keep-alive pools.
+
+Invariants:
+- A connection serves one exchange at a time (no upstream pipelining).
+- It goes back to its pool only after its response was parsed completely and cleanly, the
+  request was sent completely, and both sides allow keep-alive; anything else closes it.
+- Bytes that arrive on an idle pooled connection mean the backend is out of step with us:
+  the connection is closed, never handed to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+if TYPE_CHECKING:
+    from ..router import BackendState
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    __slots__ = ("backend", "transport", "parser", "exchange", "requests", "idle_since",
+                 "closed", "paused", "head_only", "head_done", "finished", "garbage",
+                 "created", "reason")
+
+    def __init__(self, backend: BackendState, now: float):
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.exchange: Any = None
+        self.requests = 0
+        self.idle_since = now
+        self.created = now
+        self.closed = False
+        self.paused = False
+        self.head_only = False       # the current request is HEAD: its response has no body
+        self.head_done = False       # ... and its head has been relayed
+        self.finished = 0            # set during a read: 1 reusable, 2 not reusable
+        self.garbage = False         # bytes beyond the end of the current response
+        self.reason = b""
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.close()
+            return
+        if ex.tunnel is not None:
+            ex.tunnel.from_upstream(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            ex = self.exchange
+            if ex is not None:
+                ex.on_upstream_upgrade(data[e.args[0]:])
+            return
+        except HttpParserError as e:
+            ex = self.exchange
+            if self.finished or self.head_done:
+                self.garbage = True
+            elif ex is not None:
+                ex.on_upstream_failure(self, "protocol", f"malformed response: {e}")
+            self.close()
+        if self.head_done:
+            self.head_done = False
+            self.parser = HttpResponseParser(self)
+        if self.finished:
+            # The pool gets the connection back only after the whole read was parsed, so a
+            # byte past the end of a response can never be read as the next one's.
+            reusable = self.finished == 1 and not self.garbage and not self.closed
+            self.finished = 0
+            if reusable and self.backend.pool is not None:
+                self.backend.pool.release(self, time.monotonic())
+            else:
+                self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        pool = self.backend.pool
+        if pool is not None:
+            pool.discard(self)
+            pool.open -= 1
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.on_upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_resumed()
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.finished or self.head_done or self.exchange is None:
+            self.garbage = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.exchange
+        if ex is None or self.head_done:
+            self.garbage = True
+            return
+        ex.on_response_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None or self.head_done:
+            self.garbage = True
+            return
+        reason, self.reason = self.reason, b""
+        status = self.parser.get_status_code()
+        ex.on_response_head(status, reason, self.parser.should_keep_alive())
+        if self.head_only and status >= 200 and self.exchange is ex:
+            # llhttp cannot know a HEAD response has no body: it ends here, and the
+            # connection gets a fresh parser once this read is processed.
+            self.head_done = True
+            self.exchange = None
+            self.finished = 1 if ex.on_response_complete(self) else 2
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is None or self.head_done:
+            self.garbage = True
+            return
+        ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is None or self.head_done:
+            return
+        done = ex.on_response_complete(self)
+        if done is not None:
+            self.exchange = None
+            self.finished = 1 if done else 2
+
+    # -- control -------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Pool:
+    """Idle keep-alive connections to one backend, most recently used first."""
+
+    __slots__ = ("max_idle", "max_requests", "idle_timeout", "idle", "open")
+
+    def __init__(self, max_idle: int, max_requests: int, idle_timeout: float):
+        self.max_idle = max_idle
+        self.max_requests = max_requests
+        self.idle_timeout = idle_timeout
+        self.idle: deque[UpstreamProtocol] = deque()
+        self.open = 0
+
+    def configure(self, max_idle: int, max_requests: int, idle_timeout: float) -> None:
+        self.max_idle, self.max_requests, self.idle_timeout = max_idle, max_requests, idle_timeout
+        while len(self.idle) > self.max_idle:
+            self.idle.popleft().close()
+
+    def acquire(self) -> UpstreamProtocol | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+                return conn
+        return None
+
+    def release(self, conn: UpstreamProtocol, now: float) -> None:
+        conn.exchange = None
+        if (conn.closed or conn.requests >= self.max_requests
+                or len(self.idle) >= self.max_idle):
+            conn.close()
+            return
+        conn.resume_reading()  # an idle connection must see the backend's close
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamProtocol) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than the idle timeout (oldest are at the left)."""
+        idle = self.idle
+        while idle and now - idle[0].idle_since > self.idle_timeout:
+            idle.popleft().close()
+
+    def close_all(self) -> None:
+        while self.idle:
+            self.idle.pop().close()

@@ -1,0 +1,291 @@
+"""Active and passive health per backend.
+
+The decisions are pure state machines (``ActiveState``, ``PassiveState``, ``may_eject``);
+``Health`` is the thin adapter that runs HTTP checks with aiohttp and writes the results
+onto each ``BackendState``. Health never rebuilds the ring (DESIGN.md §3): routing skips
+unusable backends along each key's preference list.
+
+- Active: GET ``health.path`` every ``interval`` (± ``jitter``); ``fall`` consecutive
+  failures mark a backend down, ``rise`` consecutive successes mark it up again.
+- Recovery is damped: a backend that comes back up gets its users back only after
+  ``failback_delay`` (every proxy applies the same delay, so they converge on the same
+  decision instead of each bouncing users as the backend flaps).
+- Passive: ``consecutive_failures`` failed exchanges in a row (connect errors, resets,
+  timeouts, and 5xx when ``on_5xx``) eject the backend for ``base_ejection`` × the number
+  of its ejections so far, capped at ``max_ejection``; never more than
+  ``max_ejected_percent`` of the backends are ejected at once.
+- A refused connect makes routing skip the backend for ``connect_down`` right away, so
+  the next requests do not each pay a failed connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Health as HealthConfig
+from .config import Passive as PassiveConfig
+
+if TYPE_CHECKING:
+    from .dataplane.proxy import Proxy
+    from .router import BackendState
+
+log = logging.getLogger("stickyproxy.health")
+
+
+@dataclass
+class ActiveState:
+    """rise/fall hysteresis (HAProxy's server check model)."""
+    up: bool = True
+    successes: int = 0
+    failures: int = 0
+
+    def record(self, ok: bool, rise: int, fall: int) -> str | None:
+        """Count one check; return "up" or "down" when the state flips."""
+        if ok:
+            self.failures = 0
+            self.successes += 1
+            if not self.up and self.successes >= rise:
+                self.up = True
+                return "up"
+        else:
+            self.successes = 0
+            self.failures += 1
+            if self.up and self.failures >= fall:
+                self.up = False
+                return "down"
+        return None
+
+
+@dataclass
+class PassiveState:
+    """Consecutive-failure outlier detection (Envoy's consecutive_5xx model)."""
+    consecutive: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def record(self, ok: bool, now: float, cfg: PassiveConfig, may_eject: bool) -> float | None:
+        """Count one exchange; return the ejection end time when this failure ejects."""
+        if ok:
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        if self.consecutive < cfg.consecutive_failures or now < self.ejected_until:
+            return None
+        if not may_eject:
+            return None
+        self.ejections += 1
+        self.consecutive = 0
+        self.ejected_until = now + ejection_time(self.ejections, cfg)
+        return self.ejected_until
+
+
+def ejection_time(ejections: int, cfg: PassiveConfig) -> float:
+    return min(cfg.base_ejection * ejections, cfg.max_ejection)
+
+
+def may_eject(ejected_now: int, total: int, max_percent: int) -> bool:
+    """Whether one more backend may be ejected without exceeding the cap."""
+    return total > 0 and (ejected_now + 1) * 100 <= max_percent * total
+
+
+def check_ok(status: int | None, expect: tuple[int, int]) -> bool:
+    return status is not None and expect[0] <= status <= expect[1]
+
+
+class Health:
+    """Runs active checks and applies passive events for one process's backends."""
+
+    def __init__(self, proxy: Proxy, observer: Any, *, active: bool = True):
+        self.proxy = proxy
+        self.observer = observer
+        self.run_active = active
+        self.active: dict[str, ActiveState] = {}
+        self.passive: dict[str, PassiveState] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.session: Any = None
+        self._drain_timers: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def cfg(self) -> HealthConfig:
+        return self.proxy.config.health
+
+    @property
+    def pcfg(self) -> PassiveConfig:
+        return self.proxy.config.passive
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """(Re)start checkers to match the current backend set."""
+        states = self.proxy.states
+        for bid in list(self.tasks):
+            if bid not in states or not (self.run_active and self.cfg.enabled):
+                self.tasks.pop(bid).cancel()
+        for bid in list(self.active):
+            if bid not in states:
+                del self.active[bid]
+                self.passive.pop(bid, None)
+        for bid, st in states.items():
+            self.active.setdefault(bid, ActiveState(up=st.healthy))
+            self.passive.setdefault(bid, PassiveState())
+            if self.run_active and self.cfg.enabled:
+                task = self.tasks.get(bid)
+                if task is None or task.done():
+                    self.tasks[bid] = asyncio.get_running_loop().create_task(self._checker(bid))
+            elif not self.cfg.enabled and not st.healthy:
+                st.healthy = True  # checks switched off: nothing can mark it down any more
+
+    async def stop(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        for t in list(self.tasks.values()):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.tasks.clear()
+        for h in self._drain_timers.values():
+            h.cancel()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def _session(self):
+        if self.session is None:
+            import aiohttp
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                headers={"User-Agent": "stickyproxy-health"})
+        return self.session
+
+    async def _checker(self, bid: str) -> None:
+        import aiohttp
+        # spread the first checks so N backends are not probed in lockstep
+        await asyncio.sleep(random.uniform(0, min(self.cfg.interval, 0.05)))
+        while True:
+            st = self.proxy.states.get(bid)
+            if st is None:
+                return
+            cfg = self.cfg
+            status: int | None = None
+            detail = ""
+            try:
+                session = await self._session()
+                url = f"http://{st.host}:{st.port}{cfg.path}"
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+                                       allow_redirects=False) as resp:
+                    status = resp.status
+                    await resp.read()
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError) as e:
+                detail = type(e).__name__ if not str(e) else str(e)
+            ok = check_ok(status, cfg.expect)
+            self.observer.health_check(st, ok)
+            self.record_check(bid, ok, status, detail)
+            delay = cfg.interval * (1 + random.uniform(-cfg.jitter, cfg.jitter))
+            await asyncio.sleep(max(0.001, delay))
+
+    # -- decisions applied to backend state ------------------------------------------------
+    def record_check(self, bid: str, ok: bool, status: int | None, detail: str = "") -> None:
+        st = self.proxy.states.get(bid)
+        a = self.active.get(bid)
+        if st is None or a is None:
+            return
+        change = a.record(ok, self.cfg.rise, self.cfg.fall)
+        if change is None:
+            return
+        why = f"status {status}" if status is not None else (detail or "no answer")
+        self.set_health(st, change == "up",
+                        f"{self.cfg.rise if change == 'up' else self.cfg.fall} "
+                        f"consecutive {'successful' if change == 'up' else 'failed'} checks ({why})")
+
+    def set_health(self, st: BackendState, up: bool, reason: str) -> None:
+        """Apply an up/down decision (from a local check or the supervisor)."""
+        now = time.monotonic()
+        if up == st.healthy:
+            return
+        st.healthy = up
+        st.last_change = now
+        st.reason = reason
+        a = self.active.get(st.id)
+        if a is not None:
+            a.up = up
+        if up:
+            st.failback_until = now + self.cfg.failback_delay if self.cfg.failback_delay else 0.0
+            log.warning("backend %s is UP: %s%s", st.id, reason,
+                        f"; its users return after {self.cfg.failback_delay:g}s"
+                        if self.cfg.failback_delay else "")
+        else:
+            st.failback_until = 0.0
+            log.warning("backend %s is DOWN: %s", st.id, reason)
+        self.observer.backend_changed(st)
+
+    def passive_result(self, st: BackendState, ok: bool) -> None:
+        cfg = self.pcfg
+        if not cfg.enabled:
+            return
+        p = self.passive.get(st.id)
+        if p is None:
+            return
+        now = time.monotonic()
+        if ok and p.consecutive == 0:
+            return
+        states = self.proxy.states.values()
+        ejected = sum(1 for s in states if now < s.ejected_until)
+        until = p.record(ok, now, cfg, may_eject(ejected, len(self.proxy.states),
+                                                  cfg.max_ejected_percent))
+        if until is not None:
+            st.ejected_until = until
+            st.ejections = p.ejections
+            st.reason = f"{cfg.consecutive_failures} consecutive failures"
+            st.last_change = now
+            log.warning("backend %s ejected for %.1fs after %d consecutive failures "
+                        "(ejection #%d)", st.id, until - now, cfg.consecutive_failures,
+                        p.ejections)
+            self.observer.ejected(st)
+
+    def connect_failed(self, st: BackendState) -> None:
+        d = self.pcfg.connect_down
+        if d > 0:
+            now = time.monotonic()
+            if now >= st.connect_down_until:
+                log.info("backend %s refused a connection: skipped for %.1fs", st.id, d)
+            st.connect_down_until = now + d
+
+    # -- drain ---------------------------------------------------------------------------
+    def drain(self, bid: str, on: bool) -> bool:
+        st = self.proxy.states.get(bid)
+        if st is None:
+            return False
+        if st.drained == on:
+            return True
+        st.drained = on
+        st.last_change = time.monotonic()
+        log.warning("backend %s %s", bid, "drained: no new requests" if on else "undrained")
+        old = self._drain_timers.pop(bid, None)
+        if old is not None:
+            old.cancel()
+        if on:
+            self._drain_timers[bid] = asyncio.get_running_loop().call_later(
+                self.proxy.config.timeouts.drain, self._close_drained_tunnels, bid)
+        self.observer.backend_changed(st)
+        return True
+
+    def _close_drained_tunnels(self, bid: str) -> None:
+        self._drain_timers.pop(bid, None)
+        st = self.proxy.states.get(bid)
+        if st is None or not st.drained:
+            return
+        if st.tunnels:
+            log.warning("backend %s: closing %d WebSocket tunnels after drain timeout",
+                        bid, len(st.tunnels))
+        for t in list(st.tunnels):
+            t.close()

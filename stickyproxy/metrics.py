@@ -1,0 +1,145 @@
+"""The proxy's metrics, defined once, recorded as plain numbers, exported by prometheus-client.
+
+Recording must cost the hot path almost nothing, so requests only bump entries of plain
+dicts (no locks, no label look-ups); a custom collector turns them into Prometheus families
+when /metrics is scraped. With several workers each worker sends its ``snapshot()`` to the
+supervisor, which sums them (``merge``) and exports the total.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Iterable
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+PREFIX = "stickyproxy_"
+
+# Upstream latency buckets (seconds): sub-millisecond to the default response timeout.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
+
+# name → (kind, help, label names). Counters' exported names get "_total" from the family.
+DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "requests": ("counter", "Requests answered, by backend and status class",
+                 ("backend", "code_class")),
+    "request_duration_seconds": ("histogram", "Time from routing to the end of the response",
+                                 ("backend",)),
+    "route_decisions": ("counter", "Routing decisions by result", ("result",)),
+    "retries": ("counter", "Requests retried away from a backend, by reason",
+                ("backend", "reason")),
+    "upstream_errors": ("counter", "Failures talking to a backend, by kind",
+                        ("backend", "kind")),
+    "rejected_requests": ("counter", "Requests the proxy refused itself, by status",
+                          ("status",)),
+    "health_checks": ("counter", "Active health checks by result", ("backend", "result")),
+    "ejections": ("counter", "Passive ejections of a backend", ("backend",)),
+    "ring_changes": ("counter", "Reloads that changed the ring", ()),
+    "reloads": ("counter", "Configuration reloads by result", ("result",)),
+    "backend_up": ("gauge", "1 if the backend is usable for routing", ("backend",)),
+    "backend_inflight": ("gauge", "Requests in flight to the backend", ("backend",)),
+    "backend_key_share": ("gauge", "Share of the key space the backend owns on the ring",
+                          ("backend",)),
+    "client_connections": ("gauge", "Open client connections", ()),
+    "websocket_tunnels": ("gauge", "Open WebSocket tunnels", ("backend",)),
+}
+
+
+class Stats:
+    """Plain counters for one process. Keys are label-value tuples."""
+
+    __slots__ = ("counters", "hist", "gauges")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[tuple, float]] = {
+            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "counter"}
+        # histogram: labels → [bucket counts..., +Inf count, sum]
+        self.hist: dict[tuple, list[float]] = {}
+        self.gauges: dict[str, dict[tuple, float]] = {
+            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "gauge"}
+
+    def inc(self, name: str, labels: tuple = (), by: float = 1) -> None:
+        c = self.counters[name]
+        c[labels] = c.get(labels, 0) + by
+
+    def observe(self, labels: tuple, seconds: float) -> None:
+        h = self.hist.get(labels)
+        if h is None:
+            h = self.hist[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
+
+    def set(self, name: str, labels: tuple, value: float) -> None:
+        self.gauges[name][labels] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able copy (label tuples become lists)."""
+        return {
+            "counters": {n: [[list(k), v] for k, v in d.items()] for n, d in self.counters.items()},
+            "hist": [[list(k), v] for k, v in self.hist.items()],
+            "gauges": {n: [[list(k), v] for k, v in d.items()] for n, d in self.gauges.items()},
+        }
+
+
+def merge(snapshots: Iterable[dict[str, Any]], into: Stats | None = None) -> Stats:
+    """Sum several workers' snapshots (gauges too: in-flight and connections add up)."""
+    out = into or Stats()
+    for snap in snapshots:
+        for n, rows in snap.get("counters", {}).items():
+            if n in out.counters:
+                for k, v in rows:
+                    out.inc(n, tuple(k), v)
+        for k, v in snap.get("hist", []):
+            h = out.hist.setdefault(tuple(k), [0.0] * len(v))
+            for i, x in enumerate(v):
+                h[i] += x
+        for n, rows in snap.get("gauges", {}).items():
+            if n in out.gauges:
+                g = out.gauges[n]
+                for k, v in rows:
+                    g[tuple(k)] = g.get(tuple(k), 0) + v
+    return out
+
+
+class StatsCollector(Collector):
+    """Exports a Stats (fetched fresh from ``source`` at every scrape)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        stats: Stats = self.source()
+        for name, (kind, help_, labels) in DEFINITIONS.items():
+            full = PREFIX + name
+            if kind == "counter":
+                fam = CounterMetricFamily(full, help_, labels=list(labels))
+                for k, v in sorted(stats.counters[name].items()):
+                    fam.add_metric(list(k), v)
+            elif kind == "gauge":
+                fam = GaugeMetricFamily(full, help_, labels=list(labels))
+                for k, v in sorted(stats.gauges[name].items()):
+                    fam.add_metric(list(k), v)
+            else:
+                fam = HistogramMetricFamily(full, help_, labels=list(labels))
+                for k, h in sorted(stats.hist.items()):
+                    cum = 0.0
+                    buckets = []
+                    for bound, n in zip(LATENCY_BUCKETS, h):
+                        cum += n
+                        buckets.append((repr(bound), cum))
+                    cum += h[len(LATENCY_BUCKETS)]
+                    buckets.append(("+Inf", cum))
+                    fam.add_metric(list(k), buckets, h[-1])
+            yield fam
+
+
+def registry_for(source) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StatsCollector(source))
+    return reg
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"

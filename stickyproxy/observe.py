@@ -1,0 +1,143 @@
+"""The data plane's event sink: metrics, access log and passive health in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .config import Config
+from .dataplane.events import Events
+from .logs import access_record, format_access
+from .metrics import Stats, code_class
+from .router import key_digest
+
+if TYPE_CHECKING:
+    from .dataplane.exchange import Exchange
+    from .dataplane.proxy import Proxy
+    from .health import Health
+    from .router import BackendState
+
+access_log = logging.getLogger("stickyproxy.access")
+log = logging.getLogger("stickyproxy")
+
+# Panic mode is logged at most this often (seconds); every panic decision is counted.
+PANIC_LOG_INTERVAL = 10.0
+
+
+class Observer(Events):
+    def __init__(self, config: Config, worker: int = 0):
+        self.worker = worker
+        self.stats = Stats()
+        self.proxy: Proxy | None = None
+        self.health: Health | None = None
+        self.clients = 0
+        self.tunnels: dict[str, int] = {}
+        self.metrics_enabled = True
+        self.panic_logged = -PANIC_LOG_INTERVAL
+
+    def bind(self, proxy: Proxy, health: Health) -> None:
+        self.proxy = proxy
+        self.health = health
+
+    # -- data plane events ---------------------------------------------------------------
+    def connect_failed(self, backend: BackendState, kind: str) -> None:
+        if self.health is not None:
+            self.health.connect_failed(backend)
+
+    def upstream_error(self, backend: BackendState, kind: str) -> None:
+        self.stats.inc("upstream_errors", (backend.id, kind))
+        if self.health is not None:
+            self.health.passive_result(backend, False)
+
+    def upstream_ok(self, backend: BackendState, status: int) -> None:
+        h = self.health
+        if h is not None:
+            h.passive_result(backend, not (status >= 500 and h.pcfg.on_5xx))
+
+    def retry(self, backend: BackendState, reason: str) -> None:
+        self.stats.inc("retries", (backend.id, reason))
+
+    def request_rejected(self, status: int) -> None:
+        self.stats.inc("rejected_requests", (str(status),))
+
+    def request_done(self, ex: Exchange) -> None:
+        if not self.metrics_enabled:
+            return
+        now = time.monotonic()
+        b = ex.backend
+        bid = b.id if b is not None else "none"
+        status = ex.status or 0
+        stats = self.stats
+        c = stats.counters["requests"]
+        k = (bid, code_class(status) if status else "aborted")
+        c[k] = c.get(k, 0) + 1
+        if ex.route:
+            r = stats.counters["route_decisions"]
+            rk = (ex.route if ex.route != "none" else "unavailable",)
+            r[rk] = r.get(rk, 0) + 1
+            if ex.route == "panic" and now - self.panic_logged > PANIC_LOG_INTERVAL:
+                self.panic_logged = now
+                log.warning("panic mode: fewer than %d%% of backends usable; routing by the "
+                            "plain ring", ex.server.config.health.panic_threshold)
+        if b is not None:
+            stats.observe((bid,), now - ex.started)
+        cfg = ex.server.config.logging
+        if cfg.access != "off":
+            key = ex.key
+            if key is not None and cfg.access_key != "raw":
+                key = key_digest(key) if cfg.access_key == "hash" else None
+            rec = access_record(client=ex.client.peer_ip, method=ex.method,
+                                path=ex.target.decode("latin-1"), status=status,
+                                sent=ex.resp_bytes, duration=now - ex.started, backend=b and b.id,
+                                route=ex.route, retries=ex.retries, key=key)
+            access_log.info(format_access(rec, cfg.access))
+
+    def client_opened(self) -> None:
+        self.clients += 1
+
+    def client_closed(self) -> None:
+        self.clients -= 1
+
+    def tunnel_opened(self, backend: BackendState) -> None:
+        self.tunnels[backend.id] = self.tunnels.get(backend.id, 0) + 1
+
+    def tunnel_closed(self, backend: BackendState) -> None:
+        self.tunnels[backend.id] = self.tunnels.get(backend.id, 1) - 1
+
+    # -- control plane events ------------------------------------------------------------
+    def health_check(self, st: BackendState, ok: bool) -> None:
+        self.stats.inc("health_checks", (st.id, "success" if ok else "failure"))
+
+    def backend_changed(self, st: BackendState) -> None:
+        pass
+
+    def ejected(self, st: BackendState) -> None:
+        self.stats.inc("ejections", (st.id,))
+
+    def reloaded(self, ok: bool, ring_changed: bool = False) -> None:
+        self.stats.inc("reloads", ("success" if ok else "failure",))
+        if ring_changed:
+            self.stats.inc("ring_changes")
+
+    # -- export --------------------------------------------------------------------------
+    def current(self, *, shares: bool = True) -> Stats:
+        """Counters as recorded, plus gauges read from the live state."""
+        stats = self.stats
+        proxy = self.proxy
+        g = stats.gauges
+        g["client_connections"] = {(): float(self.clients)}
+        g["websocket_tunnels"] = {(k,): float(v) for k, v in self.tunnels.items()}
+        if proxy is not None:
+            now = time.monotonic()
+            g["backend_up"] = {(bid, ): 1.0 if st.usable(now) else 0.0
+                               for bid, st in proxy.states.items()}
+            g["backend_inflight"] = {(bid,): float(st.inflight)
+                                     for bid, st in proxy.states.items()}
+            if shares:
+                g["backend_key_share"] = {(bid,): s for bid, s in
+                                          proxy.router.ring.key_share().items()}
+        return stats
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.current(shares=False).snapshot()

@@ -1,0 +1,175 @@
+"""Wires the pieces together: the data plane, health, admin API, signals, reload, workers.
+
+``serve`` runs in the foreground until SIGTERM/SIGINT. With ``--workers N`` (N > 1) a
+supervisor starts N worker processes that share the listening port through SO_REUSEPORT;
+each worker runs its own data plane, health checks and timers, and applies reloads and
+drains it is told about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from . import views
+from .config import Config, ConfigError, load
+from .logs import setup_logging
+
+log = logging.getLogger("stickyproxy")
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class Service:
+    """One worker: data plane + health + (optionally) the admin listener."""
+
+    def __init__(self, config: Config, path: str | None, *, worker: int = 0,
+                 workers: int = 1, admin: bool = True, active_health: bool = True):
+        from .dataplane import Proxy
+        from .health import Health
+        from .observe import Observer
+        self.path = path
+        self.worker = worker
+        self.workers = workers
+        self.observer = Observer(config, worker=worker)
+        self.proxy = Proxy(config, events=self.observer)
+        self.health = Health(self.proxy, self.observer, active=active_health)
+        self.observer.bind(self.proxy, self.health)
+        self.admin_enabled = admin and config.admin.enabled
+        self.admin: Any = None
+        self.stopped = asyncio.Event()
+        self.reload_lock = asyncio.Lock()
+
+    @property
+    def config(self) -> Config:
+        return self.proxy.config
+
+    async def start(self, *, reuse_port: bool = False, sock: Any = None) -> None:
+        await self.proxy.start(reuse_port=reuse_port, sock=sock)
+        self.health.start()
+        if self.admin_enabled:
+            from .admin import Admin
+            self.admin = Admin(self)
+            await self.admin.start()
+        log.info("listening on %s:%d (worker %d, ring %s, %d backends)",
+                 self.config.listen.host, self.proxy.port, self.worker,
+                 self.proxy.router.fingerprint, len(self.config.backends))
+
+    async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
+        """Load the config file again; apply it only if valid. (ok, errors)"""
+        async with self.reload_lock:
+            if not self.path:
+                return False, ["no configuration file to reload"]
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
+            except ConfigError as e:
+                self.observer.reloaded(False)
+                log.error("reload (%s) rejected; keeping the running configuration: %s",
+                          source, "; ".join(e.errors))
+                return False, e.errors
+            return self.apply(new, source), []
+
+    def apply(self, new: Config, source: str = "api") -> bool:
+        old = self.config
+        if (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port):
+            log.warning("reload: [listen] changed; the listener is kept until restart")
+        old_ring = self.proxy.router.fingerprint
+        self.proxy.apply(new)
+        self.health.reconfigure()
+        self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
+        log.info("reload (%s) applied: ring %s -> %s, %d backends", source, old_ring,
+                 self.proxy.router.fingerprint, len(new.backends))
+        return True
+
+    # -- the admin API's view of this process --------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self.proxy.stopping:
+            return False, "shutting down"
+        now = time.monotonic()
+        if not any(st.usable(now) for st in self.proxy.states.values()):
+            return False, "no backend is usable"
+        return True, ""
+
+    async def metrics_registry(self):
+        from .metrics import registry_for
+        return registry_for(self.observer.current)
+
+    async def backends_view(self) -> list[dict]:
+        return views.backends_view(self.proxy.router, time.monotonic())
+
+    def ring_view(self) -> dict:
+        return views.ring_view(self.proxy.router)
+
+    def route_view(self, key: str) -> dict:
+        return views.route_view(self.proxy.router, key, time.monotonic())
+
+    async def drain(self, bid: str, on: bool) -> bool:
+        return self.health.drain(bid, on)
+
+    async def stop(self) -> None:
+        log.info("stopping: finishing in-flight requests (up to %.1fs)",
+                 self.config.timeouts.shutdown)
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.health.stop()
+        await self.proxy.stop()
+        self.stopped.set()
+
+
+async def _run_service(config: Config, path: str | None) -> int:
+    svc = Service(config, path)
+    try:
+        await svc.start()
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(svc.reload("SIGHUP")))
+    await stop.wait()
+    await svc.stop()
+    return 0
+
+
+def run_single(config: Config, path: str | None) -> int:
+    """The whole proxy in this process (``--workers 1``)."""
+    install_uvloop()
+    setup_logging(config.logging)
+    from .startup import check_runtime
+    problems = check_runtime()
+    if problems:
+        for p in problems:
+            log.error("start-up check failed: %s", p)
+        return 1
+    return asyncio.run(_run_service(config, path))
+
+
+def serve(config: Config, path: str | None, workers: int = 1) -> int:
+    if workers <= 1:
+        try:
+            return run_single(config, path)
+        except KeyboardInterrupt:
+            return 0
+    from .startup import check_runtime
+    from .workers import supervise
+    setup_logging(config.logging)
+    problems = check_runtime()
+    if problems:
+        for p in problems:
+            log.error("start-up check failed: %s", p)
+        return 1
+    return supervise(config, path, workers)
+
+

@@ -1,0 +1,355 @@
+"""``--workers N``: a supervisor and N worker processes sharing the port (SO_REUSEPORT).
+
+The supervisor owns everything that must be decided once: it validates configurations,
+runs the active health checks, serves the admin API and /metrics, and tells every worker
+(newline-delimited JSON over a socketpair) about reloads, drains and health changes, so
+all workers route every user the same way. Each worker runs a data plane with passive
+health of its own and answers ``snapshot`` requests with its counters, which the
+supervisor sums for /metrics. A worker that dies is restarted; if the supervisor dies,
+its workers see the control channel close and shut down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import views
+from .config import Config, ConfigError, loads
+from .logs import setup_logging
+
+log = logging.getLogger("stickyproxy.workers")
+
+# How long the supervisor waits for a worker's metrics snapshot before leaving it out.
+SNAPSHOT_TIMEOUT = 1.0
+# A worker that exits is restarted after this delay (doubling up to the cap while it
+# keeps failing), so a crash loop does not spin.
+RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 30.0
+# Extra time after the shutdown grace before a worker is killed.
+KILL_MARGIN = 5.0
+# Longest control message (a whole configuration file travels in one).
+MAX_CONTROL_LINE = 16 * 1024 * 1024
+
+
+class WorkerHandle:
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.failures = 0
+        self.reader_task: asyncio.Task | None = None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(msg).encode() + b"\n")
+
+
+class Supervisor:
+    def __init__(self, config: Config, path: str | None, workers: int):
+        from .dataplane import Proxy
+        from .health import Health
+        from .observe import Observer
+        self.path = path
+        self.text = _read_text(path) if path else ""
+        self.n = workers
+        self.observer = Observer(config)
+        self.proxy = Proxy(config, events=self.observer)  # state only: it never listens
+        self.health = Health(self.proxy, self.observer, active=True)
+        self.observer.bind(self.proxy, self.health)
+        self.observer.backend_changed = self._broadcast_health  # type: ignore[method-assign]
+        self.handles = [WorkerHandle(i) for i in range(workers)]
+        self.stopping = False
+        self.admin: Any = None
+        self.seq = 0
+        self.reload_lock = asyncio.Lock()
+
+    @property
+    def config(self) -> Config:
+        return self.proxy.config
+
+    # -- workers -------------------------------------------------------------------------
+    async def spawn(self, h: WorkerHandle) -> None:
+        parent, child = socket.socketpair()
+        cmd = [sys.executable, "-m", "stickyproxy.workers", "--index", str(h.index),
+               "--of", str(self.n), "--control-fd", str(child.fileno())]
+        h.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
+        child.close()
+        h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
+                                                                limit=MAX_CONTROL_LINE)
+        h.send({"op": "config", "text": self.text, "path": self.path})
+        for st in self.proxy.states.values():
+            if not st.healthy:
+                h.send({"op": "health", "id": st.id, "up": False, "reason": st.reason})
+            if st.drained:
+                h.send({"op": "drain", "id": st.id, "on": True})
+        h.reader_task = asyncio.get_running_loop().create_task(self._read(h))
+
+    async def _read(self, h: WorkerHandle) -> None:
+        assert h.reader is not None
+        try:
+            while True:
+                line = await h.reader.readline()
+                if not line:
+                    break
+                msg = json.loads(line)
+                fut = h.pending.pop(msg.get("seq", -1), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (ConnectionError, ValueError):
+            pass
+
+    async def watch(self) -> None:
+        """Restart workers that exit while the supervisor is running."""
+        while not self.stopping:
+            await asyncio.sleep(0.2)
+            for h in self.handles:
+                if h.proc is not None and h.proc.poll() is not None and not self.stopping:
+                    code = h.proc.returncode
+                    h.failures += 1
+                    delay = min(RESTART_DELAY * 2 ** (h.failures - 1), RESTART_DELAY_MAX)
+                    log.error("worker %d exited with %s; restarting in %.1fs", h.index, code, delay)
+                    h.proc = None
+                    if h.writer is not None:
+                        h.writer.close()
+                    await asyncio.sleep(delay)
+                    if not self.stopping:
+                        await self.spawn(h)
+
+    def broadcast(self, msg: dict[str, Any]) -> None:
+        for h in self.handles:
+            h.send(msg)
+
+    def _broadcast_health(self, st) -> None:
+        self.broadcast({"op": "health", "id": st.id, "up": st.healthy, "reason": st.reason})
+
+    async def _ask(self, h: WorkerHandle, msg: dict[str, Any]) -> dict[str, Any] | None:
+        self.seq += 1
+        msg = dict(msg, seq=self.seq)
+        fut = asyncio.get_running_loop().create_future()
+        h.pending[self.seq] = fut
+        h.send(msg)
+        try:
+            return await asyncio.wait_for(fut, SNAPSHOT_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError):
+            h.pending.pop(self.seq, None)
+            return None
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(h, {"op": "snapshot"}) for h in self.handles))
+        return [r for r in replies if r is not None]
+
+    # -- the admin API's control interface ------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if not any(h.proc is not None and h.proc.poll() is None for h in self.handles):
+            return False, "no worker running"
+        now = time.monotonic()
+        if not any(st.usable(now) for st in self.proxy.states.values()):
+            return False, "no backend is usable"
+        return True, ""
+
+    async def metrics_registry(self):
+        from .metrics import merge, registry_for
+        snaps = await self.snapshots()
+        own = self.observer.current()
+        total = merge([s["stats"] for s in snaps])
+        merge([own.snapshot()], into=total)
+        # health-derived gauges are the supervisor's: it makes those decisions
+        for name in ("backend_up", "backend_key_share"):
+            total.gauges[name] = dict(own.gauges[name])
+        return registry_for(lambda: total)
+
+    async def backends_view(self) -> list[dict]:
+        snaps = await self.snapshots()
+        inflight: dict[str, int] = {}
+        tunnels: dict[str, int] = {}
+        for s in snaps:
+            for k, v in s.get("inflight", {}).items():
+                inflight[k] = inflight.get(k, 0) + v
+            for k, v in s.get("tunnels", {}).items():
+                tunnels[k] = tunnels.get(k, 0) + v
+        return views.backends_view(self.proxy.router, time.monotonic(), inflight, tunnels)
+
+    def ring_view(self) -> dict:
+        return views.ring_view(self.proxy.router)
+
+    def route_view(self, key: str) -> dict:
+        return views.route_view(self.proxy.router, key, time.monotonic())
+
+    async def drain(self, bid: str, on: bool) -> bool:
+        if not self.health.drain(bid, on):
+            return False
+        self.broadcast({"op": "drain", "id": bid, "on": on})
+        return True
+
+    async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
+        async with self.reload_lock:
+            if not self.path:
+                return False, ["no configuration file to reload"]
+            try:
+                text = _read_text(self.path)
+                new = loads(text, self.path)
+            except (ConfigError, OSError) as e:
+                errors = e.errors if isinstance(e, ConfigError) else [str(e)]
+                self.observer.reloaded(False)
+                log.error("reload (%s) rejected; keeping the running configuration: %s",
+                          source, "; ".join(errors))
+                return False, errors
+            old_ring = self.proxy.router.fingerprint
+            self.text = text
+            self.proxy.apply(new)
+            self.health.reconfigure()
+            self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
+            self.broadcast({"op": "reload", "text": text, "path": self.path})
+            log.info("reload (%s) applied to %d workers: ring %s -> %s", source, self.n,
+                     old_ring, self.proxy.router.fingerprint)
+            return True, []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for h in self.handles:
+            await self.spawn(h)
+        self.health.start()
+        if self.config.admin.enabled:
+            from .admin import Admin
+            self.admin = Admin(self)
+            try:
+                await self.admin.start()
+            except OSError as e:
+                log.error("cannot listen for the admin API: %s", e)
+                await self.shutdown()
+                return 1
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
+        watcher = loop.create_task(self.watch())
+        log.info("supervisor running %d workers on %s:%d", self.n, self.config.listen.host,
+                 self.config.listen.port)
+        await stop.wait()
+        watcher.cancel()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.health.stop()
+        for h in self.handles:
+            if h.proc is not None and h.proc.poll() is None:
+                h.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.timeouts.shutdown + KILL_MARGIN
+        for h in self.handles:
+            while h.proc is not None and h.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if h.proc is not None and h.proc.poll() is None:
+                log.error("worker %d did not stop in time: killing it", h.index)
+                h.proc.kill()
+                h.proc.wait()
+            if h.writer is not None:
+                h.writer.close()
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def supervise(config: Config, path: str | None, workers: int) -> int:
+    from .server import install_uvloop
+    install_uvloop()
+    try:
+        return asyncio.run(Supervisor(config, path, workers).run())
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+async def follow_control(svc: Any, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
+    """Apply the supervisor's messages; stop when the channel closes."""
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            msg = json.loads(line)
+            op = msg.get("op")
+            if op == "reload":
+                try:
+                    svc.apply(loads(msg["text"], msg.get("path")), "supervisor")
+                except ConfigError as e:  # the supervisor validated it; this is a bug
+                    log.error("worker %d: reload failed: %s", svc.worker, e)
+            elif op == "drain":
+                svc.health.drain(msg["id"], bool(msg["on"]))
+            elif op == "health":
+                st = svc.proxy.states.get(msg["id"])
+                if st is not None:
+                    svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
+            elif op == "snapshot":
+                reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(),
+                         "inflight": {k: s.inflight for k, s in svc.proxy.states.items()},
+                         "tunnels": {k: len(s.tunnels) for k, s in svc.proxy.states.items()}}
+                writer.write(json.dumps(reply).encode() + b"\n")
+    except (ConnectionError, ValueError) as e:
+        log.error("worker %d: control channel failed: %s", svc.worker, e)
+    if not stop.is_set():
+        log.warning("worker %d: supervisor went away; stopping", svc.worker)
+        stop.set()
+
+
+async def _worker_main(index: int, of: int, fd: int) -> int:
+    from .server import Service
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_CONTROL_LINE)
+    first = json.loads(await reader.readline() or b"{}")
+    if first.get("op") != "config":
+        return 1
+    try:
+        config = loads(first["text"], first.get("path"))
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    setup_logging(config.logging)
+    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
+                  active_health=False)
+    await svc.start(reuse_port=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+    ctl = loop.create_task(follow_control(svc, reader, writer, stop))
+    await stop.wait()
+    ctl.cancel()
+    await svc.stop()
+    return 0
+
+
+def worker_entry(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stickyproxy-worker")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--of", type=int, required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    a = p.parse_args(argv)
+    from .server import install_uvloop
+    install_uvloop()
+    return asyncio.run(_worker_main(a.index, a.of, a.control_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_entry())
