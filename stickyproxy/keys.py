@@ -36,24 +36,26 @@ class Extracted:
     source: KeySource
 
 
-def _check(raw: bytes, max_length: int, what: str) -> str:
+def _what(src: KeySource) -> str:
+    return {"header": f"header {src.name}", "cookie": f"cookie {src.name}",
+            "query": f"query parameter {src.name}"}.get(src.kind, "path")
+
+
+def _check(raw: bytes, max_length: int, src: KeySource) -> str:
     if len(raw) > max_length:
+        what = _what(src)
         raise KeyRejected(f"{what}: user key longer than {max_length} bytes")
     try:
         key = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise KeyRejected(f"{what}: user key is not valid UTF-8") from None
+        raise KeyRejected(f"{_what(src)}: user key is not valid UTF-8") from None
     if _CONTROL.search(key):
-        raise KeyRejected(f"{what}: user key contains control characters")
+        raise KeyRejected(f"{_what(src)}: user key contains control characters")
     return key
 
 
-def _header_values(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
-    return [v for n, v in headers if n == lname]
-
-
 def _cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for value in _header_values(headers, b"cookie"):
+    for value in [v for n, v in headers if n == b"cookie"]:
         for pair in value.split(b";"):
             k, sep, v = pair.strip().partition(b"=")
             if sep and k.strip() == name:
@@ -105,20 +107,27 @@ class KeyExtractor:
         for src, name in self._plan:
             kind = src.kind
             if kind == "header":
-                what = f"header {src.name}"
-                raw = _one([v.strip(b" \t") for v in _header_values(headers, name)], what)
+                raw = None
+                for n, v in headers:
+                    if n == name:
+                        v = v.strip(b" \t")
+                        if not v:
+                            continue
+                        if raw is None:
+                            raw = v
+                        elif v != raw:
+                            raise KeyRejected(f"header {src.name}: repeated with different values")
+                if raw is None:
+                    continue
             elif kind == "cookie":
-                what = f"cookie {src.name}"
                 raw = _cookie(headers, name) or None
             elif kind == "query":
-                what = f"query parameter {src.name}"
-                raw = _one(_query_values(query, name), what) if query else None
+                raw = _one(_query_values(query, name), _what(src)) if query else None
             elif kind == "path":
-                what = "path"
                 m = src.pattern.search(path.decode("latin-1")) if src.pattern else None
                 raw = unquote_to_bytes(m.group("key")) if m and m.group("key") else None
             else:
                 continue
             if raw:
-                return Extracted(_check(raw, self.max_length, what), src)
+                return Extracted(_check(raw, self.max_length, src), src)
         return None

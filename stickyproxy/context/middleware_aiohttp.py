@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .errors import ConflictError, MissingUserKey, RecordMismatch, StoreUnavailable
 from .headers import DEFAULT_HEADERS, DEFAULT_KEY_HEADER, StickyHeaders, StickyInfo, user_key_problem
@@ -49,7 +50,7 @@ def context_middleware(
     headers: StickyHeaders = DEFAULT_HEADERS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     require: Callable[[web.Request], bool] | None = None,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """Middleware: :func:`get_context` (or ``request[CONTEXT_KEY]``) is the user's mutable context,
     saved after the handler returns, only if it changed (a raising handler saves nothing), and
     before the response is released, so an acknowledged change is in Redis (write-through).

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import (
@@ -39,13 +39,36 @@ from redis.exceptions import (
 from .breaker import BreakerState, CircuitBreaker
 from .buffer import PendingWrite, PendingWrites
 from .connection import RedisClients, build_clients, parse_redis_url
-from .errors import BufferFull, ConflictError, RecordMismatch, StoreClosed, StoreUnavailable
+from .errors import (
+    BufferFull,
+    ConflictError,
+    RecordMismatch,
+    StoreClosed,
+    StoreUnavailable,
+)
 from .locks import UserLocks, UserSlot
 from .lru import LruCache
 from .metrics import ContextMetrics
-from .record import WriteOutcome, parse_acquire, parse_delete, parse_snapshot, parse_takeover, parse_write
+from .record import (
+    WriteOutcome,
+    parse_acquire,
+    parse_delete,
+    parse_snapshot,
+    parse_takeover,
+    parse_write,
+)
 from .retry import Op, backoff_delay, should_retry_redis
-from .scripts import ACQUIRE, DELETE, FIELD_DATA, FIELD_EPOCH, FIELD_OWNER, FIELD_UID, WRITE, record_key, takeover_channel
+from .scripts import (
+    ACQUIRE,
+    DELETE,
+    FIELD_DATA,
+    FIELD_EPOCH,
+    FIELD_OWNER,
+    FIELD_UID,
+    WRITE,
+    record_key,
+    takeover_channel,
+)
 from .serializers import JsonSerializer, Serializer
 from .settings import (
     DEFAULT_BREAKER_FAILURES,
@@ -158,6 +181,8 @@ class ContextStore:
         self.metrics = ContextMetrics(registry)
         self._cache: LruCache[_Entry] = LruCache(max_entries, max_bytes)
         self._pending = PendingWrites(buffer_max)
+        # Buffered changes taken out of ``_pending`` whose write is in flight.
+        self._flushing = 0
         self._locks = UserLocks()
         self._breaker = CircuitBreaker(breaker_failures, self.settings.breaker_reset)
         self._channel = takeover_channel(namespace)
@@ -187,7 +212,8 @@ class ContextStore:
 
     @property
     def pending_writes(self) -> int:
-        return len(self._pending)
+        """Changes acknowledged but not yet in Redis (buffered or being flushed)."""
+        return len(self._pending) + self._flushing
 
     @property
     def redis(self) -> Any:
@@ -292,13 +318,21 @@ class ContextStore:
             if payload != entry.payload:
                 await self._commit(user, slot, entry, payload)
 
+    @overload
+    async def update(
+        self, user: str, fn: Callable[[dict[str, Any]], Awaitable[T]], *, attempts: int = ...
+    ) -> T: ...
+
+    @overload
+    async def update(self, user: str, fn: Callable[[dict[str, Any]], T], *, attempts: int = ...) -> T: ...
+
     async def update(
         self,
         user: str,
-        fn: Callable[[dict[str, Any]], T | Awaitable[T]],
+        fn: Callable[[dict[str, Any]], Any],
         *,
         attempts: int = DEFAULT_UPDATE_ATTEMPTS,
-    ) -> T:
+    ) -> Any:
         """Apply ``fn`` to ``user``'s context and save it; on a conflict, re-acquire and run
         ``fn`` again, up to ``attempts`` times. Returns what ``fn`` returned."""
         if attempts < 1:
@@ -513,6 +547,7 @@ class ContextStore:
         if change is None:
             return False
         started = time.monotonic()
+        self._flushing += 1
         try:
             outcome = await self._write(user, change)
         except StoreUnavailable:
@@ -524,6 +559,7 @@ class ContextStore:
             log.error("buffered change of user %r dropped: record holds another user id", user)
             raise
         finally:
+            self._flushing -= 1
             self._update_gauges()
         entry = self._cache.peek(user)
         if outcome is WriteOutcome.FENCED:
@@ -572,7 +608,7 @@ class ContextStore:
         m = self.metrics
         m.entries.set(len(self._cache))
         m.entry_bytes.set(self._cache.bytes)
-        m.buffered_writes.set(len(self._pending))
+        m.buffered_writes.set(self.pending_writes)
         m.breaker_state.set(int(self._breaker.state))
         m.listener_up.set(1 if self._listener_up else 0)
 
@@ -641,7 +677,8 @@ class ContextStore:
             self._listener_ready.set()
         else:
             self._listener_ready.clear()
-            self.metrics.listener_reconnects.inc()
+            if self._state == "running":
+                self.metrics.listener_reconnects.inc()
         self._update_gauges()
 
     async def _listen(self) -> None:

@@ -18,17 +18,21 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from httptools import (HttpParserCallbackError, HttpParserError, HttpParserUpgrade,
-                       HttpRequestParser)
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ..keys import KeyRejected
-from .exchange import DONE, PENDING, RESPONDING, Exchange
+from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named
 from .http import (FORWARDED, HOP_BY_HOP, RequestError, connection_tokens, error_response,
-                   is_chunked_only, normalise_target, split_target)
+                   is_chunked_only, normalise_target)
 
 if TYPE_CHECKING:
     from .proxy import Proxy
     from .tunnel import Tunnel
+
+# Request fields the proxy looks at before forwarding: hop-by-hop ones are never forwarded
+# (RFC 9110 §7.6.1), framing ones are re-made, X-Forwarded-* are set by the proxy, Host is
+# checked (and forwarded).
+_REQUEST_WATCH = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
 
 # Input is parsed in slices this large, so a burst of tiny pipelined requests can overrun
 # the queue bound by at most one slice's worth.
@@ -48,7 +52,8 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "queue", "pauses", "stash", "deadline",
                  "deadline_kind", "peer_ip", "trusted", "url", "headers", "head_bytes",
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
-                 "limit_error", "advancing", "requests", "feeding", "eof")
+                 "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
+                 "special", "peer_bytes", "limits")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -63,6 +68,10 @@ class ClientProtocol(asyncio.Protocol):
         self.trusted = False
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.fwd: list[bytes] = []
+        self.special: list[tuple[bytes, bytes]] = []
+        self.peer_bytes = b""
+        self.limits = server.config.limits
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
@@ -75,13 +84,17 @@ class ClientProtocol(asyncio.Protocol):
         self.requests = 0
         self.feeding = False
         self.eof = False
+        self.batch = 0
+        self.out: list[bytes] = []
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else None
+        self.peer_bytes = (self.peer_ip or "").encode("ascii")
         server = self.server
+        self.limits = server.config.limits
         self.trusted = server.is_trusted(self.peer_ip)
         if not server.client_opened(self):
             self.closing = True
@@ -100,7 +113,24 @@ class ClientProtocol(asyncio.Protocol):
         if self.stash or self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
             self.stash += data
             return
-        self._feed(data)
+        self.batch += 1
+        self.feeding = True
+        try:
+            if len(data) > FEED_SLICE or self.queue:
+                self._feed_slices(data)
+            else:
+                # the common case: one small request on an idle connection
+                try:
+                    self.parser.feed_data(data)
+                except HttpParserUpgrade as e:
+                    self._after_upgrade_request(data[e.args[0]:])
+                except HttpParserError as e:
+                    self._parse_error(e)
+        finally:
+            self.feeding = False
+            self.batch -= 1
+            if not self.batch and self.out:
+                self.flush()
 
     def eof_received(self) -> bool:
         # A half-closed client may still be owed responses to requests it already sent.
@@ -161,9 +191,6 @@ class ClientProtocol(asyncio.Protocol):
                 rest = bytes(view[pos + e.args[0]:])
                 self._after_upgrade_request(rest)
                 return
-            except HttpParserCallbackError as e:
-                self._parse_error(e)
-                return
             except HttpParserError as e:
                 self._parse_error(e)
                 return
@@ -202,6 +229,8 @@ class ClientProtocol(asyncio.Protocol):
         self.in_head = True
         self.url = b""
         self.headers = []
+        self.fwd = []
+        self.special = []
         self.head_bytes = 0
         if self.deadline_kind != "header":
             self.deadline = time.monotonic() + self.server.config.timeouts.client_header
@@ -209,24 +238,33 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.server.config.limits.max_request_line:
+        if len(self.url) > self.limits.max_request_line:
             self.limit_error = RequestError(414, "request target too long")
             raise self.limit_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
         if self.in_head:
             self.head_bytes += len(name) + len(value) + 4
-            limits = self.server.config.limits
+            headers = self.headers
+            limits = self.limits
             if self.head_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
                 self.limit_error = RequestError(431, "request header fields too large")
                 raise self.limit_error
-            headers.append((name, value))
+            ln = name.lower()
+            headers.append((ln, value))
+            if ln in _REQUEST_WATCH or ln.startswith(self.server.header_prefix_lower):
+                self.special.append((ln, value))
+                if ln != b"host":
+                    return
+            self.fwd.append(name + b": " + value + b"\r\n")
         elif self.receiving is not None:
             # a trailer field of a chunked request body (RFC 9112 §7.1.2)
             ln = name.lower()
             if ln not in HOP_BY_HOP and ln not in (b"content-length", b"host"):
-                self.receiving.req_trailers.append((name, value))
+                ex = self.receiving
+                if ex.req_trailers is None:
+                    ex.req_trailers = []
+                ex.req_trailers.append((name + b": " + value + b"\r\n"))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -267,44 +305,43 @@ class ClientProtocol(asyncio.Protocol):
     # -- request building ----------------------------------------------------------------
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
         server = self.server
-        headers = self.headers
-        lheaders = [(n.lower(), v) for n, v in headers]
         host: bytes | None = None
         hosts = 0
-        te: list[bytes] = []
+        te: list[bytes] | None = None
         cl: bytes | None = None
-        conn_values: list[bytes] = []
-        upgrade_values: list[bytes] = []
+        conn_values: list[bytes] | None = None
+        upgrade_values: list[bytes] | None = None
         xff: list[bytes] = []
         xfp: bytes | None = None
         xfh: bytes | None = None
-        for ln, v in lheaders:
+        for ln, v in self.special:
             if ln == b"host":
                 hosts += 1
                 host = v
             elif ln == b"content-length":
                 cl = v
             elif ln == b"transfer-encoding":
-                te.append(v)
+                te = (te or []) + [v]
             elif ln == b"connection":
-                conn_values.append(v)
+                conn_values = (conn_values or []) + [v]
             elif ln == b"upgrade":
-                upgrade_values.append(v)
+                upgrade_values = (upgrade_values or []) + [v]
             elif ln == b"x-forwarded-for":
                 xff.append(v)
             elif ln == b"x-forwarded-proto":
                 xfp = v
             elif ln == b"x-forwarded-host":
                 xfh = v
-        if version not in ("1.1", "1.0"):
+        if version != "1.1" and version != "1.0":
             raise RequestError(505, f"HTTP/{version} is not supported")
-        if hosts > 1:
-            raise RequestError(400, "more than one Host header")
-        if hosts == 0 and version == "1.1":
-            raise RequestError(400, "missing Host header")
+        if hosts != 1:
+            if hosts > 1:
+                raise RequestError(400, "more than one Host header")
+            if version == "1.1":
+                raise RequestError(400, "missing Host header")
         if host is not None and not _HOST_RE.match(host):
             raise RequestError(400, "invalid Host header")
-        if te:
+        if te is not None:
             if version == "1.0":
                 raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
             if not is_chunked_only(te):
@@ -312,22 +349,25 @@ class ClientProtocol(asyncio.Protocol):
             framing, length = "chunked", 0
         elif cl is not None:
             framing, length = "cl", int(cl)
+            max_body = server.config.limits.max_body
+            if max_body and length > max_body:
+                raise RequestError(413, f"request body larger than {max_body} bytes")
         else:
             framing, length = "none", 0
-        max_body = server.config.limits.max_body
-        if max_body and length > max_body:
-            raise RequestError(413, f"request body larger than {max_body} bytes")
-        target = normalise_target(method, self.url, host)
-        tokens = connection_tokens(conn_values)
+        url = self.url
+        target = url if url[:1] == b"/" else normalise_target(method, url, host)
         upgrade = False
-        if b"upgrade" in tokens and upgrade_values:
-            wants_ws = any(v.strip().lower() == b"websocket" for v in upgrade_values)
-            upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
-        path, query = split_target(target)
-        router = server.router
+        fwd = self.fwd
+        if conn_values is not None:
+            tokens = connection_tokens(conn_values)
+            fwd = _without_named(fwd, tokens)
+            if b"upgrade" in tokens and upgrade_values:
+                wants_ws = any(v.strip().lower() == b"websocket" for v in upgrade_values)
+                upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
+        path, _, query = target.partition(b"?")
         key: str | None = None
         try:
-            got = router.extractor.extract(lheaders, path, query)
+            got = server.router.extractor.extract(self.headers, path, query)
         except KeyRejected as e:
             raise RequestError(400, str(e)) from None
         if got is not None:
@@ -335,36 +375,34 @@ class ClientProtocol(asyncio.Protocol):
         elif server.config.routing.no_key == "reject":
             raise RequestError(400, "request carries no user key")
 
-        # -- the forwarded head (RFC 9110 §7.6: hop-by-hop fields are not forwarded)
-        prefix_l = server.header_prefix_lower
-        drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-        parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target)]
-        for (ln, v), (n, _) in zip(lheaders, headers):
-            if ln in drop or ln.startswith(prefix_l) or ln in FORWARDED:
-                continue
-            if ln == b"content-length":
-                continue  # re-framed by the exchange
-            parts.append(b"%s: %s\r\n" % (n, v))
+        # the forwarded head: hop-by-hop fields were left out as they arrived
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        parts += fwd
         if host is None:
-            parts.append(b"Host: %s\r\n" % server.default_host)
+            parts.append(b"Host: " + server.default_host + b"\r\n")
         if upgrade:
             parts.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
-        if server.config.headers.forwarded:
-            peer = (self.peer_ip or "").encode()
-            if self.trusted and xff:
-                parts.append(b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(xff), peer))
+        if server.forwarded:
+            peer = self.peer_bytes
+            if self.trusted:
+                if xff:
+                    parts.append(b"X-Forwarded-For: " + b", ".join(xff) + b", " + peer + b"\r\n")
+                else:
+                    parts.append(b"X-Forwarded-For: " + peer + b"\r\n")
+                parts.append(b"X-Forwarded-Proto: " + (xfp or b"http") + b"\r\n")
+                fwd_host = xfh or host
             else:
-                parts.append(b"X-Forwarded-For: %s\r\n" % peer)
-            parts.append(b"X-Forwarded-Proto: %s\r\n" % (xfp if self.trusted and xfp else b"http"))
-            fwd_host = xfh if self.trusted and xfh else host
+                parts.append(b"X-Forwarded-For: " + peer + b"\r\nX-Forwarded-Proto: http\r\n")
+                fwd_host = host
             if fwd_host:
-                parts.append(b"X-Forwarded-Host: %s\r\n" % fwd_host)
+                parts.append(b"X-Forwarded-Host: " + fwd_host + b"\r\n")
         if key is not None:
-            parts.append(b"%s: %s\r\n" % (server.key_header, key.encode("utf-8")))
+            parts.append(server.key_header + b": " + key.encode("utf-8") + b"\r\n")
         parts.append(server.ring_header)
         ex = Exchange(self, method, target, version, b"".join(parts), framing, length,
                       upgrade, key)
-        ex.close_after = not keep_alive
+        if not keep_alive:
+            ex.close_after = True
         return ex
 
     def closing_after_parse(self) -> None:
@@ -450,10 +488,8 @@ class ClientProtocol(asyncio.Protocol):
         close = close or self.must_close_after(ex)
         ex.status = status
         ex.close_after = close
-        t = self.transport
-        if t is not None and not self.dead:
-            t.write(error_response(status, reason, close=close, head_only=ex.method == "HEAD",
-                                   extra=extra))
+        self.write(error_response(status, reason, close=close, head_only=ex.method == "HEAD",
+                                  extra=extra))
         if close:
             self.closing = True
         ex.finish()
@@ -491,9 +527,36 @@ class ClientProtocol(asyncio.Protocol):
         elif not t.is_reading():
             t.resume_reading()
 
+    # Output is batched while a read is processed (a response head and its body usually
+    # arrive in one read): one send per read instead of one per piece.
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.dead:
+        if self.dead or self.transport is None:
+            return
+        if self.batch:
+            self.out.append(data)
+        else:
             self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.dead or self.transport is None:
+            return
+        if self.batch:
+            self.out.extend(parts)
+        else:
+            self.transport.writelines(parts)
+
+    def begin_batch(self) -> None:
+        self.batch += 1
+
+    def end_batch(self) -> None:
+        self.batch -= 1
+        if not self.batch and self.out:
+            self.flush()
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and not self.dead and self.transport is not None:
+            self.transport.writelines(out)
 
     # -- time ----------------------------------------------------------------------------
     def on_tick(self, now: float) -> None:
@@ -518,8 +581,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _reply_and_close(self, status: int, reason: str) -> None:
         self.closing = True
-        if self.transport is not None and not self.dead:
-            self.transport.write(error_response(status, reason, close=True))
+        self.write(error_response(status, reason, close=True))
         self._close()
 
     def _close(self, abort: bool = False) -> None:
@@ -529,8 +591,10 @@ class ClientProtocol(asyncio.Protocol):
         if t is None or self.dead:
             return
         if abort:
+            self.out = []
             t.abort()
         else:
+            self.flush()
             t.close()
 
     def shutdown(self) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 PENDING, CONNECTING, SENT, RESPONDING, DONE = range(5)
 
+
 # A request body is buffered up to this many bytes while its connection is being set up;
 # beyond it the client is not read until the body can flow (backpressure).
 BODY_BUFFER_HIGH = 256 * 1024
@@ -38,76 +39,95 @@ _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+# Connection values that name no other field (the usual ones): nothing more to remove.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+def _without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
+    """Drop the header lines whose names a Connection field lists (RFC 9110 §7.6.1)."""
+    tokens = tokens - {b"close", b"keep-alive", b"upgrade"}
+    if not tokens:
+        return lines
+    return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in tokens]
+
+
 def _chunk(data: bytes) -> list[bytes]:
     return [b"%x\r\n" % len(data), data, _CRLF]
 
 
 class Exchange:
-    __slots__ = (
-        "client", "server", "router", "method", "target", "version", "head", "framing",
-        "content_length", "body_buf", "body_buffered", "body_seen", "body_sent", "body_done",
-        "req_trailers", "upgrade", "key", "route", "owner", "backend", "tried", "attempts",
-        "fresh_retry_used", "upstream", "reused", "state", "deadline", "deadline_kind",
-        "status", "resp_reason", "resp_headers", "resp_framing", "resp_in_framing",
-        "resp_bytes", "resp_trailers", "in_trailers", "started", "local", "local_close",
-        "close_after", "error_kind", "retries", "head_only", "pending_101", "tunnel",
-        "response_started_at", "upstream_keep_alive", "counted_inflight", "settled",
-        "active_counted",
-    )
+    """Plain attributes with class-level defaults: an exchange sets only what it uses, which
+    keeps creating one (once per request) cheap."""
+
+    # request
+    framing = "none"               # "none" | "cl" | "chunked"
+    content_length = 0
+    body_buf: list[bytes] | None = None
+    body_buffered = 0
+    body_seen = 0
+    body_sent = 0
+    req_trailers: list[tuple[bytes, bytes]] | None = None
+    upgrade = False
+    key: str | None = None
+    close_after = False            # the client connection closes after this response
+    local: tuple[int, str, bytes] | None = None
+    local_close = False
+    # routing
+    route = ""
+    owner: str | None = None
+    backend: BackendState | None = None
+    tried: tuple[str, ...] = ()
+    attempts = 0
+    retries = 0
+    fresh_retry_used = False
+    counted_inflight = False
+    active_counted = False
+    settled = False
+    # upstream
+    upstream: UpstreamProtocol | None = None
+    reused = False
+    state = PENDING
+    deadline = 0.0
+    deadline_kind = ""
+    # response
+    status = 0
+    resp_reason = b""
+    resp_cl: bytes | None = None
+    resp_te: bytes | None = None
+    resp_conn: list[bytes] | None = None
+    resp_upgrade = b""
+    resp_framing = ""              # towards the client: "none" | "cl" | "chunked" | "close"
+    resp_in_framing = ""           # from the backend: "none" | "cl" | "chunked" | "close"
+    resp_bytes = 0
+    resp_trailers: list[tuple[bytes, bytes]] | None = None
+    in_trailers = False
+    upstream_keep_alive = False
+    pending_101 = False
+    tunnel: Tunnel | None = None
+    error_kind = ""
 
     def __init__(self, client: ClientProtocol, method: str, target: bytes, version: str,
-                 head: bytes, framing: str, content_length: int, upgrade: bool,
-                 key: str | None):
+                 head: bytes, framing: str = "none", content_length: int = 0,
+                 upgrade: bool = False, key: str | None = None):
         self.client = client
-        self.server = client.server
-        self.router: Router = client.server.router
+        server = self.server = client.server
+        self.router: Router = server.router
         self.method = method
         self.target = target
         self.version = version
         self.head = head                  # request line + forwarded fields, no framing
-        self.framing = framing            # "none" | "cl" | "chunked"
-        self.content_length = content_length
-        self.body_buf: list[bytes] = []
-        self.body_buffered = 0
-        self.body_seen = 0
-        self.body_sent = 0
-        self.body_done = framing == "none"
-        self.req_trailers: list[tuple[bytes, bytes]] = []
-        self.upgrade = upgrade
+        if framing != "none":
+            self.framing = framing
+            self.content_length = content_length
+            self.body_done = framing == "cl" and content_length == 0
+        else:
+            self.body_done = True
+        if upgrade:
+            self.upgrade = True
         self.key = key
-        self.route = ""
-        self.owner: str | None = None
-        self.backend: BackendState | None = None
-        self.tried: set[str] = set()
-        self.attempts = 0
-        self.fresh_retry_used = False
-        self.upstream: UpstreamProtocol | None = None
-        self.reused = False
-        self.state = PENDING
-        self.deadline = 0.0
-        self.deadline_kind = ""
-        self.status = 0
-        self.resp_reason = b""
-        self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.resp_framing = ""
-        self.resp_in_framing = ""
-        self.resp_bytes = 0
-        self.resp_trailers: list[tuple[bytes, bytes]] = []
-        self.in_trailers = False
-        self.started = time.monotonic()
-        self.response_started_at = 0.0
-        self.local: tuple[int, str, bytes] | None = None
-        self.local_close = False
-        self.close_after = False
-        self.error_kind = ""
-        self.retries = 0
         self.head_only = method == "HEAD"
-        self.pending_101 = False
-        self.tunnel: Tunnel | None = None
-        self.upstream_keep_alive = False
-        self.counted_inflight = False
-        self.settled = False
-        self.active_counted = False
+        self.resp_out: list[bytes] = []
+        self.started = time.monotonic()
 
     # -- start ---------------------------------------------------------------------------
     def begin(self) -> None:
@@ -135,11 +155,11 @@ class Exchange:
     def try_backend(self, backend: BackendState, now: float) -> None:
         self.attempts += 1
         self.backend = backend
-        self.tried.add(backend.id)
+        self.tried += (backend.id,)
         if not self.counted_inflight:
             backend.inflight += 1
             self.counted_inflight = True
-        conn = backend.pool.acquire() if backend.pool is not None else None
+        conn = backend.pool.acquire()  # type: ignore[union-attr]
         if conn is not None:
             self.attach(conn, reused=True)
             return
@@ -228,38 +248,40 @@ class Exchange:
         conn.requests += 1
         conn.head_only = self.head_only
         self.state = SENT
-        b = self.backend
-        hdr = self.server.config.headers
-        route = "primary" if self.route in ("primary", "no_key") else self.route
-        parts = [self.head,
-                 self.server.backend_header(b.id),  # type: ignore[union-attr]
-                 b"%s: %s\r\n" % (hdr.route.encode(), route.encode()) if self.key is not None else b""]
-        if self.framing == "cl":
-            parts.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
-        elif self.framing == "chunked":
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        else:
+        server = self.server
+        parts = [self.head, server.backend_header(self.backend.id)]  # type: ignore[union-attr]
+        if self.key is not None:
+            parts.append(server.route_headers[self.backend.id == self.owner])  # type: ignore[union-attr]
+        framing = self.framing
+        if framing == "none":
             parts.append(_CRLF)
-        for data in self.body_buf:
-            self.body_sent += len(data)
-            if self.framing == "chunked":
-                parts += _chunk(data)
+        else:
+            if framing == "cl":
+                parts.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
             else:
-                parts.append(data)
-        self.body_buf = []
-        if self.body_buffered:
-            self.body_buffered = 0
-            self.client.resume_reading(self.client.PAUSE_BODY)
-        if self.body_done and self.framing == "chunked":
-            parts.append(self._last_chunk())
+                parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            if self.body_buf:
+                for data in self.body_buf:
+                    self.body_sent += len(data)
+                    if framing == "chunked":
+                        parts += _chunk(data)
+                    else:
+                        parts.append(data)
+                self.body_buf = None
+                if self.body_buffered:
+                    self.body_buffered = 0
+                    self.client.resume_reading(self.client.PAUSE_BODY)
+            if self.body_done and framing == "chunked":
+                parts.append(self._last_chunk())
         conn.transport.writelines(parts)  # type: ignore[union-attr]
-        self.deadline = time.monotonic() + self.server.config.timeouts.response
+        self.deadline = time.monotonic() + server.config.timeouts.response
         self.deadline_kind = "response"
 
     def _last_chunk(self) -> bytes:
         if not self.req_trailers:
             return _LAST_CHUNK
-        return b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in self.req_trailers) + _CRLF
+        # trailer fields travel as received, minus framing and hop-by-hop ones
+        return b"0\r\n" + b"".join(self.req_trailers) + _CRLF
 
     # -- request body (from the client) ---------------------------------------------------
     def on_request_body(self, data: bytes) -> None:
@@ -276,6 +298,8 @@ class Exchange:
         elif self.state == DONE:
             return
         else:
+            if self.body_buf is None:
+                self.body_buf = []
             self.body_buf.append(data)
             self.body_buffered += len(data)
             if self.body_buffered > BODY_BUFFER_HIGH:
@@ -299,94 +323,87 @@ class Exchange:
             self.client.resume_reading(self.client.PAUSE_BACKPRESSURE)
 
     # -- response (from the backend) ------------------------------------------------------
-    def on_response_header(self, name: bytes, value: bytes) -> None:
-        if self.in_trailers:
-            self.resp_trailers.append((name, value))
-        else:
-            self.resp_headers.append((name, value))
+    def add_trailer(self, name: bytes, value: bytes) -> None:
+        if self.resp_trailers is None:
+            self.resp_trailers = []
+        self.resp_trailers.append((name, value))
+
+    def _reset_response_head(self) -> list[bytes]:
+        out = self.resp_out
+        self.resp_out = []
+        self.resp_cl = self.resp_te = self.resp_conn = None
+        return out
 
     def on_response_head(self, status: int, reason: bytes, keep_alive: bool) -> None:
-        headers, self.resp_headers = self.resp_headers, []
         if status < 200:
-            if status == 101:
-                if self.upgrade:
-                    self.status = 101
-                    self.resp_reason = reason
-                    self.resp_headers = headers
-                    self.pending_101 = True
-                    return
-                self.on_upstream_failure(self.upstream, "protocol", "unrequested 101 response")
-                return
-            if self.version == "1.1":
-                self.client.write(self.server.build_informational(status, reason, headers))
+            self._informational(status, reason)
             return
         self.status = status
+        self.in_trailers = True
         self.upstream_keep_alive = keep_alive
         self.server.events.upstream_ok(self.backend, status)  # type: ignore[arg-type]
-        no_body = self.head_only or status in NO_BODY_STATUSES
-        cl = None
-        chunked = False
-        conn_tokens: set[bytes] = set()
-        for n, v in headers:
-            ln = n.lower()
-            if ln == b"content-length":
-                cl = v
-            elif ln == b"transfer-encoding":
-                chunked = v.strip().lower().endswith(b"chunked")
-            elif ln == b"connection":
-                conn_tokens |= connection_tokens([v])
-        if no_body:
-            self.resp_in_framing = "none"
-        elif chunked:
+        cl = self.resp_cl
+        te = self.resp_te
+        conn_values = self.resp_conn
+        out = self._reset_response_head()
+        if conn_values is not None and not (
+                len(conn_values) == 1 and conn_values[0].lower() in _PLAIN_CONNECTION):
+            out = _without_named(out, connection_tokens(conn_values))
+        if self.head_only or status in NO_BODY_STATUSES:
+            self.resp_in_framing = out_framing = "none"
+        elif te is not None:
             self.resp_in_framing = "chunked"
+            out_framing = "chunked" if self.version == "1.1" else "close"
         elif cl is not None:
-            self.resp_in_framing = "cl"
+            self.resp_in_framing = out_framing = "cl"
         else:
             self.resp_in_framing = "close"
+            out_framing = "chunked" if self.version == "1.1" else "close"
         client = self.client
-        close = client.must_close_after(self)
-        if no_body:
-            out_framing = "none"
-        elif cl is not None and not chunked:
-            out_framing = "cl"
-        elif self.version == "1.1":
-            out_framing = "chunked"
-        else:
-            out_framing = "close"
-            close = True
+        close = self.close_after or out_framing == "close" or client.must_close_after(self)
         self.resp_framing = out_framing
         self.close_after = close
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
-        drop = conn_tokens
-        for n, v in headers:
-            ln = n.lower()
-            if ln in HOP_BY_HOP or ln in drop:
-                if ln == b"content-length":
-                    pass
-                else:
-                    continue
-            if ln == b"content-length" and out_framing not in ("cl", "none"):
-                continue
-            parts.append(b"%s: %s\r\n" % (n, v))
-        if out_framing == "chunked":
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
+        head += out
+        if cl is not None and (out_framing == "cl" or out_framing == "none" and status != 204):
+            head.append(b"Content-Length: " + cl + _CRLF)
+        elif out_framing == "chunked":
+            head.append(b"Transfer-Encoding: chunked\r\n")
         if close:
-            parts.append(b"Connection: close\r\n")
+            head.append(b"Connection: close\r\n\r\n")
         elif self.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(_CRLF)
+            head.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            head.append(_CRLF)
         self.state = RESPONDING
-        self.response_started_at = time.monotonic()
-        self.deadline = self.response_started_at + self.server.config.timeouts.body_idle
+        self.deadline = time.monotonic() + self.server.config.timeouts.body_idle
         self.deadline_kind = "body"
-        client.transport.writelines(parts)  # type: ignore[union-attr]
+        client.writelines(head)
+
+    def _informational(self, status: int, reason: bytes) -> None:
+        upgrade = self.resp_upgrade
+        out = self._reset_response_head()
+        if status == 101:
+            if self.upgrade and upgrade:
+                self.status = 101
+                self.resp_reason = reason
+                self.resp_out = out
+                self.resp_upgrade = upgrade
+                self.pending_101 = True
+                return
+            self.on_upstream_failure(self.upstream, "protocol", "unrequested 101 response")
+            return
+        if self.version == "1.1":
+            # 1xx responses are forwarded (RFC 9110 §15.2), e.g. 100 Continue, 103 Early Hints
+            self.client.writelines([b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-"), *out,
+                                    _CRLF])
 
     def on_response_body(self, data: bytes) -> None:
         self.resp_bytes += len(data)
         if self.resp_framing == "chunked":
-            self.client.transport.writelines(_chunk(data))  # type: ignore[union-attr]
+            self.client.writelines(_chunk(data))
         else:
-            self.client.transport.write(data)  # type: ignore[union-attr]
+            self.client.write(data)
         self.deadline = time.monotonic() + self.server.config.timeouts.body_idle
 
     def on_response_complete(self, conn: UpstreamProtocol) -> bool | None:
@@ -396,11 +413,11 @@ class Exchange:
             return None
         if self.resp_framing == "chunked":
             if self.resp_trailers:
-                trailers = [(n, v) for n, v in self.resp_trailers if n.lower() not in HOP_BY_HOP]
-                self.client.transport.write(  # type: ignore[union-attr]
-                    b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + _CRLF)
+                trailers = [n + b": " + v + _CRLF for n, v in self.resp_trailers
+                            if n.lower() not in HOP_BY_HOP and n.lower() != b"content-length"]
+                self.client.write(b"0\r\n" + b"".join(trailers) + _CRLF)
             else:
-                self.client.transport.write(_LAST_CHUNK)  # type: ignore[union-attr]
+                self.client.write(_LAST_CHUNK)
         reusable = (self.upstream_keep_alive and self.body_done
                     and self.resp_in_framing != "close")
         self.upstream = None
@@ -417,14 +434,13 @@ class Exchange:
             return
         self.pending_101 = False
         parts = [b"HTTP/1.1 101 %s\r\n" % (self.resp_reason or b"Switching Protocols")]
-        for n, v in self.resp_headers:
-            parts.append(b"%s: %s\r\n" % (n, v))
-        parts.append(_CRLF)
-        self.resp_headers = []
+        parts += self.resp_out
+        parts.append(b"Connection: Upgrade\r\nUpgrade: " + self.resp_upgrade + b"\r\n\r\n")
+        self.resp_out = []
         self.state = RESPONDING
         self.deadline = 0.0
         client = self.client
-        client.transport.writelines(parts)  # type: ignore[union-attr]
+        client.writelines(parts)
         backend = self.backend
         self.tunnel = Tunnel(client, conn, backend, self.server.tunnel_closed)  # type: ignore[arg-type]
         self.server.events.tunnel_opened(backend)  # type: ignore[arg-type]
@@ -479,7 +495,7 @@ class Exchange:
         if self.state == RESPONDING and self.resp_in_framing == "close" and exc is None:
             # a close-delimited response ends with the connection (RFC 9112 §6.3 item 8)
             if self.resp_framing == "chunked":
-                self.client.transport.write(_LAST_CHUNK)  # type: ignore[union-attr]
+                self.client.write(_LAST_CHUNK)
             self.upstream = None
             self.finish()
             return

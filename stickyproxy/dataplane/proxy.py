@@ -79,8 +79,12 @@ class Proxy:
         self._backend_headers = {
             bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
             for bid in self.states}
+        route = hdr.route.encode("ascii")
+        self.route_headers = {True: b"%s: primary\r\n" % route,
+                              False: b"%s: failover\r\n" % route}
         self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
         self._trusted = config.listen.trusted_proxies
+        self.forwarded = hdr.forwarded
 
     def apply(self, config: Config) -> Router:
         """Swap in a new (already validated) configuration; returns the new table."""

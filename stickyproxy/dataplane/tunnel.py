@@ -44,7 +44,7 @@ class Tunnel:
             return
         self.last_activity = time.monotonic()
         self.bytes_down += len(data)
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        self.client.write(data)
 
     # backpressure: the writer side's buffer is full → stop reading the other side
     def client_write_paused(self) -> None:

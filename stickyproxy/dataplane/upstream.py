@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from .http import HOP_BY_HOP
+
+# Response fields the proxy handles itself: hop-by-hop ones are dropped, framing ones are
+# re-made for the client's hop.
+RESPONSE_WATCH = HOP_BY_HOP | {b"content-length"}
+
 if TYPE_CHECKING:
     from ..router import BackendState
 
@@ -54,6 +60,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex.tunnel is not None:
             ex.tunnel.from_upstream(data)
             return
+        client = ex.client
+        client.begin_batch()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
@@ -68,6 +76,8 @@ class UpstreamProtocol(asyncio.Protocol):
             elif ex is not None:
                 ex.on_upstream_failure(self, "protocol", f"malformed response: {e}")
             self.close()
+        finally:
+            client.end_batch()
         if self.head_done:
             self.head_done = False
             self.parser = HttpResponseParser(self)
@@ -114,11 +124,30 @@ class UpstreamProtocol(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Collects the response head straight into the exchange (one call per field):
+        # hop-by-hop fields are dropped (RFC 9110 §7.6.1), framing ones kept aside.
         ex = self.exchange
         if ex is None or self.head_done:
             self.garbage = True
             return
-        ex.on_response_header(name, value)
+        if ex.in_trailers:
+            ex.add_trailer(name, value)
+            return
+        ln = name.lower()
+        if ln in RESPONSE_WATCH:
+            if ln == b"content-length":
+                ex.resp_cl = value
+            elif ln == b"connection":
+                if ex.resp_conn is None:
+                    ex.resp_conn = [value]
+                else:
+                    ex.resp_conn.append(value)
+            elif ln == b"transfer-encoding":
+                ex.resp_te = value
+            elif ln == b"upgrade":
+                ex.resp_upgrade = value
+            return
+        ex.resp_out.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
