@@ -132,6 +132,12 @@ def k_header_name(v: Any) -> str:
     return v
 
 
+def k_header_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of header names, got {v!r}")
+    return tuple(k_header_name(x) for x in v)
+
+
 def k_networks(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(v, list):
         raise ValueError(f"expected a list of addresses or CIDR ranges, got {v!r}")
@@ -186,12 +192,16 @@ class Admin:
 @dataclass(frozen=True)
 class KeySource:
     kind: str
-    name: str = ""
+    name: str = ""                       # header, cookie or query parameter name
     pattern: re.Pattern[str] | None = None
+    jwt: Any = None                      # a jwtkeys.JwtVerifier for "jwt" sources
 
     def describe(self) -> str:
         if self.kind == "path":
             return f"path ~ {self.pattern.pattern if self.pattern else ''}"
+        if self.kind == "jwt" and self.jwt is not None:
+            s = self.jwt.settings
+            return f"jwt {s.claim} from {self.name} ({', '.join(s.algorithms)})"
         return f"{self.kind} {self.name}"
 
 
@@ -214,6 +224,9 @@ class Headers:
     prefix: str = spec("X-Sticky-", k_header_name,
                        "prefix of the headers the proxy sets for backends")
     forwarded: bool = spec(True, k_bool, "add X-Forwarded-For/-Proto/-Host")
+    strip: tuple = spec((), k_header_names,
+                        "request headers never forwarded (e.g. identity headers a client "
+                        "could forge)")
 
     @property
     def key(self) -> str:
@@ -371,7 +384,49 @@ def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
     return cls(**values)
 
 
-def _key_sources(raw: Any, errors: list[str]) -> tuple[KeySource, ...]:
+JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_file",
+            "jwks_file", "issuer", "audience", "leeway", "require_exp", "on_invalid"}
+
+
+def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySource | None:
+    from .jwtkeys import JwtSettings, load_verifier
+    n = len(errors)
+    for k in item:
+        if k not in JWT_KEYS:
+            errors.append(f"{p}.{k}: unknown key for a jwt source (known: {', '.join(sorted(JWT_KEYS))})")
+    values: dict[str, Any] = {}
+    convs: dict[str, Callable[[Any], Any]] = {
+        "header": k_header_name, "claim": k_str, "secret_env": k_str,
+        "public_key_file": k_str, "jwks_file": k_str, "issuer": k_str, "audience": k_str,
+        "leeway": k_duration(), "require_exp": k_bool,
+        "on_invalid": k_choice("reject", "anonymous"),
+    }
+    for k, conv in convs.items():
+        if k in item:
+            try:
+                values[k] = conv(item[k])
+            except ValueError as e:
+                errors.append(f"{p}.{k}: {e}")
+    algs = item.get("algorithms")
+    if not isinstance(algs, list) or not algs or not all(isinstance(a, str) for a in algs):
+        errors.append(f"{p}.algorithms: pin the accepted algorithms, e.g. [\"RS256\"]")
+    else:
+        values["algorithms"] = tuple(algs)
+    for k in ("public_key_file", "jwks_file"):
+        if values.get(k):
+            values[k] = os.path.join(base_dir, values[k])
+    if len(errors) != n:
+        return None
+    settings = JwtSettings(**values)
+    try:
+        verifier = load_verifier(settings)
+    except ValueError as e:
+        errors.append(f"{p}.{e}")
+        return None
+    return KeySource("jwt", name=settings.header, jwt=verifier)
+
+
+def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeySource, ...]:
     path = "routing.keys"
     if not isinstance(raw, list):
         errors.append(f"{path}: expected an array of key sources, got {raw!r}")
@@ -389,7 +444,9 @@ def _key_sources(raw: Any, errors: list[str]) -> tuple[KeySource, ...]:
             errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
             continue
         if kind == "jwt":
-            errors.append(f"{p}.from: 'jwt' key sources are not supported by this version")
+            src = _jwt_source(item, p, errors, base_dir)
+            if src is not None:
+                out.append(src)
             continue
         allowed = {"from", "pattern"} if kind == "path" else {"from", "name"}
         for k in item:
@@ -512,8 +569,9 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     sections = {name: _section(cls, raw.get(name), name, errors) for name, cls in SECTIONS.items()}
     routing_raw = raw.get("routing")
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
+        base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
-            sections["routing"], keys=_key_sources(routing_raw["keys"], errors))
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
     backends = _backends(raw.get("backends"), errors)
 
     admin = sections["admin"]

@@ -21,13 +21,21 @@ from typing import Sequence
 from urllib.parse import unquote_to_bytes
 
 from .config import DEFAULT_MAX_KEY_LENGTH, KeySource
+from .jwtkeys import InvalidToken, bearer_token
 
 # C0 controls and DEL (RFC 9110 §5.5 forbids them in field values), plus C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class KeyRejected(ValueError):
-    """The request carries a key that must not be routed on; the reason is client-safe."""
+    """The request carries a key that must not be routed on; the reason is client-safe.
+
+    ``status`` is 400 for a malformed or ambiguous key, 401 for an invalid token.
+    """
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,8 @@ class Extracted:
 
 def _what(src: KeySource) -> str:
     return {"header": f"header {src.name}", "cookie": f"cookie {src.name}",
-            "query": f"query parameter {src.name}"}.get(src.kind, "path")
+            "query": f"query parameter {src.name}",
+            "jwt": f"token claim in {src.name}"}.get(src.kind, "path")
 
 
 def _check(raw: bytes, max_length: int, src: KeySource) -> str:
@@ -93,7 +102,7 @@ class KeyExtractor:
     def __init__(self, sources: Sequence[KeySource], max_length: int = DEFAULT_MAX_KEY_LENGTH):
         self.sources = tuple(sources)
         self.max_length = max_length
-        self._plan = [(s, s.name.lower().encode("latin-1") if s.kind == "header"
+        self._plan = [(s, s.name.lower().encode("latin-1") if s.kind in ("header", "jwt")
                        else s.name.encode("utf-8")) for s in self.sources]
 
     def extract(self, headers: Sequence[tuple[bytes, bytes]], path: bytes,
@@ -123,6 +132,11 @@ class KeyExtractor:
                 raw = _cookie(headers, name) or None
             elif kind == "query":
                 raw = _one(_query_values(query, name), _what(src)) if query else None
+            elif kind == "jwt":
+                key = self._jwt(src, headers, name)
+                if key is not None:
+                    return Extracted(key, src)
+                continue
             elif kind == "path":
                 m = src.pattern.search(path.decode("latin-1")) if src.pattern else None
                 raw = unquote_to_bytes(m.group("key")) if m and m.group("key") else None
@@ -131,3 +145,27 @@ class KeyExtractor:
             if raw:
                 return Extracted(_check(raw, self.max_length, src), src)
         return None
+
+    def _jwt(self, src: KeySource, headers: Sequence[tuple[bytes, bytes]],
+             name: bytes) -> str | None:
+        """The verified claim, None when there is no token (or an invalid one is allowed to
+        fall through), KeyRejected(401) for an invalid token."""
+        values = [v for n, v in headers if n == name]
+        if not values:
+            return None
+        verifier = src.jwt
+        if len(values) > 1:
+            if verifier.settings.on_invalid == "anonymous":
+                return None
+            raise KeyRejected(f"more than one {src.name} header", 401)
+        token = bearer_token(values[0]) if name == b"authorization" else \
+            values[0].strip().decode("ascii", "replace")
+        if not token:
+            return None
+        try:
+            key = verifier.verify(token)
+        except InvalidToken as e:
+            if verifier.settings.on_invalid == "anonymous":
+                return None
+            raise KeyRejected(f"invalid token: {e}", 401) from None
+        return _check(key.encode("utf-8"), self.max_length, src)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Request fields the proxy looks at before forwarding: hop-by-hop ones are never forwarded
 # (RFC 9110 §7.6.1), framing ones are re-made, X-Forwarded-* are set by the proxy, Host is
 # checked (and forwarded).
-_REQUEST_WATCH = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
+REQUEST_WATCH = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
 
 # Input is parsed in slices this large, so a burst of tiny pipelined requests can overrun
 # the queue bound by at most one slice's worth.
@@ -252,7 +252,7 @@ class ClientProtocol(asyncio.Protocol):
                 raise self.limit_error
             ln = name.lower()
             headers.append((ln, value))
-            if ln in _REQUEST_WATCH or ln.startswith(self.server.header_prefix_lower):
+            if ln in self.server.request_watch or ln.startswith(self.server.header_prefix_lower):
                 self.special.append((ln, value))
                 if ln != b"host":
                     return
@@ -277,7 +277,7 @@ class ClientProtocol(asyncio.Protocol):
                              parser.should_keep_alive())
         except RequestError as err:
             ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
-            ex.local = (err.status, err.reason, b"")
+            ex.local = (err.status, err.reason, err.extra)
             ex.local_close = True
             self.server.events.request_rejected(err.status)
             self.closing_after_parse()
@@ -369,7 +369,8 @@ class ClientProtocol(asyncio.Protocol):
         try:
             got = server.router.extractor.extract(self.headers, path, query)
         except KeyRejected as e:
-            raise RequestError(400, str(e)) from None
+            extra = b'WWW-Authenticate: Bearer error="invalid_token"\r\n' if e.status == 401 else b""
+            raise RequestError(e.status, str(e), extra) from None
         if got is not None:
             key = got.key
         elif server.config.routing.no_key == "reject":

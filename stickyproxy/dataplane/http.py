@@ -44,10 +44,11 @@ REASONS = {
 class RequestError(Exception):
     """A request the proxy answers itself; ``reason`` is short and safe to show a client."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, extra: bytes = b""):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.extra = extra          # header lines to add to the error response
 
 
 def error_response(status: int, reason: str, *, close: bool, head_only: bool = False,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..router import BackendState, Router
-from .client import ClientProtocol
+from .client import REQUEST_WATCH, ClientProtocol
 from .events import Events
 from .http import HOP_BY_HOP
 from .upstream import Pool
@@ -85,6 +85,7 @@ class Proxy:
         self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
         self._trusted = config.listen.trusted_proxies
         self.forwarded = hdr.forwarded
+        self.request_watch = REQUEST_WATCH | {h.lower().encode("ascii") for h in hdr.strip}
 
     def apply(self, config: Config) -> Router:
         """Swap in a new (already validated) configuration; returns the new table."""
