@@ -1,0 +1,362 @@
+"""Fixtures: real redis-server processes on free loopback ports, with kill/restart/pause helpers,
+plus Sentinel and Cluster set-ups. Never the shared Redis on 6379."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from stickyproxy.context import ContextStore
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+# How long a fixture waits for a server to accept commands (or for a cluster to form).
+START_DEADLINE = 10.0
+# Commands that are bookkeeping of the test itself, not of the store.
+BOOKKEEPING_COMMANDS = frozenset(
+    {"info", "ping", "hello", "client|setinfo", "client|kill", "client|pause", "client|unpause", "cluster|info"}
+)
+
+
+def free_port(*, with_bus: bool = False) -> int:
+    """A free loopback port (and, with_bus, port+10000 free too, for a cluster bus)."""
+    for _ in range(200):
+        port = random.randint(20000, 29999) if with_bus else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen = s.getsockname()[1]
+        if with_bus:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", chosen + 10000))
+                except OSError:
+                    continue
+        return chosen
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate: Callable[[], bool], *, deadline: float = START_DEADLINE, interval: float = 0.02) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {deadline}s")
+
+
+async def eventually(predicate: Callable[[], Any], *, deadline: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` (sync or async) until truthy, failing after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {deadline}s")
+        await asyncio.sleep(interval)
+
+
+def released(store: ContextStore, user: str) -> Callable[[], bool]:
+    """Predicate: ``store`` no longer holds ``user`` (for :func:`eventually`)."""
+    return lambda: not store.holds(user)
+
+
+class RedisServer:
+    """One redis-server process the test owns. ``kill``/``restart`` keep the port."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def args(self) -> list[str]:
+        return [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--protected-mode", "no",
+            *self.extra,
+        ]
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.client().ping())
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2, **kwargs)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def pause(self, seconds: float) -> None:
+        """CLIENT PAUSE ALL: every client's commands stall for ``seconds``."""
+        with self.client() as c:
+            c.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
+
+    def unpause(self) -> None:
+        with self.client() as c:
+            c.execute_command("CLIENT", "UNPAUSE")
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command name since start (``INFO commandstats``)."""
+        with self.client() as c:
+            info = c.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
+
+    def store_calls(self, before: dict[str, int]) -> dict[str, int]:
+        """Commands issued since ``before``, other than the test's own bookkeeping."""
+        after = self.commandstats()
+        return {
+            name: calls - before.get(name, 0)
+            for name, calls in after.items()
+            if calls != before.get(name, 0) and name not in BOOKKEEPING_COMMANDS
+        }
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+async def make_store(redis_server: RedisServer) -> AsyncIterator[Callable[..., ContextStore]]:
+    """Factory of (unstarted) stores on the test's server or another URL; all closed at teardown."""
+    created: list[ContextStore] = []
+
+    def factory(node_id: str, url: str | None = None, **kwargs: Any) -> ContextStore:
+        kwargs.setdefault("namespace", "t")
+        store = ContextStore(url or redis_server.url, node_id=node_id, **kwargs)
+        created.append(store)
+        return store
+
+    yield factory
+    for store in reversed(created):
+        await store.close()
+
+
+@pytest.fixture
+async def stores(make_store: Callable[..., ContextStore]) -> Callable[..., Any]:
+    """Async factory: ``store = await stores("A", **opts)`` returns a started store."""
+
+    async def factory(node_id: str, url: str | None = None, **kwargs: Any) -> ContextStore:
+        store = make_store(node_id, url, **kwargs)
+        await store.start()
+        return store
+
+    return factory
+
+
+class SentinelSetup:
+    def __init__(self, master: RedisServer, sentinel_port: int, service: str, proc: subprocess.Popen[bytes]) -> None:
+        self.master = master
+        self.sentinel_port = sentinel_port
+        self.service = service
+        self.proc = proc
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}/0"
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
+    master = RedisServer(tmp_path / "master")
+    master.start()
+    port = free_port()
+    service = "ctxmaster"
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {tmp_path}\n"
+        f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+        f"sentinel down-after-milliseconds {service} 1000\n"
+    )
+    proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def ready() -> bool:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as c:
+                addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+            return bool(addr) and int(addr[1]) == master.port
+
+        wait_until(ready)
+        yield SentinelSetup(master, port, service, proc)
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+        master.kill()
+
+
+class ClusterSetup:
+    def __init__(self, nodes: list[RedisServer]) -> None:
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+
+@pytest.fixture
+def cluster_setup(tmp_path: Path) -> Iterator[ClusterSetup]:
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(3):
+            node_dir = tmp_path / f"node{i}"
+            node = RedisServer(
+                node_dir,
+                port=free_port(with_bus=True),
+                extra=["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                       "--cluster-node-timeout", "2000"],
+            )
+            node.start()
+            nodes.append(node)
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+        )
+
+        def formed() -> bool:
+            for n in nodes:
+                with n.client() as c:
+                    info = c.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text:
+                        return False
+            return True
+
+        wait_until(formed, deadline=20)
+        yield ClusterSetup(nodes)
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+class TcpProxy:
+    """An asyncio TCP relay in front of a Redis server, for fault injection.
+
+    ``reply_delay`` holds every server→client chunk back that long (order kept); ``block()``
+    closes every relayed connection and refuses new ones until ``unblock()``.
+    ``requests_seen`` counts client→server chunks relayed.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.reply_delay = 0.0
+        self.blocked = False
+        self.requests_seen = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.blocked:
+            client_w.close()
+            return
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        self._writers.update((client_w, server_w))
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                self.requests_seen += 1
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if self.reply_delay:
+                    await asyncio.sleep(self.reply_delay)
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except Exception:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+                self._tasks.discard(task)
+            for w in (client_w, server_w):
+                w.close()
+                self._writers.discard(w)
+
+    def block(self) -> None:
+        self.blocked = True
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    def unblock(self) -> None:
+        self.blocked = False
+
+    async def close(self) -> None:
+        self.block()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def tcp_proxy(redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
