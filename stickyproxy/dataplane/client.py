@@ -38,6 +38,9 @@ REQUEST_WATCH = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
 # the queue bound by at most one slice's worth.
 FEED_SLICE = 16 * 1024
 
+# Output pieces totalling at most this are joined into one buffer before sending.
+FLUSH_JOIN_LIMIT = 16 * 1024
+
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: a Host is a reg-name or IP literal with an optional port.
 _HOST_RE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::\d{0,5})?$")
 
@@ -557,7 +560,18 @@ class ClientProtocol(asyncio.Protocol):
     def flush(self) -> None:
         out, self.out = self.out, []
         if out and not self.dead and self.transport is not None:
-            self.transport.writelines(out)
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                # one buffer is cheaper for the loop than many small ones; large bodies
+                # are not copied
+                total = 0
+                for part in out:
+                    total += len(part)
+                if total <= FLUSH_JOIN_LIMIT:
+                    self.transport.write(b"".join(out))
+                else:
+                    self.transport.writelines(out)
 
     # -- time ----------------------------------------------------------------------------
     def on_tick(self, now: float) -> None:

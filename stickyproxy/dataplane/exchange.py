@@ -273,7 +273,7 @@ class Exchange:
                     self.client.resume_reading(self.client.PAUSE_BODY)
             if self.body_done and framing == "chunked":
                 parts.append(self._last_chunk())
-        conn.transport.writelines(parts)  # type: ignore[union-attr]
+        conn.transport.write(b"".join(parts))  # type: ignore[union-attr]
         self.deadline = time.monotonic() + server.config.timeouts.response
         self.deadline_kind = "response"
 
