@@ -16,8 +16,7 @@ Decisions where the RFCs leave room (each table-tested):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 from urllib.parse import unquote_to_bytes
 
 from .config import DEFAULT_MAX_KEY_LENGTH, KeySource
@@ -38,8 +37,7 @@ class KeyRejected(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Extracted:
+class Extracted(NamedTuple):
     key: str
     source: KeySource
 
@@ -58,7 +56,8 @@ def _check(raw: bytes, max_length: int, src: KeySource) -> str:
         key = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise KeyRejected(f"{_what(src)}: user key is not valid UTF-8") from None
-    if _CONTROL.search(key):
+    # printable ASCII (the usual case) needs no further check
+    if not (key.isascii() and key.isprintable()) and _CONTROL.search(key):
         raise KeyRejected(f"{_what(src)}: user key contains control characters")
     return key
 

@@ -141,5 +141,8 @@ def registry_for(source) -> CollectorRegistry:
     return reg
 
 
+_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def code_class(status: int) -> str:
-    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+    return _CLASSES[status // 100] if 100 <= status < 600 else "other"

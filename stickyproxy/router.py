@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 from .config import Backend, Config
 from .keys import KeyExtractor
@@ -65,8 +64,7 @@ class BackendState:
         return "up"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     backend: BackendState | None
     kind: str            # "primary" | "failover" | "no_key" | "panic" | "none"
     owner: str | None

@@ -56,7 +56,7 @@ class ClientProtocol(asyncio.Protocol):
                  "deadline_kind", "peer_ip", "trusted", "url", "headers", "head_bytes",
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
-                 "special", "peer_bytes", "limits")
+                 "special", "peer_bytes", "limits", "valid_host", "idle_timeout")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -75,6 +75,8 @@ class ClientProtocol(asyncio.Protocol):
         self.special: list[tuple[bytes, bytes]] = []
         self.peer_bytes = b""
         self.limits = server.config.limits
+        self.valid_host: bytes | None = None
+        self.idle_timeout = server.config.timeouts.client_idle
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
@@ -342,8 +344,10 @@ class ClientProtocol(asyncio.Protocol):
                 raise RequestError(400, "more than one Host header")
             if version == "1.1":
                 raise RequestError(400, "missing Host header")
-        if host is not None and not _HOST_RE.match(host):
-            raise RequestError(400, "invalid Host header")
+        if host is not None and host != self.valid_host:
+            if not _HOST_RE.match(host):
+                raise RequestError(400, "invalid Host header")
+            self.valid_host = host  # a connection's requests nearly always repeat it
         if te is not None:
             if version == "1.0":
                 raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -441,6 +445,13 @@ class ClientProtocol(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
+        if not (queue or abort or ex.close_after or self.pauses or self.stash or self.dead
+                or self.closing or self.eof or self.advancing or self.server.stopping):
+            # the common case: a keep-alive connection with nothing else to do
+            if not self.in_head and self.receiving is None:
+                self.deadline = time.monotonic() + self.idle_timeout
+                self.deadline_kind = "idle"
+            return
         if self.dead:
             return
         if abort:
@@ -480,7 +491,7 @@ class ClientProtocol(asyncio.Protocol):
         self._apply_pauses()
 
     def _set_idle(self) -> None:
-        self.deadline = time.monotonic() + self.server.config.timeouts.client_idle
+        self.deadline = time.monotonic() + self.idle_timeout
         self.deadline_kind = "idle"
 
     def must_close_after(self, ex: Exchange) -> bool:

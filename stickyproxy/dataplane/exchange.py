@@ -249,7 +249,7 @@ class Exchange:
         conn.head_only = self.head_only
         self.state = SENT
         server = self.server
-        parts = [self.head, server.backend_header(self.backend.id)]  # type: ignore[union-attr]
+        parts = [self.head, server.backend_headers[self.backend.id]]  # type: ignore[union-attr]
         if self.key is not None:
             parts.append(server.route_headers[self.backend.id == self.owner])  # type: ignore[union-attr]
         framing = self.framing
@@ -345,7 +345,7 @@ class Exchange:
         cl = self.resp_cl
         te = self.resp_te
         conn_values = self.resp_conn
-        out = self._reset_response_head()
+        out = self.resp_out
         if conn_values is not None and not (
                 len(conn_values) == 1 and conn_values[0].lower() in _PLAIN_CONNECTION):
             out = _without_named(out, connection_tokens(conn_values))

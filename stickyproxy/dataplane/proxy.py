@@ -40,7 +40,7 @@ class Proxy:
         self.active = 0           # exchanges being answered
         self.retrying = 0         # of which have been retried at least once
         self._ticker: asyncio.Task | None = None
-        self._backend_headers: dict[str, bytes] = {}
+        self.backend_headers: dict[str, bytes] = {}
         self.config = config
         self.router: Router = self._build_router(config)
         self._set_config(config)
@@ -76,7 +76,7 @@ class Proxy:
         self.key_header = hdr.key.encode("ascii")
         self.ring_header = b"%s: %s\r\n" % (hdr.ring.encode("ascii"),
                                             self.router.fingerprint.encode("ascii"))
-        self._backend_headers = {
+        self.backend_headers = {
             bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
             for bid in self.states}
         route = hdr.route.encode("ascii")
@@ -95,7 +95,7 @@ class Proxy:
 
     # -- hooks used by the protocols -----------------------------------------------------
     def backend_header(self, backend_id: str) -> bytes:
-        h = self._backend_headers.get(backend_id)
+        h = self.backend_headers.get(backend_id)
         if h is None:
             h = b"%s: %s\r\n" % (self.config.headers.backend.encode(), backend_id.encode())
         return h

@@ -61,7 +61,7 @@ class UpstreamProtocol(asyncio.Protocol):
             ex.tunnel.from_upstream(data)
             return
         client = ex.client
-        client.begin_batch()
+        client.batch += 1
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
@@ -77,7 +77,9 @@ class UpstreamProtocol(asyncio.Protocol):
                 ex.on_upstream_failure(self, "protocol", f"malformed response: {e}")
             self.close()
         finally:
-            client.end_batch()
+            client.batch -= 1
+            if not client.batch and client.out:
+                client.flush()
         if self.head_done:
             self.head_done = False
             self.parser = HttpResponseParser(self)
@@ -234,7 +236,8 @@ class Pool:
                 or len(self.idle) >= self.max_idle):
             conn.close()
             return
-        conn.resume_reading()  # an idle connection must see the backend's close
+        if conn.paused:
+            conn.resume_reading()  # an idle connection must see the backend's close
         conn.idle_since = now
         self.idle.append(conn)
 
