@@ -298,6 +298,8 @@ class Timeouts:
     websocket_idle: float = spec(3600.0, k_duration(0.001), "idle WebSocket tunnel")
     shutdown: float = spec(30.0, k_duration(), "SIGTERM: time to finish in-flight requests")
     drain: float = spec(30.0, k_duration(), "a drained backend's tunnels are closed after this")
+    queue: float = spec(5.0, k_duration(0.001),
+                        "a request waiting for a backend slot gets 503 after this")
 
 
 @dataclass(frozen=True)
@@ -540,6 +542,15 @@ def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
     return tuple(out)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_backend_url(url: Any) -> tuple[str, int]:
     if not isinstance(url, str):
         raise ValueError(f"expected a string, got {url!r}")
@@ -591,6 +602,10 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     limits = sections["limits"]
     if limits.max_request_line > limits.max_header_bytes:
         errors.append("limits.max_request_line: must not exceed limits.max_header_bytes")
+    adm = sections["admin"]
+    if adm.enabled and not adm.token and not _is_loopback(adm.host):
+        errors.append(f"admin.token: required when admin.host is not a loopback address "
+                      f"({adm.host!r}): the admin API can drain backends and reload")
     if sections["admin"].enabled and (sections["admin"].host, sections["admin"].port) == (
             sections["listen"].host, sections["listen"].port) and sections["listen"].port:
         errors.append("admin.port: the admin listener cannot share the proxy's address")

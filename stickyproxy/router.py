@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import deque
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 from .config import Backend, Config
@@ -24,7 +25,7 @@ class BackendState:
 
     __slots__ = ("id", "host", "port", "weight", "address", "pool", "inflight", "drained",
                  "healthy", "ejected_until", "connect_down_until", "failback_until",
-                 "consecutive_failures", "ejections", "last_change", "reason", "tunnels",
+                 "consecutive_failures", "ejections", "last_change", "reason", "tunnels", "waiters",
                  "__weakref__")
 
     def __init__(self, backend: Backend):
@@ -45,6 +46,7 @@ class BackendState:
         self.last_change = 0.0
         self.reason = "initial"
         self.tunnels: set = set()
+        self.waiters: deque = deque()  # exchanges waiting for an in-flight slot
 
     def usable(self, now: float) -> bool:
         return (self.healthy and not self.drained and now >= self.ejected_until

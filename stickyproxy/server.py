@@ -77,12 +77,22 @@ class Service:
                 log.error("reload (%s) rejected; keeping the running configuration: %s",
                           source, "; ".join(e.errors))
                 return False, e.errors
-            return self.apply(new, source), []
+            try:
+                return await self.apply(new, source), []
+            except OSError as e:
+                self.observer.reloaded(False)
+                log.error("reload (%s) rejected: cannot listen on the new address: %s",
+                          source, e)
+                return False, [f"listen: cannot listen on the new address: {e}"]
 
-    def apply(self, new: Config, source: str = "api") -> bool:
+    async def apply(self, new: Config, source: str = "api") -> bool:
+        """Swap in a validated configuration. The listener is rebound only when [listen]
+        changed (the new one first, so no moment accepts nothing); OSError if it cannot."""
         old = self.config
         if (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port):
-            log.warning("reload: [listen] changed; the listener is kept until restart")
+            await self.proxy.rebind(new.listen.host, new.listen.port,
+                                    reuse_port=self.workers > 1)
+            log.warning("reload: now listening on %s:%d", new.listen.host, self.proxy.port)
         old_ring = self.proxy.router.fingerprint
         self.proxy.apply(new)
         self.health.reconfigure()

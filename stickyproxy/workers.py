@@ -291,8 +291,8 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
             op = msg.get("op")
             if op == "reload":
                 try:
-                    svc.apply(loads(msg["text"], msg.get("path")), "supervisor")
-                except ConfigError as e:  # the supervisor validated it; this is a bug
+                    await svc.apply(loads(msg["text"], msg.get("path")), "supervisor")
+                except (ConfigError, OSError) as e:
                     log.error("worker %d: reload failed: %s", svc.worker, e)
             elif op == "drain":
                 svc.health.drain(msg["id"], bool(msg["on"]))

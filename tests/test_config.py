@@ -93,6 +93,7 @@ max_body = 1000
     (MINIMAL + '[admin]\ntoken = "a"\ntoken_env = "B"\n', "admin.token_env: set either"),
     (MINIMAL + '[admin]\ntoken_env = "STICKYPROXY_SURELY_UNSET_VAR"\n', "admin.token_env: environment variable"),
     ('x = [\n', "TOML syntax error"),
+    (MINIMAL + '[admin]\nhost = "0.0.0.0"\n', "admin.token: required when admin.host is not a loopback"),
 ])
 def test_each_error_names_its_key_path(text, expected):
     errs = errors_of(text)
@@ -132,6 +133,12 @@ def test_every_error_is_reported_at_once():
     """)
     assert len(errs) == 3
     assert {e.split(":")[0] for e in errs} == {"listen.port", "timeouts.connect", "backends[0].url"}
+
+
+def test_admin_on_loopback_or_with_token():
+    assert loads(MINIMAL + '[admin]\nhost = "::1"\n').admin.host == "::1"
+    assert loads(MINIMAL + '[admin]\nhost = "0.0.0.0"\ntoken = "t"\n').admin.token == "t"
+    assert loads(MINIMAL + '[admin]\nhost = "0.0.0.0"\nenabled = false\n').admin.enabled is False
 
 
 def test_token_from_environment(monkeypatch):

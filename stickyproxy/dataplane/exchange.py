@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..router import BackendState, Router
     from .client import ClientProtocol
 
-PENDING, CONNECTING, SENT, RESPONDING, DONE = range(5)
+PENDING, CONNECTING, SENT, RESPONDING, DONE, QUEUED = range(6)
 
 
 # A request body is buffered up to this many bytes while its connection is being set up;
@@ -156,6 +156,21 @@ class Exchange:
         self.attempts += 1
         self.backend = backend
         self.tried += (backend.id,)
+        self.take_slot(backend, now)
+
+    def take_slot(self, backend: BackendState, now: float) -> None:
+        """Count this exchange in flight on ``backend`` and send, or wait for a slot when
+        the backend is at ``limits.max_inflight_per_backend`` (503 past the queue bound)."""
+        limits = self.server.config.limits
+        if limits.max_inflight_per_backend and backend.inflight >= limits.max_inflight_per_backend:
+            if len(backend.waiters) >= limits.queue_per_backend:
+                self.fail(503, f"backend {backend.id} is at capacity", retry_after=True)
+                return
+            backend.waiters.append(self)
+            self.state = QUEUED
+            self.deadline = now + self.server.config.timeouts.queue
+            self.deadline_kind = "queue"
+            return
         if not self.counted_inflight:
             backend.inflight += 1
             self.counted_inflight = True
@@ -216,6 +231,14 @@ class Exchange:
                 break
         self.fail(status, message)
 
+    def leave_queue(self) -> None:
+        b = self.backend
+        if self.state == QUEUED and b is not None:
+            try:
+                b.waiters.remove(self)
+            except ValueError:
+                pass
+
     def _count_retry(self) -> None:
         if not self.retries:
             self.server.retrying += 1
@@ -230,6 +253,8 @@ class Exchange:
         if b is not None and self.counted_inflight:
             b.inflight -= 1
             self.counted_inflight = False
+            if b.waiters:
+                wake_waiter(b)
         if self.retries:
             self.server.retrying -= 1
         if self.active_counted:
@@ -239,6 +264,8 @@ class Exchange:
         if self.counted_inflight:
             old.inflight -= 1
             self.counted_inflight = False
+            if old.waiters:
+                wake_waiter(old)
 
     # -- send ----------------------------------------------------------------------------
     def attach(self, conn: UpstreamProtocol, reused: bool) -> None:
@@ -504,7 +531,11 @@ class Exchange:
             self.on_upstream_failure(conn, "reset", "connection closed before the response ended")
 
     def on_deadline(self, now: float) -> None:
-        if self.deadline_kind == "response" and self.state == SENT:
+        if self.deadline_kind == "queue" and self.state == QUEUED:
+            self.leave_queue()
+            self.fail(503, f"backend {self.backend.id} stayed at capacity",  # type: ignore[union-attr]
+                      retry_after=True)
+        elif self.deadline_kind == "response" and self.state == SENT:
             self.on_upstream_failure(self.upstream, "timeout", "no response in time")
         elif self.deadline_kind == "body" and self.state == RESPONDING:
             self.on_upstream_failure(self.upstream, "timeout", "response body stalled")
@@ -520,6 +551,8 @@ class Exchange:
     def finish(self, abort_client: bool = False) -> None:
         if self.state == DONE:
             return
+        if self.state == QUEUED:
+            self.leave_queue()
         self.state = DONE
         self.deadline = 0.0
         self._settle()
@@ -536,6 +569,7 @@ class Exchange:
         """The client went away: release everything without answering."""
         if self.state == DONE:
             return
+        self.leave_queue()
         if self.tunnel is not None:
             self.tunnel.close()
         self.error_kind = self.error_kind or "client-closed"
@@ -547,6 +581,18 @@ class Exchange:
             conn.exchange = None
             conn.abort()
         self.server.events.request_done(self)
+
+
+def wake_waiter(backend: BackendState) -> None:
+    """Give a freed slot to the longest-waiting exchange still waiting for it."""
+    now = time.monotonic()
+    while backend.waiters:
+        ex = backend.waiters.popleft()
+        if ex.state == QUEUED:
+            ex.state = PENDING
+            ex.deadline = 0.0
+            ex.take_slot(backend, now)
+            return
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:

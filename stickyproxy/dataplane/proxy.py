@@ -155,6 +155,15 @@ class Proxy:
                 reuse_port=reuse_port or None, backlog=1024)
         self._ticker = loop.create_task(self._tick())
 
+    async def rebind(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Listen on a new address; connections accepted on the old one carry on."""
+        loop = asyncio.get_running_loop()
+        new = await loop.create_server(lambda: ClientProtocol(self), host, port,
+                                       reuse_port=reuse_port or None, backlog=1024)
+        old, self.server = self.server, new
+        if old is not None:
+            old.close()
+
     @property
     def port(self) -> int:
         assert self.server is not None
