@@ -62,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.as_dict()))
         return EXIT_OK
     print(f"ring {plan.old_fingerprint} -> {plan.new_fingerprint} (measured over {plan.basis})")
-    print(f"users that move: {plan.moved:.2%} (least possible for this change: {plan.ideal:.2%})")
+    print(f"users that move: {plan.moved:.2%} (ideal for these weights: {plan.ideal:.2%})")
     if plan.flows:
         print()
         print(f"{'from':<20} {'to':<20} {'share':>8}")

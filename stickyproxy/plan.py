@@ -26,7 +26,7 @@ class Plan:
     flows: dict[tuple[str, str], float] = field(default_factory=dict)
     old_share: dict[str, float] = field(default_factory=dict)
     new_share: dict[str, float] = field(default_factory=dict)
-    ideal: float = 0.0                          # the least any change could move
+    ideal: float = 0.0                          # what would move if shares matched weights
 
     def as_dict(self) -> dict:
         return {
@@ -43,11 +43,8 @@ class Plan:
 
 
 def _ideal(old: Ring, new: Ring) -> float:
-    """The smallest share any ring change must move: the total growth of new members' shares.
-
-    Users must move onto backends whose share grew (and off removed ones); with shares
-    proportional to weight, that is the sum of the positive share differences.
-    """
+    """The share that would move if every backend's share matched its weight exactly:
+    the total growth of the shares (users move only onto backends whose share grows)."""
     def shares(r: Ring) -> dict[str, float]:
         total = sum(m.weight for m in r.members) or 1
         return {m.id: m.weight / total for m in r.members}
