@@ -1,0 +1,92 @@
+"""Per-backend in-flight cap with a bounded wait queue (limits.max_inflight_per_backend,
+limits.queue_per_backend, timeouts.queue): past the cap a request waits for a slot on its
+own backend (stickiness is kept), past the queue it gets 503 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from conftest import eventually, http_request
+
+
+def held_backend_script(release: asyncio.Event):
+    async def script(conn):
+        while (req := await conn.request(timeout=30)) is not None:
+            if req.target.startswith("/hold"):
+                await release.wait()
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(req.target), req.target.encode()))
+    return script
+
+
+async def test_requests_past_the_cap_wait_then_overflow_gets_503(raw_backend, proxy):
+    release = asyncio.Event()
+    be = await raw_backend("a", held_backend_script(release))
+    p = await proxy([be], {"limits": {"max_inflight_per_backend": 2, "queue_per_backend": 1},
+                           "timeouts": {"queue": "5s"}})
+    clients = []
+    for i in range(3):                           # 2 in flight + 1 waiting
+        c = await p.client()
+        c.send(http_request("GET", f"/hold{i}", headers={"X-User-Id": "u"}))
+        clients.append(c)
+    await eventually(lambda: len(be.requests) == 2, what="two requests in flight")
+    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="one waiting")
+
+    extra = await p.client()                     # the queue is full: refused at once
+    extra.send(http_request("GET", "/extra", headers={"X-User-Id": "u"}))
+    r = await extra.response()
+    assert r.status == 503
+    assert r.one("Retry-After").isdigit()
+    assert len(be.requests) == 2                 # the waiting one has not been sent yet
+
+    release.set()
+    bodies = sorted([(await c.response()).body for c in clients])
+    assert bodies == [b"/hold0", b"/hold1", b"/hold2"]
+    for c in clients + [extra]:
+        c.close()
+    await eventually(lambda: p.svc.proxy.states["a"].inflight == 0, what="slots given back")
+
+
+async def test_a_request_waiting_longer_than_timeouts_queue_gets_503(raw_backend, proxy):
+    release = asyncio.Event()
+    be = await raw_backend("a", held_backend_script(release))
+    p = await proxy([be], {"limits": {"max_inflight_per_backend": 1, "queue_per_backend": 4},
+                           "timeouts": {"queue": "300ms"}})
+    holder = await p.client()
+    holder.send(http_request("GET", "/hold", headers={"X-User-Id": "u"}))
+    await eventually(lambda: be.requests, what="the slot is taken")
+    waiter = await p.client()
+    t0 = time.monotonic()
+    waiter.send(http_request("GET", "/wait", headers={"X-User-Id": "u"}))
+    r = await waiter.response(timeout=3)
+    took = time.monotonic() - t0
+    assert r.status == 503 and r.has("Retry-After")
+    assert 0.3 <= took <= 0.3 + 0.1 + 0.4, took
+    release.set()
+    assert (await holder.response()).status == 200
+    assert [rec.target for rec in be.requests] == ["/hold"]
+    # the slot is free again
+    assert (await p.get("/next", user="u")).status == 200
+
+
+async def test_a_waiting_client_that_leaves_gives_up_its_place(raw_backend, proxy):
+    release = asyncio.Event()
+    be = await raw_backend("a", held_backend_script(release))
+    p = await proxy([be], {"limits": {"max_inflight_per_backend": 1, "queue_per_backend": 1},
+                           "timeouts": {"queue": "5s"}})
+    holder = await p.client()
+    holder.send(http_request("GET", "/hold", headers={"X-User-Id": "u"}))
+    await eventually(lambda: be.requests, what="the slot is taken")
+    gone = await p.client()
+    gone.send(http_request("GET", "/gone", headers={"X-User-Id": "u"}))
+    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="waiting")
+    gone.send_rst()
+    await eventually(lambda: not p.svc.proxy.states["a"].waiters, what="left the queue")
+    nxt = await p.client()                       # its queue place is free for another
+    nxt.send(http_request("GET", "/next", headers={"X-User-Id": "u"}))
+    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="queued")
+    release.set()
+    assert (await holder.response()).body == b"/hold"
+    assert (await nxt.response()).body == b"/next"
+    assert [rec.target for rec in be.requests] == ["/hold", "/next"]
