@@ -56,7 +56,8 @@ class ClientProtocol(asyncio.Protocol):
                  "deadline_kind", "peer_ip", "trusted", "url", "headers", "head_bytes",
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
-                 "special", "peer_bytes", "limits", "valid_host", "idle_timeout")
+                 "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
+                 "client_ip")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -77,6 +78,8 @@ class ClientProtocol(asyncio.Protocol):
         self.limits = server.config.limits
         self.valid_host: bytes | None = None
         self.idle_timeout = server.config.timeouts.client_idle
+        self.head_pending = 0
+        self.client_ip: str | None = None   # the client, past trusted proxies (client-ip)
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
@@ -127,6 +130,8 @@ class ClientProtocol(asyncio.Protocol):
                 # the common case: one small request on an idle connection
                 try:
                     self.parser.feed_data(data)
+                    if self.in_head:
+                        self._head_progress(len(data))
                 except HttpParserUpgrade as e:
                     self._after_upgrade_request(data[e.args[0]:])
                 except HttpParserError as e:
@@ -192,6 +197,8 @@ class ClientProtocol(asyncio.Protocol):
             chunk = view[pos:end] if (pos or end < n) else data
             try:
                 self.parser.feed_data(chunk)
+                if self.in_head:
+                    self._head_progress(end - pos)
             except HttpParserUpgrade as e:
                 rest = bytes(view[pos + e.args[0]:])
                 self._after_upgrade_request(rest)
@@ -202,6 +209,15 @@ class ClientProtocol(asyncio.Protocol):
             if self.closing:
                 return
             pos = end
+
+    def _head_progress(self, n: int) -> None:
+        """Count bytes fed while a request head is incomplete. llhttp reports a field only
+        once it ends, so a field that never ends must be caught here (431)."""
+        self.head_pending += n
+        limits = self.limits
+        if self.head_pending > limits.max_header_bytes + limits.max_request_line:
+            self.limit_error = RequestError(431, "request header fields too large")
+            raise HttpParserError("request head too large")
 
     def _after_upgrade_request(self, rest: bytes) -> None:
         ex = self.queue[-1] if self.queue else None
@@ -220,12 +236,18 @@ class ClientProtocol(asyncio.Protocol):
             err = RequestError(400, f"malformed request: {_parser_reason(e)}")
         self.limit_error = None
         self.in_head = False
-        self.receiving = None
+        receiving, self.receiving = self.receiving, None
         self.pause_reading(self.PAUSE_STOPPED)
+        self.server.events.request_rejected(err.status)
+        if receiving is not None and receiving.local is None:
+            # the body of a request already routed is malformed: that request is the one
+            # answered (or cut short); the backend did nothing wrong
+            self.closing = True
+            receiving.client_failed(err.status, err.reason)
+            return
         ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
         ex.local = (err.status, err.reason, b"")
         ex.local_close = True
-        self.server.events.request_rejected(err.status)
         self._enqueue(ex)
         self.closing = True
 
@@ -237,6 +259,7 @@ class ClientProtocol(asyncio.Protocol):
         self.fwd = []
         self.special = []
         self.head_bytes = 0
+        self.head_pending = 0
         if self.deadline_kind != "header":
             self.deadline = time.monotonic() + self.server.config.timeouts.client_header
             self.deadline_kind = "header"
@@ -263,9 +286,11 @@ class ClientProtocol(asyncio.Protocol):
                     return
             self.fwd.append(name + b": " + value + b"\r\n")
         elif self.receiving is not None:
-            # a trailer field of a chunked request body (RFC 9112 §7.1.2)
+            # a trailer field of a chunked request body (RFC 9112 §7.1.2): the fields the
+            # proxy sets, strips or frames are not accepted from trailers either
             ln = name.lower()
-            if ln not in HOP_BY_HOP and ln not in (b"content-length", b"host"):
+            server = self.server
+            if ln not in server.request_watch and not ln.startswith(server.header_prefix_lower):
                 ex = self.receiving
                 if ex.req_trailers is None:
                     ex.req_trailers = []
@@ -363,6 +388,9 @@ class ClientProtocol(asyncio.Protocol):
             framing, length = "none", 0
         url = self.url
         target = url if url[:1] == b"/" else normalise_target(method, url, host)
+        if b"#" in target:
+            # a fragment is the client's own business (RFC 9110 §4.2.5): never forwarded
+            target = target.partition(b"#")[0]
         upgrade = False
         fwd = self.fwd
         if conn_values is not None:
@@ -382,6 +410,8 @@ class ClientProtocol(asyncio.Protocol):
             key = got.key
         elif server.config.routing.no_key == "reject":
             raise RequestError(400, "request carries no user key")
+        elif server.config.routing.no_key == "client-ip":
+            self.client_ip = _client_ip(self.peer_ip, xff if self.trusted else [], server)
 
         # the forwarded head: hop-by-hop fields were left out as they arrived
         parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
@@ -627,6 +657,18 @@ class ClientProtocol(asyncio.Protocol):
         """Graceful stop: close now if idle, else after the current response."""
         if self.tunnel is None and not self.queue and not self.in_head:
             self._close()
+
+
+def _client_ip(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:
+    """The client's address: the peer, or behind trusted proxies the rightmost
+    X-Forwarded-For entry that is not itself a trusted proxy."""
+    if not xff:
+        return peer
+    hops = [h.strip() for v in xff for h in v.decode("latin-1").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not server.is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
 
 
 def _parser_reason(e: Exception) -> str:

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 PENDING, CONNECTING, SENT, RESPONDING, DONE, QUEUED = range(6)
 
 
+# A slow request body is judged against limits.min_body_rate only after this long
+# (seconds), and the rate is checked this often.
+BODY_RATE_GRACE = 2.0
+BODY_RATE_CHECK = 1.0
+
 # A request body is buffered up to this many bytes while its connection is being set up;
 # beyond it the client is not read until the body can flow (backpressure).
 BODY_BUFFER_HIGH = 256 * 1024
@@ -43,9 +48,15 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
+_NEVER_HOP_BY_HOP = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
+                               b"content-length"})
+
+
 def _without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
     """Drop the header lines whose names a Connection field lists (RFC 9110 §7.6.1)."""
-    tokens = tokens - {b"close", b"keep-alive", b"upgrade"}
+    # Host and framing fields are end-to-end by definition: a Connection field naming them
+    # is ignored for them (removing Host would forward a request without one)
+    tokens = tokens - _NEVER_HOP_BY_HOP
     if not tokens:
         return lines
     return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in tokens]
@@ -68,7 +79,10 @@ class Exchange:
     body_sent = 0
     req_trailers: list[tuple[bytes, bytes]] | None = None
     upgrade = False
+    body_started = 0.0
+    last_body_at = 0.0
     key: str | None = None
+    route_key: str | None = None   # the ring key of a keyless request routed by client IP
     close_after = False            # the client connection closes after this response
     local: tuple[int, str, bytes] | None = None
     local_close = False
@@ -143,7 +157,9 @@ class Exchange:
         if self.key is not None:
             r = router.route(self.key, now)
         else:
-            r = router.route_keyless(self.client.peer_ip, now)
+            r = router.route_keyless(self.client.client_ip, now)
+            if r.kind == "no_key" and r.owner is not None:
+                self.route_key = self.client.client_ip  # retries follow the address's ring order
         self.route = r.kind
         self.owner = r.owner
         if r.backend is None:
@@ -219,7 +235,7 @@ class Exchange:
         """Move to the next usable backend along the key's preference list, or fail."""
         now = time.monotonic()
         if self.attempts <= self.server.config.retries.attempts:
-            for cand in self.router.alternatives(self.key, self.tried, now):
+            for cand in self.router.alternatives(self.route_key or self.key, self.tried, now):
                 if self.server.retry_allowed():
                     self._count_retry()
                     self.server.events.retry(failed, reason)
@@ -229,6 +245,9 @@ class Exchange:
                     self.try_backend(cand, now)
                     return
                 break
+        if not any(b.usable(now) for b in self.router.ordered):
+            self.fail(503, "no backend available", retry_after=True)
+            return
         self.fail(status, message)
 
     def leave_queue(self) -> None:
@@ -301,8 +320,15 @@ class Exchange:
             if self.body_done and framing == "chunked":
                 parts.append(self._last_chunk())
         conn.transport.write(b"".join(parts))  # type: ignore[union-attr]
-        self.deadline = time.monotonic() + server.config.timeouts.response
-        self.deadline_kind = "response"
+        if self.client.write_paused:
+            conn.pause_reading()  # the client is not keeping up: hold the response back
+        now = time.monotonic()
+        if self.body_done:
+            self.deadline = now + server.config.timeouts.response
+            self.deadline_kind = "response"
+        else:
+            self.body_started = self.body_started or now
+            self._request_body_deadline(now)
 
     def _last_chunk(self) -> bytes:
         if not self.req_trailers:
@@ -320,8 +346,8 @@ class Exchange:
                 t.writelines(_chunk(data))  # type: ignore[union-attr]
             else:
                 t.write(data)  # type: ignore[union-attr]
-            if self.deadline_kind == "response":
-                self.deadline = time.monotonic() + self.server.config.timeouts.response
+            if self.deadline_kind == "request-body":
+                self.last_body_at = time.monotonic()
         elif self.state == DONE:
             return
         else:
@@ -332,8 +358,28 @@ class Exchange:
             if self.body_buffered > BODY_BUFFER_HIGH:
                 self.client.pause_reading(self.client.PAUSE_BODY)
 
+    def _request_body_deadline(self, now: float) -> None:
+        """While the client sends the body, the clock is the client's: ``body_idle``
+        without a byte (and ``limits.min_body_rate`` if set) ends it with 408."""
+        self.last_body_at = self.last_body_at or now
+        self.deadline = now + min(self.server.config.timeouts.body_idle, BODY_RATE_CHECK)
+        self.deadline_kind = "request-body"
+
+    def _request_body_stalled(self, now: float) -> str | None:
+        cfg = self.server.config
+        if now - self.last_body_at > cfg.timeouts.body_idle:
+            return "request body not received in time"
+        rate = cfg.limits.min_body_rate
+        elapsed = now - self.body_started
+        if rate and elapsed > BODY_RATE_GRACE and self.body_seen < rate * elapsed:
+            return f"request body slower than {rate} bytes/s"
+        return None
+
     def on_request_complete(self) -> None:
         self.body_done = True
+        if self.deadline_kind == "request-body" and self.state == SENT:
+            self.deadline = time.monotonic() + self.server.config.timeouts.response
+            self.deadline_kind = "response"
         if self.framing == "chunked" and self.state in (SENT, RESPONDING) and self.upstream:
             self.upstream.transport.write(self._last_chunk())  # type: ignore[union-attr]
 
@@ -371,6 +417,7 @@ class Exchange:
         self.server.events.upstream_ok(self.backend, status)  # type: ignore[arg-type]
         cl = self.resp_cl
         te = self.resp_te
+        te_line = b"Transfer-Encoding: chunked\r\n"
         conn_values = self.resp_conn
         out = self.resp_out
         if conn_values is not None and not (
@@ -379,15 +426,29 @@ class Exchange:
         if self.head_only or status in NO_BODY_STATUSES:
             self.resp_in_framing = out_framing = "none"
         elif te is not None:
-            self.resp_in_framing = "chunked"
-            out_framing = "chunked" if self.version == "1.1" else "close"
+            codings = [c.strip().lower() for c in te.split(b",") if c.strip()]
+            self.resp_in_framing = "chunked" if codings[-1:] == [b"chunked"] else "close"
+            other = [c for c in codings if c != b"chunked"]
+            if other:
+                # other transfer codings (gzip, ...) travel on, re-chunked (RFC 9112 §6.1);
+                # an HTTP/1.0 client cannot receive any transfer coding
+                if self.version != "1.1":
+                    self._cannot_relay("a transfer-coded response cannot reach an HTTP/1.0 client")
+                    return
+                te_line = b"Transfer-Encoding: " + b", ".join(other) + b", chunked\r\n"
+                out_framing = "chunked"
+            else:
+                out_framing = "chunked" if self.version == "1.1" else "close"
         elif cl is not None:
             self.resp_in_framing = out_framing = "cl"
         else:
             self.resp_in_framing = "close"
             out_framing = "chunked" if self.version == "1.1" else "close"
         client = self.client
-        close = self.close_after or out_framing == "close" or client.must_close_after(self)
+        # a response that starts before the request body ended leaves the rest of that body
+        # unread: the connection cannot carry another request, and the head says so
+        close = (self.close_after or out_framing == "close" or not self.body_done
+                 or client.must_close_after(self))
         self.resp_framing = out_framing
         self.close_after = close
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
@@ -395,7 +456,7 @@ class Exchange:
         if cl is not None and (out_framing == "cl" or out_framing == "none" and status != 204):
             head.append(b"Content-Length: " + cl + _CRLF)
         elif out_framing == "chunked":
-            head.append(b"Transfer-Encoding: chunked\r\n")
+            head.append(te_line)
         if close:
             head.append(b"Connection: close\r\n\r\n")
         elif self.version == "1.0":
@@ -510,6 +571,40 @@ class Exchange:
             return
         self.next_backend(backend, kind, msg, status)  # type: ignore[arg-type]
 
+    def _cannot_relay(self, reason: str) -> None:
+        """A valid response this client cannot be given: 502, the connection dropped."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.abort()
+        self.fail(502, reason)
+
+    def client_failed(self, status: int, reason: str) -> None:
+        """The client broke its own request (a malformed or stalled body): answer it if no
+        byte of the response went out, else cut the connection. The backend is not blamed:
+        its connection is dropped without counting a failure."""
+        if self.state == DONE:
+            return
+        client = self.client
+        if self.state == PENDING and client.queue and client.queue[0] is not self:
+            self.local = (status, reason, b"")
+            self.local_close = True
+            self.body_buf = None
+            return
+        self.error_kind = "client"
+        if self.state == RESPONDING:
+            self.finish(abort_client=True)
+            return
+        if self.state == QUEUED:
+            self.leave_queue()
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.abort()
+        client.respond_local(self, status, reason, close=True)
+
     def replayable(self) -> bool:
         """Safe to send again: idempotent, no body streamed, nothing sent to the client."""
         return (self.method in IDEMPOTENT_METHODS and self.framing == "none"
@@ -531,7 +626,14 @@ class Exchange:
             self.on_upstream_failure(conn, "reset", "connection closed before the response ended")
 
     def on_deadline(self, now: float) -> None:
-        if self.deadline_kind == "queue" and self.state == QUEUED:
+        if self.deadline_kind == "request-body":
+            why = self._request_body_stalled(now)
+            if why is None:
+                self._request_body_deadline(now)
+            else:
+                self.client.closing = True
+                self.client_failed(408, why)
+        elif self.deadline_kind == "queue" and self.state == QUEUED:
             self.leave_queue()
             self.fail(503, f"backend {self.backend.id} stayed at capacity",  # type: ignore[union-attr]
                       retry_after=True)

@@ -97,11 +97,24 @@ def normalise_target(method: str, target: bytes, host: bytes | None) -> bytes:
             raise RequestError(400, "malformed absolute-form request target") from None
         if not parts.netloc or parts.username is not None or parts.password is not None:
             raise RequestError(400, "malformed absolute-form request target")
-        if host is None or parts.netloc.lower() != host.decode("latin-1").lower():
+        if host is None or _authority(parts.netloc, parts.scheme) != _authority(
+                host.decode("latin-1"), parts.scheme):
             raise RequestError(400, "absolute-form request target does not match Host")
         path = parts.path or "/"
         return (path + ("?" + parts.query if parts.query else "")).encode("ascii")
     raise RequestError(400, "malformed request target")
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _authority(value: str, scheme: str) -> str:
+    """An authority compared case-insensitively, without its scheme's default port."""
+    value = value.lower()
+    default = _DEFAULT_PORTS.get(scheme.lower())
+    if default and value.endswith(default):
+        value = value[: -len(default)]
+    return value
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:

@@ -154,6 +154,8 @@ class Proxy:
                 port if port is not None else self.config.listen.port,
                 reuse_port=reuse_port or None, backlog=1024)
         self._ticker = loop.create_task(self._tick())
+        # a request without Host (HTTP/1.0) is forwarded with the address it came in on
+        self.default_host = f"{self.config.listen.host}:{self.port}".encode("ascii")
 
     async def rebind(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Listen on a new address; connections accepted on the old one carry on."""

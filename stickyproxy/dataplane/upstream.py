@@ -145,7 +145,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 else:
                     ex.resp_conn.append(value)
             elif ln == b"transfer-encoding":
-                ex.resp_te = value
+                ex.resp_te = value if ex.resp_te is None else ex.resp_te + b", " + value
             elif ln == b"upgrade":
                 ex.resp_upgrade = value
             return

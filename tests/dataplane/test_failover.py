@@ -183,11 +183,6 @@ async def test_every_backend_refusing_gives_an_error_not_a_hang(proxy):
     assert r.body.startswith(f"{r.status} ".encode())
 
 
-@pytest.mark.xfail(reason="BUG: with every backend known down (connect_down after refused "
-                   "connects) the proxy still answers 502 without Retry-After, never 'no usable "
-                   "backend -> 503 + Retry-After': panic routing (router.py route(): in_panic -> "
-                   "route by the plain ring) sends the request to the dead owner again, and "
-                   "next_backend() then fails it with 502", strict=True)
 async def test_no_usable_backend_gives_503_with_retry_after(proxy):
     p = await proxy([DeadBackend("a"), DeadBackend("b")], {"passive": {"connect_down": "30s"}})
     first = await p.get("/", user="u")           # discovers that both refuse connects
@@ -272,12 +267,6 @@ def _ids_where_client_ip_fallback_is_not_alphabetical() -> list[str]:
     raise AssertionError("no such id set")
 
 
-@pytest.mark.xfail(reason="BUG: with no_key = \"client-ip\", a retry after a failed connect walks "
-                   "the backends in id order instead of the client IP's preference list "
-                   "(router.py alternatives(): key None -> self.ordered, and exchange.py passes "
-                   "self.key, which is None for keyless requests), so the same client lands on "
-                   "a different backend than routing picks once the owner is marked down",
-                   strict=True)
 async def test_client_ip_routing_fails_over_along_the_ip_preference_list(backends, proxy):
     pref = _ids_where_client_ip_fallback_is_not_alphabetical()
     live = await backends(pref[1], pref[2])

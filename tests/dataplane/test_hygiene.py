@@ -4,7 +4,6 @@ forms a reverse proxy does not serve are refused without contacting a backend.""
 
 from __future__ import annotations
 
-import pytest
 from aiohttp import web
 from conftest import http_request, respond_with
 
@@ -39,9 +38,6 @@ async def test_request_hop_by_hop_fields_are_not_forwarded(backends, proxy):
     assert all("close" not in v.lower() for v in rec.values("Connection"))
 
 
-@pytest.mark.xfail(reason="BUG: 'Connection: Host' makes the proxy forward an HTTP/1.1 request "
-                   "with no Host field (client.py _build: drop = HOP_BY_HOP | tokens, and the "
-                   "default Host is only added when the client sent none)", strict=True)
 async def test_connection_option_naming_host_does_not_strip_host(backends, proxy):
     """A field named by Connection is dropped, but a forwarded HTTP/1.1 request still needs
     exactly one Host (RFC 9112 §3.2). Either the proxy refuses such a request itself or it
@@ -153,10 +149,6 @@ async def test_error_responses_name_a_reason_and_are_not_cached(raw_backend, pro
     assert r.wants_close
 
 
-@pytest.mark.xfail(reason="BUG (minor): a fragment in the request target is forwarded to the "
-                   "backend ('GET /a#frag' arrives as '/a#frag'); origin-form has no fragment "
-                   "(RFC 9112 §3.2.1) and a backend may route on it differently from the proxy's "
-                   "path key pattern (client.py _build forwards self.url unchanged)", strict=True)
 async def test_fragment_in_target_is_not_forwarded(raw_backend, proxy):
     be = await raw_backend("a", respond_with(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     p = await proxy([be])
@@ -168,10 +160,6 @@ async def test_fragment_in_target_is_not_forwarded(raw_backend, proxy):
     assert [rec.target for rec in be.requests] == ["/a?q=1"]
 
 
-@pytest.mark.xfail(reason="BUG (minor): an absolute-form target naming the default port is "
-                   "refused when Host omits it ('http://h:80/' vs 'Host: h' -> 400), though both "
-                   "name the same origin (RFC 9110 §4.2.3); http.py normalise_target compares "
-                   "netloc strings", strict=True)
 async def test_absolute_form_with_default_port_matches_host_without_port(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
