@@ -17,7 +17,7 @@ from .keys import KeyExtractor
 from .ring import Member, Ring
 
 if TYPE_CHECKING:
-    from .dataplane.pool import Pool
+    from .dataplane.upstream import Pool
 
 
 class BackendState:

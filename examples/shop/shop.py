@@ -1,0 +1,25 @@
+"""What the handlers share: the settings and the mode's state, limiter and jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .jobs import Jobs
+from .metrics import ShopMetrics
+from .ratelimit import RateLimiter
+from .settings import Settings
+from .state import UserState
+
+
+@dataclass
+class Shop:
+    settings: Settings
+    metrics: ShopMetrics
+    state: UserState
+    limiter: RateLimiter | None
+    jobs: Jobs
+
+
+SHOP_KEY: web.AppKey[Shop] = web.AppKey("shop", Shop)

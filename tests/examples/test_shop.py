@@ -1,0 +1,243 @@
+"""The shop example in both modes, against a redis-server of the test's own: cart, counter,
+rate limit, WebSocket job progress, Redis commands per request, and a user's state carried
+over to another instance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from shop.catalog import MAX_QTY_PER_ADD
+from shop.ratelimit import LocalRateLimiter
+
+from .conftest import IO_TIMEOUT, as_user, eventually
+
+MODES = [pytest.param(False, id="sticky"), pytest.param(True, id="stateless")]
+
+
+async def metric(client, name: str, **labels: str) -> float | None:
+    """One sample of the instance's /metrics, or None."""
+    r = await client.get("/metrics")
+    for family in text_string_to_metric_families(await r.text()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_cart_add_list_remove(shop, stateless):
+    c = await shop(stateless=stateless)
+    alice = as_user("alice")
+    r = await c.post("/cart/items", json={"item": "apple", "qty": 2}, headers=alice)
+    assert r.status == 200 and await r.json() == {"item": "apple", "qty": 2}
+    assert r.headers["X-Served-By"] == "app-1"
+    r = await c.post("/cart/items", json={"item": "apple"}, headers=alice)
+    assert (await r.json())["qty"] == 3
+    await c.post("/cart/items", json={"item": "tea", "qty": 1}, headers=alice)
+    r = await c.get("/cart", headers=alice)
+    assert await r.json() == {"user": "alice", "items": {"apple": 3, "tea": 1}, "count": 4}
+    r = await c.delete("/cart/items/apple", headers=alice)
+    assert await r.json() == {"item": "apple", "removed": True}
+    r = await c.delete("/cart/items/apple", headers=alice)
+    assert await r.json() == {"item": "apple", "removed": False}
+    r = await c.get("/cart", headers=as_user("bob"))
+    assert (await r.json())["items"] == {}
+    assert (await (await c.get("/cart", headers=alice)).json())["items"] == {"tea": 1}
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_counter_only_goes_up(shop, stateless):
+    c = await shop(stateless=stateless)
+    assert await (await c.get("/counter", headers=as_user("u"))).json() == {"value": 0}
+    values = [(await (await c.post("/counter", headers=as_user("u"))).json())["value"] for _ in range(5)]
+    assert values == [1, 2, 3, 4, 5]
+    assert await (await c.get("/counter", headers=as_user("u"))).json() == {"value": 5}
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_bad_requests_get_a_reason(shop, stateless):
+    c = await shop(stateless=stateless)
+    r = await c.get("/cart")
+    assert r.status == 400 and "X-Sticky-Key" in await r.text()
+    cases = [
+        ({"item": "caviar"}, "unknown product"),
+        ({"item": "tea", "qty": 0}, "qty must be"),
+        ({"item": "tea", "qty": MAX_QTY_PER_ADD + 1}, "qty must be"),
+        ({"item": "tea", "qty": True}, "qty must be"),
+        ([1, 2], "JSON object"),
+    ]
+    for body, reason in cases:
+        r = await c.post("/cart/items", json=body, headers=as_user("u"))
+        assert r.status == 400 and reason in (await r.json())["error"], body
+    r = await c.post("/cart/items", data=b"{nope", headers=as_user("u"))
+    assert r.status == 400
+    r = await c.post("/cart/items", data=b"x" * 10_000, headers=as_user("u"))
+    assert r.status == 413
+    r = await c.get("/cart", headers=as_user("x" * 2000))
+    assert r.status == 400
+
+
+async def test_stateless_accepts_the_client_header_behind_any_balancer(shop):
+    c = await shop(stateless=True)
+    await c.post("/counter", headers={"X-User-Id": "carol"})
+    assert await (await c.get("/counter", headers=as_user("carol"))).json() == {"value": 1}
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_61st_request_in_a_window_is_refused(shop, stateless):
+    c = await shop(stateless=stateless)
+    for i in range(60):
+        r = await c.get("/counter", headers=as_user("busy"))
+        assert r.status == 200, i
+    r = await c.get("/counter", headers=as_user("busy"))
+    assert r.status == 429
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert "60 requests per 60s" in (await r.json())["error"]
+    assert r.headers["X-Served-By"] == "app-1"
+    assert (await c.get("/counter", headers=as_user("calm"))).status == 200
+    assert (await c.get("/healthz")).status == 200
+    assert await metric(c, "shop_rate_limited_total") == 1
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_rate_limit_window_reopens(shop, stateless):
+    c = await shop(stateless=stateless, rate_limit=3, rate_window=0.3)
+    statuses = [(await c.get("/counter", headers=as_user("u"))).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+    async def reopened():
+        return (await c.get("/counter", headers=as_user("u"))).status == 200
+
+    await eventually(reopened, deadline=IO_TIMEOUT, interval=0.1, what="window reopened")
+
+
+def test_local_limiter_forgets_closed_windows_and_stays_bounded():
+    now = [0.0]
+    limiter = LocalRateLimiter(2, 10.0, max_users=3, clock=lambda: now[0])
+
+    def hit(user):
+        return asyncio.run(limiter.hit(user))
+
+    assert hit("a") is None and hit("a") is None
+    assert hit("a") == pytest.approx(10.0)
+    now[0] = 4.0
+    assert hit("a") == pytest.approx(6.0)
+    for u in ("b", "c", "d"):
+        assert hit(u) is None
+    assert len(limiter) == 3
+    now[0] = 10.0
+    assert hit("a") is None
+    now[0] = 30.0
+    assert hit("e") is None
+    assert len(limiter) == 1
+
+
+@pytest.mark.parametrize("stateless", MODES)
+async def test_job_progress_over_websocket(shop, stateless):
+    steps = 5
+    c = await shop(stateless=stateless, job_steps=steps, job_step_seconds=0.03)
+    r = await c.post("/jobs", headers=as_user("alice"))
+    assert r.status == 202
+    job = await r.json()
+    assert job["ws"] == f"/jobs/{job['id']}/ws" and job["state"] == "running"
+    ws = await c.ws_connect(job["ws"], headers=as_user("alice"))
+    seen = []
+    async with asyncio.timeout(IO_TIMEOUT):
+        async for msg in ws:
+            assert msg.type == aiohttp.WSMsgType.TEXT
+            seen.append(json.loads(msg.data))
+    assert ws.close_code == 1000
+    assert [m["step"] for m in seen] == sorted({m["step"] for m in seen})
+    assert seen[-1] == {"id": job["id"], "step": steps, "steps": steps, "state": "done"}
+    assert all(m["state"] == "running" for m in seen[:-1])
+    r = await c.get(f"/jobs/{job['id']}", headers=as_user("alice"))
+    assert (await r.json())["state"] == "done"
+    assert (await c.get(f"/jobs/{job['id']}", headers=as_user("mallory"))).status == 404
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        await c.ws_connect(job["ws"], headers=as_user("mallory"))
+    assert e.value.status == 404
+
+
+async def test_sticky_reads_cost_no_redis_command(shop, redis_server):
+    c = await shop()
+    await c.post("/cart/items", json={"item": "milk"}, headers=as_user("alice"))
+    before = redis_server.commandstats()
+    for _ in range(20):
+        assert (await c.get("/cart", headers=as_user("alice"))).status == 200
+        assert (await c.get("/counter", headers=as_user("alice"))).status == 200
+    assert redis_server.calls_since(before) == {}
+    before = redis_server.commandstats()
+    await c.post("/counter", headers=as_user("alice"))
+    calls = redis_server.calls_since(before)
+    # one round trip: the fenced write script (the commands it runs inside are counted too)
+    assert calls.pop("evalsha") == 1
+    assert set(calls) <= {"hmget", "hset", "pexpire"}
+
+
+async def test_stateless_pays_redis_on_every_request(shop, redis_server):
+    c = await shop(stateless=True)
+    await c.post("/cart/items", json={"item": "milk"}, headers=as_user("alice"))
+    expected = {
+        ("GET", "/cart"): {"incrby": 1, "pexpire": 1, "hgetall": 1},
+        ("GET", "/counter"): {"incrby": 1, "pexpire": 1, "get": 1},
+        ("POST", "/counter"): {"incrby": 2, "pexpire": 1},
+    }
+    for (method, path), calls in expected.items():
+        before = redis_server.commandstats()
+        r = await c.request(method, path, headers=as_user("alice"))
+        assert r.status == 200
+        assert redis_server.calls_since(before) == calls, (method, path)
+    before = redis_server.commandstats()
+    await c.post("/cart/items", json={"item": "milk"}, headers=as_user("alice"))
+    assert redis_server.calls_since(before) == {"incrby": 1, "pexpire": 1, "hincrby": 1}
+
+
+async def test_cart_and_counter_follow_the_user_to_another_instance(shop):
+    a, b = await shop("app-1"), await shop("app-2")
+    alice = as_user("alice")
+    await a.post("/cart/items", json={"item": "apple", "qty": 2}, headers=alice)
+    for _ in range(3):
+        await a.post("/counter", headers=alice)
+    await a.close()
+    r = await b.get("/cart", headers=alice)
+    assert r.headers["X-Served-By"] == "app-2"
+    assert (await r.json())["items"] == {"apple": 2}
+    assert (await (await b.post("/counter", headers=alice)).json())["value"] == 4
+    assert await metric(b, "stickyctx_acquisitions_total", reason="takeover") == 1
+
+
+async def test_user_moving_back_sees_the_newest_state(shop):
+    a, b = await shop("app-1"), await shop("app-2")
+    alice = as_user("alice")
+    await a.post("/counter", headers=alice)
+    await b.post("/counter", headers=alice)
+
+    async def a_dropped_alice():
+        return await metric(a, "stickyctx_entries") == 0
+
+    await eventually(a_dropped_alice, what="app-1 told that app-2 took alice over")
+    assert (await (await a.post("/counter", headers=alice)).json())["value"] == 3
+
+
+async def test_metrics_carry_the_library_and_the_app(shop):
+    sticky, stateless = await shop("app-1"), await shop("app-2", stateless=True)
+    await sticky.get("/cart", headers=as_user("u"))
+    assert await metric(sticky, "stickyctx_entries") == 1
+    assert await metric(sticky, "shop_info", node="app-1", mode="sticky") == 1
+    assert await metric(sticky, "shop_requests_total", route="/cart", status="200") == 1
+    assert await metric(sticky, "shop_rate_limit_users") == 1
+    assert await metric(stateless, "stickyctx_entries") is None
+    assert await metric(stateless, "shop_info", node="app-2", mode="stateless") == 1
+
+
+async def test_stateless_redis_down_is_503(shop, redis_server):
+    c = await shop(stateless=True)
+    assert (await c.get("/cart", headers=as_user("u"))).status == 200
+    redis_server.stop()
+    async with asyncio.timeout(IO_TIMEOUT):
+        r = await c.get("/cart", headers=as_user("u"))
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
