@@ -50,6 +50,7 @@ def context_middleware(
     headers: StickyHeaders = DEFAULT_HEADERS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     require: Callable[[web.Request], bool] | None = None,
+    skip: Callable[[web.Request], bool] | None = None,
 ) -> Middleware:
     """Middleware: :func:`get_context` (or ``request[CONTEXT_KEY]``) is the user's mutable context,
     saved after the handler returns, only if it changed (a raising handler saves nothing), and
@@ -60,12 +61,17 @@ def context_middleware(
     Conflict on save: GET/HEAD/OPTIONS/PUT/DELETE handlers are run again (``max_attempts`` runs
     in all), others get 409. Store unavailable: 503.
     A handler that streams its response (``prepare()``) has sent it before the save.
+    Requests for which ``skip(request)`` is true bypass the middleware entirely (no context,
+    no per-user lock): use it for WebSocket and other long-lived handlers, which would
+    otherwise hold the user's lock, and delay the save, for as long as they run.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
 
     @web.middleware
     async def sticky_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if skip is not None and skip(request):
+            return await handler(request)
         info = StickyInfo.from_lookup(request.headers.get, headers)
         request[INFO_KEY] = info
         user = info.user

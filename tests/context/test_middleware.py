@@ -3,6 +3,7 @@ through httpx.ASGITransport): load, save-if-changed, 400, conflict retry / 409, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -72,12 +73,17 @@ async def aiohttp_app(stores: Stores) -> AsyncIterator[tuple[str, ContextStore, 
         get_context(request)["n"] = -1
         raise web.HTTPForbidden(text="no")
 
-    app = web.Application(middlewares=[context_middleware(store, require=lambda r: r.path == "/required")])
+    async def stream(request: web.Request) -> web.Response:
+        return web.Response(text="none" if CONTEXT_KEY not in request else "context")
+
+    app = web.Application(middlewares=[context_middleware(
+        store, require=lambda r: r.path == "/required", skip=lambda r: r.path == "/stream")])
     app.router.add_route("*", "/count", count)
     app.router.add_get("/peek", peek)
     app.router.add_get("/anonymous", anonymous)
     app.router.add_get("/required", anonymous)
     app.router.add_get("/fail", fail)
+    app.router.add_get("/stream", stream)
     app.router.add_get("/metrics", metrics_handler(store))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -101,6 +107,16 @@ async def test_aiohttp_loads_saves_and_exposes_headers(aiohttp_app: tuple[str, C
             assert "stickyctx_writes_total 3.0" in await r.text()
     other: ContextStore = await stores("C")
     assert (await other.get("alice"))["n"] == 3  # acknowledged changes are in Redis
+
+
+async def test_aiohttp_skip_bypasses_the_middleware(aiohttp_app: tuple[str, ContextStore, Scenario]) -> None:
+    url, store, _ = aiohttp_app
+    async with ClientSession() as http:
+        # no context, and no per-user lock: a skipped (e.g. WebSocket) handler cannot hold
+        # the user's other requests up while it runs
+        async with store._locks.hold("alice"), asyncio.timeout(5):
+            async with http.get(f"{url}/stream", headers=KEY) as r:
+                assert (r.status, await r.text()) == (200, "none")
 
 
 async def test_aiohttp_missing_key_is_400(aiohttp_app: tuple[str, ContextStore, Scenario]) -> None:
