@@ -224,6 +224,9 @@ class Headers:
     prefix: str = spec("X-Sticky-", k_header_name,
                        "prefix of the headers the proxy sets for backends")
     forwarded: bool = spec(True, k_bool, "add X-Forwarded-For/-Proto/-Host")
+    allow_underscores: bool = spec(False, k_bool,
+                                   "forward request headers whose names contain '_' (CGI and "
+                                   "WSGI servers read X_User_Id as X-User-Id: off by default)")
     strip: tuple = spec((), k_header_names,
                         "request headers never forwarded (e.g. identity headers a client "
                         "could forge)")

@@ -57,7 +57,7 @@ class ClientProtocol(asyncio.Protocol):
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
-                 "client_ip")
+                 "client_ip", "start_pending")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -80,6 +80,7 @@ class ClientProtocol(asyncio.Protocol):
         self.idle_timeout = server.config.timeouts.client_idle
         self.head_pending = 0
         self.client_ip: str | None = None   # the client, past trusted proxies (client-ip)
+        self.start_pending = False
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
@@ -122,20 +123,25 @@ class ClientProtocol(asyncio.Protocol):
             self.stash += data
             return
         self.batch += 1
-        self.feeding = True
         try:
             if len(data) > FEED_SLICE or self.queue:
-                self._feed_slices(data)
+                self._feed(data)
             else:
                 # the common case: one small request on an idle connection
+                self.feeding = True
                 try:
                     self.parser.feed_data(data)
                     if self.in_head:
                         self._head_progress(len(data))
                 except HttpParserUpgrade as e:
+                    self.feeding = False
                     self._after_upgrade_request(data[e.args[0]:])
                 except HttpParserError as e:
+                    self.feeding = False
                     self._parse_error(e)
+                self.feeding = False
+                if self.start_pending:
+                    self._start_pending()
         finally:
             self.feeding = False
             self.batch -= 1
@@ -182,6 +188,8 @@ class ClientProtocol(asyncio.Protocol):
             self._feed_slices(data)
         finally:
             self.feeding = False
+        if self.start_pending:
+            self._start_pending()
 
     def _feed_slices(self, data: bytes) -> None:
         view = memoryview(data) if len(data) > FEED_SLICE else data
@@ -201,6 +209,9 @@ class ClientProtocol(asyncio.Protocol):
                     self._head_progress(end - pos)
             except HttpParserUpgrade as e:
                 rest = bytes(view[pos + e.args[0]:])
+                self.feeding = False
+                if self.start_pending:
+                    self._start_pending()
                 self._after_upgrade_request(rest)
                 return
             except HttpParserError as e:
@@ -280,7 +291,8 @@ class ClientProtocol(asyncio.Protocol):
                 raise self.limit_error
             ln = name.lower()
             headers.append((ln, value))
-            if ln in self.server.request_watch or ln.startswith(self.server.header_prefix_lower):
+            if (ln in self.server.request_watch or ln.startswith(self.server.header_prefix_lower)
+                    or (b"_" in ln and not self.server.allow_underscores)):
                 self.special.append((ln, value))
                 if ln != b"host":
                     return
@@ -300,6 +312,11 @@ class ClientProtocol(asyncio.Protocol):
         self.in_head = False
         self.deadline = 0.0
         self.deadline_kind = ""
+        if self.closing:
+            # a request pipelined behind one that closes the connection is never answered,
+            # so it is never forwarded either
+            self.receiving = None
+            return
         parser = self.parser
         self.requests += 1
         try:
@@ -393,10 +410,15 @@ class ClientProtocol(asyncio.Protocol):
             target = target.partition(b"#")[0]
         upgrade = False
         fwd = self.fwd
+        if self.parser.should_upgrade() and method != "CONNECT":
+            # llhttp ends an upgrade request at its head and treats what follows as the new
+            # protocol: a body would be read as further requests (smuggling). Refused.
+            if framing != "none":
+                raise RequestError(400, "a request asking to upgrade cannot carry a body")
         if conn_values is not None:
             tokens = connection_tokens(conn_values)
             fwd = _without_named(fwd, tokens)
-            if b"upgrade" in tokens and upgrade_values:
+            if b"upgrade" in tokens and upgrade_values and self.parser.should_upgrade():
                 wants_ws = any(v.strip().lower() == b"websocket" for v in upgrade_values)
                 upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
         path, _, query = target.partition(b"?")
@@ -469,7 +491,18 @@ class ClientProtocol(asyncio.Protocol):
         if len(self.queue) == 1:
             self.deadline = 0.0
             self.deadline_kind = ""
-            ex.begin()
+            if self.feeding:
+                # llhttp may still reject this head once the callback returns (some checks
+                # run after on_headers_complete): start it when the read has been parsed
+                self.start_pending = True
+            else:
+                ex.begin()
+
+    def _start_pending(self) -> None:
+        self.start_pending = False
+        queue = self.queue
+        if queue and not self.dead and queue[0].state == PENDING:
+            queue[0].begin()
 
     def exchange_done(self, ex: Exchange, abort: bool = False) -> None:
         queue = self.queue

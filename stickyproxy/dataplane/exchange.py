@@ -562,7 +562,8 @@ class Exchange:
         if not self.replayable():
             self.fail(status, msg)
             return
-        if (self.reused and kind == "reset" and not self.fresh_retry_used):
+        if (self.reused and kind == "reset" and not self.fresh_retry_used
+                and self.server.retry_allowed()):
             # a pooled connection the backend had just closed: same backend, new connection
             self.fresh_retry_used = True
             self._count_retry()

@@ -129,4 +129,5 @@ def is_chunked_only(values: list[bytes]) -> bool:
     Any other coding or a repeated one is refused: the proxy cannot know how a backend
     would frame it, and disagreement about framing is request smuggling.
     """
-    return len(values) == 1 and values[0].strip().lower() == b"chunked"
+    # spaces only: llhttp accepts trailing spaces but refuses a tab after "chunked"
+    return len(values) == 1 and values[0].strip(b" ").lower() == b"chunked"

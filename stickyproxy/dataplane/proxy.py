@@ -85,6 +85,7 @@ class Proxy:
         self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
         self._trusted = config.listen.trusted_proxies
         self.forwarded = hdr.forwarded
+        self.allow_underscores = hdr.allow_underscores
         self.request_watch = REQUEST_WATCH | {h.lower().encode("ascii") for h in hdr.strip}
 
     def apply(self, config: Config) -> Router:
