@@ -106,6 +106,7 @@ class Health:
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
         self.passive: dict[str, PassiveState] = {}
+        self.tracked: dict[str, BackendState] = {}   # the state object each history belongs to
         self.tasks: dict[str, asyncio.Task] = {}
         self.session: Any = None
         self._drain_timers: dict[str, asyncio.TimerHandle] = {}
@@ -132,9 +133,13 @@ class Health:
             if bid not in states:
                 del self.active[bid]
                 self.passive.pop(bid, None)
+                self.tracked.pop(bid, None)
         for bid, st in states.items():
-            self.active.setdefault(bid, ActiveState(up=st.healthy))
-            self.passive.setdefault(bid, PassiveState())
+            if self.tracked.get(bid) is not st:
+                # a new backend, or the same id at a new address: its history is not this one's
+                self.tracked[bid] = st
+                self.active[bid] = ActiveState(up=st.healthy)
+                self.passive[bid] = PassiveState()
             if self.run_active and self.cfg.enabled:
                 task = self.tasks.get(bid)
                 if task is None or task.done():
@@ -163,6 +168,11 @@ class Health:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 headers={"User-Agent": "stickyproxy-health"})
+            # One probe per check: aiohttp re-sends an idempotent request whose connection
+            # dropped, which would count a backend that drops every other connection as
+            # healthy. There is no public switch; aiohttp's own test client flips this one.
+            if hasattr(self.session, "_retry_connection"):
+                self.session._retry_connection = False
         return self.session
 
     async def _checker(self, bid: str) -> None:

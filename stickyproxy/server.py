@@ -96,7 +96,8 @@ class Service:
         old_ring = self.proxy.router.fingerprint
         self.proxy.apply(new)
         self.health.reconfigure()
-        self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
+        if source != "supervisor":  # with workers, the supervisor counts each reload once
+            self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
         log.info("reload (%s) applied: ring %s -> %s, %d backends", source, old_ring,
                  self.proxy.router.fingerprint, len(new.backends))
         return True

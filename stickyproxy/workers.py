@@ -47,6 +47,7 @@ class WorkerHandle:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.failures = 0
+        self.ready = False           # the worker said it is listening
         self.reader_task: asyncio.Task | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -82,6 +83,7 @@ class Supervisor:
         parent, child = socket.socketpair()
         cmd = [sys.executable, "-m", "stickyproxy.workers", "--index", str(h.index),
                "--of", str(self.n), "--control-fd", str(child.fileno())]
+        h.ready = False
         h.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
         child.close()
         h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
@@ -102,6 +104,9 @@ class Supervisor:
                 if not line:
                     break
                 msg = json.loads(line)
+                if msg.get("op") == "ready":
+                    h.ready = True
+                    continue
                 fut = h.pending.pop(msg.get("seq", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -152,8 +157,9 @@ class Supervisor:
     def ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "shutting down"
-        if not any(h.proc is not None and h.proc.poll() is None for h in self.handles):
-            return False, "no worker running"
+        if not any(h.ready and h.proc is not None and h.proc.poll() is None
+                   for h in self.handles):
+            return False, "no worker listening yet"
         now = time.monotonic()
         if not any(st.usable(now) for st in self.proxy.states.values()):
             return False, "no backend is usable"
@@ -328,6 +334,7 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
     svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
                   active_health=False)
     await svc.start(reuse_port=True)
+    writer.write(json.dumps({"op": "ready"}).encode() + b"\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

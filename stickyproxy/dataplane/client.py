@@ -566,8 +566,10 @@ class ClientProtocol(asyncio.Protocol):
         close = close or self.must_close_after(ex)
         ex.status = status
         ex.close_after = close
-        self.write(error_response(status, reason, close=close, head_only=ex.method == "HEAD",
-                                  extra=extra))
+        data = error_response(status, reason, close=close, head_only=ex.method == "HEAD",
+                              extra=extra)
+        ex.resp_bytes = len(data) - data.index(b"\r\n\r\n") - 4
+        self.write(data)
         if close:
             self.closing = True
         ex.finish()

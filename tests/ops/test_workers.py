@@ -1,0 +1,261 @@
+"""`stickyproxy run --workers 2` as a subprocess with its admin API: a drain reaches every
+worker, a reload is applied by every worker, /metrics sums the workers' counters, and a
+killed worker is restarted while traffic continues."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import aiohttp
+import pytest
+from conftest import (
+    Client,
+    alive,
+    build_toml,
+    descendants,
+    eventually,
+    free_port,
+    http_request,
+)
+
+from stickyproxy.config import loads
+
+from .conftest import (
+    Metrics,
+    established_to,
+    keys_where,
+    listeners,
+    listening_on,
+    user_requests,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    out = []
+    for pid in descendants(supervisor):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"stickyproxy.workers" in cmd and alive(pid):
+            out.append(pid)
+    return sorted(out)
+
+
+class Admin:
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def call(self, method: str, path: str) -> tuple[int, str]:
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+                    s.request(method, self.base + path) as r):
+            return r.status, await r.text()
+
+    async def metrics(self) -> Metrics:
+        status, text = await self.call("GET", "/metrics")
+        assert status == 200, text
+        return Metrics(text)
+
+
+async def one_request(port: int, user: str) -> tuple[int, str | None]:
+    """One request on a new connection (so connections spread over the workers)."""
+    c = await Client.connect(port)
+    try:
+        c.send(http_request("GET", "/w", headers={"X-User-Id": user, "Connection": "close"}))
+        r = await c.response()
+        return r.status, r.get("X-Backend")
+    finally:
+        c.close()
+
+
+async def start(backends, proxy_process, ids=("a", "b", "c")):
+    bs = await backends(*ids)
+    aport = free_port()
+    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport}}, workers=2)
+    await pp.wait_ready()
+    admin = Admin(aport)
+
+    async def admin_up():
+        try:
+            return (await admin.call("GET", "/readyz"))[0] == 200
+        except aiohttp.ClientError:
+            return False
+    await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
+    await eventually(lambda: len(worker_pids(pp.pid)) == 2, what="two workers")
+    await eventually(lambda: all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
+                     deadline=20, interval=0.05, what="both workers listening")
+    return bs, pp, admin
+
+
+def ring_for(pp, text):
+    from conftest import ring_of
+    return ring_of(loads(text, "x.toml"))
+
+
+async def test_workers_metrics_sum_every_worker(backends, proxy_process):
+    bs, pp, admin = await start(backends, proxy_process)
+    before = await admin.metrics()
+    n = 200
+    users = [f"user-{i}" for i in range(50)]
+    for i in range(n):
+        status, _ = await one_request(pp.port, users[i % len(users)])
+        assert status == 200
+    # both workers served some of them (each keeps pooled connections to the backends)
+    ports = {b.port for b in bs}
+    pids = worker_pids(pp.pid)
+    assert all(established_to(pid, ports) > 0 for pid in pids), \
+        {pid: established_to(pid, ports) for pid in pids}
+    after = await admin.metrics()
+
+    def delta(name, **labels):
+        return after.total(name, **labels) - before.total(name, **labels)
+    assert delta("stickyproxy_requests_total") == n
+    assert delta("stickyproxy_requests_total", code_class="2xx") == n
+    assert delta("stickyproxy_route_decisions_total", result="primary") == n
+    assert delta("stickyproxy_request_duration_seconds_count") == n
+    assert sum(len(user_requests(b)) for b in bs) >= n
+    assert abs(sum(after.by("stickyproxy_backend_key_share", "backend").values()) - 1) < 1e-9
+    assert after.by("stickyproxy_backend_up", "backend") == {"a": 1, "b": 1, "c": 1}
+    assert sum(after.by("stickyproxy_backend_inflight", "backend").values()) == 0
+
+
+async def test_workers_apply_drain_undrain_and_reload(backends, proxy_process):
+    bs, pp, admin = await start(backends, proxy_process)
+    a = bs[0]
+    path = pp.log.with_suffix(".toml")
+    ring = ring_for(pp, path.read_text())
+    users = [f"user-{i}" for i in range(60)]
+    a_users = [u for u in users if ring.preference(u)[0] == "a"]
+
+    status, text = await admin.call("POST", "/backends/a/drain")
+    assert status == 200, text
+    seen_a = len(user_requests(a))
+    for i in range(120):                      # right after the drain returned, every worker
+        u = users[i % len(users)]
+        status, backend = await one_request(pp.port, u)
+        assert status == 200
+        want = ring.preference(u)[1] if u in a_users else ring.preference(u)[0]
+        assert backend == want, (u, backend, want)
+    assert len(user_requests(a)) == seen_a
+    status, text = await admin.call("GET", "/backends")
+    assert status == 200 and '"drained": true' in text
+
+    status, _ = await admin.call("POST", "/backends/a/undrain")
+    assert status == 200
+
+    async def a_back() -> bool:
+        for i in range(40):
+            u = a_users[i % len(a_users)]
+            st, be = await one_request(pp.port, u)
+            assert st == 200
+            if be != "a":
+                return False
+        return True
+    await eventually(a_back, deadline=10, interval=0.05, what="a's users back on a")
+
+    # reload: add d; every worker routes d's users to it
+    (d,) = await backends("d")
+    aport = int(admin.base.rsplit(":", 1)[1])
+    text = build_toml([*bs, d], {"listen": {"port": pp.port},
+                                 "admin": {"enabled": True, "port": aport}})
+    path.write_text(text)
+    new = ring_for(pp, text)
+    d_users = keys_where(new.preference, lambda pr: pr[0] == "d", n=10)
+    status, body = await admin.call("POST", "/reload")
+    assert status == 200, body
+    assert new.fingerprint in body
+
+    async def all_on_d() -> bool:
+        for i in range(60):
+            st, be = await one_request(pp.port, d_users[i % len(d_users)])
+            assert st == 200
+            if be != "d":
+                return False
+        return True
+    await eventually(all_on_d, deadline=10, interval=0.05, what="d's users on d")
+    assert all(rec.one("X-Sticky-Ring") == new.fingerprint for rec in user_requests(d))
+    pids = worker_pids(pp.pid)
+    assert all(established_to(pid, {d.port}) > 0 for pid in pids), "a worker never used d"
+
+
+async def test_workers_count_a_reload_once(backends, proxy_process):
+    bs, pp, admin = await start(backends, proxy_process)
+    path = pp.log.with_suffix(".toml")
+    bs[1].weight = 2
+    aport = int(admin.base.rsplit(":", 1)[1])
+    path.write_text(build_toml(bs, {"listen": {"port": pp.port},
+                                    "admin": {"enabled": True, "port": aport}}))
+    status, body = await admin.call("POST", "/reload")
+    assert status == 200, body
+    path.write_text("this is not TOML")
+    status, body = await admin.call("POST", "/reload")
+    assert status == 400, body
+    m = await admin.metrics()
+    assert m.value("stickyproxy_reloads_total", result="failure") == 1
+    assert m.value("stickyproxy_reloads_total", result="success") == 1
+    assert m.value("stickyproxy_ring_changes_total") == 1
+
+
+async def test_a_killed_worker_is_restarted_and_traffic_continues(backends, proxy_process):
+    bs, pp, admin = await start(backends, proxy_process)
+    a = bs[0]
+    status, _ = await admin.call("POST", "/backends/a/drain")     # must survive the restart
+    assert status == 200
+    first = worker_pids(pp.pid)
+    victim = first[0]
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: not alive(victim), what="worker gone")
+    # the kernel drops its listener from the SO_REUSEPORT group a moment after the exit (a
+    # connection hashed to it in between is reset: that is the kernel, not the proxy)
+    await eventually(lambda: listeners(pp.port) == 1, what="the dead worker's listener gone")
+    for i in range(40):                                   # the survivor serves meanwhile
+        status, _ = await one_request(pp.port, f"user-{i}")
+        assert status == 200
+    await eventually(lambda: len(worker_pids(pp.pid)) == 2 and victim not in worker_pids(pp.pid),
+                     deadline=15, interval=0.05, what="a replacement worker")
+    (replacement,) = set(worker_pids(pp.pid)) - set(first)
+    await eventually(lambda: listening_on(replacement, pp.port), deadline=15, interval=0.05,
+                     what="the replacement listening")
+    ports = {b.port for b in bs}
+
+    async def replacement_serves() -> bool:
+        for i in range(40):
+            status, _ = await one_request(pp.port, f"user-{i}")
+            assert status == 200
+        return established_to(replacement, ports) > 0
+    seen_a = len(user_requests(a))
+    await eventually(replacement_serves, deadline=15, interval=0.05,
+                     what="the replacement worker serving")
+    assert len(user_requests(a)) == seen_a      # the replacement knows "a" is drained
+    assert pp.proc.poll() is None
+    status, _ = await admin.call("GET", "/readyz")
+    assert status == 200
+
+
+async def test_workers_readyz_only_once_the_port_accepts(backends, proxy_process):
+    bs = await backends("a")
+    aport = free_port()
+    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport}}, workers=2)
+    admin = Admin(aport)
+    refused = []
+
+    async def ready_then_connect() -> bool:
+        try:
+            status, _ = await admin.call("GET", "/readyz")
+        except aiohttp.ClientError:
+            return False
+        if status != 200:
+            return False
+        try:
+            st, _ = await one_request(pp.port, "u")
+            assert st == 200
+        except OSError as e:                       # ready, but nothing accepts
+            refused.append(repr(e))
+        return True
+
+    await eventually(ready_then_connect, deadline=20, interval=0.01, what="readyz 200")
+    assert not refused, refused
