@@ -253,6 +253,7 @@ async def test_takeover_missed_while_listener_down_is_caught_on_next_use(
     assert a.metrics.acquisitions.labels("revalidate")._value.get() >= 1
 
 
+@pytest.mark.slow
 async def test_cancelled_call_never_hands_its_reply_to_the_next_caller(
     redis_server: RedisServer, tcp_proxy: TcpProxy, stores: Stores
 ) -> None:

@@ -192,6 +192,7 @@ async def test_lru_bounded_by_bytes(stores: Stores) -> None:
     assert len((await a.get("huge"))["blob"]) == 5000
 
 
+@pytest.mark.slow
 async def test_idle_ttl_expires_record_and_local_copy(redis_server: RedisServer, stores: Stores) -> None:
     a: ContextStore = await stores("A", idle_ttl="1s")
     async with a.edit("brief") as ctx:
@@ -206,6 +207,7 @@ async def test_idle_ttl_expires_record_and_local_copy(redis_server: RedisServer,
     assert acquisitions(a, "revalidate") == 1
 
 
+@pytest.mark.slow
 async def test_reads_refresh_the_ttl_before_it_runs_out(redis_server: RedisServer, stores: Stores) -> None:
     a: ContextStore = await stores("A", idle_ttl="1s")
     async with a.edit("kept") as ctx:

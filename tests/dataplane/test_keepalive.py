@@ -3,6 +3,8 @@ malformed or over-long upstream responses, pipelining (RFC 9112 §9.3.2)."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 
 from conftest import IncompleteResponse, eventually, http_request, respond_with
@@ -133,6 +135,7 @@ async def test_idle_upstream_connection_closed_by_backend_is_not_used(raw_backen
     assert len(be.connections) >= 10
 
 
+@pytest.mark.slow
 async def test_one_thousand_pipelined_requests_are_answered_in_order(backends, proxy):
     bs = await backends("a", "b", "c")
     p = await proxy(bs)

@@ -4,6 +4,8 @@ with ``--workers 2`` (no process left behind)."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import signal
 
@@ -67,6 +69,7 @@ async def test_service_stop_gives_up_after_the_shutdown_grace(backends, proxy):
     assert await c.closed()                      # cut, not answered after the grace
 
 
+@pytest.mark.slow
 async def test_sigterm_mid_request_answers_it_and_exits_zero(backends, proxy_process):
     (a,) = await backends("a")
     a.handler = slow_handler(1.0)
@@ -83,6 +86,7 @@ async def test_sigterm_mid_request_answers_it_and_exits_zero(backends, proxy_pro
     assert "Traceback" not in pp.output()
 
 
+@pytest.mark.slow
 async def test_two_workers_serve_and_sigterm_leaves_no_process_behind(backends, proxy_process):
     bs = await backends("a", "b")
     pp = proxy_process(bs, {"admin": {"enabled": False}}, workers=2)

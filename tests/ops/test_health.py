@@ -3,6 +3,8 @@ sees them: GET /backends, GET /route, /metrics, the health log, and where users 
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 import time
 
@@ -24,6 +26,7 @@ async def _landed(p, user: str) -> str:
     return r.one("X-Backend")
 
 
+@pytest.mark.slow
 async def test_health_flaps_follow_rise_and_fall(backends, ops_proxy, attach_log, caplog):
     bs = await backends("a", "b", "c")
     a = bs[0]
@@ -125,6 +128,7 @@ async def test_one_dropped_check_is_one_failure_not_a_retry(backends, ops_proxy)
     assert m.value("stickyproxy_health_checks_total", backend="a", result="failure") >= 1
 
 
+@pytest.mark.slow
 async def test_damped_failback_keeps_users_on_their_fallback(backends, ops_proxy, attach_log):
     bs = await backends("a", "b", "c")
     hs = with_health(bs[0], HealthScript(hold=200))

@@ -308,6 +308,7 @@ class DelayRelay:
             t.cancel()
 
 
+@pytest.mark.slow
 async def test_random_cancellation_never_hands_one_users_reply_to_another(redis_server, cleanup):
     users = [f"c-{i}" for i in range(40)]
     writer = await _store(redis_server.url, "W")

@@ -48,6 +48,7 @@ async def _trickle(conns: list[Client], stop: asyncio.Event, every: float) -> No
 # ---------------------------------------------------------------------------------------
 # slowloris against the connection cap
 
+@pytest.mark.slow
 async def test_slowloris_cannot_hold_the_connection_cap(raw_backend, proxy):
     be = await raw_backend("a", strict_responder())
     p = await proxy([be], {"limits": {"max_client_connections": 20},
@@ -349,6 +350,7 @@ async def test_retry_budget_bounds_concurrent_retries(raw_backend, proxy):
     assert p.svc.proxy.retrying == 0 and p.svc.proxy.active == 0
 
 
+@pytest.mark.slow
 async def test_stale_connection_retries_stay_within_the_budget(raw_backend, proxy):
     n = 12
     release = asyncio.Event()
