@@ -219,3 +219,46 @@ def test_on_invalid_anonymous_falls_through(monkeypatch):
 ])
 def test_bearer_token(value, token):
     assert bearer_token(value) == token
+
+
+async def test_jwks_file_is_reread_on_reload(tmp_path, keys):
+    """A reload (SIGHUP or POST /reload) reads the JWKS file again: rotated keys apply."""
+    from stickyproxy.config import load
+    from stickyproxy.server import Service
+
+    (priv1, _, _), (priv2, _, _) = keys
+
+    def write_jwks(priv, kid):
+        jwk = {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(priv.public_key())),
+               "kid": kid, "alg": "RS256"}
+        (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+
+    write_jwks(priv1, "k1")
+    path = tmp_path / "proxy.toml"
+    path.write_text(textwrap.dedent('''
+        [admin]
+        enabled = false
+        [health]
+        enabled = false
+        [routing]
+        keys = [{ from = "jwt", algorithms = ["RS256"], jwks_file = "jwks.json" }]
+    ''') + BACKEND)
+    svc = Service(load(path), str(path), admin=False)
+    exp = int(time.time()) + 60
+    t1 = jwt.encode({"sub": "u1", "exp": exp}, priv1, algorithm="RS256", headers={"kid": "k1"})
+    t2 = jwt.encode({"sub": "u2", "exp": exp}, priv2, algorithm="RS256", headers={"kid": "k2"})
+
+    def key_of(token):
+        return svc.proxy.router.extractor.extract(
+            [(b"authorization", b"Bearer " + token.encode())], b"/").key
+
+    assert key_of(t1) == "u1"
+    with pytest.raises(KeyRejected):
+        key_of(t2)
+    write_jwks(priv2, "k2")
+    ok, errors = await svc.reload("test")
+    assert ok, errors
+    assert key_of(t2) == "u2"
+    with pytest.raises(KeyRejected):
+        key_of(t1)
+    await svc.health.stop()
