@@ -9,6 +9,7 @@ drains it is told about.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -28,6 +29,15 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def freeze_heap() -> None:
+    """Move every object that exists now (modules, configuration, the ring) out of the
+    garbage collector's reach. A full collection otherwise walks all of them: ~9 ms idle
+    here and several times that on a busy machine, a pause every request in flight waits
+    out. Objects made per request are still collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 class Service:
@@ -61,6 +71,7 @@ class Service:
             from .admin import Admin
             self.admin = Admin(self)
             await self.admin.start()
+        freeze_heap()
         log.info("listening on %s:%d (worker %d, ring %s, %d backends)",
                  self.config.listen.host, self.proxy.port, self.worker,
                  self.proxy.router.fingerprint, len(self.config.backends))
@@ -96,6 +107,7 @@ class Service:
         old_ring = self.proxy.router.fingerprint
         self.proxy.apply(new)
         self.health.reconfigure()
+        freeze_heap()
         if source != "supervisor":  # with workers, the supervisor counts each reload once
             self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
         log.info("reload (%s) applied: ring %s -> %s, %d backends", source, old_ring,
