@@ -12,7 +12,6 @@ import contextlib
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,11 +20,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import report
+from . import halfload, report
+from .backend import backend_argv
+from .console import progress
+from .cpu import CpuMeter, per_request_us
 from .probe import ProbeError, check_sticky_routing
-from .procs import (LOOPBACK, Server, StartError, free_ports, install_command, install_tools,
-                    missing_tools, start_server, tool_version)
-from .targets import (BACKEND_IDS, BASELINE, BODY, TARGET_KINDS, TargetKind, backends_launch)
+from .procs import (LOOPBACK, Server, StartError, ensure_installed, free_ports, start_server,
+                    tool_version)
+from .targets import (BACKEND_IDS, BASELINE, BODY, TARGET_KINDS, TargetKind, backends_launch,
+                      python_env)
 from .wrk import THREADS, WrkError, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -38,6 +41,13 @@ DEFAULT_WORKERS = (1,)
 WARMUP_SECONDS = 3.0
 SMOKE_DURATION = 1.0
 SMOKE_ROUNDS = 1
+HALF_LOAD_DURATION = 3.0
+SMOKE_HALF_LOAD_DURATION = 0.5
+HALF_LOAD_ROUNDS = 5
+# The fixed rate of the half-load runs when no saturation figure was measured (no wrk).
+FALLBACK_HALF_LOAD_RATE = 500.0
+REFERENCE_TARGET = "stickyproxy"
+NGINX_BACKENDS, PYTHON_BACKENDS = "nginx", "python"
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -54,6 +64,11 @@ class Plan:
     workers: tuple[int, ...]
     kinds: tuple[TargetKind, ...]
     smoke: bool
+    use_wrk: bool = True
+    backends: str = NGINX_BACKENDS
+    half_load: bool = False
+    half_load_duration: float = HALF_LOAD_DURATION
+    half_load_rounds: int = HALF_LOAD_ROUNDS
 
 
 @dataclass
@@ -79,10 +94,6 @@ class Target:
         self.reason = reason
         if self.server is not None:
             self.server.stop()
-
-
-def progress(message: str) -> None:
-    print(message, flush=True)
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help=f"check the harness: {SMOKE_DURATION:g}s runs, {SMOKE_ROUNDS} round, "
                         "no warm-up")
+    p.add_argument("--half-load", action="store_true",
+                   help="also measure p99 at half of stickyproxy's saturation rate, through "
+                        "each proxy and straight to a backend")
     p.add_argument("--plot", action="store_true", help="also write a PNG chart beside the JSON")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help="where to write the JSON results (default bench/results/dataplane.json)")
@@ -149,32 +163,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 users=args.users,
                 workers=args.workers,
                 kinds=args.targets,
-                smoke=args.smoke)
+                smoke=args.smoke,
+                half_load=args.half_load,
+                half_load_duration=SMOKE_HALF_LOAD_DURATION if args.smoke else HALF_LOAD_DURATION,
+                half_load_rounds=SMOKE_ROUNDS if args.smoke else HALF_LOAD_ROUNDS)
 
 
 def required_tools(plan: Plan) -> list[str]:
-    tools = ["nginx", "wrk"] + [k.tool for k in plan.kinds if k.tool]
+    tools = (["nginx"] if plan.backends == NGINX_BACKENDS else []) + \
+        (["wrk"] if plan.use_wrk else []) + [k.tool for k in plan.kinds if k.tool]
     return list(dict.fromkeys(tools))
-
-
-def ensure_tools(plan: Plan, install: bool) -> bool:
-    missing = missing_tools(required_tools(plan))
-    if not missing:
-        return True
-    if not install:
-        print(f"missing: {', '.join(missing)}. Install with:\n  {install_command(missing)}\n"
-              "or run again with --install.", file=sys.stderr)
-        return False
-    progress(f"installing {', '.join(missing)}")
-    try:
-        install_tools(missing)
-    except (OSError, subprocess.CalledProcessError) as e:
-        print(f"install failed: {e}", file=sys.stderr)
-        return False
-    still = missing_tools(missing)
-    if still:
-        print(f"still missing after install: {', '.join(still)}", file=sys.stderr)
-    return not still
 
 
 def make_targets(plan: Plan) -> list[Target]:
@@ -183,17 +181,23 @@ def make_targets(plan: Plan) -> list[Target]:
             for workers in plan.workers for kind in plan.kinds]
 
 
-def start_backends(workdir: Path, stack: contextlib.ExitStack) -> tuple[list[int], str]:
+def start_backends(workdir: Path, stack: contextlib.ExitStack,
+                   kind: str = NGINX_BACKENDS) -> tuple[list[int], str]:
     ports = free_ports(len(BACKEND_IDS))
-    launch = backends_launch(workdir, ports)
-    launch.write()
+    if kind == NGINX_BACKENDS:
+        launch = backends_launch(workdir, ports)
+        launch.write()
+        program, argv, config, env = launch.program, launch.argv, launch.config, None
+    else:
+        argv = backend_argv(ports)
+        program, config, env = "python -m bench.backend", " ".join(argv), python_env()
     try:
-        start_server("backends", launch.argv, ports, workdir, stack)
+        start_server("backends", argv, ports, workdir, stack, env)
     except StartError as e:
-        raise StartError(f"backends ({launch.program}) {e}") from None
+        raise StartError(f"backends ({program}) {e}") from None
     for backend_id, port in zip(BACKEND_IDS, ports):
-        progress(f"backend {backend_id} on {LOOPBACK}:{port}")
-    return ports, launch.config
+        progress(f"backend {backend_id} on {LOOPBACK}:{port} ({program})")
+    return ports, config
 
 
 def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
@@ -220,6 +224,8 @@ def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
 def _describe(result: dict[str, Any]) -> str:
     text = (f"{result['rps']:,.0f} req/s (p50 {result['p50_ms']:.2f} ms, "
             f"p99 {result['p99_ms']:.2f} ms)")
+    if result.get("cpu_us"):
+        text += f", {result['cpu_us']:.1f} us CPU/request"
     if result["non_2xx"] or result["socket_errors"]:
         text += f", {result['non_2xx']:,} non-2xx, {result['socket_errors']:,} socket errors"
     return text
@@ -231,8 +237,13 @@ def measure(target: Target, plan: Plan, duration: float, step: str) -> dict[str,
         target.give_up(f"exited during the benchmark: {target.server.describe_exit()}")
         progress(f"{step} {target.label} ... {target.status}: {target.reason}")
         return None
+    meter = CpuMeter(target.server.proc.pid if target.server is not None else None)
+    meter.start()
     try:
         result = run_wrk(target.port, duration, plan.connections, plan.users).as_dict()
+        used = meter.stop()
+        result.update(per_request_us(used, result["requests"]),
+                      cpu_user_s=used.user_s, cpu_system_s=used.system_s)
     except WrkError as e:
         target.give_up(str(e))
         progress(f"{step} {target.label} ... {target.status}: {e}")
@@ -273,6 +284,33 @@ def target_results(targets: Sequence[Target]) -> list[dict[str, Any]]:
     return out
 
 
+def half_load_rate(targets: Sequence[Target], workers: int) -> tuple[float, str]:
+    """Half of the reference target's median saturation rate at `workers`, and its basis."""
+    measured = {t.kind.name: t for t in targets if t.workers == workers and t.active and t.runs}
+    for name in (REFERENCE_TARGET, BASELINE):
+        if name in measured:
+            rps = report.summarize(measured[name].runs)["rps_median"]
+            return (halfload.RATE_FRACTION * rps,
+                    f"{halfload.RATE_FRACTION:g} x {name} w{workers} median {rps:,.0f} req/s")
+    return FALLBACK_HALF_LOAD_RATE, "fixed rate (no saturation figure measured)"
+
+
+def run_half_load(targets: Sequence[Target], plan: Plan,
+                  backend_port: int) -> list[dict[str, Any]]:
+    out = []
+    for workers in plan.workers:
+        rate, basis = half_load_rate(targets, workers)
+        endpoints = [halfload.Endpoint(halfload.DIRECT, backend_port)] + [
+            halfload.Endpoint(t.label, t.port) for t in targets
+            if t.workers == workers and t.active]
+        plural = "" if workers == 1 else "s"
+        progress(f"half load, {workers} worker{plural}: {rate:,.0f} req/s ({basis})")
+        result = halfload.run(endpoints, rate, plan.half_load_duration, plan.half_load_rounds,
+                              plan.users, progress)
+        out.append({"workers": workers, "rate_basis": basis, **result})
+    return out
+
+
 def tool_versions() -> dict[str, str]:
     try:
         stickyproxy_version = metadata.version("stickyproxy")
@@ -297,12 +335,14 @@ def run(plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        backend_ports, backend_config = start_backends(workdir, stack)
+        backend_ports, backend_config = start_backends(workdir, stack, plan.backends)
         for target in targets:
             start_target(target, workdir, backend_ports, stack)
-        if plan.warmup:
-            warm_up(targets, plan)
-        run_rounds(targets, plan)
+        if plan.use_wrk:
+            if plan.warmup:
+                warm_up(targets, plan)
+            run_rounds(targets, plan)
+        half_load = run_half_load(targets, plan, backend_ports[0]) if plan.half_load else []
     return {
         "benchmark": "dataplane",
         "started_at": started, "finished_at": _now(),
@@ -311,10 +351,13 @@ def run(plan: Plan) -> dict[str, Any]:
                      "connections": plan.connections, "threads": THREADS,
                      "rounds": plan.rounds, "users": plan.users,
                      "workers": list(plan.workers), "smoke": plan.smoke,
-                     "targets": [k.name for k in plan.kinds]},
+                     "targets": [k.name for k in plan.kinds], "wrk": plan.use_wrk,
+                     "half_load_duration_s": plan.half_load_duration,
+                     "half_load_rounds": plan.half_load_rounds},
         "backends": {"ids": list(BACKEND_IDS), "ports": backend_ports, "body": BODY,
-                     "config": backend_config},
+                     "kind": plan.backends, "config": backend_config},
         "targets": target_results(targets),
+        "half_load": half_load,
     }
 
 
@@ -335,7 +378,7 @@ def _raise_on_signal(signum: int, _frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = make_plan(args)
-    if not ensure_tools(plan, args.install):
+    if not ensure_installed(required_tools(plan), args.install):
         return EXIT_USAGE
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_on_signal)

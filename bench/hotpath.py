@@ -14,6 +14,7 @@ import asyncio
 import cProfile
 import pstats
 import time
+from typing import Any
 
 from stickyproxy.config import loads
 from stickyproxy.dataplane import Proxy
@@ -47,6 +48,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 04:00:0
 
 
 ROUNDS = 3
+PROFILE_LINES = 25
 
 
 class MemoryTransport(asyncio.Transport):
@@ -86,7 +88,8 @@ class MemoryTransport(asyncio.Transport):
         return self.reading
 
 
-def run(n: int, profile: bool, with_metrics: bool) -> float:
+def run(n: int, profile: cProfile.Profile | None = None, with_metrics: bool = True) -> float:
+    """CPU microseconds per request over `n` requests (profiled by `profile` if given)."""
     async def main() -> float:
         from stickyproxy.observe import Observer
         cfg = loads(CONFIG)
@@ -103,19 +106,50 @@ def run(n: int, profile: bool, with_metrics: bool) -> float:
         client = ClientProtocol(proxy)
         client.connection_made(MemoryTransport())
         requests = [REQUEST % (i % 10000) for i in range(n)]
-        prof = cProfile.Profile() if profile else None
         t0 = time.process_time()
-        if prof:
-            prof.enable()
+        if profile:
+            profile.enable()
         for req in requests:
             client.data_received(req)
             ex = client.queue[0]
             ex.upstream.data_received(RESPONSE)
-        if prof:
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        if profile:
+            profile.disable()
         return (time.process_time() - t0) / n * 1e6
     return asyncio.run(main())
+
+
+def cost(n: int, rounds: int = ROUNDS) -> dict[str, float]:
+    """Best of `rounds` runs, with and without metrics: other load on the machine inflates
+    wall-clock figures far more than it inflates these CPU times."""
+    with_metrics = min(run(n, with_metrics=True) for _ in range(rounds))
+    without = min(run(n, with_metrics=False) for _ in range(rounds))
+    return {"us_per_request": with_metrics, "us_per_request_without_metrics": without,
+            "metrics_share": (with_metrics - without) / with_metrics}
+
+
+def profile_rows(n: int, limit: int = PROFILE_LINES) -> list[dict[str, Any]]:
+    """The functions with the most own time on the path, per request."""
+    prof = cProfile.Profile()
+    run(n, prof)
+    stats = pstats.Stats(prof)
+    total = sum(entry[2] for entry in stats.stats.values())  # type: ignore[attr-defined]
+    rows = []
+    for (path, line, name), entry in stats.stats.items():  # type: ignore[attr-defined]
+        calls, tottime, cumtime = entry[1], entry[2], entry[3]
+        rows.append({"function": name, "where": f"{_short(path)}:{line}",
+                     "calls_per_request": calls / n, "own_us_per_request": tottime / n * 1e6,
+                     "own_share": tottime / total if total else 0.0,
+                     "cumulative_us_per_request": cumtime / n * 1e6})
+    rows.sort(key=lambda r: r["own_us_per_request"], reverse=True)
+    return rows[:limit]
+
+
+def _short(path: str) -> str:
+    for marker in ("stickyproxy/", "site-packages/", "lib/python"):
+        if marker in path:
+            return path[path.index(marker):]
+    return path
 
 
 def main() -> None:
@@ -124,14 +158,14 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     if a.profile:
-        run(a.requests, True, with_metrics=True)
+        prof = cProfile.Profile()
+        run(a.requests, prof)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(PROFILE_LINES)
         return
-    # CPU time of this process, best of several runs: other load on the machine inflates
-    # wall-clock figures far more than it inflates these.
-    base = min(run(a.requests, False, with_metrics=True) for _ in range(ROUNDS))
-    nometrics = min(run(a.requests, False, with_metrics=False) for _ in range(ROUNDS))
-    print(f"{base:.2f} us/request with metrics, {nometrics:.2f} us without "
-          f"({(base - nometrics) / base:.1%} for metrics and access-log checks)")
+    c = cost(a.requests)
+    print(f"{c['us_per_request']:.2f} us/request with metrics, "
+          f"{c['us_per_request_without_metrics']:.2f} us without "
+          f"({c['metrics_share']:.1%} for metrics and access-log checks)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ CONNECT_TIMEOUT = 0.2
 LOG_TAIL_LINES = 2
 NOISE_CHARS = set("^~ ")
 
-TOOL_PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
+TOOL_PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk",
+                 "redis-server": "redis-server"}
 
 
 class StartError(Exception):
@@ -87,17 +89,25 @@ class Server:
             os.killpg(self.proc.pid, sig)
 
 
-def start_server(name: str, argv: Sequence[str], ports: Iterable[int], workdir: Path,
-                 stack: contextlib.ExitStack, env: Mapping[str, str] | None = None,
-                 timeout: float = START_TIMEOUT) -> Server:
-    """Start `argv` in its own process group, stopped when `stack` closes; wait for `ports`."""
+def spawn_server(name: str, argv: Sequence[str], workdir: Path, stack: contextlib.ExitStack,
+                 env: Mapping[str, str] | None = None) -> Server:
+    """Start `argv` in its own process group, logging to workdir/name.log, stopped when
+    `stack` closes."""
     log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
                                 env={**os.environ, **(env or {})})
     server = Server(name, proc, log_path)
     stack.callback(server.stop)
+    return server
+
+
+def start_server(name: str, argv: Sequence[str], ports: Iterable[int], workdir: Path,
+                 stack: contextlib.ExitStack, env: Mapping[str, str] | None = None,
+                 timeout: float = START_TIMEOUT) -> Server:
+    """Start `argv` in its own process group, stopped when `stack` closes; wait for `ports`."""
+    server = spawn_server(name, argv, workdir, stack, env)
     wait_until_accepting(server, list(ports), timeout)
     return server
 
@@ -139,10 +149,32 @@ def install_tools(tools: Sequence[str]) -> None:
     subprocess.run(_privileged(["apt-get", "install", "-y", *packages]), check=True, env=env)
 
 
+def ensure_installed(tools: Sequence[str], install: bool) -> bool:
+    """True when every tool is on the PATH, installing the missing ones with apt-get if
+    `install`; otherwise print how to install them."""
+    missing = missing_tools(tools)
+    if not missing:
+        return True
+    if not install:
+        print(f"missing: {', '.join(missing)}. Install with:\n  {install_command(missing)}\n"
+              "or run again with --install.", file=sys.stderr)
+        return False
+    print(f"installing {', '.join(missing)}", flush=True)
+    try:
+        install_tools(missing)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"install failed: {e}", file=sys.stderr)
+        return False
+    still = missing_tools(missing)
+    if still:
+        print(f"still missing after install: {', '.join(still)}", file=sys.stderr)
+    return not still
+
+
 def tool_version(argv: Sequence[str]) -> str:
     """First line a tool prints about its version (some print it on stderr, or exit 1)."""
     try:
-        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(list(argv), check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     text = (out.stdout or out.stderr).strip()

@@ -9,39 +9,57 @@ from typing import Any, Sequence
 
 STATUS_OK = "ok"
 TABLE_HEADERS = ("target", "req/s", "x nginx", "rounds (req/s)", "p50 ms", "p99 ms",
-                 "p99 x nginx", "non-2xx", "sock err")
+                 "p99 x nginx", "CPU us/req", "CPU x nginx", "non-2xx", "sock err")
 CHART_SIZE = (11, 4.5)
 CHART_DPI = 120
 BAR_WIDTH = 0.38
 
 
+def _median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Median req/s and latencies over the rounds, and error counts summed over them."""
+    """Median req/s, latencies and CPU per request over the rounds, errors summed."""
     return {
         "rps_median": statistics.median(r["rps"] for r in runs),
         "rps_rounds": [r["rps"] for r in runs],
         "p50_ms": statistics.median(r["p50_ms"] for r in runs),
         "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+        "cpu_us": _median_of(runs, "cpu_us"),
+        "user_us": _median_of(runs, "user_us"),
+        "system_us": _median_of(runs, "system_us"),
         "non_2xx": sum(r["non_2xx"] for r in runs),
         "socket_errors": sum(r["socket_errors"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
     }
 
 
-def _ratio(value: float, base: float) -> float | None:
-    return value / base if base else None
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
 
 
 def ratios(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, float | None]:
     if baseline is None:
-        return {"rps": None, "p50": None, "p99": None}
+        return {"rps": None, "p50": None, "p99": None, "cpu": None}
     return {"rps": _ratio(summary["rps_median"], baseline["rps_median"]),
             "p50": _ratio(summary["p50_ms"], baseline["p50_ms"]),
-            "p99": _ratio(summary["p99_ms"], baseline["p99_ms"])}
+            "p99": _ratio(summary["p99_ms"], baseline["p99_ms"]),
+            "cpu": _ratio(summary["cpu_us"], baseline["cpu_us"])}
 
 
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _fmt_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table_rows(targets: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """TABLE_HEADERS' cells for each measured target."""
+    return [_row(t) for t in targets if t["status"] == STATUS_OK and t["summary"]]
 
 
 def _row(target: dict[str, Any]) -> list[str]:
@@ -49,12 +67,12 @@ def _row(target: dict[str, Any]) -> list[str]:
     return [target["label"], f"{s['rps_median']:,.0f}", _fmt_ratio(r["rps"]),
             " / ".join(f"{x:,.0f}" for x in s["rps_rounds"]),
             f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", _fmt_ratio(r["p99"]),
+            _fmt_us(s.get("cpu_us")), _fmt_ratio(r.get("cpu")),
             f"{s['non_2xx']:,}", f"{s['socket_errors']:,}"]
 
 
 def render_table(targets: Sequence[dict[str, Any]]) -> str:
-    measured = [t for t in targets if t["status"] == STATUS_OK]
-    rows = [list(TABLE_HEADERS)] + [_row(t) for t in measured]
+    rows = [list(TABLE_HEADERS)] + table_rows(targets)
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADERS))]
 
     def line(row: list[str]) -> str:
@@ -77,7 +95,7 @@ def write_chart(path: Path, targets: Sequence[dict[str, Any]], title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [t for t in targets if t["status"] == STATUS_OK]
+    measured = [t for t in targets if t["status"] == STATUS_OK and t["summary"]]
     labels = [t["label"] for t in measured]
     xs = range(len(measured))
     fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=CHART_SIZE)

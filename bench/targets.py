@@ -23,7 +23,7 @@ KEEPALIVE_REQUESTS = 1_000_000
 KEEPALIVE_TIMEOUT = "60s"
 HAPROXY_MAXCONN = 4096
 HAPROXY_TIMEOUTS = {"connect": "1s", "client": "30s", "server": "30s",
-                    "http-request": "10s", "http-keep-alive": "60s"}
+                    "http-request": "10s", "http-keep-alive": "60s", "tunnel": "60s"}
 NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -63,6 +63,7 @@ events {{
 
 http {{
     access_log off;
+    client_max_body_size 0;
     keepalive_requests {KEEPALIVE_REQUESTS};
     keepalive_timeout {KEEPALIVE_TIMEOUT};
 {temp_paths}
@@ -96,7 +97,12 @@ def backends_launch(workdir: Path, ports: Sequence[int]) -> Launch:
 
 def nginx_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers: int) -> Launch:
     upstream_servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in backend_ports)
-    body = f"""    upstream apps {{
+    body = f"""    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        "" "";
+    }}
+
+    upstream apps {{
         hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
 {upstream_servers}
         keepalive {UPSTREAM_KEEPALIVE};
@@ -108,7 +114,9 @@ def nginx_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers
         location / {{
             proxy_pass http://apps;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
         }}
     }}"""
     prefix = workdir / f"nginx-w{workers}"
@@ -172,8 +180,13 @@ access = "off"
     conf = workdir / f"stickyproxy-w{workers}.toml"
     argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf),
             "--workers", str(workers)]
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return Launch("stickyproxy run", argv, conf, config, {"PYTHONPATH": pythonpath})
+    return Launch("stickyproxy run", argv, conf, config, python_env())
+
+
+def python_env(*extra_paths: Path) -> dict[str, str]:
+    """PYTHONPATH for a Python child: this checkout (and `extra_paths`) first."""
+    paths = [str(p) for p in extra_paths] + [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
 TARGET_KINDS = {kind.name: kind for kind in (

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .procs import LOOPBACK
 
-USERS_SCRIPT = Path(__file__).resolve().parent / "lua" / "users.lua"
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+USERS_SCRIPT = LUA_DIR / "users.lua"
 RESULT_PREFIX = "@@bench "
 THREADS = 1
 SEED = 1
@@ -41,9 +42,10 @@ class WrkResult:
         return asdict(self)
 
 
-def wrk_command(port: int, duration: float, connections: int, users: int) -> list[str]:
+def wrk_command(port: int, duration: float, connections: int, script: Path,
+                script_args: list[str]) -> list[str]:
     return ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration:g}s", "--latency",
-            "-s", str(USERS_SCRIPT), f"http://{LOOPBACK}:{port}/", "--", str(users), str(SEED)]
+            "-s", str(script), f"http://{LOOPBACK}:{port}/", "--", *script_args]
 
 
 def parse_output(output: str) -> WrkResult:
@@ -71,10 +73,16 @@ def parse_output(output: str) -> WrkResult:
 
 
 def run_wrk(port: int, duration: float, connections: int, users: int) -> WrkResult:
-    argv = wrk_command(port, duration, connections, users)
+    """GET / with a random user of `users` per request (lua/users.lua)."""
+    return run_script(port, duration, connections, USERS_SCRIPT, [str(users), str(SEED)])
+
+
+def run_script(port: int, duration: float, connections: int, script: Path,
+               script_args: list[str]) -> WrkResult:
+    argv = wrk_command(port, duration, connections, script, script_args)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                              timeout=duration + EXIT_GRACE)
+        done = subprocess.run(argv, check=False, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=duration + EXIT_GRACE)
     except subprocess.TimeoutExpired:
         raise WrkError(f"wrk ran past {duration + EXIT_GRACE:g}s") from None
     if done.returncode != 0:

@@ -210,12 +210,31 @@ class Health:
         if st is None or a is None:
             return
         change = a.record(ok, self.cfg.rise, self.cfg.fall)
+        if ok and a.up:
+            self.check_passed(st)
         if change is None:
             return
         why = f"status {status}" if status is not None else (detail or "no answer")
         self.set_health(st, change == "up",
                         f"{self.cfg.rise if change == 'up' else self.cfg.fall} "
                         f"consecutive {'successful' if change == 'up' else 'failed'} checks ({why})")
+
+    def check_passed(self, st: BackendState) -> None:
+        """A passing active check lifts a passive ejection and a connect-failure skip
+        (Envoy's successful_active_health_check_uneject_host): otherwise a backend that
+        failed a few exchanges while restarting stays out of routing for a whole ejection
+        time after it is healthy again."""
+        now = time.monotonic()
+        if st.ejected_until > now or st.connect_down_until > now:
+            if st.ejected_until > now:
+                log.warning("backend %s: ejection lifted by a passing health check", st.id)
+            st.ejected_until = 0.0
+            st.connect_down_until = 0.0
+            p = self.passive.get(st.id)
+            if p is not None:
+                p.consecutive = 0
+                p.ejected_until = 0.0
+            self.observer.backend_changed(st)
 
     def set_health(self, st: BackendState, up: bool, reason: str) -> None:
         """Apply an up/down decision (from a local check or the supervisor)."""

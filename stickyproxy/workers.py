@@ -68,6 +68,14 @@ class Supervisor:
         self.health = Health(self.proxy, self.observer, active=True)
         self.observer.bind(self.proxy, self.health)
         self.observer.backend_changed = self._broadcast_health  # type: ignore[method-assign]
+        own_check = self.observer.health_check
+
+        def health_check(st, ok: bool) -> None:
+            own_check(st, ok)
+            if ok and st.healthy:
+                # passive ejections are per worker: a passing check lifts them everywhere
+                self.broadcast({"op": "check_passed", "id": st.id})
+        self.observer.health_check = health_check  # type: ignore[method-assign]
         self.handles = [WorkerHandle(i) for i in range(workers)]
         self.stopping = False
         self.admin: Any = None
@@ -306,6 +314,10 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                 st = svc.proxy.states.get(msg["id"])
                 if st is not None:
                     svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
+            elif op == "check_passed":
+                st = svc.proxy.states.get(msg["id"])
+                if st is not None:
+                    svc.health.check_passed(st)
             elif op == "snapshot":
                 reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(),
                          "inflight": {k: s.inflight for k, s in svc.proxy.states.items()},

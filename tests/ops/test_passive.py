@@ -157,3 +157,41 @@ async def test_max_ejected_percent_caps_simultaneous_ejections(backends, ops_pro
     m = await p.metrics()
     assert m.value("stickyproxy_upstream_errors_total", backend=kept, kind="connect") == errs + 3
     assert sum(m.by("stickyproxy_ejections_total", "backend").values()) == 2
+
+
+async def test_a_passing_health_check_lifts_a_passive_ejection(raw_backend, backends, ops_proxy,
+                                                               attach_log):
+    """Envoy's successful_active_health_check_uneject_host: a backend ejected for failed
+    exchanges (here while it was restarting) is back as soon as an active check passes,
+    not after base_ejection (30 s here)."""
+    from .conftest import health_cfg
+    serving = {"data": False}
+
+    async def restarting(conn):
+        while True:
+            req = await conn.request()
+            if req is None:
+                return
+            if req.target == "/healthz" or serving["data"]:
+                conn.send(b"HTTP/1.1 200 OK\r\nX-Backend: r\r\nContent-Length: 2\r\n\r\nok")
+            else:
+                conn.abort()
+                return
+
+    r = await raw_backend("r", restarting)
+    (b,) = await backends("b")
+    log = attach_log("stickyproxy.health")
+    p = await ops_proxy([r, b], {
+        "passive": passive(base_ejection="30s", max_ejection="60s", max_ejected_percent=100),
+        "health": health_cfg(interval="100ms", timeout="100ms", rise=1, fall=1)})
+    users = keys_where(p.pref, lambda pr: pr[0] == "r", n=3)
+    for u in users:                                  # three resets in a row: ejected
+        assert await _ok_from(p, u) == "b"
+    assert (await p.metrics()).value("stickyproxy_ejections_total", backend="r") == 1
+    serving["data"] = True
+    t0 = time.monotonic()
+    await eventually(lambda: _not_ejected(p, "r"), deadline=3, interval=0.02,
+                     what="ejection lifted")
+    assert time.monotonic() - t0 < 2.0               # a check or two, not 30 s
+    assert await _ok_from(p, users[0]) == "r"
+    assert any("ejection lifted by a passing health check" in m for m in log.messages())
