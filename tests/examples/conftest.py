@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import eventually  # noqa: F401  (re-exported to the examples' tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -37,21 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def eventually(predicate: Callable[[], Any], *, deadline: float = IO_TIMEOUT,
-                     interval: float = 0.02, what: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not met within {deadline}s")
-        await asyncio.sleep(interval)
 
 
 class RedisServer:
