@@ -74,7 +74,7 @@ class Route(NamedTuple):
 
 class Router:
     __slots__ = ("config", "ring", "extractor", "fingerprint", "backends", "ordered",
-                 "_rr", "panic_threshold", "_panic")
+                 "_rr", "panic_threshold")
 
     def __init__(self, config: Config, states: dict[str, BackendState]):
         self.config = config
@@ -85,7 +85,6 @@ class Router:
         self.ordered = [self.backends[m.id] for m in self.ring.members]
         self._rr = itertools.count()
         self.panic_threshold = config.health.panic_threshold
-        self._panic = False
 
     def in_panic(self, now: float) -> bool:
         """Fewer than panic_threshold % of backends usable: route by the plain ring."""

@@ -625,14 +625,6 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.transport.writelines(parts)
 
-    def begin_batch(self) -> None:
-        self.batch += 1
-
-    def end_batch(self) -> None:
-        self.batch -= 1
-        if not self.batch and self.out:
-            self.flush()
-
     def flush(self) -> None:
         out, self.out = self.out, []
         if out and not self.dead and self.transport is not None:

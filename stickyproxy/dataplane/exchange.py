@@ -13,7 +13,6 @@ States: PENDING → CONNECTING → SENT → RESPONDING → DONE. Retry rules (DE
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -76,7 +75,6 @@ class Exchange:
     body_buf: list[bytes] | None = None
     body_buffered = 0
     body_seen = 0
-    body_sent = 0
     req_trailers: list[tuple[bytes, bytes]] | None = None
     upgrade = False
     body_started = 0.0
@@ -239,7 +237,7 @@ class Exchange:
                 if self.server.retry_allowed():
                     self._count_retry()
                     self.server.events.retry(failed, reason)
-                    self._move_inflight(failed)
+                    self._release_slot()
                     if self.route == "primary":
                         self.route = "failover"
                     self.try_backend(cand, now)
@@ -268,23 +266,20 @@ class Exchange:
         if self.settled:
             return
         self.settled = True
+        self._release_slot()
+        if self.retries:
+            self.server.retrying -= 1
+        if self.active_counted:
+            self.server.active -= 1
+
+    def _release_slot(self) -> None:
+        """Stop counting in flight on the current backend; a waiter there may take the slot."""
         b = self.backend
         if b is not None and self.counted_inflight:
             b.inflight -= 1
             self.counted_inflight = False
             if b.waiters:
                 wake_waiter(b)
-        if self.retries:
-            self.server.retrying -= 1
-        if self.active_counted:
-            self.server.active -= 1
-
-    def _move_inflight(self, old: BackendState) -> None:
-        if self.counted_inflight:
-            old.inflight -= 1
-            self.counted_inflight = False
-            if old.waiters:
-                wake_waiter(old)
 
     # -- send ----------------------------------------------------------------------------
     def attach(self, conn: UpstreamProtocol, reused: bool) -> None:
@@ -308,7 +303,6 @@ class Exchange:
                 parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
             if self.body_buf:
                 for data in self.body_buf:
-                    self.body_sent += len(data)
                     if framing == "chunked":
                         parts += _chunk(data)
                     else:
@@ -340,7 +334,6 @@ class Exchange:
     def on_request_body(self, data: bytes) -> None:
         self.body_seen += len(data)
         if self.state in (SENT, RESPONDING) and self.upstream is not None:
-            self.body_sent += len(data)
             t = self.upstream.transport
             if self.framing == "chunked":
                 t.writelines(_chunk(data))  # type: ignore[union-attr]
@@ -697,11 +690,3 @@ def wake_waiter(backend: BackendState) -> None:
             ex.take_slot(backend, now)
             return
 
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass

@@ -117,12 +117,6 @@ def _authority(value: str, scheme: str) -> str:
     return value
 
 
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of an origin-form target."""
-    path, _, query = target.partition(b"?")
-    return path, query
-
-
 def is_chunked_only(values: list[bytes]) -> bool:
     """True when Transfer-Encoding is exactly one "chunked" coding (RFC 9112 §6.1).
 

@@ -17,7 +17,6 @@ from ..config import Config
 from ..router import BackendState, Router
 from .client import REQUEST_WATCH, ClientProtocol
 from .events import Events
-from .http import HOP_BY_HOP
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -95,12 +94,6 @@ class Proxy:
         return self.router
 
     # -- hooks used by the protocols -----------------------------------------------------
-    def backend_header(self, backend_id: str) -> bytes:
-        h = self.backend_headers.get(backend_id)
-        if h is None:
-            h = b"%s: %s\r\n" % (self.config.headers.backend.encode(), backend_id.encode())
-        return h
-
     def is_trusted(self, ip: str | None) -> bool:
         if not ip or not self._trusted:
             return False
@@ -128,15 +121,6 @@ class Proxy:
         r = self.config.retries
         budget = max(r.budget_min, self.active * r.budget_percent // 100)
         return self.retrying < budget
-
-    def build_informational(self, status: int, reason: bytes,
-                            headers: list[tuple[bytes, bytes]]) -> bytes:
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
-        for n, v in headers:
-            if n.lower() not in HOP_BY_HOP:
-                parts.append(b"%s: %s\r\n" % (n, v))
-        parts.append(b"\r\n")
-        return b"".join(parts)
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         self.events.tunnel_closed(tunnel.backend)

@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
 
 class Tunnel:
-    __slots__ = ("client", "upstream", "backend", "last_activity", "closed", "on_close",
-                 "bytes_up", "bytes_down")
+    __slots__ = ("client", "upstream", "backend", "last_activity", "closed", "on_close")
 
     def __init__(self, client: ClientProtocol, upstream: UpstreamProtocol,
                  backend: BackendState, on_close):
@@ -28,22 +27,18 @@ class Tunnel:
         self.last_activity = time.monotonic()
         self.closed = False
         self.on_close = on_close
-        self.bytes_up = 0
-        self.bytes_down = 0
         backend.tunnels.add(self)
 
     def from_client(self, data: bytes) -> None:
         if self.closed:
             return
         self.last_activity = time.monotonic()
-        self.bytes_up += len(data)
         self.upstream.transport.write(data)  # type: ignore[union-attr]
 
     def from_upstream(self, data: bytes) -> None:
         if self.closed:
             return
         self.last_activity = time.monotonic()
-        self.bytes_down += len(data)
         self.client.write(data)
 
     # backpressure: the writer side's buffer is full → stop reading the other side
