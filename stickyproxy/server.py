@@ -18,6 +18,7 @@ from typing import Any
 from . import views
 from .config import Config, ConfigError, load
 from .logs import setup_logging
+from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy")
 
@@ -151,19 +152,25 @@ class Service:
 
 async def _run_service(config: Config, path: str | None) -> int:
     svc = Service(config, path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Handlers go in before the port opens: a supervisor (or test) that sees the port
+    # listening may signal at once, and the default SIGTERM/SIGHUP action would kill us
+    # without draining. A SIGHUP that arrives while starting is honoured once started.
+    hup = SignalLatch(lambda: loop.create_task(svc.reload("SIGHUP")))
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup)
     try:
         await svc.start()
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(svc.reload("SIGHUP")))
+    hup.arm()
     await stop.wait()
     await svc.stop()
     return 0
+
 
 
 def run_single(config: Config, path: str | None) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 from . import views
 from .config import Config, ConfigError, loads
 from .logs import setup_logging
+from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy.workers")
 
@@ -233,6 +234,12 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Handlers first: a SIGTERM while workers spawn must stop them, not orphan them.
+        stop = asyncio.Event()
+        hup = SignalLatch(lambda: loop.create_task(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hup)
         for h in self.handles:
             await self.spawn(h)
         self.health.start()
@@ -245,10 +252,7 @@ class Supervisor:
                 log.error("cannot listen for the admin API: %s", e)
                 await self.shutdown()
                 return 1
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
+        hup.arm()
         watcher = loop.create_task(self.watch())
         log.info("supervisor running %d workers on %s:%d", self.n, self.config.listen.host,
                  self.config.listen.port)
@@ -345,13 +349,13 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
     setup_logging(config.logging)
     svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
                   active_health=False)
-    await svc.start(reuse_port=True)
-    writer.write(json.dumps({"op": "ready"}).encode() + b"\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+    await svc.start(reuse_port=True)
+    writer.write(json.dumps({"op": "ready"}).encode() + b"\n")
     ctl = loop.create_task(follow_control(svc, reader, writer, stop))
     await stop.wait()
     ctl.cancel()
