@@ -8,12 +8,15 @@ ketama-style client with the same members agrees. Invariants (DESIGN.md §2–3)
   nodes' points resolves the same way whatever order the config lists them in.
 - Health never rebuilds the ring. An unusable backend is skipped by walking the key's
   preference list, which maps every key exactly as removing the node would (P2, P3).
-- The hot path is one ``get_node`` when the key's owner is usable.
+- The hot path is one lookup when the key's owner is usable: md5 and a bisect over the
+  continuum uhashring built (``get_points``), the computation of its ``get_node`` without
+  its four layers of calls (tests/test_ring.py checks they agree key for key).
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterable
 
@@ -49,7 +52,7 @@ def fingerprint(members: Iterable[Member], vnodes: int) -> str:
 class Ring:
     """An immutable ring over ``members``; build a new one to change membership."""
 
-    __slots__ = ("members", "vnodes", "fingerprint", "_ring", "_ids", "_get_node")
+    __slots__ = ("members", "vnodes", "fingerprint", "_ring", "_ids", "_points", "_owners")
 
     def __init__(self, members: Iterable[Member], vnodes: int = 160):
         self.members: tuple[Member, ...] = tuple(sorted(members, key=lambda m: m.id))
@@ -62,7 +65,9 @@ class Ring:
         self._ids = frozenset(m.id for m in self.members)
         nodes = {m.id: {"weight": m.weight, "vnodes": vnodes} for m in self.members}
         self._ring = HashRing(nodes=nodes, vnodes=vnodes)
-        self._get_node = self._ring.get_node
+        continuum = self._ring.get_points()
+        self._points: list[int] = [p for p, _ in continuum]
+        self._owners: list[str] = [n for _, n in continuum]
 
     def __len__(self) -> int:
         return len(self.members)
@@ -71,8 +76,13 @@ class Ring:
         return backend_id in self._ids
 
     def owner(self, key: str) -> str | None:
-        """The key's primary backend (None on an empty ring)."""
-        return self._get_node(key)
+        """The key's primary backend (None on an empty ring): the first point strictly
+        above the key's md5, wrapping at the end (uhashring's default hash and order)."""
+        points = self._points
+        if not points:
+            return None
+        i = bisect_right(points, int.from_bytes(hashlib.md5(key.encode()).digest(), "big"))
+        return self._owners[i if i < len(points) else 0]
 
     def preference(self, key: str) -> list[str]:
         """Every member, ordered as the key would fail over along the ring."""
@@ -86,7 +96,7 @@ class Ring:
         ``usable`` is a predicate or a collection of usable ids; None means all are usable.
         Costs one lookup when the owner is usable.
         """
-        owner = self._get_node(key)
+        owner = self.owner(key)
         if owner is None:
             return Pick(None, False, None)
         if usable is None:

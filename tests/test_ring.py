@@ -26,6 +26,23 @@ def test_owner_is_first_of_preference_list():
         assert sorted(pref) == ["a", "b", "c", "d"]
 
 
+@pytest.mark.parametrize("members", [
+    [Member("a"), Member("b"), Member("c")],
+    [Member("app-1", 3), Member("app-2", 1), Member("app-3", 7), Member("x", 2)],
+    [Member("solo")],
+    [],
+])
+def test_owner_is_uhashrings_get_node_key_for_key(members):
+    """The direct lookup computes exactly what uhashring's get_node returns (P2 rests on
+    it), for plain, weighted, single and empty rings, and for non-ASCII keys."""
+    from uhashring import HashRing
+    r = Ring(members, 40)
+    ref = HashRing(nodes={m.id: {"weight": m.weight, "vnodes": 40} for m in members},
+                   vnodes=40)
+    for k in KEYS[:30_000] + ["", "ü-σ-用户", "x" * 300]:
+        assert r.owner(k) == ref.get_node(k), k
+
+
 def test_removing_one_backend_moves_only_its_keys():
     full = ring("a", "b", "c", "d", "e")
     less = ring("a", "b", "d", "e")
