@@ -540,7 +540,7 @@ def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
         except ValueError as e:
             errors.append(f"{p}.weight: {e}")
             ok = False
-        if ok:
+        if ok and bid is not None and url is not None:
             out.append(Backend(id=bid, url=url, weight=weight, host=host, port=port))
     return tuple(out)
 
@@ -666,7 +666,7 @@ def reference_markdown() -> str:
             if name == "routing" and f.name == "keys":
                 shown = '[{ from = "header", name = "X-User-Id" }]'
             elif kind is not None and getattr(kind, "__qualname__", "").startswith("k_duration"):
-                shown = f'"{format_duration(default)}"'
+                shown = f'"{format_duration(default)}"'  # type: ignore[arg-type]
             else:
                 shown = _show_default(default)
             out.append(f"| `{f.name}` | `{shown}` | {f.metadata.get('doc', '')} |")

@@ -90,7 +90,7 @@ class JwtVerifier:
             key = next(iter(self.keys.values()))
         else:
             raise InvalidToken("unknown signing key")
-        options = {"require": ["exp"] if s.require_exp else []}
+        options: jwt.types.Options = {"require": ["exp"] if s.require_exp else []}
         try:
             claims = jwt.decode(token, key, algorithms=list(s.algorithms),
                                 audience=s.audience or None, issuer=s.issuer or None,

@@ -9,7 +9,8 @@ supervisor, which sums them (``merge``) and exports the total.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
@@ -106,13 +107,14 @@ def merge(snapshots: Iterable[dict[str, Any]], into: Stats | None = None) -> Sta
 class StatsCollector(Collector):
     """Exports a Stats (fetched fresh from ``source`` at every scrape)."""
 
-    def __init__(self, source):
+    def __init__(self, source: Callable[[], Stats]) -> None:
         self.source = source
 
-    def collect(self):
+    def collect(self) -> Iterator[Any]:
         stats: Stats = self.source()
         for name, (kind, help_, labels) in DEFINITIONS.items():
             full = PREFIX + name
+            fam: Any
             if kind == "counter":
                 fam = CounterMetricFamily(full, help_, labels=list(labels))
                 for k, v in sorted(stats.counters[name].items()):
@@ -135,7 +137,7 @@ class StatsCollector(Collector):
             yield fam
 
 
-def registry_for(source) -> CollectorRegistry:
+def registry_for(source: Callable[[], Stats]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(StatsCollector(source))
     return reg

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Collection, Iterator, NamedTuple
 
 from .config import Backend, Config
 from .keys import KeyExtractor
@@ -129,7 +129,7 @@ class Router:
                 return Route(b, "no_key", None)
         return Route(None, "none", None)
 
-    def alternatives(self, key: str | None, tried: set[str], now: float) -> Iterator[BackendState]:
+    def alternatives(self, key: str | None, tried: Collection[str], now: float) -> Iterator[BackendState]:
         """Backends to retry on, in the key's preference order (P3), skipping tried ones."""
         ids = self.ring.preference(key) if key is not None else [b.id for b in self.ordered]
         for bid in ids:

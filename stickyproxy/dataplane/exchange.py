@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens
 from .tunnel import Tunnel
@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from ..router import BackendState, Router
     from .client import ClientProtocol
 
-PENDING, CONNECTING, SENT, RESPONDING, DONE, QUEUED = range(6)
+# Exchange states, in the order an exchange normally passes them (QUEUED: waiting for an
+# in-flight slot on a backend at its cap).
+PENDING: Final = 0
+CONNECTING: Final = 1
+SENT: Final = 2
+RESPONDING: Final = 3
+DONE: Final = 4
+QUEUED: Final = 5
 
 
 # A slow request body is judged against limits.min_body_rate only after this long
@@ -75,7 +82,7 @@ class Exchange:
     body_buf: list[bytes] | None = None
     body_buffered = 0
     body_seen = 0
-    req_trailers: list[tuple[bytes, bytes]] | None = None
+    req_trailers: list[bytes] | None = None
     upgrade = False
     body_started = 0.0
     last_body_at = 0.0

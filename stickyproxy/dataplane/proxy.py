@@ -34,7 +34,7 @@ class Proxy:
         self.events = events or Events()
         self.states: dict[str, BackendState] = {}
         self.clients: set[ClientProtocol] = set()
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.stopping = False
         self.active = 0           # exchanges being answered
         self.retrying = 0         # of which have been retried at least once
