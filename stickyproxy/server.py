@@ -15,7 +15,7 @@ import signal
 import time
 from typing import Any
 
-from . import views
+from . import compiled, views
 from .config import Config, ConfigError, load
 from .logs import setup_logging
 from .signals import SignalLatch
@@ -73,9 +73,9 @@ class Service:
             self.admin = Admin(self)
             await self.admin.start()
         freeze_heap()
-        log.info("listening on %s:%d (worker %d, ring %s, %d backends)",
+        log.info("listening on %s:%d (worker %d, ring %s, %d backends, %s data plane)",
                  self.config.listen.host, self.proxy.port, self.worker,
-                 self.proxy.router.fingerprint, len(self.config.backends))
+                 self.proxy.router.fingerprint, len(self.config.backends), compiled.build())
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
         """Load the config file again; apply it only if valid. (ok, errors)"""

@@ -53,4 +53,11 @@ def check_runtime() -> list[str]:
         if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
             problems.append("AIOHTTP_NO_EXTENSIONS is set: aiohttp would use its pure-Python "
                             f"parser; unset it or set {ALLOW_PY_PARSER_ENV}=1")
+    from .compiled import build, stale
+    if build() == "mixed":
+        problems.append("the data plane is partly compiled (a broken build): reinstall "
+                        "stickyproxy, or set STICKYPROXY_COMPILE=0 for a pure-Python one")
+    for module in stale():
+        problems.append(f"{module} is compiled from an older source than the .py beside it; "
+                        "rebuild (STICKYPROXY_COMPILE=1 pip install -e .) or delete the .so")
     return problems

@@ -54,6 +54,22 @@ IO_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------------------------------
+# which build of the hot path is under test (stickyproxy/compiled.py)
+
+def pytest_report_header(config):
+    from stickyproxy import compiled
+    return f"stickyproxy data plane: {compiled.build()}"
+
+
+def pytest_sessionstart(session):
+    from stickyproxy import compiled
+    if compiled.stale():
+        pytest.exit(f"compiled modules older than their source: {', '.join(compiled.stale())}; "
+                    "rebuild with STICKYPROXY_COMPILE=1 pip install -e . or delete the .so "
+                    "files", returncode=4)
+
+
+# ---------------------------------------------------------------------------------------
 # the event loop
 
 _DATAPLANE = Path(__file__).parent / "dataplane"

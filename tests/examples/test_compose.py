@@ -78,7 +78,8 @@ def test_every_referenced_file_exists(compose):
             dockerfile = context / build.get("dockerfile", "Dockerfile")
             assert dockerfile.is_file(), f"{name}: {dockerfile}"
             for line in dockerfile.read_text().splitlines():
-                if line.startswith("COPY "):
+                if line.startswith("COPY ") and "--from=" not in line:
+                    # (a COPY --from copies out of an earlier build stage, not the context)
                     for src in line.split()[1:-1]:
                         assert (context / src).exists(), f"{dockerfile.name}: COPY {src}"
         for volume in service.get("volumes", []):
