@@ -253,6 +253,8 @@ def tool_versions() -> dict[str, str]:
         ours = metadata.version("stickyproxy")
     except metadata.PackageNotFoundError:
         ours = "not installed"
+    from stickyproxy.compiled import build
+    ours += f" ({build()})"
     versions = {"stickyproxy": ours, "python": platform.python_version()}
     for name, argv in (("nginx", ["nginx", "-v"]), ("haproxy", ["haproxy", "-v"]),
                        ("wrk", ["wrk", "-v"]), ("redis", ["redis-server", "--version"])):

@@ -316,6 +316,8 @@ def tool_versions() -> dict[str, str]:
         stickyproxy_version = metadata.version("stickyproxy")
     except metadata.PackageNotFoundError:
         stickyproxy_version = "not installed"
+    from stickyproxy.compiled import build
+    stickyproxy_version += f" ({build()})"
     return {"nginx": tool_version(["nginx", "-v"]),
             "haproxy": tool_version(["haproxy", "-v"]),
             "wrk": tool_version(["wrk", "-v"]),
