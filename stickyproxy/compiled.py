@@ -22,6 +22,8 @@ COMPILED_MODULES = (
     "stickyproxy.dataplane.upstream",
     "stickyproxy.dataplane.http",
     "stickyproxy.dataplane.tunnel",
+    "stickyproxy.dataplane.proxy",
+    "stickyproxy.dataplane.events",
     "stickyproxy.router",
     "stickyproxy.ring",
     "stickyproxy.keys",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
@@ -35,6 +36,10 @@ class Observer(Events):
         self.tunnels: dict[str, int] = {}
         self.metrics_enabled = True
         self.panic_logged = -PANIC_LOG_INTERVAL
+        # hooks for a supervisor that tells its workers (set, never subclassed: the
+        # compiled class cannot be patched or subclassed from interpreted code)
+        self.on_health_check: Callable[[BackendState, bool], None] | None = None
+        self.on_backend_changed: Callable[[BackendState], None] | None = None
 
     def bind(self, proxy: Proxy, health: Health) -> None:
         self.proxy = proxy
@@ -108,9 +113,12 @@ class Observer(Events):
     # -- control plane events ------------------------------------------------------------
     def health_check(self, st: BackendState, ok: bool) -> None:
         self.stats.inc("health_checks", (st.id, "success" if ok else "failure"))
+        if self.on_health_check is not None:
+            self.on_health_check(st, ok)
 
     def backend_changed(self, st: BackendState) -> None:
-        pass
+        if self.on_backend_changed is not None:
+            self.on_backend_changed(st)
 
     def ejected(self, st: BackendState) -> None:
         self.stats.inc("ejections", (st.id,))

@@ -68,15 +68,13 @@ class Supervisor:
         self.proxy = Proxy(config, events=self.observer)  # state only: it never listens
         self.health = Health(self.proxy, self.observer, active=True)
         self.observer.bind(self.proxy, self.health)
-        self.observer.backend_changed = self._broadcast_health  # type: ignore[method-assign]
-        own_check = self.observer.health_check
+        self.observer.on_backend_changed = self._broadcast_health
 
         def health_check(st, ok: bool) -> None:
-            own_check(st, ok)
             if ok and st.healthy:
                 # passive ejections are per worker: a passing check lifts them everywhere
                 self.broadcast({"op": "check_passed", "id": st.id})
-        self.observer.health_check = health_check  # type: ignore[method-assign]
+        self.observer.on_health_check = health_check
         self.handles = [WorkerHandle(i) for i in range(workers)]
         self.stopping = False
         self.admin: Any = None

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..router import BackendState, Router
@@ -154,7 +154,10 @@ class Proxy:
     @property
     def port(self) -> int:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
+        # uvloop's Server.sockets is a list where typeshed says tuple: read it untyped, so
+        # the compiled build does not enforce the stub's type
+        sockets: Any = getattr(self.server, "sockets")  # noqa: B009
+        return sockets[0].getsockname()[1]
 
     async def _tick(self) -> None:
         while True:
