@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from . import console, document, report
 from .console import progress
 from .procs import ensure_installed, missing_tools, tool_version
-from .targets import REPO_ROOT, TARGET_KINDS
+from .targets import REPO_ROOT, TARGET_KINDS, default_kinds
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_DIR = RESULTS_DIR / "smoke"
@@ -128,8 +128,9 @@ def run_ring(s: Settings) -> dict[str, Any]:
 
 
 def _proxy_kinds(s: Settings) -> tuple:
-    kinds = tuple(k for k in TARGET_KINDS.values() if k.tool is None or s.has(k.tool))
-    skipped = [k.name for k in TARGET_KINDS.values() if k not in kinds]
+    wanted = default_kinds()
+    kinds = tuple(k for k in wanted if k.tool is None or s.has(k.tool))
+    skipped = [k.name for k in wanted if k not in kinds]
     if skipped:
         progress(f"skipping {', '.join(skipped)}: not installed")
     return kinds

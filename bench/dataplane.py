@@ -27,8 +27,8 @@ from .cpu import CpuMeter, per_request_us
 from .probe import ProbeError, check_sticky_routing
 from .procs import (LOOPBACK, Server, StartError, ensure_installed, free_ports, start_server,
                     tool_version)
-from .targets import (BACKEND_IDS, BASELINE, BODY, TARGET_KINDS, TargetKind, backends_launch,
-                      python_env)
+from .targets import (BACKEND_IDS, BASELINE, BODY, INTERPRETED, TARGET_KINDS, TargetKind,
+                      backends_launch, default_kinds, python_env)
 from .wrk import THREADS, WrkError, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"interleaved rounds over all targets (default {DEFAULT_ROUNDS})")
     p.add_argument("--users", type=_positive(int), default=DEFAULT_USERS,
                    help=f"distinct X-User-Id values drawn at random (default {DEFAULT_USERS:,})")
-    p.add_argument("--targets", type=_target_names, default=tuple(TARGET_KINDS.values()),
-                   help=f"comma-separated, from {','.join(TARGET_KINDS)} (default all)")
+    p.add_argument("--targets", type=_target_names, default=default_kinds(),
+                   help=f"comma-separated, from {','.join(TARGET_KINDS)} (default all; "
+                        f"{INTERPRETED} only when the installed build is compiled)")
     p.add_argument("--workers", type=_csv_ints, default=DEFAULT_WORKERS,
                    help="worker processes (threads for HAProxy) of every proxy; "
                         "a list such as 1,2 runs each target at each count (default 1)")

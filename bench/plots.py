@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 DPI = 110
 WIDE = (11, 4.2)
 COLORS = {"direct": "tab:gray", "nginx": "tab:green", "haproxy": "tab:orange",
+          "stickyproxy-py": "tab:cyan",
           "stickyproxy": "tab:blue", "sticky": "tab:blue", "stateless": "tab:red"}
 BAR = 0.38
 STATE_COLORS = {"connect-failed": "tab:orange", "down": "black", "ejected": "tab:purple"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,15 @@ HAPROXY_MAXCONN = 4096
 HAPROXY_TIMEOUTS = {"connect": "1s", "client": "30s", "server": "30s",
                     "http-request": "10s", "http-keep-alive": "60s", "tunnel": "60s"}
 NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+# stickyproxy run from its pure-Python sources: measured only when the installed build is
+# compiled (otherwise it is the same program as the "stickyproxy" target).
+INTERPRETED = "stickyproxy-py"
+
+
+def default_kinds() -> tuple[TargetKind, ...]:
+    from stickyproxy.compiled import build
+    return tuple(k for k in TARGET_KINDS.values()
+                 if k.name != INTERPRETED or build() == "compiled")
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,20 @@ access = "off"
     return Launch("stickyproxy run", argv, conf, config, python_env())
 
 
+def stickyproxy_interpreted_launch(workdir: Path, port: int, backend_ports: Sequence[int],
+                                   workers: int) -> Launch:
+    """The same stickyproxy from a copy of its sources without the compiled modules, so
+    one run measures what compiling the hot path (stickyproxy/compiled.py) buys."""
+    tree = workdir / "interpreted"
+    if not tree.exists():
+        shutil.copytree(REPO_ROOT / "stickyproxy", tree / "stickyproxy",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    base = stickyproxy_launch(workdir, port, backend_ports, workers)
+    conf = workdir / f"stickyproxy-py-w{workers}.toml"
+    argv = [conf.as_posix() if a == str(base.config_path) else a for a in base.argv]
+    return Launch("stickyproxy run (interpreted)", argv, conf, base.config, python_env(tree))
+
+
 def python_env(*extra_paths: Path) -> dict[str, str]:
     """PYTHONPATH for a Python child: this checkout (and `extra_paths`) first."""
     paths = [str(p) for p in extra_paths] + [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
@@ -193,5 +217,6 @@ TARGET_KINDS = {kind.name: kind for kind in (
     TargetKind("nginx", "nginx", optional=False, render=nginx_launch),
     TargetKind("haproxy", "haproxy", optional=False, render=haproxy_launch),
     TargetKind("stickyproxy", None, optional=True, render=stickyproxy_launch),
+    TargetKind(INTERPRETED, None, optional=True, render=stickyproxy_interpreted_launch),
 )}
 BASELINE = "nginx"
