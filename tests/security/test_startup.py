@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from stickyproxy import compiled
 from stickyproxy.startup import FLOORS
 
 from .conftest import free_port
@@ -178,6 +180,31 @@ def test_run_starts_with_the_escape_hatch_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+@pytest.mark.skipif(compiled.build() != "compiled", reason="needs the compiled build")
+def test_run_refuses_a_compiled_module_older_than_its_source(tmp_path):
+    """A copy of the compiled package whose router.py was edited after the build: the
+    compiled router would run instead of the edit, so `run` refuses, naming it."""
+    root = compiled.PACKAGE_DIR.parent
+    copy = tmp_path / "site"
+    shutil.copytree(compiled.PACKAGE_DIR, copy / "stickyproxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for group in root.glob("stickyproxy__mypyc*"):   # mypyc's shared runtime module
+        shutil.copy2(group, copy / group.name)
+    edited = compiled.source_path("stickyproxy.router", copy / "stickyproxy")
+    later = time.time() + 60
+    os.utime(edited, (later, later))
+    port = free_port()
+    env = _env()
+    env["PYTHONPATH"] = str(copy)
+    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", "run", "-c",
+                          str(_config(tmp_path, port))], check=False, capture_output=True,
+                         text=True, env=env, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "stickyproxy.router is compiled from an older source" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not _listening(port)
 
 
 # ---------------------------------------------------------------------------------------
