@@ -43,6 +43,18 @@ def test_owner_is_uhashrings_get_node_key_for_key(members):
         assert r.owner(k) == ref.get_node(k), k
 
 
+def test_owner_cache_is_bounded_and_never_changes_an_answer(monkeypatch):
+    import stickyproxy.ring as ring_module
+    if not ring_module.__file__.endswith(".py"):
+        pytest.skip("the compiled module reads its constant at build time")
+    monkeypatch.setattr(ring_module, "OWNER_CACHE_SIZE", 100)
+    r = ring("a", "b", "c")
+    first = [r.owner(k) for k in KEYS[:1000]]
+    assert len(r._cache) <= 100
+    assert [r.owner(k) for k in KEYS[:1000]] == first       # through a cache that refilled
+    assert [r.owner(k) for k in KEYS[950:1000]] == first[950:]  # straight from the cache
+
+
 def test_removing_one_backend_moves_only_its_keys():
     full = ring("a", "b", "c", "d", "e")
     less = ring("a", "b", "d", "e")
