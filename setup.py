@@ -6,7 +6,7 @@ editable installs, where in-place C modules would shadow edits to the source.
 """
 
 import os
-import re
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -20,9 +20,9 @@ if os.environ.get("STICKYPROXY_COMPILE") == "1":
                  "set STICKYPROXY_COMPILE=0 to install the pure-Python build")
     from mypyc.build import mypycify
 
-    text = Path(__file__).with_name("stickyproxy").joinpath("compiled.py").read_text()
-    block = text.split("COMPILED_MODULES = (", 1)[1].split(")", 1)[0]
-    modules = re.findall(r'"([\w.]+)"', block)
+    # compiled.py imports only the standard library: run it alone, without the package
+    here = Path(__file__).resolve().parent
+    modules = runpy.run_path(str(here / "stickyproxy" / "compiled.py"))["COMPILED_MODULES"]
     ext_modules = mypycify([m.replace(".", "/") + ".py" for m in modules], opt_level="3",
                            group_name="stickyproxy")
 

@@ -22,14 +22,13 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import console, document, report
 from .console import progress
 from .procs import ensure_installed, missing_tools, tool_version
-from .targets import REPO_ROOT, TARGET_KINDS, default_kinds
+from .targets import REPO_ROOT, default_kinds, stickyproxy_version
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_DIR = RESULTS_DIR / "smoke"
@@ -250,13 +249,7 @@ def write_report(settings: Settings, meta: dict[str, Any]) -> None:
 
 
 def tool_versions() -> dict[str, str]:
-    try:
-        ours = metadata.version("stickyproxy")
-    except metadata.PackageNotFoundError:
-        ours = "not installed"
-    from stickyproxy.compiled import build
-    ours += f" ({build()})"
-    versions = {"stickyproxy": ours, "python": platform.python_version()}
+    versions = {"stickyproxy": stickyproxy_version(), "python": platform.python_version()}
     for name, argv in (("nginx", ["nginx", "-v"]), ("haproxy", ["haproxy", "-v"]),
                        ("wrk", ["wrk", "-v"]), ("redis", ["redis-server", "--version"])):
         found = VERSION.search(tool_version(argv))

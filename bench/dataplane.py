@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +27,8 @@ from .probe import ProbeError, check_sticky_routing
 from .procs import (LOOPBACK, Server, StartError, ensure_installed, free_ports, start_server,
                     tool_version)
 from .targets import (BACKEND_IDS, BASELINE, BODY, INTERPRETED, TARGET_KINDS, TargetKind,
-                      backends_launch, default_kinds, python_env)
+                      backends_launch, default_kinds, python_env,
+                      stickyproxy_version)
 from .wrk import THREADS, WrkError, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -313,16 +313,10 @@ def run_half_load(targets: Sequence[Target], plan: Plan,
 
 
 def tool_versions() -> dict[str, str]:
-    try:
-        stickyproxy_version = metadata.version("stickyproxy")
-    except metadata.PackageNotFoundError:
-        stickyproxy_version = "not installed"
-    from stickyproxy.compiled import build
-    stickyproxy_version += f" ({build()})"
     return {"nginx": tool_version(["nginx", "-v"]),
             "haproxy": tool_version(["haproxy", "-v"]),
             "wrk": tool_version(["wrk", "-v"]),
-            "stickyproxy": stickyproxy_version,
+            "stickyproxy": stickyproxy_version(),
             "python": platform.python_version()}
 
 

@@ -381,22 +381,20 @@ def dataplane_explanation(d: dict[str, Any], p: dict[str, Any]) -> str:
               if (t["ratio_to_nginx"]["rps"] or 0) < THROUGHPUT_TARGET]
     heading = (f"Why the throughput target is missed ({' and '.join(missed)})" if missed
                else "Where stickyproxy's CPU goes")
-    compiled = "(compiled)" in d.get("tools", {}).get("stickyproxy", "")
-    user_part = (
-        ("- The user-space part is the protocol callbacks, header handling, routing and "
-         "metrics, compiled with mypyc but still working on Python objects through the C API "
-         "(a bytes object per header, a dict and tuple per metric): that path alone costs "
-         f"{p['hotpath']['us_per_request']:.1f} µs per request without any I/O (cProfile "
-         "sees each compiled callback as one opaque entry), and in the running process the "
-         "event-loop callbacks, allocation and caches shared with wrk and the backends add "
-         "to it. Closing the gap means less work per request, not fewer syscalls.")
-        if compiled else
-        ("- The user-space part is the interpreter running the protocol callbacks, "
-         "header handling, routing and metrics: the Python path alone costs "
-         f"{p['hotpath']['us_per_request']:.1f} µs per request without any I/O "
-         "(cProfile table above), and in the running process the event-loop "
-         "callbacks, allocation and caches shared with wrk and the backends add to "
-         "it. Closing the gap means less Python per request, not fewer syscalls."))
+    if "(compiled)" in d.get("tools", {}).get("stickyproxy", ""):
+        what = ("the protocol callbacks, header handling, routing and metrics, compiled with "
+                "mypyc but still working on Python objects through the C API (a bytes object "
+                "per header, a dict and tuple per metric)")
+        profile = "cProfile sees each compiled callback as one opaque entry"
+    else:
+        what = ("the interpreter running the protocol callbacks, header handling, routing "
+                "and metrics")
+        profile = "cProfile table above"
+    user_part = (f"- The user-space part is {what}: that path alone costs "
+                 f"{p['hotpath']['us_per_request']:.1f} µs per request without any I/O "
+                 f"({profile}), and in the running process the event-loop callbacks, "
+                 "allocation and caches shared with wrk and the backends add to it. Closing "
+                 "the gap means less work per request, not fewer syscalls.")
     return "\n".join([f"\n**{heading}.**", *lines, *compile_lines(d), *kernel_lines(p),
                       user_part,
                       ("- On two cores shared with wrk and the backends every µs per request is "

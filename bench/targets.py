@@ -31,6 +31,18 @@ NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 INTERPRETED = "stickyproxy-py"
 
 
+def stickyproxy_version() -> str:
+    """The installed version and which build of the hot path it runs."""
+    from importlib import metadata
+
+    from stickyproxy.compiled import build
+    try:
+        version = metadata.version("stickyproxy")
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"{version} ({build()})"
+
+
 def default_kinds() -> tuple[TargetKind, ...]:
     from stickyproxy.compiled import build
     return tuple(k for k in TARGET_KINDS.values()
@@ -161,7 +173,9 @@ backend apps
 
 
 def stickyproxy_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                       workers: int) -> Launch:
+                       workers: int, tree: Path | None = None) -> Launch:
+    """``stickyproxy run`` from this checkout, or from ``tree`` (a copy of the sources put
+    first on PYTHONPATH) when given."""
     backends = "\n".join(f"""[[backends]]
 id = "{backend_id}"
 url = "http://{LOOPBACK}:{p}"
@@ -187,10 +201,12 @@ pool_max_requests = {KEEPALIVE_REQUESTS}
 [logging]
 access = "off"
 """
-    conf = workdir / f"stickyproxy-w{workers}.toml"
+    name = "stickyproxy" if tree is None else INTERPRETED
+    conf = workdir / f"{name}-w{workers}.toml"
     argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf),
             "--workers", str(workers)]
-    return Launch("stickyproxy run", argv, conf, config, python_env())
+    env = python_env() if tree is None else python_env(tree)
+    return Launch(f"{name} run", argv, conf, config, env)
 
 
 def stickyproxy_interpreted_launch(workdir: Path, port: int, backend_ports: Sequence[int],
@@ -201,10 +217,7 @@ def stickyproxy_interpreted_launch(workdir: Path, port: int, backend_ports: Sequ
     if not tree.exists():
         shutil.copytree(REPO_ROOT / "stickyproxy", tree / "stickyproxy",
                         ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    base = stickyproxy_launch(workdir, port, backend_ports, workers)
-    conf = workdir / f"stickyproxy-py-w{workers}.toml"
-    argv = [conf.as_posix() if a == str(base.config_path) else a for a in base.argv]
-    return Launch("stickyproxy run (interpreted)", argv, conf, base.config, python_env(tree))
+    return stickyproxy_launch(workdir, port, backend_ports, workers, tree)
 
 
 def python_env(*extra_paths: Path) -> dict[str, str]:

@@ -94,8 +94,9 @@ class Observer(Events):
                 key = key_digest(key) if cfg.access_key == "hash" else None
             rec = access_record(client=ex.client.peer_ip, method=ex.method,
                                 path=ex.target.decode("latin-1"), status=status,
-                                sent=ex.resp_bytes, duration=now - ex.started, backend=b.id if b is not None else None,
-                                route=ex.route, retries=ex.retries, key=key)
+                                sent=ex.resp_bytes, duration=now - ex.started,
+                                backend=None if b is None else bid, route=ex.route,
+                                retries=ex.retries, key=key)
             access_log.info(format_access(rec, cfg.access))
 
     def client_opened(self) -> None:

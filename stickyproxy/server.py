@@ -172,7 +172,6 @@ async def _run_service(config: Config, path: str | None) -> int:
     return 0
 
 
-
 def run_single(config: Config, path: str | None) -> int:
     """The whole proxy in this process (``--workers 1``)."""
     install_uvloop()

@@ -63,8 +63,9 @@ def pytest_report_header(config):
 
 def pytest_sessionstart(session):
     from stickyproxy import compiled
-    if compiled.stale():
-        pytest.exit(f"compiled modules older than their source: {', '.join(compiled.stale())}; "
+    stale = compiled.stale()
+    if stale:
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
                     "rebuild with STICKYPROXY_COMPILE=1 pip install -e . or delete the .so "
                     "files", returncode=4)
 
