@@ -234,6 +234,7 @@ class Health:
             if p is not None:
                 p.consecutive = 0
                 p.ejected_until = 0.0
+            st.passive_clean = True
             self.observer.backend_changed(st)
 
     def set_health(self, st: BackendState, up: bool, reason: str) -> None:
@@ -271,6 +272,7 @@ class Health:
         ejected = sum(1 for s in states if now < s.ejected_until)
         until = p.record(ok, now, cfg, may_eject(ejected, len(self.proxy.states),
                                                   cfg.max_ejected_percent))
+        st.passive_clean = p.consecutive == 0
         if until is not None:
             st.ejected_until = until
             st.ejections = p.ejections

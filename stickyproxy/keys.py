@@ -16,7 +16,7 @@ Decisions where the RFCs leave room (each table-tested):
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from typing import Sequence
 from urllib.parse import unquote_to_bytes
 
 from .config import DEFAULT_MAX_KEY_LENGTH, KeySource
@@ -37,9 +37,18 @@ class KeyRejected(ValueError):
         self.status = status
 
 
-class Extracted(NamedTuple):
-    key: str
-    source: KeySource
+class Extracted:
+    """A request's user key and the source that gave it (a plain class so that, compiled,
+    building one per request never calls into the interpreter)."""
+
+    __slots__ = ("key", "source")
+
+    def __init__(self, key: str, source: KeySource):
+        self.key = key
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Extracted({self.key!r}, {self.source!r})"
 
 
 def _what(src: KeySource) -> str:

@@ -56,6 +56,8 @@ class Observer(Events):
             self.health.passive_result(backend, False)
 
     def upstream_ok(self, backend: BackendState, status: int) -> None:
+        if status < 500 and backend.passive_clean:
+            return  # a success after a success: nothing for passive health to count
         h = self.health
         if h is not None:
             h.passive_result(backend, not (status >= 500 and h.pcfg.on_5xx))

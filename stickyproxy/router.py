@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Collection, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Collection, Iterator
 
 from .config import Backend, Config
 from .keys import KeyExtractor
@@ -26,7 +26,7 @@ class BackendState:
     __slots__ = ("id", "host", "port", "weight", "address", "pool", "inflight", "drained",
                  "healthy", "ejected_until", "connect_down_until", "failback_until",
                  "consecutive_failures", "ejections", "last_change", "reason", "tunnels", "waiters",
-                 "__weakref__")
+                 "passive_clean", "__weakref__")
 
     def __init__(self, backend: Backend):
         self.id = backend.id
@@ -47,6 +47,9 @@ class BackendState:
         self.reason = "initial"
         self.tunnels: set = set()
         self.waiters: deque = deque()  # exchanges waiting for an in-flight slot
+        # no passive failure counted since the last success: another success changes
+        # nothing, so the data plane skips the health code (kept by Health.passive_result)
+        self.passive_clean = True
 
     def usable(self, now: float) -> bool:
         return (self.healthy and not self.drained and now >= self.ejected_until
@@ -66,10 +69,19 @@ class BackendState:
         return "up"
 
 
-class Route(NamedTuple):
-    backend: BackendState | None
-    kind: str            # "primary" | "failover" | "no_key" | "panic" | "none"
-    owner: str | None
+class Route:
+    """Where one request goes. A plain class, not a NamedTuple: compiled, it is built
+    without a call into the interpreter on every request."""
+
+    __slots__ = ("backend", "kind", "owner")
+
+    def __init__(self, backend: BackendState | None, kind: str, owner: str | None):
+        self.backend = backend
+        self.kind = kind     # "primary" | "failover" | "no_key" | "panic" | "none"
+        self.owner = owner
+
+    def __repr__(self) -> str:
+        return f"Route({self.backend!r}, {self.kind!r}, {self.owner!r})"
 
 
 class Router:

@@ -291,8 +291,10 @@ class ClientProtocol(asyncio.Protocol):
                 raise self.limit_error
             ln = name.lower()
             headers.append((ln, value))
+            # bytes.find, not `in`: CPython's bytes `in` first tries the operand as an int
+            # and formats (then clears) a TypeError on every call
             if (ln in self.server.request_watch or ln.startswith(self.server.header_prefix_lower)
-                    or (b"_" in ln and not self.server.allow_underscores)):
+                    or (not self.server.allow_underscores and ln.find(b"_") >= 0)):
                 self.special.append((ln, value))
                 if ln != b"host":
                     return
@@ -405,7 +407,7 @@ class ClientProtocol(asyncio.Protocol):
             framing, length = "none", 0
         url = self.url
         target = url if url[:1] == b"/" else normalise_target(method, url, host)
-        if b"#" in target:
+        if target.find(b"#") >= 0:
             # a fragment is the client's own business (RFC 9110 §4.2.5): never forwarded
             target = target.partition(b"#")[0]
         upgrade = False
