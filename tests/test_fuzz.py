@@ -7,7 +7,6 @@ request head per parsed request or answers 4xx/5xx, and never raises.
 
 import asyncio
 import re
-import time
 
 import httptools
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -16,8 +15,9 @@ from stickyproxy.config import ConfigError, KeySource, parse
 from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane.client import ClientProtocol
 from stickyproxy.dataplane.http import RequestError, normalise_target
-from stickyproxy.dataplane.upstream import UpstreamProtocol
 from stickyproxy.keys import KeyExtractor, KeyRejected
+
+from memory import Sink, pooled_upstreams
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -79,42 +79,6 @@ CONFIG = {
 }
 
 
-class Sink(asyncio.Transport):
-    def __init__(self):
-        super().__init__()
-        self.data = bytearray()
-        self.closed = False
-        self.reading = True
-
-    def write(self, data):
-        self.data += data
-
-    def writelines(self, parts):
-        for p in parts:
-            self.data += p
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def is_closing(self):
-        return self.closed
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.closed = True
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
-
-    def is_reading(self):
-        return self.reading
-
-
 def _heads(data: bytes) -> list[bytes]:
     """Request heads the backend received, checked to parse cleanly with llhttp."""
     heads = []
@@ -160,13 +124,7 @@ def test_request_path_never_raises_and_forwards_only_clean_heads(requests, split
     async def scenario():
         from stickyproxy.config import parse as parse_config
         proxy = Proxy(parse_config(CONFIG))
-        upstream = {}
-        for bid, stt in proxy.states.items():
-            up = UpstreamProtocol(stt, time.monotonic())
-            t = Sink()
-            up.connection_made(t)
-            stt.pool.release(up, time.monotonic())
-            upstream[bid] = t
+        upstream = {bid: t for bid, (_, t) in pooled_upstreams(proxy).items()}
         client = ClientProtocol(proxy)
         out = Sink()
         client.connection_made(out)

@@ -125,3 +125,87 @@ def is_chunked_only(values: list[bytes]) -> bool:
     """
     # spaces only: llhttp accepts trailing spaces but refuses a tab after "chunked"
     return len(values) == 1 and values[0].strip(b" ").lower() == b"chunked"
+
+
+# -- relaying a plain response head from its raw bytes -----------------------------------
+# Most responses are a status line, a few end-to-end fields, Content-Length and a
+# Connection field. Their head is forwarded from its raw bytes, less the hop-by-hop and
+# framing lines, instead of field by field through llhttp callbacks (one Python call and
+# three allocations per field). llhttp still parses and validates every byte.
+
+# The response fields the proxy handles itself (hop-by-hop ones, RFC 9110 §7.6.1, and
+# Content-Length, re-made for the client's hop), as they start a line of a lower-cased head.
+_RESPONSE_CUT = tuple(b"\r\n" + name + b":" for name in sorted(
+    HOP_BY_HOP | {b"content-length"}))
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_CONNECTION = b"\r\nconnection:"
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+def plain_response_head(data: bytes, head_only: bool) -> int:
+    """The length of the response head at the start of ``data`` (through its last field's
+    CRLF, without the empty line) when it can be relayed by ``split_response_head``, else 0.
+
+    Plain means: the whole head is in ``data``, it is a final response (status >= 200),
+    every line ends in CRLF, there is no obs-fold, no Transfer-Encoding (so no trailers),
+    and exactly one Content-Length unless the response has no body (it answers HEAD, or
+    is a 204 or 304). Anything else takes the general path; llhttp decides whether the
+    response is valid either way.
+    """
+    end = data.find(_END_OF_HEAD)
+    if end < 12 or data[9:10] < b"2":
+        return 0
+    no_body = head_only or data[9:13] == b"204 " or data[9:13] == b"304 "
+    head = data[:end + 2]
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+        return 0
+    if head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0:
+        return 0
+    low = head.lower()
+    if low.find(b"\r\ntransfer-encoding:") >= 0:
+        return 0
+    cls = low.count(_CONTENT_LENGTH)
+    if cls > 1 or (cls == 0 and not no_body):
+        return 0
+    return end + 2
+
+
+def split_response_head(head: bytes) -> tuple[bytes, list[bytes], bytes | None,
+                                               list[bytes] | None]:
+    """A plain response head (see ``plain_response_head``) as (reason phrase, the lines to
+    forward, the Content-Length value, the Connection values). The forwarded lines come as
+    a few multi-line pieces, each ending in CRLF; the status line is not among them."""
+    first = head.find(b"\r\n")
+    parts = head[:first].split(b" ", 2)
+    reason = parts[2] if len(parts) > 2 else b""
+    low = head.lower()
+    cuts: list[tuple[int, int]] = []
+    cl: bytes | None = None
+    conn: list[bytes] | None = None
+    for name in _RESPONSE_CUT:
+        i = low.find(name, first)
+        while i >= 0:
+            start = i + 2
+            end = low.find(b"\r\n", start)
+            cuts.append((start, end + 2))
+            if name == _CONTENT_LENGTH or name == _CONNECTION:
+                value = head[i + len(name):end].strip(b" \t")
+                if name == _CONTENT_LENGTH:
+                    cl = value
+                elif conn is None:
+                    conn = [value]
+                else:
+                    conn.append(value)
+            i = low.find(name, end)
+    out: list[bytes] = []
+    pos = first + 2
+    if cuts:
+        cuts.sort()
+        for start, end in cuts:
+            if start > pos:
+                out.append(head[pos:start])
+            pos = end
+    if pos < len(head):
+        out.append(head[pos:])
+    return reason, out, cl, conn
