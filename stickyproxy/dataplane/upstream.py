@@ -75,9 +75,10 @@ class UpstreamProtocol(asyncio.Protocol):
                 n = plain_response_head(data, self.head_only)
                 if n:
                     self.raw_head = data[:n]
-                    parser = self.plain_parser
-                    if parser is None:
-                        parser = self.plain_parser = HttpResponseParser(_PlainHead(self))
+                    plain = self.plain_parser
+                    if plain is None:
+                        plain = self.plain_parser = HttpResponseParser(_PlainHead(self))
+                    parser = plain
                 else:
                     parser = self.parser
                 self.active = parser
