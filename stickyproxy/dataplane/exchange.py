@@ -65,9 +65,7 @@ def _without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
     tokens = tokens - _NEVER_HOP_BY_HOP
     if not tokens:
         return lines
-    # a piece may hold several lines (a response head relayed raw): judged line by line
-    return [ln + _CRLF for piece in lines for ln in piece.split(_CRLF)
-            if ln and ln.split(b":", 1)[0].strip().lower() not in tokens]
+    return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in tokens]
 
 
 def _chunk(data: bytes) -> list[bytes]:

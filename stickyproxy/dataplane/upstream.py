@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from .http import HOP_BY_HOP, plain_response_head, split_response_head
+from .http import HOP_BY_HOP
 
 # Response fields the proxy handles itself: hop-by-hop ones are dropped, framing ones are
 # re-made for the client's hop.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = ("backend", "transport", "parser", "exchange", "requests", "idle_since",
                  "closed", "paused", "head_only", "head_done", "finished", "garbage",
-                 "created", "reason", "plain_parser", "active", "raw_head", "in_message")
+                 "created", "reason")
 
     def __init__(self, backend: BackendState, now: float):
         self.backend = backend
@@ -47,13 +47,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.finished = 0            # set during a read: 1 reusable, 2 not reusable
         self.garbage = False         # bytes beyond the end of the current response
         self.reason = b""
-        # A response whose head is plain (http.plain_response_head) is parsed by a second
-        # parser that reports no fields, and its head relayed from the raw bytes. A parser
-        # is chosen only between responses and keeps the response it started.
-        self.plain_parser: HttpResponseParser | None = None
-        self.active = self.parser
-        self.raw_head = b""
-        self.in_message = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,19 +63,7 @@ class UpstreamProtocol(asyncio.Protocol):
         client = ex.client
         client.batch += 1
         try:
-            parser = self.active
-            if not self.in_message:
-                n = plain_response_head(data, self.head_only)
-                if n:
-                    self.raw_head = data[:n]
-                    plain = self.plain_parser
-                    if plain is None:
-                        plain = self.plain_parser = HttpResponseParser(_PlainHead(self))
-                    parser = plain
-                else:
-                    parser = self.parser
-                self.active = parser
-            parser.feed_data(data)
+            self.parser.feed_data(data)
         except HttpParserUpgrade as e:
             ex = self.exchange
             if ex is not None:
@@ -100,13 +81,8 @@ class UpstreamProtocol(asyncio.Protocol):
             if not client.batch and client.out:
                 client.flush()
         if self.head_done:
-            # llhttp is still waiting for the body a HEAD response does not have
             self.head_done = False
-            self.in_message = False
-            if self.active is self.parser:
-                self.parser = self.active = HttpResponseParser(self)
-            else:
-                self.plain_parser = self.active = HttpResponseParser(_PlainHead(self))
+            self.parser = HttpResponseParser(self)
         if self.finished:
             # The pool gets the connection back only after the whole read was parsed, so a
             # byte past the end of a response can never be read as the next one's.
@@ -143,7 +119,6 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # -- llhttp callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.in_message = True
         if self.finished or self.head_done or self.exchange is None:
             self.garbage = True
 
@@ -182,24 +157,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.garbage = True
             return
         reason, self.reason = self.reason, b""
-        self._head_complete(ex, reason)
-
-    def on_plain_headers_complete(self) -> None:
-        ex = self.exchange
-        if ex is None or self.head_done:
-            self.garbage = True
-            return
-        reason, out, cl, conn = split_response_head(self.raw_head)
-        self.raw_head = b""
-        ex.resp_out = out
-        ex.resp_cl = cl
-        ex.resp_conn = conn
-        self._head_complete(ex, reason)
-
-    def _head_complete(self, ex: Any, reason: bytes) -> None:
-        parser = self.active
-        status = parser.get_status_code()
-        ex.on_response_head(status, reason, parser.should_keep_alive())
+        status = self.parser.get_status_code()
+        ex.on_response_head(status, reason, self.parser.should_keep_alive())
         if self.head_only and status >= 200 and self.exchange is ex:
             # llhttp cannot know a HEAD response has no body: it ends here, and the
             # connection gets a fresh parser once this read is processed.
@@ -215,7 +174,6 @@ class UpstreamProtocol(asyncio.Protocol):
         ex.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        self.in_message = False
         ex = self.exchange
         if ex is None or self.head_done:
             return
@@ -245,28 +203,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-
-
-class _PlainHead:
-    """llhttp callbacks for a response whose head is relayed raw: no per-field callback
-    (httptools asks for each callback once, when the parser is made)."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: UpstreamProtocol):
-        self.conn = conn
-
-    def on_message_begin(self) -> None:
-        self.conn.on_message_begin()
-
-    def on_headers_complete(self) -> None:
-        self.conn.on_plain_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        self.conn.on_body(body)
-
-    def on_message_complete(self) -> None:
-        self.conn.on_message_complete()
 
 
 class Pool:
