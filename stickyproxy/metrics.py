@@ -48,6 +48,44 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+class Tally:
+    """One backend's answered requests by status class, counted in native integers since
+    metrics were last read (``Observer.current`` folds them into ``Stats``): counting a
+    request allocates nothing."""
+
+    __slots__ = ("backend", "labels", "c1", "c2", "c3", "c4", "c5", "other", "aborted")
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.labels = (backend,)   # the latency histogram's labels, made once
+        self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = self.other = self.aborted = 0
+
+    def count(self, status: int) -> None:
+        if 200 <= status < 300:
+            self.c2 += 1
+        elif status == 0:
+            self.aborted += 1
+        elif 400 <= status < 500:
+            self.c4 += 1
+        elif 500 <= status < 600:
+            self.c5 += 1
+        elif 300 <= status < 400:
+            self.c3 += 1
+        elif 100 <= status < 200:
+            self.c1 += 1
+        else:
+            self.other += 1
+
+    def fold(self, requests: dict[tuple, float]) -> None:
+        """Add the counts to ``requests`` (the "requests" counter) and start again."""
+        b = self.backend
+        for cls, n in (("1xx", self.c1), ("2xx", self.c2), ("3xx", self.c3), ("4xx", self.c4),
+                       ("5xx", self.c5), ("other", self.other), ("aborted", self.aborted)):
+            if n:
+                requests[(b, cls)] = requests.get((b, cls), 0) + n
+        self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = self.other = self.aborted = 0
+
+
 class Stats:
     """Plain counters for one process. Keys are label-value tuples."""
 

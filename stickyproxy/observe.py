@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .dataplane.events import Events
 from .logs import access_record, format_access
-from .metrics import Stats, code_class
+from .metrics import Stats, Tally, code_class
 from .router import key_digest
 
 if TYPE_CHECKING:
@@ -35,6 +35,10 @@ class Observer(Events):
         self.clients = 0
         self.tunnels: dict[str, int] = {}
         self.metrics_enabled = True
+        # requests counted natively since metrics were last read (see current())
+        self.tallies: dict[str, Tally] = {}
+        self.routed_primary = 0
+        self.routed_failover = 0
         self.panic_logged = -PANIC_LOG_INTERVAL
         # hooks for a supervisor that tells its workers (set, never subclassed: the
         # compiled class cannot be patched or subclassed from interpreted code)
@@ -76,21 +80,31 @@ class Observer(Events):
         bid = b.id if b is not None else "none"
         status = ex.status or 0
         stats = self.stats
-        c = stats.counters["requests"]
-        k = (bid, code_class(status) if status else "aborted")
-        c[k] = c.get(k, 0) + 1
-        if ex.route:
+        if b is not None:
+            t = b.tally
+            if t is None:
+                t = b.tally = self._tally(bid)
+            t.count(status)
+            stats.observe(t.labels, now - ex.started)
+        else:
+            c = stats.counters["requests"]
+            k = (bid, code_class(status) if status else "aborted")
+            c[k] = c.get(k, 0) + 1
+        route = ex.route
+        if route == "primary":
+            self.routed_primary += 1
+        elif route == "failover":
+            self.routed_failover += 1
+        elif route:
             r = stats.counters["route_decisions"]
-            rk = (ex.route if ex.route != "none" else "unavailable",)
+            rk = (route if route != "none" else "unavailable",)
             r[rk] = r.get(rk, 0) + 1
-            if ex.route == "panic" and now - self.panic_logged > PANIC_LOG_INTERVAL:
+            if route == "panic" and now - self.panic_logged > PANIC_LOG_INTERVAL:
                 self.panic_logged = now
                 log.warning("panic mode: fewer than %d%% of backends usable; routing by the "
                             "plain ring", ex.server.config.health.panic_threshold)
-        if b is not None:
-            stats.observe((bid,), now - ex.started)
-        cfg = ex.server.config.logging
-        if cfg.access != "off":
+        if ex.server.access_log:
+            cfg = ex.server.config.logging
             key = ex.key
             if key is not None and cfg.access_key != "raw":
                 key = key_digest(key) if cfg.access_key == "hash" else None
@@ -132,8 +146,28 @@ class Observer(Events):
             self.stats.inc("ring_changes")
 
     # -- export --------------------------------------------------------------------------
+    def _tally(self, backend: str) -> Tally:
+        # one per backend id, kept across reloads that re-create its state
+        t = self.tallies.get(backend)
+        if t is None:
+            t = self.tallies[backend] = Tally(backend)
+        return t
+
+    def fold(self) -> None:
+        """Move the natively counted requests and routing decisions into ``stats``."""
+        counters = self.stats.counters
+        requests = counters["requests"]
+        for t in self.tallies.values():
+            t.fold(requests)
+        routes = counters["route_decisions"]
+        for kind, n in (("primary", self.routed_primary), ("failover", self.routed_failover)):
+            if n:
+                routes[(kind,)] = routes.get((kind,), 0) + n
+        self.routed_primary = self.routed_failover = 0
+
     def current(self, *, shares: bool = True) -> Stats:
         """Counters as recorded, plus gauges read from the live state."""
+        self.fold()
         stats = self.stats
         proxy = self.proxy
         g = stats.gauges

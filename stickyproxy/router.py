@@ -18,6 +18,7 @@ from .ring import Member, Ring
 
 if TYPE_CHECKING:
     from .dataplane.upstream import Pool
+    from .metrics import Tally
 
 
 class BackendState:
@@ -26,7 +27,7 @@ class BackendState:
     __slots__ = ("id", "host", "port", "weight", "address", "pool", "inflight", "drained",
                  "healthy", "ejected_until", "connect_down_until", "failback_until",
                  "consecutive_failures", "ejections", "last_change", "reason", "tunnels", "waiters",
-                 "passive_clean", "__weakref__")
+                 "passive_clean", "tally", "__weakref__")
 
     def __init__(self, backend: Backend):
         self.id = backend.id
@@ -50,6 +51,7 @@ class BackendState:
         # no passive failure counted since the last success: another success changes
         # nothing, so the data plane skips the health code (kept by Health.passive_result)
         self.passive_clean = True
+        self.tally: Tally | None = None   # request counts, set by the Observer
 
     def usable(self, now: float) -> bool:
         return (self.healthy and not self.drained and now >= self.ejected_until

@@ -272,7 +272,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.head_pending = 0
         if self.deadline_kind != "header":
-            self.deadline = time.monotonic() + self.server.config.timeouts.client_header
+            self.deadline = time.monotonic() + self.server.client_header_timeout
             self.deadline_kind = "header"
 
     def on_url(self, url: bytes) -> None:

@@ -182,9 +182,9 @@ class Exchange:
     def take_slot(self, backend: BackendState, now: float) -> None:
         """Count this exchange in flight on ``backend`` and send, or wait for a slot when
         the backend is at ``limits.max_inflight_per_backend`` (503 past the queue bound)."""
-        limits = self.server.config.limits
-        if limits.max_inflight_per_backend and backend.inflight >= limits.max_inflight_per_backend:
-            if len(backend.waiters) >= limits.queue_per_backend:
+        cap = self.server.max_inflight
+        if cap and backend.inflight >= cap:
+            if len(backend.waiters) >= self.server.config.limits.queue_per_backend:
                 self.fail(503, f"backend {backend.id} is at capacity", retry_after=True)
                 return
             backend.waiters.append(self)
@@ -325,7 +325,7 @@ class Exchange:
             conn.pause_reading()  # the client is not keeping up: hold the response back
         now = time.monotonic()
         if self.body_done:
-            self.deadline = now + server.config.timeouts.response
+            self.deadline = now + server.response_timeout
             self.deadline_kind = "response"
         else:
             self.body_started = self.body_started or now
@@ -378,7 +378,7 @@ class Exchange:
     def on_request_complete(self) -> None:
         self.body_done = True
         if self.deadline_kind == "request-body" and self.state == SENT:
-            self.deadline = time.monotonic() + self.server.config.timeouts.response
+            self.deadline = time.monotonic() + self.server.response_timeout
             self.deadline_kind = "response"
         if self.framing == "chunked" and self.state in (SENT, RESPONDING) and self.upstream:
             self.upstream.transport.write(self._last_chunk())  # type: ignore[union-attr]
@@ -464,7 +464,7 @@ class Exchange:
         else:
             head.append(_CRLF)
         self.state = RESPONDING
-        self.deadline = time.monotonic() + self.server.config.timeouts.body_idle
+        self.deadline = time.monotonic() + self.server.body_idle
         self.deadline_kind = "body"
         client.writelines(head)
 
@@ -492,7 +492,7 @@ class Exchange:
             self.client.writelines(_chunk(data))
         else:
             self.client.write(data)
-        self.deadline = time.monotonic() + self.server.config.timeouts.body_idle
+        self.deadline = time.monotonic() + self.server.body_idle
 
     def on_response_complete(self, conn: UpstreamProtocol) -> bool | None:
         """The backend's response ended cleanly: whether ``conn`` may be reused, or None

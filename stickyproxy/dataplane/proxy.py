@@ -86,6 +86,12 @@ class Proxy:
         self.forwarded = hdr.forwarded
         self.allow_underscores = hdr.allow_underscores
         self.request_watch = REQUEST_WATCH | {h.lower().encode("ascii") for h in hdr.strip}
+        # read on every request: copied out of the (interpreted) config objects once
+        self.access_log = config.logging.access != "off"
+        self.response_timeout = config.timeouts.response
+        self.body_idle = config.timeouts.body_idle
+        self.client_header_timeout = config.timeouts.client_header
+        self.max_inflight = config.limits.max_inflight_per_backend
 
     def apply(self, config: Config) -> Router:
         """Swap in a new (already validated) configuration; returns the new table."""

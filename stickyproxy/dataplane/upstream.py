@@ -23,6 +23,11 @@ from .http import HOP_BY_HOP
 # re-made for the client's hop.
 RESPONSE_WATCH = HOP_BY_HOP | {b"content-length"}
 
+# Non-zero at the byte values that start a RESPONSE_WATCH name, in either case: a field
+# that starts otherwise is forwarded without lower-casing its name.
+_WATCH_FIRST = bytes(1 if chr(c).lower() in {n[:1].decode() for n in RESPONSE_WATCH} else 0
+                     for c in range(256))
+
 if TYPE_CHECKING:
     from ..router import BackendState
 
@@ -134,6 +139,9 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if ex.in_trailers:
             ex.add_trailer(name, value)
+            return
+        if not name or not _WATCH_FIRST[name[0]]:
+            ex.resp_out.append(name + b": " + value + b"\r\n")
             return
         ln = name.lower()
         if ln in RESPONSE_WATCH:

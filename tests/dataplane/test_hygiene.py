@@ -94,6 +94,23 @@ async def test_response_hop_by_hop_fields_are_not_forwarded(backends, proxy):
     assert r.one("X-Public") == "yes"
 
 
+async def test_response_hop_by_hop_fields_are_matched_in_any_case(raw_backend, proxy):
+    # names compared case-insensitively (RFC 9110 §5.1), whatever their first letter's case
+    fields = (b"kEEP-aLIVE: timeout=1\r\nTE: trailers\r\nhttp2-SETTINGS: AAA\r\n"
+              b"pROXY-authenticate: Basic\r\nuPGRADE: h2c\r\nCONNECTION: keep-alive\r\n"
+              b"Tee: stays\r\nHttp-Thing: stays\r\nupgraded: stays\r\n")
+    be = await raw_backend("a", respond_with(
+        b"HTTP/1.1 200 OK\r\n" + fields + b"content-LENGTH: 2\r\n\r\nok"))
+    p = await proxy([be])
+    r = await p.get("/", user="u")
+    assert r.status == 200 and r.body == b"ok"
+    names = {n.lower() for n, _ in r.headers}
+    for gone in ("keep-alive", "te", "http2-settings", "proxy-authenticate", "upgrade"):
+        assert gone not in names, gone
+    assert r.one("Tee") == "stays" and r.one("Http-Thing") == "stays"
+    assert r.one("upgraded") == "stays" and r.one("Content-Length") == "2"
+
+
 async def test_absolute_form_with_matching_host_is_rewritten_to_origin_form(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
