@@ -22,8 +22,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ..keys import KeyRejected
 from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named
-from .http import (FORWARDED, HOP_BY_HOP, RequestError, connection_tokens, error_response,
-                   is_chunked_only, normalise_target)
+from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
+                   connection_tokens, error_response, is_chunked_only, normalise_target)
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -57,7 +57,7 @@ class ClientProtocol(asyncio.Protocol):
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
-                 "client_ip", "start_pending")
+                 "client_ip", "start_pending", "max_header_bytes", "max_headers")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -76,6 +76,8 @@ class ClientProtocol(asyncio.Protocol):
         self.special: list[tuple[bytes, bytes]] = []
         self.peer_bytes = b""
         self.limits = server.config.limits
+        self.max_header_bytes = self.limits.max_header_bytes
+        self.max_headers = self.limits.max_headers
         self.valid_host: bytes | None = None
         self.idle_timeout = server.config.timeouts.client_idle
         self.head_pending = 0
@@ -103,7 +105,9 @@ class ClientProtocol(asyncio.Protocol):
         self.peer_ip = peer[0] if peer else None
         self.peer_bytes = (self.peer_ip or "").encode("ascii")
         server = self.server
-        self.limits = server.config.limits
+        self.limits = limits = server.config.limits
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
         self.trusted = server.is_trusted(self.peer_ip)
         if not server.client_opened(self):
             self.closing = True
@@ -285,20 +289,20 @@ class ClientProtocol(asyncio.Protocol):
         if self.in_head:
             self.head_bytes += len(name) + len(value) + 4
             headers = self.headers
-            limits = self.limits
-            if self.head_bytes > limits.max_header_bytes or len(headers) >= limits.max_headers:
+            if self.head_bytes > self.max_header_bytes or len(headers) >= self.max_headers:
                 self.limit_error = RequestError(431, "request header fields too large")
                 raise self.limit_error
-            ln = name.lower()
+            server = self.server
+            info = server.request_fields.get(name)
+            if info is None:
+                info = server.request_field(name)
+            ln, kind, lead = info
             headers.append((ln, value))
-            # bytes.find, not `in`: CPython's bytes `in` first tries the operand as an int
-            # and formats (then clears) a TypeError on every call
-            if (ln in self.server.request_watch or ln.startswith(self.server.header_prefix_lower)
-                    or (not self.server.allow_underscores and ln.find(b"_") >= 0)):
+            if kind != FIELD_FORWARD:
                 self.special.append((ln, value))
-                if ln != b"host":
+                if kind == FIELD_SPECIAL:
                     return
-            self.fwd.append(name + b": " + value + b"\r\n")
+            self.fwd.append(lead + value + b"\r\n")
         elif self.receiving is not None:
             # a trailer field of a chunked request body (RFC 9112 §7.1.2): the fields the
             # proxy sets, strips or frames are not accepted from trailers either

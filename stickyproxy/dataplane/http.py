@@ -27,6 +27,16 @@ HOP_BY_HOP = frozenset({
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"forwarded"})
 
+# How a field is handled, by name (see Proxy.request_field and upstream.response_field).
+FIELD_FORWARD = 0          # forwarded as received
+FIELD_SPECIAL = 1          # looked at by the proxy, not forwarded as received
+FIELD_SPECIAL_FORWARD = 2  # looked at by the proxy and forwarded (Host)
+
+# Field names are classified once per spelling and remembered, since a keep-alive
+# connection repeats the same names on every request; the memory is bounded because the
+# names are peer input (when full it is emptied and refills from live traffic).
+FIELD_CACHE_SIZE = 4096
+
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1, §15.3.5, §15.4.5).
 NO_BODY_STATUSES = frozenset({204, 304})
 

@@ -17,6 +17,7 @@ from ..config import Config
 from ..router import BackendState, Router
 from .client import REQUEST_WATCH, ClientProtocol
 from .events import Events
+from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -86,12 +87,29 @@ class Proxy:
         self.forwarded = hdr.forwarded
         self.allow_underscores = hdr.allow_underscores
         self.request_watch = REQUEST_WATCH | {h.lower().encode("ascii") for h in hdr.strip}
+        self.request_fields: dict[bytes, tuple[bytes, int, bytes]] = {}
         # read on every request: copied out of the (interpreted) config objects once
         self.access_log = config.logging.access != "off"
         self.response_timeout = config.timeouts.response
         self.body_idle = config.timeouts.body_idle
         self.client_header_timeout = config.timeouts.client_header
         self.max_inflight = config.limits.max_inflight_per_backend
+
+    def request_field(self, name: bytes) -> tuple[bytes, int, bytes]:
+        """How a request field spelled ``name`` is handled: (its lower-cased name, one of
+        http.FIELD_*, ``name + b": "``), remembered in ``request_fields`` (bounded)."""
+        ln = name.lower()
+        if (ln in self.request_watch or ln.startswith(self.header_prefix_lower)
+                or (not self.allow_underscores and ln.find(b"_") >= 0)):
+            kind = FIELD_SPECIAL_FORWARD if ln == b"host" else FIELD_SPECIAL
+        else:
+            kind = FIELD_FORWARD
+        info = (ln, kind, name + b": ")
+        fields = self.request_fields
+        if len(fields) >= FIELD_CACHE_SIZE:
+            fields.clear()
+        fields[name] = info
+        return info
 
     def apply(self, config: Config) -> Router:
         """Swap in a new (already validated) configuration; returns the new table."""

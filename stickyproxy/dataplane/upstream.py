@@ -17,16 +17,26 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from .http import HOP_BY_HOP
+from .http import FIELD_CACHE_SIZE, HOP_BY_HOP
 
 # Response fields the proxy handles itself: hop-by-hop ones are dropped, framing ones are
 # re-made for the client's hop.
 RESPONSE_WATCH = HOP_BY_HOP | {b"content-length"}
 
-# Non-zero at the byte values that start a RESPONSE_WATCH name, in either case: a field
-# that starts otherwise is forwarded without lower-casing its name.
-_WATCH_FIRST = bytes(1 if chr(c).lower() in {n[:1].decode() for n in RESPONSE_WATCH} else 0
-                     for c in range(256))
+# Response field spellings seen → (lower-cased name, whether RESPONSE_WATCH has it,
+# ``name + b": "``); bounded like the request side's (http.FIELD_CACHE_SIZE).
+_response_fields: dict[bytes, tuple[bytes, bool, bytes]] = {}
+
+
+def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
+    info = _response_fields.get(name)
+    if info is None:
+        ln = name.lower()
+        info = (ln, ln in RESPONSE_WATCH, name + b": ")
+        if len(_response_fields) >= FIELD_CACHE_SIZE:
+            _response_fields.clear()
+        _response_fields[name] = info
+    return info
 
 if TYPE_CHECKING:
     from ..router import BackendState
@@ -140,11 +150,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex.in_trailers:
             ex.add_trailer(name, value)
             return
-        if not name or not _WATCH_FIRST[name[0]]:
-            ex.resp_out.append(name + b": " + value + b"\r\n")
-            return
-        ln = name.lower()
-        if ln in RESPONSE_WATCH:
+        ln, watched, lead = response_field(name)
+        if watched:
             if ln == b"content-length":
                 ex.resp_cl = value
             elif ln == b"connection":
@@ -157,7 +164,7 @@ class UpstreamProtocol(asyncio.Protocol):
             elif ln == b"upgrade":
                 ex.resp_upgrade = value
             return
-        ex.resp_out.append(name + b": " + value + b"\r\n")
+        ex.resp_out.append(lead + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
