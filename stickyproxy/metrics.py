@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
@@ -21,7 +21,7 @@ PREFIX = "stickyproxy_"
 # Upstream latency buckets (seconds): sub-millisecond to the default response timeout.
 # Typed as a variable-length tuple: compiled, a fixed-length tuple of floats would be
 # stored unboxed and re-boxed (15 new floats) on every bisect.
-LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                       0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # name → (kind, help, label names). Counters' exported names get "_total" from the family.
@@ -183,7 +183,7 @@ def registry_for(source: Callable[[], Stats]) -> CollectorRegistry:
     return reg
 
 
-_CLASSES: tuple[str, ...] = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASSES: Final[tuple[str, ...]] = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def code_class(status: int) -> str:

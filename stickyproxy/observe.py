@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .config import Config
 from .dataplane.events import Events
@@ -23,7 +23,7 @@ access_log = logging.getLogger("stickyproxy.access")
 log = logging.getLogger("stickyproxy")
 
 # Panic mode is logged at most this often (seconds); every panic decision is counted.
-PANIC_LOG_INTERVAL = 10.0
+PANIC_LOG_INTERVAL: Final = 10.0
 
 
 class Observer(Events):

@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Final, Iterable
 
 from uhashring import HashRing
 
-HASH_SPACE = 1 << 128  # md5 digests, as uhashring hashes keys and points
+HASH_SPACE: Final = 1 << 128  # md5 digests, as uhashring hashes keys and points
 # Keys whose owner a ring remembers: a user's repeat requests skip the md5 (~1 µs). Bounded
 # (~5 MB at the longest keys); when full it starts over, so a larger active set costs no
 # more than no cache at all.

@@ -16,7 +16,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -32,17 +32,17 @@ if TYPE_CHECKING:
 # Request fields the proxy looks at before forwarding: hop-by-hop ones are never forwarded
 # (RFC 9110 §7.6.1), framing ones are re-made, X-Forwarded-* are set by the proxy, Host is
 # checked (and forwarded).
-REQUEST_WATCH = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
+REQUEST_WATCH: Final = HOP_BY_HOP | FORWARDED | {b"content-length", b"host"}
 
 # Input is parsed in slices this large, so a burst of tiny pipelined requests can overrun
 # the queue bound by at most one slice's worth.
-FEED_SLICE = 16 * 1024
+FEED_SLICE: Final = 16 * 1024
 
 # Output pieces totalling at most this are joined into one buffer before sending.
-FLUSH_JOIN_LIMIT = 16 * 1024
+FLUSH_JOIN_LIMIT: Final = 16 * 1024
 
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: a Host is a reg-name or IP literal with an optional port.
-_HOST_RE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::\d{0,5})?$")
+_HOST_RE: Final = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::\d{0,5})?$")
 
 
 class ClientProtocol(asyncio.Protocol):

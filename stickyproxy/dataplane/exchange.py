@@ -36,25 +36,25 @@ QUEUED: Final = 5
 
 # A slow request body is judged against limits.min_body_rate only after this long
 # (seconds), and the rate is checked this often.
-BODY_RATE_GRACE = 2.0
-BODY_RATE_CHECK = 1.0
+BODY_RATE_GRACE: Final = 2.0
+BODY_RATE_CHECK: Final = 1.0
 
 # A request body is buffered up to this many bytes while its connection is being set up;
 # beyond it the client is not read until the body can flow (backpressure).
-BODY_BUFFER_HIGH = 256 * 1024
+BODY_BUFFER_HIGH: Final = 256 * 1024
 
 # A response to a request whose body is still arriving finishes the exchange; the client
 # connection is then closed, because the rest of the body can no longer be framed.
 
-_CRLF = b"\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 # Connection values that name no other field (the usual ones): nothing more to remove.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
-_NEVER_HOP_BY_HOP = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
+_NEVER_HOP_BY_HOP: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
                                b"content-length"})
 
 

@@ -7,16 +7,17 @@ methods may be retried, and the short error responses the proxy itself sends.
 
 from __future__ import annotations
 
+from typing import Final
 from urllib.parse import urlsplit
 
 # RFC 9110 §9.2.2: methods whose intended effect of several identical requests is the same
 # as one; only these are retried after a request may have reached a backend.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies must drop
 # (Proxy-Connection, Keep-Alive) and HTTP/2 cleartext upgrade settings (never forwarded).
 # Transfer-Encoding is re-framed by the proxy on each hop (RFC 9112 §6.1).
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
     b"http2-settings",
@@ -24,21 +25,21 @@ HOP_BY_HOP = frozenset({
 
 # Fields the proxy sets itself on each forwarded request; client copies are dropped unless
 # the peer is a trusted proxy (X-Forwarded-*).
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"forwarded"})
 
 # How a field is handled, by name (see Proxy.request_field and upstream.response_field).
-FIELD_FORWARD = 0          # forwarded as received
-FIELD_SPECIAL = 1          # looked at by the proxy, not forwarded as received
-FIELD_SPECIAL_FORWARD = 2  # looked at by the proxy and forwarded (Host)
+FIELD_FORWARD: Final = 0          # forwarded as received
+FIELD_SPECIAL: Final = 1          # looked at by the proxy, not forwarded as received
+FIELD_SPECIAL_FORWARD: Final = 2  # looked at by the proxy and forwarded (Host)
 
 # Field names are classified once per spelling and remembered, since a keep-alive
 # connection repeats the same names on every request; the memory is bounded because the
 # names are peer input (when full it is emptied and refills from live traffic).
-FIELD_CACHE_SIZE = 4096
+FIELD_CACHE_SIZE: Final = 4096
 
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1, §15.3.5, §15.4.5).
-NO_BODY_STATUSES = frozenset({204, 304})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..config import Config
 from ..router import BackendState, Router
@@ -27,7 +27,7 @@ log = logging.getLogger("stickyproxy")
 
 # Deadlines are checked on this period: timeouts are enforced to within one tick, and
 # a connection costs no timer handle per request.
-TICK = 0.1
+TICK: Final = 0.1
 
 
 class Proxy:

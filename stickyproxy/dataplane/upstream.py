@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -21,7 +21,7 @@ from .http import FIELD_CACHE_SIZE, HOP_BY_HOP
 
 # Response fields the proxy handles itself: hop-by-hop ones are dropped, framing ones are
 # re-made for the client's hop.
-RESPONSE_WATCH = HOP_BY_HOP | {b"content-length"}
+RESPONSE_WATCH: Final = HOP_BY_HOP | {b"content-length"}
 
 # Response field spellings seen → (lower-cased name, whether RESPONSE_WATCH has it,
 # ``name + b": "``); bounded like the request side's (http.FIELD_CACHE_SIZE).
@@ -40,6 +40,7 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
 
 if TYPE_CHECKING:
     from ..router import BackendState
+    from .exchange import Exchange
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -51,7 +52,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
-        self.exchange: Any = None
+        # typed, not Any: compiled, every access to the exchange is then a native one
+        self.exchange: Exchange | None = None
         self.requests = 0
         self.idle_since = now
         self.created = now
