@@ -3,7 +3,10 @@
 import pytest
 
 from stickyproxy.config import Passive, loads
-from stickyproxy.health import ActiveState, PassiveState, check_ok, ejection_time, may_eject
+from stickyproxy.dataplane import Proxy
+from stickyproxy.health import (ActiveState, Health, PassiveState, check_ok, ejection_time,
+                                may_eject)
+from stickyproxy.observe import Observer
 from stickyproxy.router import BackendState, Router
 
 
@@ -45,6 +48,41 @@ def test_passive_success_resets_and_cap_blocks():
     assert p.record(False, 0, cfg, True) is None      # the success reset the streak
     assert p.record(False, 0, cfg, False) is None     # the cap forbids ejecting
     assert p.ejections == 0
+
+
+def test_a_success_between_failures_resets_the_count_through_the_observer():
+    # the observer skips passive health for a success on a clean backend: the skip must
+    # not swallow the success that ends a run of failures
+    cfg = loads("""
+[listen]
+port = 0
+[admin]
+enabled = false
+[health]
+enabled = false
+[passive]
+consecutive_failures = 3
+max_ejected_percent = 100
+[[backends]]
+id = "a"
+url = "http://127.0.0.1:1"
+""")
+    obs = Observer(cfg)
+    proxy = Proxy(cfg, events=obs)
+    health = Health(proxy, obs, active=False)
+    obs.bind(proxy, health)
+    health.reconfigure()
+    st = proxy.states["a"]
+    for outcome in ["ok", "fail", "fail", "ok", "fail", "fail", "ok", "ok"]:
+        if outcome == "ok":
+            obs.upstream_ok(st, 200)
+        else:
+            obs.upstream_error(st, "reset")
+        assert st.passive_clean == (outcome == "ok")
+    assert st.ejected_until == 0.0          # never three failures in a row
+    for _ in range(3):
+        obs.upstream_error(st, "reset")
+    assert st.ejected_until > 0.0
 
 
 @pytest.mark.parametrize("ejected, total, pct, ok", [

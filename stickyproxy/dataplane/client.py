@@ -292,11 +292,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.head_bytes > self.max_header_bytes or len(headers) >= self.max_headers:
                 self.limit_error = RequestError(431, "request header fields too large")
                 raise self.limit_error
-            server = self.server
-            info = server.request_fields.get(name)
-            if info is None:
-                info = server.request_field(name)
-            ln, kind, lead = info
+            ln, kind, lead = self.server.request_field(name)
             headers.append((ln, value))
             if kind != FIELD_FORWARD:
                 self.special.append((ln, value))

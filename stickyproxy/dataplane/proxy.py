@@ -98,6 +98,10 @@ class Proxy:
     def request_field(self, name: bytes) -> tuple[bytes, int, bytes]:
         """How a request field spelled ``name`` is handled: (its lower-cased name, one of
         http.FIELD_*, ``name + b": "``), remembered in ``request_fields`` (bounded)."""
+        fields = self.request_fields
+        info = fields.get(name)
+        if info is not None:
+            return info
         ln = name.lower()
         if (ln in self.request_watch or ln.startswith(self.header_prefix_lower)
                 or (not self.allow_underscores and ln.find(b"_") >= 0)):
@@ -105,7 +109,6 @@ class Proxy:
         else:
             kind = FIELD_FORWARD
         info = (ln, kind, name + b": ")
-        fields = self.request_fields
         if len(fields) >= FIELD_CACHE_SIZE:
             fields.clear()
         fields[name] = info
