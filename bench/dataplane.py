@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import halfload, report
+from . import halfload, placement, report
 from .backend import backend_argv
 from .console import progress
 from .cpu import CpuMeter, per_request_us
@@ -183,7 +183,7 @@ def make_targets(plan: Plan) -> list[Target]:
 
 
 def start_backends(workdir: Path, stack: contextlib.ExitStack,
-                   kind: str = NGINX_BACKENDS) -> tuple[list[int], str]:
+                   kind: str = NGINX_BACKENDS) -> tuple[list[int], str, Server]:
     ports = free_ports(len(BACKEND_IDS))
     if kind == NGINX_BACKENDS:
         launch = backends_launch(workdir, ports)
@@ -193,12 +193,12 @@ def start_backends(workdir: Path, stack: contextlib.ExitStack,
         argv = backend_argv(ports)
         program, config, env = "python -m bench.backend", " ".join(argv), python_env()
     try:
-        start_server("backends", argv, ports, workdir, stack, env)
+        server = start_server("backends", argv, ports, workdir, stack, env)
     except StartError as e:
         raise StartError(f"backends ({program}) {e}") from None
     for backend_id, port in zip(BACKEND_IDS, ports):
         progress(f"backend {backend_id} on {LOOPBACK}:{port} ({program})")
-    return ports, config
+    return ports, config, server
 
 
 def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
@@ -296,19 +296,42 @@ def half_load_rate(targets: Sequence[Target], workers: int) -> tuple[float, str]
     return FALLBACK_HALF_LOAD_RATE, "fixed rate (no saturation figure measured)"
 
 
-def run_half_load(targets: Sequence[Target], plan: Plan,
-                  backend_port: int) -> list[dict[str, Any]]:
+def place(group: Sequence[Target], backends: Server, workers: int,
+          cores: Sequence[int]) -> str:
+    """Pin `group`'s proxies away from the load client and the backends when there are cores
+    enough (bench/placement.py); returns how they run, for the report."""
+    where = placement.plan(cores, workers)
+    if where is None:
+        placement.pin_self(cores)
+        placement.pin([backends.proc.pid], cores)
+        return (f"not pinned: {workers} worker(s) and the load need more than "
+                f"{len(cores)} CPUs, so the proxy shares its cores with the client")
+    placement.pin_self(where.load)
+    placement.pin([backends.proc.pid], where.load)
+    placement.pin([t.server.proc.pid for t in group if t.server is not None], where.proxy)
+    return where.describe()
+
+
+def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
+                  backends: Server) -> list[dict[str, Any]]:
     out = []
-    for workers in plan.workers:
-        rate, basis = half_load_rate(targets, workers)
-        endpoints = [halfload.Endpoint(halfload.DIRECT, backend_port)] + [
-            halfload.Endpoint(t.label, t.port) for t in targets
-            if t.workers == workers and t.active]
-        plural = "" if workers == 1 else "s"
-        progress(f"half load, {workers} worker{plural}: {rate:,.0f} req/s ({basis})")
-        result = halfload.run(endpoints, rate, plan.half_load_duration, plan.half_load_rounds,
-                              plan.users, progress)
-        out.append({"workers": workers, "rate_basis": basis, **result})
+    cores = placement.available_cores()
+    try:
+        for workers in plan.workers:
+            rate, basis = half_load_rate(targets, workers)
+            group = [t for t in targets if t.workers == workers and t.active]
+            endpoints = [halfload.Endpoint(halfload.DIRECT, backend_port)] + [
+                halfload.Endpoint(t.label, t.port) for t in group]
+            plural = "" if workers == 1 else "s"
+            cpus = place(group, backends, workers, cores) if cores else "not pinned"
+            progress(f"half load, {workers} worker{plural}: {rate:,.0f} req/s ({basis}); {cpus}")
+            result = halfload.run(endpoints, rate, plan.half_load_duration,
+                                  plan.half_load_rounds, plan.users, progress)
+            out.append({"workers": workers, "rate_basis": basis, "placement": cpus,
+                        "pinned": cpus.startswith("proxy on"), **result})
+    finally:
+        if cores:  # later benchmarks run in this process: give it every core back
+            placement.pin_self(cores)
     return out
 
 
@@ -332,14 +355,15 @@ def run(plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        backend_ports, backend_config = start_backends(workdir, stack, plan.backends)
+        backend_ports, backend_config, backends = start_backends(workdir, stack, plan.backends)
         for target in targets:
             start_target(target, workdir, backend_ports, stack)
         if plan.use_wrk:
             if plan.warmup:
                 warm_up(targets, plan)
             run_rounds(targets, plan)
-        half_load = run_half_load(targets, plan, backend_ports[0]) if plan.half_load else []
+        half_load = (run_half_load(targets, plan, backend_ports[0], backends)
+                     if plan.half_load else [])
     return {
         "benchmark": "dataplane",
         "started_at": started, "finished_at": _now(),

@@ -79,8 +79,9 @@ def dataplane_verdicts(dataplane: dict[str, Any] | None) -> list[Verdict]:
     for group in dataplane.get("half_load") or []:
         row = next((t for t in group["targets"] if t["label"].split(" ")[0] == REFERENCE), None)
         added = row["added_p99_ms"] if row else None
+        shared = "" if group.get("pinned") else ", sharing its CPUs with the load client"
         out.append(Verdict(f"p99 added latency ≤ 2 ms at half of saturation "
-                           f"({workers(group['workers'])}, {group['rate']:,.0f} req/s)",
+                           f"({workers(group['workers'])}, {group['rate']:,.0f} req/s{shared})",
                            "-" if added is None else f"{added:+.2f} ms",
                            _verdict(None if added is None else added <= HALF_LOAD_TARGET_MS)))
     return out
@@ -195,20 +196,25 @@ def half_load_section(d: dict[str, Any], images: dict[str, Path | None], doc_dir
                          " / ".join(f"{x:+.2f}" for x in t["added_p99_rounds_ms"]),
                          t["errors"]))
     basis = "; ".join(f"{workers(g['workers'])}: {g['rate_basis']}" for g in groups)
+    placements = "; ".join(f"{workers(g['workers'])}: {g.get('placement', 'not pinned')}"
+                           for g in groups)
     return "\n".join([
         "\n### Latency at half of saturation\n",
         ("An open-loop client (bench/httpclient.py: requests issued on a fixed schedule whatever "
-        "the answers, 64 connections at most, latency counted from the moment a request is "
-        "issued, including any wait for a free connection; uvloop, its garbage collector off "
-        "during a run) sends the same rate straight to a "
-        "backend (`direct`) and through each proxy, "
-        f"{groups[0]['rounds']} interleaved rounds of {groups[0]['duration_s']:g} s. Rate: "
-        f"{basis}. *Added p99* is the proxy's p99 minus the direct p99 of the same round, "
-        "median over rounds. wrk2 is not used (not packaged); the client is Python, so the "
-        "direct figures include its own scheduling delays, which the subtraction removes. On "
-        "this shared machine slow requests come in clusters of 100–300 ms that hit whichever "
-        "target is running at the time, so a single round's p99 can move by tens of "
-        "milliseconds; the median over rounds damps that and the per-round column shows it.\n"),
+         "the answers, those due within the same millisecond together as wrk2 does, 64 "
+         "connections at most, latency counted from the moment a request is issued, including "
+         "any wait for a free connection; uvloop, its garbage collector off during a run) sends "
+         "the same rate straight to a backend (`direct`) and through each proxy, "
+         f"{groups[0]['rounds']} interleaved rounds of {groups[0]['duration_s']:g} s. Rate: "
+         f"{basis}. CPUs: {placements}. *Added p99* is the proxy's p99 minus the direct p99 "
+         "of the same round, median over rounds. wrk2 is not used (not packaged); the client "
+         "is Python, so the direct figures include its own scheduling delays, which the "
+         "subtraction removes. Pinning (bench/placement.py) keeps the client, which costs about "
+         "as much CPU per request as a proxy, off the proxy's cores, as a separate load machine "
+         "would; every target is placed alike. On this shared machine slow requests also come "
+         "in clusters of 100–300 ms that hit whichever target is running at the time, so a "
+         "single round's p99 can move by tens of milliseconds; the median over rounds damps "
+         "that and the per-round column shows it.\n"),
         table(("workers", "target", "rate", "achieved", "p50 ms", "p99 ms", "p99.9 ms",
                "added p99 ms", "added p99 per round", "errors"), rows, left=2),
         "\n" + image(images.get("half_load"), doc_dir, "latency at half load"),
@@ -218,22 +224,26 @@ def half_load_section(d: dict[str, Any], images: dict[str, Path | None], doc_dir
 
 def half_load_note(d: dict[str, Any]) -> str:
     """Why stickyproxy's added p99 exceeds the target, when it does."""
-    missed = []
+    missed, shared = [], []
     for g in d.get("half_load") or []:
         row = next((t for t in g["targets"] if t["label"].split(" ")[0] == REFERENCE), None)
         if row and row["added_p99_ms"] is not None and row["added_p99_ms"] > HALF_LOAD_TARGET_MS:
-            missed.append(workers(g["workers"]))
+            (missed if g.get("pinned") else shared).append(workers(g["workers"]))
     cpu = [t["ratio_to_nginx"]["cpu"] for t in _stickyproxy_rows(d) if t["ratio_to_nginx"]["cpu"]]
-    if not missed or not cpu:
+    if not (missed or shared) or not cpu:
         return ""
     times = f"{min(cpu):.1f}" if len(cpu) == 1 else f"{min(cpu):.1f} to {max(cpu):.1f}"
-    return (f"\nThe target is missed with {' and '.join(missed)}. At the same request rate "
-            f"stickyproxy spends {times} times NGINX's CPU per request (table above), so it "
-            "is that much busier on cores it shares with the client and the backends; its "
-            "queueing tail grows with that, and with any other load on the machine, as the "
-            "per-round spread shows. Reading this figure together with the per-round values is "
-            "the honest way: a round disturbed by other work on the machine moves it by "
-            "milliseconds.")
+    out = [f"\nAt the same request rate stickyproxy spends {times} times NGINX's CPU per "
+           "request (table above), so its queueing tail is longer at any given rate."]
+    if missed:
+        out.append(f"The target is missed with {' and '.join(missed)} on cores of its own.")
+    if shared:
+        out.append(f"With {' and '.join(shared)} the proxy shares its cores with the load "
+                   "client, which was not so at saturation: the figure then includes waiting "
+                   "for a core, as NGINX's own added p99 in the same runs shows, and is missed.")
+    out.append("Read it together with the per-round values: a round disturbed by other work "
+               "on the machine moves it by milliseconds.")
+    return " ".join(out)
 
 
 def streams_section(st: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:

@@ -30,7 +30,8 @@ class Endpoint:
 
 def _requests(users: int) -> Callable[[int], Request]:
     rng = random.Random(SEED)
-    return lambda _i: Request("GET", "/", f"user-{rng.randint(1, users)}")
+    pool = [Request("GET", "/", f"user-{n}") for n in range(1, users + 1)]
+    return lambda _i: pool[rng.randint(1, users) - 1]
 
 
 def _figures(all_outcomes: Sequence[Outcome], rate: float, duration: float) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def _figures(all_outcomes: Sequence[Outcome], rate: float, duration: float) -> d
 
 def measure(endpoint: Endpoint, rate: float, duration: float, users: int) -> dict[str, Any]:
     outcomes = run_loop(open_loop(endpoint.port, rate, duration + SETTLE_S, _requests(users),
-                                  connections=CONNECTIONS))
+                                  connections=CONNECTIONS, served_by=False))
     return _figures(outcomes, rate, duration)
 
 

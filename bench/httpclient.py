@@ -5,7 +5,10 @@ Two ways to drive it:
 - `open_loop`: requests are issued at a fixed rate whatever the answers (wrk2-style). A
   request that finds every connection of the bounded pool busy waits for one, and that wait
   is part of its latency, so a target that falls behind is charged for it (no coordinated
-  omission). Callbacks only, no task per request: the client's own cost stays small.
+  omission). The client shares the machine's cores with what it measures, so its own cost
+  per request is kept small: callbacks only, no task, timer or closure per request (one
+  sweep finds timed-out requests), each distinct request encoded once, response headers
+  parsed only when a caller asked who served the request.
 - `closed_loop`: a fixed number of connections, each sending its next request when the
   previous answer arrives; for a fixed list of requests or for a duration.
 
@@ -29,6 +32,10 @@ T = TypeVar("T")
 USER_HEADER = "X-User-Id"
 SERVED_BY_HEADERS = (b"x-served-by", b"x-backend")
 DEFAULT_TIMEOUT = 5.0
+# How often the open loop looks for timed-out requests: a request's timeout may run over by this.
+TIMEOUT_SWEEP_S = 0.1
+# The event loop's timer resolution (libuv counts milliseconds): the open loop sleeps no less.
+TICK_S = 0.001
 CONNECT_ERROR, RESET_ERROR = "connect", "reset"
 TIMEOUT_ERROR, PROTOCOL_ERROR = "timeout", "protocol"
 
@@ -109,13 +116,6 @@ class Connection(asyncio.Protocol):
             self.close()
             self._finish(None, PROTOCOL_ERROR)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in SERVED_BY_HEADERS:
-            self.response.served_by = value.decode(errors="replace")
-
-    def on_body(self, body: bytes) -> None:
-        self.response.body.append(body)
-
     def on_message_complete(self) -> None:
         self.response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
@@ -147,8 +147,35 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(port: int) -> Connection:
-    _, conn = await asyncio.get_running_loop().create_connection(Connection, LOOPBACK, port)
+# llhttp calls a protocol's `on_header` and `on_body` only when it defines them, so a
+# connection that needs neither pays for neither: a class per combination.
+class _ServedBy(Connection):
+    """Records which backend answered."""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in SERVED_BY_HEADERS:
+            self.response.served_by = value.decode(errors="replace")
+
+
+class _Body(Connection):
+    """Keeps the response body."""
+
+    def on_body(self, body: bytes) -> None:
+        self.response.body.append(body)
+
+
+class _ServedByBody(_ServedBy, _Body):
+    pass
+
+
+CONNECTION_CLASSES: dict[tuple[bool, bool], type[Connection]] = {
+    (False, False): Connection, (True, False): _ServedBy,
+    (False, True): _Body, (True, True): _ServedByBody}
+
+
+async def connect(port: int, served_by: bool = True, keep_body: bool = True) -> Connection:
+    factory = CONNECTION_CLASSES[served_by, keep_body]
+    _, conn = await asyncio.get_running_loop().create_connection(factory, LOOPBACK, port)
     return conn
 
 
@@ -166,7 +193,7 @@ class _OpenLoop:
     """Issues outcomes' requests over at most `limit` connections, completing `finished`
     once `expected` outcomes are done."""
 
-    def __init__(self, port: int, limit: int, timeout: float, keep_body: bool,
+    def __init__(self, port: int, limit: int, timeout: float, keep_body: bool, served_by: bool,
                  on_outcome: Callable[[Outcome], None] | None):
         self.loop = asyncio.get_running_loop()
         self.port = port
@@ -174,13 +201,17 @@ class _OpenLoop:
         self.limit = limit
         self.timeout = timeout
         self.keep_body = keep_body
+        self.served_by = served_by
         self.on_outcome = on_outcome
         self.idle: list[Connection] = []
         self.count = 0
         self.backlog: collections.deque[Outcome] = collections.deque()
+        self.inflight: dict[Connection, Outcome] = {}
+        self.encoded: dict[Request, bytes] = {}
         self.expected = 0
         self.completed = 0
         self.finished: asyncio.Future[None] = self.loop.create_future()
+        self.sweeper = self.loop.call_later(TIMEOUT_SWEEP_S, self._sweep)
 
     def issue(self, outcome: Outcome) -> None:
         outcome.issued = now()
@@ -197,7 +228,7 @@ class _OpenLoop:
 
     async def _connect_and_send(self, outcome: Outcome) -> None:
         try:
-            conn = await connect(self.port)
+            conn = await connect(self.port, self.served_by, self.keep_body)
         except OSError:
             self.count -= 1
             self._complete(outcome, None, CONNECT_ERROR)
@@ -207,19 +238,26 @@ class _OpenLoop:
 
     def _send(self, conn: Connection, outcome: Outcome) -> None:
         outcome.sent = now()
-        timer = self.loop.call_later(self.timeout, self._timed_out, conn, outcome)
+        self.inflight[conn] = outcome
+        request = outcome.request
+        raw = self.encoded.get(request)
+        if raw is None:
+            raw = self.encoded[request] = request.encode(self.host)
+        conn.send(raw, self._answered)
 
-        def answered(c: Connection, response: _Response | None, error: str) -> None:
-            timer.cancel()
-            self._complete(outcome, response, error)
-            self._release(c)
-
-        conn.send(outcome.request.encode(self.host), answered)
-
-    def _timed_out(self, conn: Connection, outcome: Outcome) -> None:
-        conn.abandon()
-        self._complete(outcome, None, TIMEOUT_ERROR)
+    def _answered(self, conn: Connection, response: _Response | None, error: str) -> None:
+        self._complete(self.inflight.pop(conn), response, error)
         self._release(conn)
+
+    def _sweep(self) -> None:
+        """Abandon every request sent more than `timeout` s ago."""
+        cutoff = now() - self.timeout
+        for conn, outcome in [(c, o) for c, o in self.inflight.items() if o.sent < cutoff]:
+            del self.inflight[conn]
+            conn.abandon()
+            self._complete(outcome, None, TIMEOUT_ERROR)
+            self._release(conn)
+        self.sweeper = self.loop.call_later(TIMEOUT_SWEEP_S, self._sweep)
 
     def _release(self, conn: Connection) -> None:
         if conn.reusable:
@@ -246,6 +284,7 @@ class _OpenLoop:
             self.finished.set_result(None)
 
     def close(self) -> None:
+        self.sweeper.cancel()
         for conn in self.idle:
             conn.close()
         self.idle.clear()
@@ -254,20 +293,29 @@ class _OpenLoop:
 async def open_loop(port: int, rate: float, duration: float,
                     next_request: Callable[[int], Request], *, connections: int,
                     timeout: float = DEFAULT_TIMEOUT, keep_body: bool = False,
+                    served_by: bool = True,
                     on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Requests due every 1/`rate` s for `duration` s; returns every outcome, in due order."""
-    engine = _OpenLoop(port, connections, timeout, keep_body, on_outcome)
+    """Requests due every 1/`rate` s for `duration` s; returns every outcome, in due order.
+
+    Every request due by now is issued, then the client sleeps until the next one is due,
+    never less than `TICK_S`: requests closer together than that go out together, as wrk2's
+    do, instead of the client spinning on a core it shares with the target. `served_by`
+    False skips reading response headers.
+    """
+    engine = _OpenLoop(port, connections, timeout, keep_body, served_by, on_outcome)
     engine.expected = total = int(rate * duration)
     outcomes: list[Outcome] = []
     start = now()
-    for i in range(total):
-        due = start + i / rate
-        delay = due - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        outcome = Outcome(next_request(i), due)
-        outcomes.append(outcome)
-        engine.issue(outcome)
+    i = 0
+    while i < total:
+        due_by_now = min(total, int((now() - start) * rate) + 1)
+        while i < due_by_now:
+            outcome = Outcome(next_request(i), start + i / rate)
+            outcomes.append(outcome)
+            engine.issue(outcome)
+            i += 1
+        if i < total:
+            await asyncio.sleep(max(start + i / rate - now(), TICK_S))
     if total:
         await engine.finished
     engine.close()
@@ -307,7 +355,7 @@ async def closed_loop(port: int, requests: Iterable[Request], *, connections: in
             outcomes.append(outcome)
             if conn is None or not conn.reusable:
                 try:
-                    conn = await connect(port)
+                    conn = await connect(port, keep_body=keep_body)
                 except OSError:
                     _record(outcome, None, CONNECT_ERROR, keep_body)
                     conn = None

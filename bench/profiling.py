@@ -269,7 +269,7 @@ def syscalls_per_request(requests: int, backends: str,
     with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-strace-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        ports, _ = start_backends(workdir, stack, backends)
+        ports, _, _ = start_backends(workdir, stack, backends)
         for kind in kinds:
             target = Target(kind, 1, kind.name)
             start_target(target, workdir, ports, stack)
@@ -316,7 +316,7 @@ def native_profile(seconds: int, use_wrk: bool, backends: str,
     with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-profile-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        ports, _ = start_backends(workdir, stack, backends)
+        ports, _, _ = start_backends(workdir, stack, backends)
         target = Target(TARGET_KINDS["stickyproxy"], 1, "stickyproxy")
         start_target(target, workdir, ports, stack)
         if not target.active or target.server is None:
