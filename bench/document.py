@@ -238,9 +238,9 @@ def half_load_note(d: dict[str, Any]) -> str:
     if missed:
         out.append(f"The target is missed with {' and '.join(missed)} on cores of its own.")
     if shared:
-        out.append(f"With {' and '.join(shared)} the proxy shares its cores with the load "
-                   "client, which was not so at saturation: the figure then includes waiting "
-                   "for a core, as NGINX's own added p99 in the same runs shows, and is missed.")
+        out.append(f"With {' and '.join(shared)} there is no core to spare for pinning: "
+                   "the proxy shares the machine's CPUs with the load client and the backends, "
+                   "so its figure includes waiting for a core they hold, and it is missed.")
     out.append("Read it together with the per-round values: a round disturbed by other work "
                "on the machine moves it by milliseconds.")
     return " ".join(out)
