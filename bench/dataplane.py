@@ -297,19 +297,16 @@ def half_load_rate(targets: Sequence[Target], workers: int) -> tuple[float, str]
 
 
 def place(group: Sequence[Target], backends: Server, workers: int,
-          cores: Sequence[int]) -> str:
+          cores: Sequence[int]) -> placement.Placement | None:
     """Pin `group`'s proxies away from the load client and the backends when there are cores
-    enough (bench/placement.py); returns how they run, for the report."""
+    enough (bench/placement.py); None when they share every core."""
     where = placement.plan(cores, workers)
-    if where is None:
-        placement.pin_self(cores)
-        placement.pin([backends.proc.pid], cores)
-        return (f"not pinned: {workers} worker(s) and the load need more than "
-                f"{len(cores)} CPUs, so the proxy shares its cores with the client")
-    placement.pin_self(where.load)
-    placement.pin([backends.proc.pid], where.load)
-    placement.pin([t.server.proc.pid for t in group if t.server is not None], where.proxy)
-    return where.describe()
+    load = where.load if where is not None else cores
+    placement.pin_self(load)
+    placement.pin([backends.proc.pid], load)
+    if where is not None:
+        placement.pin([t.server.proc.pid for t in group if t.server is not None], where.proxy)
+    return where
 
 
 def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
@@ -323,12 +320,15 @@ def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
             endpoints = [halfload.Endpoint(halfload.DIRECT, backend_port)] + [
                 halfload.Endpoint(t.label, t.port) for t in group]
             plural = "" if workers == 1 else "s"
-            cpus = place(group, backends, workers, cores) if cores else "not pinned"
+            where = place(group, backends, workers, cores) if cores else None
+            cpus = where.describe() if where is not None else (
+                f"not pinned: {workers} worker(s) and the load need more than {len(cores)} "
+                "CPUs, so the proxy shares its cores with the client")
             progress(f"half load, {workers} worker{plural}: {rate:,.0f} req/s ({basis}); {cpus}")
             result = halfload.run(endpoints, rate, plan.half_load_duration,
                                   plan.half_load_rounds, plan.users, progress)
             out.append({"workers": workers, "rate_basis": basis, "placement": cpus,
-                        "pinned": cpus.startswith("proxy on"), **result})
+                        "pinned": where is not None, **result})
     finally:
         if cores:  # later benchmarks run in this process: give it every core back
             placement.pin_self(cores)
