@@ -657,13 +657,18 @@ class ContextStore:
     # -- takeover listener -----------------------------------------------------------------
 
     def _on_takeover(self, data: Any) -> None:
+        # Compared by epoch, never by owner name: a message names a newer epoch than a cached
+        # copy exactly when someone (whatever its node id) acquired or deleted the user since.
+        # This instance's own acquire publishes the epoch it installs, which is not newer.
         takeover = parse_takeover(data)
-        if takeover is None or takeover.owner == self.node_id:
+        if takeover is None:
             return
         slot = self._locks.peek(takeover.user)
         if slot is not None:
             slot.fence_epoch = max(slot.fence_epoch, takeover.epoch)
-        if self._cache.pop(takeover.user) is not None:
+        entry = self._cache.peek(takeover.user)
+        if entry is not None and entry.epoch < takeover.epoch:
+            self._cache.pop(takeover.user)
             self.metrics.takeovers_received.inc()
             self._update_gauges()
 

@@ -285,3 +285,24 @@ async def test_stores_with_own_registries_do_not_collide(stores: Stores) -> None
                  "stickyctx_entries 1.0", "stickyctx_breaker_state 0.0"):
         assert name in text, name
     assert 'stickyctx_acquisitions_total{reason="first"} 0.0' in b.metrics.render().decode()
+
+
+async def test_takeover_by_a_process_with_the_same_node_id_is_noticed(stores: Stores) -> None:
+    # Two processes misconfigured with one node id: the takeover message is compared by epoch,
+    # so the older holder still drops its copy and never serves it stale.
+    a: ContextStore = await stores("same")
+    b: ContextStore = await stores("same")
+    async with a.edit("u") as ctx:
+        ctx["n"] = 1
+    async with b.edit("u") as ctx:
+        ctx["n"] += 1
+    await eventually(released(a, "u"), deadline=3.0)
+    assert (await a.get("u"))["n"] == 2
+    await eventually(released(b, "u"), deadline=3.0)
+    assert counter(a.metrics.takeovers_received) >= 1
+    assert counter(b.metrics.takeovers_received) >= 1
+
+
+def test_default_node_ids_differ_per_store() -> None:
+    ids = {ContextStore("redis://127.0.0.1:1/0").node_id for _ in range(50)}
+    assert len(ids) == 50
