@@ -1,4 +1,6 @@
-"""Start-up checks: refuse to run on a pure-Python parser or below a dependency floor."""
+"""Start-up checks: refuse to run on a pure-Python parser, below a dependency floor, or on a
+compiled module built from other source. ``stickyproxy run`` and ``stickyproxy demo`` both
+apply them before serving."""
 
 from __future__ import annotations
 
@@ -53,11 +55,11 @@ def check_runtime() -> list[str]:
         if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
             problems.append("AIOHTTP_NO_EXTENSIONS is set: aiohttp would use its pure-Python "
                             f"parser; unset it or set {ALLOW_PY_PARSER_ENV}=1")
-    from .compiled import build, stale
+    from .compiled import build, stale_problem
     if build() == "mixed":
         problems.append("the data plane is partly compiled (a broken build): reinstall "
                         "stickyproxy, or set STICKYPROXY_COMPILE=0 for a pure-Python one")
-    for module in stale():
-        problems.append(f"{module} is compiled from an older source than the .py beside it; "
-                        "rebuild (STICKYPROXY_COMPILE=1 pip install -e .) or delete the .so")
+    stale = stale_problem()
+    if stale is not None:
+        problems.append(stale)
     return problems
