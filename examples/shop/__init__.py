@@ -1,12 +1,11 @@
-"""The shop: an aiohttp app holding the three kinds of per-user state that "stateless" designs
-push into Redis, in either of two modes.
+"""The example shop, under its short name.
 
-- sticky (default): the cart and the counter live in the user's context
-  (``stickyproxy.context``), the rate limiter and the jobs in this process's memory. Reads cost
-  no Redis call; each change is one fenced write; another instance rehydrates the user from
-  Redis after a failover.
-- ``--stateless``: every request reads and writes Redis (cart hash, counter, rate-limit
-  counter, job progress): the design the context library replaces, kept for comparison.
-
-Run one instance: ``cd examples && python -m shop --port 9001 --node-id app-1 --redis URL``.
+The shop ships inside the package as ``stickyproxy.demo.shop`` (``stickyproxy demo`` runs
+it from any directory); this package makes the same modules importable as ``shop`` from
+``examples/``, so ``cd examples && python -m shop ...`` and ``import shop.app`` keep
+working. Its modules are read from the installed package: edit them there.
 """
+
+from stickyproxy.demo import shop as _shop
+
+__path__ = list(_shop.__path__)

@@ -4,7 +4,10 @@ commands to stop and start instances so a failover can be watched.
 
 Everything listens on 127.0.0.1. Each child process runs in its own process group; however
 the demo ends (q, Ctrl-C, SIGTERM, ``--duration``) every one of them is stopped: SIGTERM,
-then SIGKILL after a grace period.
+then SIGKILL after a grace period. A demo that crashes or is killed leaves nothing behind
+either (``procs.py``: a parent-death signal per child, and a watchdog).
+
+The last line of a run that served is machine-checkable: ``SUMMARY_FORMAT``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +30,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .config import load
-from .demo_input import CommandInput
-from .demo_procs import (
+from ..config import load
+from .commands import CommandInput
+from .procs import (
     Child,
     DemoError,
-    find_examples,
     free_port,
     port_in_use,
     python_env,
@@ -40,8 +43,8 @@ from .demo_procs import (
     wait_http_ok,
     wait_redis,
 )
-from .demo_traffic import Traffic
-from .demo_view import (
+from .traffic import Traffic, TrafficStats
+from .view import (
     ENTER_SCREEN,
     EVENT_LINES,
     LEAVE_SCREEN,
@@ -53,7 +56,7 @@ from .demo_view import (
 )
 
 if TYPE_CHECKING:
-    from .server import Service
+    from ..server import Service
 
 log = logging.getLogger("stickyproxy.demo")
 
@@ -72,9 +75,10 @@ INSTALL_REDIS = ("stickyproxy demo needs redis-server on the PATH. Install it wi
                  "  dnf install redis              (Fedora)\n"
                  "  brew install redis             (macOS)\n"
                  "and run the demo again.")
-NO_EXAMPLES = ("stickyproxy demo runs the example app in examples/shop, which is not installed "
-               "with the package.\nRun it from a checkout of the repository (its root as the "
-               "current directory), e.g. after: pip install -e .")
+# How long a clean end waits for the watchdog to take its goodbye and exit.
+WATCHDOG_EXIT_DEADLINE = 2.0
+# The run's last line: key=value pairs, so a script can check it (.ci/package.sh does).
+SUMMARY_FORMAT = "demo summary: answers={ok} failed={failed} rate_limited={limited} lost={lost}"
 
 PROXY_TOML = """\
 # The demo's proxy: users keyed by the X-User-Id header, a uid cookie or ?user=.
@@ -136,14 +140,15 @@ class Interrupted(Exception):
 
 
 class Demo:
-    def __init__(self, port: int, duration: float, ui: bool, redis_bin: str, examples: Path) -> None:
+    def __init__(self, port: int, duration: float, ui: bool, redis_bin: str) -> None:
         self.port = port
         self.duration = duration
         self.ui = ui
         self.redis_bin = redis_bin
-        self.examples = examples
         self.stopping = asyncio.Event()
         self.workdir = Path(tempfile.mkdtemp(prefix="stickyproxy-demo-"))
+        self.env = python_env()
+        self.watchdog = self._start_watchdog()
         self.redis: Child | None = None
         self.redis_url = ""
         self.apps: list[App] = []
@@ -152,6 +157,7 @@ class Demo:
         self.events: deque[str] = deque(maxlen=EVENT_LINES)
         self.keep_logs = False
         self.log_handler: logging.Handler | None = None
+        self.summary: TrafficStats | None = None
 
     @property
     def proxy_url(self) -> str:
@@ -180,6 +186,8 @@ class Demo:
             self._close_log()
             if not self.keep_logs:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            if not left:
+                await self._dismiss_watchdog()
             if left:
                 print("stickyproxy demo: still running, stop them by hand: "
                       + ", ".join(f"{c.name} (pid {c.pid})" for c in left), file=sys.stderr)
@@ -187,6 +195,41 @@ class Demo:
                 print("stopped: everything the demo started has exited", flush=True)
             if self.keep_logs:
                 print(f"stickyproxy demo: logs kept in {self.workdir}", file=sys.stderr)
+            if self.summary is not None:
+                s = self.summary
+                print(SUMMARY_FORMAT.format(ok=s.ok, failed=s.failed, limited=s.limited, lost=s.lost),
+                      flush=True)
+
+    # -- the watchdog ----------------------------------------------------------------------
+    def _start_watchdog(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "stickyproxy.demo.watchdog", str(self.workdir)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
+                                start_new_session=True)
+
+    def _tell_watchdog(self, line: str) -> None:
+        pipe = self.watchdog.stdin
+        if pipe is None:
+            return
+        try:
+            pipe.write(line.encode() + b"\n")
+            pipe.flush()
+        except (BrokenPipeError, ValueError):
+            log.warning("demo: the watchdog is gone; a crash would leave processes behind")
+
+    def _watch_group(self, pgid: int) -> None:
+        self._tell_watchdog(f"pgid {pgid}")
+
+    async def _dismiss_watchdog(self) -> None:
+        """Everything is stopped and cleaned up: the watchdog may leave without acting."""
+        self._tell_watchdog("bye")
+        if self.watchdog.stdin is not None:
+            with suppress(BrokenPipeError):
+                self.watchdog.stdin.close()
+        try:
+            await asyncio.to_thread(self.watchdog.wait, WATCHDOG_EXIT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.watchdog.kill()
 
     async def _until_stopped(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -207,22 +250,21 @@ class Demo:
         redis_port = free_port()
         self.redis = Child("redis", [self.redis_bin, "--port", str(redis_port), "--bind", HOST,
                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-                           self.workdir / "redis.log")
+                           self.workdir / "redis.log", cwd=self.workdir, on_start=self._watch_group)
         self.redis.start()
         await wait_redis(self.redis, redis_port, REDIS_START_DEADLINE)
         self.redis_url = f"redis://{HOST}:{redis_port}/0"
 
-        env = python_env(self.examples)
         for n in range(1, INSTANCES + 1):
             node, port = f"app-{n}", free_port()
             child = Child(node, shop_argv(port, node, self.redis_url), self.workdir / f"{node}.log",
-                          env=env, cwd=self.examples)
+                          env=self.env, cwd=self.workdir, on_start=self._watch_group)
             self.apps.append(App(str(n), node, port, child))
             child.start()
         await asyncio.gather(*(wait_http_ok(a.child, session, a.url + "/healthz", APP_START_DEADLINE)
                                for a in self.apps))
 
-        from .server import Service
+        from ..server import Service
         path = self.workdir / "stickyproxy.toml"
         path.write_text(PROXY_TOML.format(
             host=HOST, port=self.port,
@@ -272,6 +314,7 @@ class Demo:
                   f"{s.limited} rate-limited, {s.lost} lost updates", flush=True)
             for detail in traffic.lost_details[:EVENT_LINES]:
                 print(f"  lost: {detail}", flush=True)
+            self.summary = s
 
     def _print_banner(self, commands_enabled: bool) -> None:
         assert self.redis is not None
@@ -397,20 +440,22 @@ def main(args: argparse.Namespace) -> int:
     if redis_bin is None:
         print(INSTALL_REDIS, file=sys.stderr)
         return EXIT_USAGE
-    examples = find_examples()
-    if examples is None:
-        print(NO_EXAMPLES, file=sys.stderr)
-        return EXIT_USAGE
     problem = port_in_use(HOST, args.port)
     if problem is not None:
         print(f"stickyproxy demo: cannot listen on {HOST}:{args.port}: {problem}; "
               "choose another port with --port N", file=sys.stderr)
         return EXIT_USAGE
-    from .server import install_uvloop
+    from ..startup import check_runtime
+    problems = check_runtime()
+    if problems:
+        for p in problems:
+            print(f"stickyproxy demo: start-up check failed: {p}", file=sys.stderr)
+        return EXIT_FAIL
+    from ..server import install_uvloop
     install_uvloop()
     ui = not args.no_ui and sys.stdout.isatty()
     try:
-        return asyncio.run(Demo(args.port, args.duration, ui, redis_bin, examples).run())
+        return asyncio.run(Demo(args.port, args.duration, ui, redis_bin).run())
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL

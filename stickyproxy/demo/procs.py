@@ -1,9 +1,18 @@
 """The demo's child processes: each in its own process group, so stopping one stops
-everything it started, with bounded waits."""
+everything it started, with bounded waits.
+
+None of them outlives the demo, however the demo ends. A clean end stops each one (SIGTERM,
+then SIGKILL). A demo that crashes or is killed cannot, so two things act without it: on
+Linux each child asks the kernel to SIGKILL it when the demo dies (prctl(2)
+PR_SET_PDEATHSIG, armed between fork and exec), and a watchdog process (``watchdog.py``),
+told each child's process group, kills those groups and removes the demo's temporary
+directory when the demo's end of a pipe closes without a goodbye.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import shutil
@@ -12,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -31,16 +41,6 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def find_examples() -> Path | None:
-    """``examples/`` holding the shop app: beside the package (a checkout or an editable
-    install), else under the current directory."""
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        candidate = base / "examples"
-        if (candidate / "shop" / "__main__.py").is_file():
-            return candidate
-    return None
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,16 +58,54 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+# prctl(2) option: the signal this process gets when the thread that forked it exits.
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once, before any fork: the child between fork and exec only calls it.
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the calling thread (the demo's
+    event loop thread, which lives as long as the demo) exits; None where prctl is missing.
+    If the demo already died between fork and prctl, the child exits at once."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
 class Child:
-    """One subprocess in a new session (its own process group), output appended to a log."""
+    """One subprocess in a new session (its own process group), output appended to a log,
+    killed by the kernel if the demo dies first (``die_with_parent``). ``on_start`` is told
+    each new process group (the watchdog's list)."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, *,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 on_start: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env
         self.cwd = cwd
+        self.on_start = on_start
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopped_on_purpose = False
         self.exit_reported = False
@@ -86,7 +124,9 @@ class Child:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held for the child's lifetime
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent())
+        if self.on_start is not None:
+            self.on_start(self.proc.pid)
         self.stopped_on_purpose = False
         self.exit_reported = False
 
@@ -195,14 +235,18 @@ async def wait_http_ok(child: Child, session: aiohttp.ClientSession, url: str,
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def python_env(examples: Path) -> dict[str, str]:
-    """The environment for ``python -m shop``: examples/ first on the module path."""
+def python_env() -> dict[str, str]:
+    """The environment for the demo's Python children: they import this very copy of
+    stickyproxy (a checkout's, when the demo runs from one), whatever their directory."""
+    from .. import compiled
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(examples), env.get("PYTHONPATH")) if p)
+    if compiled.in_source_tree():
+        root = str(compiled.PACKAGE_DIR.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def shop_argv(port: int, node_id: str, redis_url: str) -> list[str]:
-    return [sys.executable, "-m", "shop", "--port", str(port), "--node-id", node_id,
-            "--redis", redis_url]
+    return [sys.executable, "-m", "stickyproxy.demo.shop", "--port", str(port),
+            "--node-id", node_id, "--redis", redis_url]
