@@ -1,51 +1,99 @@
 """`stickyproxy run | check | route | plan | demo`.
 
-Exit codes: 0 success, 2 bad configuration or usage, 1 a runtime failure. Errors are one
-line each on stderr, never a traceback.
+Exit codes: 0 success, 2 bad configuration or usage, 1 a runtime failure (or a start-up
+check that failed), 130 interrupted (Ctrl-C), 141 the output pipe was closed early (e.g.
+``| head``: the rest of the output is dropped quietly). Errors are one line each on stderr,
+never a traceback.
+
+Routing questions (``check``, ``route``, ``plan``) never need the runtime secrets a
+configuration names (``admin.token_env``, a jwt source's ``secret_env``): they parse with
+secrets unresolved. ``run`` resolves them, and refuses to start without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 from typing import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, secret_variables
 from .plan import exact, ring_of, sampled, synthetic_keys
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 128 + SIGPIPE: what a shell reports for a writer whose reader went away.
+EXIT_PIPE = 141
+# Entries of a preference list `route` prints unless asked for more: the owner and the
+# first few failover targets are what an operator looks at; a 1,000-backend list is noise.
+ROUTE_DEPTH = 5
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    runtime failure, or a start-up check failed (run, demo)
+  2    bad configuration or usage; every configuration error is printed with its key path
+  130  interrupted (Ctrl-C)
+  141  the output pipe was closed early (e.g. piped into head)"""
 
 
-def _load(path: str) -> Config:
-    return load(path)
+def _routing_config(path: str) -> Config:
+    """A configuration for answering routing questions: runtime secrets left unread."""
+    return load(path, secrets=False)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _routing_config(args.config)
     ring = ring_of(cfg)
-    print(f"{args.config}: ok: {len(cfg.backends)} backends, "
-          f"{len(cfg.routing.keys)} key sources ({', '.join(s.describe() for s in cfg.routing.keys)}), "
-          f"ring {ring.fingerprint}, listen {cfg.listen.host}:{cfg.listen.port}")
+    keys = cfg.routing.keys
+    line = (f"{args.config}: ok: {plural(len(cfg.backends), 'backend')}, "
+            f"{plural(len(keys), 'key source')} ({', '.join(s.describe() for s in keys)}), "
+            f"ring {ring.fingerprint}, listen {cfg.listen.host}:{cfg.listen.port}")
+    secrets = secret_variables(cfg)
+    if secrets:
+        line += ("; run reads from the environment: "
+                 + ", ".join(f"{var} ({path}, {'set' if os.environ.get(var) else 'unset here'})"
+                             for path, var in secrets))
+    print(line)
     return EXIT_OK
 
 
+def route_line(key: str, pref: list[str], depth: int | None) -> str:
+    """``key<TAB>owner<TAB>a > b > c``, the list cut after ``depth`` entries with a count
+    of the rest (``depth`` None: the whole list)."""
+    shown = pref if depth is None else pref[:depth]
+    more = len(pref) - len(shown)
+    tail = f" > ... (+{more} more; --all shows them)" if more else ""
+    return f"{key}\t{pref[0] if pref else '-'}\t{' > '.join(shown)}{tail}"
+
+
+def route_json(key: str, pref: list[str], depth: int | None) -> dict:
+    shown = pref if depth is None else pref[:depth]
+    return {"key": key, "backend": pref[0] if pref else None, "preference": shown,
+            "more": len(pref) - len(shown)}
+
+
 def cmd_route(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _routing_config(args.config)
     ring = ring_of(cfg)
+    depth = None if args.all else args.depth
     for key in args.keys:
         pref = ring.preference(key)
         if args.json:
-            print(json.dumps({"key": key, "backend": pref[0] if pref else None,
-                              "preference": pref}))
+            print(json.dumps(route_json(key, pref, depth)))
         else:
-            print(f"{key}\t{pref[0] if pref else '-'}\t{' > '.join(pref)}")
+            print(route_line(key, pref, depth))
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    old, new = ring_of(_load(args.old)), ring_of(_load(args.new))
+    old, new = ring_of(_routing_config(args.old)), ring_of(_routing_config(args.new))
     if args.keys:
         try:
             with open(args.keys, encoding="utf-8") as f:
@@ -80,54 +128,92 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = load(args.config)
     from .server import serve
     return serve(cfg, args.config, workers=args.workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .demo.run import main as demo_main
     return demo_main(args)
+
+
+def _sub(sub, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=textwrap.fill(description, 79),
+                          epilog=EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stickyproxy",
-                                description="A sticky, consistent-hashing reverse proxy.")
-    p.add_argument("--version", action="version", version=f"stickyproxy {__version__}")
+                                description="A sticky, consistent-hashing reverse proxy.",
+                                epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"stickyproxy {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="serve the proxy")
-    r.add_argument("-c", "--config", required=True, help="TOML configuration file")
-    r.add_argument("-w", "--workers", type=int, default=1,
+    r = _sub(sub, "run", "serve the proxy",
+             "Serve the proxy: SIGHUP reloads the configuration, SIGTERM drains and exits. "
+             "Secrets named by the configuration (admin.token_env, secret_env) are read "
+             "from the environment here, and nowhere else.")
+    r.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
+    r.add_argument("-w", "--workers", type=int, default=1, metavar="N",
                    help="worker processes sharing the port via SO_REUSEPORT (default 1)")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("check", help="validate a configuration file")
-    c.add_argument("-c", "--config", required=True)
+    c = _sub(sub, "check", "validate a configuration file",
+             "Validate a configuration file: a one-line summary, or every error with its "
+             "key path. Needs none of the secrets the file names.")
+    c.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
     c.set_defaults(func=cmd_check)
 
-    rt = sub.add_parser("route", help="show where keys are routed")
-    rt.add_argument("-c", "--config", required=True)
-    rt.add_argument("--json", action="store_true", help="one JSON object per line")
-    rt.add_argument("keys", nargs="+", metavar="KEY")
+    rt = _sub(sub, "route", "show where keys are routed",
+              "Each key's owner and preference list (where it fails over to, in order). "
+              f"Lists are cut after {ROUTE_DEPTH} entries unless --depth or --all says otherwise.")
+    rt.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
+    rt.add_argument("--json", action="store_true",
+                    help='one JSON object per key: {"key", "backend", "preference", "more"}')
+    depth = rt.add_mutually_exclusive_group()
+    depth.add_argument("--depth", type=int, default=ROUTE_DEPTH, metavar="N",
+                       help=f"show the first N entries of each preference list (default {ROUTE_DEPTH})")
+    depth.add_argument("--all", action="store_true", help="show every entry of each preference list")
+    rt.add_argument("keys", nargs="+", metavar="KEY", help="user keys to look up")
     rt.set_defaults(func=cmd_route)
 
-    pl = sub.add_parser("plan", help="what share of users a configuration change moves")
-    pl.add_argument("--from", dest="old", required=True, metavar="OLD.toml")
-    pl.add_argument("--to", dest="new", required=True, metavar="NEW.toml")
+    pl = _sub(sub, "plan", "what share of users a configuration change moves",
+              "Before changing the backends: what share of users moves, from which backend to "
+              "which. Exact over the hash space unless --keys or --sample is given.")
+    pl.add_argument("--from", dest="old", required=True, metavar="OLD.toml",
+                    help="the configuration running now")
+    pl.add_argument("--to", dest="new", required=True, metavar="NEW.toml",
+                    help="the configuration to change to")
     g = pl.add_mutually_exclusive_group()
-    g.add_argument("--keys", metavar="FILE", help="user keys, one per line")
-    g.add_argument("--sample", type=int, metavar="N", help="N synthetic keys")
-    pl.add_argument("--json", action="store_true")
+    g.add_argument("--keys", metavar="FILE", help="measure over these user keys, one per line")
+    g.add_argument("--sample", type=int, metavar="N", help="measure over N synthetic keys")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
 
-    d = sub.add_parser("demo", help="run Redis, three example apps and the proxy locally")
-    d.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    d = _sub(sub, "demo", "run Redis, three example apps and the proxy locally",
+             "Redis, three instances of the example shop and the proxy on 127.0.0.1, with a "
+             "live view and simulated users. Needs redis-server on the PATH. The last line "
+             "is 'demo summary: answers=N failed=N rate_limited=N lost=N'.")
+    d.add_argument("--port", type=int, default=8080, metavar="N", help="proxy port (default 8080)")
     d.add_argument("--no-ui", action="store_true", help="no live view; print a line per second")
-    d.add_argument("--duration", type=float, default=0.0,
-                   help="stop by itself after this many seconds (0 = run until Ctrl-C)")
+    d.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="stop by itself after S seconds of serving (0 = run until q or Ctrl-C)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away: send whatever is still buffered nowhere, so the
+    interpreter's final flush cannot fail with a traceback either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,13 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "sample", None) is not None and args.sample < 1:
         print("stickyproxy plan: --sample must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(args, "depth", 1) < 1:
+        print("stickyproxy route: --depth must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

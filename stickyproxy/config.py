@@ -389,12 +389,16 @@ def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
     return cls(**values)
 
 
+# How jwtkeys.load_verifier starts the error for an environment secret it cannot read.
+SECRET_UNSET = "secret_env: environment variable"
+
 JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_file",
             "jwks_file", "issuer", "audience", "leeway", "require_exp", "on_invalid"}
 
 
-def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySource | None:
-    from .jwtkeys import JwtSettings, load_verifier
+def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
+                secrets: bool = True) -> KeySource | None:
+    from .jwtkeys import JwtSettings, JwtVerifier, load_verifier
     n = len(errors)
     for k in item:
         if k not in JWT_KEYS:
@@ -426,12 +430,17 @@ def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySour
     try:
         verifier = load_verifier(settings)
     except ValueError as e:
+        if not secrets and settings.secret_env and str(e).startswith(SECRET_UNSET):
+            # Everything but the secret checked. No keys: it would refuse every token, but
+            # only `run` verifies tokens, and `run` resolves secrets.
+            return KeySource("jwt", name=settings.header, jwt=JwtVerifier(settings, {}))
         errors.append(f"{p}.{e}")
         return None
     return KeySource("jwt", name=settings.header, jwt=verifier)
 
 
-def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeySource, ...]:
+def _key_sources(raw: Any, errors: list[str], base_dir: str = ".",
+                 secrets: bool = True) -> tuple[KeySource, ...]:
     path = "routing.keys"
     if not isinstance(raw, list):
         errors.append(f"{path}: expected an array of key sources, got {raw!r}")
@@ -449,7 +458,7 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeyS
             errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
             continue
         if kind == "jwt":
-            src = _jwt_source(item, p, errors, base_dir)
+            src = _jwt_source(item, p, errors, base_dir, secrets)
             if src is not None:
                 out.append(src)
             continue
@@ -573,8 +582,13 @@ def _parse_backend_url(url: Any) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
-def parse(raw: dict[str, Any], source: str | None = None) -> Config:
-    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = True) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem.
+
+    ``secrets=False`` leaves the ``*_env`` secrets (``admin.token_env``, a jwt source's
+    ``secret_env``) unread: everything else is validated, the admin token stays empty and a
+    jwt source with an environment secret accepts no token. ``check``, ``route`` and ``plan``
+    parse so, and need no secret; ``run`` (and every reload) resolves them."""
     errors: list[str] = []
     known = set(SECTIONS) | {"backends"}
     for k in raw:
@@ -585,13 +599,13 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
         base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
-            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir, secrets))
     backends = _backends(raw.get("backends"), errors)
 
     admin = sections["admin"]
     if admin.token and admin.token_env:
         errors.append("admin.token_env: set either admin.token or admin.token_env, not both")
-    elif admin.token_env:
+    elif admin.token_env and secrets:
         token = os.environ.get(admin.token_env, "")
         if not token:
             errors.append(f"admin.token_env: environment variable {admin.token_env!r} is unset or empty")
@@ -606,7 +620,8 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     if limits.max_request_line > limits.max_header_bytes:
         errors.append("limits.max_request_line: must not exceed limits.max_header_bytes")
     adm = sections["admin"]
-    if adm.enabled and not adm.token and not _is_loopback(adm.host):
+    if adm.enabled and not adm.token and not (adm.token_env and not secrets) \
+            and not _is_loopback(adm.host):
         errors.append(f"admin.token: required when admin.host is not a loopback address "
                       f"({adm.host!r}): the admin API can drain backends and reload")
     if sections["admin"].enabled and (sections["admin"].host, sections["admin"].port) == (
@@ -618,15 +633,15 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     return Config(backends=backends, source=source, **sections)
 
 
-def loads(text: str, source: str | None = None) -> Config:
+def loads(text: str, source: str | None = None, *, secrets: bool = True) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"TOML syntax error: {e}"], source) from None
-    return parse(raw, source)
+    return parse(raw, source, secrets=secrets)
 
 
-def load(path: str | os.PathLike[str]) -> Config:
+def load(path: str | os.PathLike[str], *, secrets: bool = True) -> Config:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -637,7 +652,18 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8: {e}"], path) from None
-    return loads(text, path)
+    return loads(text, path, secrets=secrets)
+
+
+def secret_variables(cfg: Config) -> list[tuple[str, str]]:
+    """(key path, environment variable) for each secret ``run`` reads from the environment."""
+    out = []
+    if cfg.admin.token_env:
+        out.append(("admin.token_env", cfg.admin.token_env))
+    for i, src in enumerate(cfg.routing.keys):
+        if src.kind == "jwt" and src.jwt is not None and src.jwt.settings.secret_env:
+            out.append((f"routing.keys[{i}].secret_env", src.jwt.settings.secret_env))
+    return out
 
 
 

@@ -6,8 +6,12 @@
   STICKYPROXY_ALLOW_PY_PARSER=1 is the explicit escape hatch for the first one only.
 - ``stickyproxy run`` refuses to start on those problems: exit 1, one clear line per problem,
   no traceback, nothing listening.
-- An admin listener off loopback needs a token: ``stickyproxy check`` (and ``run``) exit 2
-  naming ``admin.token``. The token check itself is tested in tests/ops/test_admin.py
+- An admin listener off loopback needs a token: ``stickyproxy check`` and ``run`` exit 2
+  naming ``admin.token``; a token from the environment is read by ``run`` only (``check``
+  needs no secret).
+- ``run`` and ``demo`` refuse a compiled module built from other source than the ``.py``
+  beside it (the build's stamp of source hashes), and accept an installed wheel whatever
+  its file times. The token check itself is tested in tests/ops/test_admin.py
   (test_mutating_endpoints_require_the_bearer_token, test_token_from_the_environment).
 
 Every test runs the code in a subprocess, so the environment it sees is exactly the one set.
@@ -182,27 +186,59 @@ def test_run_starts_with_the_escape_hatch_and_stops_cleanly(tmp_path):
             proc.wait(5)
 
 
-@pytest.mark.skipif(compiled.build() != "compiled", reason="needs the compiled build")
-def test_run_refuses_a_compiled_module_older_than_its_source(tmp_path):
-    """A copy of the compiled package whose router.py was edited after the build: the
-    compiled router would run instead of the edit, so `run` refuses, naming it."""
+def _copy_of_the_package(tmp_path: Path) -> Path:
+    """This build of the package copied as pip lays out a wheel: into a site directory (no
+    checkout around it), every .py file written after the compiled modules."""
     root = compiled.PACKAGE_DIR.parent
     copy = tmp_path / "site"
     shutil.copytree(compiled.PACKAGE_DIR, copy / "stickyproxy",
                     ignore=shutil.ignore_patterns("__pycache__"))
     for group in root.glob("stickyproxy__mypyc*"):   # mypyc's shared runtime module
         shutil.copy2(group, copy / group.name)
-    edited = compiled.source_path("stickyproxy.router", copy / "stickyproxy")
     later = time.time() + 60
-    os.utime(edited, (later, later))
-    port = free_port()
+    for source in (copy / "stickyproxy").rglob("*.py"):
+        os.utime(source, (later, later))
+    return copy
+
+
+def _with_package(copy: Path) -> dict[str, str]:
     env = _env()
     env["PYTHONPATH"] = str(copy)
-    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", "run", "-c",
-                          str(_config(tmp_path, port))], check=False, capture_output=True,
-                         text=True, env=env, timeout=60, cwd=tmp_path)
+    return env
+
+
+@pytest.mark.skipif(compiled.build() != "compiled", reason="needs the compiled build")
+def test_an_installed_compiled_package_is_current_although_its_sources_are_newer(tmp_path):
+    """pip writes a wheel's .py files after its .so files: content, not time, decides."""
+    copy = _copy_of_the_package(tmp_path)
+    code = ("import json, stickyproxy\nfrom stickyproxy.startup import check_runtime\n"
+            "print(json.dumps([stickyproxy.__file__, check_runtime()]))")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         env=_with_package(copy), timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    where, problems = json.loads(out.stdout)
+    assert where.startswith(str(copy)) and problems == []
+
+
+@pytest.mark.skipif(compiled.build() != "compiled", reason="needs the compiled build")
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_run_and_demo_refuse_a_compiled_module_built_from_other_source(tmp_path, command):
+    """An installed copy whose router.py was changed after the build: the compiled router
+    would run instead of the change, so `run` and `demo` both refuse, naming it once, with
+    the fix for an installed package (not the one for a checkout)."""
+    copy = _copy_of_the_package(tmp_path)
+    edited = compiled.source_path("stickyproxy.router", copy / "stickyproxy")
+    edited.write_text(edited.read_text() + "\n# changed after the build\n")
+    port = free_port()
+    args = (["run", "-c", str(_config(tmp_path, port))] if command == "run"
+            else ["demo", "--no-ui", "--duration", "1", "--port", str(port)])
+    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", *args], check=False,
+                         capture_output=True, text=True, env=_with_package(copy), timeout=60,
+                         cwd=tmp_path)
     assert out.returncode == 1, (out.returncode, out.stderr)
-    assert "stickyproxy.router is compiled from an older source" in out.stderr, out.stderr
+    assert out.stderr.count("start-up check failed") == 1, out.stderr
+    assert "stickyproxy.router: compiled from a different source" in out.stderr, out.stderr
+    assert "pip install --force-reinstall" in out.stderr and "pip install -e" not in out.stderr
     assert "Traceback" not in out.stderr
     assert not _listening(port)
 
@@ -241,11 +277,26 @@ def test_check_accepts_off_loopback_with_a_token_or_when_disabled(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-def test_check_refuses_an_unset_token_env_off_loopback(tmp_path):
+def test_check_needs_no_secret_but_names_the_one_run_reads(tmp_path):
+    """A routing question is never blocked by a runtime secret: `check` passes with the
+    token's variable unset, and says that `run` will read it."""
     out = _check(tmp_path, f'host = "0.0.0.0"\nport = {free_port()}\ntoken_env = "SP_SEC_SURELY_UNSET"')
-    assert out.returncode == 2
+    assert out.returncode == 0, out.stderr
+    assert "SP_SEC_SURELY_UNSET (admin.token_env, unset here)" in out.stdout
+
+
+def test_run_refuses_an_unset_token_env_off_loopback(tmp_path):
+    port = free_port()
+    path = tmp_path / "unset-token.toml"
+    path.write_text(_config(tmp_path, port).read_text().replace(
+        "[admin]\nenabled = false\n",
+        f'[admin]\nhost = "0.0.0.0"\nport = {free_port()}\ntoken_env = "SP_SEC_SURELY_UNSET"\n'))
+    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(path)],
+                         check=False, capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 2, out.stderr
     assert "admin.token_env: environment variable 'SP_SEC_SURELY_UNSET' is unset or empty" in out.stderr
-    assert "admin.token: required" in out.stderr
+    assert "admin.token: required" in out.stderr and "Traceback" not in out.stderr
+    assert not _listening(port)
 
 
 def test_run_refuses_an_admin_listener_off_loopback_without_a_token(tmp_path):
