@@ -48,6 +48,8 @@ from .view import (
     ENTER_SCREEN,
     EVENT_LINES,
     LEAVE_SCREEN,
+    MIN_HEIGHT,
+    MIN_WIDTH,
     Poller,
     Row,
     Snapshot,
@@ -337,10 +339,19 @@ class Demo:
                 f"  curl -si -H 'X-User-Id: you' {self.proxy_url}/cart       # X-Served-By: the instance holding you",
                 f"  curl -s '{self.admin_url}/route?key=you'                  # your instance, and where you go if it fails"]
 
+    def _short_tips(self) -> list[str]:
+        """The tips again, short enough for an 80-column live view."""
+        proxy = self.proxy_url.removeprefix("http://")
+        admin = self.admin_url.removeprefix("http://")
+        return [f"curl -H 'X-User-Id: you' -d '{{\"item\":\"tea\",\"qty\":1}}' {proxy}/cart/items",
+                f"curl -si -H 'X-User-Id: you' {proxy}/cart    # X-Served-By",
+                f"curl -s '{admin}/route?key=you'"]
+
     async def _refresh(self, session: aiohttp.ClientSession, traffic: Traffic, started: float,
                        commands_enabled: bool) -> None:
         poller = Poller(session, self.admin_url)
-        header = [f"proxy {self.proxy_url}   admin {self.admin_url}   redis {self.redis_url}"]
+        header = [f"proxy {self.proxy_url}  admin {self.admin_url}", f"redis {self.redis_url}"]
+        tips = self._short_tips()
         while True:
             tick = time.monotonic()
             self._watch_children()
@@ -351,7 +362,9 @@ class Demo:
                             traffic.placement())
             try:
                 if self.ui:
-                    sys.stdout.write(screen(snap, header, self._tips(), list(self.events), commands_enabled))
+                    size = shutil.get_terminal_size((MIN_WIDTH, MIN_HEIGHT))
+                    sys.stdout.write(screen(snap, header, tips, list(self.events), commands_enabled,
+                                            max(size.columns, 20), max(size.lines, 4)))
                     sys.stdout.flush()
                 else:
                     print(status_line(snap), flush=True)
@@ -375,11 +388,10 @@ class Demo:
         if app.child.running:
             pid = app.child.pid
             app.child.kill()
-            self._event(f"{app.id} killed (pid {pid}): its users fail over along the ring, "
-                        "their state rehydrated from Redis")
+            self._event(f"{app.id} killed (pid {pid}): its users fail over, state from Redis")
         else:
             app.child.start()
-            self._event(f"{app.id} started (pid {app.child.pid}): its users move back once it is healthy")
+            self._event(f"{app.id} started (pid {app.child.pid}): users move back once healthy")
 
     def _watch_children(self) -> None:
         for app in self.apps:

@@ -1,10 +1,18 @@
 """What the demo shows once a second: gathered from the admin API (``GET /backends``), the
 proxy's ``/metrics`` and each app's ``/metrics``, drawn with plain ANSI escapes or printed
-as one status line."""
+as one status line.
+
+The live view fits the terminal it is drawn on, down to 80x24: no line is wider than the
+terminal (a wider one would wrap and push the title off the top), and it never writes to
+the last row (a newline there would scroll). The title and the key help are the first line
+and always stay; when rows run short, events go first, then the tips.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 POLL_TIMEOUT = 0.8
 # Events kept on screen.
 EVENT_LINES = 6
+# Lines for where the simulated users are served (eight users need two at 80 columns).
+USER_LINES = 2
+# The smallest terminal the live view is laid out for (the classic VT100 size).
+MIN_WIDTH, MIN_HEIGHT = 80, 24
 
 CSI = "\x1b["
 ENTER_SCREEN = CSI + "?1049h" + CSI + "?25l"     # alternate screen, cursor hidden
@@ -22,6 +34,7 @@ LEAVE_SCREEN = CSI + "?25h" + CSI + "?1049l"
 HOME, CLEAR_EOL, CLEAR_BELOW = CSI + "H", CSI + "K", CSI + "J"
 BOLD, DIM, RESET = CSI + "1m", CSI + "2m", CSI + "0m"
 GREEN, RED, YELLOW = CSI + "32m", CSI + "31m", CSI + "33m"
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass
@@ -119,25 +132,63 @@ def status_line(s: Snapshot) -> str:
             + f" | traffic {s.ok} ok {s.failed} failed {s.lost} lost")
 
 
-def screen(s: Snapshot, header: list[str], tips: list[str], events: list[str],
-           keys_enabled: bool) -> str:
-    """The whole live view, drawn over the previous one."""
+def visible(text: str) -> str:
+    """``text`` without its escape sequences: what the terminal shows."""
+    return ESCAPE.sub("", text)
+
+
+def fit(line: str, width: int) -> str:
+    """``line`` cut to ``width`` visible characters (escape sequences kept, colour reset
+    after a cut), so it never wraps."""
+    if len(visible(line)) <= width:
+        return line
+    out, shown, pos = [], 0, 0
+    limit = max(0, width - 1)
+    while pos < len(line) and shown < limit:
+        m = ESCAPE.match(line, pos)
+        if m:
+            out.append(m.group())
+            pos = m.end()
+            continue
+        out.append(line[pos])
+        shown += 1
+        pos += 1
+    return "".join(out) + "~" + RESET
+
+
+def view_lines(s: Snapshot, header: list[str], tips: list[str], events: list[str],
+               keys_enabled: bool, width: int = MIN_WIDTH, height: int = MIN_HEIGHT) -> list[str]:
+    """The live view's lines for a ``width`` x ``height`` terminal: at most ``height - 1``
+    lines, none wider than ``width``."""
     up = time.strftime("%H:%M:%S", time.gmtime(s.elapsed))
-    keys = "keys: 1/2/3 stop or start an instance, q quit" if keys_enabled else "Ctrl-C to quit"
-    lines = [f"{BOLD}stickyproxy demo{RESET}  up {up}   {keys}", *header, ""]
-    lines.append(f"{DIM} key  instance  pid      process   health          users held   req/s   url{RESET}")
+    keys = "keys: 1 2 3 stop/start an instance, q quit" if keys_enabled else "Ctrl-C quits"
+    top = [f"{BOLD}stickyproxy demo{RESET}  up {up}  {keys}", *header, ""]
+    top.append(f"{DIM} key  instance  pid      process   health          users  req/s{RESET}")
     for r in s.rows:
         pid = str(r.pid) if r.pid and r.process == "running" else "-"
         users = "-" if r.users is None else str(r.users)
         proc_colour = GREEN if r.process == "running" else RED
-        lines.append(f" [{r.key}]  {r.id:<8}  {pid:<7}  {proc_colour}{r.process:<8}{RESET}  "
-                     f"{_health_colour(r.health)}{r.health:<14}{RESET}  {users:>10}   "
-                     f"{r.rate:5.1f}   {r.url}")
-    lines.append("")
-    placed = "  ".join(f"{u}@{b}" for u, b in s.placement.items())
-    lines.append(f"simulated users: {placed}")
+        top.append(f" [{r.key}]  {r.id:<8}  {pid:<7}  {proc_colour}{r.process:<8}{RESET}  "
+                   f"{_health_colour(r.health)}{r.health:<14}{RESET}  {users:>5}  {r.rate:5.1f}")
+    top.append("")
+    placed = " ".join(f"{u}@{b}" for u, b in s.placement.items())
+    top += textwrap.wrap(f"users: {placed}", width, subsequent_indent="       ")[:USER_LINES]
     lost_colour = GREEN if s.lost == 0 else RED
-    lines.append(f"answers: {s.ok} ok, {s.failed} failed, {s.limited} rate-limited;  "
-                 f"{lost_colour}lost updates: {s.lost}{RESET} (counters and carts checked on every answer)")
-    lines += ["", "try:", *tips, "", "events:", *events[-EVENT_LINES:]]
+    top.append(f"answers: {s.ok} ok, {s.failed} failed, {s.limited} rate-limited;  "
+               f"{lost_colour}lost updates: {s.lost}{RESET}")
+    room = height - 1 - len(top)
+    fitting_tips = [t for t in tips if len(t) <= width]
+    bottom: list[str] = []
+    if fitting_tips and room >= 2 + 1:
+        bottom += ["", "try:", *fitting_tips[:room - 2]]
+    left = room - len(bottom)
+    if left >= 3:
+        bottom += ["", "events:", *events[-min(EVENT_LINES, left - 2):]] if events else ["", "events: none yet"]
+    return [fit(line, width) for line in (top + bottom)[:max(1, height - 1)]]
+
+
+def screen(s: Snapshot, header: list[str], tips: list[str], events: list[str],
+           keys_enabled: bool, width: int = MIN_WIDTH, height: int = MIN_HEIGHT) -> str:
+    """The whole live view, drawn over the previous one."""
+    lines = view_lines(s, header, tips, events, keys_enabled, width, height)
     return HOME + "".join(line + CLEAR_EOL + "\n" for line in lines) + CLEAR_BELOW

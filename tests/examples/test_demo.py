@@ -1,17 +1,23 @@
-"""``stickyproxy demo`` as a user runs it: a subprocess on a free port. It serves sticky
-traffic through the proxy, keeps every user's cart when an instance is killed, obeys commands
-from a terminal, and stops everything it started within a bounded time."""
+"""``stickyproxy demo`` as a user runs it: a subprocess on a free port, started from a
+directory outside the checkout. It serves sticky traffic through the proxy, keeps every
+user's cart when an instance is killed, obeys commands from a terminal, draws a live view
+that fits 80x24, stops everything it started within a bounded time, and leaves nothing
+behind when it is itself killed."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import pty
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -30,16 +36,18 @@ TEST_USERS = 30
 # --duration of the terminal test: long enough to stop, restart and see app-2 healthy again.
 DURATION = 10
 BANNER_LINE = re.compile(r"^\s+(redis|app-\d)\s+(\S+)\s+pid (\d+)$")
+SUMMARY = re.compile(r"^demo summary: answers=(\d+) failed=(\d+) rate_limited=(\d+) lost=(\d+)$")
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class DemoProcess:
     """The demo as a subprocess in its own session; its stdout collected line by line."""
 
-    def __init__(self, port: int, *extra: str, stdin=subprocess.DEVNULL, env=None) -> None:
+    def __init__(self, port: int, *extra: str, cwd: Path, stdin=subprocess.DEVNULL, env=None) -> None:
         self.port = port
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stickyproxy.cli", "demo", "--no-ui", "--port", str(port), *extra],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
             start_new_session=True)
         self.lines: list[str] = []
         self.errors: list[str] = []
@@ -132,11 +140,14 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def demo():
+def demo(tmp_path):
+    """Demos started from an empty directory outside the checkout (nothing there to find)."""
     started: list[DemoProcess] = []
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
     def make(*extra: str, port: int | None = None, **kwargs) -> DemoProcess:
-        d = DemoProcess(port or free_port(), *extra, **kwargs)
+        d = DemoProcess(port or free_port(), *extra, cwd=elsewhere, **kwargs)
         started.append(d)
         return d
 
@@ -235,6 +246,9 @@ async def test_sticky_traffic_survives_a_killed_instance_and_everything_stops(de
     assert "stopped: everything the demo started has exited" in d.lines
     assert re.search(r"stopping after \d+s: \d+ answers, \d+ failed, 0 rate-limited, 0 lost updates",
                      d.output())
+    summary = SUMMARY.match(d.lines[-1])
+    assert summary is not None, d.output()
+    assert int(summary.group(1)) > 0 and summary.group(3) == summary.group(4) == "0"
     assert [p for p in everyone if alive(p)] == []
     workdir = d.wait_line(r"^\s+logs\s+(\S+)$", 0).group(1)
     assert not Path(workdir).exists()
@@ -260,3 +274,82 @@ def test_terminal_commands_stop_and_start_an_instance_then_duration_ends_it(demo
         os.close(master)
         os.close(slave)
     assert [p for p in everyone if alive(p)] == []
+
+
+def wait_gone(pids: set[int], deadline: float) -> list[int]:
+    end = time.monotonic() + deadline
+    while True:
+        left = [p for p in pids if alive(p)]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_killed_demo_leaves_no_process_and_no_directory_behind(demo, sig):
+    """The demo dies without cleaning up (SIGKILL; SIGSEGV as a crash in compiled code):
+    Redis, the shops and the watchdog are gone soon after, and so is the temporary
+    directory."""
+    d = demo("--duration", "120")
+    procs = d.started()
+    workdir = Path(d.wait_line(r"^\s+logs\s+(\S+)$", 0).group(1))
+    assert workdir.is_dir()
+    everyone = d.descendants() | {pid for _, pid in procs.values()}
+    assert len(everyone) >= 5, everyone      # redis, three shops, the watchdog
+    os.kill(d.proc.pid, sig)
+    assert d.proc.wait(STOP_DEADLINE) == -sig
+    assert wait_gone(everyone, STOP_DEADLINE) == []
+    end = time.monotonic() + STOP_DEADLINE
+    while workdir.exists() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not workdir.exists()
+
+
+def frames(screen: str) -> list[list[str]]:
+    """Each complete live-view frame (cursor home ... clear below) as its visible lines."""
+    out = []
+    for chunk in screen.split("\x1b[H")[1:]:
+        if "\x1b[J" not in chunk:
+            continue
+        body = chunk.split("\x1b[J", 1)[0].replace("\r", "")
+        out.append([ESCAPE.sub("", line) for line in body.split("\n")[:-1]])
+    return out
+
+
+@pytest.mark.slow
+def test_the_live_view_fits_an_80x24_terminal():
+    """In an 80x24 pty: every frame is at most 23 lines (the last row is never written, so
+    nothing scrolls) of at most 80 columns, and its first line is the title with the keys."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.cli", "demo", "--port", str(free_port()),
+                             "--duration", "60"], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    received = bytearray()
+    try:
+        end = time.monotonic() + START_DEADLINE
+        while len(frames(received.decode("utf-8", "replace"))) < 3:
+            assert proc.poll() is None, received.decode("utf-8", "replace")
+            assert time.monotonic() < end, received.decode("utf-8", "replace")
+            readable, _, _ = select.select([master], [], [], 0.5)
+            if readable:
+                try:
+                    received += os.read(master, 65536)
+                except OSError:
+                    break
+        os.write(master, b"q")
+        assert proc.wait(STOP_DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        os.close(master)
+    shown = frames(received.decode("utf-8", "replace"))
+    assert len(shown) >= 3
+    for frame in shown:
+        assert len(frame) <= 23, frame
+        assert all(len(line) <= 80 for line in frame), frame
+        assert frame[0].startswith("stickyproxy demo") and "q quit" in frame[0], frame
+        assert any(line.startswith(" [3]  app-3") for line in frame), frame
