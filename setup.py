@@ -54,7 +54,8 @@ if os.environ.get("STICKYPROXY_COMPILE") == "1":
     try:
         ext_modules = mypycify([m.replace(".", "/") + ".py" for m in MODULES], opt_level="3",
                                group_name="stickyproxy")
-    except SystemExit as e:
-        sys.exit(f"{e}\n{TYPECHECK_FAILED}")
+    except SystemExit as e:   # mypy printed its errors; add what they mean here
+        sys.exit(TYPECHECK_FAILED if isinstance(e.code, int) or e.code is None
+                 else f"{e.code}\n{TYPECHECK_FAILED}")
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_with_stamp})

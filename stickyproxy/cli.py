@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"stickyproxy {__version__}",
                    help="print the version and exit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do; COMMAND --help tells more")
 
     r = _sub(sub, "run", "serve the proxy",
              "Serve the proxy: SIGHUP reloads the configuration, SIGTERM drains and exits. "
