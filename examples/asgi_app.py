@@ -5,10 +5,11 @@ before a handler runs (``request.state.ctx``) and saves it, if it changed, befor
 response leaves: reads cost no Redis call once this instance holds the user, and another
 instance continues from the saved state after a failover.
 
-Runs under any ASGI server; the settings come from the environment:
+Runs under any ASGI server; ``pip install 'stickyproxy[examples]'`` brings Starlette and
+uvicorn. The settings come from the environment:
 
     STICKY_REDIS_URL=redis://127.0.0.1:6379/0 STICKY_NODE_ID=app-1 \\
-        hypercorn asgi_app:app --bind 127.0.0.1:9001      # or: uvicorn asgi_app:app --port 9001
+        uvicorn asgi_app:app --port 9001      # or: hypercorn asgi_app:app --bind 127.0.0.1:9001
 
     GET  /me       the user's profile and how the proxy routed the request
     POST /visits   count a visit
