@@ -188,12 +188,12 @@ class Demo:
             self._close_log()
             if not self.keep_logs:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-            if not left:
-                await self._dismiss_watchdog()
             if left:
-                print("stickyproxy demo: still running, stop them by hand: "
+                # not dismissed: the watchdog kills their groups once this process exits
+                print("stickyproxy demo: still running after SIGKILL, left to the watchdog: "
                       + ", ".join(f"{c.name} (pid {c.pid})" for c in left), file=sys.stderr)
             else:
+                await self._dismiss_watchdog()
                 print("stopped: everything the demo started has exited", flush=True)
             if self.keep_logs:
                 print(f"stickyproxy demo: logs kept in {self.workdir}", file=sys.stderr)

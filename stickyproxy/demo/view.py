@@ -162,6 +162,8 @@ def view_lines(s: Snapshot, header: list[str], tips: list[str], events: list[str
     lines, none wider than ``width``."""
     up = time.strftime("%H:%M:%S", time.gmtime(s.elapsed))
     keys = "keys: 1 2 3 stop/start an instance, q quit" if keys_enabled else "Ctrl-C quits"
+    if len(f"stickyproxy demo  up {up}  {keys}") > width:
+        keys = "1 2 3 stop/start, q quit" if keys_enabled else "Ctrl-C quits"
     top = [f"{BOLD}stickyproxy demo{RESET}  up {up}  {keys}", *header, ""]
     top.append(f"{DIM} key  instance  pid      process   health          users  req/s{RESET}")
     for r in s.rows:
