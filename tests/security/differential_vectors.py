@@ -352,7 +352,44 @@ REQUEST_VECTORS: list[RequestVector] = [
 ]
 
 
+_BARE_LF = ("RFC 9112 §2.2 lets a recipient accept a bare LF as a line end (MAY); the proxy "
+            "does not (llhttp strict), so every backend frames what it forwards the same way: "
+            "bare LF is the classic gadget for making two parsers split a message differently")
+_UPGRADE_BODY = ("an Upgrade request with a body: llhttp ends an upgrade request at its head, so "
+                 "the body would be parsed as further requests (BUG-1, smuggling across clients); "
+                 "refused 400. RFC 9110 §7.8 does not forbid the body, but no WebSocket client "
+                 "sends one")
+
 KNOWN_STRICTER: dict[str, str] = {
+    "absolute-form-ws-scheme": (
+        "a ws: target names a WebSocket resource, not an HTTP one (RFC 6455 §3, RFC 9110 §4.2); "
+        "absolute-form is rewritten to origin-form only for http/https, where its authority is "
+        "checked against Host, anything else is refused 400 rather than forwarded under a "
+        "guessed meaning"),
+    "chunk-bws-before-extension": (
+        "RFC 9112 §7.1.1 allows BWS before ';' in a chunk extension, but llhttp in strict mode "
+        "refuses it and the proxy does not parse leniently: whitespace in chunk lines is a known "
+        "desync gadget (parsers disagree on it) and clients do not send it"),
+    "chunk-size-bare-lf": _BARE_LF,
+    "chunk-data-bare-lf": _BARE_LF,
+    "chunk-all-bare-lf": _BARE_LF,
+    "bare-lf-one-field": _BARE_LF,
+    "bare-lf-everywhere": _BARE_LF,
+    "chunk-trailer-content-length": (
+        "RFC 9110 §6.5.1: a sender MUST NOT generate framing fields in a trailer section; llhttp "
+        "refuses Content-Length there and the proxy answers 400 rather than forward a trailer a "
+        "backend might merge into the head"),
+    "field-value-ctl": (
+        "RFC 9110 §5.5: a control character other than HTAB is not allowed in a field value; "
+        "llhttp strict refuses it (400) rather than pass on bytes backends treat differently"),
+    "early-cl-body-follows": (
+        "the backend answered before the body arrived (RFC 9112 §9.3): the proxy relays the "
+        "answer, closes the client connection and the upstream one instead of streaming the "
+        "rest of a body the backend may never read; the head was forwarded and answered, only "
+        "the body never reaches the backend"),
+    "websocket-upgrade-with-cl": _UPGRADE_BODY,
+    "websocket-upgrade-with-chunked": _UPGRADE_BODY,
+    "upgrade-unknown-with-cl": _UPGRADE_BODY,
 }
 
 
