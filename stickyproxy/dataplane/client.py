@@ -18,12 +18,14 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
+                       HttpRequestParser)
 
 from ..keys import KeyRejected
 from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
-                   connection_tokens, error_response, is_chunked_only, normalise_target)
+                   connection_tokens, error_response, is_chunked_only, normalise_target,
+                   refuse_method, rewrite_request_line)
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -57,7 +59,8 @@ class ClientProtocol(asyncio.Protocol):
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
-                 "client_ip", "start_pending", "max_header_bytes", "max_headers")
+                 "client_ip", "start_pending", "max_header_bytes", "max_headers",
+                 "feed_mark", "line_buf", "ext_method")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -97,6 +100,11 @@ class ClientProtocol(asyncio.Protocol):
         self.eof = False
         self.batch = 0
         self.out: list[bytes] = []
+        # requests parsed before the current slice was fed, when it began at a message
+        # boundary with only body-less messages since; -1 otherwise (see _retry_line)
+        self.feed_mark = -1
+        self.line_buf = b""           # the start of a request line llhttp must see whole
+        self.ext_method = ""          # the method to forward in place of llhttp's stand-in
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,6 +131,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.closing:
             return
+        if self.line_buf:
+            data, self.line_buf = self.line_buf + data, b""
         if self.stash or self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
             self.stash += data
             return
@@ -133,16 +143,16 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 # the common case: one small request on an idle connection
                 self.feeding = True
+                self.feed_mark = self.requests if self.receiving is None and not self.in_head else -1
                 try:
                     self.parser.feed_data(data)
                     if self.in_head:
-                        self._head_progress(len(data))
+                        self._head_progress(len(data), data)
                 except HttpParserUpgrade as e:
                     self.feeding = False
                     self._after_upgrade_request(data[e.args[0]:])
                 except HttpParserError as e:
-                    self.feeding = False
-                    self._parse_error(e)
+                    self._parse_failed(e, data, b"")
                 self.feeding = False
                 if self.start_pending:
                     self._start_pending()
@@ -207,10 +217,11 @@ class ClientProtocol(asyncio.Protocol):
                 return
             end = min(n, pos + FEED_SLICE)
             chunk = view[pos:end] if (pos or end < n) else data
+            self.feed_mark = self.requests if self.receiving is None and not self.in_head else -1
             try:
                 self.parser.feed_data(chunk)
                 if self.in_head:
-                    self._head_progress(end - pos)
+                    self._head_progress(end - pos, chunk)
             except HttpParserUpgrade as e:
                 rest = bytes(view[pos + e.args[0]:])
                 self.feeding = False
@@ -219,13 +230,13 @@ class ClientProtocol(asyncio.Protocol):
                 self._after_upgrade_request(rest)
                 return
             except HttpParserError as e:
-                self._parse_error(e)
+                self._parse_failed(e, bytes(chunk), bytes(view[end:]))
                 return
             if self.closing:
                 return
             pos = end
 
-    def _head_progress(self, n: int) -> None:
+    def _head_progress(self, n: int, fed: bytes | memoryview) -> None:
         """Count bytes fed while a request head is incomplete. llhttp reports a field only
         once it ends, so a field that never ends must be caught here (431)."""
         self.head_pending += n
@@ -233,6 +244,64 @@ class ClientProtocol(asyncio.Protocol):
         if self.head_pending > limits.max_header_bytes + limits.max_request_line:
             self.limit_error = RequestError(431, "request header fields too large")
             raise HttpParserError("request head too large")
+        if self.url and fed[-1:] == b"\n" and self.parser.get_http_version() in ("0.0", "0.9"):
+            # the request line ended without a version: an HTTP/0.9 request, which llhttp
+            # would leave waiting for fields until the header deadline
+            self.limit_error = RequestError(400, "request line has no HTTP version")
+            raise HttpParserError("HTTP/0.9 request")
+
+    def _parse_failed(self, e: HttpParserError, fed: bytes, more: bytes) -> None:
+        """llhttp refused the slice ``fed`` (``more`` is the input after it): go on with a
+        fresh parser from a rewritten request line (``_retry_line``), or answer 400."""
+        line = self._retry_line(e, fed)
+        if line is None:
+            self._parse_error(e)
+            return
+        self.parser = HttpRequestParser(self)
+        self.in_head = False
+        if more:
+            if line:
+                line += more
+            else:
+                line, self.line_buf = self.line_buf + more, b""
+        if line:
+            self._feed_slices(line)
+
+    def _retry_line(self, e: HttpParserError, fed: bytes) -> bytes | None:
+        """llhttp refused ``fed``: the input to feed a fresh parser instead when what it
+        refused is a valid request line it does not know (http.rewrite_request_line),
+        ``b""`` when that line is still incomplete (kept in ``line_buf``), or None.
+
+        The failing message must have begun in ``fed`` after body-less messages only, so
+        that its start is found exactly: past one head (ended by the first empty line,
+        RFC 9112 §2.1) per request parsed from ``fed``. Bodies are never searched.
+        """
+        mark = self.feed_mark
+        if self.limit_error is not None or mark < 0 or not self.in_head:
+            return None
+        unknown_method = isinstance(e, HttpParserInvalidMethodError)
+        if not unknown_method and str(e) != "Invalid HTTP version":
+            return None
+        start = _skip_empty_lines(fed, 0)
+        for _ in range(self.requests - mark):
+            end = fed.find(b"\r\n\r\n", start)
+            if end < 0:
+                return None
+            start = _skip_empty_lines(fed, end + 4)
+        end = fed.find(b"\n", start)
+        if end < 0:
+            if len(fed) - start > self.limits.max_request_line:
+                self.limit_error = RequestError(414, "request target too long")
+                return None
+            self.line_buf = fed[start:]
+            return b""
+        got = rewrite_request_line(fed[start:end + 1], unknown_method)
+        if got is None:
+            return None
+        line, method = got
+        if unknown_method:
+            self.ext_method = method
+        return line + fed[end + 1:]
 
     def _after_upgrade_request(self, rest: bytes) -> None:
         ex = self.queue[-1] if self.queue else None
@@ -321,9 +390,15 @@ class ClientProtocol(asyncio.Protocol):
             return
         parser = self.parser
         self.requests += 1
+        method = self.ext_method
+        if method:
+            self.ext_method = ""
+        else:
+            method = parser.get_method().decode("ascii")
         try:
-            ex = self._build(parser.get_method().decode("ascii"), parser.get_http_version(),
-                             parser.should_keep_alive())
+            ex = self._build(method, parser.get_http_version(), parser.should_keep_alive())
+            if ex.framing != "none":
+                self.feed_mark = -1      # the next message's start is past a body
         except RequestError as err:
             ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
             ex.local = (err.status, err.reason, err.extra)
@@ -354,6 +429,8 @@ class ClientProtocol(asyncio.Protocol):
     # -- request building ----------------------------------------------------------------
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
         server = self.server
+        if method == "CONNECT":
+            refuse_method(method)   # whatever its target form: never forwarded
         host: bytes | None = None
         hosts = 0
         te: list[bytes] | None = None
@@ -412,7 +489,7 @@ class ClientProtocol(asyncio.Protocol):
             target = target.partition(b"#")[0]
         upgrade = False
         fwd = self.fwd
-        if self.parser.should_upgrade() and method != "CONNECT":
+        if self.parser.should_upgrade():
             # llhttp ends an upgrade request at its head and treats what follows as the new
             # protocol: a body would be read as further requests (smuggling). Refused.
             if framing != "none":
@@ -698,6 +775,13 @@ def _client_ip(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:
         if not server.is_trusted(hop):
             return hop
     return hops[0] if hops else peer
+
+
+def _skip_empty_lines(data: bytes, pos: int) -> int:
+    """Past the empty lines a server ignores before a request line (RFC 9112 §2.2)."""
+    while data[pos:pos + 2] == b"\r\n":
+        pos += 2
+    return pos
 
 
 def _parser_reason(e: Exception) -> str:

@@ -408,7 +408,12 @@ class Exchange:
         return out
 
     def on_response_head(self, status: int, reason: bytes, keep_alive: bool) -> None:
-        if status < 200:
+        if status < 200 or status > 599:
+            if status < 100 or status > 599:
+                # RFC 9110 §15: every valid status code is within 100..599 (a "099" would
+                # be relayed as the two digits "99")
+                self.on_upstream_failure(self.upstream, "protocol", "invalid status code")
+                return
             self._informational(status, reason)
             return
         self.status = status
@@ -427,11 +432,19 @@ class Exchange:
             self.resp_in_framing = out_framing = "none"
         elif te is not None:
             codings = [c.strip().lower() for c in te.split(b",") if c.strip()]
-            self.resp_in_framing = "chunked" if codings[-1:] == [b"chunked"] else "close"
-            other = [c for c in codings if c != b"chunked"]
+            chunked_last = codings[-1:] == [b"chunked"]
+            other = codings[:-1] if chunked_last else codings
+            if b"chunked" in other:
+                # RFC 9112 §6.1: chunked is applied at most once, and last; a body coded
+                # otherwise has no length anyone can agree on
+                self.on_upstream_failure(self.upstream, "protocol",
+                                         "chunked transfer coding applied twice or not last")
+                return
+            self.resp_in_framing = "chunked" if chunked_last else "close"
             if other:
-                # other transfer codings (gzip, ...) travel on, re-chunked (RFC 9112 §6.1);
-                # an HTTP/1.0 client cannot receive any transfer coding
+                # other transfer codings (gzip, ...) travel on in the order they were
+                # applied, re-chunked for this hop (RFC 9112 §6.1, §7); an HTTP/1.0 client
+                # cannot receive any transfer coding
                 if self.version != "1.1":
                     self._cannot_relay("a transfer-coded response cannot reach an HTTP/1.0 client")
                     return

@@ -7,6 +7,7 @@ methods may be retried, and the short error responses the proxy itself sends.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -92,10 +93,10 @@ def normalise_target(method: str, target: bytes, host: bytes | None) -> bytes:
 
     origin-form is kept; absolute-form is rewritten to origin-form when its authority is
     the request's Host (otherwise the two disagree about where the request goes: 400);
-    authority-form (CONNECT) and asterisk-form are refused.
+    asterisk-form is refused. CONNECT is refused whatever its target (see
+    ``refuse_method``).
     """
-    if method == "CONNECT":
-        raise RequestError(405, "CONNECT is not supported")
+    refuse_method(method)
     if target[:1] == b"/":
         return target
     if target == b"*":
@@ -116,16 +117,69 @@ def normalise_target(method: str, target: bytes, host: bytes | None) -> bytes:
     raise RequestError(400, "malformed request target")
 
 
+def refuse_method(method: str) -> None:
+    """RequestError for a method a reverse proxy in front of app instances never forwards.
+
+    CONNECT asks the proxy to open a tunnel (RFC 9110 §9.3.6): its request has no defined
+    body semantics and a 2xx answer turns the connection into a tunnel (RFC 9112 §6.3), so
+    forwarding it, in any target form, would put bytes on a pooled upstream connection
+    that no reader can frame. Every other method is forwarded: methods are extensible
+    (RFC 9110 §9.1, §16.1).
+    """
+    if method == "CONNECT":
+        # no Allow field: which methods the app behind supports is the app's to say
+        raise RequestError(405, "CONNECT is not supported")
+
+
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 def _authority(value: str, scheme: str) -> str:
-    """An authority compared case-insensitively, without its scheme's default port."""
+    """An authority compared case-insensitively, without its scheme's default port; an
+    empty port is the default one (RFC 3986 §3.2.3, §6.2.3)."""
     value = value.lower()
+    if value.endswith(":"):
+        return value[:-1]
     default = _DEFAULT_PORTS.get(scheme.lower())
     if default and value.endswith(default):
         value = value[: -len(default)]
     return value
+
+
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version CRLF, and
+# HTTP-version "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3). A method is a token (RFC 9110
+# §9.1); of the tokens, extension methods are taken in upper case, digits, "-", "_" and "."
+# only (as NGINX does): methods are case-sensitive, and a backend that folds "get" into GET
+# would run what the proxy judged an unknown, never-retried method. The target is checked
+# by llhttp once the line is fed to it again.
+_REQUEST_LINE: Final = re.compile(
+    rb"([A-Z0-9_.\-]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
+
+# The method llhttp is shown in place of an extension method it does not know; it has no
+# special meaning to llhttp's request framing (unlike CONNECT, or HEAD for responses).
+STAND_IN_METHOD: Final = b"GET"
+
+
+def rewrite_request_line(line: bytes, unknown_method: bool) -> tuple[bytes, str] | None:
+    """The request line llhttp can parse in place of ``line`` (which ends in CRLF), and the
+    method to forward; None when the line is not one RFC 9112 §3 allows.
+
+    llhttp knows a fixed list of methods and versions. Two things it refuses are valid:
+    an extension method (RFC 9110 §9.1: methods are extensible; shown to llhttp as
+    ``STAND_IN_METHOD`` and forwarded as sent) and a later HTTP/1 minor version (RFC 9110
+    §2.5: processed as the highest minor version this recipient conforms to, 1.1).
+    """
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        return None
+    method, target, major, minor = m.groups()
+    if major != b"1" or method == b"CONNECT":
+        return None
+    if not unknown_method and minor in (b"0", b"1"):
+        return None          # llhttp refused something else in this line
+    shown = STAND_IN_METHOD if unknown_method else method
+    version = b"1.0" if minor == b"0" else b"1.1"
+    return shown + b" " + target + b" HTTP/" + version + b"\r\n", method.decode("ascii")
 
 
 def is_chunked_only(values: list[bytes]) -> bool:

@@ -324,6 +324,44 @@ async def test_bytes_behind_connect_are_never_parsed_as_a_request(rig: Rig):
                                b"\r\n" + SMUG)
 
 
+CONNECT_EARLY = b"CONNECT /early HTTP/1.1\r\nHost: h\r\nX-User-Id: attacker\r\n"
+
+
+@pytest.mark.parametrize("attack", [
+    pytest.param(CONNECT_EARLY + b"Content-Length: 100\r\n\r\n", id="cl-no-body"),
+    pytest.param(CONNECT_EARLY + b"Content-Length: 35\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+                 id="cl-with-request-as-body"),
+    pytest.param(CONNECT_EARLY + b"Transfer-Encoding: chunked\r\n\r\n"
+                 b"24\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n\r\n0\r\n\r\n", id="chunked"),
+    pytest.param(CONNECT_EARLY + b"\r\n" + SMUG, id="no-body-then-request"),
+    pytest.param(b"CONNECT http://h/early HTTP/1.1\r\nHost: h\r\nX-User-Id: attacker\r\n"
+                 b"Content-Length: 100\r\n\r\n", id="absolute-form"),
+])
+async def test_connect_in_any_target_form_never_reaches_a_backend(raw_backend, proxy, attack):
+    """Issue 13: CONNECT with an origin-form target was forwarded with its Content-Length on
+    a pooled connection and no body; a backend that answered before reading the body (here:
+    with 200, as if opening a tunnel) had the next client's request eaten as that body.
+    Refused 405 whatever its target, the connection closed, nothing sent upstream; the
+    pooled connection serves the victim its own answer."""
+    be = await raw_backend("a", early_responder)
+    p = await proxy([be], {"timeouts": {"response": "1s"}})
+    warm = await p.get("/warm", user="victim")            # pools an upstream connection
+    assert warm.status == 200
+    raw_before = be.raw
+    attacker = await p.client()
+    attacker.send(attack)
+    r = await attacker.response(timeout=3)
+    assert r.status == 405 and b"CONNECT" in r.body
+    assert await attacker.closed()
+    victim = await p.client()
+    victim.send(b"GET /account HTTP/1.1\r\nHost: h\r\nX-User-Id: victim\r\nCookie: s=VICTIM\r\n\r\n")
+    r = await victim.response(timeout=3)
+    assert r.status == 200 and r.body == b"resp-for /account", (r.status, r.body)
+    assert [h.target for h in be.heads] == [b"/warm", b"/account"]
+    sent = be.raw[len(raw_before):]
+    assert b"CONNECT" not in sent and b"smuggled" not in sent and b"attacker" not in sent
+
+
 async def test_request_pipelined_behind_a_refused_one_in_a_later_read_is_not_read(rig: Rig):
     """The same with the follower in a separate TCP segment: never read, never forwarded."""
     c = await rig.p.client()
