@@ -17,7 +17,8 @@ A request vector says what stickyproxy must do with it:
 - ``EITHER``: forwarding in normal form and refusing are both correct.
 
 ``backend`` is how the recording backend answers: ``echo`` after the whole request,
-``early`` as soon as a head arrives (before any body), ``connect-2xx`` a 2xx to CONNECT
+``early`` as soon as a head arrives (before any body), ``early-close`` the same and then it
+closes the connection, ``connect-2xx`` a 2xx to CONNECT
 (which makes the connection a tunnel, RFC 9112 §6.3 rule 2). ``segments`` after the first
 are sent once the first answer arrived (or a short wait passed).
 
@@ -34,7 +35,7 @@ REFUSE = "refuse"
 NO_REQUEST = "no-request"
 EITHER = "either"
 
-ECHO, EARLY, CONNECT_2XX = "echo", "early", "connect-2xx"
+ECHO, EARLY, EARLY_CLOSE, CONNECT_2XX = "echo", "early", "early-close", "connect-2xx"
 
 ERRORS = frozenset(range(400, 600))
 
@@ -92,6 +93,10 @@ REQUEST_VECTORS: list[RequestVector] = [
       backend=EARLY),
     V("connect-origin-form-cl-body-follows", (b"CONNECT /early HTTP/1.1\r\n" + H +
       b"Content-Length: %d\r\n\r\n" % len(SMUG), SMUG), REFUSE, CONNECT_WHY, backend=EARLY),
+    V("connect-origin-form-cl-body-follows-backend-closes", (b"CONNECT /early HTTP/1.1\r\n" + H +
+      b"Content-Length: %d\r\n\r\n" % len(SMUG), SMUG), REFUSE,
+      CONNECT_WHY + "; the body must not become a request once the upstream dropped",
+      backend=EARLY_CLOSE),
     V("connect-origin-form-cl-body-inline", b"CONNECT /x HTTP/1.1\r\n" + H +
       b"Content-Length: %d\r\n\r\n" % len(SMUG) + SMUG, REFUSE, CONNECT_WHY),
     V("connect-origin-form-chunked", b"CONNECT /x HTTP/1.1\r\n" + H +
@@ -327,6 +332,13 @@ REQUEST_VECTORS: list[RequestVector] = [
       backend=EARLY),
     V("early-cl-body-follows", (P + b"Content-Length: %d\r\n\r\n" % len(SMUG), SMUG), EITHER,
       "RFC 9112 §9.3", backend=EARLY),
+    V("early-close-cl-body-follows", (P + b"Content-Length: %d\r\n\r\n" % len(SMUG), SMUG),
+      EITHER, "RFC 9112 §9.3, §9.6: the body of a request answered and closed on is never a "
+      "request of its own", backend=EARLY_CLOSE),
+    V("early-close-chunked-body-follows", (CH, b"%x\r\n" % len(SMUG) + SMUG + b"\r\n0\r\n\r\n"),
+      EITHER, "RFC 9112 §9.3, §9.6", backend=EARLY_CLOSE),
+    V("chunk-invalid-in-later-segment", (CH, b"zz\r\n" + SMUG + b"\r\n0\r\n\r\n"), NO_REQUEST,
+      "RFC 9112 §7.1: a chunk size found malformed after the head was forwarded"),
     V("early-chunked-no-last-chunk", CH + b"5\r\nhello\r\n", NO_REQUEST, "RFC 9112 §9.3",
       backend=EARLY),
     V("early-expect-100-no-body", P + b"Expect: 100-continue\r\nContent-Length: 40\r\n\r\n",

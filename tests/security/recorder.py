@@ -11,7 +11,8 @@
   every test of a module, whatever event loop a test runs on). It listens on one port per
   proxy under test, frames requests with the lenient reader, keeps every byte each
   connection received, and answers in one of the modes a vector asks for: after the whole
-  request (``echo``), as soon as the head arrived before reading any body (``early``), a 2xx
+  request (``echo``), as soon as the head arrived before reading any body (``early``; with
+  ``early-close`` it then closes the connection, as a server does that will not read a body), a 2xx
   to CONNECT after which the connection is a tunnel (``connect-2xx``), or a given raw
   response for targets under ``/resp/``.
 """
@@ -34,8 +35,9 @@ MAX_HEAD = 1 << 20
 
 ECHO = "echo"
 EARLY = "early"
+EARLY_CLOSE = "early-close"
 CONNECT_2XX = "connect-2xx"
-MODES = (ECHO, EARLY, CONNECT_2XX)
+MODES = (ECHO, EARLY, EARLY_CLOSE, CONNECT_2XX)
 
 _WS = b" \t"
 _HEX = re.compile(rb"^[0-9A-Fa-f]+$")
@@ -436,10 +438,10 @@ def echo_body(msg: Message) -> bytes:
     return b"echo " + msg.method + b" " + msg.target + b" " + rid
 
 
-def echo_response(msg: Message) -> bytes:
+def echo_response(msg: Message, *, close: bool = False) -> bytes:
     body = echo_body(msg)
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body))
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (len(body), b"Connection: close\r\n" if close else b"", body))
 
 
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\n"
@@ -592,6 +594,10 @@ class Recorder:
                         if msg.start != seen_at:
                             seen_at = msg.start
                             conn.heads.append(msg)
+                            if self.mode == EARLY_CLOSE:
+                                # answered before any of its body is read, then closed
+                                self._send(conn, echo_response(msg, close=True))
+                                return
                             if self.mode == EARLY or (self.mode == CONNECT_2XX
                                                       and msg.method == b"CONNECT"):
                                 # answered before any of its body is read

@@ -71,11 +71,13 @@ from .recorder import (
     wait_released,
 )
 
-# How long the attacker's client waits for a first answer (a proxy that holds a request open
-# waiting for a body costs this much, per vector and proxy).
+# How long the attacker's client waits for a first answer where no answer may come (a proxy
+# that holds a request open waiting for a body costs this much, per vector and proxy) ...
 ATTACK_WAIT = 0.8
-# "At once": a refusal that is not a timeout (every header timeout in use is longer).
-PROMPT_S = 1.0
+# ... and where one must come (forwarded or refused): generous, a busy machine is slow.
+ANSWER_WAIT = 3.0
+# "At once": a refusal that is not a timeout (the header timeouts in use are 5 s and more).
+PROMPT_S = 2.0
 # How long the victim (and a response vector's client) waits for its answer.
 VICTIM_WAIT = 3.0
 # The backend is "quiet" when no byte arrived for this long (bounded by QUIET_MAX).
@@ -299,12 +301,13 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
         attacker = await Conn.open(port)
         attacker.send(vec.segments[0])
         head = vec.raw.startswith(b"HEAD ")
-        await attacker.read(1, ATTACK_WAIT, head=head)
+        wait = ANSWER_WAIT if vec.expect in (FORWARD, REFUSE) else ATTACK_WAIT
+        await attacker.read(1, wait, head=head)
         for seg in vec.segments[1:]:
             attacker.send(seg)
-            await attacker.read(len(attacker.finals(head=head)) + 1, ATTACK_WAIT, head=head)
+            await attacker.read(len(attacker.finals(head=head)) + 1, wait, head=head)
         if vec.forwards > 1:
-            await attacker.read(vec.forwards, ATTACK_WAIT)
+            await attacker.read(vec.forwards, wait)
         victim = await Conn.open(port)
         victim.send(victim_request(nonce))
         await victim.read(1, VICTIM_WAIT)
