@@ -49,7 +49,12 @@ class PendingWrites:
         return self._items.pop(user, None)
 
     def restore(self, user: str, write: PendingWrite) -> bool:
-        """Put back a write whose flush failed, unless a newer one arrived meanwhile or it is full."""
+        """Put back a write whose flush failed or was cancelled, unless a newer one arrived
+        meanwhile (False). It was counted against the bound when accepted, so it goes back even
+        if others filled the room it left: the bound is exceeded by at most the number of
+        flushes in flight (one per user lock held), and an acknowledged change is never lost."""
         if user in self._items:
             return False
-        return self.put(user, write)
+        self._items[user] = write
+        self._items.move_to_end(user, last=False)
+        return True

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ACQUIRE_REASONS = ("first", "takeover", "revalidate")
+DROP_REASONS = ("taken_over", "deleted", "record_lost", "record_mismatch", "closed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -44,7 +45,19 @@ class ContextMetrics:
         )
         self.fenced_flushes = Counter(
             "stickyctx_fenced_flushes",
-            "Buffered or write-behind changes dropped at flush because another instance had taken the user over.",
+            "Buffered or write-behind changes dropped at flush by the fence (reason in dropped_changes_total).",
+            registry=r,
+        )
+        self.dropped_changes = Counter(
+            "stickyctx_dropped_changes",
+            "Acknowledged buffered or write-behind changes that never reached Redis, by reason: "
+            "taken_over, deleted, record_lost, record_mismatch, closed (store closed before Redis took them).",
+            ["reason"],
+            registry=r,
+        )
+        self.unverified_refusals = Counter(
+            "stickyctx_unverified_refusals",
+            "Uses refused because the local copy was unverified and Redis could not be reached to check it.",
             registry=r,
         )
         self.listener_reconnects = Counter(
@@ -61,6 +74,8 @@ class ContextMetrics:
         self.listener_up = Gauge("stickyctx_listener_up", "1 while the takeover listener is subscribed.", registry=r)
         for reason in ACQUIRE_REASONS:
             self.acquisitions.labels(reason)
+        for reason in DROP_REASONS:
+            self.dropped_changes.labels(reason)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

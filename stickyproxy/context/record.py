@@ -56,8 +56,26 @@ def parse_acquire(reply: Any, user: str) -> Acquired:
 
 
 class WriteOutcome(Enum):
+    """What a fenced write found. Every value but COMMITTED means nothing was written; the
+    value says why, so a dropped change is logged and counted truthfully."""
+
     COMMITTED = "committed"
-    FENCED = "fenced"
+    TAKEN_OVER = "taken_over"  # another acquire (any node id) moved the epoch or owner on
+    DELETED = "deleted"  # the user was deleted (tombstone: owner "")
+    LOST = "record_lost"  # no record: it expired, or Redis lost it (restart, failover)
+
+    @property
+    def fenced(self) -> bool:
+        return self is not WriteOutcome.COMMITTED
+
+
+def classify_fence(epoch: Any, owner: Any) -> WriteOutcome:
+    """Why a write was fenced off, from the record's epoch and owner as the script saw them."""
+    if epoch is None or epoch is False:
+        return WriteOutcome.LOST
+    if _text(owner) in (None, ""):
+        return WriteOutcome.DELETED
+    return WriteOutcome.TAKEN_OVER
 
 
 def parse_write(reply: Any, user: str) -> WriteOutcome:
@@ -67,7 +85,10 @@ def parse_write(reply: Any, user: str) -> WriteOutcome:
         _check_user(user, reply[1])
         raise ProtocolError(f"write refused without a user mismatch: {reply!r}")
     if reply[0] == 0:
-        return WriteOutcome.FENCED
+        # Lua false arrives as nil; a reply from the older script has no fields at all.
+        epoch = reply[1] if len(reply) > 1 else b"?"
+        owner = reply[2] if len(reply) > 2 else b"?"
+        return classify_fence(epoch, owner)
     if reply[0] == 1:
         return WriteOutcome.COMMITTED
     raise ProtocolError(f"write reply: {reply!r}")

@@ -42,7 +42,8 @@ return {1, redis.call('HGET', KEYS[1], 'uid'), epoch, redis.call('HGET', KEYS[1]
 """
 
 # KEYS[1] record; ARGV node, user, epoch, ttl_ms, data (data absent: refresh the TTL only).
-# -> {-1, stored_uid} the key holds another user; {0} fenced off (epoch or owner moved);
+# -> {-1, stored_uid} the key holds another user;
+# -> {0, epoch|false, owner|false} fenced off: epoch or owner moved (false: no record at all);
 # -> {1} committed.
 WRITE = """
 local cur = redis.call('HMGET', KEYS[1], 'uid', 'epoch', 'owner')
@@ -50,7 +51,7 @@ if cur[1] and cur[1] ~= ARGV[2] then
   return {-1, cur[1]}
 end
 if cur[2] ~= ARGV[3] or cur[3] ~= ARGV[1] then
-  return {0}
+  return {0, cur[2], cur[3]}
 end
 if ARGV[5] then
   redis.call('HSET', KEYS[1], 'data', ARGV[5])

@@ -33,6 +33,11 @@ DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET = 1.0
 # Connections per Redis node; callers beyond it wait (up to the timeout) for a free one.
 DEFAULT_POOL_SIZE = 32
+# The stale window: a copy is served from memory only while the takeover listener proved, no
+# longer ago than this, that every takeover published before then had reached this instance.
+DEFAULT_LISTENER_LIVENESS = 1.0
+# Below this a loaded event loop alone would make every copy unverified.
+MIN_LISTENER_LIVENESS = 0.05
 # Re-acquire-and-rerun rounds of ``ContextStore.update`` before the conflict is raised.
 DEFAULT_UPDATE_ATTEMPTS = 3
 
@@ -80,6 +85,7 @@ class StoreSettings:
     breaker_reset: float = DEFAULT_BREAKER_RESET
     pool_size: int = DEFAULT_POOL_SIZE
     cluster: bool = False
+    listener_liveness: float = DEFAULT_LISTENER_LIVENESS
 
     def __post_init__(self) -> None:
         if not self.node_id or any(c in self.node_id for c in "\r\n"):
@@ -97,6 +103,8 @@ class StoreSettings:
         for name in ("idle_ttl", "flush_interval", "redis_timeout", "breaker_reset"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive")
+        if self.listener_liveness < MIN_LISTENER_LIVENESS:
+            raise ConfigError(f"listener_liveness: must be at least {MIN_LISTENER_LIVENESS * 1000:.0f}ms")
         if self.idle_ttl < 1.0:
             raise ConfigError("idle_ttl: must be at least 1s (Redis expiry has millisecond, not finer, precision)")
 

@@ -76,6 +76,7 @@ from .settings import (
     DEFAULT_BUFFER_MAX,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_IDLE_TTL,
+    DEFAULT_LISTENER_LIVENESS,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MODE,
@@ -102,12 +103,13 @@ LOCAL_EXPIRY_FRACTION = 0.9
 TOUCH_FRACTION = 0.5
 # Bytes charged per cached entry beyond payload and user id: the Python objects holding them.
 ENTRY_OVERHEAD = 200
-# An idle takeover listener pings this often, to notice a connection that died silently.
-LISTENER_PING_INTERVAL = 5.0
+# The takeover listener pings this many times per ``listener_liveness``, so that on a live
+# connection the newest proof is never older than a quarter of the window plus one round trip.
+LISTENER_PINGS_PER_WINDOW = 4
 # Listener reconnect backoff: first delay and ceiling.
 LISTENER_BACKOFF_BASE = 0.05
 LISTENER_BACKOFF_CAP = 2.0
-# Floor of the listener's subscribe and pong deadlines (they are not on a request path).
+# Floor of the listener's subscribe deadline (it is not on a request path).
 LISTENER_MIN_DEADLINE = 1.0
 # How long start() waits for the first subscription before serving with unverified entries.
 START_WAIT = 1.0
@@ -126,6 +128,31 @@ class _Entry:
     epoch: int
     refreshed_at: float
     verified_gen: int
+
+
+# How often close() repeats the cancellation of a background task that has not ended.
+CANCEL_REPEAT = 0.1
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]], deadline: float) -> None:
+    """Cancel ``tasks`` and wait (at most ``deadline``) for them to end, cancelling again while
+    they run: a cancellation that lands as a read times out can be turned into a TimeoutError
+    inside the Redis client and lost. asyncio.wait neither raises the tasks' errors nor
+    swallows a cancellation of the caller."""
+    pending = {task for task in tasks if not task.done()}
+    end = time.monotonic() + deadline
+    while pending and time.monotonic() < end:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_REPEAT)
+    if pending:
+        log.error("background tasks did not stop within %gs: %s", deadline, ", ".join(t.get_name() for t in pending))
+
+
+def _cancelling() -> bool:
+    """Whether the current task has a cancellation pending that something below swallowed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -155,6 +182,7 @@ class ContextStore:
         breaker_reset: float | str = DEFAULT_BREAKER_RESET,
         pool_size: int = DEFAULT_POOL_SIZE,
         cluster: bool = False,
+        listener_liveness: float | str = DEFAULT_LISTENER_LIVENESS,
         serializer: Serializer | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
@@ -174,6 +202,7 @@ class ContextStore:
             breaker_reset=parse_duration(breaker_reset, name="breaker_reset"),
             pool_size=pool_size,
             cluster=cluster,
+            listener_liveness=parse_duration(listener_liveness, name="listener_liveness"),
         )
         self._target = parse_redis_url(redis_url, cluster=cluster)
         self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
@@ -192,6 +221,9 @@ class ContextStore:
         self._delete_script: Any = None
         self._gen = 0
         self._listener_up = False
+        # Monotonic time at which the newest proof of the listener's liveness was *sent*: every
+        # takeover published before it has been delivered to this instance.
+        self._proof_at = float("-inf")
         self._listener_ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "new"
@@ -254,18 +286,20 @@ class ContextStore:
             self._state = "closed"
             return
         self._state = "closing"
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancel_and_wait(self._tasks, CLOSE_DEADLINE)
         self._tasks.clear()
+        # A flush the cancellation interrupted has put its change back (see _flush_user).
         if len(self._pending):
             with suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_DEADLINE):
                     await self.flush()
             if len(self._pending):
-                log.error("closing with %d buffered context changes not in Redis; they are lost", len(self._pending))
+                lost = len(self._pending)
+                self.metrics.dropped_changes.labels("closed").inc(lost)
+                log.error(
+                    "closing with %d buffered context changes not in Redis (users %s); they are lost",
+                    lost, ", ".join(repr(u) for u in self._pending.users()[:10]),
+                )
         assert self._clients is not None
         with suppress(Exception):
             await self._clients.aclose()
@@ -361,13 +395,20 @@ class ContextStore:
                     Op.DELETE,
                     lambda: self._delete_script(keys=[key], args=[user, self.settings.idle_ttl_ms, self._channel]),
                 )
-            except StoreUnavailable:
+            except (StoreUnavailable, asyncio.CancelledError):
+                # Outcome unknown: keep the buffered change (if the delete landed, its flush is
+                # fenced off as "deleted") and re-read the copy before trusting it.
                 if dropped is not None:
                     self._pending.restore(user, dropped)
+                entry = self._cache.peek(user)
+                if entry is not None:
+                    entry.verified_gen = _UNVERIFIED
                 raise
             finally:
                 self._update_gauges()
             self._forget(user)
+            if dropped is not None:
+                self._drop(user, "deleted", "the user was deleted")
             parse_delete(reply, user)
 
     async def flush(self) -> int:
@@ -389,11 +430,15 @@ class ContextStore:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _verified(self, entry: _Entry) -> bool:
-        return self._listener_up and entry.verified_gen == self._gen
+    def _verified(self, entry: _Entry, now: float) -> bool:
+        """The stale-read rule (C3): a copy is served without asking Redis only if it was
+        confirmed on the current subscription and the listener proved within
+        ``listener_liveness`` that every takeover published before the proof reached us. Whether
+        Redis is reachable, or the breaker open, plays no part."""
+        return entry.verified_gen == self._gen and now - self._proof_at <= self.settings.listener_liveness
 
     def _fresh(self, entry: _Entry, now: float) -> bool:
-        return self._verified(entry) and now - entry.refreshed_at < self.settings.idle_ttl * TOUCH_FRACTION
+        return self._verified(entry, now) and now - entry.refreshed_at < self.settings.idle_ttl * TOUCH_FRACTION
 
     async def _load(self, user: str, slot: UserSlot) -> _Entry:
         entry = self._cache.get(user)
@@ -403,7 +448,7 @@ class ContextStore:
         if age >= self.settings.idle_ttl * LOCAL_EXPIRY_FRACTION:
             self._forget(user)
             return await self._acquire(user, slot, reason="revalidate")
-        if not self._verified(entry):
+        if not self._verified(entry, time.monotonic()):
             return await self._revalidate(user, slot, entry)
         if age >= self.settings.idle_ttl * TOUCH_FRACTION:
             return await self._touch(user, slot, entry)
@@ -446,10 +491,10 @@ class ContextStore:
             gen = self._current_gen()
             reply = await self._redis(Op.READ, lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA))
         except StoreUnavailable:
-            # Redis is unreachable, so no other instance can take the user over through it:
-            # serve the local copy (degraded, C5) and revalidate on a later use.
-            self.metrics.local_hits.inc()
-            return entry
+            # Unverified and Redis unreachable from here: another instance may still reach it
+            # and have taken the user over, so the copy is not served (C3 over C5).
+            self.metrics.unverified_refusals.inc()
+            raise
         try:
             snapshot = parse_snapshot(reply, user)
         except RecordMismatch:
@@ -480,7 +525,7 @@ class ContextStore:
         except RecordMismatch:
             self._forget(user)
             raise
-        if outcome is WriteOutcome.FENCED:
+        if outcome.fenced:
             self._forget(user)
             return await self._acquire(user, slot, reason="takeover")
         entry.refreshed_at = started
@@ -506,28 +551,37 @@ class ContextStore:
                     self._update_gauges()
                     log.warning("redis unavailable; change of user %r buffered (%d buffered)", user, len(self._pending))
                     return
-                if superseded is not None:
-                    self._pending.restore(user, superseded)
-                # The write may have landed: the copy is re-read before it is trusted again.
-                entry.verified_gen = _UNVERIFIED
+                self._unsettled(user, entry, superseded)
                 raise BufferFull(
                     f"redis unavailable and write buffer full ({self.settings.buffer_max} users)", op=exc.op
                 ) from exc
-            if superseded is not None:
-                self._pending.restore(user, superseded)
-            entry.verified_gen = _UNVERIFIED
+            self._unsettled(user, entry, superseded)
+            raise
+        except asyncio.CancelledError:
+            # The write may have reached Redis before the cancellation: neither the old nor the
+            # new payload is known to be Redis's, so the copy is re-read before it is trusted.
+            self._unsettled(user, entry, superseded)
             raise
         except RecordMismatch:
             self._forget(user)
             raise
         finally:
             self._update_gauges()
-        if outcome is WriteOutcome.FENCED:
+        if outcome.fenced:
             self.metrics.conflicts.inc()
             self._forget(user)
             raise ConflictError(user)
         self.metrics.writes.inc()
         self._install(user, slot, replace(entry, payload=payload, refreshed_at=started))
+
+    def _unsettled(self, user: str, entry: _Entry, superseded: PendingWrite | None) -> None:
+        """A write of ``user`` ended without a verdict (failure, timeout or cancellation): its
+        outcome in Redis is unknown. The copy becomes unverified, so it is re-read (after any
+        buffered change is flushed) before it is served again; an older acknowledged buffered
+        change it would have replaced goes back to the buffer, never silently away."""
+        entry.verified_gen = _UNVERIFIED
+        if superseded is not None:
+            self._pending.restore(user, superseded)
 
     async def _write(self, user: str, change: PendingWrite) -> WriteOutcome:
         key = record_key(self.settings.namespace, user)
@@ -542,7 +596,8 @@ class ContextStore:
 
     async def _flush_user(self, user: str, slot: UserSlot) -> bool:
         """Write ``user``'s buffered change, if any (caller holds the user's lock). True if it
-        committed; a fenced-off change is counted, logged and dropped."""
+        committed. A change is never dropped silently: a failed, timed-out or cancelled flush
+        puts it back; a fenced-off one is counted and logged with the reason."""
         change = self._pending.pop(user)
         if change is None:
             return False
@@ -550,21 +605,37 @@ class ContextStore:
         self._flushing += 1
         try:
             outcome = await self._write(user, change)
-        except StoreUnavailable:
-            if not self._pending.restore(user, change):
-                log.error("buffered change of user %r lost: buffer full", user)
+            if outcome is WriteOutcome.LOST:
+                # No record at all: nobody took the user over, Redis forgot it (restart without
+                # persistence, failover to a lagging replica, expiry). The change is the newest
+                # acknowledged state: acquire the user afresh and write it at the new epoch.
+                self._forget(user)
+                entry = await self._acquire(user, slot, reason="revalidate")
+                change = PendingWrite(entry.epoch, change.payload)
+                started = time.monotonic()
+                outcome = await self._write(user, change)
+                if outcome is WriteOutcome.COMMITTED:
+                    self._install(user, slot, replace(entry, payload=change.payload, refreshed_at=started))
+                    log.warning("buffered change of user %r re-written: its record was gone from Redis", user)
+        except (StoreUnavailable, asyncio.CancelledError):
+            self._pending.restore(user, change)
             raise
         except RecordMismatch:
             self._forget(user)
-            log.error("buffered change of user %r dropped: record holds another user id", user)
+            self._drop(user, "record_mismatch", "the record holds another user id")
             raise
         finally:
             self._flushing -= 1
             self._update_gauges()
         entry = self._cache.peek(user)
-        if outcome is WriteOutcome.FENCED:
+        if outcome.fenced:
             self.metrics.fenced_flushes.inc()
-            log.warning("buffered change of user %r dropped: taken over by another instance", user)
+            why = {
+                WriteOutcome.TAKEN_OVER: "another instance took the user over",
+                WriteOutcome.DELETED: "the user was deleted",
+                WriteOutcome.LOST: "its record was gone from Redis and could not be re-created",
+            }[outcome]
+            self._drop(user, outcome.value, why)
             if entry is not None and entry.epoch == change.epoch:
                 self._forget(user)
             return False
@@ -572,6 +643,11 @@ class ContextStore:
         if entry is not None and entry.epoch == change.epoch:
             entry.refreshed_at = started
         return True
+
+    def _drop(self, user: str, reason: str, why: str) -> None:
+        self.metrics.dropped_changes.labels(reason).inc()
+        log.warning("buffered change of user %r dropped: %s", user, why)
+
 
     async def _flush_loop(self) -> None:
         while True:
@@ -672,13 +748,16 @@ class ContextStore:
             self.metrics.takeovers_received.inc()
             self._update_gauges()
 
-    def _set_listener(self, up: bool) -> None:
-        # Every change of state starts a new generation: entries confirmed under an older one
-        # may have missed a takeover message and are revalidated on their next use.
-        self._gen += 1
+    def _set_listener(self, up: bool, proof_at: float | None = None) -> None:
+        # A new subscription starts a new generation: entries confirmed under an older one may
+        # have missed a takeover between the subscriptions and are revalidated on next use.
+        # Losing the subscription changes nothing at once: entries stay servable until the last
+        # proof is ``listener_liveness`` old, exactly as if the connection had died silently.
         self._listener_up = up
         assert self._listener_ready is not None
         if up:
+            self._gen += 1
+            self._proof_at = proof_at if proof_at is not None else time.monotonic()
             self._listener_ready.set()
         else:
             self._listener_ready.clear()
@@ -694,18 +773,21 @@ class ContextStore:
             pubsub = None
             try:
                 pubsub = await self._clients.new_pubsub()
+                sent = time.monotonic()
                 async with asyncio.timeout(deadline):
                     await pubsub.subscribe(self._channel)
                     while True:
                         message = await pubsub.get_message(timeout=deadline)
                         if message is not None and message["type"] == "subscribe":
                             break
-                self._set_listener(True)
+                self._set_listener(True, proof_at=sent)
                 failures = 0
-                await self._pump(pubsub, deadline)
+                await self._pump(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if _cancelling():
+                    raise asyncio.CancelledError from exc
                 log.warning("takeover listener disconnected: %s", exc or type(exc).__name__)
             finally:
                 if self._listener_up:
@@ -717,20 +799,35 @@ class ContextStore:
             failures += 1
             await asyncio.sleep(backoff_delay(failures, LISTENER_BACKOFF_BASE, LISTENER_BACKOFF_CAP))
 
-    async def _pump(self, pubsub: Any, pong_deadline: float) -> None:
+    async def _pump(self, pubsub: Any) -> None:
+        """Deliver takeover messages and keep the liveness proof fresh: one PING in flight at a
+        time, sent every ``listener_liveness / LISTENER_PINGS_PER_WINDOW``. Redis answers a
+        PING after every message it queued before it, so its PONG proves that every takeover
+        published before the PING was sent has been handled. No PONG within the window: the
+        connection is declared dead (entries already stopped being served when it expired)."""
+        liveness = self.settings.listener_liveness
+        interval = liveness / LISTENER_PINGS_PER_WINDOW
         ping_sent: float | None = None
+        next_ping = self._proof_at + interval
         while True:
-            if ping_sent is None:
-                wait = LISTENER_PING_INTERVAL
-            else:
-                wait = max(0.0, ping_sent + pong_deadline - time.monotonic())
-            message = await pubsub.get_message(timeout=wait)
-            if message is None:
-                if ping_sent is not None:
-                    raise ConnectionError("takeover listener: no reply to PING")
+            if _cancelling():
+                raise asyncio.CancelledError
+            now = time.monotonic()
+            if ping_sent is None and now >= next_ping:
                 await pubsub.ping()
-                ping_sent = time.monotonic()
+                ping_sent = now
+            if ping_sent is not None:
+                if now - ping_sent > liveness:
+                    raise ConnectionError(f"takeover listener: no reply to PING within {liveness:g}s")
+                wait = ping_sent + liveness - now
+            else:
+                wait = next_ping - now
+            message = await pubsub.get_message(timeout=max(0.0, wait))
+            if message is None:
                 continue
-            ping_sent = None
-            if message["type"] == "message":
+            if message["type"] == "pong" and ping_sent is not None:
+                self._proof_at = ping_sent
+                next_ping = ping_sent + interval
+                ping_sent = None
+            elif message["type"] == "message":
                 self._on_takeover(message["data"])

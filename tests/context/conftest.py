@@ -4,6 +4,7 @@ plus Sentinel and Cluster set-ups. Never the shared Redis on 6379."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import signal
@@ -274,8 +275,12 @@ class TcpProxy:
     """An asyncio TCP relay in front of a Redis server, for fault injection.
 
     ``reply_delay`` holds every server→client chunk back that long (order kept); ``block()``
-    closes every relayed connection and refuses new ones until ``unblock()``.
-    ``requests_seen`` counts client→server chunks relayed.
+    closes every relayed connection and refuses new ones until ``unblock()``;
+    ``drop_requests`` swallows client→server chunks (a request lost before reaching Redis);
+    ``stall()`` stops relaying in both directions without closing anything (a connection
+    that died silently) until ``unstall()``.
+    ``requests_seen`` counts client→server chunks received, ``replies_seen`` server→client
+    chunks received from Redis (before any delay).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -284,6 +289,10 @@ class TcpProxy:
         self.reply_delay = 0.0
         self.blocked = False
         self.requests_seen = 0
+        self.replies_seen = 0
+        self.drop_requests = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -310,13 +319,18 @@ class TcpProxy:
         async def upstream() -> None:
             while data := await client_r.read(65536):
                 self.requests_seen += 1
+                await self._flowing.wait()
+                if self.drop_requests:
+                    continue
                 server_w.write(data)
                 await server_w.drain()
 
         async def downstream() -> None:
             while data := await server_r.read(65536):
+                self.replies_seen += 1
                 if self.reply_delay:
                     await asyncio.sleep(self.reply_delay)
+                await self._flowing.wait()
                 client_w.write(data)
                 await client_w.drain()
 
@@ -343,13 +357,24 @@ class TcpProxy:
     def unblock(self) -> None:
         self.blocked = False
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def unstall(self) -> None:
+        self._flowing.set()
+
     async def close(self) -> None:
+        self.unstall()
         self.block()
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            # Python 3.11 waits here for every accepted transport; all were aborted above, but
+            # one accepted during the stall may close only later. Never hang a teardown on it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
 
 
 @pytest.fixture

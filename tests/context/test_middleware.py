@@ -161,12 +161,16 @@ async def test_aiohttp_store_unavailable_is_503(
         async with http.get(f"{base}/count", headers=KEY) as r:
             assert r.status == 200
         redis_server.kill()
+        async with http.get(f"{base}/peek", headers=KEY) as r:
+            # Within listener_liveness of the last proof: served from memory.
+            assert (r.status, await r.text()) == (200, "1")
         async with http.get(f"{base}/count", headers={"X-Sticky-Key": "newcomer"}) as r:
             assert (r.status, r.headers.get("Retry-After")) == (503, "1")
         async with http.get(f"{base}/count", headers=KEY) as r:
             assert r.status == 503  # the change could not be made durable
         async with http.get(f"{base}/peek", headers=KEY) as r:
-            assert (r.status, await r.text()) == (200, "1")  # reads still served from memory
+            # The failed write's outcome is unknown and Redis cannot be asked: not served.
+            assert r.status == 503
 
 
 # --- ASGI (Starlette) ----------------------------------------------------------------------
@@ -254,7 +258,9 @@ async def test_asgi_store_unavailable_is_503(
     assert (await client.get("/count", headers=KEY)).status_code == 200
     redis_server.kill()
     await eventually(lambda: not store.listener_connected, deadline=5.0)
+    assert (await client.get("/needs", headers=KEY)).text == "1"  # within listener_liveness
     r = await client.get("/count", headers=KEY)
     assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
     assert (await client.get("/count", headers={"X-Sticky-Key": "newcomer"})).status_code == 503
-    assert (await client.get("/needs", headers=KEY)).text == "1"
+    # The failed write left the copy unverified and Redis cannot be asked: refused.
+    assert (await client.get("/needs", headers=KEY)).status_code == 503

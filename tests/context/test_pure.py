@@ -173,7 +173,11 @@ def test_pending_writes_bounded_latest_per_user() -> None:
     popped = buf.pop("a")
     assert popped is not None
     assert buf.put("c", PendingWrite(1, b"y"))
-    assert not buf.restore("a", popped)  # full again
+    # An acknowledged change whose flush failed goes back even though "c" took its room: the
+    # bound is exceeded by the flushes in flight, never by dropping an acknowledged change.
+    assert buf.restore("a", popped)
+    assert buf.users() == ["a", "b", "c"] and len(buf) == 3
+    assert not buf.put("d", PendingWrite(1, b"z"))  # new users still refused while over the bound
     assert not buf.restore("c", PendingWrite(1, b"old"))  # a newer one is there
     assert buf.get("c") == PendingWrite(1, b"y")
 
@@ -235,7 +239,14 @@ def test_parse_acquire_refuses(reply: Any, error: type[Exception]) -> None:
 
 @pytest.mark.parametrize(
     ("reply", "expected"),
-    [([1], WriteOutcome.COMMITTED), ([0], WriteOutcome.FENCED), ([-1, b"mallory"], RecordMismatch)],
+    [
+        ([1], WriteOutcome.COMMITTED),
+        ([0, b"7", b"B"], WriteOutcome.TAKEN_OVER),  # another owner (any node id) acquired since
+        ([0, b"7", b""], WriteOutcome.DELETED),  # tombstone
+        ([0, None, None], WriteOutcome.LOST),  # no record: expired or Redis lost it
+        ([0], WriteOutcome.TAKEN_OVER),  # older script reply: a fence, reason unknown
+        ([-1, b"mallory"], RecordMismatch),
+    ],
 )
 def test_parse_write(reply: list[Any], expected: Any) -> None:
     if isinstance(expected, type):
