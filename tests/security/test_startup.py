@@ -163,6 +163,16 @@ def test_run_refuses_to_start_on_the_pure_python_parser(tmp_path, workers):
     assert not _listening(port)
 
 
+def test_demo_applies_the_same_start_up_checks(tmp_path):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", "demo", "--no-ui", "--duration", "1",
+                          "--port", str(port)], check=False, capture_output=True, text=True,
+                         env=_env(AIOHTTP_NO_EXTENSIONS="1"), timeout=60, cwd=tmp_path)
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "stickyproxy demo: start-up check failed: AIOHTTP_NO_EXTENSIONS" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not _listening(port)
+
+
 def test_run_starts_with_the_escape_hatch_and_stops_cleanly(tmp_path):
     port = free_port()
     cfg = _config(tmp_path, port)
