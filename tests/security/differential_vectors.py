@@ -159,6 +159,11 @@ REQUEST_VECTORS: list[RequestVector] = [
       "RFC 9112 §3.2: a server MUST respond 400 to more than one Host field"),
     V("host-invalid-char", b"GET /a HTTP/1.1\r\nHost: shop example\r\nX-User-Id: attacker\r\n\r\n",
       REFUSE, "RFC 9112 §3.2: a server MUST respond 400 to an invalid Host field value"),
+    V("host-empty-port", b"GET /a HTTP/1.1\r\nHost: shop.example:\r\nX-User-Id: attacker\r\n\r\n",
+      EITHER, "RFC 3986 §3.2.3: an empty port is allowed (and is the default)"),
+    V("host-repeated-then-request", b"GET /a HTTP/1.1\r\nHost: shop.example\r\nHost: b.example\r\n"
+      b"X-User-Id: attacker\r\n\r\n" + SMUG, REFUSE,
+      "RFC 9112 §3.2, §9.6: nothing after a refused request is read"),
     V("host-empty", b"GET /a HTTP/1.1\r\nHost: \r\nX-User-Id: attacker\r\n\r\n", EITHER,
       "RFC 9112 §3.2: an empty Host is what a client sends for a URI without authority"),
 
@@ -208,6 +213,8 @@ REQUEST_VECTORS: list[RequestVector] = [
 
     # --- chunked syntax (RFC 9112 §7.1) --------------------------------------------------------
     V("chunked", CH + HELLO_CHUNKED, FORWARD, "RFC 9112 §7.1"),
+    V("expect-100-continue", P + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", FORWARD,
+      "RFC 9110 §10.1.1"),
     V("chunk-extension", CH + b"5;name=value\r\nhello\r\n0\r\n\r\n", FORWARD,
       "RFC 9112 §7.1.1: extensions a recipient does not understand are ignored"),
     V("chunk-extension-quoted", CH + b'5;n="a;b"\r\nhello\r\n0\r\n\r\n', FORWARD,
@@ -432,6 +439,9 @@ RESPONSE_VECTORS: list[ResponseVector] = [
       b"5\r\nhello\r\n0\r\n\r\n", "RFC 9112 §7.1"),
     R("te-gzip-chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
       b"4\r\nGZIP\r\n0\r\n\r\n", "RFC 9112 §6.1: codings listed in the order applied"),
+    R("chunk-extension-and-trailer", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+      b"5;e=1\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n", "RFC 9112 §7.1.1, §7.1.2"),
+    R("cl-leading-zeros", b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\n\r\nok", "RFC 9110 §8.6"),
     R("te-chunked-gzip-chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip, chunked\r\n"
       b"\r\n4\r\nINNR\r\n0\r\n\r\n", "RFC 9112 §6.1: chunked applied twice is invalid; relay the "
       "codings in order or refuse (issue 13)", refuse_ok=True),
@@ -484,6 +494,10 @@ RESPONSE_VECTORS: list[ResponseVector] = [
       "RFC 9112 §5.2: a proxy MUST unfold or refuse", refuse_ok=True),
     R("ws-before-colon", b"HTTP/1.1 200 OK\r\nContent-Length : 40\r\nContent-Length: 2\r\n\r\nok",
       "RFC 9112 §5.1: a proxy MUST remove the whitespace or refuse", refuse_ok=True),
+    R("unrequested-101", b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+      b"Upgrade: websocket\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstolen",
+      "RFC 9110 §15.2.2: a 101 answers only a request that asked to upgrade", status=None,
+      must_refuse=True),
     R("http09-answer", b"no status line at all", "RFC 9112 Appendix C.1", close=True,
       status=None, must_refuse=True),
     R("te-http10-chunked", b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
