@@ -15,7 +15,10 @@ URL forms:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
@@ -24,16 +27,31 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .errors import ConfigError
+from .retry import backoff_delay
+
+log = logging.getLogger("stickyproxy.context")
 
 Kind = Literal["single", "sentinel", "cluster"]
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 # The takeover listener's socket must outlive its ping interval without a read timing out.
 LISTENER_SOCKET_TIMEOUT = 2.0
+# Sentinel events (Sentinel docs, "Pub/Sub messages"). "+switch-master" ends a failover:
+# "<name> <old-ip> <old-port> <new-ip> <new-port>". "+failover-state-send-slaveof-noone" comes
+# one sentinel tick (~100 ms) *before* the leader promotes the chosen replica:
+# "slave <id> <ip> <port> @ <name> <master-ip> <master-port>". "-failover-abort-*" ends one
+# that failed: "master <name> <ip> <port>".
+SWITCH_MASTER_CHANNEL = "+switch-master"
+PROMOTING_CHANNEL = "+failover-state-send-slaveof-noone"
+ABORT_PATTERN = "-failover-abort-*"
+# How long a sentinel watcher blocks in one read; a closed connection is noticed at once.
+SENTINEL_READ_WAIT = 1.0
+SENTINEL_BACKOFF_BASE = 0.05
+SENTINEL_BACKOFF_CAP = 2.0
 
 _SINGLE_SCHEMES = {"redis": False, "rediss": True, "unix": False}
 _SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -141,6 +159,33 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel-resolved master connections from a pool that callers wait on with a timeout."""
 
 
+class _NewestConfigSentinel(Sentinel):
+    """Asks every sentinel at once and follows the newest configuration epoch.
+
+    redis-py takes the first sentinel that answers; during a failover the sentinels that did
+    not lead it keep naming the old master until the leader's hello messages reach them (up to
+    seconds), so a store could reconnect to the demoted master. The leader bumps the epoch when
+    it promotes, so the highest epoch names the newest master."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        replies = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        best: tuple[int, str, int] | None = None
+        errors = []
+        for sentinel, reply in zip(self.sentinels, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.append(f"{sentinel}: {reply!r}")
+                continue
+            state = reply.get(service_name)
+            if not state or not self.check_master_state(state, service_name):
+                continue
+            epoch = int(state.get("config-epoch", 0) or 0)
+            if best is None or epoch > best[0]:
+                best = (epoch, state["ip"], int(state["port"]))
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}: {', '.join(errors)}")
+        return best[1], best[2]
+
+
 class RedisClients:
     """The command client, and fresh pub/sub connections for the takeover listener."""
 
@@ -159,6 +204,60 @@ class RedisClients:
         # Cluster: the listener connects to one node at a time, moving on after each failure.
         self._node_cycle: itertools.cycle[tuple[str, int]] = itertools.cycle(target.hosts or [("", 0)])
         self._node_client: Redis | None = None
+
+    async def drop_master_connections(self) -> None:
+        """Sentinel: close every connection to the (old) master, in use or idle, so each call
+        after this resolves the master again; a call in flight on one fails (outcome unknown)."""
+        for client in (self.command, self._listener):
+            if isinstance(client, Redis):
+                await client.connection_pool.disconnect(inuse_connections=True)
+
+    async def watch_master_switches(self, on_switch: Callable[[str, str], Awaitable[None]]) -> None:
+        """Sentinel: subscribe to every sentinel's failover events and await
+        ``on_switch(channel, text)`` for each about this service. Runs until cancelled."""
+        if self.target.kind != "sentinel":
+            return
+        await asyncio.gather(*(self._watch_one(host, port, on_switch) for host, port in self.target.hosts))
+
+    async def _watch_one(self, host: str, port: int, on_switch: Callable[[str, str], Awaitable[None]]) -> None:
+        failures = 0
+        kwargs: dict[str, Any] = {
+            "socket_timeout": max(self._timeout, LISTENER_SOCKET_TIMEOUT),
+            "socket_connect_timeout": self._timeout,
+            "socket_keepalive": True,
+            "retry": _no_retry(),
+        }
+        if "sentinel_username" in self.target.options:
+            kwargs["username"] = self.target.options["sentinel_username"]
+        if "sentinel_password" in self.target.options:
+            kwargs["password"] = self.target.options["sentinel_password"]
+        if self.target.ssl:
+            kwargs["ssl"] = True
+        while True:
+            client = Redis(host=host, port=port, **kwargs)
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(SWITCH_MASTER_CHANNEL, PROMOTING_CHANNEL)
+                await pubsub.psubscribe(ABORT_PATTERN)
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(timeout=SENTINEL_READ_WAIT)
+                    if message is None or message["type"] not in ("message", "pmessage"):
+                        continue
+                    channel, text = (_text(message["channel"]), _text(message["data"]))
+                    if sentinel_event_service(channel, text) == self.target.service:
+                        await on_switch(channel, text)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sentinel %s:%d watcher disconnected: %s", host, port, exc or type(exc).__name__)
+            finally:
+                try:
+                    await client.aclose()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    pass
+            failures += 1
+            await asyncio.sleep(backoff_delay(failures, SENTINEL_BACKOFF_BASE, SENTINEL_BACKOFF_CAP))
 
     async def new_pubsub(self) -> PubSub:
         """A pub/sub object that will open its own connection on first use."""
@@ -180,6 +279,22 @@ class RedisClients:
         if self._listener is not None:
             await self._listener.aclose()
         await self.command.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def sentinel_event_service(channel: str, text: str) -> str | None:
+    """The master name a Sentinel event is about (see the channel constants). Pure."""
+    words = text.split(" ")
+    if channel == SWITCH_MASTER_CHANNEL:
+        return words[0] if len(words) == 5 else None
+    if channel == PROMOTING_CHANNEL:
+        return words[words.index("@") + 1] if "@" in words[:-1] else None
+    if channel.startswith("-failover-abort-"):
+        return words[1] if len(words) >= 2 and words[0] == "master" else None
+    return None
 
 
 def _common_kwargs(target: RedisTarget, timeout: float) -> dict[str, Any]:
@@ -238,7 +353,7 @@ def build_clients(target: RedisTarget, *, timeout: float, pool_size: int) -> Red
             sentinel_kwargs["password"] = target.options["sentinel_password"]
         if target.ssl:
             sentinel_kwargs["ssl"] = True
-        sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        sentinel = _NewestConfigSentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
         assert target.service is not None
         common = _common_kwargs(target, timeout)
         command = sentinel.master_for(

@@ -60,6 +60,9 @@ class ContextMetrics:
             "Uses refused because the local copy was unverified and Redis could not be reached to check it.",
             registry=r,
         )
+        self.master_switches = Counter(
+            "stickyctx_master_switches", "Sentinel announcements of a new master that this store acted on.", registry=r
+        )
         self.listener_reconnects = Counter(
             "stickyctx_listener_reconnects", "Times the takeover listener lost its connection.", registry=r
         )

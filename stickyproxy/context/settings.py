@@ -38,6 +38,8 @@ DEFAULT_POOL_SIZE = 32
 DEFAULT_LISTENER_LIVENESS = 1.0
 # Below this a loaded event loop alone would make every copy unverified.
 MIN_LISTENER_LIVENESS = 0.05
+# Share of redis_timeout a WAIT may block, so its reply arrives before the call's deadline.
+WAIT_SHARE = 0.8
 # Re-acquire-and-rerun rounds of ``ContextStore.update`` before the conflict is raised.
 DEFAULT_UPDATE_ATTEMPTS = 3
 
@@ -86,6 +88,8 @@ class StoreSettings:
     pool_size: int = DEFAULT_POOL_SIZE
     cluster: bool = False
     listener_liveness: float = DEFAULT_LISTENER_LIVENESS
+    # Replicas that must confirm each acquire, write and delete before it is acknowledged.
+    wait_replicas: int = 0
 
     def __post_init__(self) -> None:
         if not self.node_id or any(c in self.node_id for c in "\r\n"):
@@ -103,10 +107,17 @@ class StoreSettings:
         for name in ("idle_ttl", "flush_interval", "redis_timeout", "breaker_reset"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive")
+        if not isinstance(self.wait_replicas, int) or isinstance(self.wait_replicas, bool) or self.wait_replicas < 0:
+            raise ConfigError(f"wait_replicas: must be a non-negative integer, got {self.wait_replicas!r}")
         if self.listener_liveness < MIN_LISTENER_LIVENESS:
             raise ConfigError(f"listener_liveness: must be at least {MIN_LISTENER_LIVENESS * 1000:.0f}ms")
         if self.idle_ttl < 1.0:
             raise ConfigError("idle_ttl: must be at least 1s (Redis expiry has millisecond, not finer, precision)")
+
+    @property
+    def wait_ms(self) -> int:
+        """WAIT's timeout: never 0, which would make it block forever."""
+        return max(1, int(self.redis_timeout * WAIT_SHARE * 1000))
 
     @property
     def idle_ttl_ms(self) -> int:

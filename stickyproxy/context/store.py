@@ -30,6 +30,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -38,9 +39,10 @@ from redis.exceptions import (
 
 from .breaker import BreakerState, CircuitBreaker
 from .buffer import PendingWrite, PendingWrites
-from .connection import RedisClients, build_clients, parse_redis_url
+from .connection import PROMOTING_CHANNEL, SWITCH_MASTER_CHANNEL, RedisClients, build_clients, parse_redis_url
 from .errors import (
     BufferFull,
+    ConfigError,
     ConflictError,
     RecordMismatch,
     StoreClosed,
@@ -130,6 +132,12 @@ class _Entry:
     verified_gen: int
 
 
+# Longest a Sentinel failover may pause Redis calls between "promotion imminent" and the
+# switch announcement (measured: about 1 s; Sentinel's own failover-timeout default is 3 min).
+FAILOVER_PAUSE_MAX = 10.0
+# Default wait_replicas for a Sentinel URL (0 for others).
+DEFAULT_SENTINEL_WAIT_REPLICAS = 1
+
 # How often close() repeats the cancellation of a background task that has not ended.
 CANCEL_REPEAT = 0.1
 
@@ -153,6 +161,11 @@ def _cancelling() -> bool:
     """Whether the current task has a cancellation pending that something below swallowed."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+class NotReplicated(RedisError):
+    """WAIT returned fewer confirmations than ``wait_replicas``: the change may sit on the
+    master alone (or on a demoted one), so it is not acknowledged. Counts as an outage."""
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -183,9 +196,17 @@ class ContextStore:
         pool_size: int = DEFAULT_POOL_SIZE,
         cluster: bool = False,
         listener_liveness: float | str = DEFAULT_LISTENER_LIVENESS,
+        wait_replicas: int | None = None,
         serializer: Serializer | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        self._target = parse_redis_url(redis_url, cluster=cluster)
+        if wait_replicas is None:
+            # A Sentinel deployment exists to survive the master's loss: acknowledge a change
+            # only once a replica that Sentinel may promote holds it.
+            wait_replicas = DEFAULT_SENTINEL_WAIT_REPLICAS if self._target.kind == "sentinel" else 0
+        if wait_replicas and self._target.kind == "cluster":
+            raise ConfigError("wait_replicas: not supported with a Cluster (use 0)")
         self.settings = StoreSettings(
             redis_url=redis_url,
             node_id=node_id or default_node_id(),
@@ -203,8 +224,8 @@ class ContextStore:
             pool_size=pool_size,
             cluster=cluster,
             listener_liveness=parse_duration(listener_liveness, name="listener_liveness"),
+            wait_replicas=wait_replicas,
         )
-        self._target = parse_redis_url(redis_url, cluster=cluster)
         self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self._empty = self._serializer.dumps({})
         self.metrics = ContextMetrics(registry)
@@ -224,6 +245,9 @@ class ContextStore:
         # Monotonic time at which the newest proof of the listener's liveness was *sent*: every
         # takeover published before it has been delivered to this instance.
         self._proof_at = float("-inf")
+        self._switched_to: list[str] = []
+        # Sentinel: set while a promotion is imminent; Redis calls are refused until then.
+        self._failover_pause_until: float | None = None
         self._listener_ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "new"
@@ -276,6 +300,13 @@ class ContextStore:
         self._tasks.append(asyncio.create_task(self._listen(), name=f"stickyctx-listener-{self.node_id}"))
         if self.settings.buffers_writes:
             self._tasks.append(asyncio.create_task(self._flush_loop(), name=f"stickyctx-flusher-{self.node_id}"))
+        if self._target.kind == "sentinel":
+            self._tasks.append(
+                asyncio.create_task(
+                    self._clients.watch_master_switches(self._on_master_switch),
+                    name=f"stickyctx-sentinel-{self.node_id}",
+                )
+            )
         with suppress(TimeoutError):
             async with asyncio.timeout(START_WAIT):
                 await self._listener_ready.wait()
@@ -393,7 +424,9 @@ class ContextStore:
             try:
                 reply = await self._redis(
                     Op.DELETE,
-                    lambda: self._delete_script(keys=[key], args=[user, self.settings.idle_ttl_ms, self._channel]),
+                    lambda: self._replicated(
+                        self._delete_script, [key], [user, self.settings.idle_ttl_ms, self._channel]
+                    ),
                 )
             except (StoreUnavailable, asyncio.CancelledError):
                 # Outcome unknown: keep the buffered change (if the delete landed, its flush is
@@ -465,8 +498,8 @@ class ContextStore:
         started = time.monotonic()
         reply = await self._redis(
             Op.ACQUIRE,
-            lambda: self._acquire_script(
-                keys=[key], args=[self.node_id, user, self.settings.idle_ttl_ms, self._channel]
+            lambda: self._replicated(
+                self._acquire_script, [key], [self.node_id, user, self.settings.idle_ttl_ms, self._channel]
             ),
         )
         acquired = parse_acquire(reply, user)
@@ -587,9 +620,10 @@ class ContextStore:
         key = record_key(self.settings.namespace, user)
         reply = await self._redis(
             Op.WRITE,
-            lambda: self._write_script(
-                keys=[key],
-                args=[self.node_id, user, change.epoch, self.settings.idle_ttl_ms, change.payload],
+            lambda: self._replicated(
+                self._write_script,
+                [key],
+                [self.node_id, user, change.epoch, self.settings.idle_ttl_ms, change.payload],
             ),
         )
         return parse_write(reply, user)
@@ -695,9 +729,42 @@ class ContextStore:
         assert self._clients is not None
         return self._clients.command
 
+    async def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script``; with ``wait_replicas``, pipeline ``WAIT n ms`` behind it on the same
+        connection (one round trip) and acknowledge only if enough replicas confirmed. A
+        write confirmed by a replica survives its master's loss when Sentinel promotes that
+        replica; a write on a master already demoted is never confirmed (its replica stopped
+        following it), so two instances can never both have writes acknowledged."""
+        n = self.settings.wait_replicas
+        if not n:
+            return await script(keys=keys, args=args)
+        for _ in range(2):
+            pipe = self._command.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", n, self.settings.wait_ms)
+            reply, confirmed = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                # The script did not run (first call on this server, or after a restart).
+                await self._command.script_load(script.script)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            if isinstance(confirmed, BaseException):
+                raise confirmed
+            if int(confirmed) < n:
+                raise NotReplicated(f"{confirmed} of {n} replicas confirmed within {self.settings.wait_ms}ms")
+            return reply
+        raise NoScriptError("script not loaded after SCRIPT LOAD")
+
     async def _redis(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call through the breaker, bounded by ``redis_timeout`` in total
         (pool wait and any retry included), retrying only idempotent operations."""
+        pause = self._failover_pause_until
+        if pause is not None:
+            if time.monotonic() < pause:
+                self.metrics.redis_errors.labels(op.value).inc()
+                raise StoreUnavailable(f"redis failover in progress; {op.value} not attempted", op=op.value)
+            self._failover_pause_until = None
         breaker = self._breaker
         if not breaker.allow(time.monotonic()):
             self.metrics.breaker_rejections.inc()
@@ -747,6 +814,42 @@ class ContextStore:
             self._cache.pop(takeover.user)
             self.metrics.takeovers_received.inc()
             self._update_gauges()
+
+    async def _on_master_switch(self, channel: str, announcement: str) -> None:
+        """Sentinel failover events.
+
+        Promotion imminent (``+failover-state-send-slaveof-noone``): the current master is about
+        to stop being replicated, so anything acknowledged by it from now on could be lost.
+        Every connection to it is closed and Redis calls are refused (``StoreUnavailable``) until
+        the switch is announced, the failover aborts, or ``FAILOVER_PAUSE_MAX`` passes.
+
+        New master (``+switch-master``): nothing the listener proved on the old master counts
+        any more (a takeover on the new one is not published there), so every copy is
+        unverified at once; every connection to the old master is closed, so the next call and
+        the listener's next subscription resolve the new master."""
+        assert self._clients is not None
+        if channel == PROMOTING_CHANNEL:
+            if self._failover_pause_until is None:
+                log.warning("redis failover: promotion of a replica imminent (%s); writes paused", announcement)
+            self._failover_pause_until = time.monotonic() + FAILOVER_PAUSE_MAX
+            await self._clients.drop_master_connections()
+            return
+        if channel != SWITCH_MASTER_CHANNEL:
+            if self._failover_pause_until is not None:
+                log.warning("redis failover aborted (%s %s); writes resumed", channel, announcement)
+            self._failover_pause_until = None
+            return
+        self._failover_pause_until = None
+        new_master = announcement.split(" ")[3:5]
+        if new_master == self._switched_to:
+            return  # the same switch, announced by another sentinel
+        self._switched_to = new_master
+        self._proof_at = float("-inf")
+        self._gen += 1
+        self.metrics.master_switches.inc()
+        log.warning("redis master switched (%s): reconnecting, every cached copy is re-checked", announcement)
+        assert self._clients is not None
+        await self._clients.drop_master_connections()
 
     def _set_listener(self, up: bool, proof_at: float | None = None) -> None:
         # A new subscription starts a new generation: entries confirmed under an older one may

@@ -385,3 +385,85 @@ async def tcp_proxy(redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
         yield proxy
     finally:
         await proxy.close()
+
+
+class SentinelHA:
+    """A master, one replica and three sentinels (quorum 2), all on loopback, in a temp dir."""
+
+    SERVICE = "ctxha"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers = [RedisServer(workdir / "a"), RedisServer(workdir / "b")]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        first, second = self.servers
+        first.start()
+        second.extra = ["--replicaof", "127.0.0.1", str(first.port)]
+        second.start()
+        wait_until(lambda: self._link_up(second))
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self.workdir / f"sentinel{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {first.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                f"sentinel failover-timeout {self.SERVICE} 5000\n"
+            )
+            self.sentinel_procs.append(
+                subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        # Every sentinel sees the master, the replica and the two other sentinels.
+        wait_until(lambda: all(self._sentinel_ready(p) for p in self.sentinel_ports), deadline=20)
+
+    @staticmethod
+    def _link_up(replica: RedisServer) -> bool:
+        with replica.client() as c:
+            return c.info("replication").get("master_link_status") == "up"
+
+    def _sentinel_ready(self, port: int) -> bool:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as c:
+            state = c.sentinel_master(self.SERVICE)
+            return int(state["num-other-sentinels"]) == 2 and int(state["num-slaves"]) == 1
+
+    def sentinel(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.sentinel_ports[i], socket_timeout=2)
+
+    def master_port(self) -> int:
+        """The master's port as the newest sentinel configuration says."""
+        best = (-1, 0)
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as c:
+                    state = c.sentinel_master(self.SERVICE)
+            except redis.RedisError:
+                continue
+            best = max(best, (int(state.get("config-epoch", 0)), int(state["port"])))
+        return best[1]
+
+    def server(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            proc.kill()
+            proc.wait(timeout=5)
+        for server in self.servers:
+            server.kill()
+
+
+@pytest.fixture
+def sentinel_ha(tmp_path: Path) -> Iterator[SentinelHA]:
+    setup = SentinelHA(tmp_path)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()

@@ -345,3 +345,34 @@ async def test_user_locks_serialise_and_do_not_leak() -> None:
     with pytest.raises(RuntimeError):
         await failing()
     assert len(locks) == 0 and locks.peek("w") is None
+
+
+# --- sentinel events --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("channel", "text", "service"),
+    [
+        ("+switch-master", "ctx 127.0.0.1 6379 127.0.0.1 6380", "ctx"),
+        ("+switch-master", "garbage", None),
+        ("+failover-state-send-slaveof-noone", "slave 127.0.0.1:6380 127.0.0.1 6380 @ ctx 127.0.0.1 6379", "ctx"),
+        ("+failover-state-send-slaveof-noone", "slave 127.0.0.1:6380 127.0.0.1 6380 @", None),
+        ("-failover-abort-no-good-slave", "master ctx 127.0.0.1 6379", "ctx"),
+        ("+sdown", "master ctx 127.0.0.1 6379", None),
+    ],
+)
+def test_sentinel_event_service(channel: str, text: str, service: str | None) -> None:
+    from stickyproxy.context.connection import sentinel_event_service
+
+    assert sentinel_event_service(channel, text) == service
+
+
+def test_wait_replicas_defaults_by_topology() -> None:
+    from stickyproxy.context import ConfigError, ContextStore
+
+    assert ContextStore("redis://127.0.0.1:1/0").settings.wait_replicas == 0
+    assert ContextStore("redis+sentinel://127.0.0.1:1/m").settings.wait_replicas == 1
+    assert ContextStore("redis+sentinel://127.0.0.1:1/m", wait_replicas=0).settings.wait_replicas == 0
+    assert ContextStore("redis+cluster://127.0.0.1:1").settings.wait_replicas == 0
+    with pytest.raises(ConfigError, match="wait_replicas"):
+        ContextStore("redis+cluster://127.0.0.1:1", wait_replicas=1)
+    with pytest.raises(ConfigError, match="wait_replicas"):
+        ContextStore("redis://127.0.0.1:1/0", wait_replicas=-1)
