@@ -39,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from .recorder import (
     lenient_response,
     lenient_responses,
     strict_requests,
+    sockets_to,
     strict_responses,
     wait_released,
 )
@@ -683,3 +685,64 @@ def test_peer_configurations_are_what_an_operator_would_write(tmp_path: Path):
     for line in ("balance hdr(X-User-Id)", "hash-type consistent", "http-reuse always",
                  f"server app {LOOPBACK}:9090"):
         assert line in ha, line
+
+
+def _exchange(port: int, data: bytes, want: bytes, timeout: float = 2.0) -> bytes:
+    """Send ``data`` on a new connection; read until ``want`` is in the answer, EOF or
+    ``timeout``."""
+    got = b""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        s.sendall(data)
+        end = time.monotonic() + timeout
+        while want not in got and time.monotonic() < end:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_recorder_answers_as_each_mode_says():
+    """The backend the vectors rely on: early answers come before the body, a CONNECT 2xx
+    makes a tunnel, raw responses go to /resp/ targets, and every byte is kept."""
+    rec = Recorder()
+    try:
+        port = rec.listen("t")
+        head = b"POST /x HTTP/1.1\r\nHost: a\r\nX-Req-Id: r1\r\nContent-Length: 10\r\n\r\n"
+        rec.mode = "echo"
+        assert _exchange(port, head, b"echo", timeout=0.3) == b""        # waits for the body
+        assert _exchange(port, head + b"0123456789", b"echo").endswith(b"echo POST /x r1")
+        rec.mode = "early"
+        assert _exchange(port, head, b"echo").endswith(b"echo POST /x r1")
+        rec.mode = "early-close"
+        got = _exchange(port, head, b"\r\n\r\necho POST /x r1")
+        assert b"Connection: close" in got and got.endswith(b"echo POST /x r1")
+        rec.mode = "connect-2xx"
+        got = _exchange(port, b"CONNECT /t HTTP/1.1\r\nHost: a\r\n\r\nanything", b"tunnel-data")
+        assert got.startswith(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        assert got.endswith(b"tunnel-data")
+        rec.mode = "echo"
+        rec.raw_response = b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n"
+        assert _exchange(port, b"GET /resp/x HTTP/1.1\r\nHost: a\r\n\r\n", b"Odd").startswith(
+            b"HTTP/1.1 099 Odd")
+        assert b"CONNECT /t HTTP/1.1\r\nHost: a\r\n\r\nanything" in b"".join(
+            c.data() for c in rec.connections("t"))
+    finally:
+        rec.stop()
+
+
+def test_released_upstream_connections_are_seen_in_proc_net_tcp():
+    with socket.socket() as srv:
+        srv.bind((LOOPBACK, 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        cli = socket.create_connection((LOOPBACK, port))
+        acc, _ = srv.accept()
+        assert "01" in sockets_to(port)                     # ESTABLISHED, towards port
+        acc.close()
+        assert not wait_released(port, deadline=0.2)        # the other end still holds it
+        cli.close()
+        assert wait_released(port, deadline=2.0)
