@@ -33,6 +33,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "route_decisions": ("counter", "Routing decisions by result", ("result",)),
     "retries": ("counter", "Requests retried away from a backend, by reason",
                 ("backend", "reason")),
+    "retries_denied": ("counter", "Failed attempts not retried, by why not (budget, attempts, "
+                       "no-backend, not-replayable)", ("backend", "reason")),
     "upstream_errors": ("counter", "Failures talking to a backend, by kind",
                         ("backend", "kind")),
     "rejected_requests": ("counter", "Requests the proxy refused itself, by status",

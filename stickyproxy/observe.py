@@ -54,9 +54,9 @@ class Observer(Events):
         if self.health is not None:
             self.health.connect_failed(backend)
 
-    def upstream_error(self, backend: BackendState, kind: str) -> None:
+    def upstream_error(self, backend: BackendState, kind: str, blame: bool = True) -> None:
         self.stats.inc("upstream_errors", (backend.id, kind))
-        if self.health is not None:
+        if blame and self.health is not None:
             self.health.passive_result(backend, False)
 
     def upstream_ok(self, backend: BackendState, status: int) -> None:
@@ -68,6 +68,9 @@ class Observer(Events):
 
     def retry(self, backend: BackendState, reason: str) -> None:
         self.stats.inc("retries", (backend.id, reason))
+
+    def retry_denied(self, backend: BackendState, reason: str) -> None:
+        self.stats.inc("retries_denied", (backend.id, reason))
 
     def request_rejected(self, status: int) -> None:
         self.stats.inc("rejected_requests", (str(status),))

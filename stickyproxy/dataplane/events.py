@@ -17,14 +17,19 @@ class Events:
     def connect_failed(self, backend: BackendState, kind: str) -> None:
         """A connect to ``backend`` failed (kind: "connect" or "timeout")."""
 
-    def upstream_error(self, backend: BackendState, kind: str) -> None:
-        """kind: "connect" | "timeout" | "reset" | "protocol"."""
+    def upstream_error(self, backend: BackendState, kind: str, blame: bool = True) -> None:
+        """kind: "connect" | "timeout" | "reset" | "protocol" | "stale"; ``blame``: passive
+        health counts it as the backend's failure (a stale pooled connection is not)."""
 
     def upstream_ok(self, backend: BackendState, status: int) -> None:
         """A backend answered with ``status`` (passive health counts 5xx if configured)."""
 
     def retry(self, backend: BackendState, reason: str) -> None:
         """An exchange is retried away from ``backend``."""
+
+    def retry_denied(self, backend: BackendState, reason: str) -> None:
+        """A failed attempt on ``backend`` was not retried (reason: "budget", "attempts",
+        "no-backend", "not-replayable")."""
 
     def request_done(self, ex: Exchange) -> None:
         """An exchange finished (answered, failed or aborted)."""

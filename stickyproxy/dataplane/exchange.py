@@ -1,6 +1,7 @@
 """One request's journey: route, connect (or reuse), send, relay the response, retry.
 
-States: PENDING → CONNECTING → SENT → RESPONDING → DONE. Retry rules (DESIGN.md P3):
+States: PENDING → CONNECTING → SENT → RESPONDING → DONE. Retry rules (DESIGN.md P3;
+which failure goes where, and which ones the retry budget limits: dataplane/retry.py):
 - a connect that failed sent nothing: the request goes to the next usable backend on the
   key's preference list, whatever its method;
 - a reset or timeout after the request was sent is retried only for an idempotent method
@@ -17,6 +18,8 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens
+from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
+                    retry_reason)
 from .tunnel import Tunnel
 from .upstream import UpstreamProtocol
 
@@ -98,7 +101,8 @@ class Exchange:
     tried: tuple[str, ...] = ()
     attempts = 0
     retries = 0
-    fresh_retry_used = False
+    same_tried = False             # a new connection to the failed backend was tried
+    budgeted = False               # counted in Proxy.retrying (the retry budget)
     counted_inflight = False
     active_counted = False
     settled = False
@@ -232,24 +236,56 @@ class Exchange:
 
     def on_connect_failed(self, backend: BackendState, kind: str, exc: BaseException) -> None:
         events = self.server.events
-        events.upstream_error(backend, "connect" if kind == "connect" else "timeout")
+        refused = kind == "connect"
+        events.upstream_error(backend, "connect" if refused else "timeout")
         events.connect_failed(backend, kind)
-        self.next_backend(backend, "connect", f"backend {backend.id} unreachable", 502)
+        if refused:
+            moved = refused_backend(backend)
+            self.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)
+            for ex in moved:
+                ex.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)
+        else:
+            self.retry(backend, CONNECT_TIMEOUT, f"backend {backend.id} unreachable", 502)
 
-    def next_backend(self, failed: BackendState, reason: str, message: str, status: int) -> None:
-        """Move to the next usable backend along the key's preference list, or fail."""
+    def retry(self, failed: BackendState, kind: str, message: str, status: int) -> None:
+        """After an attempt on ``failed`` failed (``kind``: see dataplane/retry.py) with
+        nothing sent to the client: try again as ``retry.decide`` says, or answer
+        ``status`` with ``message``. A retry not made is counted with its reason."""
         now = time.monotonic()
+        events = self.server.events
+        action, budgeted = decide(kind, self.replayable(), self.reused, self.same_tried,
+                                  failed.usable(now))
+        if action == NO_RETRY:
+            events.retry_denied(failed, "not-replayable")
+            self.fail(status, message)
+            return
+        if budgeted and not self.budgeted:
+            if not self.server.retry_allowed():
+                events.retry_denied(failed, "budget")
+                self.fail(status, message)
+                return
+            self.budgeted = True
+            self.server.retrying += 1
+        if action == SAME_BACKEND:
+            self.same_tried = True
+            self.retries += 1
+            events.retry(failed, retry_reason(kind, action))
+            self.open_connection(failed)
+            return
         if self.attempts <= self.server.config.retries.attempts:
             for cand in self.router.alternatives(self.route_key or self.key, self.tried, now):
-                if self.server.retry_allowed():
-                    self._count_retry()
-                    self.server.events.retry(failed, reason)
-                    self._release_slot()
-                    if self.route == "primary":
-                        self.route = "failover"
-                    self.try_backend(cand, now)
-                    return
-                break
+                self.retries += 1
+                self.same_tried = False
+                events.retry(failed, retry_reason(kind, action))
+                self._release_slot()
+                if self.route == "primary":
+                    self.route = "failover"
+                self.try_backend(cand, now)
+                return
+            denied = "no-backend"
+        else:
+            denied = "attempts"
+        events.retry_denied(failed, denied)
         if not any(b.usable(now) for b in self.router.ordered):
             self.fail(503, "no backend available", retry_after=True)
             return
@@ -263,18 +299,13 @@ class Exchange:
             except ValueError:
                 pass
 
-    def _count_retry(self) -> None:
-        if not self.retries:
-            self.server.retrying += 1
-        self.retries += 1
-
     def _settle(self) -> None:
         """Give back the counters this exchange holds (in-flight, active, retrying); once."""
         if self.settled:
             return
         self.settled = True
         self._release_slot()
-        if self.retries:
+        if self.budgeted:
             self.server.retrying -= 1
         if self.active_counted:
             self.server.active -= 1
@@ -562,28 +593,24 @@ class Exchange:
             conn.abort()
         self.upstream = None
         backend = self.backend
-        self.server.events.upstream_error(backend, kind)  # type: ignore[arg-type]
         if self.state == RESPONDING:
             # part of the response reached the client: never pass off a truncated body
+            self.server.events.upstream_error(backend, kind)  # type: ignore[arg-type]
             self.error_kind = kind
             self.finish(abort_client=True)
             return
+        if kind == RESET and self.reused and not self.same_tried:
+            # a pooled connection closed before a response byte: the keep-alive race (or a
+            # backend that just died, which the new connection then finds out), not held
+            # against the backend by passive health
+            self.server.events.upstream_error(backend, "stale", blame=False)  # type: ignore[arg-type]
+        else:
+            self.server.events.upstream_error(backend, kind)  # type: ignore[arg-type]
         timeout = kind == "timeout"
         status = 504 if timeout else 502
         msg = (f"backend {backend.id} did not answer in time" if timeout  # type: ignore[union-attr]
                else f"backend {backend.id} failed: {message}")  # type: ignore[union-attr]
-        if not self.replayable():
-            self.fail(status, msg)
-            return
-        if (self.reused and kind == "reset" and not self.fresh_retry_used
-                and self.server.retry_allowed()):
-            # a pooled connection the backend had just closed: same backend, new connection
-            self.fresh_retry_used = True
-            self._count_retry()
-            self.server.events.retry(backend, "stale-connection")  # type: ignore[arg-type]
-            self.open_connection(backend)  # type: ignore[arg-type]
-            return
-        self.next_backend(backend, kind, msg, status)  # type: ignore[arg-type]
+        self.retry(backend, kind, msg, status)  # type: ignore[arg-type]
 
     def _cannot_relay(self, reason: str) -> None:
         """A valid response this client cannot be given: 502, the connection dropped."""
@@ -697,6 +724,22 @@ class Exchange:
             conn.exchange = None
             conn.abort()
         self.server.events.request_done(self)
+
+
+def refused_backend(backend: BackendState) -> list[Exchange]:
+    """A connect to ``backend`` was refused: nothing listens there, so its idle pooled
+    connections are dead too (dropped), and the exchanges waiting for one of its in-flight
+    slots are returned, to move on at once rather than one timeout at a time."""
+    if backend.pool is not None:
+        backend.pool.close_all()
+    moved: list[Exchange] = []
+    while backend.waiters:
+        ex = backend.waiters.popleft()
+        if ex.state == QUEUED:
+            ex.state = PENDING
+            ex.deadline = 0.0
+            moved.append(ex)
+    return moved
 
 
 def wake_waiter(backend: BackendState) -> None:
