@@ -59,7 +59,7 @@ class ClientProtocol(asyncio.Protocol):
                  "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
-                 "client_ip", "start_pending", "max_header_bytes", "max_headers",
+                 "start_pending", "max_header_bytes", "max_headers",
                  "feed_mark", "line_buf", "ext_method")
 
     def __init__(self, server: Proxy):
@@ -84,7 +84,6 @@ class ClientProtocol(asyncio.Protocol):
         self.valid_host: bytes | None = None
         self.idle_timeout = server.config.timeouts.client_idle
         self.head_pending = 0
-        self.client_ip: str | None = None   # the client, past trusted proxies (client-ip)
         self.start_pending = False
         self.head_bytes = 0
         self.in_head = False
@@ -502,6 +501,7 @@ class ClientProtocol(asyncio.Protocol):
                 upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
         path, _, query = target.partition(b"?")
         key: str | None = None
+        client_ip: str | None = None   # the client past trusted proxies, for no_key = client-ip
         try:
             got = server.router.extractor.extract(self.headers, path, query)
         except KeyRejected as e:
@@ -512,7 +512,7 @@ class ClientProtocol(asyncio.Protocol):
         elif server.config.routing.no_key == "reject":
             raise RequestError(400, "request carries no user key")
         elif server.config.routing.no_key == "client-ip":
-            self.client_ip = _client_ip(self.peer_ip, xff if self.trusted else [], server)
+            client_ip = _client_ip(self.peer_ip, xff if self.trusted else [], server)
 
         # the forwarded head: hop-by-hop fields were left out as they arrived
         parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
@@ -540,6 +540,10 @@ class ClientProtocol(asyncio.Protocol):
         parts.append(server.ring_header)
         ex = Exchange(self, method, target, version, b"".join(parts), framing, length,
                       upgrade, key)
+        if client_ip is not None:
+            # a value of this request, not of the connection: requests pipelined behind it
+            # may come from other clients of a trusted proxy
+            ex.route_key = client_ip
         if not keep_alive:
             ex.close_after = True
         return ex

@@ -166,9 +166,9 @@ class Exchange:
         if self.key is not None:
             r = router.route(self.key, now)
         else:
-            r = router.route_keyless(self.client.client_ip, now)
-            if r.kind == "no_key" and r.owner is not None:
-                self.route_key = self.client.client_ip  # retries follow the address's ring order
+            # route_key: the client's address under no_key = "client-ip" (retries then
+            # follow that address's ring order), else None (round-robin)
+            r = router.route_keyless(self.route_key, now)
         self.route = r.kind
         self.owner = r.owner
         if r.backend is None:

@@ -138,6 +138,26 @@ async def test_no_key_client_ip_is_sticky(backends, proxy):
     assert {rec.backend for b in bs for rec in b.requests} == {owner}
 
 
+async def test_pipelined_keyless_requests_are_each_routed_by_their_own_client(backends, proxy):
+    """Two keyless requests from a trusted proxy in one read, for two different clients:
+    each goes to its own address's owner (the second's X-Forwarded-For must not reach the
+    first's routing decision)."""
+    bs = await backends("a", "b", "c")
+    p = await proxy(bs, {"routing": {"no_key": "client-ip"},
+                         "listen": {"trusted_proxies": ["127.0.0.1"]}})
+    ips = [f"203.0.113.{i}" for i in range(1, 255)]
+    first = ips[0]
+    second = next(ip for ip in ips if p.pref(ip)[0] != p.pref(first)[0])
+    c = await p.client()
+    c.send(http_request("GET", "/1", headers={"X-Forwarded-For": first})
+           + http_request("GET", "/2", headers={"X-Forwarded-For": second}))
+    for _ in range(2):
+        assert (await c.response()).status == 200
+    c.close()
+    got = {rec.target: rec.backend for b in bs for rec in b.requests}
+    assert got == {"/1": p.pref(first)[0], "/2": p.pref(second)[0]}
+
+
 async def test_x_forwarded_from_untrusted_peer_is_replaced(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
