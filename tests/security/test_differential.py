@@ -68,8 +68,8 @@ from .recorder import (
     lenient_requests,
     lenient_response,
     lenient_responses,
-    strict_requests,
     sockets_to,
+    strict_requests,
     strict_responses,
     wait_released,
 )
@@ -194,6 +194,12 @@ class Conn:
                 self.eof = True
             self.raw += data
 
+    async def read_to_eof(self, timeout: float) -> None:
+        """Until the peer closes, or ``timeout``."""
+        end = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < end:
+            await self.read(len(self.finals()) + 1, end - time.monotonic())
+
     def close(self) -> None:
         self.writer.close()
 
@@ -311,6 +317,8 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
             await attacker.read(len(attacker.finals(head=head)) + 1, wait, head=head)
         if vec.forwards > 1:
             await attacker.read(vec.forwards, wait)
+        if proxy == "stickyproxy" and vec.expect == REFUSE:
+            await attacker.read_to_eof(ANSWER_WAIT)     # a refusal closes the connection
         victim = await Conn.open(port)
         victim.send(victim_request(nonce))
         await victim.read(1, VICTIM_WAIT)
@@ -393,6 +401,8 @@ def assert_expectation(run: Run) -> None:
         assert not run.touched, f"refused vector reached the backend: {where}"
         assert statuses[:1] and statuses[0] in vec.statuses or (not finals and run.attacker.eof), \
             f"not refused: {where}"
+        assert len(finals) <= 1, f"answered more than the refusal: {where}"
+        assert run.attacker.eof, f"refused, but the connection stays open: {where}"
         if vec.prompt:
             t = run.attacker.first_at
             assert t is not None and t <= PROMPT_S, \
