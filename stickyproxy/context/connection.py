@@ -186,6 +186,46 @@ class _NewestConfigSentinel(Sentinel):
         return best[1], best[2]
 
 
+class _LastReleasedFirstNode(ClusterNode):
+    """A ClusterNode that hands out the most recently released free connection first."""
+
+    __slots__ = ()
+
+    def acquire_connection(self) -> Any:
+        if self._free:
+            return self._free.pop()
+        return super().acquire_connection()
+
+
+class _AskSafeCluster(RedisCluster):
+    """RedisCluster whose ASK redirects reach the importing node on the connection that got ASKING.
+
+    Cause of "ClusterError: TTL exhausted" during a slot migration (redis-py 8.2.0, the newest
+    release; see RedisCluster._execute_command and ClusterNode.execute_command): on ASK the
+    client sends ``ASKING`` with ``target_node.execute_command("ASKING")``, which takes a free
+    connection from the *left* of the node's deque and puts it back on the *right*, then sends
+    the command with a second ``execute_command``, which takes the next free connection from
+    the left. With more than one free connection to the importing node, the command runs on a
+    connection that never received ASKING (the flag holds for the next command on the same
+    connection only): the importing node answers MOVED back to the source, the source answers
+    ASK again, until the 16 redirects are spent.
+
+    Workaround, narrow: nodes reached through ``get_node`` (which the ASK path uses to find the
+    importing node) become ``_LastReleasedFirstNode`` (same slots, only ``acquire_connection``
+    differs), so they take the most recently released free connection. Nothing can run between
+    the ASKING call releasing its connection and the command acquiring one (no await in
+    between), so the command gets the connection that carries ASKING. Other nodes and every
+    other client in the process are untouched. tests/context/test_cluster_failures.py fails
+    without it.
+    """
+
+    def get_node(self, host: str | None = None, port: int | None = None, node_name: str | None = None) -> Any:
+        node = super().get_node(host, port, node_name)
+        if type(node) is ClusterNode:
+            node.__class__ = _LastReleasedFirstNode
+        return node
+
+
 class RedisClients:
     """The command client, and fresh pub/sub connections for the takeover listener."""
 
@@ -371,7 +411,7 @@ def build_clients(target: RedisTarget, *, timeout: float, pool_size: int) -> Red
         return RedisClients(target, command, timeout=timeout, listener=listener)
     common = _common_kwargs(target, timeout)
     common.pop("health_check_interval")
-    cluster = RedisCluster(
+    cluster = _AskSafeCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
         max_connections=pool_size,
         ssl=target.ssl,

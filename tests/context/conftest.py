@@ -467,3 +467,85 @@ def sentinel_ha(tmp_path: Path) -> Iterator[SentinelHA]:
         yield setup
     finally:
         setup.stop()
+
+
+class ClusterHA:
+    """Three masters and three replicas (``redis-cli --cluster create --cluster-replicas 1``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for i in range(6):
+            node_dir = workdir / f"node{i}"
+            self.nodes.append(
+                RedisServer(
+                    node_dir,
+                    port=free_port(with_bus=True),
+                    extra=["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                           "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"],
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+        )
+        wait_until(self._formed, deadline=30)
+
+    def _formed(self) -> bool:
+        for node in self.nodes:
+            with node.client() as c:
+                if c.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+                    return False
+                info = c.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+        return len(self.masters()) == 3
+
+    def masters(self) -> list[RedisServer]:
+        found = []
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                with node.client() as c:
+                    if c.info("replication")["role"] == "master":
+                        found.append(node)
+            except redis.RedisError:
+                continue
+        return found
+
+    def node_id(self, node: RedisServer) -> str:
+        with node.client() as c:
+            return c.execute_command("CLUSTER", "MYID").decode()
+
+    def owner(self, key: str) -> RedisServer:
+        """The master that serves ``key``'s slot now, as a live master reports it."""
+        with self.masters()[0].client() as c:
+            slot = c.execute_command("CLUSTER", "KEYSLOT", key)
+            for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(master[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise AssertionError(f"no owner for {key}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def cluster_ha(tmp_path: Path) -> Iterator[ClusterHA]:
+    setup = ClusterHA(tmp_path)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()

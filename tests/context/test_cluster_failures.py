@@ -1,0 +1,106 @@
+"""The store on a real Cluster of three masters and three replicas (fixture ``cluster_ha``):
+a busy user's slot migrated under load, and kill -9 of one master while users on the others
+keep working. Figures printed with ``-s`` are the ones docs/context.md quotes:
+    python3 -m pytest -q -s -p no:cacheprovider tests/context/test_cluster_failures.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from stickyproxy.context import ConflictError, ContextStore, StoreUnavailable
+from stickyproxy.context.scripts import record_key
+
+from .conftest import ClusterHA, eventually
+
+Stores = Callable[..., Any]
+WRITERS = 4
+# The store's first calls open a connection per node; a loaded machine needs more than 250 ms.
+TIMEOUT = "1s"
+# How long a migrating key is left in the ASK state while writers hammer it.
+ASK_HOLD = 1.0
+
+
+@dataclass
+class Load:
+    acked: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    errors: Counter[str] = field(default_factory=Counter)
+    samples: list[str] = field(default_factory=list)
+
+    def twice(self, user: str) -> int:
+        return len(self.acked[user]) - len(set(self.acked[user]))
+
+
+def bump(ctx: dict[str, Any]) -> int:
+    ctx["n"] = ctx.get("n", 0) + 1
+    return int(ctx["n"])
+
+
+async def hammer(store: ContextStore, users: list[str], load: Load, stop: asyncio.Event, offset: int) -> None:
+    i = offset
+    while not stop.is_set():
+        user = users[i % len(users)]
+        i += 1
+        try:
+            load.acked[user].append(await store.update(user, bump))
+        except (StoreUnavailable, ConflictError) as exc:
+            load.errors[f"{user}:{type(exc).__name__}"] += 1
+            if len(load.samples) < 5:
+                load.samples.append(f"{user}: {exc}")
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
+
+
+def stored(cluster: ClusterHA, user: str) -> int:
+    with cluster.owner(record_key("t", user)).client() as c:
+        data = c.hget(record_key("t", user), "data")
+    return json.loads(data)["n"] if data else 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_slot_migration_of_a_busy_user_fails_no_write(cluster_ha: ClusterHA, stores: Stores) -> None:
+    a: ContextStore = await stores("A", url=cluster_ha.url, redis_timeout=TIMEOUT)
+    user = "migrant"
+    key = record_key("t", user)
+    load = Load()
+    stop = asyncio.Event()
+    others = [f"other{i}" for i in range(16)]  # keep several connections open to every node
+    tasks = [asyncio.create_task(hammer(a, [user], load, stop, k)) for k in range(WRITERS)]
+    tasks += [asyncio.create_task(hammer(a, others, load, stop, k)) for k in range(WRITERS * 2)]
+    try:
+        await eventually(lambda: len(load.acked[user]) >= 20, deadline=10.0)
+        src = cluster_ha.owner(key)
+        dst = next(m for m in cluster_ha.masters() if m is not src)
+        src_id, dst_id = cluster_ha.node_id(src), cluster_ha.node_id(dst)
+        with src.client() as s, dst.client() as d:
+            slot = s.execute_command("CLUSTER", "KEYSLOT", key)
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", key)
+            before = len(load.acked[user])
+            await asyncio.sleep(ASK_HOLD)  # the key is on dst, the slot still src's: every call is ASKed
+            during = len(load.acked[user]) - before
+            for master in cluster_ha.masters():
+                with master.client() as m:
+                    m.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        await eventually(lambda: cluster_ha.owner(key) is dst, deadline=5.0)
+        after = len(load.acked[user])
+        await eventually(lambda: len(load.acked[user]) >= after + 20, deadline=10.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    print(f"\nslot migration: {len(load.acked[user])} writes acknowledged ({during} while ASKed), "
+          f"errors {dict(load.errors)} {load.samples}")
+    assert sum(load.errors.values()) == 0, load.samples
+    assert during > 0  # writes went on while the key was in the ASK state
+    assert load.twice(user) == 0
+    assert stored(cluster_ha, user) == max(load.acked[user]) == len(load.acked[user])
