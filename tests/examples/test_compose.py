@@ -1,11 +1,16 @@
 """The compose stack without a Docker engine: every file parses, every file it references
-exists, names and ports agree between compose, the proxy config, Prometheus and Grafana, and
-every metric the dashboard queries is one the code exports."""
+exists, the compose file is one Compose v2 reads (the Compose Specification; Compose 1.x
+cannot), names and ports agree between compose, the proxy config, Prometheus and Grafana, the
+apps' health check passes against a running app, and every metric the dashboard queries is
+one the code exports. (No Compose v2 can be installed from Debian's archive: the structure
+is checked here; .ci/container.sh builds both images on a real engine.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -13,11 +18,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from shop.metrics import ShopMetrics
+from shop.settings import parse_args
 
 from stickyproxy import metrics as proxy_metrics
 from stickyproxy.context import ContextMetrics
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, IO_TIMEOUT, ShopFactory, free_port
 
 COMPOSE = EXAMPLES / "docker-compose.yml"
 PROMETHEUS = EXAMPLES / "prometheus.yml"
@@ -33,6 +39,22 @@ REQUIRED_METRICS = {
     "stickyproxy_backend_up", "stickyctx_acquisitions_total", "stickyctx_writes_total",
     "stickyctx_redis_errors_total",
 }
+# The Compose Specification's top-level elements. Compose 1.x reads a file without
+# `version:` in the legacy format, where every top-level key is a service: `name:` fails.
+TOP_LEVEL = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
+# The Compose Specification service attributes this file uses or may reasonably add.
+SERVICE_KEYS = {"build", "image", "command", "entrypoint", "environment", "env_file", "ports",
+                "volumes", "depends_on", "healthcheck", "restart", "stop_grace_period",
+                "stop_signal", "user", "read_only", "labels", "networks"}
+DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
+# A project name as Compose v2 accepts it.
+PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:us|ms|s|m|h))+$")
+PORT = re.compile(r"^(?:(?:\d{1,3}\.){3}\d{1,3}:)?\d{1,5}:\d{1,5}$")
+# Interpolation: $$ (a literal $), $VAR, ${VAR}, ${VAR:-default}, ${VAR-default},
+# ${VAR:?error}, ${VAR?error}, ${VAR:+alt}, ${VAR+alt}.
+INTERPOLATION = re.compile(r"\$(?:\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?+][^}]*)?\})")
 
 
 def load_yaml(path: Path):
@@ -150,3 +172,82 @@ def test_dashboard_queries_only_exported_metrics():
     unknown = used - exported_metric_names()
     assert not unknown, f"the dashboard queries metrics nothing exports: {sorted(unknown)}"
     assert REQUIRED_METRICS <= used
+
+
+def strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+
+
+def test_the_file_says_and_is_compose_v2(compose):
+    text = COMPOSE.read_text()
+    header = text[:text.index("\nname:")]
+    assert "Compose v2" in header and "docker compose up" in header
+    assert not re.search(r"docker-compose (up|build|run)", text), "the v1 command"
+    assert "version" not in compose, "`version:` is obsolete in Compose v2"
+    assert {k for k in compose if not k.startswith("x-")} <= TOP_LEVEL
+    assert PROJECT_NAME.match(compose["name"])
+    services = compose["services"]
+    for name, service in services.items():
+        assert set(service) <= SERVICE_KEYS, f"{name}: {set(service) - SERVICE_KEYS}"
+        assert "image" in service or "build" in service, name
+        assert service.get("restart", "no") in RESTART_POLICIES, name
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and PORT.match(port), f"{name}: port {port!r}"
+        check = service.get("healthcheck")
+        if check:
+            assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+            for key in ("interval", "timeout", "start_period"):
+                assert key not in check or DURATION.match(check[key]), f"{name}: {key}"
+        depends_on = service.get("depends_on", {})
+        if isinstance(depends_on, list):    # the short form: started, not healthy
+            depends_on = dict.fromkeys(depends_on, "service_started")
+        for dep, spec in depends_on.items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            condition = spec["condition"] if isinstance(spec, dict) else "service_started"
+            assert condition in DEPENDS_ON_CONDITIONS, f"{name}: {condition}"
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep}'s health check"
+    for value in strings(compose):
+        leftover = INTERPOLATION.sub("", value)
+        assert "$" not in leftover, f"not a Compose interpolation: {value!r}"
+
+
+def test_the_admin_token_must_come_from_the_environment(compose):
+    """`docker compose up` stops with a message, not a proxy without a token."""
+    env = compose["services"]["stickyproxy"]["environment"]
+    token_env = tomllib.loads(PROXY_TOML.read_text())["admin"]["token_env"]
+    assert re.fullmatch(r"\$\{%s:\?[^}]+\}" % token_env, env[token_env])
+
+
+def test_every_app_command_is_one_the_shop_accepts(compose):
+    for app in APPS:
+        settings = parse_args(compose["services"][app]["command"])
+        assert (settings.node_id, settings.host) == (app, "0.0.0.0")
+
+
+async def test_the_apps_health_check_passes_against_a_running_app(compose, shop: ShopFactory):
+    test = compose["services"]["app-1"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    command = test[3]
+    port = option(compose["services"]["app-1"]["command"], "--port")
+    assert f"127.0.0.1:{port}/healthz" in command
+    client = await shop("app-1")
+
+    async def run(to_port: int) -> int:
+        # A subprocess the event loop waits on: the app answers from this same loop.
+        code = command.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{to_port}/")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        return await asyncio.wait_for(proc.wait(), IO_TIMEOUT * 2)
+
+    assert await run(client.port) == 0
+    assert await run(free_port()) != 0, "the check passes with nothing listening"
