@@ -220,6 +220,123 @@ def stickyproxy_interpreted_launch(workdir: Path, port: int, backend_ports: Sequ
     return stickyproxy_launch(workdir, port, backend_ports, workers, tree)
 
 
+# -- the kill drill (bench/killdrill.py) ------------------------------------------------------
+# Each proxy configured as its users would for backends that die under load: consistent hashing
+# on X-User-Id, an idempotent request that failed retried on the next server, health checked
+# every 500 ms (fall 2, rise 1), pooled keep-alive connections to the backends.
+DRILL_UPSTREAM_KEEPALIVE = 32
+DRILL_HEALTH_INTERVAL_MS = 500
+DRILL_HEALTH_FALL = 2
+DRILL_HEALTH_RISE = 1
+# NGINX: the first try plus two more, as HAProxy's `retries 2` and stickyproxy's default
+# `retries.attempts = 2`.
+DRILL_NGINX_TRIES = 3
+# Open-source NGINX has no active checks: passive only, a server failing twice is skipped for
+# fail_timeout, then tried again (the nearest it has to fall 2 / rise 1).
+DRILL_NGINX_MAX_FAILS = DRILL_HEALTH_FALL
+DRILL_NGINX_FAIL_TIMEOUT = "1s"
+DRILL_HAPROXY_RETRIES = 2
+
+
+def nginx_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int]) -> Launch:
+    """NGINX for the kill drill: `hash … consistent`, `max_fails`, `proxy_next_upstream error
+    timeout http_502` with 3 tries, 32 pooled connections."""
+    servers = "\n".join(f"        server {LOOPBACK}:{p} max_fails={DRILL_NGINX_MAX_FAILS} "
+                        f"fail_timeout={DRILL_NGINX_FAIL_TIMEOUT};" for p in backend_ports)
+    body = f"""    upstream apps {{
+        hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
+{servers}
+        keepalive {DRILL_UPSTREAM_KEEPALIVE};
+    }}
+
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            proxy_pass http://apps;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_502;
+            proxy_next_upstream_tries {DRILL_NGINX_TRIES};
+        }}
+    }}"""
+    prefix = workdir / "nginx-drill"
+    return _nginx_launch(prefix, _nginx_main(prefix, 1, body))
+
+
+def haproxy_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int],
+                         stats_port: int) -> Launch:
+    """HAProxy for the kill drill: `balance hdr(X-User-Id)`, `hash-type consistent`,
+    `option redispatch`, `retries 2`, `retry-on conn-failure empty-response response-timeout`,
+    HTTP checks every 500 ms (fall 2, rise 1), `http-reuse always`; its stats page (CSV) on
+    `stats_port` counts the retries and redispatches it made."""
+    timeouts = "\n".join(f"    timeout {name} {value}" for name, value in HAPROXY_TIMEOUTS.items())
+    servers = "\n".join(f"    server {backend_id} {LOOPBACK}:{p}"
+                        for backend_id, p in zip(BACKEND_IDS, backend_ports))
+    check = (f"check inter {DRILL_HEALTH_INTERVAL_MS} fall {DRILL_HEALTH_FALL} "
+             f"rise {DRILL_HEALTH_RISE}")
+    config = f"""global
+    nbthread 1
+    maxconn {HAPROXY_MAXCONN}
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    option redispatch
+    retries {DRILL_HAPROXY_RETRIES}
+    retry-on conn-failure empty-response response-timeout
+{timeouts}
+
+frontend proxy
+    bind {LOOPBACK}:{port}
+    default_backend apps
+
+backend apps
+    balance hdr({USER_HEADER})
+    hash-type consistent
+    option httpchk GET /
+    default-server {check}
+{servers}
+
+listen stats
+    bind {LOOPBACK}:{stats_port}
+    stats enable
+    stats uri /stats
+"""
+    conf = workdir / "haproxy-drill.cfg"
+    return Launch("haproxy", ["haproxy", "-f", str(conf), "-db"], conf, config)
+
+
+def stickyproxy_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int],
+                             admin_port: int) -> Launch:
+    """stickyproxy for the kill drill: its defaults (retries, passive health, pool, the
+    X-User-Id key), health checks every 500 ms (fall 2, rise 1; a check's timeout, which may
+    not exceed the interval, equal to it, as HAProxy's is without `timeout check`), the
+    admin listener (for /metrics) on `admin_port`."""
+    backends = "\n".join(f"""[[backends]]
+id = "{backend_id}"
+url = "http://{LOOPBACK}:{p}"
+""" for backend_id, p in zip(BACKEND_IDS, backend_ports))
+    config = f"""[listen]
+host = "{LOOPBACK}"
+port = {port}
+
+[admin]
+host = "{LOOPBACK}"
+port = {admin_port}
+
+[health]
+interval = "{DRILL_HEALTH_INTERVAL_MS}ms"
+timeout = "{DRILL_HEALTH_INTERVAL_MS}ms"
+fall = {DRILL_HEALTH_FALL}
+rise = {DRILL_HEALTH_RISE}
+
+{backends}"""
+    conf = workdir / "stickyproxy-drill.toml"
+    argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf)]
+    return Launch("stickyproxy run", argv, conf, config, python_env())
+
+
 def python_env(*extra_paths: Path) -> dict[str, str]:
     """PYTHONPATH for a Python child: this checkout (and `extra_paths`) first."""
     paths = [str(p) for p in extra_paths] + [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
