@@ -18,7 +18,8 @@ A request vector says what stickyproxy must do with it:
 
 ``backend`` is how the recording backend answers: ``echo`` after the whole request,
 ``early`` as soon as a head arrives (before any body), ``early-close`` the same and then it
-closes the connection, ``connect-2xx`` a 2xx to CONNECT
+closes the connection, ``upgrade-101`` a 101 to a request asking to upgrade (a tunnel from
+then on), ``connect-2xx`` a 2xx to CONNECT
 (which makes the connection a tunnel, RFC 9112 §6.3 rule 2). ``segments`` after the first
 are sent once the first answer arrived (or a short wait passed).
 
@@ -35,7 +36,8 @@ REFUSE = "refuse"
 NO_REQUEST = "no-request"
 EITHER = "either"
 
-ECHO, EARLY, EARLY_CLOSE, CONNECT_2XX = "echo", "early", "early-close", "connect-2xx"
+ECHO, EARLY, EARLY_CLOSE = "echo", "early", "early-close"
+CONNECT_2XX, UPGRADE_101 = "connect-2xx", "upgrade-101"
 
 ERRORS = frozenset(range(400, 600))
 
@@ -48,6 +50,7 @@ class RequestVector:
     why: str
     backend: str = ECHO
     forwards: int = 1                       # complete requests when forwarded
+    answer: int = 200                       # the backend's status the client gets then
     statuses: frozenset[int] = ERRORS       # acceptable answers when refused
     prompt: bool = False                    # refused at once, not after a timeout
 
@@ -356,6 +359,15 @@ REQUEST_VECTORS: list[RequestVector] = [
     # --- Upgrade and tunnels (RFC 9110 §7.8) -----------------------------------------------------
     V("websocket-upgrade", G + WS + b"\r\n", FORWARD,
       "RFC 6455 §4.1 (the backend answers 200, so the connection stays HTTP)"),
+    V("websocket-upgrade-101-tunnel", (G + WS + b"\r\n", b"tunnel bytes"), FORWARD,
+      "RFC 9110 §15.2.2, RFC 9112 §9.8: after a 101 the connection is a tunnel owned by that "
+      "client, never pooled", backend=UPGRADE_101, answer=101),
+    V("websocket-upgrade-101-then-request", G + WS + b"\r\n" + SMUG, FORWARD,
+      "RFC 9110 §7.8: bytes after an upgrade request are the new protocol's once it is "
+      "switched, never a request", backend=UPGRADE_101, answer=101),
+    V("upgrade-unknown-101", G + b"Connection: Upgrade\r\nUpgrade: foo/1\r\n\r\n", EITHER,
+      "RFC 9110 §7.8: a protocol the proxy does not tunnel is not offered to the backend",
+      backend=UPGRADE_101),
     V("websocket-upgrade-with-cl", G + WS + b"Content-Length: %d\r\n\r\n" % len(SMUG) + SMUG,
       EITHER, "RFC 9110 §7.8: an upgrade with a body; the body must never be read as requests",
       backend=EARLY),

@@ -13,12 +13,15 @@
   connection received, and answers in one of the modes a vector asks for: after the whole
   request (``echo``), as soon as the head arrived before reading any body (``early``; with
   ``early-close`` it then closes the connection, as a server does that will not read a body), a 2xx
-  to CONNECT after which the connection is a tunnel (``connect-2xx``), or a given raw
+  to CONNECT after which the connection is a tunnel (``connect-2xx``), a 101 to a request
+  asking to upgrade, after which it is a tunnel too (``upgrade-101``), or a given raw
   response for targets under ``/resp/``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import socket
 import threading
@@ -37,7 +40,8 @@ ECHO = "echo"
 EARLY = "early"
 EARLY_CLOSE = "early-close"
 CONNECT_2XX = "connect-2xx"
-MODES = (ECHO, EARLY, EARLY_CLOSE, CONNECT_2XX)
+UPGRADE_101 = "upgrade-101"
+MODES = (ECHO, EARLY, EARLY_CLOSE, CONNECT_2XX, UPGRADE_101)
 
 _WS = b" \t"
 _HEX = re.compile(rb"^[0-9A-Fa-f]+$")
@@ -444,6 +448,21 @@ def echo_response(msg: Message, *, close: bool = False) -> bytes:
             % (len(body), b"Connection: close\r\n" if close else b"", body))
 
 
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def switching_protocols(msg: Message) -> bytes:
+    """A 101 to an upgrade request (RFC 9110 §15.2.2), with the WebSocket accept token when
+    it asked for one (RFC 6455 §4.2.2)."""
+    proto = msg.values("upgrade")[0]
+    out = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + proto + b"\r\n"
+    key = msg.values("sec-websocket-key")
+    if key:
+        accept = base64.b64encode(hashlib.sha1(key[0] + _WS_GUID).digest())
+        out += b"Sec-WebSocket-Accept: " + accept + b"\r\n"
+    return out + b"\r\n"
+
+
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\n"
                b"bad request")
 CONNECT_OK = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -462,6 +481,7 @@ class RecConn:
         self.heads: list[Message] = []     # every request head seen, in order
         self.errors: list[str] = []
         self.tunnel = False
+        self.tunnel_at: int | None = None  # offset in raw where tunnel data starts
         self.closed = False               # the recorder's side is closed
         self.peer_eof = False             # the proxy closed (or reset) its side
 
@@ -554,6 +574,11 @@ class Recorder:
             self._send(conn, CONNECT_OK)
             conn.tunnel = True
             return True
+        if self.mode == UPGRADE_101 and msg.values("upgrade") and \
+                b"upgrade" in codings(msg.values("connection")):
+            self._send(conn, switching_protocols(msg))
+            conn.tunnel = True
+            return True
         if self.raw_response is not None and msg.target.startswith(b"/resp/"):
             self._send(conn, self.raw_response)
             return not self.raw_close
@@ -605,6 +630,7 @@ class Recorder:
                                 if not self._answer(conn, msg):
                                     return
                                 if conn.tunnel:
+                                    conn.tunnel_at = head[1]
                                     if buf[head[1]:]:
                                         self._send(conn, TUNNEL_REPLY)
                                     break
@@ -618,6 +644,11 @@ class Recorder:
                     msg, pos = got
                     if msg.start != answered_at and not self._answer(conn, msg):
                         return
+                    if conn.tunnel:
+                        conn.tunnel_at = pos
+                        if buf[pos:]:
+                            self._send(conn, TUNNEL_REPLY)
+                        break
                     if not msg.version:
                         return                    # HTTP/0.9: one request per connection
         finally:

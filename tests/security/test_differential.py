@@ -264,6 +264,7 @@ class Run:
     upstream_closed: list[bool]             # ... and whether the proxy closed it
     attacker_msgs: list[Message] = field(default_factory=list)
     touched: list[int] = field(default_factory=list)   # indices of connections with its bytes
+    tunnels: int = 0                        # upstream connections switched to a tunnel
 
     @property
     def forwarded(self) -> bool:
@@ -326,8 +327,12 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
         victim.close()
         await _quiet(recorder, proxy)
         conns = recorder.connections(proxy)
-        run = Run(proxy, vec, nonce, attacker, victim, [c.data() for c in conns],
+        # bytes after a switch (101, CONNECT 2xx) are tunnel data, not requests
+        run = Run(proxy, vec, nonce, attacker, victim,
+                  [c.data()[:c.tunnel_at] if c.tunnel_at is not None else c.data()
+                   for c in conns],
                   [c.peer_eof or c.closed for c in conns])
+        run.tunnels = sum(c.tunnel_at is not None for c in conns)
         _attribute(run)
         if not run.forwarded:
             # a connection that carried part of the vector but no complete request must be
@@ -395,7 +400,7 @@ def assert_expectation(run: Run) -> None:
             f"upstream {[d[:300] for d in run.upstream]!r}"
     if vec.expect == FORWARD:
         assert len(run.attacker_msgs) == vec.forwards, f"not forwarded as {vec.forwards}: {where}"
-        assert statuses[:1] == [200], f"the backend's answer was not relayed: {where}"
+        assert statuses[:1] == [vec.answer], f"the backend's answer was not relayed: {where}"
         return
     if vec.expect == REFUSE:
         assert not run.touched, f"refused vector reached the backend: {where}"
