@@ -2,11 +2,12 @@
 
     python -m bench [--smoke] [--install] [--only NAMES] [--report-only]
 
-Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, profile. Raw
-results go to bench/results/NAME.json, the report to docs/benchmarks.md with its charts in
-docs/benchmarks/. ``--smoke`` runs each with tiny counts (under a minute) to check the harness
-works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx, haproxy, wrk or
-py-spy are missing it skips what needs them (or uses the Python load client) and says so.
+Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, killdrill,
+profile. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md with its
+charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (under a minute) to check
+the harness works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx,
+haproxy, wrk or py-spy are missing it skips what needs them (or uses the Python load client)
+and says so.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ SMOKE_DIR = RESULTS_DIR / "smoke"
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 IMAGES_DIR = REPO_ROOT / "docs" / "benchmarks"
 META_NAME = "suite"
-SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "profile")
+SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "profile")
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
+DRILL_TOOLS = ("nginx", "haproxy")
 REDIS_TOOL = "redis-server"
 FULL_WORKERS, SMOKE_WORKERS = (1, 2), (1,)
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -100,6 +102,8 @@ def required_tools(scenarios: Sequence[str]) -> list[str]:
     tools: list[str] = []
     if {"dataplane", "streams", "profile"} & set(scenarios):
         tools += PROXY_TOOLS
+    if "killdrill" in scenarios:
+        tools += DRILL_TOOLS
     if {"shop", "failover"} & set(scenarios):
         tools.append(REDIS_TOOL)
     return list(dict.fromkeys(tools))
@@ -189,6 +193,15 @@ def run_failover(s: Settings) -> dict[str, Any]:
     return failover.run(failover.make_plan(s.smoke), progress)
 
 
+def run_killdrill(s: Settings) -> dict[str, Any]:
+    from . import killdrill
+    result = killdrill.run(killdrill.make_plan(s.smoke), s.has, progress)
+    failed = [t for t in result["targets"] if t["status"] == killdrill.STATUS_FAILED]
+    if failed:
+        raise RuntimeError("; ".join(f"{t['name']}: {t['reason']}" for t in failed))
+    return result
+
+
 def run_profile(s: Settings) -> dict[str, Any]:
     from . import profiling
     return profiling.run(s.smoke, s.has("wrk"), progress)
@@ -196,7 +209,7 @@ def run_profile(s: Settings) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "ring": run_ring, "dataplane": run_dataplane, "streams": run_streams, "shop": run_shop,
-    "failover": run_failover, "profile": run_profile,
+    "failover": run_failover, "killdrill": run_killdrill, "profile": run_profile,
 }
 
 
@@ -236,6 +249,8 @@ def draw(results: dict[str, dict[str, Any]], images_dir: Path) -> dict[str, Path
         charts["failover"] = plots.failover(images_dir / "failover.png", results["failover"])
     if "ring" in results:
         charts["ring"] = plots.ring(images_dir / "ring.png", results["ring"])
+    if "killdrill" in results:
+        charts["killdrill"] = plots.killdrill(images_dir / "killdrill.png", results["killdrill"])
     return charts
 
 

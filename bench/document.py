@@ -139,7 +139,8 @@ def failover_verdicts(failover: dict[str, Any] | None) -> list[Verdict]:
 
 def summary_section(results: dict[str, dict[str, Any]]) -> str:
     verdicts = (dataplane_verdicts(results.get("dataplane")) + ring_verdicts(results.get("ring"))
-                + shop_verdicts(results.get("shop")) + failover_verdicts(results.get("failover")))
+                + shop_verdicts(results.get("shop")) + failover_verdicts(results.get("failover"))
+                + killdrill_verdicts(results.get("killdrill")))
     rows = [(v.target, v.measured + (f" ({v.note})" if v.note else ""), v.verdict)
             for v in verdicts]
     return ("## DESIGN.md §8, target by target\n\n"
@@ -721,6 +722,130 @@ def ring_section(r: dict[str, Any], images: dict[str, Path | None], doc_dir: Pat
     ])
 
 
+DRILL_NAMES = {"nginx": "NGINX", "haproxy": "HAProxy", "stickyproxy": "stickyproxy"}
+
+
+def _drill_measured(k: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in k["targets"] if t.get("status") == "ok"}
+
+
+def killdrill_verdicts(k: dict[str, Any] | None) -> list[Verdict]:
+    target = "kill one of three every 4 s under load, beside NGINX and HAProxy: zero failed GETs"
+    ours = _drill_measured(k).get(REFERENCE) if k else None
+    if not k or ours is None:
+        return [Verdict(target, "-", NOT_MEASURED)]
+    others = ", ".join(f"{DRILL_NAMES[n]} {t['failed']:,}"
+                       for n, t in _drill_measured(k).items() if n != REFERENCE)
+    measured = f"{ours['failed']:,} of {ours['answered'] + ours['failed']:,}"
+    return [Verdict(target, measured + (f" ({others})" if others else ""),
+                    _verdict(ours["failed"] == 0))]
+
+
+def drill_configuration(name: str, s: dict[str, Any]) -> str:
+    """How the drill configured each proxy (bench/targets.py `*_drill_launch`)."""
+    h, n = s["health"], s["nginx"]
+    if name == "nginx":
+        return (f"`hash $http_x_user_id consistent`, `max_fails={n['max_fails']} "
+                f"fail_timeout={n['fail_timeout']}` (passive only: open-source NGINX has no "
+                f"active checks), `keepalive {n['keepalive']}`, `proxy_next_upstream error "
+                f"timeout http_502`, `proxy_next_upstream_tries {n['tries']}`")
+    if name == "haproxy":
+        return (f"`balance hdr(X-User-Id)`, `hash-type consistent`, `option redispatch`, "
+                f"`retries {s['haproxy']['retries']}`, `retry-on conn-failure empty-response "
+                f"response-timeout`, `option httpchk GET /` with `check inter "
+                f"{h['interval_ms']} fall {h['fall']} rise {h['rise']}`, `http-reuse always`")
+    return (f"its defaults, plus `[health] interval = \"{h['interval_ms']}ms\"`, "
+            f"`timeout = \"{h['interval_ms']}ms\"` (it may not exceed the interval), "
+            f"`fall = {h['fall']}`, `rise = {h['rise']}`")
+
+
+def _counts(values: dict[str, float]) -> str:
+    return ", ".join(f"{k or '-'} {v:,.0f}" for k, v in
+                     sorted(values.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def drill_counter_rows(name: str, counters: dict[str, Any]) -> list[tuple[str, str, str]]:
+    label = DRILL_NAMES[name]
+    if "unavailable" in counters:
+        return [(label, "its own counters", f"not read: {counters['unavailable']}")]
+    if name == "stickyproxy":
+        return [(label, "`stickyproxy_retries_total` by reason",
+                 _counts(counters.get("retries_total", {}))),
+                (label, "`stickyproxy_retries_denied_total` by reason",
+                 _counts(counters.get("retries_denied_total", {}))),
+                (label, "`stickyproxy_upstream_errors_total` by kind",
+                 _counts(counters.get("upstream_errors_total", {})))]
+    if name == "haproxy":
+        return [(label, "stats of backend `apps` (`wretr`, `wredis`, `econ`, `eresp`)",
+                 _counts(counters))]
+    return [(label, "error-log lines about an upstream, by kind", _counts(counters))]
+
+
+def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:
+    s = k["settings"]
+    rows, counter_rows, skipped, configs = [], [], [], []
+    for t in k["targets"]:
+        label = DRILL_NAMES.get(t["name"], t["name"])
+        if t.get("status") != "ok":
+            skipped.append(f"{label}: {t.get('status')}: {t.get('reason')}")
+            continue
+        reasons = "; ".join(f"{_cell(r)} ({n:,})" for r, n in
+                            sorted(t["failure_reasons"].items(), key=lambda kv: -kv[1]))
+        rows.append((label, f"{t['answered']:,}", f"**{t['failed']:,}**",
+                     f"{t['gets_per_s']:,.0f}", reasons or "-"))
+        configs.append(f"- **{label}**: {drill_configuration(t['name'], s)}")
+        counter_rows += drill_counter_rows(t["name"], t.get("proxy_counters") or {})
+    measured = _drill_measured(k)
+    first = next(iter(measured.values()), None)
+    plan = ", ".join(f"{e['action']} {e['backend']} at {e['at']:.1f} s"
+                     for e in (first or {}).get("events", []))
+    samples = [(DRILL_NAMES[t["name"]], f"{f['at']:.2f}",
+                "-" if not f["after_kill"] else
+                f"{f['after_kill'][1]:.2f} s after {f['after_kill'][0]} was killed",
+                _cell(f["reason"]))
+               for t in measured.values() for f in t["failure_samples"]]
+    parts = [
+        "## 5. Backends killed under load, beside NGINX and HAProxy\n",
+        (f"Three backends (bench/backend.py, one process per port), {s['clients']} keep-alive "
+         f"clients each sending its next GET when the last is answered, for a random user of "
+         f"{s['users']:,} (`X-User-Id`), for {s['duration_s']:g} s per proxy; every "
+         f"{s['period_s']:g} s one backend, in turn, is killed with SIGKILL and started again on "
+         f"the same port {s['down_s']:g} s later. The three proxies run one after another in the "
+         "same run, against the same backend processes. A GET counts as failed on any status "
+         f"but 200, a reset or a timeout ({s['request_timeout_s']:g} s); the client never "
+         "retries. The reason of a failure is its status and the first bytes of the body, or "
+         "the client's error. Each proxy is configured as its users would for this job: "
+         "consistent hashing on `X-User-Id`, an idempotent request that failed retried on the "
+         f"next server, health checks every {s['health']['interval_ms']} ms (fall "
+         f"{s['health']['fall']}, rise {s['health']['rise']}) (bench/targets.py, "
+         "`*_drill_launch`):\n"),
+        "\n".join(configs) + "\n",
+        table(("proxy", "GETs answered 200", "failed", "GETs/s", "why they failed (count)"),
+              rows),
+    ]
+    if skipped:
+        parts.append("\nNot measured: " + "; ".join(skipped) + ".")
+    if plan:
+        parts.append(f"\nThe schedule as done during the {DRILL_NAMES[first['name']]} run "
+                     f"(seconds since its start): {plan}. GETs/s differ between the proxies "
+                     "because the client, the backends and the proxy share two CPUs; compare "
+                     "the failures, not the rates.")
+    parts += [
+        "\nWhat each proxy counted itself over its run (after the drill):\n",
+        table(("proxy", "counter", "values"), counter_rows, left=3),
+    ]
+    if samples:
+        parts += ["\nThe first failed GETs, when (seconds since the proxy's run started):\n",
+                  table(("proxy", "s", "after", "reason"), samples, left=4)]
+    parts.append("\n" + image(images.get("killdrill"), doc_dir,
+                              "GETs per second and failures, each proxy"))
+    return "\n".join(parts)
+
+
 def run_header(meta: dict[str, Any]) -> str:
     rows = [(name, v.get("started_at", "-"),
              duration(v["seconds"]) if "seconds" in v else v.get("status", "-"),
@@ -760,6 +885,8 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
         parts.append(failover_section(results["failover"], images, doc_dir))
     if "ring" in results:
         parts.append(ring_section(results["ring"], images, doc_dir))
+    if "killdrill" in results:
+        parts.append(killdrill_section(results["killdrill"], images, doc_dir))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
@@ -768,7 +895,8 @@ REPRODUCE = """```sh
 pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
 python -m bench                  # everything, about 11 minutes; rewrites this file
-python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, ring, profile)
+python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
+                                 # ring, profile)
 python -m bench --smoke          # tiny counts, under a minute: checks the harness, not the speed
 ```
 

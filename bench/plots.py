@@ -220,3 +220,29 @@ def ring(path: Path, result: dict[str, Any]) -> Path:
     ax_move.set_ylabel("% of keys that change backend")
     ax_move.set_title("keys moved (gray: 1/(N+1) and 1/N ideal)")
     return _save(fig, path)
+
+
+def killdrill(path: Path, result: dict[str, Any]) -> Path | None:
+    measured = [t for t in result["targets"] if t.get("status") == "ok"]
+    if not measured:
+        return None
+    fig, axes = plt.subplots(1, len(measured), figsize=WIDE, squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], measured):
+        answered, failed = t["timeline"]["answered"], t["timeline"]["failed"]
+        edges = list(range(len(answered) + 1))
+        ax.stairs(answered, edges, linewidth=2, color=_color(t["name"]), label="answered 200")
+        if any(failed):
+            twin = ax.twinx()
+            twin.bar(range(len(failed)), failed, width=1.0, align="edge", color="red",
+                     alpha=0.5)
+            twin.set_ylabel("failed GETs per second (red bars)", color="red")
+        for e in t["events"]:
+            ax.axvline(e["at"], color="black", linewidth=0.8,
+                       linestyle="--" if e["action"] == "kill" else ":")
+        ax.set_title(f"{t['name']}: {t['failed']:,} failed of {t['answered'] + t['failed']:,}",
+                     fontsize=10)
+        ax.set_xlabel("seconds (dashed: kill -9, dotted: started again)")
+        ax.legend(loc="lower left", fontsize=8)
+    axes[0][0].set_ylabel("GETs per second")
+    fig.suptitle("a backend killed -9 every few seconds under load, each proxy in turn")
+    return _save(fig, path)
