@@ -163,9 +163,19 @@ def _argv(name: str, prefix: Path, conf: Path) -> list[str]:
     return [HAPROXY, "-f", str(conf), "-db"]
 
 
-def start(name: str, workdir: Path, backend_port: int) -> Peer:
-    """Start ``nginx`` or ``haproxy`` in front of ``backend_port``; ready when it returns."""
-    prefix = workdir / name
+def start(name: str, workdir: Path, backend_port: int, attempts: int = 3) -> Peer:
+    """Start ``nginx`` or ``haproxy`` in front of ``backend_port``; ready when it returns.
+    A free port can be taken by someone else before the peer binds it: then another one."""
+    error = ""
+    for attempt in range(attempts):
+        try:
+            return _start_once(name, workdir / f"{name}-{attempt}", backend_port)
+        except RuntimeError as e:
+            error = str(e)
+    raise RuntimeError(error)
+
+
+def _start_once(name: str, prefix: Path, backend_port: int) -> Peer:
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     render = nginx_config if name == "nginx" else haproxy_config
