@@ -258,6 +258,8 @@ def write_report(settings: Settings, meta: dict[str, Any]) -> None:
     results = load_results(settings.results_dir)
     charts = draw(results, settings.images_dir)
     text = document.render(results, charts, settings.doc_path, meta)
+    if settings.doc_path.exists():
+        text = document.carry_over(text, settings.doc_path.read_text(), results)
     settings.doc_path.parent.mkdir(parents=True, exist_ok=True)
     settings.doc_path.write_text(text)
     progress(f"report: {settings.doc_path} ({len(charts)} charts in {settings.images_dir})")

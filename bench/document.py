@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -730,7 +731,9 @@ def _drill_measured(k: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def killdrill_verdicts(k: dict[str, Any] | None) -> list[Verdict]:
-    target = "kill one of three every 4 s under load, beside NGINX and HAProxy: zero failed GETs"
+    every = f" {k['settings']['period_s']:g} s" if k else ""
+    target = (f"kill one of three every{every} under load, beside NGINX and HAProxy: "
+              "zero failed GETs")
     ours = _drill_measured(k).get(REFERENCE) if k else None
     if not k or ours is None:
         return [Verdict(target, "-", NOT_MEASURED)]
@@ -889,6 +892,131 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
         parts.append(killdrill_section(results["killdrill"], images, doc_dir))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
+
+
+# -- keeping the previous report's parts whose results are absent ---------------------------
+# bench/results/ is not committed, so on a fresh checkout `--only NAME` has no results for the
+# other benchmarks: their sections, summary rows and header rows are kept from the report
+# being replaced instead of dropped. Each benchmark's section heading and summary targets:
+SECTION_HEADINGS = (("dataplane", "## 1. Data plane"), ("shop", "## 2. Sticky vs stateless"),
+                    ("failover", "## 3. Failover drill"), ("ring", "## 4. The ring"),
+                    ("killdrill", "## 5. Backends killed under load"))
+VERDICT_PREFIXES = (("dataplane", ("proxy throughput", "p99 added latency")),
+                    ("ring", ("ring lookup",)),
+                    ("shop", ("≥ 95% fewer Redis", "higher throughput than the stateless")),
+                    ("killdrill", ("kill one of three every",)),
+                    ("failover", ("kill one of three",)))
+SUMMARY_HEADING = "## DESIGN.md §8"
+HEADER_TABLE = "| benchmark | started |"
+SECTION_START = re.compile(r"(?m)^(?=## )")
+
+
+def _sections(text: str) -> tuple[str, list[str]]:
+    """The text before the first `## ` heading, and each section (heading line first)."""
+    parts = SECTION_START.split(text)
+    return parts[0], [p.rstrip("\n") for p in parts[1:]]
+
+
+def _section_owner(section: str) -> str | None:
+    return next((name for name, heading in SECTION_HEADINGS if section.startswith(heading)),
+                None)
+
+
+def _row_owner(row: str) -> str | None:
+    target = row.strip("| ").split(" | ")[0]
+    return next((name for name, prefixes in VERDICT_PREFIXES
+                 if target.startswith(prefixes)), None)
+
+
+def _table_rows(text: str, start: str) -> list[str]:
+    """The body rows of the Markdown table whose header line starts with `start`."""
+    lines = text.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
+    if at is None:
+        return []
+    rows = []
+    for line in lines[at + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def _replace_rows(text: str, start: str, rows: list[str]) -> str:
+    old = _table_rows(text, start)
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(start)) + 2
+    new_lines = [r + "\n" for r in rows]
+    return "".join(lines[:at] + new_lines + lines[at + len(old):])
+
+
+def carry_over(new: str, old: str, measured: Iterable[str]) -> str:
+    """`new` (a rendered report) with what `old` (the report it replaces) showed of the
+    benchmarks absent from `measured`: their sections, in their places; their rows of the
+    summary, instead of "not measured"; their rows of the header's table of runs."""
+    measured = set(measured)
+    new_pre, new_sections = _sections(new)
+    old_pre, old_sections = _sections(old)
+    present = {_section_owner(s) for s in new_sections}
+    kept = [s for s in old_sections
+            if _section_owner(s) not in measured and _section_owner(s) not in present
+            and _section_owner(s) is not None]
+    if not kept:
+        return new
+    carried = {_section_owner(s) for s in kept}
+    order = [name for name, _ in SECTION_HEADINGS]
+    sections = list(new_sections)
+    for section in kept:
+        rank = order.index(_section_owner(section) or "")
+        at = next((i for i, s in enumerate(sections)
+                   if (_section_owner(s) is not None and order.index(_section_owner(s) or "")
+                       > rank) or s.startswith("## Reproducing")), len(sections))
+        sections.insert(at, section)
+    for i, section in enumerate(sections):
+        if section.startswith(SUMMARY_HEADING):
+            old_summary = next((s for s in old_sections if s.startswith(SUMMARY_HEADING)), "")
+            sections[i] = _merge_summary(section, old_summary, carried)
+    header = _table_rows(new_pre, HEADER_TABLE)
+    names = {r.strip("| ").split(" | ")[0] for r in header}
+    earlier = [r for r in _table_rows(old_pre, HEADER_TABLE)
+               if r.strip("| ").split(" | ")[0] not in names]
+    if header and earlier:
+        new_pre = _replace_rows(new_pre, HEADER_TABLE, earlier + header)
+    return _name_earlier_run(new_pre, old_pre) + "\n\n".join(sections) + "\n"
+
+
+WRITTEN_BY, RUNS_TABLE_INTRO, KEPT = "Written by ", " When each benchmark ran", " The sections "
+
+
+def _name_earlier_run(new_pre: str, old_pre: str) -> str:
+    """The header, saying which run wrote the sections kept from the report before (its
+    command, date and tool versions), as that report said it."""
+    old_line = next((ln for ln in old_pre.splitlines() if ln.startswith(WRITTEN_BY)), "")
+    written, _, kept = old_line.split(RUNS_TABLE_INTRO)[0].partition(KEPT)
+    if not written or RUNS_TABLE_INTRO not in new_pre:
+        return new_pre
+    # a report that already kept sections from an earlier run names that run
+    note = (KEPT + kept if kept else
+            f"{KEPT}of the benchmarks not run by that command are kept from the report before, "
+            f"w{written[1:]}")
+    return new_pre.replace(RUNS_TABLE_INTRO, note + RUNS_TABLE_INTRO, 1)
+
+
+def _merge_summary(new: str, old: str, carried: set[str]) -> str:
+    """The summary table with the rows of `carried` benchmarks taken from `old`, each group
+    where the new table had that benchmark's rows."""
+    start = "| target |"
+    old_rows = _table_rows(old, start)
+    rows: list[str] = []
+    done: set[str] = set()
+    for row in _table_rows(new, start):
+        owner = _row_owner(row)
+        if owner not in carried:
+            rows.append(row)
+        elif owner not in done:
+            done.add(owner)
+            rows += [r for r in old_rows if _row_owner(r) == owner] or [row]
+    return _replace_rows(new, start, rows).rstrip("\n")
 
 
 REPRODUCE = """```sh
