@@ -234,7 +234,9 @@ class ContextStore:
         # Buffered changes taken out of ``_pending`` whose write is in flight.
         self._flushing = 0
         self._locks = UserLocks()
-        self._breaker = CircuitBreaker(breaker_failures, self.settings.breaker_reset)
+        # One breaker per Redis node: in a Cluster a dead master refuses calls for its own slots
+        # only. Single server and Sentinel use the one breaker under "".
+        self._breakers: dict[str, CircuitBreaker] = {"": self._new_breaker()}
         self._channel = takeover_channel(namespace)
         self._clients: RedisClients | None = None
         self._acquire_script: Any = None
@@ -264,7 +266,30 @@ class ContextStore:
 
     @property
     def breaker_state(self) -> BreakerState:
-        return self._breaker.state
+        """The worst state of any node's breaker (the only one outside a Cluster)."""
+        states = [b.state for b in self._breakers.values()]
+        if BreakerState.OPEN in states:
+            return BreakerState.OPEN
+        if BreakerState.HALF_OPEN in states:
+            return BreakerState.HALF_OPEN
+        return BreakerState.CLOSED
+
+    def _new_breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_reset)
+
+    def _breaker_for(self, key: str) -> CircuitBreaker:
+        """The breaker of the node serving ``key`` (Cluster), else the store's one breaker."""
+        if self._target.kind != "cluster" or self._clients is None:
+            return self._breakers[""]
+        try:
+            node = self._clients.command.get_node_from_key(key)
+        except Exception:  # noqa: BLE001 - slots not known yet: the shared breaker decides
+            node = None
+        name = "" if node is None else str(node.name)
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            breaker = self._breakers[name] = self._new_breaker()
+        return breaker
 
     @property
     def pending_writes(self) -> int:
@@ -424,6 +449,7 @@ class ContextStore:
             try:
                 reply = await self._redis(
                     Op.DELETE,
+                    key,
                     lambda: self._replicated(
                         self._delete_script, [key], [user, self.settings.idle_ttl_ms, self._channel]
                     ),
@@ -445,8 +471,8 @@ class ContextStore:
             parse_delete(reply, user)
 
     async def flush(self) -> int:
-        """Write every buffered change now (fenced). Returns how many reached Redis; stops at the
-        first Redis failure, leaving the rest buffered."""
+        """Write every buffered change now (fenced). Returns how many reached Redis; a change
+        whose write fails stays buffered."""
         if self._state not in ("running", "closing"):
             raise StoreClosed(f"store is {self._state}")
         written = 0
@@ -456,7 +482,9 @@ class ContextStore:
                     if await self._flush_user(user, slot):
                         written += 1
                 except StoreUnavailable:
-                    break
+                    # Left buffered; other users may live on other (Cluster) nodes, and once
+                    # this node's breaker opens their calls fail without waiting.
+                    continue
                 except RecordMismatch:
                     continue
         return written
@@ -498,6 +526,7 @@ class ContextStore:
         started = time.monotonic()
         reply = await self._redis(
             Op.ACQUIRE,
+            key,
             lambda: self._replicated(
                 self._acquire_script, [key], [self.node_id, user, self.settings.idle_ttl_ms, self._channel]
             ),
@@ -522,7 +551,7 @@ class ContextStore:
             if self._cache.peek(user) is not entry:
                 return await self._acquire(user, slot, reason="revalidate")
             gen = self._current_gen()
-            reply = await self._redis(Op.READ, lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA))
+            reply = await self._redis(Op.READ, key, lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA))
         except StoreUnavailable:
             # Unverified and Redis unreachable from here: another instance may still reach it
             # and have taken the user over, so the copy is not served (C3 over C5).
@@ -547,6 +576,7 @@ class ContextStore:
         try:
             reply = await self._redis(
                 Op.TOUCH,
+                key,
                 lambda: self._write_script(
                     keys=[key], args=[self.node_id, user, entry.epoch, self.settings.idle_ttl_ms]
                 ),
@@ -620,6 +650,7 @@ class ContextStore:
         key = record_key(self.settings.namespace, user)
         reply = await self._redis(
             Op.WRITE,
+            key,
             lambda: self._replicated(
                 self._write_script,
                 [key],
@@ -694,10 +725,15 @@ class ContextStore:
                 log.exception("flushing buffered context changes failed")
 
     def _breaker_may_pass(self) -> bool:
-        breaker = self._breaker
-        if breaker.state is BreakerState.OPEN:
-            return time.monotonic() - breaker.opened_at >= breaker.reset_after
-        return not (breaker.state is BreakerState.HALF_OPEN and breaker.probe_in_flight)
+        """Whether any node's breaker would let a call through now."""
+        now = time.monotonic()
+        for breaker in self._breakers.values():
+            if breaker.state is BreakerState.OPEN:
+                if now - breaker.opened_at >= breaker.reset_after:
+                    return True
+            elif not (breaker.state is BreakerState.HALF_OPEN and breaker.probe_in_flight):
+                return True
+        return False
 
     # -- cache bookkeeping -----------------------------------------------------------------
 
@@ -719,7 +755,7 @@ class ContextStore:
         m.entries.set(len(self._cache))
         m.entry_bytes.set(self._cache.bytes)
         m.buffered_writes.set(self.pending_writes)
-        m.breaker_state.set(int(self._breaker.state))
+        m.breaker_state.set(int(self.breaker_state))
         m.listener_up.set(1 if self._listener_up else 0)
 
     # -- Redis calls -----------------------------------------------------------------------
@@ -756,7 +792,7 @@ class ContextStore:
             return reply
         raise NoScriptError("script not loaded after SCRIPT LOAD")
 
-    async def _redis(self, op: Op, call: Callable[[], Awaitable[T]]) -> T:
+    async def _redis(self, op: Op, key: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call through the breaker, bounded by ``redis_timeout`` in total
         (pool wait and any retry included), retrying only idempotent operations."""
         pause = self._failover_pause_until
@@ -765,7 +801,7 @@ class ContextStore:
                 self.metrics.redis_errors.labels(op.value).inc()
                 raise StoreUnavailable(f"redis failover in progress; {op.value} not attempted", op=op.value)
             self._failover_pause_until = None
-        breaker = self._breaker
+        breaker = self._breaker_for(key)
         if not breaker.allow(time.monotonic()):
             self.metrics.breaker_rejections.inc()
             self._update_gauges()
