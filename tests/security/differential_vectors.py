@@ -315,6 +315,16 @@ REQUEST_VECTORS: list[RequestVector] = [
       b"Content-Length: 5\r\n\r\nhello", FORWARD, "RFC 9110 §9.1"),
     V("method-extension-token-chars", b"FOO_BAR-1 /a HTTP/1.1\r\n" + H + b"\r\n", FORWARD,
       "RFC 9110 §9.1: a method is a token"),
+    V("method-extension-pipelined-after-get", G + b"\r\n" + b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n",
+      FORWARD, "RFC 9110 §9.1, RFC 9112 §9.3.2", forwards=2),
+    V("method-extension-pipelined-after-body", P + b"Content-Length: 5\r\n\r\nhello" +
+      b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n", FORWARD, "RFC 9110 §9.1, RFC 9112 §9.3.2",
+      forwards=2),
+    V("http-1.2-pipelined-after-body", P + b"Content-Length: 5\r\n\r\nhello" +
+      b"GET /b HTTP/1.2\r\n" + H + b"\r\n", FORWARD, "RFC 9110 §2.5, RFC 9112 §9.3.2",
+      forwards=2),
+    V("method-extension-in-later-segment", (G + b"\r\n", b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n"),
+      FORWARD, "RFC 9110 §9.1: the next request on a kept-alive connection", forwards=2),
     V("method-registered-webdav", b"PROPFIND /a HTTP/1.1\r\n" + H + b"\r\n", FORWARD,
       "RFC 4918 §9.1"),
     V("method-lowercase", b"get /a HTTP/1.1\r\n" + H + b"\r\n", EITHER,
