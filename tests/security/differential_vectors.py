@@ -21,7 +21,8 @@ A request vector says what stickyproxy must do with it:
 closes the connection, ``upgrade-101`` a 101 to a request asking to upgrade (a tunnel from
 then on), ``connect-2xx`` a 2xx to CONNECT
 (which makes the connection a tunnel, RFC 9112 §6.3 rule 2). ``segments`` after the first
-are sent once the first answer arrived (or a short wait passed).
+are sent once the first answer arrived (or a short wait passed); with ``split`` they are sent
+a moment apart without waiting for anything, so the proxy reads them separately.
 
 ``KNOWN_STRICTER``: every vector stickyproxy refuses while NGINX and HAProxy both forward it,
 with the reason. The suite fails when this table is out of date in either direction.
@@ -53,6 +54,7 @@ class RequestVector:
     answer: int = 200                       # the backend's status the client gets then
     statuses: frozenset[int] = ERRORS       # acceptable answers when refused
     prompt: bool = False                    # refused at once, not after a timeout
+    split: bool = False                     # segments are separate reads, not answer-paced
 
     @property
     def raw(self) -> bytes:
@@ -325,6 +327,29 @@ REQUEST_VECTORS: list[RequestVector] = [
       forwards=2),
     V("method-extension-in-later-segment", (G + b"\r\n", b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n"),
       FORWARD, "RFC 9110 §9.1: the next request on a kept-alive connection", forwards=2),
+    V("method-extension-pipelined-after-cl-zero", P + b"Content-Length: 0\r\n\r\n" +
+      b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n", FORWARD, "RFC 9110 §9.1, RFC 9112 §9.3.2",
+      forwards=2),
+    V("http-1.2-pipelined-after-get", G + b"\r\n" + b"GET /b HTTP/1.2\r\n" + H + b"\r\n",
+      FORWARD, "RFC 9110 §2.5, RFC 9112 §9.3.2", forwards=2),
+    V("method-extension-split-request-line", (b"FOOB", b"AR /a HTTP/1.1\r\n" + H + b"\r\n"),
+      FORWARD, "RFC 9110 §9.1: a request line may arrive in pieces", split=True),
+    V("http-1.2-split-request-line", (b"GET /a HTTP/1.", b"2\r\n" + H + b"\r\n"), FORWARD,
+      "RFC 9110 §2.5: a request line may arrive in pieces", split=True),
+    V("method-extension-chunked", b"FOOBAR /a HTTP/1.1\r\n" + H +
+      b"Transfer-Encoding: chunked\r\n\r\n" + HELLO_CHUNKED, FORWARD, "RFC 9110 §9.1"),
+    V("method-extension-absolute-form", b"FOOBAR http://shop.example/x HTTP/1.1\r\n" + H +
+      b"\r\n", FORWARD, "RFC 9110 §9.1, RFC 9112 §3.2.2"),
+    V("method-extension-asterisk", b"FOOBAR * HTTP/1.1\r\n" + H + b"\r\n", REFUSE,
+      "RFC 9112 §3.2.4: asterisk-form is only used with OPTIONS"),
+    V("method-connect-prefix", b"CONNECTX /a HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\n"
+      b"hello", FORWARD, "RFC 9110 §9.1: a distinct token is a distinct method, framed as any"),
+    V("method-connect-lowercase-with-cl", b"connect /a HTTP/1.1\r\n" + H +
+      b"Content-Length: %d\r\n\r\n" % len(SMUG) + SMUG, EITHER,
+      "RFC 9110 §9.1: methods are case-sensitive, so this is not CONNECT; refusing it is "
+      "prudent, forwarding it must frame its body", backend=EARLY),
+    V("http-1.2-chunked", b"POST /a HTTP/1.2\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+      + HELLO_CHUNKED, FORWARD, "RFC 9110 §2.5: processed as HTTP/1.1, chunked included"),
     V("method-registered-webdav", b"PROPFIND /a HTTP/1.1\r\n" + H + b"\r\n", FORWARD,
       "RFC 4918 §9.1"),
     V("method-lowercase", b"get /a HTTP/1.1\r\n" + H + b"\r\n", EITHER,

@@ -87,6 +87,9 @@ VICTIM_WAIT = 3.0
 # The backend is "quiet" when no byte arrived for this long (bounded by QUIET_MAX).
 QUIET = 0.05
 QUIET_MAX = 1.5
+# Between the segments of a split vector: long enough that the proxy reads each one on its
+# own (loopback delivers a write at once; this is the input's shape, not a wait for state).
+SPLIT_GAP = 0.05
 # How long a proxy may take to close an upstream connection it must not reuse.
 CLOSE_WAIT = 2.0
 PROXIES = ("stickyproxy", "nginx", "haproxy")
@@ -310,13 +313,20 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
     try:
         await _warm(port, nonce)
         attacker = await Conn.open(port)
-        attacker.send(vec.segments[0])
         head = vec.raw.startswith(b"HEAD ")
         wait = ANSWER_WAIT if vec.expect in (FORWARD, REFUSE) else ATTACK_WAIT
-        await attacker.read(1, wait, head=head)
-        for seg in vec.segments[1:]:
-            attacker.send(seg)
-            await attacker.read(len(attacker.finals(head=head)) + 1, wait, head=head)
+        if vec.split:
+            for seg in vec.segments:
+                attacker.send(seg)
+                await attacker.writer.drain()
+                await asyncio.sleep(SPLIT_GAP)      # the input's shape: separate reads
+            await attacker.read(1, wait, head=head)
+        else:
+            attacker.send(vec.segments[0])
+            await attacker.read(1, wait, head=head)
+            for seg in vec.segments[1:]:
+                attacker.send(seg)
+                await attacker.read(len(attacker.finals(head=head)) + 1, wait, head=head)
         if vec.forwards > 1:
             await attacker.read(vec.forwards, wait)
         if proxy == "stickyproxy" and vec.expect == REFUSE:
