@@ -78,6 +78,15 @@ HELLO_CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
 SMUG = b"GET /smuggled HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: attacker\r\n\r\n"
 WS = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
       b"Sec-WebSocket-Version: 13\r\n")
+def _gets(total: int, count: int = 8) -> bytes:
+    """``count`` body-less pipelined GETs, ``total`` bytes together (each head well inside
+    every proxy's limits), to put what follows at a chosen offset."""
+    empty = len(G) + len(b"X-Pad: \r\n\r\n")
+    pads = [(total - count * empty) // count] * count
+    pads[-1] += total - count * empty - sum(pads)
+    return b"".join(G + b"X-Pad: " + b"p" * n + b"\r\n\r\n" for n in pads)
+
+
 CONNECT_WHY = ("RFC 9110 §9.3.6: CONNECT asks the recipient to open a tunnel; a reverse proxy in "
                "front of application instances does not, so it must never reach a pooled "
                "connection (issue 13)")
@@ -300,6 +309,9 @@ REQUEST_VECTORS: list[RequestVector] = [
     V("http-0.9", b"GET /\r\n", REFUSE,
       "RFC 9112 Appendix C.1: HTTP/0.9 is not supported; answered or closed at once "
       "(issue 13)", prompt=True),
+    V("http-0.9-split", (b"GET /", b"\r\n"), REFUSE,
+      "RFC 9112 Appendix C.1: answered at once however the line arrives", prompt=True,
+      split=True),
     V("http-2.0", b"GET /a HTTP/2.0\r\n" + H + b"\r\n", REFUSE,
       "RFC 9110 §2.5, §15.6.6: another major version (505)"),
     V("http-3.0", b"GET /a HTTP/3.0\r\n" + H + b"\r\n", REFUSE, "RFC 9110 §2.5"),
@@ -336,6 +348,14 @@ REQUEST_VECTORS: list[RequestVector] = [
       FORWARD, "RFC 9110 §9.1: a request line may arrive in pieces", split=True),
     V("http-1.2-split-request-line", (b"GET /a HTTP/1.", b"2\r\n" + H + b"\r\n"), FORWARD,
       "RFC 9110 §2.5: a request line may arrive in pieces", split=True),
+    V("method-extension-split-in-head", (b"FOOBAR /a HTTP/1.1\r\nHost: shop.ex",
+      b"ample\r\nX-User-Id: attacker\r\n\r\n"), FORWARD, "RFC 9110 §9.1", split=True),
+    V("method-extension-straddles-16k", _gets(16384 - 3) + b"FOOBAR /b HTTP/1.1\r\n" + H +
+      b"\r\n", FORWARD, "RFC 9110 §9.1: wherever a read or a parsing slice happens to end",
+      forwards=9),
+    V("http-1.2-straddles-16k", _gets(16384 - len(b"GET /b HTTP/1.")) + b"GET /b HTTP/1.2\r\n" +
+      H + b"\r\n", FORWARD, "RFC 9110 §2.5: wherever a read or a parsing slice happens to end",
+      forwards=9),
     V("method-extension-chunked", b"FOOBAR /a HTTP/1.1\r\n" + H +
       b"Transfer-Encoding: chunked\r\n\r\n" + HELLO_CHUNKED, FORWARD, "RFC 9110 §9.1"),
     V("method-extension-absolute-form", b"FOOBAR http://shop.example/x HTTP/1.1\r\n" + H +
