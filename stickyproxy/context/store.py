@@ -135,8 +135,6 @@ class _Entry:
 # Longest a Sentinel failover may pause Redis calls between "promotion imminent" and the
 # switch announcement (measured: about 1 s; Sentinel's own failover-timeout default is 3 min).
 FAILOVER_PAUSE_MAX = 10.0
-# Default wait_replicas for a Sentinel URL (0 for others).
-DEFAULT_SENTINEL_WAIT_REPLICAS = 1
 
 # How often close() repeats the cancellation of a background task that has not ended.
 CANCEL_REPEAT = 0.1
@@ -196,15 +194,11 @@ class ContextStore:
         pool_size: int = DEFAULT_POOL_SIZE,
         cluster: bool = False,
         listener_liveness: float | str = DEFAULT_LISTENER_LIVENESS,
-        wait_replicas: int | None = None,
+        wait_replicas: int = 0,
         serializer: Serializer | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._target = parse_redis_url(redis_url, cluster=cluster)
-        if wait_replicas is None:
-            # A Sentinel deployment exists to survive the master's loss: acknowledge a change
-            # only once a replica that Sentinel may promote holds it.
-            wait_replicas = DEFAULT_SENTINEL_WAIT_REPLICAS if self._target.kind == "sentinel" else 0
         if wait_replicas and self._target.kind == "cluster":
             raise ConfigError("wait_replicas: not supported with a Cluster (use 0)")
         self.settings = StoreSettings(

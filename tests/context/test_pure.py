@@ -369,8 +369,8 @@ def test_wait_replicas_defaults_by_topology() -> None:
     from stickyproxy.context import ConfigError, ContextStore
 
     assert ContextStore("redis://127.0.0.1:1/0").settings.wait_replicas == 0
-    assert ContextStore("redis+sentinel://127.0.0.1:1/m").settings.wait_replicas == 1
-    assert ContextStore("redis+sentinel://127.0.0.1:1/m", wait_replicas=0).settings.wait_replicas == 0
+    assert ContextStore("redis+sentinel://127.0.0.1:1/m").settings.wait_replicas == 0
+    assert ContextStore("redis+sentinel://127.0.0.1:1/m", wait_replicas=1).settings.wait_replicas == 1
     assert ContextStore("redis+cluster://127.0.0.1:1").settings.wait_replicas == 0
     with pytest.raises(ConfigError, match="wait_replicas"):
         ContextStore("redis+cluster://127.0.0.1:1", wait_replicas=1)

@@ -35,10 +35,8 @@ async def exercise(a: ContextStore, b: ContextStore, users: list[str]) -> None:
 
 @pytest.mark.slow
 async def test_sentinel(sentinel_setup: SentinelSetup, stores: Stores) -> None:
-    # This set-up has no replica: acknowledge on the master alone (the Sentinel default waits
-    # for one replica; see test_sentinel_failover.py).
-    a: ContextStore = await stores("A", url=sentinel_setup.url, redis_timeout=TIMEOUT, wait_replicas=0)
-    b: ContextStore = await stores("B", url=sentinel_setup.url, redis_timeout=TIMEOUT, wait_replicas=0)
+    a: ContextStore = await stores("A", url=sentinel_setup.url, redis_timeout=TIMEOUT)
+    b: ContextStore = await stores("B", url=sentinel_setup.url, redis_timeout=TIMEOUT)
     assert a.listener_connected and b.listener_connected
     await exercise(a, b, [f"s{i}" for i in range(10)])
     with sentinel_setup.master.client() as c:
