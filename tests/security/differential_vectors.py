@@ -509,6 +509,19 @@ RESPONSE_VECTORS: list[ResponseVector] = [
     R("chunk-extension-and-trailer", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
       b"5;e=1\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n", "RFC 9112 §7.1.1, §7.1.2"),
     R("cl-leading-zeros", b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\n\r\nok", "RFC 9110 §8.6"),
+    R("te-three-codings", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: deflate, gzip, chunked\r\n\r\n"
+      b"4\r\nDFGZ\r\n0\r\n\r\n", "RFC 9112 §6.1: codings listed in the order applied"),
+    R("te-mixed-case", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: GZIP , Chunked\r\n\r\n"
+      b"4\r\nGZIP\r\n0\r\n\r\n", "RFC 9112 §7: coding names are case-insensitive; OWS "
+      "around list items (RFC 9110 §5.6.1)"),
+    R("te-two-fields", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"
+      b"\r\n4\r\nGZIP\r\n0\r\n\r\n", "RFC 9110 §5.3: two field lines are one list, "
+      "gzip then chunked", refuse_ok=True),
+    R("http-1.2-response", b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok",
+      "RFC 9110 §2.5: a higher minor version SHOULD be processed as HTTP/1.1"),
+    R("http-2.0-response", b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+      "RFC 9110 §2.5: another major version on an HTTP/1.1 connection; framed unambiguously "
+      "all the same, so relaying it as HTTP/1.1 or refusing it are both safe", refuse_ok=True),
     R("te-chunked-gzip-chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip, chunked\r\n"
       b"\r\n4\r\nINNR\r\n0\r\n\r\n", "RFC 9112 §6.1: chunked applied twice is invalid; relay the "
       "codings in order or refuse (issue 13)", refuse_ok=True),
