@@ -25,7 +25,7 @@ from ..keys import KeyRejected
 from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
                    connection_tokens, error_response, is_chunked_only, normalise_target,
-                   refuse_method, rewrite_request_line)
+                   STAND_IN_METHOD, refuse_method, rewrite_request_line)
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -60,7 +60,7 @@ class ClientProtocol(asyncio.Protocol):
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
                  "start_pending", "max_header_bytes", "max_headers",
-                 "feed_mark", "line_buf", "ext_method")
+                 "line_buf", "ext_method")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -99,9 +99,6 @@ class ClientProtocol(asyncio.Protocol):
         self.eof = False
         self.batch = 0
         self.out: list[bytes] = []
-        # requests parsed before the current slice was fed, when it began at a message
-        # boundary with only body-less messages since; -1 otherwise (see _retry_line)
-        self.feed_mark = -1
         self.line_buf = b""           # the start of a request line llhttp must see whole
         self.ext_method = ""          # the method to forward in place of llhttp's stand-in
 
@@ -142,7 +139,8 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 # the common case: one small request on an idle connection
                 self.feeding = True
-                self.feed_mark = self.requests if self.receiving is None and not self.in_head else -1
+                # requests parsed before this read, if it starts a message (_retry_line)
+                mark = -1 if self.in_head else self.requests
                 try:
                     self.parser.feed_data(data)
                     if self.in_head:
@@ -151,7 +149,7 @@ class ClientProtocol(asyncio.Protocol):
                     self.feeding = False
                     self._after_upgrade_request(data[e.args[0]:])
                 except HttpParserError as e:
-                    self._parse_failed(e, data, b"")
+                    self._parse_failed(e, data, b"", mark)
                 self.feeding = False
                 if self.start_pending:
                     self._start_pending()
@@ -216,7 +214,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
             end = min(n, pos + FEED_SLICE)
             chunk = view[pos:end] if (pos or end < n) else data
-            self.feed_mark = self.requests if self.receiving is None and not self.in_head else -1
+            mark = self.requests if self.receiving is None and not self.in_head else -1
             try:
                 self.parser.feed_data(chunk)
                 if self.in_head:
@@ -229,7 +227,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._after_upgrade_request(rest)
                 return
             except HttpParserError as e:
-                self._parse_failed(e, bytes(chunk), bytes(view[end:]))
+                self._parse_failed(e, bytes(chunk), bytes(view[end:]), mark)
                 return
             if self.closing:
                 return
@@ -249,10 +247,11 @@ class ClientProtocol(asyncio.Protocol):
             self.limit_error = RequestError(400, "request line has no HTTP version")
             raise HttpParserError("HTTP/0.9 request")
 
-    def _parse_failed(self, e: HttpParserError, fed: bytes, more: bytes) -> None:
-        """llhttp refused the slice ``fed`` (``more`` is the input after it): go on with a
+    def _parse_failed(self, e: HttpParserError, fed: bytes, more: bytes, mark: int) -> None:
+        """llhttp refused the slice ``fed`` (``more`` is the input after it; ``mark``: the
+        requests parsed before it, or -1 if it did not start a message): go on with a
         fresh parser from a rewritten request line (``_retry_line``), or answer 400."""
-        line = self._retry_line(e, fed)
+        line = self._retry_line(e, fed, mark)
         if line is None:
             self._parse_error(e)
             return
@@ -266,7 +265,7 @@ class ClientProtocol(asyncio.Protocol):
         if line:
             self._feed_slices(line)
 
-    def _retry_line(self, e: HttpParserError, fed: bytes) -> bytes | None:
+    def _retry_line(self, e: HttpParserError, fed: bytes, mark: int) -> bytes | None:
         """llhttp refused ``fed``: the input to feed a fresh parser instead when what it
         refused is a valid request line it does not know (http.rewrite_request_line),
         ``b""`` when that line is still incomplete (kept in ``line_buf``), or None.
@@ -275,7 +274,6 @@ class ClientProtocol(asyncio.Protocol):
         that its start is found exactly: past one head (ended by the first empty line,
         RFC 9112 §2.1) per request parsed from ``fed``. Bodies are never searched.
         """
-        mark = self.feed_mark
         if self.limit_error is not None or mark < 0 or not self.in_head:
             return None
         unknown_method = isinstance(e, HttpParserInvalidMethodError)
@@ -284,7 +282,7 @@ class ClientProtocol(asyncio.Protocol):
         start = _skip_empty_lines(fed, 0)
         for _ in range(self.requests - mark):
             end = fed.find(b"\r\n\r\n", start)
-            if end < 0:
+            if end < 0 or _may_have_body(fed[start:end + 2]):
                 return None
             start = _skip_empty_lines(fed, end + 4)
         end = fed.find(b"\n", start)
@@ -389,15 +387,13 @@ class ClientProtocol(asyncio.Protocol):
             return
         parser = self.parser
         self.requests += 1
-        method = self.ext_method
-        if method:
-            self.ext_method = ""
+        raw_method = parser.get_method()
+        if raw_method == STAND_IN_METHOD and self.ext_method:
+            method, self.ext_method = self.ext_method, ""
         else:
-            method = parser.get_method().decode("ascii")
+            method = raw_method.decode("ascii")
         try:
             ex = self._build(method, parser.get_http_version(), parser.should_keep_alive())
-            if ex.framing != "none":
-                self.feed_mark = -1      # the next message's start is past a body
         except RequestError as err:
             ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
             ex.local = (err.status, err.reason, err.extra)
@@ -428,8 +424,6 @@ class ClientProtocol(asyncio.Protocol):
     # -- request building ----------------------------------------------------------------
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
         server = self.server
-        if method == "CONNECT":
-            refuse_method(method)   # whatever its target form: never forwarded
         host: bytes | None = None
         hosts = 0
         te: list[bytes] | None = None
@@ -489,6 +483,8 @@ class ClientProtocol(asyncio.Protocol):
         upgrade = False
         fwd = self.fwd
         if self.parser.should_upgrade():
+            # (llhttp's upgrade includes CONNECT) CONNECT is refused whatever its target
+            refuse_method(method)
             # llhttp ends an upgrade request at its head and treats what follows as the new
             # protocol: a body would be read as further requests (smuggling). Refused.
             if framing != "none":
@@ -779,6 +775,13 @@ def _client_ip(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:
         if not server.is_trusted(hop):
             return hop
     return hops[0] if hops else peer
+
+
+def _may_have_body(head: bytes) -> bool:
+    """Whether a request head llhttp accepted may be followed by a body: it names a framing
+    field (or a value holds such a name: then also True, the safe answer)."""
+    low = head.lower()
+    return b"content-length" in low or b"transfer-encoding" in low
 
 
 def _skip_empty_lines(data: bytes, pos: int) -> int:
