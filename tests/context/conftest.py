@@ -552,3 +552,58 @@ def cluster_ha(tmp_path: Path) -> Iterator[ClusterHA]:
         yield setup
     finally:
         setup.stop()
+
+
+class StaleProbe:
+    """Counts stale reads: ``writer`` keeps changing ``users`` (taking them over) while
+    ``reader`` keeps reading them. A read that started at t and returned a value older than one
+    ``writer`` had acknowledged before t is stale; its age is t minus that acknowledgement."""
+
+    def __init__(self, writer: ContextStore, reader: ContextStore, users: list[str]) -> None:
+        self.writer, self.reader, self.users = writer, reader, users
+        self.acked: dict[str, list[tuple[float, int]]] = {u: [] for u in users}
+        self.reads = 0
+        self.stale_ages: list[float] = []
+        self.errors = 0
+
+    def _newest_before(self, user: str, t: float) -> tuple[float, int] | None:
+        found = None
+        for at, n in self.acked[user]:
+            if at < t:
+                found = (at, n)
+        return found
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(self._write(stop), self._read(stop))
+
+    async def _write(self, stop: asyncio.Event) -> None:
+        i = 0
+        while not stop.is_set():
+            user = self.users[i % len(self.users)]
+            i += 1
+
+            def bump(ctx: dict[str, Any]) -> int:
+                ctx["n"] = ctx.get("n", 0) + 1
+                return int(ctx["n"])
+
+            try:
+                n = await self.writer.update(user, bump)
+                self.acked[user].append((time.monotonic(), n))
+            except Exception:  # noqa: BLE001 - counted; the probe measures reads
+                self.errors += 1
+            await asyncio.sleep(0.02)
+
+    async def _read(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for user in self.users:
+                started = time.monotonic()
+                try:
+                    value = (await self.reader.get(user)).get("n", 0)
+                except Exception:  # noqa: BLE001 - a refusal is not a stale read
+                    self.errors += 1
+                    continue
+                self.reads += 1
+                newest = self._newest_before(user, started)
+                if newest is not None and value < newest[1]:
+                    self.stale_ages.append(started - newest[0])
+            await asyncio.sleep(0.002)

@@ -19,7 +19,7 @@ import pytest
 from stickyproxy.context import ConflictError, ContextStore, StoreUnavailable
 from stickyproxy.context.scripts import record_key
 
-from .conftest import ClusterHA, eventually
+from .conftest import ClusterHA, StaleProbe, eventually
 
 Stores = Callable[..., Any]
 WRITERS = 4
@@ -114,10 +114,15 @@ async def test_master_killed_isolates_its_users(cluster_ha: ClusterHA, stores: S
     # The cluster runs with cluster-require-full-coverage no (see the fixture): with the
     # default, Redis itself answers CLUSTERDOWN for every slot while one is uncovered.
     a: ContextStore = await stores("A", url=cluster_ha.url, redis_timeout="250ms")
+    b: ContextStore = await stores("B", url=cluster_ha.url, redis_timeout="250ms")
     users = [f"k{i}" for i in range(24)]
     load = Load()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(hammer(a, users, load, stop, k * 3)) for k in range(WRITERS * 2)]
+    # B keeps taking a few other users over while A keeps reading them: A must never serve a
+    # copy older than B's acknowledged writes beyond the stale-read window.
+    probe = StaleProbe(b, a, [f"p{i}" for i in range(6)])
+    tasks.append(asyncio.create_task(probe.run(stop)))
     try:
         await eventually(lambda: min(len(load.acked[u]) for u in users) >= 3, deadline=15.0)
         victim = cluster_ha.owner(record_key("t", users[0]))
@@ -148,7 +153,8 @@ async def test_master_killed_isolates_its_users(cluster_ha: ClusterHA, stores: S
     print(f"\nkill -9 of a master: {len(doomed)} of {len(users)} users on it; their writes resumed after "
           f"{recovered:.2f}s; errors: healthy-master users {healthy_errors} ({healthy_acked} writes "
           f"acknowledged meanwhile), dead-master users {doomed_errors}; lost {lost}, acknowledged twice {twice} "
-          f"{load.samples[:2]}")
+          f"{load.samples[:2]}; stale-read probe: {probe.reads} reads, {len(probe.stale_ages)} stale, "
+          f"oldest {max(probe.stale_ages, default=0) * 1000:.0f} ms")
     healthy_messages: Counter[str] = Counter()
     for u in healthy:
         healthy_messages.update(load.messages[u])
@@ -160,3 +166,5 @@ async def test_master_killed_isolates_its_users(cluster_ha: ClusterHA, stores: S
     assert healthy_acked > 0
     assert doomed_errors > 0  # the dead master's users did fail until the promotion
     assert twice == 0
+    assert probe.reads > 0
+    assert max(probe.stale_ages, default=0) <= a.settings.listener_liveness

@@ -26,7 +26,7 @@ import pytest
 from stickyproxy.context import ConflictError, ContextStore, StoreUnavailable
 from stickyproxy.context.scripts import record_key
 
-from .conftest import SentinelHA, eventually
+from .conftest import SentinelHA, StaleProbe, eventually
 
 Stores = Callable[..., Any]
 USERS = [f"u{i}" for i in range(8)]
@@ -49,6 +49,11 @@ class Report:
     errors: Counter[str] = field(default_factory=Counter)
     final: dict[str, int] = field(default_factory=dict)
     ack_times: list[float] = field(default_factory=list)
+    probe: StaleProbe | None = None
+
+    @property
+    def stale_ages(self) -> list[float]:
+        return self.probe.stale_ages if self.probe else []
 
     @property
     def longest_gap(self) -> float:
@@ -73,7 +78,9 @@ class Report:
         return (
             f"{label}: acknowledged {self.acknowledged} (after the switch {self.acked_after_switch}), "
             f"lost {self.lost}, acknowledged twice {self.acknowledged_twice}, errors {dict(self.errors)}, "
-            f"no write acknowledged for {self.longest_gap:.2f}s"
+            f"no write acknowledged for {self.longest_gap:.2f}s; stale-read probe: "
+            f"{self.probe.reads if self.probe else 0} reads, {len(self.stale_ages)} stale, "
+            f"oldest {max(self.stale_ages, default=0) * 1000:.0f} ms"
         )
 
 
@@ -112,6 +119,9 @@ async def failover_under_load(
                 report.acked_after_switch += 1
 
     tasks = [asyncio.create_task(writer(s, k)) for s in (a, b) for k in range(WRITERS_PER_STORE)]
+    # B keeps taking other users over while A keeps reading them, across the failover.
+    report.probe = StaleProbe(b, a, [f"p{i}" for i in range(4)])
+    tasks.append(asyncio.create_task(report.probe.run(stop)))
     try:
         await asyncio.sleep(BEFORE)
         old = ha.master_port()
@@ -162,6 +172,7 @@ async def test_graceful_failover_with_wait_loses_no_acknowledged_write(sentinel_
     print("\n" + report.line("graceful failover, wait_replicas=1"))
     assert report.acknowledged_twice == 0
     assert report.lost == 0
+    assert max(report.stale_ages, default=0) <= 1.0  # listener_liveness
     assert report.acked_after_switch > 0  # writes resumed on the new master
 
 
@@ -175,6 +186,7 @@ async def test_master_killed_with_wait_loses_no_acknowledged_write(sentinel_ha: 
     print("\n" + report.line("kill -9 of the master, wait_replicas=1"))
     assert report.acknowledged_twice == 0
     assert report.lost == 0
+    assert max(report.stale_ages, default=0) <= 1.0  # listener_liveness
     assert report.acked_after_switch > 0
 
 
@@ -191,6 +203,7 @@ async def test_graceful_failover_by_default_loses_no_acknowledged_write(sentinel
     # See docs/context.md for what this relies on (the leader sentinel's event reaching us).
     assert report.acknowledged_twice == 0
     assert report.lost == 0
+    assert max(report.stale_ages, default=0) <= 1.0  # listener_liveness
 
 
 @pytest.mark.slow
