@@ -798,8 +798,11 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
             continue
         reasons = "; ".join(f"{_cell(r)} ({n:,})" for r, n in
                             sorted(t["failure_reasons"].items(), key=lambda kv: -kv[1]))
+        lat = t.get("latency_ms") or {}
         rows.append((label, f"{t['answered']:,}", f"**{t['failed']:,}**",
-                     f"{t['gets_per_s']:,.0f}", reasons or "-"))
+                     f"{t['gets_per_s']:,.0f}",
+                     *(dash(lat.get(p), ",.1f") for p in ("p50", "p99", "p999", "max")),
+                     reasons or "-"))
         configs.append(f"- **{label}**: {drill_configuration(t['name'], s)}")
         counter_rows += drill_counter_rows(t["name"], t.get("proxy_counters") or {})
     measured = _drill_measured(k)
@@ -827,8 +830,10 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
          f"{s['health']['fall']}, rise {s['health']['rise']}) (bench/targets.py, "
          "`*_drill_launch`):\n"),
         "\n".join(configs) + "\n",
-        table(("proxy", "GETs answered 200", "failed", "GETs/s", "why they failed (count)"),
-              rows),
+        table(("proxy", "GETs answered 200", "failed", "GETs/s", "p50 ms", "p99 ms",
+               "p99.9 ms", "max ms", "why they failed (count)"), rows),
+        ("\nLatencies are those of the GETs answered 200, from sending the GET to the whole "
+         "answer; a GET a proxy retried includes its retries."),
     ]
     if skipped:
         parts.append("\nNot measured: " + "; ".join(skipped) + ".")

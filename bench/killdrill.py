@@ -16,6 +16,7 @@ redispatches (its stats page, CSV), NGINX's failed upstream attempts (its error 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import stats
 from .backend import backend_argv
 from .httpclient import CONNECT_ERROR, TIMEOUT_ERROR, Request, connect, run_loop
 from .probe import ProbeError, check_sticky_routing
@@ -54,7 +56,7 @@ REQUEST_TIMEOUT = 10.0
 # proxy that died does not turn the client into a busy loop.
 CONNECT_BACKOFF_S = 0.05
 # Bytes of a failed response's body kept in its reason: enough for the proxy's own message.
-REASON_BODY_BYTES = 72
+REASON_BODY_BYTES = 120
 # Failures kept one by one (time, backend killed last, reason), per proxy.
 FAILURE_SAMPLES = 40
 HTTP_TIMEOUT = 5.0
@@ -117,7 +119,8 @@ def failure_reason(status: int, body: bytes, error: str) -> str:
 
 @dataclass
 class Tally:
-    """Every GET of one drill, counted as it ends; `at` is seconds since the drill started."""
+    """Every GET of one drill, counted as it ends: `at` is seconds since the drill started,
+    `latency` seconds from sending the GET to its answer (or failure)."""
     seconds: int
     answered: int = 0
     failed: int = 0
@@ -125,18 +128,27 @@ class Tally:
     served_by: collections.Counter[str] = field(default_factory=collections.Counter)
     answered_per_second: list[int] = field(default_factory=list)
     failed_per_second: list[int] = field(default_factory=list)
+    served_per_second: dict[str, list[int]] = field(default_factory=dict)
     samples: list[tuple[float, str]] = field(default_factory=list)
+    latencies: array.array = field(default_factory=lambda: array.array("d"))
 
     def __post_init__(self) -> None:
         self.answered_per_second = [0] * self.seconds
         self.failed_per_second = [0] * self.seconds
 
-    def add(self, at: float, status: int, body: bytes, error: str, served_by: str) -> None:
+    def add(self, at: float, latency: float, status: int, body: bytes, error: str,
+            served_by: str) -> None:
         second = max(0, min(int(at), self.seconds - 1))
         if status == OK_STATUS and not error:
+            backend = served_by or "?"
             self.answered += 1
             self.answered_per_second[second] += 1
-            self.served_by[served_by or "?"] += 1
+            self.served_by[backend] += 1
+            per_second = self.served_per_second.get(backend)
+            if per_second is None:
+                per_second = self.served_per_second[backend] = [0] * self.seconds
+            per_second[second] += 1
+            self.latencies.append(latency)
             return
         reason = failure_reason(status, body, error)
         self.failed += 1
@@ -316,6 +328,7 @@ class Drill:
         conn = None
         while now() < end:
             raw = self.requests[rng.randrange(len(self.requests))]
+            issued = now()
             if conn is None or not conn.reusable:
                 if conn is not None:
                     conn.close()
@@ -323,7 +336,8 @@ class Drill:
                     conn = await connect(self.port, served_by=True, keep_body=True)
                 except OSError:
                     conn = None
-                    self.tally.add(now() - self.start, 0, b"", CONNECT_ERROR, "")
+                    self.tally.add(now() - self.start, now() - issued, 0, b"", CONNECT_ERROR,
+                                   "")
                     await asyncio.sleep(CONNECT_BACKOFF_S)
                     continue
             answered: asyncio.Future[Any] = loop.create_future()
@@ -334,12 +348,12 @@ class Drill:
             except TimeoutError:
                 conn.abandon()
                 response, error = None, TIMEOUT_ERROR
-            at = now() - self.start
+            done = now()
             if response is None:
-                self.tally.add(at, 0, b"", error, "")
+                self.tally.add(done - self.start, done - issued, 0, b"", error, "")
             else:
-                self.tally.add(at, response.status, b"".join(response.body), "",
-                               response.served_by)
+                self.tally.add(done - self.start, done - issued, response.status,
+                               b"".join(response.body), "", response.served_by)
         if conn is not None:
             conn.close()
 
@@ -369,10 +383,12 @@ def run_target(name: str, workdir: Path, fleet: Fleet, plan: Plan,
     return {"name": name, "status": STATUS_OK, "answered": t.answered, "failed": t.failed,
             "gets_per_s": t.answered / plan.duration, "failure_reasons": dict(t.reasons),
             "served_by": dict(t.served_by),
+            "latency_ms": stats.latency_ms(t.latencies),
             "failure_samples": [{"at": at, "reason": reason,
                                  "after_kill": last_kill_before(at, drill.events)}
                                 for at, reason in t.samples],
-            "timeline": {"answered": t.answered_per_second, "failed": t.failed_per_second},
+            "timeline": {"answered": t.answered_per_second, "failed": t.failed_per_second,
+                         "served": t.served_per_second},
             "events": drill.events, "proxy_counters": counters, "config": launch.config}
 
 

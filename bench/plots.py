@@ -16,6 +16,7 @@ COLORS = {"direct": "tab:gray", "nginx": "tab:green", "haproxy": "tab:orange",
           "stickyproxy-py": "tab:cyan",
           "stickyproxy": "tab:blue", "sticky": "tab:blue", "stateless": "tab:red"}
 BAR = 0.38
+BACKEND_COLORS = ("tab:purple", "tab:brown", "tab:olive", "tab:gray", "tab:pink")
 STATE_COLORS = {"connect-failed": "tab:orange", "down": "black", "ejected": "tab:purple"}
 
 
@@ -231,6 +232,9 @@ def killdrill(path: Path, result: dict[str, Any]) -> Path | None:
         answered, failed = t["timeline"]["answered"], t["timeline"]["failed"]
         edges = list(range(len(answered) + 1))
         ax.stairs(answered, edges, linewidth=2, color=_color(t["name"]), label="answered 200")
+        for (backend, served), color in zip(sorted((t["timeline"].get("served") or {}).items()),
+                                            BACKEND_COLORS):
+            ax.stairs(served, edges, linewidth=0.8, color=color, label=f"by {backend}")
         if any(failed):
             twin = ax.twinx()
             twin.bar(range(len(failed)), failed, width=1.0, align="edge", color="red",
@@ -242,7 +246,7 @@ def killdrill(path: Path, result: dict[str, Any]) -> Path | None:
         ax.set_title(f"{t['name']}: {t['failed']:,} failed of {t['answered'] + t['failed']:,}",
                      fontsize=10)
         ax.set_xlabel("seconds (dashed: kill -9, dotted: started again)")
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=7)
     axes[0][0].set_ylabel("GETs per second")
     fig.suptitle("a backend killed -9 every few seconds under load, each proxy in turn")
     return _save(fig, path)

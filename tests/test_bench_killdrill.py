@@ -70,26 +70,29 @@ def test_failure_reason(status, body, error, expected):
 
 def test_tally_counts_200_as_answered_and_everything_else_as_failed():
     t = Tally(3)
-    t.add(0.5, 200, b"ok\n", "", "app-1")
-    t.add(1.2, 200, b"ok\n", "", "app-2")
-    t.add(1.3, 502, b"backend app-2 unreachable", "", "")
-    t.add(2.9, 0, b"", "reset", "")
-    t.add(3.4, 200, b"ok\n", "", "")          # ended after the drill: counted in its last second
-    t.add(1.9, 404, b"not found", "", "app-1")  # served, but not 200: failed
-    t.add(2.0, 200, b"", "timeout", "")         # an error wins over a status
+    t.add(0.5, 0.001, 200, b"ok\n", "", "app-1")
+    t.add(1.2, 0.002, 200, b"ok\n", "", "app-2")
+    t.add(1.3, 0.003, 502, b"backend app-2 unreachable", "", "")
+    t.add(2.9, 0.004, 0, b"", "reset", "")
+    t.add(3.4, 0.005, 200, b"ok\n", "", "")    # ended after the drill: counted in its last second
+    t.add(1.9, 0.006, 404, b"not found", "", "app-1")  # served, but not 200: failed
+    t.add(2.0, 10.0, 200, b"", "timeout", "")           # an error wins over a status
     assert (t.answered, t.failed) == (3, 4)
     assert t.answered_per_second == [1, 1, 1]
     assert t.failed_per_second == [0, 2, 2]
     assert t.served_by == {"app-1": 1, "app-2": 1, "?": 1}
+    assert t.served_per_second == {"app-1": [1, 0, 0], "app-2": [0, 1, 0], "?": [0, 0, 1]}
     assert t.reasons == {"502 backend app-2 unreachable": 1, "no response: reset": 1,
                          "404 not found": 1, "no response: timeout": 1}
     assert [at for at, _ in t.samples] == [1.3, 2.9, 1.9, 2.0]
+    # latencies of the answered GETs only
+    assert list(t.latencies) == [0.001, 0.002, 0.005]
 
 
 def test_tally_keeps_only_the_first_failures_one_by_one():
     t = Tally(1)
     for i in range(killdrill.FAILURE_SAMPLES + 5):
-        t.add(0.1, 502, b"x", "", "")
+        t.add(0.1, 0.001, 502, b"x", "", "")
     assert t.failed == killdrill.FAILURE_SAMPLES + 5
     assert len(t.samples) == killdrill.FAILURE_SAMPLES
 
