@@ -76,6 +76,7 @@ HELLO_CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
 # A request hidden in a body: if any reader takes it for a request of its own, it is
 # smuggled (and answered to whoever is next on that connection).
 SMUG = b"GET /smuggled HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: attacker\r\n\r\n"
+SMUG_EXT = b"FOOBAR /smuggled HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: attacker\r\n\r\n"
 WS = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
       b"Sec-WebSocket-Version: 13\r\n")
 def _gets(total: int, count: int = 8) -> bytes:
@@ -356,6 +357,18 @@ REQUEST_VECTORS: list[RequestVector] = [
     V("http-1.2-straddles-16k", _gets(16384 - len(b"GET /b HTTP/1.")) + b"GET /b HTTP/1.2\r\n" +
       H + b"\r\n", FORWARD, "RFC 9110 §2.5: wherever a read or a parsing slice happens to end",
       forwards=9),
+    V("method-extension-after-split-head", (G + b"X-A: 1\r\n", b"\r\nFOOBAR /b HTTP/1.1\r\n" + H
+      + b"\r\n"), FORWARD, "RFC 9110 §9.1, RFC 9112 §9.3.2: behind a head that took two reads",
+      split=True, forwards=2),
+    V("method-extension-after-upgrade-answered-200", G + WS + b"\r\nFOOBAR /b HTTP/1.1\r\n" + H +
+      b"\r\n", FORWARD, "RFC 9110 §7.8: an upgrade refused (200) leaves the connection HTTP",
+      forwards=2),
+    V("method-extension-inside-cl-body", P + b"Content-Length: %d\r\n\r\n" % len(SMUG_EXT) +
+      SMUG_EXT, FORWARD, "RFC 9112 §6.2: a body is never searched for request lines"),
+    V("method-extension-inside-chunk", CH + b"%x\r\n" % len(SMUG_EXT) + SMUG_EXT +
+      b"\r\n0\r\n\r\n", FORWARD, "RFC 9112 §7.1: chunk data is never a request line"),
+    V("method-not-a-token", b"FOO@BAR /a HTTP/1.1\r\n" + H + b"\r\n", REFUSE,
+      "RFC 9110 §9.1: a method is a token"),
     V("method-extension-chunked", b"FOOBAR /a HTTP/1.1\r\n" + H +
       b"Transfer-Encoding: chunked\r\n\r\n" + HELLO_CHUNKED, FORWARD, "RFC 9110 §9.1"),
     V("method-extension-absolute-form", b"FOOBAR http://shop.example/x HTTP/1.1\r\n" + H +
