@@ -90,3 +90,35 @@ async def test_a_waiting_client_that_leaves_gives_up_its_place(raw_backend, prox
     assert (await holder.response()).body == b"/hold"
     assert (await nxt.response()).body == b"/next"
     assert [rec.target for rec in be.requests] == ["/hold", "/next"]
+
+
+async def test_requests_waiting_for_a_backend_that_refuses_connects_move_on_at_once(
+        raw_backend, backends, proxy):
+    """Issue 15: when a connect to a backend is refused, the requests waiting for one of its
+    slots go to their next backend at once, without each trying that backend in turn."""
+    release = asyncio.Event()
+    be = await raw_backend("a", held_backend_script(release))
+    (other,) = await backends("b")
+    p = await proxy([be, other], {"limits": {"max_inflight_per_backend": 2, "queue_per_backend": 8},
+                                  "timeouts": {"queue": "5s"}, "passive": {"enabled": False},
+                                  "admin": {"enabled": True, "port": 0}})
+    (user,) = [k for k in (f"user-{i}" for i in range(1000)) if p.pref(k)[0] == "a"][:1]
+    holder = await p.client()
+    holder.send(http_request("GET", "/hold", headers={"X-User-Id": user}))
+    await eventually(lambda: be.requests, what="the first slot is taken")
+    be.server.close()                            # nothing listens any more; /hold stays open
+    await be.server.wait_closed()
+    clients = [await p.client() for _ in range(4)]
+    for i, c in enumerate(clients):              # one takes the second slot, three wait
+        c.send(http_request("GET", f"/w{i}", headers={"X-User-Id": user}))
+    t0 = time.monotonic()
+    for c in clients:
+        r = await c.response(timeout=3)
+        assert r.status == 200 and r.one("X-Backend") == "b", (r.status, r.body)
+        c.close()
+    assert time.monotonic() - t0 < 1.0          # not the 5 s queue timeout
+    stats = p.svc.observer.stats.counters
+    assert stats["upstream_errors"].get(("a", "connect"), 0) == 1, stats["upstream_errors"]
+    assert stats["retries"].get(("a", "connect"), 0) == 4
+    release.set()
+    assert (await holder.response()).status == 200
