@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ACQUIRE_REASONS = ("first", "takeover", "revalidate")
-DROP_REASONS = ("taken_over", "deleted", "record_lost", "record_mismatch", "closed")
+DROP_REASONS = ("taken_over", "deleted", "record_lost", "own_later_acquire", "record_mismatch", "closed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

@@ -63,22 +63,30 @@ class WriteOutcome(Enum):
     TAKEN_OVER = "taken_over"  # another acquire (any node id) moved the epoch or owner on
     DELETED = "deleted"  # the user was deleted (tombstone: owner "")
     LOST = "record_lost"  # no record: it expired, or Redis lost it (restart, failover)
+    # This node re-acquired the user since (a re-acquire whose reply was cancelled): the
+    # change is still the newest acknowledged one, to be written at the current epoch.
+    OWN_LATER = "own_later_acquire"
 
     @property
     def fenced(self) -> bool:
         return self is not WriteOutcome.COMMITTED
 
 
-def classify_fence(epoch: Any, owner: Any) -> WriteOutcome:
-    """Why a write was fenced off, from the record's epoch and owner as the script saw them."""
+def classify_fence(epoch: Any, owner: Any, node_id: str | None = None) -> WriteOutcome:
+    """Why a write was fenced off, from the record's epoch and owner as the script saw them.
+    Node ids are unique per process, so a record owned by ``node_id`` at another epoch was
+    re-acquired by this very process."""
     if epoch is None or epoch is False:
         return WriteOutcome.LOST
-    if _text(owner) in (None, ""):
+    current = _text(owner)
+    if current in (None, ""):
         return WriteOutcome.DELETED
+    if node_id is not None and current == node_id:
+        return WriteOutcome.OWN_LATER
     return WriteOutcome.TAKEN_OVER
 
 
-def parse_write(reply: Any, user: str) -> WriteOutcome:
+def parse_write(reply: Any, user: str, node_id: str | None = None) -> WriteOutcome:
     if not isinstance(reply, list) or not reply:
         raise ProtocolError(f"write reply: {reply!r}")
     if reply[0] == -1:
@@ -88,7 +96,7 @@ def parse_write(reply: Any, user: str) -> WriteOutcome:
         # Lua false arrives as nil; a reply from the older script has no fields at all.
         epoch = reply[1] if len(reply) > 1 else b"?"
         owner = reply[2] if len(reply) > 2 else b"?"
-        return classify_fence(epoch, owner)
+        return classify_fence(epoch, owner, node_id)
     if reply[0] == 1:
         return WriteOutcome.COMMITTED
     raise ProtocolError(f"write reply: {reply!r}")

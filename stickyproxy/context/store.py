@@ -651,7 +651,7 @@ class ContextStore:
                 [self.node_id, user, change.epoch, self.settings.idle_ttl_ms, change.payload],
             ),
         )
-        return parse_write(reply, user)
+        return parse_write(reply, user, self.node_id)
 
     async def _flush_user(self, user: str, slot: UserSlot) -> bool:
         """Write ``user``'s buffered change, if any (caller holds the user's lock). True if it
@@ -664,10 +664,11 @@ class ContextStore:
         self._flushing += 1
         try:
             outcome = await self._write(user, change)
-            if outcome is WriteOutcome.LOST:
+            if outcome in (WriteOutcome.LOST, WriteOutcome.OWN_LATER):
                 # No record at all: nobody took the user over, Redis forgot it (restart without
-                # persistence, failover to a lagging replica, expiry). The change is the newest
-                # acknowledged state: acquire the user afresh and write it at the new epoch.
+                # persistence, failover to a lagging replica, expiry). Or this process itself
+                # re-acquired it since (that re-acquire's reply was cancelled). Either way the
+                # change is the newest acknowledged state: acquire afresh and write it there.
                 self._forget(user)
                 entry = await self._acquire(user, slot, reason="revalidate")
                 change = PendingWrite(entry.epoch, change.payload)
@@ -675,7 +676,7 @@ class ContextStore:
                 outcome = await self._write(user, change)
                 if outcome is WriteOutcome.COMMITTED:
                     self._install(user, slot, replace(entry, payload=change.payload, refreshed_at=started))
-                    log.warning("buffered change of user %r re-written: its record was gone from Redis", user)
+                    log.warning("buffered change of user %r re-written at epoch %d (%s)", user, change.epoch, outcome.value)
         except (StoreUnavailable, asyncio.CancelledError):
             self._pending.restore(user, change)
             raise
@@ -693,6 +694,7 @@ class ContextStore:
                 WriteOutcome.TAKEN_OVER: "another instance took the user over",
                 WriteOutcome.DELETED: "the user was deleted",
                 WriteOutcome.LOST: "its record was gone from Redis and could not be re-created",
+                WriteOutcome.OWN_LATER: "it could not be re-written after this instance's own re-acquire",
             }[outcome]
             self._drop(user, outcome.value, why)
             if entry is not None and entry.epoch == change.epoch:

@@ -245,15 +245,16 @@ def test_parse_acquire_refuses(reply: Any, error: type[Exception]) -> None:
         ([0, b"7", b""], WriteOutcome.DELETED),  # tombstone
         ([0, None, None], WriteOutcome.LOST),  # no record: expired or Redis lost it
         ([0], WriteOutcome.TAKEN_OVER),  # older script reply: a fence, reason unknown
+        ([0, b"9", b"alice-node"], WriteOutcome.OWN_LATER),  # this process re-acquired since
         ([-1, b"mallory"], RecordMismatch),
     ],
 )
 def test_parse_write(reply: list[Any], expected: Any) -> None:
     if isinstance(expected, type):
         with pytest.raises(expected):
-            parse_write(reply, "alice")
+            parse_write(reply, "alice", "alice-node")
     else:
-        assert parse_write(reply, "alice") is expected
+        assert parse_write(reply, "alice", "alice-node") is expected
 
 
 def test_parse_snapshot_and_delete() -> None:
