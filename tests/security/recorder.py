@@ -12,10 +12,10 @@
   proxy under test, frames requests with the lenient reader, keeps every byte each
   connection received, and answers in one of the modes a vector asks for: after the whole
   request (``echo``), as soon as the head arrived before reading any body (``early``; with
-  ``early-close`` it then closes the connection, as a server does that will not read a body), a 2xx
-  to CONNECT after which the connection is a tunnel (``connect-2xx``), a 101 to a request
-  asking to upgrade, after which it is a tunnel too (``upgrade-101``), or a given raw
-  response for targets under ``/resp/``.
+  ``early-close`` it then closes the connection, as a server that will not read a body
+  does), a 2xx to CONNECT after which the connection is a tunnel (``connect-2xx``), a 101 to
+  a request asking to upgrade, after which it is a tunnel too (``upgrade-101``), or a given
+  raw response for targets under ``/resp/``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import httptools
 LOOPBACK = "127.0.0.1"
 # A recv that waits this long re-checks whether the recorder is stopping.
 POLL = 0.05
-# Longest request head the recorder accepts before answering 431 (peers' limits are lower).
+# Longest request head the lenient reader frames (the recorder answers 400 beyond); every
+# proxy under test refuses far shorter ones.
 MAX_HEAD = 1 << 20
 
 ECHO = "echo"
