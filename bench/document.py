@@ -788,6 +788,47 @@ def drill_counter_rows(name: str, counters: dict[str, Any]) -> list[tuple[str, s
     return [(label, "error-log lines about an upstream, by kind", _counts(counters))]
 
 
+# HAProxy waits min(`timeout connect`, 1 s) before retrying a failed connect on the same
+# server (its configuration manual, `retries`); GETs this slow waited for that.
+HAPROXY_TURNAROUND_MS = 900
+
+
+def drill_failure_groups(measured: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The kept failures of each proxy grouped by the kill they followed and their reason."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for t in measured.values():
+        for f in t["failure_samples"]:
+            victim, after = f["after_kill"] or ("", 0.0)
+            kill = f"{victim} at {f['at'] - after:.1f} s" if victim else "before any kill"
+            groups.setdefault((DRILL_NAMES[t["name"]], kill, f["reason"]), []).append(after)
+    return [(proxy, kill, str(len(after)),
+             f"{min(after) * 1000:,.0f}" + ("" if max(after) - min(after) < 0.0005 else
+                                            f" to {max(after) * 1000:,.0f}"), _cell(reason))
+            for (proxy, kill, reason), after in groups.items()]
+
+
+def drill_notes(measured: dict[str, dict[str, Any]]) -> str:
+    """What the figures above show about each proxy's failures and slowest GETs."""
+    out = []
+    ours = measured.get(REFERENCE)
+    if ours and ours["failed"]:
+        after = [f["after_kill"][1] for f in ours["failure_samples"] if f["after_kill"]]
+        denied = (ours.get("proxy_counters") or {}).get("retries_denied_total") or {}
+        when = (f" The {len(after)} shown below came {min(after) * 1000:,.0f} to "
+                f"{max(after) * 1000:,.0f} ms after a kill." if after else "")
+        out.append(f"stickyproxy failed {ours['failed']:,} GETs.{when} Retries it did not "
+                   f"make (`stickyproxy_retries_denied_total`), by reason: {_counts(denied)}.")
+    haproxy = measured.get("haproxy")
+    slowest = ((haproxy or {}).get("latency_ms") or {}).get("max") or 0.0
+    if slowest >= HAPROXY_TURNAROUND_MS:
+        out.append(f"HAProxy's slowest GETs ({slowest:,.0f} ms at most) are those that met the "
+                   "killed server: before retrying a failed connect on the same server it waits "
+                   "min(`timeout connect`, 1 s), and with `retries 2` and `option redispatch` "
+                   "only the last retry goes to another server (its configuration manual, "
+                   "`retries`).")
+    return " ".join(out)
+
+
 def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:
     s = k["settings"]
     rows, counter_rows, skipped, configs = [], [], [], []
@@ -809,11 +850,7 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
     first = next(iter(measured.values()), None)
     plan = ", ".join(f"{e['action']} {e['backend']} at {e['at']:.1f} s"
                      for e in (first or {}).get("events", []))
-    samples = [(DRILL_NAMES[t["name"]], f"{f['at']:.2f}",
-                "-" if not f["after_kill"] else
-                f"{f['after_kill'][1]:.2f} s after {f['after_kill'][0]} was killed",
-                _cell(f["reason"]))
-               for t in measured.values() for f in t["failure_samples"]]
+    samples = drill_failure_groups(measured)
     parts = [
         "## 5. Backends killed under load, beside NGINX and HAProxy\n",
         (f"Three backends (bench/backend.py, one process per port), {s['clients']} keep-alive "
@@ -846,9 +883,14 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
         "\nWhat each proxy counted itself over its run (after the drill):\n",
         table(("proxy", "counter", "values"), counter_rows, left=3),
     ]
+    notes = drill_notes(measured)
+    if notes:
+        parts.append("\n" + notes)
     if samples:
-        parts += ["\nThe first failed GETs, when (seconds since the proxy's run started):\n",
-                  table(("proxy", "s", "after", "reason"), samples, left=4)]
+        parts += [(f"\nThe failed GETs (the first {s.get('failure_samples_kept', 40)} of each "
+                   "proxy), by the kill they followed:\n"),
+                  table(("proxy", "kill", "failed", "ms after the kill", "reason"), samples,
+                        left=2)]
     parts.append("\n" + image(images.get("killdrill"), doc_dir,
                               "GETs per second and failures, each proxy"))
     return "\n".join(parts)
@@ -1027,7 +1069,7 @@ def _merge_summary(new: str, old: str, carried: set[str]) -> str:
 REPRODUCE = """```sh
 pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
-python -m bench                  # everything, about 11 minutes; rewrites this file
+python -m bench                  # everything, about 13 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
                                  # ring, profile)
 python -m bench --smoke          # tiny counts, under a minute: checks the harness, not the speed

@@ -245,7 +245,7 @@ def killdrill(path: Path, result: dict[str, Any]) -> Path | None:
                        linestyle="--" if e["action"] == "kill" else ":")
         ax.set_title(f"{t['name']}: {t['failed']:,} failed of {t['answered'] + t['failed']:,}",
                      fontsize=10)
-        ax.set_xlabel("seconds (dashed: kill -9, dotted: started again)")
+        ax.set_xlabel("s (dashed: kill -9, dotted: started again)", fontsize=9)
         ax.legend(loc="upper right", fontsize=7)
     axes[0][0].set_ylabel("GETs per second")
     fig.suptitle("a backend killed -9 every few seconds under load, each proxy in turn")
