@@ -297,3 +297,60 @@ def test_carry_over_again_names_the_same_earlier_run():
 def test_carry_over_keeps_nothing_when_every_old_section_was_measured_again():
     assert document.carry_over(NEW, OLD, {"ring", "killdrill", "failover"}) == NEW
     assert document.carry_over(NEW, "", {"ring", "killdrill"}) == NEW
+
+
+# -- the report's section --------------------------------------------------------------------
+
+def _target(name: str, answered: int, failed: int, **extra) -> dict:
+    return {"name": name, "status": "ok", "answered": answered, "failed": failed,
+            "gets_per_s": answered / 30, "failure_reasons": {}, "served_by": {},
+            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p999": 4.0, "max": 5.0},
+            "failure_samples": [], "events": [{"at": 2.0, "action": KILL, "backend": "app-1"}],
+            "timeline": {"answered": [answered], "failed": [failed]},
+            "proxy_counters": {}, **extra}
+
+
+def _result(*targets: dict) -> dict:
+    settings = {"clients": 24, "users": 500, "duration_s": 30.0, "period_s": 4.0,
+                "down_s": 2.0, "first_kill_s": 2.0, "request_timeout_s": 10.0,
+                "failure_samples_kept": 40, "health": {"interval_ms": 500, "fall": 2, "rise": 1},
+                "nginx": {"tries": 3, "max_fails": 2, "fail_timeout": "1s", "keepalive": 32},
+                "haproxy": {"retries": 2}}
+    return {"benchmark": "killdrill", "settings": settings, "targets": list(targets)}
+
+
+def test_report_section_and_verdict_from_a_drill_with_failures():
+    reason = "502 backend app-3 failed: connection closed | before the response ended"
+    ours = _target("stickyproxy", 1000, 3, failure_reasons={reason: 3},
+                   failure_samples=[{"at": 22.005, "reason": reason,
+                                     "after_kill": ["app-3", 0.005]}] * 3,
+                   proxy_counters={"retries_total": {"connect": 9.0},
+                                   "retries_denied_total": {"budget": 3.0},
+                                   "upstream_errors_total": {"connect": 9.0}})
+    haproxy = _target("haproxy", 900, 0, latency_ms={"p50": 1.0, "p99": 3.0, "p999": 1004.0,
+                                                     "max": 1017.0},
+                      proxy_counters={"retries": 47, "redispatches": 31})
+    k = _result(_target("nginx", 1200, 0), haproxy, ours)
+    text = document.killdrill_section(k, {}, document.Path("docs"))
+    assert "| stickyproxy | 1,000 | **3** | 33 |" in text
+    assert "| NGINX | 1,200 | **0** |" in text and "| HAProxy | 900 | **0** |" in text
+    assert "closed \\| before" in text                  # a | in a reason does not split the row
+    assert "| stickyproxy | `stickyproxy_retries_denied_total` by reason | budget 3 |" in text
+    assert "| HAProxy | stats of backend `apps`" in text and "retries 47, redispatches 31" in text
+    assert "| stickyproxy | app-3 at 22.0 s | 3 | 5 |" in text
+    assert "HAProxy's slowest GETs (1,017 ms at most)" in text
+    (verdict,) = document.killdrill_verdicts(k)
+    assert verdict.measured == "3 of 1,003 (NGINX 0, HAProxy 0)"
+    assert verdict.verdict == document.MISSED
+
+
+def test_report_verdict_when_stickyproxy_failed_none_or_was_not_measured():
+    (met,) = document.killdrill_verdicts(_result(_target("stickyproxy", 500, 0)))
+    assert (met.measured, met.verdict) == ("0 of 500", document.MET)
+    skipped = {"name": "nginx", "status": "skipped", "reason": "nginx is not installed"}
+    text = document.killdrill_section(_result(skipped, _target("stickyproxy", 500, 0)), {},
+                                      document.Path("docs"))
+    assert "Not measured: NGINX: skipped: nginx is not installed." in text
+    assert "HAProxy's slowest" not in text and "failed GETs (the first" not in text
+    (none,) = document.killdrill_verdicts(None)
+    assert none.verdict == document.NOT_MEASURED
