@@ -139,4 +139,7 @@ class Admin:
         if not ok:
             return _json_error(400, "configuration rejected; the running one stays",
                                errors=errors)
-        return web.json_response({"reloaded": True, "ring": self.control.ring_view()["fingerprint"]})
+        body: dict = {"reloaded": True, "ring": self.control.ring_view()["fingerprint"]}
+        if errors:
+            body["workers_restarted"] = errors    # applied, but not by every worker in time
+        return web.json_response(body)

@@ -397,7 +397,7 @@ JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_f
 
 
 def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
-                secrets: bool = True) -> KeySource | None:
+                secrets: bool = True, read_file: ReadFile | None = None) -> KeySource | None:
     from .jwtkeys import JwtSettings, JwtVerifier, load_verifier
     n = len(errors)
     for k in item:
@@ -428,7 +428,7 @@ def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
         return None
     settings = JwtSettings(**values)
     try:
-        verifier = load_verifier(settings)
+        verifier = load_verifier(settings, read_file or read_disk)
     except ValueError as e:
         if not secrets and settings.secret_env and str(e).startswith(SECRET_UNSET):
             # Everything but the secret checked. No keys: it would refuse every token, but
@@ -440,7 +440,7 @@ def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
 
 
 def _key_sources(raw: Any, errors: list[str], base_dir: str = ".",
-                 secrets: bool = True) -> tuple[KeySource, ...]:
+                 secrets: bool = True, read_file: ReadFile | None = None) -> tuple[KeySource, ...]:
     path = "routing.keys"
     if not isinstance(raw, list):
         errors.append(f"{path}: expected an array of key sources, got {raw!r}")
@@ -458,7 +458,7 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".",
             errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
             continue
         if kind == "jwt":
-            src = _jwt_source(item, p, errors, base_dir, secrets)
+            src = _jwt_source(item, p, errors, base_dir, secrets, read_file)
             if src is not None:
                 out.append(src)
             continue
@@ -582,13 +582,16 @@ def _parse_backend_url(url: Any) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
-def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = True) -> Config:
+def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = True,
+          read_file: ReadFile | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem.
 
     ``secrets=False`` leaves the ``*_env`` secrets (``admin.token_env``, a jwt source's
     ``secret_env``) unread: everything else is validated, the admin token stays empty and a
     jwt source with an environment secret accepts no token. ``check``, ``route`` and ``plan``
-    parse so, and need no secret; ``run`` (and every reload) resolves them."""
+    parse so, and need no secret; ``run`` (and every reload) resolves them. Files the
+    configuration names (JWT keys) are read with ``read_file`` (default: from disk), so
+    that processes applying one configuration can be given the same bytes (``FileCopies``)."""
     errors: list[str] = []
     known = set(SECTIONS) | {"backends"}
     for k in raw:
@@ -599,7 +602,8 @@ def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = Tru
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
         base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
-            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir, secrets))
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir, secrets,
+                                              read_file))
     backends = _backends(raw.get("backends"), errors)
 
     admin = sections["admin"]
@@ -633,15 +637,17 @@ def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = Tru
     return Config(backends=backends, source=source, **sections)
 
 
-def loads(text: str, source: str | None = None, *, secrets: bool = True) -> Config:
+def loads(text: str, source: str | None = None, *, secrets: bool = True,
+          read_file: ReadFile | None = None) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"TOML syntax error: {e}"], source) from None
-    return parse(raw, source, secrets=secrets)
+    return parse(raw, source, secrets=secrets, read_file=read_file)
 
 
-def load(path: str | os.PathLike[str], *, secrets: bool = True) -> Config:
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A configuration file's text; ConfigError (naming the file) when it cannot be had."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -649,10 +655,54 @@ def load(path: str | os.PathLike[str], *, secrets: bool = True) -> Config:
     except OSError as e:
         raise ConfigError([f"cannot read: {e.strerror}"], path) from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8: {e}"], path) from None
-    return loads(text, path, secrets=secrets)
+
+
+def load(path: str | os.PathLike[str], *, secrets: bool = True,
+         read_file: ReadFile | None = None) -> Config:
+    path = os.fspath(path)
+    return loads(read_text(path), path, secrets=secrets, read_file=read_file)
+
+
+ReadFile = Callable[[str], bytes]
+
+
+def read_disk(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class FileCopies:
+    """The files one configuration load read, kept so that other processes apply the same
+    bytes (a key file replaced between two reads would give workers different verifiers).
+
+    ``FileCopies()`` reads from disk and keeps what it read (``files``); ``FileCopies(files)``
+    serves only those copies, and a file it was not given is an OSError."""
+
+    def __init__(self, files: dict[str, str] | None = None):
+        self.pinned = files is not None
+        self.files: dict[str, str] = dict(files or {})
+
+    def read(self, path: str) -> bytes:
+        if self.pinned:
+            try:
+                return self.files[path].encode("latin-1")
+            except KeyError:
+                raise FileNotFoundError(2, "not among the files sent with the configuration",
+                                        path) from None
+        data = read_disk(path)
+        self.files[path] = data.decode("latin-1")   # JSON-safe, byte for byte
+        return data
+
+
+def load_pinned(path: str) -> tuple[str, Config, dict[str, str]]:
+    """(text, config, files it read) for a process that hands the same configuration to
+    others (the supervisor to its workers). Blocking: run it off the event loop."""
+    text = read_text(path)
+    copies = FileCopies()
+    return text, loads(text, path, read_file=copies.read), copies.files
 
 
 def secret_variables(cfg: Config) -> list[tuple[str, str]]:

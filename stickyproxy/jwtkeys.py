@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,11 @@ class JwtVerifier:
         return value
 
 
+def _read_disk(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def bearer_token(value: bytes) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` value (RFC 6750 §2.1), else None."""
     scheme, _, rest = value.strip().partition(b" ")
@@ -132,8 +138,10 @@ def bearer_token(value: bytes) -> str | None:
         return None
 
 
-def load_verifier(s: JwtSettings) -> JwtVerifier:
-    """Read the keys a source names (environment, PEM or JWKS file); ValueError on problems."""
+def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = None) -> JwtVerifier:
+    """Read the keys a source names (environment, PEM or JWKS file, read with ``read_file``,
+    default from disk); ValueError on problems."""
+    read = read_file or _read_disk
     if not s.algorithms:
         raise ValueError("algorithms: at least one algorithm must be pinned")
     known = set(get_default_algorithms()) - {"none"}
@@ -161,8 +169,7 @@ def load_verifier(s: JwtSettings) -> JwtVerifier:
         raise ValueError("secret_env: public-key algorithms need public_key_file or jwks_file")
     if s.public_key_file:
         try:
-            with open(s.public_key_file, "rb") as f:
-                pem = f.read()
+            pem = read(s.public_key_file)
         except OSError as e:
             raise ValueError(f"public_key_file: cannot read: {e.strerror}") from None
         alg = get_default_algorithms()[s.algorithms[0]]
@@ -174,8 +181,7 @@ def load_verifier(s: JwtSettings) -> JwtVerifier:
             raise ValueError("public_key_file: holds a private key; give the public key")
         return JwtVerifier(s, {None: key})
     try:
-        with open(s.jwks_file, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read(s.jwks_file).decode("utf-8"))
         jwks = jwt.PyJWKSet.from_dict(data)
     except OSError as e:
         raise ValueError(f"jwks_file: cannot read: {e.strerror}") from None

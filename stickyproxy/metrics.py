@@ -43,6 +43,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ejections": ("counter", "Passive ejections of a backend", ("backend",)),
     "ring_changes": ("counter", "Reloads that changed the ring", ()),
     "reloads": ("counter", "Configuration reloads by result", ("result",)),
+    "worker_reload_failures": ("counter", "Workers that could not apply a reload in time "
+                               "(each was restarted with it)", ("worker",)),
     "backend_up": ("gauge", "1 if the backend is usable for routing", ("backend",)),
     "backend_inflight": ("gauge", "Requests in flight to the backend", ("backend",)),
     "backend_key_share": ("gauge", "Share of the key space the backend owns on the ring",

@@ -148,6 +148,9 @@ class Observer(Events):
         if ring_changed:
             self.stats.inc("ring_changes")
 
+    def worker_reload_failed(self, worker: int) -> None:
+        self.stats.inc("worker_reload_failures", (str(worker),))
+
     # -- export --------------------------------------------------------------------------
     def _tally(self, backend: str) -> Tally:
         # one per backend id, kept across reloads that re-create its state

@@ -97,9 +97,10 @@ class Service:
                           source, e)
                 return False, [f"listen: cannot listen on the new address: {e}"]
 
-    async def apply(self, new: Config, source: str = "api") -> bool:
+    async def apply(self, new: Config, source: str = "api", *, count: bool = True) -> bool:
         """Swap in a validated configuration. The listener is rebound only when [listen]
-        changed (the new one first, so no moment accepts nothing); OSError if it cannot."""
+        changed (the new one first, so no moment accepts nothing); OSError if it cannot.
+        ``count``: record the reload in metrics (a worker's is the supervisor's to count)."""
         old = self.config
         if (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port):
             await self.proxy.rebind(new.listen.host, new.listen.port,
@@ -109,7 +110,7 @@ class Service:
         self.proxy.apply(new)
         self.health.reconfigure()
         freeze_heap()
-        if source != "supervisor":  # with workers, the supervisor counts each reload once
+        if count:
             self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
         log.info("reload (%s) applied: ring %s -> %s, %d backends", source, old_ring,
                  self.proxy.router.fingerprint, len(new.backends))

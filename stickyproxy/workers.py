@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from . import views
-from .config import Config, ConfigError, loads
+from .config import Config, ConfigError, FileCopies, load_pinned, loads
 from .logs import setup_logging
 from .signals import SignalLatch
 
@@ -31,6 +31,9 @@ log = logging.getLogger("stickyproxy.workers")
 
 # How long the supervisor waits for a worker's metrics snapshot before leaving it out.
 SNAPSHOT_TIMEOUT = 1.0
+# How long a worker has to apply a reload and say so; one that has not by then is
+# restarted (with the new configuration) rather than left routing by the old one.
+RELOAD_ACK_TIMEOUT = 5.0
 # A worker that exits is restarted after this delay (doubling up to the cap while it
 # keeps failing), so a crash loop does not spin.
 RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 30.0
@@ -62,7 +65,12 @@ class Supervisor:
         from .health import Health
         from .observe import Observer
         self.path = path
-        self.text = _read_text(path) if path else ""
+        self.text = ""
+        # the key files the running configuration was built from, sent with it to every
+        # worker so that all of them verify tokens with the same keys
+        self.files: dict[str, str] = {}
+        if path:
+            self.text, config, self.files = load_pinned(path)
         self.n = workers
         self.observer = Observer(config)
         self.proxy = Proxy(config, events=self.observer)  # state only: it never listens
@@ -95,7 +103,7 @@ class Supervisor:
         child.close()
         h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
                                                                 limit=MAX_CONTROL_LINE)
-        h.send({"op": "config", "text": self.text, "path": self.path})
+        h.send({"op": "config", "text": self.text, "path": self.path, "files": self.files})
         for st in self.proxy.states.values():
             if not st.healthy:
                 h.send({"op": "health", "id": st.id, "up": False, "reason": st.reason})
@@ -144,16 +152,18 @@ class Supervisor:
     def _broadcast_health(self, st) -> None:
         self.broadcast({"op": "health", "id": st.id, "up": st.healthy, "reason": st.reason})
 
-    async def _ask(self, h: WorkerHandle, msg: dict[str, Any]) -> dict[str, Any] | None:
+    async def _ask(self, h: WorkerHandle, msg: dict[str, Any],
+                   timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any] | None:
         self.seq += 1
-        msg = dict(msg, seq=self.seq)
+        seq = self.seq
+        msg = dict(msg, seq=seq)
         fut = asyncio.get_running_loop().create_future()
-        h.pending[self.seq] = fut
+        h.pending[seq] = fut
         h.send(msg)
         try:
-            return await asyncio.wait_for(fut, SNAPSHOT_TIMEOUT)
+            return await asyncio.wait_for(fut, timeout)
         except (TimeoutError, asyncio.TimeoutError):
-            h.pending.pop(self.seq, None)
+            h.pending.pop(seq, None)
             return None
 
     async def snapshots(self) -> list[dict[str, Any]]:
@@ -207,27 +217,44 @@ class Supervisor:
         return True
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
+        """Validate the file once (off the loop), apply it here, then have every worker
+        apply the same text and key files and acknowledge. (ok, problems): a worker that
+        refuses or does not answer in time is restarted with the new configuration and
+        named in ``problems``, so no worker keeps routing by the old one unseen."""
         async with self.reload_lock:
             if not self.path:
                 return False, ["no configuration file to reload"]
             try:
-                text = _read_text(self.path)
-                new = loads(text, self.path)
-            except (ConfigError, OSError) as e:
-                errors = e.errors if isinstance(e, ConfigError) else [str(e)]
+                text, new, files = await asyncio.get_running_loop().run_in_executor(
+                    None, load_pinned, self.path)
+            except ConfigError as e:
                 self.observer.reloaded(False)
                 log.error("reload (%s) rejected; keeping the running configuration: %s",
-                          source, "; ".join(errors))
-                return False, errors
+                          source, "; ".join(e.errors))
+                return False, e.errors
             old_ring = self.proxy.router.fingerprint
-            self.text = text
+            self.text, self.files = text, files
             self.proxy.apply(new)
             self.health.reconfigure()
             self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
-            self.broadcast({"op": "reload", "text": text, "path": self.path})
-            log.info("reload (%s) applied to %d workers: ring %s -> %s", source, self.n,
-                     old_ring, self.proxy.router.fingerprint)
-            return True, []
+            live = [h for h in self.handles if h.proc is not None and h.proc.poll() is None]
+            msg = {"op": "reload", "text": text, "path": self.path, "files": files}
+            acks = await asyncio.gather(*(self._ask(h, msg, RELOAD_ACK_TIMEOUT) for h in live))
+            problems = []
+            for h, ack in zip(live, acks):
+                if ack is not None and ack.get("ok"):
+                    continue
+                why = "no answer in time" if ack is None else ack.get("error", "refused")
+                problems.append(f"worker {h.index}: could not apply it ({why}); "
+                                f"restarted with the new configuration")
+                self.observer.worker_reload_failed(h.index)
+                if h.proc is not None and h.proc.poll() is None:
+                    h.proc.terminate()    # it drains; watch() starts it again with self.text
+            if problems:
+                log.error("reload (%s): %s", source, "; ".join(problems))
+            log.info("reload (%s) applied by %d of %d workers: ring %s -> %s", source,
+                     len(live) - len(problems), self.n, old_ring, self.proxy.router.fingerprint)
+            return True, problems
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -279,16 +306,17 @@ class Supervisor:
                 h.writer.close()
 
 
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 def supervise(config: Config, path: str | None, workers: int) -> int:
     from .server import install_uvloop
     install_uvloop()
     try:
-        return asyncio.run(Supervisor(config, path, workers).run())
+        supervisor = Supervisor(config, path, workers)
+    except ConfigError as e:
+        # the file changed between the command's check and the supervisor's own read
+        print(e.render(), file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(supervisor.run())
     except KeyboardInterrupt:
         return 0
 
@@ -306,10 +334,15 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
             msg = json.loads(line)
             op = msg.get("op")
             if op == "reload":
+                reply: dict[str, Any] = {"seq": msg.get("seq"), "ok": True}
                 try:
-                    await svc.apply(loads(msg["text"], msg.get("path")), "supervisor")
+                    new = loads(msg["text"], msg.get("path"),
+                                read_file=FileCopies(msg.get("files") or {}).read)
+                    await svc.apply(new, "supervisor", count=False)
                 except (ConfigError, OSError) as e:
                     log.error("worker %d: reload failed: %s", svc.worker, e)
+                    reply = {"seq": msg.get("seq"), "ok": False, "error": str(e)}
+                writer.write(json.dumps(reply).encode() + b"\n")
             elif op == "drain":
                 svc.health.drain(msg["id"], bool(msg["on"]))
             elif op == "health":
@@ -340,7 +373,8 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
     if first.get("op") != "config":
         return 1
     try:
-        config = loads(first["text"], first.get("path"))
+        config = loads(first["text"], first.get("path"),
+                       read_file=FileCopies(first.get("files") or {}).read)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return 2

@@ -259,3 +259,71 @@ async def test_workers_readyz_only_once_the_port_accepts(backends, proxy_process
 
     await eventually(ready_then_connect, deadline=20, interval=0.01, what="readyz 200")
     assert not refused, refused
+
+
+async def test_a_reload_a_worker_cannot_apply_is_reported_and_that_worker_restarted(
+        backends, proxy_process):
+    """The supervisor validates and applies; a worker that then fails (here: the new listen
+    port is taken) says so, and the caller hears it: the reload is not reported as clean
+    while a worker keeps the old configuration."""
+    bs, pp, admin = await start(backends, proxy_process)
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        path = pp.log.with_suffix(".toml")
+        aport = int(admin.base.rsplit(":", 1)[1])
+        path.write_text(build_toml(bs, {"listen": {"port": taken.getsockname()[1]},
+                                        "admin": {"enabled": True, "port": aport}}))
+        before = set(worker_pids(pp.pid))
+        status, body = await admin.call("POST", "/reload")
+        assert status == 200, body
+        import json
+        restarted = json.loads(body)["workers_restarted"]
+        assert len(restarted) == 2 and all("restarted" in r for r in restarted), restarted
+        m = await admin.metrics()
+        assert m.by("stickyproxy_worker_reload_failures_total", "worker") == {"0": 1, "1": 1}
+        # the workers that could not apply it were stopped (and are being started again)
+        await eventually(lambda: not (set(worker_pids(pp.pid)) & before), deadline=15,
+                         what="the old workers replaced")
+    finally:
+        taken.close()
+
+
+async def test_workers_verify_tokens_with_the_key_files_the_supervisor_read(
+        backends, proxy_process, tmp_path):
+    """Key files are read once, by the supervisor, and sent to the workers with the config:
+    a worker started after the file changed (here: was deleted) still has the same keys."""
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = tmp_path / "jwt-public.pem"
+    key.write_bytes(priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    bs = await backends("a", "b")
+    aport = free_port()
+    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport},
+                            "routing": {"keys": [{"from": "jwt", "header": "Authorization",
+                                                  "claim": "sub", "algorithms": ["RS256"],
+                                                  "public_key_file": str(key)}],
+                                        "no_key": "reject"}}, workers=2)
+    await pp.wait_ready()
+    await eventually(lambda: len(worker_pids(pp.pid)) == 2, deadline=20, what="two workers")
+    key.unlink()
+    victim = worker_pids(pp.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: victim not in worker_pids(pp.pid) and len(worker_pids(pp.pid)) == 2
+                     and all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
+                     deadline=20, interval=0.05, what="the killed worker started again")
+    import time as _time
+    token = pyjwt.encode({"sub": "alice", "exp": int(_time.time()) + 60}, priv, algorithm="RS256")
+    for _ in range(20):                     # new connections spread over both workers
+        c = await Client.connect(pp.port)
+        c.send(http_request("GET", "/w", headers={"Authorization": f"Bearer {token}",
+                                                   "Connection": "close"}))
+        r = await c.response()
+        c.close()
+        assert r.status == 200, r.body
+    assert "cannot read" not in pp.output()
