@@ -18,8 +18,9 @@ TABLE = [
     (RESET, True, True, False, False, NEXT_BACKEND, False),
     # a new connection reset: the backend died; free, bounded by retries.attempts
     (RESET, True, False, False, True, NEXT_BACKEND, False),
-    # the retry's new connection reset as well: this request is dropped there; budgeted
-    (RESET, True, False, True, True, NEXT_BACKEND, True),
+    # the retry's new connection reset as well (a killed backend's kernel can still accept
+    # while it is torn down): the next backend, still free
+    (RESET, True, False, True, True, NEXT_BACKEND, False),
     # overload and broken backends: budgeted
     (TIMEOUT, True, True, False, True, NEXT_BACKEND, True),
     (TIMEOUT, True, False, False, True, NEXT_BACKEND, True),
