@@ -73,9 +73,10 @@ class Service:
             self.admin = Admin(self)
             await self.admin.start()
         freeze_heap()
-        log.info("listening on %s:%d (worker %d, ring %s, %d backends, %s data plane)",
+        n = len(self.config.backends)
+        log.info("listening on %s:%d (worker %d, ring %s, %d backend%s, %s data plane)",
                  self.config.listen.host, self.proxy.port, self.worker,
-                 self.proxy.router.fingerprint, len(self.config.backends), compiled.build())
+                 self.proxy.router.fingerprint, n, "" if n == 1 else "s", compiled.build())
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
         """Load the config file again; apply it only if valid. (ok, errors)"""
@@ -112,8 +113,9 @@ class Service:
         freeze_heap()
         if count:
             self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
-        log.info("reload (%s) applied: ring %s -> %s, %d backends", source, old_ring,
-                 self.proxy.router.fingerprint, len(new.backends))
+        n = len(new.backends)
+        log.info("reload (%s) applied: ring %s -> %s, %d backend%s", source, old_ring,
+                 self.proxy.router.fingerprint, n, "" if n == 1 else "s")
         return True
 
     # -- the admin API's view of this process --------------------------------------------

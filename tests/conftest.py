@@ -63,11 +63,9 @@ def pytest_report_header(config):
 
 def pytest_sessionstart(session):
     from stickyproxy import compiled
-    stale = compiled.stale()
-    if stale:
-        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
-                    "rebuild with STICKYPROXY_COMPILE=1 pip install -e . or delete the .so "
-                    "files", returncode=4)
+    problem = compiled.stale_problem()
+    if problem:
+        pytest.exit(problem, returncode=4)
 
 
 # ---------------------------------------------------------------------------------------
