@@ -20,7 +20,6 @@
 # systems between runs (a root file system is rebuilt when older than BASE_MAX_AGE_DAYS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 export DEBIAN_FRONTEND=noninteractive DOCKER_BUILDKIT=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Measured: a run's engine data and base root file systems peak at about 5 GB (the stage
@@ -236,7 +235,10 @@ make_base() {
                "${rootfs:?}"/var/lib/apt/lists/* "${rootfs:?}"/usr/share/doc/* \
                "${rootfs:?}"/usr/share/man/* "${rootfs:?}"/usr/share/info/* \
                "${rootfs:?}"/usr/share/locale/*
-        tar -C "$rootfs" --exclude='./dev/*' -cf "$cached.tmp" . && mv "$cached.tmp" "$cached"
+        tar -C "$rootfs" --exclude='./dev/*' -cf "$cached.$$.tmp" . && mv "$cached.$$.tmp" "$cached"
+        # The cache stays bounded: trees of other recipes and packages nothing has used lately.
+        find "$CACHE" -maxdepth 1 -name 'rootfs-*.tar' -mtime +"$BASE_MAX_AGE_DAYS" -delete
+        find "$CACHE/debs" -name '*.deb' -mtime +$((4 * BASE_MAX_AGE_DAYS)) -delete
     fi
     ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
     ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python3"
