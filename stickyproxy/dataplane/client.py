@@ -128,6 +128,9 @@ class ClientProtocol(asyncio.Protocol):
         if self.closing:
             return
         if self.line_buf:
+            if data.find(b"\n") < 0 and len(self.line_buf) + len(data) <= self.limits.max_request_line:
+                self.line_buf += data   # still no whole line: nothing is parsed again
+                return
             data, self.line_buf = self.line_buf + data, b""
         if self.stash or self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
             self.stash += data
@@ -144,7 +147,7 @@ class ClientProtocol(asyncio.Protocol):
                 try:
                     self.parser.feed_data(data)
                     if self.in_head:
-                        self._head_progress(len(data), data)
+                        self._head_progress(len(data), data, mark)
                 except HttpParserUpgrade as e:
                     self.feeding = False
                     self._after_upgrade_request(data[e.args[0]:])
@@ -218,7 +221,7 @@ class ClientProtocol(asyncio.Protocol):
             try:
                 self.parser.feed_data(chunk)
                 if self.in_head:
-                    self._head_progress(end - pos, chunk)
+                    self._head_progress(end - pos, chunk, mark)
             except HttpParserUpgrade as e:
                 rest = bytes(view[pos + e.args[0]:])
                 self.feeding = False
@@ -231,16 +234,35 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if self.closing:
                 return
+            if self.line_buf:
+                # a request line held back whole (_head_progress) continues in the next slice
+                if end < n:
+                    rest, self.line_buf = self.line_buf + bytes(view[end:]), b""
+                    self._feed_slices(rest)
+                return
             pos = end
 
-    def _head_progress(self, n: int, fed: bytes | memoryview) -> None:
+    def _head_progress(self, n: int, fed: bytes | memoryview, mark: int) -> None:
         """Count bytes fed while a request head is incomplete. llhttp reports a field only
-        once it ends, so a field that never ends must be caught here (431)."""
+        once it ends, so a field that never ends must be caught here (431). A request line
+        cut by the end of the input is held back (``line_buf``) and fed again whole with
+        what follows, so that a line llhttp refuses can be rewritten (``_retry_line``)."""
         self.head_pending += n
         limits = self.limits
         if self.head_pending > limits.max_header_bytes + limits.max_request_line:
             self.limit_error = RequestError(431, "request header fields too large")
             raise HttpParserError("request head too large")
+        if mark >= 0 and not self.headers:
+            data = bytes(fed)
+            start = _message_start(data, self.requests - mark)
+            if start >= 0 and data.find(b"\n", start) < 0:
+                if len(data) - start > limits.max_request_line:
+                    self.limit_error = RequestError(414, "request target too long")
+                    raise HttpParserError("request line too long")
+                self.line_buf = data[start:]
+                self.parser = HttpRequestParser(self)
+                self.in_head = False
+                return
         if self.url and fed[-1:] == b"\n" and self.parser.get_http_version() in ("0.0", "0.9"):
             # the request line ended without a version: an HTTP/0.9 request, which llhttp
             # would leave waiting for fields until the header deadline
@@ -279,12 +301,9 @@ class ClientProtocol(asyncio.Protocol):
         unknown_method = isinstance(e, HttpParserInvalidMethodError)
         if not unknown_method and str(e) != "Invalid HTTP version":
             return None
-        start = _skip_empty_lines(fed, 0)
-        for _ in range(self.requests - mark):
-            end = fed.find(b"\r\n\r\n", start)
-            if end < 0 or _may_have_body(fed[start:end + 2]):
-                return None
-            start = _skip_empty_lines(fed, end + 4)
+        start = _message_start(fed, self.requests - mark)
+        if start < 0:
+            return None
         end = fed.find(b"\n", start)
         if end < 0:
             if len(fed) - start > self.limits.max_request_line:
@@ -777,11 +796,71 @@ def _client_ip(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:
     return hops[0] if hops else peer
 
 
-def _may_have_body(head: bytes) -> bool:
-    """Whether a request head llhttp accepted may be followed by a body: it names a framing
-    field (or a value holds such a name: then also True, the safe answer)."""
-    low = head.lower()
-    return b"content-length" in low or b"transfer-encoding" in low
+def _message_start(data: bytes, parsed: int) -> int:
+    """Where the message after the first ``parsed`` ones in ``data`` starts, ``data``
+    starting at a message boundary; -1 when that cannot be known exactly.
+
+    Each head ends at its first empty line (RFC 9112 §2.1) and its body is stepped over by
+    its own framing (RFC 9112 §6.3), never searched: llhttp has accepted these messages,
+    so their framing is exactly one of none, one Content-Length, or chunked."""
+    start = _skip_empty_lines(data, 0)
+    for _ in range(parsed):
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return -1
+        start = _past_body(data, data[start:end + 2].lower(), end + 4)
+        if start < 0:
+            return -1
+        start = _skip_empty_lines(data, start)
+    return start
+
+
+# The framing fields of a request head llhttp accepted (lower-cased; at line starts).
+_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n")
+_CHUNKED: Final = re.compile(rb"\r\ntransfer-encoding:[^\r]*\r\n")
+
+
+def _past_body(data: bytes, head: bytes, pos: int) -> int:
+    """Where the body that follows ``head`` (lower-cased, ending in CRLF) at ``pos`` ends;
+    -1 when that is not known (not all of it in ``data``, or a field name appears in a
+    value and the framing cannot be read unambiguously)."""
+    if head.count(b"content-length") + head.count(b"transfer-encoding") == 0:
+        return pos
+    if _CHUNKED.search(head) is not None and head.count(b"transfer-encoding") == 1 \
+            and b"content-length" not in head:
+        return _past_chunks(data, pos)
+    m = _CONTENT_LENGTH.search(head)
+    if m is None or head.count(b"content-length") != 1 or b"transfer-encoding" in head:
+        return -1
+    end = pos + int(m[1])
+    return end if end <= len(data) else -1
+
+
+def _past_chunks(data: bytes, pos: int) -> int:
+    """Past a chunked body llhttp accepted (RFC 9112 §7.1): chunks, the last chunk, the
+    trailer section and its empty line; -1 when not all of it is in ``data``."""
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return -1
+        size_text = data[pos:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return -1
+        pos = eol + 2
+        if size == 0:
+            break
+        pos += size + 2
+        if pos > len(data):
+            return -1
+    while True:                     # trailer fields, then the empty line
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return -1
+        if eol == pos:
+            return pos + 2
+        pos = eol + 2
 
 
 def _skip_empty_lines(data: bytes, pos: int) -> int:
