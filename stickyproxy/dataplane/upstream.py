@@ -90,6 +90,12 @@ class UpstreamProtocol(asyncio.Protocol):
             ex = self.exchange
             if self.finished or self.head_done:
                 self.garbage = True
+            elif ex is not None and ex.status == 0 and _later_minor_version(data):
+                # RFC 9110 §2.5: a later HTTP/1 minor version is processed as 1.1 (llhttp
+                # refuses it); the status line is this read's first bytes, rewritten in place
+                self.parser = HttpResponseParser(self)
+                self.data_received(b"HTTP/1.1" + data[8:])
+                return
             elif ex is not None:
                 ex.on_upstream_failure(self, "protocol", f"malformed response: {e}")
             self.close()
@@ -220,6 +226,12 @@ class UpstreamProtocol(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _later_minor_version(data: bytes) -> bool:
+    """``data`` starts with a status line of HTTP/1.2 to HTTP/1.9."""
+    return data[:7] == b"HTTP/1." and len(data) > 8 and 0x32 <= data[7] <= 0x39 \
+        and data[8] == 0x20
 
 
 class Pool:

@@ -210,3 +210,12 @@ async def test_response_status_outside_100_to_599_is_a_bad_gateway(raw_backend, 
     p = await proxy([be])
     r = await p.exchange(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n")
     assert r.status == 502 and b"invalid status code" in r.body
+
+
+async def test_response_with_a_later_minor_version_is_relayed_as_http11(raw_backend, proxy):
+    """RFC 9110 §2.5: `HTTP/1.2 200 OK` from a backend is processed as HTTP/1.1."""
+    be = await raw_backend("a", respond_with(b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    p = await proxy([be])
+    for _ in range(2):                                   # and the connection is reused
+        r = await p.exchange(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+        assert (r.status, r.body) == (200, b"ok")
