@@ -60,7 +60,7 @@ class ClientProtocol(asyncio.Protocol):
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
                  "start_pending", "max_header_bytes", "max_headers",
-                 "line_buf", "ext_method")
+                 "line_buf", "ext_method", "head_tail")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -101,6 +101,7 @@ class ClientProtocol(asyncio.Protocol):
         self.out: list[bytes] = []
         self.line_buf = b""           # the start of a request line llhttp must see whole
         self.ext_method = ""          # the method to forward in place of llhttp's stand-in
+        self.head_tail = b""          # the last bytes fed of a head a read left incomplete
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,8 +143,9 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 # the common case: one small request on an idle connection
                 self.feeding = True
-                # requests parsed before this read, if it starts a message (_retry_line)
-                mark = -1 if self.in_head else self.requests
+                # where this read starts, for _retry_line: at a message (the requests parsed
+                # before it), or inside a head (-2 minus them)
+                mark = -2 - self.requests if self.in_head else self.requests
                 try:
                     self.parser.feed_data(data)
                     if self.in_head:
@@ -217,7 +219,8 @@ class ClientProtocol(asyncio.Protocol):
                 return
             end = min(n, pos + FEED_SLICE)
             chunk = view[pos:end] if (pos or end < n) else data
-            mark = self.requests if self.receiving is None and not self.in_head else -1
+            mark = (-1 if self.receiving is not None
+                    else -2 - self.requests if self.in_head else self.requests)
             try:
                 self.parser.feed_data(chunk)
                 if self.in_head:
@@ -263,6 +266,8 @@ class ClientProtocol(asyncio.Protocol):
                 self.parser = HttpRequestParser(self)
                 self.in_head = False
                 return
+        tail = bytes(fed[-3:])
+        self.head_tail = (self.head_tail + tail)[-3:] if mark <= -2 else tail
         if self.url and fed[-1:] == b"\n" and self.parser.get_http_version() in ("0.0", "0.9"):
             # the request line ended without a version: an HTTP/0.9 request, which llhttp
             # would leave waiting for fields until the header deadline
@@ -296,12 +301,15 @@ class ClientProtocol(asyncio.Protocol):
         that its start is found exactly: past one head (ended by the first empty line,
         RFC 9112 §2.1) per request parsed from ``fed``. Bodies are never searched.
         """
-        if self.limit_error is not None or mark < 0 or not self.in_head:
+        if self.limit_error is not None or mark == -1 or not self.in_head:
             return None
         unknown_method = isinstance(e, HttpParserInvalidMethodError)
         if not unknown_method and str(e) != "Invalid HTTP version":
             return None
-        start = _message_start(fed, self.requests - mark)
+        if mark >= 0:
+            start = _message_start(fed, self.requests - mark)
+        else:
+            start = self._start_after_head_in_progress(fed, self.requests - (-2 - mark))
         if start < 0:
             return None
         end = fed.find(b"\n", start)
@@ -318,6 +326,29 @@ class ClientProtocol(asyncio.Protocol):
         if unknown_method:
             self.ext_method = method
         return line + fed[end + 1:]
+
+    def _start_after_head_in_progress(self, fed: bytes, parsed: int) -> int:
+        """Where the message after ``parsed`` ones starts in ``fed``, which began inside the
+        head of the first of them (its end may straddle the reads: ``head_tail``); -1 when
+        that cannot be known exactly."""
+        queue = self.queue
+        if parsed < 1 or len(queue) < parsed:
+            return -1
+        tail = self.head_tail
+        end = (tail + fed).find(b"\r\n\r\n")
+        if end < 0:
+            return -1
+        # its body, stepped over by the framing its exchange was built with
+        ex = queue[len(queue) - parsed]
+        pos = end + 4 - len(tail)
+        if ex.framing == "cl":
+            pos += ex.content_length
+        elif ex.framing == "chunked":
+            pos = _past_chunks(fed, pos)
+        if pos < 0 or pos > len(fed):
+            return -1
+        rest = _message_start(fed[pos:], parsed - 1)
+        return -1 if rest < 0 else pos + rest
 
     def _after_upgrade_request(self, rest: bytes) -> None:
         ex = self.queue[-1] if self.queue else None
