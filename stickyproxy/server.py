@@ -149,7 +149,12 @@ class Service:
         if self.admin is not None:
             await self.admin.stop()
         await self.health.stop()
-        await self.proxy.stop()
+        cut = await self.proxy.stop()
+        if cut:
+            log.warning("stopped: %d connection%s still busy at the deadline were closed",
+                        cut, "" if cut == 1 else "s")
+        else:
+            log.info("stopped: every in-flight request finished")
         self.stopped.set()
 
 

@@ -200,8 +200,9 @@ class Proxy:
                 if st.pool is not None:
                     st.pool.sweep(now)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting; let in-flight requests finish up to ``grace``; then close all."""
+    async def stop(self, grace: float | None = None) -> int:
+        """Stop accepting; let in-flight requests finish up to ``grace``; then close all.
+        Returns how many client connections were still open at the deadline (cut)."""
         self.stopping = True
         if self.server is not None:
             self.server.close()
@@ -213,6 +214,7 @@ class Proxy:
             await asyncio.sleep(0.02)
             for c in list(self.clients):
                 c.shutdown()
+        cut = len(self.clients)
         for c in list(self.clients):
             c._close(abort=True)
         if self._ticker is not None:
@@ -229,3 +231,4 @@ class Proxy:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
             except (TimeoutError, asyncio.TimeoutError):
                 pass
+        return cut

@@ -73,7 +73,7 @@ async def test_service_stop_gives_up_after_the_shutdown_grace(backends, proxy):
 async def test_sigterm_mid_request_answers_it_and_exits_zero(backends, proxy_process):
     (a,) = await backends("a")
     a.handler = slow_handler(1.0)
-    pp = proxy_process([a], {"timeouts": {"shutdown": "10s"}})
+    pp = proxy_process([a], {"timeouts": {"shutdown": "10s"}, "logging": {"level": "info"}})
     await pp.wait_ready()
     c = await Client.connect(pp.port)
     c.send(http_request("GET", "/slow", headers={"X-User-Id": "u"}))
@@ -84,6 +84,7 @@ async def test_sigterm_mid_request_answers_it_and_exits_zero(backends, proxy_pro
     assert await pp.wait_exit() == 0, pp.output()
     assert await _refused(pp.port)
     assert "Traceback" not in pp.output()
+    assert "stopped: every in-flight request finished" in pp.output()
 
 
 @pytest.mark.slow
