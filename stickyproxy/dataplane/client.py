@@ -22,7 +22,7 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
                        HttpRequestParser)
 
 from ..keys import KeyRejected
-from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named
+from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named, refused_exchange
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
                    connection_tokens, error_response, is_chunked_only, normalise_target,
                    STAND_IN_METHOD, refuse_method, rewrite_request_line)
@@ -376,10 +376,7 @@ class ClientProtocol(asyncio.Protocol):
             self.closing = True
             receiving.client_failed(err.status, err.reason)
             return
-        ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
-        ex.local = (err.status, err.reason, b"")
-        ex.local_close = True
-        self._enqueue(ex)
+        self._enqueue(refused_exchange(self, err.status, err.reason))
         self.closing = True
 
     # -- llhttp callbacks ----------------------------------------------------------------
@@ -445,9 +442,7 @@ class ClientProtocol(asyncio.Protocol):
         try:
             ex = self._build(method, parser.get_http_version(), parser.should_keep_alive())
         except RequestError as err:
-            ex = Exchange(self, "-", b"", "1.1", b"", "none", 0, False, None)
-            ex.local = (err.status, err.reason, err.extra)
-            ex.local_close = True
+            ex = refused_exchange(self, err.status, err.reason, err.extra)
             self.server.events.request_rejected(err.status)
             self.closing_after_parse()
         self.receiving = ex

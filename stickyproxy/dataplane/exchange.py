@@ -614,11 +614,7 @@ class Exchange:
 
     def _cannot_relay(self, reason: str) -> None:
         """A valid response this client cannot be given: 502, the connection dropped."""
-        conn = self.upstream
-        if conn is not None:
-            self.upstream = None
-            conn.exchange = None
-            conn.abort()
+        self._drop_upstream()
         self.fail(502, reason)
 
     def client_failed(self, status: int, reason: str) -> None:
@@ -639,11 +635,7 @@ class Exchange:
             return
         if self.state == QUEUED:
             self.leave_queue()
-        conn = self.upstream
-        if conn is not None:
-            self.upstream = None
-            conn.exchange = None
-            conn.abort()
+        self._drop_upstream()
         client.respond_local(self, status, reason, close=True)
 
     def replayable(self) -> bool:
@@ -700,13 +692,20 @@ class Exchange:
         self.deadline = 0.0
         self._settle()
         if self.upstream is not None:
-            conn, self.upstream = self.upstream, None
-            conn.exchange = None
-            conn.abort()
+            self._drop_upstream()
         if not self.body_done:
             self.close_after = True
         self.server.events.request_done(self)
         self.client.exchange_done(self, abort=abort_client)
+
+    def _drop_upstream(self) -> None:
+        """Cut this exchange's upstream connection: its message boundaries are not known
+        to be complete, so it is never reused (P6)."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.abort()
 
     def abort(self) -> None:
         """The client went away: release everything without answering."""
@@ -719,11 +718,19 @@ class Exchange:
         self.state = DONE
         self.deadline = 0.0
         self._settle()
-        if self.upstream is not None and self.tunnel is None:
-            conn, self.upstream = self.upstream, None
-            conn.exchange = None
-            conn.abort()
+        if self.tunnel is None:
+            self._drop_upstream()
         self.server.events.request_done(self)
+
+
+def refused_exchange(client: ClientProtocol, status: int, reason: str,
+                     extra: bytes = b"") -> Exchange:
+    """An exchange the proxy answers itself (``status``, ``reason``, extra header lines)
+    and after which the client connection closes; it never reaches a backend."""
+    ex = Exchange(client, "-", b"", "1.1", b"", "none", 0, False, None)
+    ex.local = (status, reason, extra)
+    ex.local_close = True
+    return ex
 
 
 def refused_backend(backend: BackendState) -> list[Exchange]:
