@@ -25,6 +25,7 @@ from .headers import StickyHeaders, StickyInfo
 from .metrics import ContextMetrics
 from .middleware_aiohttp import context_middleware, get_context, get_info, metrics_handler
 from .middleware_asgi import StickyContextMiddleware, metrics_app, sticky_context
+from .ratelimit import Decision, Limit, RateLimiter, RateLimitMiddleware, rate_limit_middleware
 from .serializers import JsonSerializer, Serializer
 from .store import ContextStore
 
@@ -36,8 +37,12 @@ __all__ = [
     "ContextError",
     "ContextMetrics",
     "ContextStore",
+    "Decision",
     "JsonSerializer",
+    "Limit",
     "MissingUserKey",
+    "RateLimitMiddleware",
+    "RateLimiter",
     "RecordMismatch",
     "SerializationError",
     "Serializer",
@@ -51,5 +56,6 @@ __all__ = [
     "get_info",
     "metrics_app",
     "metrics_handler",
+    "rate_limit_middleware",
     "sticky_context",
 ]

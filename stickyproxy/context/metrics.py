@@ -83,3 +83,36 @@ class ContextMetrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+RATELIMIT_OUTCOMES = ("allowed", "refused")
+STATE_OPS = ("read", "write")
+
+
+class RateLimitMetrics:
+    """Metrics of one :class:`~stickyproxy.context.ratelimit.RateLimiter` (prefix ``stickyctx_ratelimit_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions = Counter(
+            "stickyctx_ratelimit_decisions",
+            "Rate-limit checks, by limit name and outcome (allowed, refused).",
+            ["limit", "outcome"],
+            registry=r,
+        )
+        self.persists = Counter(
+            "stickyctx_ratelimit_persists",
+            "Bucket snapshots put in the user's context because the budget fell materially below "
+            "what the stored snapshot implies (each one fenced write, or part of the request's save).",
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "stickyctx_ratelimit_state_errors",
+            "Reads or writes of a bucket snapshot that failed (the decision was made from memory).",
+            ["op"],
+            registry=r,
+        )
+        self.buckets = Gauge("stickyctx_ratelimit_buckets", "Buckets (user, limit) held in memory.", registry=r)
+        for op in STATE_OPS:
+            self.state_errors.labels(op)
