@@ -369,6 +369,37 @@ REQUEST_VECTORS: list[RequestVector] = [
       b"\r\n0\r\n\r\n", FORWARD, "RFC 9112 §7.1: chunk data is never a request line"),
     V("method-not-a-token", b"FOO@BAR /a HTTP/1.1\r\n" + H + b"\r\n", REFUSE,
       "RFC 9110 §9.1: a method is a token"),
+    # the request behind a body is found by stepping over the body by its framing; bodies
+    # that look like request boundaries must not move it
+    V("method-extension-behind-lookalike-cl-body", P + b"Content-Length: %d\r\n\r\n"
+      % len(b"x\r\n\r\n" + SMUG_EXT) + b"x\r\n\r\n" + SMUG_EXT + b"FOOBAR /b HTTP/1.1\r\n" + H
+      + b"\r\n", FORWARD, "RFC 9112 §6.2: a body is data; the next request starts after it",
+      forwards=2),
+    V("method-extension-behind-lookalike-chunk", CH + b"%x\r\n" % len(b"\r\n0\r\n\r\n" + SMUG_EXT)
+      + b"\r\n0\r\n\r\n" + SMUG_EXT + b"\r\n0\r\n\r\nFOOBAR /b HTTP/1.1\r\n" + H + b"\r\n",
+      FORWARD, "RFC 9112 §7.1: chunk data is data", forwards=2),
+    V("method-extension-behind-quoted-extension", CH + b'5;e="a;b\\"c"\r\nhello\r\n0\r\n'
+      b"X-T: 1\r\n\r\nFOOBAR /b HTTP/1.1\r\n" + H + b"\r\n", EITHER,
+      "RFC 9112 §7.1.1: a quoted-string chunk-ext-val with a quoted-pair", forwards=2),
+    V("method-extension-behind-odd-chunks", CH + b"0000A;x=1\r\n0123456789\r\n3\r\n\r\n\r\r\n"
+      b"0;y\r\nX-T: 1\r\nX-U: 2\r\n\r\nFOOBAR /b HTTP/1.1\r\n" + H + b"\r\n", FORWARD,
+      "RFC 9112 §7.1: leading zeros, upper-case hex, extensions, CR LF as data, trailers",
+      forwards=2),
+    V("method-extension-behind-split-chunk", (CH + b"%x\r\n" % len(b"\r\n0\r\n\r\n" + SMUG_EXT)
+      + b"\r\n0\r\n", b"\r\n" + SMUG_EXT + b"\r\n0\r\n\r\nFOOBAR /b HTTP/1.1\r\n" + H + b"\r\n"),
+      FORWARD, "RFC 9112 §7.1: chunk data is data, however it is cut into reads",
+      split=True, forwards=2),
+    V("method-extension-behind-split-quoted-extension", (CH + b'5;e="a;b', b'\\"c"\r\nhello\r\n'
+      b"0\r\n\r\nFOOBAR /b HTTP/1.1\r\n" + H + b"\r\n"), EITHER,
+      "RFC 9112 §7.1.1: a quoted chunk-ext-val cut into reads", split=True, forwards=2),
+    V("method-extension-behind-split-cl-body", (P + b"Content-Length: %d\r\n\r\nx\r\n"
+      % len(b"x\r\n\r\n" + SMUG_EXT), b"\r\n" + SMUG_EXT + b"FOOBAR /b HTTP/1.1\r\n" + H + b"\r\n"),
+      FORWARD, "RFC 9112 §6.2: a body is data, however it is cut into reads", split=True,
+      forwards=2),
+    V("http-1.2-bodies-pipelined", b"POST /a HTTP/1.2\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+      b"\r\n" + HELLO_CHUNKED + b"POST /b HTTP/1.2\r\n" + H + b"Content-Length: 5\r\n\r\nhello"
+      + b"FOOBAR /c HTTP/1.2\r\n" + H + b"\r\n", FORWARD, "RFC 9110 §2.5, §9.1, RFC 9112 §9.3.2",
+      forwards=3),
     V("method-extension-chunked", b"FOOBAR /a HTTP/1.1\r\n" + H +
       b"Transfer-Encoding: chunked\r\n\r\n" + HELLO_CHUNKED, FORWARD, "RFC 9110 §9.1"),
     V("method-extension-absolute-form", b"FOOBAR http://shop.example/x HTTP/1.1\r\n" + H +
