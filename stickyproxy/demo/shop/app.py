@@ -20,7 +20,7 @@ from stickyproxy.context import ContextStore, context_middleware
 from .jobs import LocalJobs, RedisJobs
 from .metrics import ShopMetrics
 from .middleware import count_requests, only_under, rate_limit, redis_outage
-from .ratelimit import LocalRateLimiter, RedisRateLimiter
+from .ratelimit import RedisRateLimiter, StickyRateLimiter
 from .routes import MAX_BODY, add_routes
 from .settings import Settings, parse_args
 from .shop import SHOP_KEY, Shop
@@ -68,10 +68,10 @@ def create_app(settings: Settings) -> web.Application:
         # Unique per process: a restarted instance is a new owner in Redis's fencing.
         store = ContextStore(settings.redis_url, namespace=NAMESPACE, registry=registry,
                              node_id=f"{settings.node_id}-{os.getpid()}-{secrets.token_hex(3)}")
-        limiter = LocalRateLimiter(settings.rate_limit, settings.rate_window)
-        shop = Shop(settings, metrics, ContextState(), limiter if settings.rate_limit else None,
+        limiter = StickyRateLimiter(store, settings.rate_limit, settings.rate_window) if settings.rate_limit else None
+        shop = Shop(settings, metrics, ContextState(), limiter,
                     LocalJobs(settings.job_steps, settings.job_step_seconds))
-        metrics.rate_limit_users.set_function(lambda: len(limiter))
+        metrics.rate_limit_users.set_function(lambda: len(limiter) if limiter is not None else 0)
         middlewares.append(only_under(CONTEXT_PATHS, context_middleware(store)))
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:

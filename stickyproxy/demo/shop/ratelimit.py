@@ -1,10 +1,11 @@
-"""Per-user rate limit: ``limit`` requests per fixed window that opens at the user's first
-request. Both limiters answer ``hit(user)`` with None (allowed) or the seconds until the
-user's window closes.
+"""Per-user rate limit: ``limit`` requests per ``window``. Both limiters answer ``hit(user)``
+with None (allowed) or the seconds until the user may send again.
 
-``LocalRateLimiter`` counts in this process's memory: correct because the proxy sends the
-user to this instance every time. A user who moves to another instance (failover, ring
-change) starts a fresh window there: at most one extra window's worth per move.
+``StickyRateLimiter`` is the context library's token bucket (burst ``limit``, refilled at
+``limit / window`` per second) in this instance's memory: correct because the proxy sends the
+user to this instance every time. No Redis command per request; the bucket is written to the
+user's context only when the stored snapshot overstates the budget by half a burst, so a user
+who moves to another instance (failover, ring change) gets less than half a burst extra.
 
 ``RedisRateLimiter`` is the stateless design: one round trip per request (INCR, and EXPIRE NX,
 which sets the window's end only when the window opens; Redis >= 7.0).
@@ -12,52 +13,28 @@ which sets the window's end only when the window opens; Redis >= 7.0).
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, Protocol
 
-# Users whose window is tracked in memory at once; beyond, the oldest window is forgotten.
-MAX_TRACKED_USERS = 100_000
+from stickyproxy.context import ContextStore, Limit, RateLimiter
+
+# The name of the shop's one limit in the library's limiter (and its metrics' label).
+LIMIT_NAME = "requests"
 
 
-class RateLimiter(Protocol):
+class ShopRateLimiter(Protocol):
     async def hit(self, user: str) -> float | None: ...
 
 
-class LocalRateLimiter:
-    def __init__(self, limit: int, window: float, *, max_users: int = MAX_TRACKED_USERS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_users = max_users
-        self.clock = clock
-        # user -> [window start, requests counted]; ordered by window start, oldest first.
-        self._windows: OrderedDict[str, list[float]] = OrderedDict()
+class StickyRateLimiter:
+    def __init__(self, store: ContextStore, limit: int, window: float) -> None:
+        self.limiter = RateLimiter({LIMIT_NAME: Limit.per(limit, window)}, store=store)
 
     def __len__(self) -> int:
-        return len(self._windows)
+        return len(self.limiter)
 
     async def hit(self, user: str) -> float | None:
-        now = self.clock()
-        w = self._windows.get(user)
-        if w is None or now - w[0] >= self.window:
-            self._windows.pop(user, None)
-            self._windows[user] = [now, 1]
-            self._prune(now)
-            return None
-        if w[1] >= self.limit:
-            return w[0] + self.window - now
-        w[1] += 1
-        return None
-
-    def _prune(self, now: float) -> None:
-        windows = self._windows
-        while windows:
-            start = next(iter(windows.values()))[0]
-            if now - start < self.window and len(windows) <= self.max_users:
-                return
-            windows.popitem(last=False)
+        decision = await self.limiter.hit(user, LIMIT_NAME)
+        return None if decision.allowed else decision.retry_after
 
 
 def rate_key(namespace: str, user: str) -> str:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .jobs import Jobs
 from .metrics import ShopMetrics
-from .ratelimit import RateLimiter
+from .ratelimit import ShopRateLimiter
 from .settings import Settings
 from .state import UserState
 
@@ -18,7 +18,7 @@ class Shop:
     settings: Settings
     metrics: ShopMetrics
     state: UserState
-    limiter: RateLimiter | None
+    limiter: ShopRateLimiter | None
     jobs: Jobs
 
 
