@@ -26,6 +26,14 @@ from .metrics import ContextMetrics
 from .middleware_aiohttp import context_middleware, get_context, get_info, metrics_handler
 from .middleware_asgi import StickyContextMiddleware, metrics_app, sticky_context
 from .ratelimit import Decision, Limit, RateLimiter, RateLimitMiddleware, rate_limit_middleware
+from .revocation import (
+    MalformedToken,
+    Revocations,
+    RevocationMiddleware,
+    TooManyRevocations,
+    UnknownToken,
+    revocation_middleware,
+)
 from .serializers import JsonSerializer, Serializer
 from .store import ContextStore
 
@@ -40,10 +48,13 @@ __all__ = [
     "Decision",
     "JsonSerializer",
     "Limit",
+    "MalformedToken",
     "MissingUserKey",
     "RateLimitMiddleware",
     "RateLimiter",
     "RecordMismatch",
+    "RevocationMiddleware",
+    "Revocations",
     "SerializationError",
     "Serializer",
     "StickyContextMiddleware",
@@ -51,11 +62,14 @@ __all__ = [
     "StickyInfo",
     "StoreClosed",
     "StoreUnavailable",
+    "TooManyRevocations",
+    "UnknownToken",
     "context_middleware",
     "get_context",
     "get_info",
     "metrics_app",
     "metrics_handler",
     "rate_limit_middleware",
+    "revocation_middleware",
     "sticky_context",
 ]

@@ -116,3 +116,24 @@ class RateLimitMetrics:
         self.buckets = Gauge("stickyctx_ratelimit_buckets", "Buckets (user, limit) held in memory.", registry=r)
         for op in STATE_OPS:
             self.state_errors.labels(op)
+
+
+class RevocationMetrics:
+    """Metrics of one :class:`~stickyproxy.context.revocation.Revocations` (prefix ``stickyctx_revocation_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.checks = Counter(
+            "stickyctx_revocation_checks",
+            "Tokens checked, by outcome: ok, revoked, malformed, unavailable (context unreadable).",
+            ["outcome"],
+            registry=r,
+        )
+        self.revocations = Counter(
+            "stickyctx_revocation_revocations", "Revocations written, by kind: token, all.", ["kind"], registry=r
+        )
+        for outcome in ("ok", "revoked", "malformed", "unavailable"):
+            self.checks.labels(outcome)
+        for kind in ("token", "all"):
+            self.revocations.labels(kind)
