@@ -22,6 +22,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .headers import StickyHeaders, StickyInfo
+from .jobs import JobHandle, Jobs, JobsFull, UnknownJob, job_events_response, sse_stream
 from .metrics import ContextMetrics
 from .middleware_aiohttp import context_middleware, get_context, get_info, metrics_handler
 from .middleware_asgi import StickyContextMiddleware, metrics_app, sticky_context
@@ -46,6 +47,9 @@ __all__ = [
     "ContextMetrics",
     "ContextStore",
     "Decision",
+    "JobHandle",
+    "Jobs",
+    "JobsFull",
     "JsonSerializer",
     "Limit",
     "MalformedToken",
@@ -63,13 +67,16 @@ __all__ = [
     "StoreClosed",
     "StoreUnavailable",
     "TooManyRevocations",
+    "UnknownJob",
     "UnknownToken",
     "context_middleware",
     "get_context",
     "get_info",
+    "job_events_response",
     "metrics_app",
     "metrics_handler",
     "rate_limit_middleware",
     "revocation_middleware",
+    "sse_stream",
     "sticky_context",
 ]

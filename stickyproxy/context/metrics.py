@@ -137,3 +137,27 @@ class RevocationMetrics:
             self.checks.labels(outcome)
         for kind in ("token", "all"):
             self.revocations.labels(kind)
+
+
+JOB_OUTCOMES = ("done", "failed", "cancelled")
+
+
+class JobMetrics:
+    """Metrics of one :class:`~stickyproxy.context.jobs.Jobs` (prefix ``stickyctx_jobs_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.started = Counter("stickyctx_jobs_started", "Jobs started or resumed on this instance.", registry=r)
+        self.finished = Counter(
+            "stickyctx_jobs_finished", "Jobs ended on this instance, by outcome: done, failed, cancelled.", ["outcome"],
+            registry=r,
+        )
+        self.unsaved = Counter(
+            "stickyctx_jobs_unsaved",
+            "Job outcomes that Redis did not take after every retry (a later owner reports the job running, then lost).",
+            registry=r,
+        )
+        self.running = Gauge("stickyctx_jobs_running", "Jobs running on this instance.", registry=r)
+        for outcome in JOB_OUTCOMES:
+            self.finished.labels(outcome)
