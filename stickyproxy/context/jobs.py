@@ -319,6 +319,11 @@ class Jobs:
                     log.error("outcome of job %r of user %r not saved: %s", job.id, job.user, exc)
                     return
                 await asyncio.sleep(backoff_delay(attempt, FINISH_BACKOFF_BASE, FINISH_BACKOFF_CAP))
+            except ContextError as exc:
+                # Conflicts on every attempt, a closed store, a record of another user.
+                self.metrics.unsaved.inc()
+                log.error("outcome of job %r of user %r not saved: %s", job.id, job.user, exc)
+                return
 
     async def _save(self, job: _Running, **changes: Any) -> None:
         record = job.record(self.node)

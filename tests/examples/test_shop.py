@@ -155,6 +155,23 @@ async def test_job_progress_over_websocket(shop, stateless):
     assert e.value.status == 404
 
 
+async def test_finished_job_is_reported_by_the_next_instance(shop):
+    """The sticky job's outcome is written to the user's context: the instance that takes
+    the user over reports the job done instead of unknown."""
+    a, b = await shop("app-1", job_steps=2, job_step_seconds=0.02), await shop("app-2")
+    job = await (await a.post("/jobs", headers=as_user("alice"))).json()
+
+    async def done_on_a():
+        return (await (await a.get(f"/jobs/{job['id']}", headers=as_user("alice"))).json())["state"] == "done"
+
+    await eventually(done_on_a, what="job done on app-1")
+    await a.close()
+    r = await b.get(f"/jobs/{job['id']}", headers=as_user("alice"))
+    assert r.headers["X-Served-By"] == "app-2"
+    assert await r.json() == {"id": job["id"], "step": 2, "steps": 2, "state": "done"}
+    assert (await b.get(f"/jobs/{job['id']}", headers=as_user("mallory"))).status == 404
+
+
 async def test_sticky_reads_cost_no_redis_command(shop, redis_server):
     c = await shop()
     await c.post("/cart/items", json={"item": "milk"}, headers=as_user("alice"))

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 
 from stickyproxy.context import ContextStore, context_middleware
 
-from .jobs import LocalJobs, RedisJobs
+from .jobs import RedisJobs, StickyJobs
 from .metrics import ShopMetrics
 from .middleware import count_requests, only_under, rate_limit, redis_outage
 from .ratelimit import RedisRateLimiter, StickyRateLimiter
@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> web.Application:
                              node_id=f"{settings.node_id}-{os.getpid()}-{secrets.token_hex(3)}")
         limiter = StickyRateLimiter(store, settings.rate_limit, settings.rate_window) if settings.rate_limit else None
         shop = Shop(settings, metrics, ContextState(), limiter,
-                    LocalJobs(settings.job_steps, settings.job_step_seconds))
+                    StickyJobs(store, settings.job_steps, settings.job_step_seconds))
         metrics.rate_limit_users.set_function(lambda: len(limiter) if limiter is not None else 0)
         middlewares.append(only_under(CONTEXT_PATHS, context_middleware(store)))
 

@@ -3,9 +3,10 @@
 A job is ``steps`` steps of simulated work. Progress is a dict
 ``{"id", "step", "steps", "state"}`` with state ``running`` then ``done``.
 
-``LocalJobs`` keeps jobs in this process: the WebSocket that follows a job must reach the
-instance running it, which sticky routing guarantees (the proxy pins the user, so the
-tunnel goes where the job is). ``RedisJobs`` is the stateless design: the runner writes each
+``StickyJobs`` runs jobs with the context library's ``Jobs``: progress in this process, the
+WebSocket that follows a job reaching the instance running it, which sticky routing
+guarantees (the proxy pins the user, so the tunnel goes where the job is); the outcome is
+written to the user's context, so another instance can report it. ``RedisJobs`` is the stateless design: the runner writes each
 step to Redis and any instance polls Redis to follow a job.
 """
 
@@ -13,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
+
+from stickyproxy.context import ContextStore, JobHandle, Jobs, UnknownJob
+from stickyproxy.context import JobsFull as LibraryJobsFull
 
 # Jobs one instance keeps (running and finished) before refusing new ones.
 MAX_JOBS = 1000
@@ -28,13 +28,16 @@ JOB_RETENTION = 600.0
 # Polls without progress after which a follower of a Redis job gives up (its runner died).
 STALL_POLLS = 20
 RUNNING, DONE, STALLED = "running", "done", "stalled"
+# A sticky job still recorded as running this many times its expected length after its start
+# is reported lost by an instance that is not running it.
+STALL_FACTOR = 10
 
 
 class JobsFull(Exception):
     """Too many jobs on this instance."""
 
 
-class Jobs(Protocol):
+class ShopJobs(Protocol):
     async def start(self, user: str) -> dict[str, Any]: ...
     async def status(self, user: str, job_id: str) -> dict[str, Any] | None: ...
     def follow(self, user: str, job_id: str) -> AsyncIterator[dict[str, Any]]: ...
@@ -46,91 +49,64 @@ def new_job_id() -> str:
     return secrets.token_urlsafe(9)
 
 
-@dataclass
-class _Job:
-    id: str
-    user: str
-    steps: int
-    step: int = 0
-    state: str = RUNNING
-    finished_at: float = 0.0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    def progress(self) -> dict[str, Any]:
-        return {"id": self.id, "step": self.step, "steps": self.steps, "state": self.state}
-
-    def moved_from(self, step: int) -> bool:
-        return self.step != step
+def _shop_progress(status: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The library's job status in the shop's format (a finished job's own step count is in
+    its result: the instance reporting it may be configured differently)."""
+    progress = status.get("progress") or {}
+    result = status.get("result")
+    if isinstance(result, dict) and isinstance(result.get("steps"), int):
+        steps = result["steps"]
+    step = steps if status["state"] == DONE else int(progress.get("done") or 0)
+    return {"id": status["id"], "step": step, "steps": steps, "state": status["state"]}
 
 
-class LocalJobs:
-    def __init__(self, steps: int, step_seconds: float, *, max_jobs: int = MAX_JOBS,
+class StickyJobs:
+    """The context library's jobs: progress in this instance's memory, followed over the
+    WebSocket that sticky routing brings here; the start and the outcome written to the
+    user's context, so the instance that takes the user over reports a finished job as
+    done (and an interrupted one as running elsewhere, then lost) instead of unknown."""
+
+    def __init__(self, store: ContextStore, steps: int, step_seconds: float, *, max_jobs: int = MAX_JOBS,
                  retention: float = JOB_RETENTION) -> None:
         self.steps = steps
         self.step_seconds = step_seconds
-        self.max_jobs = max_jobs
-        self.retention = retention
-        self._jobs: OrderedDict[str, _Job] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.jobs = Jobs(store, max_running=max_jobs, retention=retention,
+                         max_runtime=max(1.0, steps * step_seconds * STALL_FACTOR))
 
     def running(self) -> int:
-        return len(self._tasks)
+        return self.jobs.running()
+
+    async def _work(self, handle: JobHandle) -> dict[str, Any]:
+        # The last step's progress is the outcome itself, so each step is reported once.
+        for step in range(1, self.steps):
+            await asyncio.sleep(self.step_seconds)
+            await handle.progress(step, self.steps)
+        await asyncio.sleep(self.step_seconds)
+        return {"steps": self.steps}
 
     async def start(self, user: str) -> dict[str, Any]:
-        self._prune(time.monotonic())
-        if len(self._jobs) >= self.max_jobs:
-            raise JobsFull
-        job = _Job(new_job_id(), user, self.steps)
-        self._jobs[job.id] = job
-        task = asyncio.create_task(self._run(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job.progress()
-
-    async def _run(self, job: _Job) -> None:
-        for step in range(1, job.steps + 1):
-            await asyncio.sleep(self.step_seconds)
-            async with job.changed:
-                job.step = step
-                if step == job.steps:
-                    job.state = DONE
-                    job.finished_at = time.monotonic()
-                job.changed.notify_all()
-
-    def _find(self, user: str, job_id: str) -> _Job | None:
-        job = self._jobs.get(job_id)
-        return job if job is not None and job.user == user else None
+        try:
+            status = await self.jobs.start(user, self._work, kind="simulated")
+        except LibraryJobsFull:
+            raise JobsFull from None
+        return _shop_progress(status, self.steps)
 
     async def status(self, user: str, job_id: str) -> dict[str, Any] | None:
-        job = self._find(user, job_id)
-        return job.progress() if job is not None else None
+        try:
+            return _shop_progress(await self.jobs.status(user, job_id), self.steps)
+        except UnknownJob:
+            return None
 
     async def follow(self, user: str, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Each step once, from the current one, until the job is done."""
-        job = self._find(user, job_id)
-        if job is None:
+        """Each step once, from the current one, until the job ends."""
+        try:
+            async for status in self.jobs.follow(user, job_id):
+                yield _shop_progress(status, self.steps)
+        except UnknownJob:
             return
-        seen = -1
-        while True:
-            async with job.changed:
-                await job.changed.wait_for(partial(job.moved_from, seen))
-                seen = job.step
-                progress = job.progress()
-            yield progress
-            if progress["state"] == DONE:
-                return
-
-    def _prune(self, now: float) -> None:
-        for job_id in [j.id for j in self._jobs.values()
-                       if j.state == DONE and now - j.finished_at > self.retention]:
-            del self._jobs[job_id]
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with suppress(asyncio.CancelledError):
-                await task
+        await self.jobs.close()
 
 
 def job_key(namespace: str, job_id: str) -> str:

@@ -1,4 +1,5 @@
-"""Middlewares of the shop, outermost first: request metrics, Redis outage → 503, the per-user
+"""Middlewares of the shop, outermost first: request metrics, Redis outage (the stateless
+client's or the context library's, outside the context middleware) → 503, the per-user
 rate limit, and the context middleware on the routes that use the user's context."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from collections.abc import Awaitable, Callable
 import redis
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+
+from stickyproxy.context import StoreUnavailable
 
 from .shop import SHOP_KEY
 from .users import user_of
@@ -38,7 +41,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 async def redis_outage(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except redis.RedisError:
+    except (redis.RedisError, StoreUnavailable):
         return web.json_response({"error": "state store unavailable"}, status=503,
                                  headers={"Retry-After": RETRY_AFTER})
 

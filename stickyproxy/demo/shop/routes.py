@@ -117,6 +117,7 @@ async def start_job(request: web.Request) -> web.Response:
         progress = await shop.jobs.start(user)
     except JobsFull:
         raise _error(503, "too many jobs on this instance") from None
+
     shop.metrics.jobs_started.inc()
     return web.json_response({**progress, "ws": f"/jobs/{progress['id']}/ws"}, status=202)
 
@@ -125,7 +126,7 @@ async def job_status(request: web.Request) -> web.Response:
     shop, user = _context(request)
     progress = await shop.jobs.status(user, request.match_info["id"])
     if progress is None:
-        raise _error(404, "no such job for this user on this instance")
+        raise _error(404, "no such job for this user")
     return web.json_response(progress)
 
 

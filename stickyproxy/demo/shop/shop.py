@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .jobs import Jobs
+from .jobs import ShopJobs
 from .metrics import ShopMetrics
 from .ratelimit import ShopRateLimiter
 from .settings import Settings
@@ -19,7 +19,7 @@ class Shop:
     metrics: ShopMetrics
     state: UserState
     limiter: ShopRateLimiter | None
-    jobs: Jobs
+    jobs: ShopJobs
 
 
 SHOP_KEY: web.AppKey[Shop] = web.AppKey("shop", Shop)
