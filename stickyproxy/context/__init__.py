@@ -10,6 +10,7 @@ See docs/context.md for the guarantees, costs and failure modes.
 """
 
 from .breaker import BreakerState
+from .cache import GuardedCache, OriginUnavailable
 from .errors import (
     BufferFull,
     ConfigError,
@@ -47,6 +48,7 @@ __all__ = [
     "ContextMetrics",
     "ContextStore",
     "Decision",
+    "GuardedCache",
     "JobHandle",
     "Jobs",
     "JobsFull",
@@ -54,6 +56,7 @@ __all__ = [
     "Limit",
     "MalformedToken",
     "MissingUserKey",
+    "OriginUnavailable",
     "RateLimitMiddleware",
     "RateLimiter",
     "RecordMismatch",

@@ -161,3 +161,34 @@ class JobMetrics:
         self.running = Gauge("stickyctx_jobs_running", "Jobs running on this instance.", registry=r)
         for outcome in JOB_OUTCOMES:
             self.finished.labels(outcome)
+
+
+CACHE_LOOKUPS = ("hit", "miss", "coalesced", "stale", "unavailable")
+ORIGIN_OUTCOMES = ("ok", "error", "timeout")
+
+
+class CacheMetrics:
+    """Metrics of one :class:`~stickyproxy.context.cache.GuardedCache` (prefix ``stickyctx_cache_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.lookups = Counter(
+            "stickyctx_cache_lookups",
+            "Cache lookups, by outcome: hit, miss (loaded from the origin), coalesced (waited for "
+            "a load in flight), stale (origin failing, a stale entry served), unavailable (error raised).",
+            ["outcome"],
+            registry=r,
+        )
+        self.origin_loads = Counter(
+            "stickyctx_cache_origin_loads", "Origin loads, by outcome: ok, error, timeout.", ["outcome"], registry=r
+        )
+        self.invalidations = Counter("stickyctx_cache_invalidations", "Entries dropped by invalidate().", registry=r)
+        self.entries = Gauge("stickyctx_cache_entries", "Entries held.", registry=r)
+        self.breaker_state = Gauge(
+            "stickyctx_cache_breaker_state", "Origin circuit breaker: 0 closed, 1 open, 2 half-open.", registry=r
+        )
+        for outcome in CACHE_LOOKUPS:
+            self.lookups.labels(outcome)
+        for outcome in ORIGIN_OUTCOMES:
+            self.origin_loads.labels(outcome)

@@ -301,6 +301,13 @@ class ContextStore:
         """Whether ``user`` is in local memory (verified or not)."""
         return user in self._cache
 
+    def epoch_of(self, user: str) -> int | None:
+        """The epoch of ``user``'s copy held here (verified or not), or None. It changes
+        whenever any instance acquires or deletes the user, so state derived from the user
+        under one epoch can be recognised as older than a move."""
+        entry = self._cache.peek(user)
+        return None if entry is None else entry.epoch
+
     async def start(self) -> None:
         """Create clients, start the takeover listener (and the flusher when writes can be
         buffered), and wait briefly for the first subscription. Does not fail if Redis is down:
