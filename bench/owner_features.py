@@ -11,11 +11,16 @@ Each variant is one aiohttp app process (uvloop) answering ``GET /`` with 2 byte
 * ``revocation-sticky``: the context middleware and ``revocation_middleware`` (library);
 * ``revocation-stateless``: per request, ``EXISTS revoked:<jti>`` + ``GET revoked-before:<user>``
   pipelined (one round trip), the classic revocation list.
+* ``jobpoll-sticky``: each request reads the progress of the user's running job
+  (``Jobs.status``, from memory); ``jobpoll-stateless``: ``HGETALL`` of the job's hash (the
+  shop's ``--stateless`` jobs). The job is started by the user's first (warm-up) request.
+* ``cache-sticky``: a ``GuardedCache`` hit per request; ``cache-stateless``: a Redis ``GET``
+  of the cached value per request (loaded into Redis by the warm-up request).
 Limits are set so nobody is refused and no token is revoked: every request does the full check.
 Redis commands are counted by ``INFO commandstats`` before and after each timed run (the
 library's listener PINGs excluded, as a test's own bookkeeping is), divided by wrk's requests.
 The relay delays each chunk by half the round trip in each direction, order kept, without
-limiting throughput; it runs in its own process.
+limiting throughput (a thread per direction, high-resolution sleeps); it runs in its own process.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import queue
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +46,8 @@ import redis
 from .procs import free_ports
 from .wrk import LUA_DIR, run_script
 
-VARIANTS = ("ratelimit-sticky", "ratelimit-stateless", "revocation-sticky", "revocation-stateless")
+VARIANTS = ("ratelimit-sticky", "ratelimit-stateless", "revocation-sticky", "revocation-stateless",
+            "jobpoll-sticky", "jobpoll-stateless", "cache-sticky", "cache-stateless")
 SCRIPT = LUA_DIR / "owner.lua"
 # Users in the load (each with one token); every one is held by the app after the warm-up.
 USERS = 1000
@@ -49,47 +59,55 @@ START_DEADLINE = 10.0
 SECRET = "bench-secret-not-for-production-32b"
 # Rate limit that nobody reaches in a run: both designs do their full work per request.
 NO_REFUSAL_PER_MINUTE = 1_000_000_000
+# PINGs per round-trip measurement, relay calibration rounds, and the accepted error.
+RTT_SAMPLES = 300
+CALIBRATION_ROUNDS = 5
+CALIBRATION_TOLERANCE = 0.2
 
 
 # -- the delaying relay (its own process) ---------------------------------------------------
+# Threads, not an event loop: libuv and asyncio's selector time out in whole milliseconds, so a
+# 0.25 ms timer would fire at once or after 1 ms; time.sleep is a high-resolution nanosleep.
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
 
-    async def send() -> None:
+    def send() -> None:
         while True:
-            due, data = await queue.get()
+            due, data = chunks.get()
             if not data:
-                writer.close()
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
                 return
             wait = due - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
+                time.sleep(wait)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
 
-    sender = asyncio.create_task(send())
-    try:
-        while True:
-            data = await reader.read(65536)
-            queue.put_nowait((time.monotonic() + delay, data))
-            if not data:
-                break
-        await sender
-    except (ConnectionError, OSError):
-        sender.cancel()
+    threading.Thread(target=send, daemon=True).start()
+    while True:
+        try:
+            data = src.recv(65536)
+        except OSError:
+            data = b""
+        chunks.put((time.monotonic() + delay, data))
+        if not data:
+            return
 
 
-async def relay(listen: int, target: int, delay: float) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-        await asyncio.gather(_pipe(reader, up_writer, delay), _pipe(up_reader, writer, delay),
-                             return_exceptions=True)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
-    async with server:
-        await server.serve_forever()
+def relay(listen: int, target: int, delay: float) -> None:
+    server = socket.create_server(("127.0.0.1", listen))
+    while True:
+        client, _ = server.accept()
+        upstream = socket.create_connection(("127.0.0.1", target))
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=_pipe, args=(client, upstream, delay), daemon=True).start()
+        threading.Thread(target=_pipe, args=(upstream, client, delay), daemon=True).start()
 
 
 # -- the app (its own process) ---------------------------------------------------------------
@@ -100,10 +118,13 @@ def build_app(variant: str, redis_url: str) -> Any:
 
     from stickyproxy.context import (
         ContextStore,
+        GuardedCache,
+        Jobs,
         Limit,
         RateLimiter,
         Revocations,
         context_middleware,
+        get_context,
         rate_limit_middleware,
         revocation_middleware,
     )
@@ -119,8 +140,39 @@ def build_app(variant: str, redis_url: str) -> Any:
         if variant == "ratelimit-sticky":
             limiter = RateLimiter({"api": Limit.per(NO_REFUSAL_PER_MINUTE, 60)}, store=store)
             middlewares.append(rate_limit_middleware(limiter, "api"))
-        else:
+        elif variant == "revocation-sticky":
             middlewares.append(revocation_middleware(Revocations(store, max_token_lifetime="1h")))
+        elif variant == "jobpoll-sticky":
+            jobs = Jobs(store, max_running=USERS * 2)
+            job_of: dict[str, str] = {}
+
+            async def forever(handle: Any) -> None:
+                await handle.progress(1, 100)
+                await asyncio.sleep(3600)
+
+            @web.middleware
+            async def poll(request: web.Request, handler: Any) -> web.StreamResponse:
+                user = request.headers["X-Sticky-Key"]
+                job_id = job_of.get(user)
+                if job_id is None:
+                    job_of[user] = (await jobs.start(user, forever, context=get_context(request)))["id"]
+                    return await handler(request)
+                status = await jobs.status(user, job_id)
+                return web.Response(text=str(status["progress"]["done"]) if status["progress"] else "0")
+
+            middlewares.append(poll)
+        else:
+            cache = GuardedCache(store=store, ttl="1h")
+
+            async def profile() -> Any:
+                return {"plan": "pro", "name": "x" * 64}
+
+            @web.middleware
+            async def cached(request: web.Request, handler: Any) -> web.StreamResponse:
+                value = await cache.get(request.headers["X-Sticky-Key"], "profile", profile)
+                return web.Response(text=value["plan"])
+
+            middlewares.append(cached)
 
         async def lifecycle(app: web.Application) -> Any:
             await store.start()
@@ -141,6 +193,22 @@ def build_app(variant: str, redis_url: str) -> Any:
                     count, _ = await pipe.execute()
                     if count > NO_REFUSAL_PER_MINUTE:
                         return web.Response(status=429)
+                elif variant == "jobpoll-stateless":
+                    pipe.hgetall(f"bench:job:{{{user}}}")
+                    (job,) = await pipe.execute()
+                    if not job:
+                        await client.hset(f"bench:job:{{{user}}}", mapping={"step": 1, "steps": 100,
+                                                                             "state": "running"})
+                        return await handler(request)
+                    return web.Response(text=job[b"step"].decode())
+                elif variant == "cache-stateless":
+                    pipe.get(f"bench:{{{user}}}:profile")
+                    (raw,) = await pipe.execute()
+                    if raw is None:
+                        await client.set(f"bench:{{{user}}}:profile", json.dumps({"plan": "pro", "name": "x" * 64}),
+                                         px=3_600_000)
+                        return await handler(request)
+                    return web.Response(text=json.loads(raw)["plan"])
                 else:
                     claims = unverified_claims(request.headers["Authorization"]) or {}
                     pipe.exists(f"bench:revoked:{claims.get('jti')}")
@@ -174,8 +242,6 @@ def serve_app(variant: str, port: int, redis_url: str) -> None:
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import socket
-
     end = time.monotonic() + START_DEADLINE
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -240,18 +306,50 @@ def touch_every_user(port: int, users: Path, connections: int) -> None:
     asyncio.run(go())
 
 
+def ping_ms(port: int) -> float:
+    """Median PING round trip through ``port``, in milliseconds."""
+    client = redis.Redis(port=port)
+    client.ping()
+    samples = []
+    for _ in range(RTT_SAMPLES):
+        started = time.perf_counter()
+        client.ping()
+        samples.append((time.perf_counter() - started) * 1000)
+    client.close()
+    return statistics.median(samples)
+
+
+def calibrated_relay(stack: contextlib.ExitStack, redis_port: int, rtt_ms: float) -> tuple[int, float]:
+    """A relay whose added PING round trip is close to ``rtt_ms``: sleeps overshoot by an amount
+    that depends on the machine's load, so the per-direction delay is adjusted from measurements."""
+    direct = ping_ms(redis_port)
+    delay = rtt_ms / 2
+    for attempt in range(CALIBRATION_ROUNDS):
+        (port,) = free_ports(1)
+        relay_stack = contextlib.ExitStack()
+        _spawn(relay_stack, [sys.executable, "-m", "bench.owner_features", "relay", "--listen", str(port),
+                             "--to", str(redis_port), "--delay-ms", f"{delay:.4f}"], port)
+        added = ping_ms(port) - direct
+        if abs(added - rtt_ms) <= rtt_ms * CALIBRATION_TOLERANCE or attempt == CALIBRATION_ROUNDS - 1:
+            stack.enter_context(relay_stack)
+            return port, added
+        relay_stack.close()
+        delay = max(0.0, delay + (rtt_ms - added) / 2)
+    raise AssertionError("unreachable")
+
+
 def run(duration: float, connections: int, rtt_ms: float) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         users = _users_file(workdir)
-        redis_port, relay_port = free_ports(2)
+        (redis_port,) = free_ports(1)
         _spawn(stack, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                        "--appendonly", "no", "--dir", str(workdir)], redis_port)
-        _spawn(stack, [sys.executable, "-m", "bench.owner_features", "relay", "--listen", str(relay_port),
-                       "--to", str(redis_port), "--delay-ms", str(rtt_ms / 2)], relay_port)
+        relay_port, added = calibrated_relay(stack, redis_port, rtt_ms)
+        print(f"relay adds {added:.2f} ms to a PING round trip (median of {RTT_SAMPLES})", flush=True)
         counter = redis.Redis(port=redis_port)
-        for network, port in (("loopback", redis_port), (f"+{rtt_ms:g} ms RTT", relay_port)):
+        for network, port in (("loopback", redis_port), (f"+{added:.2f} ms RTT", relay_port)):
             for variant in VARIANTS:
                 (app_port,) = free_ports(1)
                 with contextlib.ExitStack() as app_stack:
@@ -301,9 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "relay":
-        import uvloop
-
-        uvloop.run(relay(args.listen, args.to, args.delay_ms / 1000))
+        relay(args.listen, args.to, args.delay_ms / 1000)
         return 0
     if args.cmd == "app":
         serve_app(args.variant, args.port, args.redis)
