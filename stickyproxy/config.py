@@ -111,6 +111,7 @@ def k_choice(*choices: str) -> Callable[[Any], str]:
         if v not in choices:
             raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
         return v
+    conv.choices = choices  # type: ignore[attr-defined]  # shown by reference_markdown
     return conv
 
 
@@ -745,13 +746,66 @@ def reference_markdown() -> str:
                 shown = f'"{format_duration(default)}"'  # type: ignore[arg-type]
             else:
                 shown = _show_default(default)
-            out.append(f"| `{f.name}` | `{shown}` | {f.metadata.get('doc', '')} |")
+            doc = f.metadata.get("doc", "")
+            choices = getattr(kind, "choices", None)
+            if choices:
+                doc += "; one of " + ", ".join(f"`{_show_default(c)}`" for c in choices)
+            out.append(f"| `{f.name}` | `{shown}` | {doc} |")
         out.append("")
+        if name == "routing":
+            out += _key_sources_reference()
     out += ["## [[backends]]", "", "| key | default | meaning |", "|---|---|---|",
             "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
             "| `url` | (required) | `http://host[:port]`, no path |",
             f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |", ""]
     return "\n".join(out)
+
+
+# What each kind of key source takes (routing.keys entries), for the reference.
+KEY_SOURCE_FIELDS = {
+    "header": "`name`: the request header holding the key (repeated with different values: 400)",
+    "cookie": "`name`: the cookie holding the key",
+    "query": "`name`: the query parameter holding the key (repeated with different values: 400)",
+    "path": "`pattern`: a regular expression over the path with a `(?P<key>...)` group",
+    "jwt": "the key is a claim of a verified token; the fields below",
+}
+JWT_FIELD_DOCS = {
+    "header": "header carrying `Bearer <token>`",
+    "claim": "claim that holds the user key",
+    "algorithms": "the accepted algorithms, pinned; `none` is never accepted, "
+                  "HMAC and public-key algorithms are not mixed",
+    "secret_env": "environment variable holding the HMAC secret (HS*); read by `run` only",
+    "public_key_file": "PEM public key (RS*, ES*, PS*, EdDSA), relative to the config file",
+    "jwks_file": "JWKS file, keys chosen by `kid`, relative to the config file",
+    "issuer": "required `iss`, if set",
+    "audience": "required `aud`, if set",
+    "leeway": "clock skew allowed on `exp`/`nbf`",
+    "require_exp": "refuse tokens without `exp`",
+    "on_invalid": "an invalid token: `\"reject\"` (401) or `\"anonymous\"` (try the next source)",
+}
+
+
+def _key_sources_reference() -> list[str]:
+    from .jwtkeys import JwtSettings
+    from .units import format_duration
+    out = ["### routing.keys entries", "",
+           "Each entry is a table with `from` set to one of "
+           + ", ".join(f"`\"{k}\"`" for k in KEY_SOURCES) + ".", "",
+           "| `from` | takes |", "|---|---|"]
+    out += [f"| `\"{k}\"` | {v} |" for k, v in KEY_SOURCE_FIELDS.items()]
+    out += ["", "A `jwt` source (exactly one of `secret_env`, `public_key_file`, `jwks_file`):",
+            "", "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(JwtSettings):
+        default = f.default
+        if f.name == "algorithms":
+            shown = "(required)"
+        elif f.name == "leeway":
+            shown = f'`"{format_duration(default)}"`'  # type: ignore[arg-type]
+        else:
+            shown = f"`{_show_default(default)}`"
+        out.append(f"| `{f.name}` | {shown} | {JWT_FIELD_DOCS[f.name]} |")
+    out.append("")
+    return out
 
 
 if __name__ == "__main__":
