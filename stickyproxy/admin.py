@@ -53,9 +53,10 @@ class Admin:
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_address=True)
         await site.start()
-        server = site._server  # the bound socket tells the port when 0 was configured
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        # the bound address tells the port when 0 was configured
+        addresses = self.runner.addresses
+        if addresses:
+            self.port = addresses[0][1]
         log.info("admin API on http://%s:%d", cfg.host, self.port)
 
     async def stop(self) -> None:

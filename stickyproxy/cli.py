@@ -119,10 +119,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     print(f"{'backend':<20} {'before':>8} {'after':>8}")
     for bid in sorted(set(plan.old_share) | set(plan.new_share)):
-        a = plan.old_share.get(bid)
-        b = plan.new_share.get(bid)
-        fa = f"{a:.2%}" if a is not None else "-"
-        fb = f"{b:.2%}" if b is not None else "-"
+        was = plan.old_share.get(bid)
+        now = plan.new_share.get(bid)
+        fa = f"{was:.2%}" if was is not None else "-"
+        fb = f"{now:.2%}" if now is not None else "-"
         print(f"{bid:<20} {fa:>8} {fb:>8}")
     return EXIT_OK
 

@@ -65,7 +65,7 @@ def sampled(old: Ring, new: Ring, keys: Iterable[str]) -> Plan:
     n = 0
     for key in keys:
         n += 1
-        a, b = old.owner(key), new.owner(key)
+        a, b = old.owner(key) or "-", new.owner(key) or "-"   # "-": an empty ring
         before[a] = before.get(a, 0) + 1
         after[b] = after.get(b, 0) + 1
         if a != b:

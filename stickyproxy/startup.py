@@ -48,7 +48,7 @@ def check_runtime() -> list[str]:
         problems.append("httptools' C parser is not importable")
     if os.environ.get(ALLOW_PY_PARSER_ENV) != "1":
         try:
-            import aiohttp._http_parser  # noqa: F401
+            import aiohttp._http_parser  # type: ignore[import-not-found]  # noqa: F401
         except ImportError:
             problems.append("aiohttp's C HTTP parser is missing (pure-Python fallback); set "
                             f"{ALLOW_PY_PARSER_ENV}=1 to run anyway")

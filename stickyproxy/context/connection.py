@@ -175,7 +175,7 @@ class _NewestConfigSentinel(Sentinel):
             if isinstance(reply, BaseException):
                 errors.append(f"{sentinel}: {reply!r}")
                 continue
-            state = reply.get(service_name)
+            state = reply.get(service_name) if isinstance(reply, dict) else None
             if not state or not self.check_master_state(state, service_name):
                 continue
             epoch = int(state.get("config-epoch", 0) or 0)

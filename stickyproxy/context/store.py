@@ -276,7 +276,7 @@ class ContextStore:
         if self._target.kind != "cluster" or self._clients is None:
             return self._breakers[""]
         try:
-            node = self._clients.command.get_node_from_key(key)
+            node = self._clients.command.get_node_from_key(key)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - slots not known yet: the shared breaker decides
             node = None
         name = "" if node is None else str(node.name)
@@ -677,12 +677,12 @@ class ContextStore:
                 # re-acquired it since (that re-acquire's reply was cancelled). Either way the
                 # change is the newest acknowledged state: acquire afresh and write it there.
                 self._forget(user)
-                entry = await self._acquire(user, slot, reason="revalidate")
-                change = PendingWrite(entry.epoch, change.payload)
+                fresh = await self._acquire(user, slot, reason="revalidate")
+                change = PendingWrite(fresh.epoch, change.payload)
                 started = time.monotonic()
                 outcome = await self._write(user, change)
                 if outcome is WriteOutcome.COMMITTED:
-                    self._install(user, slot, replace(entry, payload=change.payload, refreshed_at=started))
+                    self._install(user, slot, replace(fresh, payload=change.payload, refreshed_at=started))
                     log.warning("buffered change of user %r re-written at epoch %d (%s)", user, change.epoch, outcome.value)
         except (StoreUnavailable, asyncio.CancelledError):
             self._pending.restore(user, change)
