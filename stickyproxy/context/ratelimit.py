@@ -297,6 +297,9 @@ class RateLimiter:
 # -- framework helpers ---------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Decisions already made for a request, by limit name (a rerun is not charged again).
+DECIDED_KEY: web.RequestKey[dict[str, Decision]] = web.RequestKey("sticky_ratelimit", dict)
+SCOPE_DECIDED_KEY = "sticky_ratelimit"
 
 
 def _refusal_text(decision: Decision) -> str:
@@ -322,11 +325,19 @@ def rate_limit_middleware(
         user = request.headers.get(headers.key) or None
         if user is None or user_key_problem(user) is not None or (skip is not None and skip(request)):
             return await handler(request)
-        context = request.get(CONTEXT_KEY)
-        if context is not None:
-            decision = limiter.check(user, name, cost, context=context)
-        else:
-            decision = await limiter.hit(user, name, cost)
+        # The context middleware re-runs the handler (and so this) after a conflict: the
+        # request was decided, and charged, on its first run.
+        decided = request.get(DECIDED_KEY)
+        if decided is None:
+            decided = request[DECIDED_KEY] = {}
+        decision = decided.get(name)
+        if decision is None:
+            context = request.get(CONTEXT_KEY)
+            if context is not None:
+                decision = limiter.check(user, name, cost, context=context)
+            else:
+                decision = await limiter.hit(user, name, cost)
+            decided[name] = decision
         if not decision.allowed:
             return web.Response(
                 status=429, text=_refusal_text(decision), headers={"Retry-After": decision.retry_after_header}
@@ -368,11 +379,15 @@ class RateLimitMiddleware:
         if not user or user_key_problem(user) is not None:
             await self.app(scope, receive, send)
             return
-        context = scope.get(SCOPE_CONTEXT_KEY)
-        if context is not None:
-            decision = self.limiter.check(user, self.name, self.cost, context=context)
-        else:
-            decision = await self.limiter.hit(user, self.name, self.cost)
+        decided = scope.setdefault(SCOPE_DECIDED_KEY, {})
+        decision = decided.get(self.name)
+        if decision is None:  # not decided on an earlier run of this request (see above)
+            context = scope.get(SCOPE_CONTEXT_KEY)
+            if context is not None:
+                decision = self.limiter.check(user, self.name, self.cost, context=context)
+            else:
+                decision = await self.limiter.hit(user, self.name, self.cost)
+            decided[self.name] = decision
         if decision.allowed:
             await self.app(scope, receive, send)
             return

@@ -23,6 +23,7 @@ from stickyproxy.context import (
     RateLimitMiddleware,
     StickyContextMiddleware,
     context_middleware,
+    get_context,
     rate_limit_middleware,
 )
 from stickyproxy.context.ratelimit import (
@@ -289,6 +290,32 @@ async def test_asgi_middleware_refuses_with_retry_after(stores: Stores) -> None:
     assert [r.status_code for r in responses] == [200, 200, 429]
     assert responses[-1].headers["retry-after"] == "4"
     assert RATELIMIT_FIELD in await store.get("bob")
+
+
+async def test_a_rerun_after_a_conflict_is_not_charged_twice(stores: Stores) -> None:
+    store, rival = await stores("A"), await stores("B")
+    limiter = RateLimiter({"api": Limit(rate=0.001, burst=5)}, store=store)
+    runs = []
+
+    async def handle(request: web.Request) -> web.Response:
+        runs.append(1)
+        get_context(request)["seen"] = len(runs)
+        if len(runs) == 1:  # another instance takes the user over: the save conflicts
+            await rival.update("erin", lambda c: c.update(rival=True))
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[context_middleware(store), rate_limit_middleware(limiter, "api")])
+    app.router.add_get("/", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with ClientSession() as http, http.get(server.make_url("/"), headers={"X-Sticky-Key": "erin"}) as r:
+            status = r.status
+    finally:
+        await server.close()
+    assert status == 200 and len(runs) == 2
+    assert limiter.metrics.decisions.labels("api", "allowed")._value.get() == 1
+    assert limiter.check("erin", "api").remaining == 3  # one token for the request, one now
 
 
 def test_helpers_reject_unknown_limit() -> None:
