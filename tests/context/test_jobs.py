@@ -267,3 +267,41 @@ async def test_sse_follows_a_job_to_its_end(stores: Stores) -> None:
         await server.close()
     assert events_seen[-1] == "done" and set(events_seen[:-1]) == {"progress"}
     assert last["result"]["answer"] == 42
+
+
+async def test_sse_stream_under_starlette(stores: Stores) -> None:
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from stickyproxy.context import sse_stream
+
+    jobs = Jobs(await stores("A"))
+    gate = Gate(steps=1)
+    gate.step.set()
+    job = await jobs.start("dora", gate)
+
+    async def events(request: Request) -> StreamingResponse | PlainTextResponse:
+        stream = sse_stream(jobs, "dora", request.path_params["id"])
+        try:
+            first = await stream.__anext__()
+        except UnknownJob:
+            return PlainTextResponse("no such job", status_code=404)
+
+        async def body() -> Any:
+            yield first
+            async for chunk in stream:
+                yield chunk
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/jobs/{id}/events", events)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        async with asyncio.timeout(5):
+            r = await client.get(f"/jobs/{job['id']}/events")
+            missing = await client.get("/jobs/nope/events")
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert "event: done" in r.text and '"answer":42' in r.text
+    assert missing.status_code == 404
