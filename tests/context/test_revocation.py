@@ -145,6 +145,9 @@ async def test_bad_revocations_are_clear_errors(stores: Stores) -> None:
         revocations.revoke_in(context, f"t{i}", clock.now + 60)
     with pytest.raises(TooManyRevocations, match="revoke all of the user's tokens instead"):
         revocations.revoke_in(context, "one-more", clock.now + 60)
+    # A full list is still judged by the token's own entry.
+    assert revocations.verdict(context, {"jti": "t500", "exp": clock.now + 60}) == "token revoked"
+    assert revocations.verdict(context, {"jti": "one-more", "exp": clock.now + 60}) is None
 
 
 # -- through the store, one real redis-server ----------------------------------------------
