@@ -60,7 +60,7 @@ class ClientProtocol(asyncio.Protocol):
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
                  "start_pending", "max_header_bytes", "max_headers",
-                 "line_buf", "ext_method", "head_tail")
+                 "line_buf", "ext_method", "head_tail", "body_left", "body_mark")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -102,6 +102,10 @@ class ClientProtocol(asyncio.Protocol):
         self.line_buf = b""           # the start of a request line llhttp must see whole
         self.ext_method = ""          # the method to forward in place of llhttp's stand-in
         self.head_tail = b""          # the last bytes fed of a head a read left incomplete
+        # a slice that starts inside a Content-Length body: the body bytes still to come
+        # (-1 when not known: a chunked body) and the requests parsed before that slice
+        self.body_left = -1
+        self.body_mark = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,8 +223,14 @@ class ClientProtocol(asyncio.Protocol):
                 return
             end = min(n, pos + FEED_SLICE)
             chunk = view[pos:end] if (pos or end < n) else data
-            mark = (-1 if self.receiving is not None
-                    else -2 - self.requests if self.in_head else self.requests)
+            receiving = self.receiving
+            if receiving is not None:
+                mark = -1
+                self.body_mark = self.requests
+                self.body_left = (receiving.content_length - receiving.body_seen
+                                  if receiving.framing == "cl" else -1)
+            else:
+                mark = -2 - self.requests if self.in_head else self.requests
             try:
                 self.parser.feed_data(chunk)
                 if self.in_head:
@@ -301,13 +311,20 @@ class ClientProtocol(asyncio.Protocol):
         that its start is found exactly: past one head (ended by the first empty line,
         RFC 9112 §2.1) per request parsed from ``fed``. Bodies are never searched.
         """
-        if self.limit_error is not None or mark == -1 or not self.in_head:
+        if self.limit_error is not None or not self.in_head:
             return None
         unknown_method = isinstance(e, HttpParserInvalidMethodError)
         if not unknown_method and str(e) != "Invalid HTTP version":
             return None
         if mark >= 0:
             start = _message_start(fed, self.requests - mark)
+        elif mark == -1:
+            # the slice began inside a body: only a Content-Length one's end is known
+            left = self.body_left
+            if left < 0 or left > len(fed):
+                return None
+            rest = _message_start(fed[left:], self.requests - self.body_mark)
+            start = -1 if rest < 0 else left + rest
         else:
             start = self._start_after_head_in_progress(fed, self.requests - (-2 - mark))
         if start < 0:
