@@ -91,13 +91,17 @@ class GuardedCache:
         clock: Clock = time.monotonic,
     ) -> None:
         problems = []
-        for name, value in (("max_entries", max_entries), ("breaker_failures", breaker_failures)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}: must be a positive integer, got {value!r}")
-        durations = {}
-        for name, value in (("ttl", ttl), ("origin_timeout", origin_timeout), ("breaker_reset", breaker_reset)):
+        counts: tuple[tuple[str, int], ...] = (("max_entries", max_entries), ("breaker_failures", breaker_failures))
+        for name, count in counts:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                problems.append(f"{name}: must be a positive integer, got {count!r}")
+        durations: dict[str, float] = {}
+        spans: tuple[tuple[str, float | str], ...] = (
+            ("ttl", ttl), ("origin_timeout", origin_timeout), ("breaker_reset", breaker_reset)
+        )
+        for name, span in spans:
             try:
-                durations[name] = parse_duration(value, name=name)
+                durations[name] = parse_duration(span, name=name)
             except ConfigError as exc:
                 problems.append(str(exc))
         if stale_if_error in (0, 0.0, "0"):
@@ -253,9 +257,15 @@ class GuardedCache:
             task = self._loads.pop(slot, None)
             if task is not None:
                 # Its waiters still get its value; it is no longer cached when it lands.
-                task.add_done_callback(lambda _t, s=slot: self._drop(s))
+                task.add_done_callback(self._dropper(slot))
         self.metrics.invalidations.inc(dropped)
         return dropped
+
+    def _dropper(self, slot: tuple[str, Hashable]) -> Callable[[asyncio.Task[Any]], None]:
+        def drop(_task: asyncio.Task[Any]) -> None:
+            self._drop(slot)
+
+        return drop
 
     async def close(self) -> None:
         """Cancel loads in flight and forget every entry."""

@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -418,7 +418,7 @@ def sse_event(status: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(status, separators=(',', ':'))}\n\n".encode()
 
 
-async def sse_stream(jobs: Jobs, user: str, job_id: str) -> AsyncIterator[bytes]:
+async def sse_stream(jobs: Jobs, user: str, job_id: str) -> AsyncGenerator[bytes, None]:
     """The job's events as SSE bytes, for any framework's streaming response (Starlette:
     ``StreamingResponse(sse_stream(...), media_type="text/event-stream")``). Raises
     :class:`UnknownJob` before the first event for a job the user does not have. A comment

@@ -327,7 +327,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ClaimsOf = Callable[[Any], Mapping[str, Any] | None]
 
 
-def _unauthorized(summary: str, detail: str | None = None) -> tuple[int, str, dict[str, str]]:
+# (status, body, extra headers) of a refused request.
+Refusal = tuple[int, str, dict[str, str]]
+
+
+def _unauthorized(summary: str, detail: str | None = None) -> Refusal:
     # RFC 6750 §3: error="invalid_token" for a revoked or malformed access token; the
     # description is a fixed phrase (its grammar excludes '"' and '\\'), details go in the body.
     challenge = f'Bearer error="invalid_token", error_description="{summary}"'
@@ -337,7 +341,7 @@ def _unauthorized(summary: str, detail: str | None = None) -> tuple[int, str, di
 async def _decide(
     revocations: Revocations, user: str, claims: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
     fail_open: bool,
-) -> tuple[int, str, dict[str, str]] | None:
+) -> Refusal | None:
     m = revocations.metrics.checks
     if claims is None:
         return None
@@ -390,11 +394,12 @@ def revocation_middleware(
         user = request.headers.get(headers.key) or None
         if user is None or user_key_problem(user) is not None:
             return await handler(request)
+        refusal: Refusal | None
         try:
             found = claims_of(request)
         except MalformedToken as exc:
             revocations.metrics.checks.labels("malformed").inc()
-            found, refusal = None, _unauthorized(f"malformed token: {exc}")
+            refusal = _unauthorized("malformed token", f"malformed token: {exc}")
         else:
             refusal = await _decide(revocations, user, found, request.get(CONTEXT_KEY), fail_open)
         if refusal is not None:
@@ -436,6 +441,7 @@ class RevocationMiddleware:
         if not user or user_key_problem(user) is not None:
             await self.app(scope, receive, send)
             return
+        refusal: Refusal | None
         try:
             found = self.claims(scope) if self.claims else _bearer_claims(self._header(scope, b"authorization"))
         except MalformedToken as exc:

@@ -267,6 +267,8 @@ async def test_aiohttp_middleware_rejects_revoked_and_malformed_tokens(stores: S
     assert [s for s, _, _ in results] == [200, 200, 401, 200, 401, 200]
     assert results[2][1] == 'Bearer error="invalid_token", error_description="token revoked"'
     assert "malformed token: bearer token is not a JWS" in results[4][2]
+    # The challenge carries a fixed phrase (RFC 6750 §3 error_description excludes '"'); details go in the body.
+    assert results[4][1] == 'Bearer error="invalid_token", error_description="malformed token"'
     assert revocations.metrics.checks.labels("revoked")._value.get() == 1
 
 
