@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .contract import HEADER_PREFIX, header_names
 from .units import parse_duration, parse_size
 
 # A backend id is used as a ring node name, a metric label and a header value.
@@ -222,7 +223,7 @@ class Routing:
 
 @dataclass(frozen=True)
 class Headers:
-    prefix: str = spec("X-Sticky-", k_header_name,
+    prefix: str = spec(HEADER_PREFIX, k_header_name,
                        "prefix of the headers the proxy sets for backends")
     forwarded: bool = spec(True, k_bool, "add X-Forwarded-For/-Proto/-Host")
     allow_underscores: bool = spec(False, k_bool,
@@ -234,19 +235,19 @@ class Headers:
 
     @property
     def key(self) -> str:
-        return self.prefix + "Key"
+        return header_names(self.prefix)[0]
 
     @property
     def backend(self) -> str:
-        return self.prefix + "Backend"
+        return header_names(self.prefix)[1]
 
     @property
     def route(self) -> str:
-        return self.prefix + "Route"
+        return header_names(self.prefix)[2]
 
     @property
     def ring(self) -> str:
-        return self.prefix + "Ring"
+        return header_names(self.prefix)[3]
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {
@@ -16,13 +16,13 @@ _SIZE_UNITS = {
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a duration string such as "2s", "500ms", "1.5m", "1h".
+    """Seconds in a duration string such as "2s", "500ms", "1.5m", "1h", "1d".
 
     A bare number is refused: "30" could mean seconds or milliseconds.
     """
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"not a duration (use e.g. \"2s\", \"500ms\", \"1m\"): {text!r}")
+        raise ValueError(f"not a duration (use e.g. \"2s\", \"500ms\", \"1m\", \"1d\"): {text!r}")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 

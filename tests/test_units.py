@@ -4,13 +4,14 @@ from stickyproxy.units import format_duration, parse_duration, parse_size
 
 
 @pytest.mark.parametrize("text, seconds", [
-    ("2s", 2.0), ("500ms", 0.5), ("1.5m", 90.0), ("1h", 3600.0), (" 3 s ", 3.0), ("0s", 0.0),
+    ("2s", 2.0), ("500ms", 0.5), ("1.5m", 90.0), ("1h", 3600.0), ("1d", 86400.0), (" 3 s ", 3.0),
+    ("0s", 0.0),
 ])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5", "2 sec", "-1s", "1d", "s", "1e3s"])
+@pytest.mark.parametrize("text", ["", "5", "2 sec", "-1s", "1w", "s", "1e3s"])
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)

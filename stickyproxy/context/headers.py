@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-DEFAULT_KEY_HEADER = "X-Sticky-Key"
-DEFAULT_BACKEND_HEADER = "X-Sticky-Backend"
-DEFAULT_ROUTE_HEADER = "X-Sticky-Route"
-DEFAULT_RING_HEADER = "X-Sticky-Ring"
+from ..contract import HEADER_PREFIX, header_names
+
+# The proxy's defaults (``[headers] prefix``), from the module both sides share.
+DEFAULT_KEY_HEADER, DEFAULT_BACKEND_HEADER, DEFAULT_ROUTE_HEADER, DEFAULT_RING_HEADER = (
+    header_names(HEADER_PREFIX))
 # Longest user key accepted from a request; a longer one is answered 400, never stored.
 MAX_USER_KEY_LENGTH = 1024
 

@@ -18,6 +18,8 @@ from .store import ContextStore
 # request[CONTEXT_KEY] is the user's mutable context; request[INFO_KEY] the proxy's headers.
 CONTEXT_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("sticky_ctx", dict)
 INFO_KEY: web.RequestKey[StickyInfo] = web.RequestKey("sticky_info", StickyInfo)
+# the header names the middleware reads, so that errors name the configured key header
+NAMES_KEY: web.RequestKey[StickyHeaders] = web.RequestKey("sticky_names", StickyHeaders)
 # Runs of an idempotent handler whose save keeps conflicting, before the client gets a 409.
 DEFAULT_MAX_ATTEMPTS = 3
 # Seconds a client is told to wait after a 503 (the breaker's reset is of this order).
@@ -35,7 +37,8 @@ def get_context(request: web.Request) -> dict[str, Any]:
     by the middleware) if the request carried no user key."""
     context: dict[str, Any] | None = request.get(CONTEXT_KEY)
     if context is None:
-        raise MissingUserKey(DEFAULT_KEY_HEADER)
+        names = request.get(NAMES_KEY)
+        raise MissingUserKey(DEFAULT_KEY_HEADER if names is None else names.key)
     return context
 
 
@@ -74,6 +77,7 @@ def context_middleware(
             return await handler(request)
         info = StickyInfo.from_lookup(request.headers.get, headers)
         request[INFO_KEY] = info
+        request[NAMES_KEY] = headers
         user = info.user
         if user is None:
             if require is not None and require(request):

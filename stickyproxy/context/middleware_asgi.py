@@ -26,6 +26,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SCOPE_CONTEXT_KEY = "sticky_ctx"
 SCOPE_INFO_KEY = "sticky"
+# the header names the middleware reads, so that errors name the configured key header
+SCOPE_NAMES_KEY = "sticky_names"
 STATE_CONTEXT_KEY = "ctx"
 STATE_INFO_KEY = "sticky"
 # Runs of an idempotent handler whose save keeps conflicting, before the client gets a 409.
@@ -40,7 +42,8 @@ def sticky_context(scope_or_request: Any) -> dict[str, Any]:
     scope = getattr(scope_or_request, "scope", scope_or_request)
     context: dict[str, Any] | None = scope.get(SCOPE_CONTEXT_KEY)
     if context is None:
-        raise MissingUserKey(DEFAULT_KEY_HEADER)
+        names = scope.get(SCOPE_NAMES_KEY)
+        raise MissingUserKey(DEFAULT_KEY_HEADER if names is None else names.key)
     return context
 
 
@@ -136,6 +139,7 @@ class StickyContextMiddleware:
         info = self._info(scope)
         state = scope.setdefault("state", {})
         scope[SCOPE_INFO_KEY] = state[STATE_INFO_KEY] = info
+        scope[SCOPE_NAMES_KEY] = self.headers
         missing = f"missing {self.headers.key} header"
         if info.user is None:
             if self.require is not None and self.require(scope):

@@ -3,6 +3,8 @@ may be re-run after a conflict."""
 
 from __future__ import annotations
 
+from .. import contract
+
 from enum import StrEnum
 
 
@@ -25,7 +27,7 @@ RETRYABLE_OPS: frozenset[Op] = frozenset({Op.READ, Op.TOUCH})
 MAX_READ_ATTEMPTS = 2
 
 # Methods whose handlers may be run again after a conflict (RFC 9110 §9.2.2 idempotent methods).
-IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: frozenset[str] = contract.IDEMPOTENT_METHODS
 
 
 def should_retry_redis(op: Op, attempt: int, remaining: float) -> bool:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from .. import units
 from .errors import ConfigError
 
 Mode = Literal["write-through", "write-behind"]
@@ -43,21 +43,19 @@ WAIT_SHARE = 0.8
 # Re-acquire-and-rerun rounds of ``ContextStore.update`` before the conflict is raised.
 DEFAULT_UPDATE_ATTEMPTS = 3
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
 def parse_duration(value: float | int | str, *, name: str) -> float:
-    """Seconds from a number of seconds or a string such as ``"500ms"``, ``"2s"``, ``"1d"``."""
+    """Seconds from a number of seconds (Python's convention) or a string such as
+    ``"500ms"``, ``"2s"``, ``"1d"``, parsed as the proxy's configuration parses them
+    (units.parse_duration: a string without a unit is refused, "30" could be s or ms)."""
     if isinstance(value, bool):
         raise ConfigError(f"{name}: not a duration: {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            raise ConfigError(f"{name}: not a duration: {value!r} (use e.g. 250ms, 2s, 5m, 1h, 1d)")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        try:
+            seconds = units.parse_duration(value)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
     else:
         raise ConfigError(f"{name}: not a duration: {value!r}")
     if not seconds > 0:

@@ -11,9 +11,11 @@ import re
 from typing import Final
 from urllib.parse import urlsplit
 
-# RFC 9110 §9.2.2: methods whose intended effect of several identical requests is the same
-# as one; only these are retried after a request may have reached a backend.
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+from .. import contract
+
+# RFC 9110 §9.2.2 (declared in contract.py, shared with the context library): only these
+# are retried after a request may have reached a backend.
+IDEMPOTENT_METHODS: Final = contract.IDEMPOTENT_METHODS
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies must drop
 # (Proxy-Connection, Keep-Alive) and HTTP/2 cleartext upgrade settings (never forwarded).

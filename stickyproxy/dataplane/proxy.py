@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import contract
 from ..config import Config
 from ..router import BackendState, Router
 from .client import REQUEST_WATCH, ClientProtocol
@@ -80,8 +81,9 @@ class Proxy:
             bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
             for bid in self.states}
         route = hdr.route.encode("ascii")
-        self.route_headers = {True: b"%s: primary\r\n" % route,
-                              False: b"%s: failover\r\n" % route}
+        self.route_headers = {
+            True: b"%s: %s\r\n" % (route, contract.ROUTE_PRIMARY.encode("ascii")),
+            False: b"%s: %s\r\n" % (route, contract.ROUTE_FAILOVER.encode("ascii"))}
         self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
         self._trusted = config.listen.trusted_proxies
         self.forwarded = hdr.forwarded
