@@ -61,7 +61,7 @@ def context_middleware(
     :func:`get_info` (``request[INFO_KEY]``) is the :class:`StickyInfo` from the proxy's headers.
 
     No user key: 400 if ``require(request)`` is true or the handler calls :func:`get_context`.
-    Conflict on save: GET/HEAD/OPTIONS/PUT/DELETE handlers are run again (``max_attempts`` runs
+    Conflict on save: GET/HEAD/OPTIONS/TRACE/PUT/DELETE handlers are run again (``max_attempts`` runs
     in all), others get 409. Store unavailable: 503.
     A handler that streams its response (``prepare()``) has sent it before the save.
     Requests for which ``skip(request)`` is true bypass the middleware entirely (no context,

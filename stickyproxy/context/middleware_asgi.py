@@ -96,7 +96,7 @@ class StickyContextMiddleware:
     """Pure ASGI middleware around ``app``; see the module docstring and :func:`sticky_context`.
 
     No user key: 400 if ``require(scope)`` is true or the app raised :class:`MissingUserKey`.
-    Conflict on save: GET/HEAD/OPTIONS/PUT/DELETE are run again (``max_attempts`` runs in all),
+    Conflict on save: GET/HEAD/OPTIONS/TRACE/PUT/DELETE are run again (``max_attempts`` runs in all),
     others get 409. Store unavailable: 503. Requests for which ``skip(scope)`` is true, and
     non-HTTP scopes, pass straight through.
     """
