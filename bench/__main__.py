@@ -3,8 +3,8 @@
     python -m bench [--smoke] [--install] [--only NAMES] [--report-only]
 
 Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, killdrill,
-profile. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md with its
-charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (under a minute) to check
+owners, profile. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
+with its charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (under a minute) to check
 the harness works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx,
 haproxy, wrk or py-spy are missing it skips what needs them (or uses the Python load client)
 and says so.
@@ -36,7 +36,8 @@ SMOKE_DIR = RESULTS_DIR / "smoke"
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 IMAGES_DIR = REPO_ROOT / "docs" / "benchmarks"
 META_NAME = "suite"
-SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "profile")
+SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "owners",
+             "profile")
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
 DRILL_TOOLS = ("nginx", "haproxy")
 REDIS_TOOL = "redis-server"
@@ -104,8 +105,10 @@ def required_tools(scenarios: Sequence[str]) -> list[str]:
         tools += PROXY_TOOLS
     if "killdrill" in scenarios:
         tools += DRILL_TOOLS
-    if {"shop", "failover"} & set(scenarios):
+    if {"shop", "failover", "owners"} & set(scenarios):
         tools.append(REDIS_TOOL)
+    if "owners" in scenarios:
+        tools.append("wrk")
     return list(dict.fromkeys(tools))
 
 
@@ -202,6 +205,14 @@ def run_killdrill(s: Settings) -> dict[str, Any]:
     return result
 
 
+def run_owners(s: Settings) -> dict[str, Any]:
+    from . import owner_features
+    _need_redis(s)
+    if not s.has("wrk"):
+        raise SkipScenario("wrk is not installed (apt-get install wrk)")
+    return owner_features.run_suite(owner_features.make_plan(s.smoke), progress)
+
+
 def run_profile(s: Settings) -> dict[str, Any]:
     from . import profiling
     return profiling.run(s.smoke, s.has("wrk"), progress)
@@ -209,7 +220,8 @@ def run_profile(s: Settings) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "ring": run_ring, "dataplane": run_dataplane, "streams": run_streams, "shop": run_shop,
-    "failover": run_failover, "killdrill": run_killdrill, "profile": run_profile,
+    "failover": run_failover, "killdrill": run_killdrill, "owners": run_owners,
+    "profile": run_profile,
 }
 
 
@@ -251,6 +263,8 @@ def draw(results: dict[str, dict[str, Any]], images_dir: Path) -> dict[str, Path
         charts["ring"] = plots.ring(images_dir / "ring.png", results["ring"])
     if "killdrill" in results:
         charts["killdrill"] = plots.killdrill(images_dir / "killdrill.png", results["killdrill"])
+    if "owners" in results:
+        charts["owners"] = plots.owners(images_dir / "owners.png", results["owners"])
     return charts
 
 

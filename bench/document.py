@@ -141,7 +141,8 @@ def failover_verdicts(failover: dict[str, Any] | None) -> list[Verdict]:
 def summary_section(results: dict[str, dict[str, Any]]) -> str:
     verdicts = (dataplane_verdicts(results.get("dataplane")) + ring_verdicts(results.get("ring"))
                 + shop_verdicts(results.get("shop")) + failover_verdicts(results.get("failover"))
-                + killdrill_verdicts(results.get("killdrill")))
+                + killdrill_verdicts(results.get("killdrill"))
+                + owners_verdicts(results.get("owners")))
     rows = [(v.target, v.measured + (f" ({v.note})" if v.note else ""), v.verdict)
             for v in verdicts]
     return ("## DESIGN.md §8, target by target\n\n"
@@ -896,6 +897,137 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
     return "\n".join(parts)
 
 
+# -- owner-local features (bench/owner_features.py) ----------------------------------------
+OWNER_FEATURES = (("ratelimit", "a rate limit on every call"),
+                  ("revocation", "a token-revocation check on every call"),
+                  ("jobpoll", "a poll of a running job's progress"),
+                  ("cache", "a cache hit"))
+OWNER, STATELESS = "sticky", "stateless"
+REDIS_PATHS = ("loopback", "relay")
+
+
+def _owner_rows(o: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The rows of owners.json by (feature, Redis path, design)."""
+    return {(r["feature"], r["redis"], r["design"]): r for r in o["rows"]}
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def owner_pairs(o: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per (feature, Redis path) measured both ways: the two rows and the ratios
+    owner ÷ stateless of req/s and p99, in OWNER_FEATURES then REDIS_PATHS order."""
+    rows = _owner_rows(o)
+    out = []
+    for feature, what in OWNER_FEATURES:
+        for path in REDIS_PATHS:
+            mine, theirs = rows.get((feature, path, OWNER)), rows.get((feature, path, STATELESS))
+            if mine and theirs:
+                out.append({"feature": feature, "what": what, "redis": path, "owner": mine,
+                            "stateless": theirs,
+                            "rps_ratio": _over(mine["rps"], theirs["rps"]),
+                            "p99_ratio": _over(mine["p99_ms"], theirs["p99_ms"])})
+    return out
+
+
+def owners_verdicts(o: dict[str, Any] | None) -> list[Verdict]:
+    target = "owner-local features: zero Redis commands per request in steady state"
+    pairs = owner_pairs(o) if o else []
+    if not pairs:
+        return [Verdict(target, "-", NOT_MEASURED)]
+    worst = max(pairs, key=lambda p: p["owner"]["redis_commands_per_request"])
+    most = worst["owner"]["redis_commands_per_request"]
+    stateless = sorted(p["stateless"]["redis_commands_per_request"] for p in pairs)
+    owner = (f"0.000 in all {len(pairs)} runs" if most == 0 else
+             f"at most {most:.3f} ({worst['feature']}, {worst['redis']})")
+    measured = f"{owner}; stateless {stateless[0]:.3f} to {stateless[-1]:.3f}"
+    return [Verdict(target, measured, _verdict(most == 0))]
+
+
+def _commands_text(row: dict[str, Any]) -> str:
+    requests = max(1, row["requests"])
+    spent = sorted(row.get("commands", {}).items(), key=lambda kv: -kv[1])
+    return ", ".join(f"`{name.upper()}` {n / requests:.3f}" for name, n in spent) or "none"
+
+
+def owner_feature_table(pairs: Sequence[dict[str, Any]], relay_label: str) -> str:
+    rows = []
+    for p in pairs:
+        mine, theirs = p["owner"], p["stateless"]
+        rows.append((
+            "loopback" if p["redis"] == "loopback" else relay_label,
+            f"{mine['redis_commands_per_request']:.3f}",
+            f"{theirs['redis_commands_per_request']:.3f}",
+            f"{mine['rps']:,}", f"{theirs['rps']:,}", ratio(p["rps_ratio"]),
+            f"{mine['p99_ms']:.2f}", f"{theirs['p99_ms']:.2f}", ratio(p["p99_ratio"])))
+    return table(("Redis", "commands / request, owner", "commands / request, stateless",
+                  "req/s, owner", "req/s, stateless", "req/s owner ÷ stateless",
+                  "p99 ms, owner", "p99 ms, stateless", "p99 owner ÷ stateless"), rows)
+
+
+def owners_section(o: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:
+    s, relay = o["settings"], o["relay"]
+    added = relay["added_rtt_ms"]
+    samples = (f"median of {relay['ping_samples']} `PING`s" if relay.get("ping_samples")
+               else "a median")
+    relay_label = f"relay, +{added:.2f} ms"
+    pairs = owner_pairs(o)
+    parts = [
+        "## 6. Owner-local features vs the same done statelessly in Redis\n",
+        ("Four per-user features of `stickyproxy.context`, each on every request of the "
+         "load, beside the usual stateless version that keeps the same state in Redis "
+         "(bench/owner_features.py). Each variant is one aiohttp app process (uvloop) "
+         "answering `GET /` with 2 bytes after the feature's work: the owner-local rate "
+         "limiter (`rate_limit_middleware`) vs `INCR` + `PEXPIRE … NX` pipelined; the "
+         "owner-local revocation check (`revocation_middleware`) vs `EXISTS` of the token's "
+         "`jti` + `GET` of the user's cut-off pipelined; `Jobs.status` of the user's running "
+         "job vs `HGETALL` of its hash; a `GuardedCache` hit vs a Redis `GET` of the cached "
+         f"value. wrk, {s['connections']} connections, {s['duration_s']:g} s per variant, "
+         f"requests spread at random over {s['users']:,} users each with a signed token; "
+         "before each timed run every user is touched once (its context loaded, its job "
+         f"started, its value cached) and the load runs {s['warmup_s']:g} s. Limits are set "
+         "so that nobody is refused and no token is revoked, so both designs do their full "
+         "work on every request. Redis commands are counted with `INFO commandstats` around "
+         "each timed run (the library's listener `PING`s excluded) and divided by wrk's "
+         "requests. Each variant runs twice: with Redis on loopback and with Redis behind a "
+         f"relay in its own process that delays each chunk by half a round trip each way; "
+         f"measured, it adds {added:.2f} ms to a `PING` ({samples}; "
+         f"{relay['direct_ping_ms']:.3f} ms direct), standing in for a Redis on another "
+         "host.\n"),
+    ]
+    for feature, what in OWNER_FEATURES:
+        mine = [p for p in pairs if p["feature"] == feature]
+        if not mine:
+            parts.append(f"**{what.capitalize()}** (`{feature}`): not measured.")
+            continue
+        commands = "; ".join(
+            f"{'loopback' if p['redis'] == 'loopback' else 'relay'}: owner "
+            f"{_commands_text(p['owner'])}, stateless {_commands_text(p['stateless'])}"
+            for p in mine)
+        parts += [f"**{what.capitalize()}** (`{feature}`)\n",
+                  owner_feature_table(mine, relay_label),
+                  f"\nRedis commands per request, by command: {commands}.\n"]
+    nonzero = [p for p in pairs if p["owner"]["redis_commands_per_request"] > 0]
+    if pairs:
+        parts.append(
+            "Every stateless version makes one Redis round trip per request (the rate limit's "
+            "and the revocation check's two commands are pipelined); the owner-local versions "
+            "answer from the process's memory. Ratios are owner ÷ stateless: above 1x the "
+            "owner serves more requests per second; below 1x its p99 is shorter. "
+            + ("In steady state none of the owner-local versions sent Redis a command."
+               if not nonzero else
+               "Owner-local versions that still sent Redis commands in steady state: "
+               + "; ".join(f"{p['feature']} ({p['redis']}) "
+                           f"{p['owner']['redis_commands_per_request']:.3f} per request "
+                           f"({_commands_text(p['owner'])})" for p in nonzero) + "."))
+    parts.append("\n" + image(images.get("owners"), doc_dir,
+                              "owner-local features vs stateless, Redis on loopback and "
+                              "behind a relay"))
+    return "\n".join(parts)
+
+
+
 def run_header(meta: dict[str, Any]) -> str:
     rows = [(name, v.get("started_at", "-"),
              duration(v["seconds"]) if "seconds" in v else v.get("status", "-"),
@@ -937,6 +1069,8 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
         parts.append(ring_section(results["ring"], images, doc_dir))
     if "killdrill" in results:
         parts.append(killdrill_section(results["killdrill"], images, doc_dir))
+    if "owners" in results:
+        parts.append(owners_section(results["owners"], images, doc_dir))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
@@ -947,12 +1081,14 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
 # being replaced instead of dropped. Each benchmark's section heading and summary targets:
 SECTION_HEADINGS = (("dataplane", "## 1. Data plane"), ("shop", "## 2. Sticky vs stateless"),
                     ("failover", "## 3. Failover drill"), ("ring", "## 4. The ring"),
-                    ("killdrill", "## 5. Backends killed under load"))
+                    ("killdrill", "## 5. Backends killed under load"),
+                    ("owners", "## 6. Owner-local features"))
 VERDICT_PREFIXES = (("dataplane", ("proxy throughput", "p99 added latency")),
                     ("ring", ("ring lookup",)),
                     ("shop", ("≥ 95% fewer Redis", "higher throughput than the stateless")),
                     ("killdrill", ("kill one of three every",)),
-                    ("failover", ("kill one of three",)))
+                    ("failover", ("kill one of three",)),
+                    ("owners", ("owner-local features",)))
 SUMMARY_HEADING = "## DESIGN.md §8"
 HEADER_TABLE = "| benchmark | started |"
 SECTION_START = re.compile(r"(?m)^(?=## )")
@@ -1071,7 +1207,7 @@ pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
 python -m bench                  # everything, about 13 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
-                                 # ring, profile)
+                                 # owners, ring, profile)
 python -m bench --smoke          # tiny counts, under a minute: checks the harness, not the speed
 ```
 

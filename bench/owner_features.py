@@ -37,7 +37,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ WARMUP_S = 1.0
 BOOKKEEPING = frozenset({"info", "ping", "hello", "client|setinfo", "subscribe"})
 START_DEADLINE = 10.0
 SECRET = "bench-secret-not-for-production-32b"
+# The two paths to Redis of each row (its "redis" field).
+LOOPBACK, RELAY = "loopback", "relay"
 # Rate limit that nobody reaches in a run: both designs do their full work per request.
 NO_REFUSAL_PER_MINUTE = 1_000_000_000
 # PINGs per round-trip measurement, relay calibration rounds, and the accepted error.
@@ -338,7 +341,10 @@ def calibrated_relay(stack: contextlib.ExitStack, redis_port: int, rtt_ms: float
     raise AssertionError("unreachable")
 
 
-def run(duration: float, connections: int, rtt_ms: float) -> list[dict[str, Any]]:
+def run(duration: float, connections: int, rtt_ms: float, *, warmup: float = WARMUP_S,
+        log: Callable[[str], None] = print, relay_rtt: list[float] | None = None) -> list[dict[str, Any]]:
+    """Every variant with Redis on loopback, then through the relay; ``relay_rtt``, when given,
+    receives the PING round trip measured direct and the one the relay adds (ms)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -347,30 +353,72 @@ def run(duration: float, connections: int, rtt_ms: float) -> list[dict[str, Any]
         _spawn(stack, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                        "--appendonly", "no", "--dir", str(workdir)], redis_port)
         relay_port, added = calibrated_relay(stack, redis_port, rtt_ms)
-        print(f"relay adds {added:.2f} ms to a PING round trip (median of {RTT_SAMPLES})", flush=True)
+        if relay_rtt is not None:
+            relay_rtt[:] = [ping_ms(redis_port), added]
+        log(f"relay adds {added:.2f} ms to a PING round trip (median of {RTT_SAMPLES})")
         counter = redis.Redis(port=redis_port)
-        for network, port in (("loopback", redis_port), (f"+{added:.2f} ms RTT", relay_port)):
+        for redis_path, network, port in ((LOOPBACK, "loopback", redis_port),
+                                           (RELAY, f"+{added:.2f} ms RTT", relay_port)):
             for variant in VARIANTS:
                 (app_port,) = free_ports(1)
                 with contextlib.ExitStack() as app_stack:
                     _spawn(app_stack, [sys.executable, "-m", "bench.owner_features", "app", "--variant", variant,
                                        "--port", str(app_port), "--redis", f"redis://127.0.0.1:{port}/0"], app_port)
                     touch_every_user(app_port, users, connections)
-                    run_script(app_port, WARMUP_S, connections, SCRIPT, [str(users), "1"])
+                    run_script(app_port, warmup, connections, SCRIPT, [str(users), "1"])
                     before = _commands(counter)
                     result = run_script(app_port, duration, connections, SCRIPT, [str(users), "2"])
                     after = _commands(counter)
                 spent = {k: v - before.get(k, 0) for k, v in after.items()
                          if v != before.get(k, 0) and k not in BOOKKEEPING}
+                feature, _, design = variant.rpartition("-")
                 rows.append({
                     "network": network, "variant": variant, "requests": result.requests,
+                    "redis": redis_path, "feature": feature, "design": design,
                     "rps": round(result.rps), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
                     "non_2xx": result.non_2xx, "socket_errors": result.socket_errors,
                     "redis_commands_per_request": round(sum(spent.values()) / max(1, result.requests), 3),
                     "commands": spent,
                 })
-                print(json.dumps(rows[-1]), flush=True)
+                log(json.dumps(rows[-1]) if log is print else
+                    f"{network} {variant}: {rows[-1]['rps']:,} req/s, p99 {result.p99_ms:.2f} ms, "
+                    f"{rows[-1]['redis_commands_per_request']:.3f} Redis commands/request")
     return rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration: float
+    warmup: float
+    connections: int
+    rtt_ms: float
+    smoke: bool
+
+
+# The suite's settings (python -m bench): those of the standalone command's defaults; the smoke
+# only checks that every variant starts, answers and is counted.
+FULL = Plan(duration=5.0, warmup=WARMUP_S, connections=16, rtt_ms=0.5, smoke=False)
+SMOKE = Plan(duration=0.5, warmup=0.2, connections=4, rtt_ms=0.5, smoke=True)
+
+
+def make_plan(smoke: bool) -> Plan:
+    return SMOKE if smoke else FULL
+
+
+def run_suite(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """bench/results/owners.json: the settings, the relay's measured round trip and one row per
+    (Redis path, variant); a row with a non-2xx answer or a socket error fails the benchmark."""
+    rtt: list[float] = []
+    rows = run(plan.duration, plan.connections, plan.rtt_ms, warmup=plan.warmup, log=log, relay_rtt=rtt)
+    bad = [f"{r['network']} {r['variant']}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
+           for r in rows if r["non_2xx"] or r["socket_errors"]]
+    if bad:
+        raise RuntimeError("; ".join(bad))
+    return {"settings": {"duration_s": plan.duration, "warmup_s": plan.warmup, "connections": plan.connections,
+                         "users": USERS, "rtt_ms_target": plan.rtt_ms, "smoke": plan.smoke},
+            "relay": {"direct_ping_ms": round(rtt[0], 3), "added_rtt_ms": round(rtt[1], 3),
+                      "ping_samples": RTT_SAMPLES},
+            "rows": rows}
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

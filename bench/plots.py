@@ -250,3 +250,42 @@ def killdrill(path: Path, result: dict[str, Any]) -> Path | None:
     axes[0][0].set_ylabel("GETs per second")
     fig.suptitle("a backend killed -9 every few seconds under load, each proxy in turn")
     return _save(fig, path)
+
+
+# (design, Redis path) of each bar in a feature's group, in drawing order, and its look.
+OWNER_BARS = (("sticky", "loopback", "owner, Redis on loopback", "tab:blue", ""),
+              ("stateless", "loopback", "stateless, Redis on loopback", "tab:red", ""),
+              ("sticky", "relay", "owner, Redis behind the relay", "lightsteelblue", "//"),
+              ("stateless", "relay", "stateless, Redis behind the relay", "lightsalmon", "//"))
+OWNER_PANELS = (("redis_commands_per_request", "Redis commands per request"),
+                ("rps", "requests/s (higher is better)"),
+                ("p99_ms", "p99 ms (lower is better)"))
+
+
+def owners(path: Path, result: dict[str, Any]) -> Path | None:
+    rows = {(r["feature"], r["design"], r["redis"]): r for r in result["rows"]}
+    features = list(dict.fromkeys(r["feature"] for r in result["rows"]))
+    if not features:
+        return None
+    width = 0.8 / len(OWNER_BARS)
+    fig, axes = plt.subplots(1, len(OWNER_PANELS), figsize=(13, 4.4))
+    for ax, (key, title) in zip(axes, OWNER_PANELS):
+        for i, (design, redis_path, label, color, hatch) in enumerate(OWNER_BARS):
+            xs = [x + (i - (len(OWNER_BARS) - 1) / 2) * width for x in range(len(features))]
+            values = [(rows.get((f, design, redis_path)) or {}).get(key) for f in features]
+            ax.bar(xs, [v or 0 for v in values], width, color=color, hatch=hatch,
+                   edgecolor="black", linewidth=0.4, label=label)
+            if key == "redis_commands_per_request":
+                for x, v in zip(xs, values):
+                    if v is not None:
+                        ax.annotate(f"{v:.2g}", (x, v), ha="center", va="bottom",
+                                    xytext=(0, 2), textcoords="offset points", fontsize=7)
+        ax.set_xticks(list(range(len(features))), features)
+        ax.set_title(title, fontsize=10)
+    # headroom above the tallest bar of the first panel, for the legend
+    axes[0].set_ylim(0, max(r["redis_commands_per_request"] for r in result["rows"]) * 1.6 or 1)
+    axes[0].legend(loc="upper left", fontsize=7, ncol=2)
+    added = result.get("relay", {}).get("added_rtt_ms")
+    fig.suptitle("owner-local features vs the same kept in Redis"
+                 + (f" (the relay adds {added:.2f} ms per round trip)" if added else ""))
+    return _save(fig, path)
