@@ -396,9 +396,9 @@ class Plan:
 
 
 # The suite's settings (python -m bench): those of the standalone command's defaults; the smoke
-# only checks that every variant starts, answers and is counted.
+# only checks that every variant starts, answers and is counted (wrk's -d takes whole seconds).
 FULL = Plan(duration=5.0, warmup=WARMUP_S, connections=16, rtt_ms=0.5, smoke=False)
-SMOKE = Plan(duration=0.5, warmup=0.2, connections=4, rtt_ms=0.5, smoke=True)
+SMOKE = Plan(duration=1.0, warmup=1.0, connections=4, rtt_ms=0.5, smoke=True)
 
 
 def make_plan(smoke: bool) -> Plan:
