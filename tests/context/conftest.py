@@ -387,6 +387,12 @@ async def tcp_proxy(redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
         await proxy.close()
 
 
+# How long the sentinels wait before judging a master down. 1000 ms made a CPU-starved new
+# master (2 shared cores, a loaded run) look down right after a kill -9 failover, and the
+# second failover promoted the restarted old master while it was still resyncing.
+SENTINEL_DOWN_AFTER_MS = 2000
+
+
 class SentinelHA:
     """A master, one replica and three sentinels (quorum 2), all on loopback, in a temp dir."""
 
@@ -414,7 +420,7 @@ class SentinelHA:
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
                 f"sentinel monitor {self.SERVICE} 127.0.0.1 {first.port} 2\n"
-                f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} {SENTINEL_DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.SERVICE} 5000\n"
             )
             self.sentinel_procs.append(
