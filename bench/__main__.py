@@ -4,7 +4,7 @@
 
 Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, killdrill,
 owners, profile. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
-with its charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (under a minute) to check
+with its charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (about two minutes) to check
 the harness works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx,
 haproxy, wrk or py-spy are missing it skips what needs them (or uses the Python load client)
 and says so.
@@ -88,7 +88,7 @@ def _names(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true",
-                   help="tiny counts, under a minute: checks the harness, never the speed; "
+                   help="tiny counts, about two minutes: checks the harness, never the speed; "
                         "writes under bench/results/smoke/, not docs/")
     p.add_argument("--install", action="store_true",
                    help="apt-get install what is missing of nginx, haproxy, wrk, redis-server")

@@ -1208,7 +1208,7 @@ python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-s
 python -m bench                  # everything, about 13 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
                                  # owners, ring, profile)
-python -m bench --smoke          # tiny counts, under a minute: checks the harness, not the speed
+python -m bench --smoke          # tiny counts, about two minutes: checks the harness, not the speed
 ```
 
 See [bench/README.md](../bench/README.md) for what each benchmark does and its options."""
