@@ -53,9 +53,9 @@ COPY --from=build /opt/stickyproxy /opt/stickyproxy
 # `stickyproxy run` pass, and the compiled metrics render a scrape.
 RUN python -c "import httptools.parser.parser, uvloop, aiohttp._http_parser" \
  && python -c "from stickyproxy.compiled import build; assert build() == 'compiled', build()" \
- && python -c "from stickyproxy.startup import check_runtime; p = check_runtime(); assert not p, p" \
+ && python -c "from stickyproxy.control.startup import check_runtime; p = check_runtime(); assert not p, p" \
  && python -c "from prometheus_client import generate_latest; \
-from stickyproxy.metrics import Stats, registry_for; generate_latest(registry_for(Stats))" \
+from stickyproxy.control.metrics import Stats, registry_for; generate_latest(registry_for(Stats))" \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin stickyproxy
 # The default configuration; mount yours over it (config/container.toml says how).
 COPY config/container.toml /etc/stickyproxy/stickyproxy.toml

@@ -702,7 +702,7 @@ def ring_section(r: dict[str, Any], images: dict[str, Path | None], doc_dir: Pat
           for m in r["movement"]]
     return "\n".join([
         "## 4. The ring\n",
-        (f"`stickyproxy.ring.Ring`, {lk['backends']} backends, {lk['vnodes']} vnodes, "
+        (f"`stickyproxy.routing.ring.Ring`, {lk['backends']} backends, {lk['vnodes']} vnodes, "
         f"{lk['keys']:,} distinct keys, best of {lk['repeats']} passes, one process:\n"),
         table(("lookup", "keys/s"), [
             ("`owner(key)`, a key's first lookup (the proxy's hot path)",

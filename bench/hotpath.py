@@ -91,7 +91,7 @@ class MemoryTransport(asyncio.Transport):
 def run(n: int, profile: cProfile.Profile | None = None, with_metrics: bool = True) -> float:
     """CPU microseconds per request over `n` requests (profiled by `profile` if given)."""
     async def main() -> float:
-        from stickyproxy.observe import Observer
+        from stickyproxy.control.observe import Observer
         cfg = loads(CONFIG)
         obs = Observer(cfg)
         obs.metrics_enabled = with_metrics

@@ -1,4 +1,4 @@
-"""The ring on its own (stickyproxy.ring, one process, no I/O): lookups per second, how evenly
+"""The ring on its own (stickyproxy.routing.ring, one process, no I/O): lookups per second, how evenly
 it spreads the key space against vnodes, and how much of it moves when a backend is added or
 removed, against the 1/N ideal. Shares are exact (measured over the hash space), not sampled.
 """
@@ -9,7 +9,7 @@ import collections
 import time
 from typing import Any, Callable, Sequence
 
-from stickyproxy.ring import OWNER_CACHE_SIZE, Member, Ring, moved_share
+from stickyproxy.routing.ring import OWNER_CACHE_SIZE, Member, Ring, moved_share
 
 VNODES = (10, 40, 160, 640)
 BACKEND_COUNTS = (3, 10)
@@ -38,7 +38,7 @@ def _rate(fn: Callable[[str], Any], keys: Sequence[str], repeats: int) -> float:
 
 def _first_lookups(method: str, keys: Sequence[str], repeats: int) -> float:
     """Like _rate, on a new ring each pass: every lookup is a key's first (the ring's owner
-    cache, stickyproxy/ring.py, never answers), the figure the target is judged on."""
+    cache, stickyproxy/routing/ring.py, never answers), the figure the target is judged on."""
     best = float("inf")
     for _ in range(repeats):
         fn = getattr(Ring(members(3), DEFAULT_VNODES), method)

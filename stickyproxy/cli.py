@@ -21,7 +21,7 @@ from typing import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, load, secret_variables
-from .plan import exact, ring_of, sampled, synthetic_keys
+from .routing.plan import exact, ring_of, sampled, synthetic_keys
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 # 128 + SIGPIPE: what a shell reports for a writer whose reader went away.
@@ -129,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
-    from .server import serve
+    from .control.server import serve
     return serve(cfg, args.config, workers=args.workers)
 
 

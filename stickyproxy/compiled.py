@@ -33,11 +33,11 @@ COMPILED_MODULES = (
     "stickyproxy.dataplane.tunnel",
     "stickyproxy.dataplane.proxy",
     "stickyproxy.dataplane.events",
-    "stickyproxy.router",
-    "stickyproxy.ring",
-    "stickyproxy.keys",
-    "stickyproxy.observe",
-    "stickyproxy.metrics",
+    "stickyproxy.routing.router",
+    "stickyproxy.routing.ring",
+    "stickyproxy.routing.keys",
+    "stickyproxy.control.observe",
+    "stickyproxy.control.metrics",
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent

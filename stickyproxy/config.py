@@ -400,7 +400,7 @@ JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_f
 
 def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
                 secrets: bool = True, read_file: ReadFile | None = None) -> KeySource | None:
-    from .jwtkeys import JwtSettings, JwtVerifier, load_verifier
+    from .routing.jwtkeys import JwtSettings, JwtVerifier, load_verifier
     n = len(errors)
     for k in item:
         if k not in JWT_KEYS:
@@ -787,7 +787,7 @@ JWT_FIELD_DOCS = {
 
 
 def _key_sources_reference() -> list[str]:
-    from .jwtkeys import JwtSettings
+    from .routing.jwtkeys import JwtSettings
     from .units import format_duration
     out = ["### routing.keys entries", "",
            "Each entry is a table with `from` set to one of "

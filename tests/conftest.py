@@ -45,8 +45,8 @@ import uvloop
 from aiohttp import web
 
 from stickyproxy.config import Config, loads
-from stickyproxy.ring import Member, Ring
-from stickyproxy.server import Service
+from stickyproxy.routing.ring import Member, Ring
+from stickyproxy.control.server import Service
 
 LOCALHOST = "127.0.0.1"
 # Upper bound on any single network wait in a test (a hang fails, it never blocks CI).

@@ -66,8 +66,8 @@ def imports_of(source: str, module: str, is_package: bool) -> set[str]:
 
 
 @pytest.mark.parametrize(("source", "module", "is_package", "expected"), [
-    ("import aiohttp.web", "stickyproxy.health", False, {"aiohttp.web"}),
-    ("from .ring import Ring", "stickyproxy.router", False, {"stickyproxy.ring", "stickyproxy.ring.Ring"}),
+    ("import aiohttp.web", "stickyproxy.control.health", False, {"aiohttp.web"}),
+    ("from .ring import Ring", "stickyproxy.routing.router", False, {"stickyproxy.routing.ring", "stickyproxy.routing.ring.Ring"}),
     ("from ..config import load", "stickyproxy.dataplane.proxy", False,
      {"stickyproxy.config", "stickyproxy.config.load"}),
     ("from . import http", "stickyproxy.dataplane", True, {"stickyproxy.dataplane", "stickyproxy.dataplane.http"}),

@@ -11,7 +11,7 @@ import pytest
 
 from stickyproxy import config
 from stickyproxy.cli import build_parser, plural
-from stickyproxy.plan import ring_of
+from stickyproxy.routing.plan import ring_of
 
 EXAMPLE = "config/example.toml"
 

@@ -15,7 +15,7 @@ from stickyproxy.config import ConfigError, KeySource, parse
 from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane.client import ClientProtocol
 from stickyproxy.dataplane.http import RequestError, normalise_target
-from stickyproxy.keys import KeyExtractor, KeyRejected
+from stickyproxy.routing.keys import KeyExtractor, KeyRejected
 
 from memory import Sink, pooled_upstreams
 

@@ -4,10 +4,10 @@ import pytest
 
 from stickyproxy.config import Passive, loads
 from stickyproxy.dataplane import Proxy
-from stickyproxy.health import (ActiveState, Health, PassiveState, check_ok, ejection_time,
+from stickyproxy.control.health import (ActiveState, Health, PassiveState, check_ok, ejection_time,
                                 may_eject)
-from stickyproxy.observe import Observer
-from stickyproxy.router import BackendState, Router
+from stickyproxy.control.observe import Observer
+from stickyproxy.routing.router import BackendState, Router
 
 
 @pytest.mark.parametrize("results, rise, fall, changes", [

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from stickyproxy.config import ConfigError, KeySource, loads
-from stickyproxy.jwtkeys import InvalidToken, JwtSettings, bearer_token, load_verifier
-from stickyproxy.keys import KeyExtractor, KeyRejected
+from stickyproxy.routing.jwtkeys import InvalidToken, JwtSettings, bearer_token, load_verifier
+from stickyproxy.routing.keys import KeyExtractor, KeyRejected
 
 BACKEND = '\n[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
 NOW = 1_800_000_000
@@ -224,7 +224,7 @@ def test_bearer_token(value, token):
 async def test_jwks_file_is_reread_on_reload(tmp_path, keys):
     """A reload (SIGHUP or POST /reload) reads the JWKS file again: rotated keys apply."""
     from stickyproxy.config import load
-    from stickyproxy.server import Service
+    from stickyproxy.control.server import Service
 
     (priv1, _, _), (priv2, _, _) = keys
 

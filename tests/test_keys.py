@@ -5,7 +5,7 @@ import re
 import pytest
 
 from stickyproxy.config import KeySource
-from stickyproxy.keys import KeyExtractor, KeyRejected
+from stickyproxy.routing.keys import KeyExtractor, KeyRejected
 
 HDR = KeySource("header", "X-User-Id")
 COOKIE = KeySource("cookie", "uid")

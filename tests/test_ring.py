@@ -8,7 +8,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stickyproxy.ring import Member, Ring, fingerprint, moved_share
+from stickyproxy.routing.ring import Member, Ring, fingerprint, moved_share
 
 KEYS = [f"user-{i}" for i in range(100_000)]
 SMALL_KEYS = KEYS[:20_000]
@@ -44,7 +44,7 @@ def test_owner_is_uhashrings_get_node_key_for_key(members):
 
 
 def test_owner_cache_is_bounded_and_never_changes_an_answer(monkeypatch):
-    import stickyproxy.ring as ring_module
+    import stickyproxy.routing.ring as ring_module
     if not ring_module.__file__.endswith(".py"):
         pytest.skip("the compiled module reads its constant at build time")
     monkeypatch.setattr(ring_module, "OWNER_CACHE_SIZE", 100)
@@ -156,7 +156,7 @@ def test_invalid_members_are_refused():
 
 _SUBPROCESS = """
 import json, sys
-from stickyproxy.ring import Member, Ring
+from stickyproxy.routing.ring import Member, Ring
 r = Ring([Member("app-1"), Member("app-2", 2), Member("app-3")])
 print(json.dumps([r.owner(f"user-{i}") for i in range(5000)] + [r.fingerprint]))
 """

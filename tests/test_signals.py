@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stickyproxy.signals import SignalLatch
+from stickyproxy.control.signals import SignalLatch
 
 
 @pytest.mark.parametrize(("events", "calls"), [

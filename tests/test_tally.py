@@ -2,7 +2,7 @@
 
 import pytest
 
-from stickyproxy.metrics import Tally, code_class
+from stickyproxy.control.metrics import Tally, code_class
 
 
 @pytest.mark.parametrize("statuses, folded", [

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
-from ..keys import KeyRejected
+from ..routing.keys import KeyRejected
 from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named, refused_exchange
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
                    connection_tokens, error_response, is_chunked_only, normalise_target,

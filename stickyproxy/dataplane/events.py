@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..router import BackendState
+    from ..routing.router import BackendState
     from .exchange import Exchange
 
 

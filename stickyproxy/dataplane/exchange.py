@@ -24,7 +24,7 @@ from .tunnel import Tunnel
 from .upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
-    from ..router import BackendState, Router
+    from ..routing.router import BackendState, Router
     from .client import ClientProtocol
 
 # Exchange states, in the order an exchange normally passes them (QUEUED: waiting for an

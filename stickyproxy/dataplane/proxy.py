@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import contract
 from ..config import Config
-from ..router import BackendState, Router
+from ..routing.router import BackendState, Router
 from .client import REQUEST_WATCH, ClientProtocol
 from .events import Events
 from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD

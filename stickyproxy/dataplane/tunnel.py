@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..router import BackendState
+    from ..routing.router import BackendState
     from .client import ClientProtocol
     from .upstream import UpstreamProtocol
 

@@ -39,7 +39,7 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
     return info
 
 if TYPE_CHECKING:
-    from ..router import BackendState
+    from ..routing.router import BackendState
     from .exchange import Exchange
 
 

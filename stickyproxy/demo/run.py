@@ -58,7 +58,7 @@ from .view import (
 )
 
 if TYPE_CHECKING:
-    from ..server import Service
+    from ..control.server import Service
 
 log = logging.getLogger("stickyproxy.demo")
 
@@ -266,7 +266,7 @@ class Demo:
         await asyncio.gather(*(wait_http_ok(a.child, session, a.url + "/healthz", APP_START_DEADLINE)
                                for a in self.apps))
 
-        from ..server import Service
+        from ..control.server import Service
         path = self.workdir / "stickyproxy.toml"
         path.write_text(PROXY_TOML.format(
             host=HOST, port=self.port,
@@ -457,13 +457,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"stickyproxy demo: cannot listen on {HOST}:{args.port}: {problem}; "
               "choose another port with --port N", file=sys.stderr)
         return EXIT_USAGE
-    from ..startup import check_runtime
+    from ..control.startup import check_runtime
     problems = check_runtime()
     if problems:
         for p in problems:
             print(f"stickyproxy demo: start-up check failed: {p}", file=sys.stderr)
         return EXIT_FAIL
-    from ..server import install_uvloop
+    from ..control.server import install_uvloop
     install_uvloop()
     ui = not args.no_ui and sys.stdout.isatty()
     try:

@@ -17,7 +17,7 @@ from conftest import (
     respond_with,
 )
 
-from stickyproxy.ring import Member, Ring
+from stickyproxy.routing.ring import Member, Ring
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from shop.metrics import ShopMetrics
 from shop.settings import parse_args
 
-from stickyproxy import metrics as proxy_metrics
+from stickyproxy.control import metrics as proxy_metrics
 from stickyproxy.context import ContextMetrics
 
 from .conftest import EXAMPLES, IO_TIMEOUT, ShopFactory, free_port

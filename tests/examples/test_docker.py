@@ -142,7 +142,7 @@ def test_dockerignore_keeps_build_output_of_the_checkout_out():
                  "stickyproxy/_build_stamp.json", "stickyproxy.egg-info/PKG-INFO", "build/lib",
                  ".git/HEAD", "tests/conftest.py"):
         assert ignored(path, patterns), path
-    for path in ("stickyproxy/router.py", "pyproject.toml", "build_backend.py", "setup.py",
+    for path in ("stickyproxy/routing/router.py", "pyproject.toml", "build_backend.py", "setup.py",
                  "README.md", "config/container.toml", "examples/Dockerfile.app"):
         assert not ignored(path, patterns), path
 

@@ -317,7 +317,7 @@ class Snapshotting(logging.Handler):
 
 @pytest.fixture
 def attach_log():
-    """``attach_log("stickyproxy.health", probe)`` → a Snapshotting handler on that logger
+    """``attach_log("stickyproxy.control.health", probe)`` → a Snapshotting handler on that logger
     (level INFO or lower for the test; removed and restored at teardown)."""
     added: list[tuple[logging.Logger, logging.Handler, int]] = []
 
@@ -350,7 +350,7 @@ def _no_long_gc_pauses():
 def _propagating_loggers():
     """caplog listens on the root logger: make sure the proxy's loggers reach it even if
     something in this process ran ``setup_logging`` (which stops propagation)."""
-    names = ("stickyproxy", "stickyproxy.access", "stickyproxy.health")
+    names = ("stickyproxy", "stickyproxy.access", "stickyproxy.control.health")
     saved = {n: logging.getLogger(n).propagate for n in names}
     for n in names:
         logging.getLogger(n).propagate = True

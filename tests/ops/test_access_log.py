@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import DeadBackend
 
-from stickyproxy.router import key_digest
+from stickyproxy.routing.router import key_digest
 
 from .conftest import keys_where
 

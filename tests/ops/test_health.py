@@ -31,10 +31,10 @@ async def test_health_flaps_follow_rise_and_fall(backends, ops_proxy, attach_log
     bs = await backends("a", "b", "c")
     a = bs[0]
     hs = with_health(a, HealthScript(hold=200))
-    caplog.set_level(logging.INFO, logger="stickyproxy.health")
+    caplog.set_level(logging.INFO, logger="stickyproxy.control.health")
     # every state change is logged with the number of checks "a" had answered at that moment
     # (checks of one backend are sequential, so that number is the check that decided it)
-    seen = attach_log("stickyproxy.health", probe=lambda: hs.count)
+    seen = attach_log("stickyproxy.control.health", probe=lambda: hs.count)
     # 100 ms apart with a 100 ms timeout: a loaded machine's event-loop stalls must not turn
     # a check the backend answered into a timeout, or the exact counts below would be off
     p = await ops_proxy(bs, {"health": health_cfg(rise=2, fall=3, interval="100ms",
@@ -92,11 +92,11 @@ async def test_health_flaps_follow_rise_and_fall(backends, ops_proxy, attach_log
     assert m.value("stickyproxy_health_checks_total", backend="b", result="success") > 0
 
     # and the changes are in the health log (warning level, naming the backend and why)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "stickyproxy.health"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "stickyproxy.control.health"]
     assert any("backend a is DOWN" in m and "3 consecutive failed checks" in m for m in msgs), msgs
     assert any("backend a is UP" in m and "2 consecutive successful checks" in m for m in msgs), msgs
     assert all(r.levelno == logging.WARNING for r in caplog.records
-               if r.name == "stickyproxy.health" and "backend a is" in r.getMessage())
+               if r.name == "stickyproxy.control.health" and "backend a is" in r.getMessage())
 
 
 async def test_a_dropped_health_connection_counts_as_a_failure(backends, ops_proxy):
@@ -132,7 +132,7 @@ async def test_one_dropped_check_is_one_failure_not_a_retry(backends, ops_proxy)
 async def test_damped_failback_keeps_users_on_their_fallback(backends, ops_proxy, attach_log):
     bs = await backends("a", "b", "c")
     hs = with_health(bs[0], HealthScript(hold=200))
-    ups = attach_log("stickyproxy.health", probe=time.monotonic)
+    ups = attach_log("stickyproxy.control.health", probe=time.monotonic)
     p = await ops_proxy(bs, {"health": health_cfg(rise=1, fall=2, failback_delay="1s")})
     u = keys_where(p.pref, lambda pr: pr[0] == "a")[0]
     fallback = p.pref(u)[1]

@@ -32,7 +32,7 @@ async def _not_ejected(p, bid: str) -> bool:
 async def test_connect_failures_eject_for_growing_capped_times(backends, ops_proxy, attach_log):
     a, b = await backends("a", "b")
     d = DeadBackend("d")
-    log = attach_log("stickyproxy.health")
+    log = attach_log("stickyproxy.control.health")
     p = await ops_proxy([a, b, d], {"passive": passive()})
     users = keys_where(p.pref, lambda pr: pr[0] == "d", n=3)
 
@@ -132,7 +132,7 @@ async def test_5xx_do_not_eject_without_on_5xx(backends, ops_proxy):
 async def test_max_ejected_percent_caps_simultaneous_ejections(backends, ops_proxy, caplog):
     (a,) = await backends("a")
     dead = [DeadBackend(f"d{i}") for i in (1, 2, 3)]
-    caplog.set_level(logging.WARNING, logger="stickyproxy.health")
+    caplog.set_level(logging.WARNING, logger="stickyproxy.control.health")
     p = await ops_proxy([a, *dead], {
         "passive": passive(base_ejection="30s", max_ejection="60s", max_ejected_percent=50),
         "health": {"enabled": False, "panic_threshold": 0},
@@ -180,7 +180,7 @@ async def test_a_passing_health_check_lifts_a_passive_ejection(raw_backend, back
 
     r = await raw_backend("r", restarting)
     (b,) = await backends("b")
-    log = attach_log("stickyproxy.health")
+    log = attach_log("stickyproxy.control.health")
     p = await ops_proxy([r, b], {
         "passive": passive(base_ejection="30s", max_ejection="60s", max_ejected_percent=100),
         "health": health_cfg(interval="100ms", timeout="100ms", rise=1, fall=1)})

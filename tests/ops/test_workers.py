@@ -41,7 +41,7 @@ def worker_pids(supervisor: int) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if b"stickyproxy.workers" in cmd and alive(pid):
+        if b"stickyproxy.control.workers" in cmd and alive(pid):
             out.append(pid)
     return sorted(out)
 

@@ -1,6 +1,6 @@
 """Start-up checks and admin exposure (docs/THREAT_MODEL.md T7, T8).
 
-- ``stickyproxy.startup.check_runtime()`` refuses a pure-Python aiohttp parser (the control
+- ``stickyproxy.control.startup.check_runtime()`` refuses a pure-Python aiohttp parser (the control
   plane's parser is what the design trusts: aiohttp >= 3.14.1 with its C parser), an
   unimportable httptools C parser, and dependencies below their floors;
   STICKYPROXY_ALLOW_PY_PARSER=1 is the explicit escape hatch for the first one only.
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from stickyproxy import compiled
-from stickyproxy.startup import FLOORS
+from stickyproxy.control.startup import FLOORS
 
 from .conftest import free_port
 
@@ -47,7 +47,7 @@ def _env(**set_: str) -> dict[str, str]:
 
 
 def check_runtime_in_subprocess(prelude: str = "", **env: str) -> list[str]:
-    code = prelude + "\nimport json\nfrom stickyproxy.startup import check_runtime\n" \
+    code = prelude + "\nimport json\nfrom stickyproxy.control.startup import check_runtime\n" \
                      "print(json.dumps(check_runtime()))\n"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          env=_env(**env), timeout=60)
@@ -221,7 +221,7 @@ def _with_package(copy: Path) -> dict[str, str]:
 def test_an_installed_compiled_package_is_current_although_its_sources_are_newer(tmp_path):
     """pip writes a wheel's .py files after its .so files: content, not time, decides."""
     copy = _copy_of_the_package(tmp_path)
-    code = ("import json, stickyproxy\nfrom stickyproxy.startup import check_runtime\n"
+    code = ("import json, stickyproxy\nfrom stickyproxy.control.startup import check_runtime\n"
             "print(json.dumps([stickyproxy.__file__, check_runtime()]))")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          env=_with_package(copy), timeout=60, cwd=tmp_path)
@@ -237,7 +237,7 @@ def test_run_and_demo_refuse_a_compiled_module_built_from_other_source(tmp_path,
     would run instead of the change, so `run` and `demo` both refuse, naming it once, with
     the fix for an installed package (not the one for a checkout)."""
     copy = _copy_of_the_package(tmp_path)
-    edited = compiled.source_path("stickyproxy.router", copy / "stickyproxy")
+    edited = compiled.source_path("stickyproxy.routing.router", copy / "stickyproxy")
     edited.write_text(edited.read_text() + "\n# changed after the build\n")
     port = free_port()
     args = (["run", "-c", str(_config(tmp_path, port))] if command == "run"
@@ -247,7 +247,7 @@ def test_run_and_demo_refuse_a_compiled_module_built_from_other_source(tmp_path,
                          cwd=tmp_path)
     assert out.returncode == 1, (out.returncode, out.stderr)
     assert out.stderr.count("start-up check failed") == 1, out.stderr
-    assert "stickyproxy.router: compiled from a different source" in out.stderr, out.stderr
+    assert "stickyproxy.routing.router: compiled from a different source" in out.stderr, out.stderr
     assert "pip install --force-reinstall" in out.stderr and "pip install -e" not in out.stderr
     assert "Traceback" not in out.stderr
     assert not _listening(port)

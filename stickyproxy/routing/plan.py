@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .config import Config
+from ..config import Config
 from .ring import Member, Ring, moved_share
 
 

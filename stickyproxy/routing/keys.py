@@ -19,7 +19,7 @@ import re
 from typing import Sequence
 from urllib.parse import unquote_to_bytes
 
-from .config import DEFAULT_MAX_KEY_LENGTH, KeySource
+from ..config import DEFAULT_MAX_KEY_LENGTH, KeySource
 from .jwtkeys import InvalidToken, bearer_token
 
 # C0 controls and DEL (RFC 9110 §5.5 forbids them in field values), plus C1 controls.

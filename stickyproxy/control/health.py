@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import Health as HealthConfig
-from .config import Passive as PassiveConfig
+from ..config import Health as HealthConfig
+from ..config import Passive as PassiveConfig
 
 if TYPE_CHECKING:
-    from .dataplane.proxy import Proxy
-    from .router import BackendState
+    from ..dataplane.proxy import Proxy
+    from ..routing.router import BackendState
 
-log = logging.getLogger("stickyproxy.health")
+log = logging.getLogger("stickyproxy.control.health")
 
 
 @dataclass

@@ -23,11 +23,11 @@ import time
 from typing import Any
 
 from . import views
-from .config import Config, ConfigError, FileCopies, load_pinned, loads
+from ..config import Config, ConfigError, FileCopies, load_pinned, loads
 from .logs import setup_logging
 from .signals import SignalLatch
 
-log = logging.getLogger("stickyproxy.workers")
+log = logging.getLogger("stickyproxy.control.workers")
 
 # How long the supervisor waits for a worker's metrics snapshot before leaving it out.
 SNAPSHOT_TIMEOUT = 1.0
@@ -61,7 +61,7 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, config: Config, path: str | None, workers: int):
-        from .dataplane import Proxy
+        from ..dataplane import Proxy
         from .health import Health
         from .observe import Observer
         self.path = path
@@ -96,7 +96,7 @@ class Supervisor:
     # -- workers -------------------------------------------------------------------------
     async def spawn(self, h: WorkerHandle) -> None:
         parent, child = socket.socketpair()
-        cmd = [sys.executable, "-m", "stickyproxy.workers", "--index", str(h.index),
+        cmd = [sys.executable, "-m", "stickyproxy.control.workers", "--index", str(h.index),
                "--of", str(self.n), "--control-fd", str(child.fileno())]
         h.ready = False
         h.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])

@@ -7,17 +7,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .config import Config
-from .dataplane.events import Events
+from ..config import Config
+from ..dataplane.events import Events
 from .logs import access_record, format_access
 from .metrics import Stats, Tally, code_class
-from .router import key_digest
+from ..routing.router import key_digest
 
 if TYPE_CHECKING:
-    from .dataplane.exchange import Exchange
-    from .dataplane.proxy import Proxy
+    from ..dataplane.exchange import Exchange
+    from ..dataplane.proxy import Proxy
     from .health import Health
-    from .router import BackendState
+    from ..routing.router import BackendState
 
 access_log = logging.getLogger("stickyproxy.access")
 log = logging.getLogger("stickyproxy")

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-log = logging.getLogger("stickyproxy.admin")
+log = logging.getLogger("stickyproxy.control.admin")
 
 # Longest key accepted by GET /route (the data plane's limit is configurable and smaller).
 MAX_ROUTE_KEY = 4096

@@ -55,7 +55,7 @@ def check_runtime() -> list[str]:
         if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
             problems.append("AIOHTTP_NO_EXTENSIONS is set: aiohttp would use its pure-Python "
                             f"parser; unset it or set {ALLOW_PY_PARSER_ENV}=1")
-    from .compiled import build, stale_problem
+    from ..compiled import build, stale_problem
     if build() == "mixed":
         problems.append("the data plane is partly compiled (a broken build): reinstall "
                         "stickyproxy, or set STICKYPROXY_COMPILE=0 for a pure-Python one")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .router import Router
+from ..routing.router import Router
 
 
 def backends_view(router: Router, now: float, inflight: dict[str, int] | None = None,

@@ -15,8 +15,9 @@ import signal
 import time
 from typing import Any
 
-from . import compiled, views
-from .config import Config, ConfigError, load
+from .. import compiled
+from . import views
+from ..config import Config, ConfigError, load
 from .logs import setup_logging
 from .signals import SignalLatch
 
@@ -46,7 +47,7 @@ class Service:
 
     def __init__(self, config: Config, path: str | None, *, worker: int = 0,
                  workers: int = 1, admin: bool = True, active_health: bool = True):
-        from .dataplane import Proxy
+        from ..dataplane import Proxy
         from .health import Health
         from .observe import Observer
         self.path = path

@@ -12,13 +12,13 @@ import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Collection, Iterator
 
-from .config import Backend, Config
+from ..config import Backend, Config
 from .keys import KeyExtractor
 from .ring import Member, Ring
 
 if TYPE_CHECKING:
-    from .dataplane.upstream import Pool
-    from .metrics import Tally
+    from ..dataplane.upstream import Pool
+    from ..control.metrics import Tally
 
 
 class BackendState:

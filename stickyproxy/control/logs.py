@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .config import Logging as LoggingConfig
+from ..config import Logging as LoggingConfig
 
 
 class JsonFormatter(logging.Formatter):

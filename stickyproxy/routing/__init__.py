@@ -1,0 +1,1 @@
+"""Where a request goes: the ring, key extraction, JWT verification, the router and the move planner. Pure logic, no I/O."""
