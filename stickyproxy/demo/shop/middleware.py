@@ -1,6 +1,8 @@
 """Middlewares of the shop, outermost first: request metrics, Redis outage (the stateless
 client's or the context library's, outside the context middleware) → 503, the per-user
-rate limit, and the context middleware on the routes that use the user's context."""
+rate limit, the bearer token's verification, the context middleware on the routes that use
+the user's context, and the revocation check (inside the context middleware, so that on those
+routes it reads the context already loaded)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from aiohttp.typedefs import Middleware
 
 from stickyproxy.context import StoreUnavailable
 
+from .revocation import CLAIMS_KEY, unauthorized
 from .shop import SHOP_KEY
+from .tokens import TokenRejected, verify
 from .users import user_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +63,25 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
                 {"error": f"rate limit: {shop.settings.rate_limit} requests per "
                           f"{shop.settings.rate_window:g}s", "retry_after": seconds},
                 status=429, headers={"Retry-After": str(seconds)})
+    return await handler(request)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request presenting a bearer token must present a valid one of its own user (the
+    verified claims go to ``request[CLAIMS_KEY]`` for the revocation check); one presenting
+    none passes: the demo's users are who the routed key says (a real app would require one)."""
+    authorization = request.headers.get("Authorization")
+    if authorization is None:
+        return await handler(request)
+    shop = request.app[SHOP_KEY]
+    user = user_of(request, stateless=shop.settings.stateless)
+    if user is None:
+        return await handler(request)
+    try:
+        request[CLAIMS_KEY] = verify(authorization, user, shop.settings.token_secret)
+    except TokenRejected as exc:
+        return unauthorized("invalid token", str(exc))
     return await handler(request)
 
 

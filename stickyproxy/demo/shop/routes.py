@@ -9,6 +9,11 @@
     POST   /jobs                start a job -> 202 {"id", ...}
     GET    /jobs/{id}           its progress
     GET    /jobs/{id}/ws        WebSocket: one message per step until the job is done
+    POST   /login               a bearer token for the user -> {"token", "jti", "iat", "exp"}
+    POST   /logout              revoke the presented token (401 on every later use)
+    POST   /logout-everywhere   revoke every token of the user issued until now
+    GET    /prices/{item}       the user's price in cents, through the guarded cache
+    DELETE /prices              forget the user's cached prices
     GET    /healthz, /metrics
 """
 
@@ -25,13 +30,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .catalog import check_item, check_qty
 from .jobs import JobsFull
+from .prices import PriceUnavailable
+from .revocation import CLAIMS_KEY
 from .shop import SHOP_KEY, Shop
+from .tokens import issue
 from .users import require_user
 
 # Largest request body accepted (413 beyond): the API takes small JSON objects only.
 MAX_BODY = 4096
 # Seconds between WebSocket pings, so a dead client is noticed.
 WS_HEARTBEAT = 15.0
+# Seconds a client is told to wait when the pricing origin cannot answer (the breaker's order).
+PRICE_RETRY_AFTER = "5"
 
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
@@ -157,6 +167,54 @@ async def job_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def login(request: web.Request) -> web.Response:
+    shop, user = _context(request)
+    s = shop.settings
+    return web.json_response({"user": user, **issue(user, s.token_secret, s.token_lifetime)})
+
+
+def _claims(request: web.Request) -> Any:
+    claims = request.get(CLAIMS_KEY)
+    if claims is None:
+        # RFC 6750 §3.1: a request without a token gets the challenge without an error code.
+        raise web.HTTPUnauthorized(text="no token: send it as 'Authorization: Bearer <token>'\n",
+                                   headers={"WWW-Authenticate": "Bearer"})
+    return claims
+
+
+async def logout(request: web.Request) -> web.Response:
+    shop, user = _context(request)
+    claims = _claims(request)
+    revoked = await shop.revocations.revoke(request, user, claims)
+    return web.json_response({"jti": claims["jti"], "revoked": revoked, "until": claims["exp"]})
+
+
+async def logout_everywhere(request: web.Request) -> web.Response:
+    shop, user = _context(request)
+    _claims(request)
+    return web.json_response({"revoked_before": await shop.revocations.revoke_all(request, user)})
+
+
+async def get_price(request: web.Request) -> web.Response:
+    shop, user = _context(request)
+    item = request.match_info["item"]
+    problem = check_item(item)
+    if problem:
+        raise _error(404, problem)
+    try:
+        price = await shop.prices.price(user, item)
+    except PriceUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=json.dumps({"error": f"pricing unavailable: {exc}"}),
+                                         content_type="application/json",
+                                         headers={"Retry-After": PRICE_RETRY_AFTER}) from None
+    return web.json_response({"item": item, "price": price})
+
+
+async def forget_prices(request: web.Request) -> web.Response:
+    shop, user = _context(request)
+    return web.json_response({"forgotten": await shop.prices.forget(user)})
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/", index)
@@ -170,3 +228,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/jobs", start_job)
     r.add_get("/jobs/{id}", job_status)
     r.add_get("/jobs/{id}/ws", job_ws)
+    r.add_post("/login", login)
+    r.add_post("/logout", logout)
+    r.add_post("/logout-everywhere", logout_everywhere)
+    r.add_get("/prices/{item}", get_price)
+    r.add_delete("/prices", forget_prices)

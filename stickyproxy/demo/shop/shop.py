@@ -1,4 +1,5 @@
-"""What the handlers share: the settings and the mode's state, limiter and jobs."""
+"""What the handlers share: the settings and the mode's state, limiter, jobs, revocations and
+price cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from aiohttp import web
 
 from .jobs import ShopJobs
 from .metrics import ShopMetrics
+from .prices import ShopPrices
 from .ratelimit import ShopRateLimiter
+from .revocation import ShopRevocations
 from .settings import Settings
 from .state import UserState
 
@@ -20,6 +23,8 @@ class Shop:
     state: UserState
     limiter: ShopRateLimiter | None
     jobs: ShopJobs
+    revocations: ShopRevocations
+    prices: ShopPrices
 
 
 SHOP_KEY: web.AppKey[Shop] = web.AppKey("shop", Shop)
