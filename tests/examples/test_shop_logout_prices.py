@@ -194,6 +194,9 @@ async def test_bad_tokens_get_401_with_a_reason(shop, stateless):
         ("Bearer", "Bearer <token>"),
         ("Bearer " + token("another-secret-of-at-least-thirty-two-bytes"), "signature"),
         ("Bearer " + token(iat=now - 120, exp=now - 60), "expired"),
+        ("Bearer " + token(iat=now - 120, exp=now - 0.5), "expired"),  # no leeway past exp
+        ("Bearer " + token(exp=now + 2 * DEFAULT_TOKEN_LIFETIME), "lives longer"),  # could not be revoked
+        ("Bearer " + token(iat=True), "NumericDate"),
         ("Bearer " + token(sub="mallory"), "another user"),
         ("Bearer " + token(jti=None), "'jti'"),
         ("Bearer " + token(iat=None), "'iat'"),

@@ -79,7 +79,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if user is None:
         return await handler(request)
     try:
-        request[CLAIMS_KEY] = verify(authorization, user, shop.settings.token_secret)
+        request[CLAIMS_KEY] = verify(authorization, user, shop.settings.token_secret,
+                                     shop.settings.token_lifetime)
     except TokenRejected as exc:
         return unauthorized("invalid token", str(exc))
     return await handler(request)

@@ -28,6 +28,8 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from stickyproxy.context import TooManyRevocations
+
 from .catalog import check_item, check_qty
 from .jobs import JobsFull
 from .prices import PriceUnavailable
@@ -45,7 +47,7 @@ PRICE_RETRY_AFTER = "5"
 
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest, 404: web.HTTPNotFound, 503: web.HTTPServiceUnavailable,
+    400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict, 503: web.HTTPServiceUnavailable,
 }
 
 
@@ -185,7 +187,10 @@ def _claims(request: web.Request) -> Any:
 async def logout(request: web.Request) -> web.Response:
     shop, user = _context(request)
     claims = _claims(request)
-    revoked = await shop.revocations.revoke(request, user, claims)
+    try:
+        revoked = await shop.revocations.revoke(request, user, claims)
+    except TooManyRevocations as exc:
+        raise _error(409, f"{exc}: POST /logout-everywhere") from None
     return web.json_response({"jti": claims["jti"], "revoked": revoked, "until": claims["exp"]})
 
 

@@ -12,6 +12,7 @@ in the same second as a logout-everywhere, but after it, is not covered by its c
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -22,9 +23,9 @@ import jwt
 ALGORITHM = "HS256"
 # Claims every shop token carries; a token without one is refused before revocation is asked.
 REQUIRED_CLAIMS = ("sub", "jti", "iat", "exp")
-# Seconds of clock difference between instances tolerated on exp (RFC 7519 §4.1.4 allows "some
-# small leeway").
-LEEWAY = 5.0
+# No leeway on exp (RFC 7519 §4.1.4 allows some): a revoked token's entry is kept until its exp
+# and no longer, so a verifier admitting tokens past exp would admit revoked ones.
+LEEWAY = 0.0
 
 
 class TokenRejected(Exception):
@@ -46,8 +47,16 @@ def bearer(authorization: str) -> str:
     return token.strip()
 
 
-def verify(authorization: str, user: str, secret: str) -> Mapping[str, Any]:
-    """The verified claims of the request's bearer token, which must belong to ``user``."""
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TokenRejected(f"token's {name!r} is not a NumericDate (RFC 7519 §2)")
+    return float(value)
+
+
+def verify(authorization: str, user: str, secret: str, max_lifetime: float) -> Mapping[str, Any]:
+    """The verified claims of the request's bearer token, which must belong to ``user`` and
+    live at most ``max_lifetime`` (longer ones could not be revoked for their whole life)."""
     token = bearer(authorization)
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], leeway=LEEWAY,
@@ -67,4 +76,6 @@ def verify(authorization: str, user: str, secret: str) -> Mapping[str, Any]:
     jti = claims.get("jti")
     if not isinstance(jti, str) or not jti:
         raise TokenRejected("token's jti must be a non-empty string")
+    if _numeric_date(claims, "exp") - _numeric_date(claims, "iat") > max_lifetime:
+        raise TokenRejected(f"token lives longer than the shop's token lifetime ({max_lifetime:g}s)")
     return claims
