@@ -10,12 +10,16 @@ Each variant is one aiohttp app process (uvloop) answering ``GET /`` with 2 byte
   ``--stateless`` limiter);
 * ``revocation-sticky``: the context middleware and ``revocation_middleware`` (library);
 * ``revocation-stateless``: per request, ``EXISTS revoked:<jti>`` + ``GET revoked-before:<user>``
-  pipelined (one round trip), the classic revocation list.
+  pipelined (one round trip), the classic revocation list (the shop's ``--stateless`` check).
 * ``jobpoll-sticky``: each request reads the progress of the user's running job
   (``Jobs.status``, from memory); ``jobpoll-stateless``: ``HGETALL`` of the job's hash (the
   shop's ``--stateless`` jobs). The job is started by the user's first (warm-up) request.
 * ``cache-sticky``: a ``GuardedCache`` hit per request; ``cache-stateless``: a Redis ``GET``
-  of the cached value per request (loaded into Redis by the warm-up request).
+  of the cached value per request (loaded into Redis by the warm-up request; the shop's
+  ``--stateless`` price cache does the same with one ``HGET``).
+The variants are minimal apps, not the shop, so that each row is one feature's cost alone;
+the shop's own Redis commands per request, in both modes, are asserted by
+tests/examples/test_shop.py and test_shop_logout_prices.py.
 Limits are set so nobody is refused and no token is revoked: every request does the full check.
 Redis commands are counted by ``INFO commandstats`` before and after each timed run (the
 library's listener PINGs excluded, as a test's own bookkeeping is), divided by wrk's requests.
