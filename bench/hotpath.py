@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from stickyproxy.config import loads
+from stickyproxy.control.process import build_process
 from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane.client import ClientProtocol
 from stickyproxy.dataplane.upstream import UpstreamProtocol
@@ -91,17 +92,16 @@ class MemoryTransport(asyncio.Transport):
 def run(n: int, profile: cProfile.Profile | None = None, with_metrics: bool = True) -> float:
     """CPU microseconds per request over `n` requests (profiled by `profile` if given)."""
     async def main() -> float:
-        from stickyproxy.control.observe import Observer
         cfg = loads(CONFIG)
-        obs = Observer(cfg)
+        proc = build_process(cfg, "single")
+        obs, proxy = proc.observer, proc.proxy
         obs.metrics_enabled = with_metrics
-        proxy = Proxy(cfg, events=obs)
         # one pooled upstream connection per backend, answering from memory
         ups = {}
-        for bid, st in proxy.states.items():
-            up = UpstreamProtocol(st, time.monotonic())
+        for bid, slot in proxy.upstreams.items():
+            up = UpstreamProtocol(slot, time.monotonic())
             up.connection_made(MemoryTransport())
-            st.pool.release(up, time.monotonic())
+            slot.release(up, time.monotonic())
             ups[bid] = up
         client = ClientProtocol(proxy)
         client.connection_made(MemoryTransport())

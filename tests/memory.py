@@ -26,10 +26,10 @@ class Sink(MemoryTransport):
 def pooled_upstreams(proxy: Proxy) -> dict[str, tuple[UpstreamProtocol, Sink]]:
     """One idle pooled connection per backend, each writing into a Sink."""
     out = {}
-    for bid, state in proxy.states.items():
-        up = UpstreamProtocol(state, time.monotonic())
+    for bid, slot in proxy.upstreams.items():
+        up = UpstreamProtocol(slot, time.monotonic())
         t = Sink()
         up.connection_made(t)
-        state.pool.release(up, time.monotonic())
+        slot.release(up, time.monotonic())
         out[bid] = (up, t)
     return out

@@ -3,6 +3,7 @@
 import pytest
 
 from stickyproxy.config import parse
+from stickyproxy.control.process import build_process
 from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane import upstream
 from stickyproxy.dataplane.http import (FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL,
@@ -13,7 +14,8 @@ BASE = {"listen": {"port": 0}, "admin": {"enabled": False}, "health": {"enabled"
 
 
 def proxy(**headers) -> Proxy:
-    return Proxy(parse({**BASE, "headers": headers} if headers else BASE))
+    return build_process(parse({**BASE, "headers": headers} if headers else BASE),
+                         "single").proxy
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -43,7 +45,8 @@ def test_request_field_kinds_follow_the_configuration_and_its_reloads():
     p = proxy(allow_underscores=True, strip=["X-Internal"])
     assert p.request_field(b"X_User_Id")[1] == FIELD_FORWARD
     assert p.request_field(b"X-Internal")[1] == FIELD_SPECIAL
-    p.apply(parse(BASE))                      # a reload forgets what was classified
+    p.table.apply(parse(BASE))                # a reload forgets what was classified
+    p.apply()
     assert p.request_fields == {}
     assert p.request_field(b"X_User_Id")[1] == FIELD_SPECIAL
     assert p.request_field(b"X-Internal")[1] == FIELD_FORWARD

@@ -12,6 +12,7 @@ import httptools
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stickyproxy.config import ConfigError, KeySource, parse
+from stickyproxy.control.process import build_process
 from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane.client import ClientProtocol
 from stickyproxy.dataplane.http import RequestError, normalise_target
@@ -133,7 +134,7 @@ def request_bytes(draw):
 def test_request_path_never_raises_and_forwards_only_clean_heads(requests, split):
     async def scenario():
         from stickyproxy.config import parse as parse_config
-        proxy = Proxy(parse_config(CONFIG))
+        proxy = build_process(parse_config(CONFIG), "single").proxy
         upstream = {bid: t for bid, (_, t) in pooled_upstreams(proxy).items()}
         client = ClientProtocol(proxy)
         out = Sink()

@@ -3,6 +3,7 @@
 import pytest
 
 from stickyproxy.config import Passive, loads
+from stickyproxy.control.process import build_process
 from stickyproxy.dataplane import Proxy
 from stickyproxy.control.health import (ActiveState, Health, PassiveState, check_ok, ejection_time,
                                 may_eject)
@@ -67,12 +68,10 @@ max_ejected_percent = 100
 id = "a"
 url = "http://127.0.0.1:1"
 """)
-    obs = Observer(cfg)
-    proxy = Proxy(cfg, events=obs)
-    health = Health(proxy, obs, active=False)
-    obs.bind(proxy, health)
+    proc = build_process(cfg, "worker")
+    obs, health = proc.observer, proc.health
     health.reconfigure()
-    st = proxy.states["a"]
+    st = proc.table.states["a"]
     for outcome in ["ok", "fail", "fail", "ok", "fail", "fail", "ok", "ok"]:
         if outcome == "ok":
             obs.upstream_ok(st, 200)
@@ -143,7 +142,6 @@ def test_unusable_states_fail_over_along_the_preference_list(router):
             else:
                 assert (r.kind, r.backend.id) == ("primary", pref[0])
         router.backends["b"] = BackendState(router.config.backend("b"))
-        router.backends["b"].pool = None
 
 
 def test_damped_failback_returns_users_when_the_delay_ends(router):

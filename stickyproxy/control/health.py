@@ -2,7 +2,8 @@
 
 The decisions are pure state machines (``ActiveState``, ``PassiveState``, ``may_eject``);
 ``Health`` is the thin adapter that runs HTTP checks with aiohttp and writes the results
-onto each ``BackendState``. Health never rebuilds the ring (DESIGN.md §3): routing skips
+onto each ``BackendState`` of the process's ``BackendTable``; it knows nothing of the data
+plane (a drained backend's tunnels are closed by the data plane's own timer). Health never rebuilds the ring (DESIGN.md §3): routing skips
 unusable backends along each key's preference list.
 
 - Active: GET ``health.path`` every ``interval`` (± ``jitter``); ``fall`` consecutive
@@ -31,8 +32,9 @@ from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
 
 if TYPE_CHECKING:
-    from ..dataplane.proxy import Proxy
     from ..routing.router import BackendState
+    from ..routing.table import BackendTable
+    from .observe import ControlEvents
 
 log = logging.getLogger("stickyproxy.control.health")
 
@@ -100,8 +102,8 @@ def check_ok(status: int | None, expect: tuple[int, int]) -> bool:
 class Health:
     """Runs active checks and applies passive events for one process's backends."""
 
-    def __init__(self, proxy: Proxy, observer: Any, *, active: bool = True):
-        self.proxy = proxy
+    def __init__(self, table: BackendTable, observer: ControlEvents, *, active: bool = True):
+        self.table = table
         self.observer = observer
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
@@ -109,15 +111,14 @@ class Health:
         self.tracked: dict[str, BackendState] = {}   # the state object each history belongs to
         self.tasks: dict[str, asyncio.Task] = {}
         self.session: Any = None
-        self._drain_timers: dict[str, asyncio.TimerHandle] = {}
 
     @property
     def cfg(self) -> HealthConfig:
-        return self.proxy.config.health
+        return self.table.config.health
 
     @property
     def pcfg(self) -> PassiveConfig:
-        return self.proxy.config.passive
+        return self.table.config.passive
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +126,7 @@ class Health:
 
     def reconfigure(self) -> None:
         """(Re)start checkers to match the current backend set."""
-        states = self.proxy.states
+        states = self.table.states
         for bid in list(self.tasks):
             if bid not in states or not (self.run_active and self.cfg.enabled):
                 self.tasks.pop(bid).cancel()
@@ -156,8 +157,6 @@ class Health:
             except (asyncio.CancelledError, Exception):
                 pass
         self.tasks.clear()
-        for h in self._drain_timers.values():
-            h.cancel()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -180,7 +179,7 @@ class Health:
         # spread the first checks so N backends are not probed in lockstep
         await asyncio.sleep(random.uniform(0, min(self.cfg.interval, 0.05)))
         while True:
-            st = self.proxy.states.get(bid)
+            st = self.table.states.get(bid)
             if st is None:
                 return
             cfg = self.cfg
@@ -205,7 +204,7 @@ class Health:
 
     # -- decisions applied to backend state ------------------------------------------------
     def record_check(self, bid: str, ok: bool, status: int | None, detail: str = "") -> None:
-        st = self.proxy.states.get(bid)
+        st = self.table.states.get(bid)
         a = self.active.get(bid)
         if st is None or a is None:
             return
@@ -268,9 +267,9 @@ class Health:
         now = time.monotonic()
         if ok and p.consecutive == 0:
             return
-        states = self.proxy.states.values()
+        states = self.table.states.values()
         ejected = sum(1 for s in states if now < s.ejected_until)
-        until = p.record(ok, now, cfg, may_eject(ejected, len(self.proxy.states),
+        until = p.record(ok, now, cfg, may_eject(ejected, len(self.table.states),
                                                   cfg.max_ejected_percent))
         st.passive_clean = p.consecutive == 0
         if until is not None:
@@ -293,30 +292,17 @@ class Health:
 
     # -- drain ---------------------------------------------------------------------------
     def drain(self, bid: str, on: bool) -> bool:
-        st = self.proxy.states.get(bid)
+        """No new requests to ``bid`` (on) or again (off). In-flight requests finish; its
+        WebSocket tunnels get ``timeouts.drain`` (the data plane closes them then)."""
+        st = self.table.states.get(bid)
         if st is None:
             return False
         if st.drained == on:
             return True
+        now = time.monotonic()
         st.drained = on
-        st.last_change = time.monotonic()
+        st.drained_since = now if on else 0.0
+        st.last_change = now
         log.warning("backend %s %s", bid, "drained: no new requests" if on else "undrained")
-        old = self._drain_timers.pop(bid, None)
-        if old is not None:
-            old.cancel()
-        if on:
-            self._drain_timers[bid] = asyncio.get_running_loop().call_later(
-                self.proxy.config.timeouts.drain, self._close_drained_tunnels, bid)
         self.observer.backend_changed(st)
         return True
-
-    def _close_drained_tunnels(self, bid: str) -> None:
-        self._drain_timers.pop(bid, None)
-        st = self.proxy.states.get(bid)
-        if st is None or not st.drained:
-            return
-        if st.tunnels:
-            log.warning("backend %s: closing %d WebSocket tunnels after drain timeout",
-                        bid, len(st.tunnels))
-        for t in list(st.tunnels):
-            t.close()

@@ -1,4 +1,9 @@
-"""The data plane's event sink: metrics, access log and passive health in one place."""
+"""Where events become metrics, log lines and health decisions.
+
+``ControlEvents``: what health checks, drains and reloads report (every process has one,
+the supervisor included). ``Observer``: the data plane's event sink (metrics, access log,
+passive health), in processes that serve traffic. Both count into one ``Stats``.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from ..routing.router import key_digest
 
 if TYPE_CHECKING:
     from ..dataplane.exchange import Exchange
-    from ..dataplane.proxy import Proxy
-    from .health import Health
     from ..routing.router import BackendState
+    from ..routing.table import BackendTable
+    from .health import Health
 
 access_log = logging.getLogger("stickyproxy.access")
 log = logging.getLogger("stickyproxy")
@@ -26,12 +31,57 @@ log = logging.getLogger("stickyproxy")
 PANIC_LOG_INTERVAL: Final = 10.0
 
 
+class ControlEvents:
+    """Health, drain and reload events of one process, and the gauges read off its table."""
+
+    def __init__(self, table: BackendTable, stats: Stats | None = None):
+        self.table = table
+        self.stats = stats or Stats()
+        # hooks for a supervisor that tells its workers (set, never subclassed: the
+        # compiled class cannot be patched or subclassed from interpreted code)
+        self.on_health_check: Callable[[BackendState, bool], None] | None = None
+        self.on_backend_changed: Callable[[BackendState], None] | None = None
+
+    def health_check(self, st: BackendState, ok: bool) -> None:
+        self.stats.inc("health_checks", (st.id, "success" if ok else "failure"))
+        if self.on_health_check is not None:
+            self.on_health_check(st, ok)
+
+    def backend_changed(self, st: BackendState) -> None:
+        if self.on_backend_changed is not None:
+            self.on_backend_changed(st)
+
+    def ejected(self, st: BackendState) -> None:
+        self.stats.inc("ejections", (st.id,))
+
+    def reloaded(self, ok: bool, ring_changed: bool = False) -> None:
+        self.stats.inc("reloads", ("success" if ok else "failure",))
+        if ring_changed:
+            self.stats.inc("ring_changes")
+
+    def worker_reload_failed(self, worker: int) -> None:
+        self.stats.inc("worker_reload_failures", (str(worker),))
+
+    def current(self, *, shares: bool = True) -> Stats:
+        """Counters as recorded, plus the gauges read from the table."""
+        table = self.table
+        now = time.monotonic()
+        g = self.stats.gauges
+        g["backend_up"] = {(bid,): 1.0 if st.usable(now) else 0.0
+                           for bid, st in table.states.items()}
+        if shares:
+            g["backend_key_share"] = {(bid,): s for bid, s in
+                                      table.router.ring.key_share().items()}
+        return self.stats
+
+
 class Observer(Events):
-    def __init__(self, config: Config, worker: int = 0):
+    def __init__(self, config: Config, control: ControlEvents, health: Health | None,
+                 worker: int = 0):
         self.worker = worker
-        self.stats = Stats()
-        self.proxy: Proxy | None = None
-        self.health: Health | None = None
+        self.control = control
+        self.stats = control.stats
+        self.health = health
         self.clients = 0
         self.tunnels: dict[str, int] = {}
         self.metrics_enabled = True
@@ -40,14 +90,6 @@ class Observer(Events):
         self.routed_primary = 0
         self.routed_failover = 0
         self.panic_logged = -PANIC_LOG_INTERVAL
-        # hooks for a supervisor that tells its workers (set, never subclassed: the
-        # compiled class cannot be patched or subclassed from interpreted code)
-        self.on_health_check: Callable[[BackendState, bool], None] | None = None
-        self.on_backend_changed: Callable[[BackendState], None] | None = None
-
-    def bind(self, proxy: Proxy, health: Health) -> None:
-        self.proxy = proxy
-        self.health = health
 
     # -- data plane events ---------------------------------------------------------------
     def connect_failed(self, backend: BackendState, kind: str) -> None:
@@ -83,10 +125,11 @@ class Observer(Events):
         bid = b.id if b is not None else "none"
         status = ex.status or 0
         stats = self.stats
-        if b is not None:
-            t = b.tally
+        slot = ex.slot
+        if b is not None and slot is not None:
+            t = slot.tally
             if t is None:
-                t = b.tally = self._tally(bid)
+                t = slot.tally = self._tally(bid)
             t.count(status)
             stats.observe(t.labels, now - ex.started)
         else:
@@ -130,27 +173,6 @@ class Observer(Events):
     def tunnel_closed(self, backend: BackendState) -> None:
         self.tunnels[backend.id] = self.tunnels.get(backend.id, 1) - 1
 
-    # -- control plane events ------------------------------------------------------------
-    def health_check(self, st: BackendState, ok: bool) -> None:
-        self.stats.inc("health_checks", (st.id, "success" if ok else "failure"))
-        if self.on_health_check is not None:
-            self.on_health_check(st, ok)
-
-    def backend_changed(self, st: BackendState) -> None:
-        if self.on_backend_changed is not None:
-            self.on_backend_changed(st)
-
-    def ejected(self, st: BackendState) -> None:
-        self.stats.inc("ejections", (st.id,))
-
-    def reloaded(self, ok: bool, ring_changed: bool = False) -> None:
-        self.stats.inc("reloads", ("success" if ok else "failure",))
-        if ring_changed:
-            self.stats.inc("ring_changes")
-
-    def worker_reload_failed(self, worker: int) -> None:
-        self.stats.inc("worker_reload_failures", (str(worker),))
-
     # -- export --------------------------------------------------------------------------
     def _tally(self, backend: str) -> Tally:
         # one per backend id, kept across reloads that re-create its state
@@ -171,24 +193,16 @@ class Observer(Events):
                 routes[(kind,)] = routes.get((kind,), 0) + n
         self.routed_primary = self.routed_failover = 0
 
-    def current(self, *, shares: bool = True) -> Stats:
-        """Counters as recorded, plus gauges read from the live state."""
+    def current(self, inflight: dict[str, int], *, shares: bool = True) -> Stats:
+        """Counters as recorded, plus gauges read from the live state (``inflight``: the
+        data plane's per-backend in-flight counts)."""
         self.fold()
-        stats = self.stats
-        proxy = self.proxy
+        stats = self.control.current(shares=shares)
         g = stats.gauges
         g["client_connections"] = {(): float(self.clients)}
         g["websocket_tunnels"] = {(k,): float(v) for k, v in self.tunnels.items()}
-        if proxy is not None:
-            now = time.monotonic()
-            g["backend_up"] = {(bid, ): 1.0 if st.usable(now) else 0.0
-                               for bid, st in proxy.states.items()}
-            g["backend_inflight"] = {(bid,): float(st.inflight)
-                                     for bid, st in proxy.states.items()}
-            if shares:
-                g["backend_key_share"] = {(bid,): s for bid, s in
-                                          proxy.router.ring.key_share().items()}
+        g["backend_inflight"] = {(bid,): float(n) for bid, n in inflight.items()}
         return stats
 
-    def snapshot(self) -> dict[str, Any]:
-        return self.current(shares=False).snapshot()
+    def snapshot(self, inflight: dict[str, int]) -> dict[str, Any]:
+        return self.current(inflight, shares=False).snapshot()

@@ -9,16 +9,18 @@ drains it is told about.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
 from typing import Any
 
 from .. import compiled
+from ..config import Config
+from ..routing.table import TableDiff
 from . import views
-from ..config import Config, ConfigError, load
 from .logs import setup_logging
+from .process import build_process, freeze_heap
+from .reload import Pinned, ReloadRefused, Reloader
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy")
@@ -33,38 +35,31 @@ def install_uvloop() -> bool:
     return True
 
 
-def freeze_heap() -> None:
-    """Move every object that exists now (modules, configuration, the ring) out of the
-    garbage collector's reach. A full collection otherwise walks all of them: ~9 ms idle
-    here and several times that on a busy machine, a pause every request in flight waits
-    out. Objects made per request are still collected as usual."""
-    gc.collect()
-    gc.freeze()
-
-
 class Service:
-    """One worker: data plane + health + (optionally) the admin listener."""
+    """One process that serves traffic: data plane + health + (optionally) the admin
+    listener. ``worker``: its index under a supervisor, which then owns active health
+    checks, the admin API and reloads (this process applies what it is sent)."""
 
     def __init__(self, config: Config, path: str | None, *, worker: int = 0,
-                 workers: int = 1, admin: bool = True, active_health: bool = True):
-        from ..dataplane import Proxy
-        from .health import Health
-        from .observe import Observer
+                 workers: int = 1, admin: bool = True):
         self.path = path
         self.worker = worker
         self.workers = workers
-        self.observer = Observer(config, worker=worker)
-        self.proxy = Proxy(config, events=self.observer)
-        self.health = Health(self.proxy, self.observer, active=active_health)
-        self.observer.bind(self.proxy, self.health)
+        self.process = build_process(config, "worker" if workers > 1 else "single",
+                                     worker=worker)
+        self.table = self.process.table
+        self.health = self.process.health
+        assert self.process.observer is not None and self.process.proxy is not None
+        self.observer = self.process.observer
+        self.proxy = self.process.proxy
+        self.reloader = Reloader(path, self.process.control, self._apply_pinned)
         self.admin_enabled = admin and config.admin.enabled
         self.admin: Any = None
         self.stopped = asyncio.Event()
-        self.reload_lock = asyncio.Lock()
 
     @property
     def config(self) -> Config:
-        return self.proxy.config
+        return self.table.config
 
     async def start(self, *, reuse_port: bool = False, sock: Any = None) -> None:
         await self.proxy.start(reuse_port=reuse_port, sock=sock)
@@ -77,69 +72,50 @@ class Service:
         n = len(self.config.backends)
         log.info("listening on %s:%d (worker %d, ring %s, %d backend%s, %s data plane)",
                  self.config.listen.host, self.proxy.port, self.worker,
-                 self.proxy.router.fingerprint, n, "" if n == 1 else "s", compiled.build())
+                 self.table.router.fingerprint, n, "" if n == 1 else "s", compiled.build())
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
         """Load the config file again; apply it only if valid. (ok, errors)"""
-        async with self.reload_lock:
-            if not self.path:
-                return False, ["no configuration file to reload"]
-            try:
-                new = await asyncio.get_running_loop().run_in_executor(None, load, self.path)
-            except ConfigError as e:
-                self.observer.reloaded(False)
-                log.error("reload (%s) rejected; keeping the running configuration: %s",
-                          source, "; ".join(e.errors))
-                return False, e.errors
-            try:
-                return await self.apply(new, source), []
-            except OSError as e:
-                self.observer.reloaded(False)
-                log.error("reload (%s) rejected: cannot listen on the new address: %s",
-                          source, e)
-                return False, [f"listen: cannot listen on the new address: {e}"]
+        return await self.reloader.reload(source)
 
-    async def apply(self, new: Config, source: str = "api", *, count: bool = True) -> bool:
+    async def _apply_pinned(self, pinned: Pinned, source: str) -> tuple[TableDiff, list[str]]:
+        try:
+            return await self.apply(pinned.config), []
+        except OSError as e:
+            raise ReloadRefused(f"listen: cannot listen on the new address: {e}") from e
+
+    async def apply(self, new: Config) -> TableDiff:
         """Swap in a validated configuration. The listener is rebound only when [listen]
-        changed (the new one first, so no moment accepts nothing); OSError if it cannot.
-        ``count``: record the reload in metrics (a worker's is the supervisor's to count)."""
+        changed (the new one first, so no moment accepts nothing); OSError if it cannot,
+        and then nothing changed."""
         old = self.config
         if (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port):
             await self.proxy.rebind(new.listen.host, new.listen.port,
                                     reuse_port=self.workers > 1)
             log.warning("reload: now listening on %s:%d", new.listen.host, self.proxy.port)
-        old_ring = self.proxy.router.fingerprint
-        self.proxy.apply(new)
-        self.health.reconfigure()
-        freeze_heap()
-        if count:
-            self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
-        n = len(new.backends)
-        log.info("reload (%s) applied: ring %s -> %s, %d backend%s", source, old_ring,
-                 self.proxy.router.fingerprint, n, "" if n == 1 else "s")
-        return True
+        return self.process.apply(new)
 
     # -- the admin API's view of this process --------------------------------------------
     def ready(self) -> tuple[bool, str]:
         if self.proxy.stopping:
             return False, "shutting down"
-        now = time.monotonic()
-        if not any(st.usable(now) for st in self.proxy.states.values()):
+        if not self.table.any_usable(time.monotonic()):
             return False, "no backend is usable"
         return True, ""
 
     async def metrics_registry(self):
         from .metrics import registry_for
-        return registry_for(self.observer.current)
+        return registry_for(lambda: self.observer.current(self.proxy.inflight()))
 
     async def backends_view(self) -> list[dict]:
-        return views.backends_view(self.proxy.router, time.monotonic())
+        return views.backends_view(self.table.router, time.monotonic(),
+                                   self.proxy.inflight(), self.proxy.tunnels())
 
     def ring_view(self) -> dict:
-        return views.ring_view(self.proxy.router)
+        return views.ring_view(self.table.router)
 
     def route_view(self, key: str) -> dict:
-        return views.route_view(self.proxy.router, key, time.monotonic())
+        return views.route_view(self.table.router, key, time.monotonic())
 
     async def drain(self, bid: str, on: bool) -> bool:
         return self.health.drain(bid, on)

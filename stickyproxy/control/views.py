@@ -1,4 +1,5 @@
-"""What the admin API shows: built from a routing table and backend states, no I/O."""
+"""What the admin API shows: built from a routing table, backend states and the data
+plane's counts (in-flight requests and tunnels per backend, summed over workers), no I/O."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 from ..routing.router import Router
 
 
-def backends_view(router: Router, now: float, inflight: dict[str, int] | None = None,
-                  tunnels: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def backends_view(router: Router, now: float, inflight: dict[str, int],
+                  tunnels: dict[str, int]) -> list[dict[str, Any]]:
     share = router.ring.key_share()
     out = []
     for b in router.config.backends:
@@ -24,8 +25,8 @@ def backends_view(router: Router, now: float, inflight: dict[str, int] | None = 
             "ejected_for": round(max(0.0, st.ejected_until - now), 3),
             "ejections": st.ejections,
             "failback_in": round(max(0.0, st.failback_until - now), 3),
-            "inflight": (inflight or {}).get(b.id, st.inflight),
-            "websocket_tunnels": (tunnels or {}).get(b.id, len(st.tunnels)),
+            "inflight": inflight.get(b.id, 0),
+            "websocket_tunnels": tunnels.get(b.id, 0),
             "key_share": round(share.get(b.id, 0.0), 6),
             "reason": st.reason,
             "since_change": round(now - st.last_change, 3) if st.last_change else None,

@@ -22,9 +22,12 @@ import sys
 import time
 from typing import Any
 
-from . import views
 from ..config import Config, ConfigError, FileCopies, load_pinned, loads
+from ..routing.table import TableDiff
+from . import views
 from .logs import setup_logging
+from .process import build_process
+from .reload import Pinned, Reloader
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy.control.workers")
@@ -61,9 +64,6 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, config: Config, path: str | None, workers: int):
-        from ..dataplane import Proxy
-        from .health import Health
-        from .observe import Observer
         self.path = path
         self.text = ""
         # the key files the running configuration was built from, sent with it to every
@@ -72,26 +72,26 @@ class Supervisor:
         if path:
             self.text, config, self.files = load_pinned(path)
         self.n = workers
-        self.observer = Observer(config)
-        self.proxy = Proxy(config, events=self.observer)  # state only: it never listens
-        self.health = Health(self.proxy, self.observer, active=True)
-        self.observer.bind(self.proxy, self.health)
-        self.observer.on_backend_changed = self._broadcast_health
+        self.process = build_process(config, "supervisor")
+        self.table = self.process.table
+        self.health = self.process.health
+        self.control = self.process.control
+        self.control.on_backend_changed = self._broadcast_health
 
         def health_check(st, ok: bool) -> None:
             if ok and st.healthy:
                 # passive ejections are per worker: a passing check lifts them everywhere
                 self.broadcast({"op": "check_passed", "id": st.id})
-        self.observer.on_health_check = health_check
+        self.control.on_health_check = health_check
         self.handles = [WorkerHandle(i) for i in range(workers)]
         self.stopping = False
         self.admin: Any = None
         self.seq = 0
-        self.reload_lock = asyncio.Lock()
+        self.reloader = Reloader(path, self.control, self._apply_everywhere)
 
     @property
     def config(self) -> Config:
-        return self.proxy.config
+        return self.table.config
 
     # -- workers -------------------------------------------------------------------------
     async def spawn(self, h: WorkerHandle) -> None:
@@ -104,7 +104,7 @@ class Supervisor:
         h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
                                                                 limit=MAX_CONTROL_LINE)
         h.send({"op": "config", "text": self.text, "path": self.path, "files": self.files})
-        for st in self.proxy.states.values():
+        for st in self.table.states.values():
             if not st.healthy:
                 h.send({"op": "health", "id": st.id, "up": False, "reason": st.reason})
             if st.drained:
@@ -177,15 +177,14 @@ class Supervisor:
         if not any(h.ready and h.proc is not None and h.proc.poll() is None
                    for h in self.handles):
             return False, "no worker listening yet"
-        now = time.monotonic()
-        if not any(st.usable(now) for st in self.proxy.states.values()):
+        if not self.table.any_usable(time.monotonic()):
             return False, "no backend is usable"
         return True, ""
 
     async def metrics_registry(self):
         from .metrics import merge, registry_for
         snaps = await self.snapshots()
-        own = self.observer.current()
+        own = self.control.current()
         total = merge([s["stats"] for s in snaps])
         merge([own.snapshot()], into=total)
         # health-derived gauges are the supervisor's: it makes those decisions
@@ -202,13 +201,13 @@ class Supervisor:
                 inflight[k] = inflight.get(k, 0) + v
             for k, v in s.get("tunnels", {}).items():
                 tunnels[k] = tunnels.get(k, 0) + v
-        return views.backends_view(self.proxy.router, time.monotonic(), inflight, tunnels)
+        return views.backends_view(self.table.router, time.monotonic(), inflight, tunnels)
 
     def ring_view(self) -> dict:
-        return views.ring_view(self.proxy.router)
+        return views.ring_view(self.table.router)
 
     def route_view(self, key: str) -> dict:
-        return views.route_view(self.proxy.router, key, time.monotonic())
+        return views.route_view(self.table.router, key, time.monotonic())
 
     async def drain(self, bid: str, on: bool) -> bool:
         if not self.health.drain(bid, on):
@@ -217,44 +216,31 @@ class Supervisor:
         return True
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
-        """Validate the file once (off the loop), apply it here, then have every worker
-        apply the same text and key files and acknowledge. (ok, problems): a worker that
-        refuses or does not answer in time is restarted with the new configuration and
-        named in ``problems``, so no worker keeps routing by the old one unseen."""
-        async with self.reload_lock:
-            if not self.path:
-                return False, ["no configuration file to reload"]
-            try:
-                text, new, files = await asyncio.get_running_loop().run_in_executor(
-                    None, load_pinned, self.path)
-            except ConfigError as e:
-                self.observer.reloaded(False)
-                log.error("reload (%s) rejected; keeping the running configuration: %s",
-                          source, "; ".join(e.errors))
-                return False, e.errors
-            old_ring = self.proxy.router.fingerprint
-            self.text, self.files = text, files
-            self.proxy.apply(new)
-            self.health.reconfigure()
-            self.observer.reloaded(True, ring_changed=old_ring != self.proxy.router.fingerprint)
-            live = [h for h in self.handles if h.proc is not None and h.proc.poll() is None]
-            msg = {"op": "reload", "text": text, "path": self.path, "files": files}
-            acks = await asyncio.gather(*(self._ask(h, msg, RELOAD_ACK_TIMEOUT) for h in live))
-            problems = []
-            for h, ack in zip(live, acks):
-                if ack is not None and ack.get("ok"):
-                    continue
-                why = "no answer in time" if ack is None else ack.get("error", "refused")
-                problems.append(f"worker {h.index}: could not apply it ({why}); "
-                                f"restarted with the new configuration")
-                self.observer.worker_reload_failed(h.index)
-                if h.proc is not None and h.proc.poll() is None:
-                    h.proc.terminate()    # it drains; watch() starts it again with self.text
-            if problems:
-                log.error("reload (%s): %s", source, "; ".join(problems))
-            log.info("reload (%s) applied by %d of %d workers: ring %s -> %s", source,
-                     len(live) - len(problems), self.n, old_ring, self.proxy.router.fingerprint)
-            return True, problems
+        return await self.reloader.reload(source)
+
+    async def _apply_everywhere(self, pinned: Pinned, source: str) -> tuple[TableDiff, list[str]]:
+        """Apply here, then have every worker apply the same text and key files and
+        acknowledge. A worker that refuses or does not answer in time is restarted with
+        the new configuration and named in the problems, so no worker keeps routing by the
+        old one unseen."""
+        diff = self.process.apply(pinned.config)
+        self.text, self.files = pinned.text, pinned.files
+        live = [h for h in self.handles if h.proc is not None and h.proc.poll() is None]
+        msg = {"op": "reload", "text": pinned.text, "path": self.path, "files": pinned.files}
+        acks = await asyncio.gather(*(self._ask(h, msg, RELOAD_ACK_TIMEOUT) for h in live))
+        problems = []
+        for h, ack in zip(live, acks):
+            if ack is not None and ack.get("ok"):
+                continue
+            why = "no answer in time" if ack is None else ack.get("error", "refused")
+            problems.append(f"worker {h.index}: could not apply it ({why}); "
+                            f"restarted with the new configuration")
+            self.control.worker_reload_failed(h.index)
+            if h.proc is not None and h.proc.poll() is None:
+                h.proc.terminate()    # it drains; watch() starts it again with self.text
+        log.info("reload (%s) applied by %d of %d workers", source,
+                 len(live) - len(problems), self.n)
+        return diff, problems
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -338,7 +324,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                 try:
                     new = loads(msg["text"], msg.get("path"),
                                 read_file=FileCopies(msg.get("files") or {}).read)
-                    await svc.apply(new, "supervisor", count=False)
+                    await svc.apply(new)
                 except (ConfigError, OSError) as e:
                     log.error("worker %d: reload failed: %s", svc.worker, e)
                     reply = {"seq": msg.get("seq"), "ok": False, "error": str(e)}
@@ -346,17 +332,17 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
             elif op == "drain":
                 svc.health.drain(msg["id"], bool(msg["on"]))
             elif op == "health":
-                st = svc.proxy.states.get(msg["id"])
+                st = svc.table.states.get(msg["id"])
                 if st is not None:
                     svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
             elif op == "check_passed":
-                st = svc.proxy.states.get(msg["id"])
+                st = svc.table.states.get(msg["id"])
                 if st is not None:
                     svc.health.check_passed(st)
             elif op == "snapshot":
-                reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(),
-                         "inflight": {k: s.inflight for k, s in svc.proxy.states.items()},
-                         "tunnels": {k: len(s.tunnels) for k, s in svc.proxy.states.items()}}
+                inflight = svc.proxy.inflight()
+                reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
+                         "inflight": inflight, "tunnels": svc.proxy.tunnels()}
                 writer.write(json.dumps(reply).encode() + b"\n")
     except (ConnectionError, ValueError) as e:
         log.error("worker %d: control channel failed: %s", svc.worker, e)
@@ -379,8 +365,7 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
         print(e.render(), file=sys.stderr)
         return 2
     setup_logging(config.logging)
-    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
-                  active_health=False)
+    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -21,7 +21,7 @@ from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_t
 from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
                     retry_reason)
 from .tunnel import Tunnel
-from .upstream import UpstreamProtocol
+from .upstream import Upstream, UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..routing.router import BackendState, Router
@@ -98,6 +98,7 @@ class Exchange:
     route = ""
     owner: str | None = None
     backend: BackendState | None = None
+    slot: Upstream | None = None   # the data plane's side of ``backend``
     tried: tuple[str, ...] = ()
     attempts = 0
     retries = 0
@@ -180,67 +181,63 @@ class Exchange:
     def try_backend(self, backend: BackendState, now: float) -> None:
         self.attempts += 1
         self.backend = backend
+        slot = self.slot = self.server.upstream_for(backend)
         self.tried += (backend.id,)
-        self.take_slot(backend, now)
+        self.take_slot(slot, now)
 
-    def take_slot(self, backend: BackendState, now: float) -> None:
-        """Count this exchange in flight on ``backend`` and send, or wait for a slot when
-        the backend is at ``limits.max_inflight_per_backend`` (503 past the queue bound)."""
-        cap = self.server.max_inflight
-        if cap and backend.inflight >= cap:
-            if len(backend.waiters) >= self.server.config.limits.queue_per_backend:
-                self.fail(503, f"backend {backend.id} is at capacity", retry_after=True)
-                return
-            backend.waiters.append(self)
-            self.state = QUEUED
-            self.deadline = now + self.server.config.timeouts.queue
-            self.deadline_kind = "queue"
-            return
+    def take_slot(self, slot: Upstream, now: float) -> None:
+        """Count this exchange in flight on ``slot``'s backend and send, or wait for a slot
+        when it is at ``limits.max_inflight_per_backend`` (503 past the queue bound)."""
         if not self.counted_inflight:
-            backend.inflight += 1
+            if not slot.has_slot(self.server.max_inflight):
+                if len(slot.waiters) >= self.server.config.limits.queue_per_backend:
+                    self.fail(503, f"backend {slot.id} is at capacity", retry_after=True)
+                    return
+                slot.waiters.append(self)
+                self.state = QUEUED
+                self.deadline = now + self.server.config.timeouts.queue
+                self.deadline_kind = "queue"
+                return
+            slot.hold()
             self.counted_inflight = True
-        conn = backend.pool.acquire()  # type: ignore[union-attr]
+        conn = slot.acquire()
         if conn is not None:
             self.attach(conn, reused=True)
             return
-        self.open_connection(backend)
+        self.open_connection(slot)
 
-    def open_connection(self, backend: BackendState) -> None:
+    def open_connection(self, slot: Upstream) -> None:
         self.state = CONNECTING
         self.deadline = 0.0  # the connect task bounds itself
-        asyncio.get_running_loop().create_task(self._connect(backend))
+        asyncio.get_running_loop().create_task(self._connect(slot))
 
-    async def _connect(self, backend: BackendState) -> None:
+    async def _connect(self, slot: Upstream) -> None:
         loop = asyncio.get_running_loop()
         timeout = self.server.config.timeouts.connect
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(backend, time.monotonic()),
-                    backend.host, backend.port)
+                    lambda: UpstreamProtocol(slot, time.monotonic()), slot.host, slot.port)
         except (OSError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "connect"
-            if self.state == CONNECTING and self.backend is backend:
-                self.on_connect_failed(backend, kind, e)
+            if self.state == CONNECTING and self.slot is slot:
+                self.on_connect_failed(slot, kind, e)
             return
-        if backend.pool is not None:
-            backend.pool.open += 1
-        if self.state != CONNECTING or self.backend is not backend:
+        slot.connected()
+        if self.state != CONNECTING or self.slot is not slot:
             # the client went away while we connected: keep the connection for others
-            if backend.pool is not None:
-                backend.pool.release(conn, time.monotonic())
-            else:
-                conn.close()
+            slot.release(conn, time.monotonic())
             return
         self.attach(conn, reused=False)
 
-    def on_connect_failed(self, backend: BackendState, kind: str, exc: BaseException) -> None:
+    def on_connect_failed(self, slot: Upstream, kind: str, exc: BaseException) -> None:
         events = self.server.events
         refused = kind == "connect"
+        backend = slot.state
         events.upstream_error(backend, "connect" if refused else "timeout")
         events.connect_failed(backend, kind)
         if refused:
-            moved = refused_backend(backend)
+            moved = refused_backend(slot)
             self.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)
             for ex in moved:
                 ex.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)
@@ -270,7 +267,7 @@ class Exchange:
             self.same_tried = True
             self.retries += 1
             events.retry(failed, retry_reason(kind, action))
-            self.open_connection(failed)
+            self.open_connection(self.slot)  # type: ignore[arg-type]
             return
         if self.attempts <= self.server.config.retries.attempts:
             for cand in self.router.alternatives(self.route_key or self.key, self.tried, now):
@@ -292,7 +289,7 @@ class Exchange:
         self.fail(status, message)
 
     def leave_queue(self) -> None:
-        b = self.backend
+        b = self.slot
         if self.state == QUEUED and b is not None:
             try:
                 b.waiters.remove(self)
@@ -312,9 +309,9 @@ class Exchange:
 
     def _release_slot(self) -> None:
         """Stop counting in flight on the current backend; a waiter there may take the slot."""
-        b = self.backend
+        b = self.slot
         if b is not None and self.counted_inflight:
-            b.inflight -= 1
+            b.free()
             self.counted_inflight = False
             if b.waiters:
                 wake_waiter(b)
@@ -573,9 +570,8 @@ class Exchange:
         self.deadline = 0.0
         client = self.client
         client.writelines(parts)
-        backend = self.backend
-        self.tunnel = Tunnel(client, conn, backend, self.server.tunnel_closed)  # type: ignore[arg-type]
-        self.server.events.tunnel_opened(backend)  # type: ignore[arg-type]
+        self.tunnel = Tunnel(client, conn, self.slot, self.server.tunnel_closed)  # type: ignore[arg-type]
+        self.server.events.tunnel_opened(self.backend)  # type: ignore[arg-type]
         if rest:
             self.tunnel.from_upstream(rest)
         # the request is answered; the tunnel (counted separately) owns both connections
@@ -733,12 +729,11 @@ def refused_exchange(client: ClientProtocol, status: int, reason: str,
     return ex
 
 
-def refused_backend(backend: BackendState) -> list[Exchange]:
+def refused_backend(backend: Upstream) -> list[Exchange]:
     """A connect to ``backend`` was refused: nothing listens there, so its idle pooled
     connections are dead too (dropped), and the exchanges waiting for one of its in-flight
     slots are returned, to move on at once rather than one timeout at a time."""
-    if backend.pool is not None:
-        backend.pool.close_all()
+    backend.close_all()
     moved: list[Exchange] = []
     while backend.waiters:
         ex = backend.waiters.popleft()
@@ -749,7 +744,7 @@ def refused_backend(backend: BackendState) -> list[Exchange]:
     return moved
 
 
-def wake_waiter(backend: BackendState) -> None:
+def wake_waiter(backend: Upstream) -> None:
     """Give a freed slot to the longest-waiting exchange still waiting for it."""
     now = time.monotonic()
     while backend.waiters:

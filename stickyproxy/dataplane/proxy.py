@@ -1,8 +1,10 @@
 """The data-plane server: listener, client connections, timers, config swaps.
 
-One ``Proxy`` per worker process. Reloading swaps the routing table atomically: requests
-already routed keep the table they started with; backends that stay keep their pools,
-health and drain state; removed backends' idle connections are closed.
+One ``Proxy`` per process that serves traffic. It reads the process's ``BackendTable``
+(routing/table.py) and keeps one ``Upstream`` per backend in it. Reloading swaps the
+routing table atomically: requests already routed keep the router they started with;
+backends that stay keep their connections and slots; removed backends' idle connections
+are closed.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import contract
 from ..config import Config
 from ..routing.router import BackendState, Router
+from ..routing.table import BackendTable
 from .client import REQUEST_WATCH, ClientProtocol
 from .events import Events
 from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD
-from .upstream import Pool
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -32,9 +35,10 @@ TICK: Final = 0.1
 
 
 class Proxy:
-    def __init__(self, config: Config, events: Events | None = None):
+    def __init__(self, table: BackendTable, events: Events | None = None):
         self.events = events or Events()
-        self.states: dict[str, BackendState] = {}
+        self.table = table
+        self.upstreams: dict[str, Upstream] = {}
         self.clients: set[ClientProtocol] = set()
         self.server: asyncio.Server | None = None
         self.stopping = False
@@ -42,33 +46,37 @@ class Proxy:
         self.retrying = 0         # of which have been retried at least once
         self._ticker: asyncio.Task | None = None
         self.backend_headers: dict[str, bytes] = {}
-        self.config = config
-        self.router: Router = self._build_router(config)
-        self._set_config(config)
+        self.config = table.config
+        self.router: Router = table.router
+        self._sync_upstreams()
+        self._set_config(table.config)
 
     # -- configuration -------------------------------------------------------------------
-    def _build_router(self, config: Config) -> Router:
-        lim, tmo = config.limits, config.timeouts
-        states = {}
-        for b in config.backends:
-            st = self.states.get(b.id)
-            if st is None or st.address != b.address:
-                st = BackendState(b)
-                st.pool = Pool(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
-                st.last_change = time.monotonic()
-                old = self.states.get(b.id)
-                if old is not None:
-                    # same id, new address: the drain decision is the operator's and stays
-                    st.drained = old.drained
+    def _sync_upstreams(self) -> None:
+        """One ``Upstream`` per backend state in the table: kept while the state is the
+        same object (same id and address), else made anew and the old one's idle
+        connections closed."""
+        lim, tmo = self.table.config.limits, self.table.config.timeouts
+        ups: dict[str, Upstream] = {}
+        for bid, st in self.table.states.items():
+            up = self.upstreams.get(bid)
+            if up is None or up.state is not st:
+                up = Upstream(st, lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
             else:
-                st.weight = b.weight
-                st.pool.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)  # type: ignore[union-attr]
-            states[b.id] = st
-        for bid, st in self.states.items():
-            if states.get(bid) is not st and st.pool is not None:
-                st.pool.close_all()
-        self.states = states
-        return Router(config, states)
+                up.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
+            ups[bid] = up
+        for bid, up in self.upstreams.items():
+            if ups.get(bid) is not up:
+                up.close_all()
+        self.upstreams = ups
+
+    def upstream_for(self, st: BackendState) -> Upstream:
+        up = self.upstreams.get(st.id)
+        if up is not None and up.state is st:
+            return up
+        # Routed by a router that a reload has replaced since, to a backend that is gone
+        # or moved: a one-off whose connection is not kept (max_idle 0).
+        return Upstream(st, 0, 1, 0.0)
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -79,7 +87,7 @@ class Proxy:
                                             self.router.fingerprint.encode("ascii"))
         self.backend_headers = {
             bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
-            for bid in self.states}
+            for bid in self.table.states}
         route = hdr.route.encode("ascii")
         self.route_headers = {
             True: b"%s: %s\r\n" % (route, contract.ROUTE_PRIMARY.encode("ascii")),
@@ -116,11 +124,23 @@ class Proxy:
         fields[name] = info
         return info
 
-    def apply(self, config: Config) -> Router:
-        """Swap in a new (already validated) configuration; returns the new table."""
-        self.router = self._build_router(config)
-        self._set_config(config)
-        return self.router
+    def apply(self) -> None:
+        """Follow the table after ``BackendTable.apply`` swapped in a configuration."""
+        self.router = self.table.router
+        self._sync_upstreams()
+        self._set_config(self.table.config)
+
+    # -- what the control plane reads and asks of the data plane --------------------------
+    def inflight(self) -> dict[str, int]:
+        return {bid: up.inflight for bid, up in self.upstreams.items()}
+
+    def tunnels(self) -> dict[str, int]:
+        return {bid: len(up.tunnels) for bid, up in self.upstreams.items()}
+
+    def close_tunnels(self, bid: str) -> int:
+        """Close the WebSocket tunnels to ``bid`` (a drain's grace ran out); how many."""
+        up = self.upstreams.get(bid)
+        return 0 if up is None else up.close_tunnels()
 
     # -- hooks used by the protocols -----------------------------------------------------
     def is_trusted(self, ip: str | None) -> bool:
@@ -152,7 +172,7 @@ class Proxy:
         return self.retrying < budget
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
-        self.events.tunnel_closed(tunnel.backend)
+        self.events.tunnel_closed(tunnel.slot.state)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None, *,
@@ -198,9 +218,13 @@ class Proxy:
                 except Exception:  # a bug in one connection must not stop every timer
                     log.exception("timer handling failed for a client connection")
                     c._close(abort=True)
-            for st in self.states.values():
-                if st.pool is not None:
-                    st.pool.sweep(now)
+            grace = self.config.timeouts.drain
+            for up in self.upstreams.values():
+                up.sweep(now)
+                st = up.state
+                if up.tunnels and st.drained and now - st.drained_since >= grace:
+                    log.warning("backend %s: closing %d WebSocket tunnels after drain timeout",
+                                up.id, up.close_tunnels())
 
     async def stop(self, grace: float | None = None) -> int:
         """Stop accepting; let in-flight requests finish up to ``grace``; then close all.
@@ -225,9 +249,8 @@ class Proxy:
                 await self._ticker
             except asyncio.CancelledError:
                 pass
-        for st in self.states.values():
-            if st.pool is not None:
-                st.pool.close_all()
+        for up in self.upstreams.values():
+            up.close_all()
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)

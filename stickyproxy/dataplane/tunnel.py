@@ -11,23 +11,22 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..routing.router import BackendState
     from .client import ClientProtocol
-    from .upstream import UpstreamProtocol
+    from .upstream import Upstream, UpstreamProtocol
 
 
 class Tunnel:
-    __slots__ = ("client", "upstream", "backend", "last_activity", "closed", "on_close")
+    __slots__ = ("client", "upstream", "slot", "last_activity", "closed", "on_close")
 
     def __init__(self, client: ClientProtocol, upstream: UpstreamProtocol,
-                 backend: BackendState, on_close):
+                 slot: Upstream, on_close):
         self.client = client
         self.upstream = upstream
-        self.backend = backend
+        self.slot = slot
         self.last_activity = time.monotonic()
         self.closed = False
         self.on_close = on_close
-        backend.tunnels.add(self)
+        slot.tunnels.add(self)
 
     def from_client(self, data: bytes) -> None:
         if self.closed:
@@ -62,7 +61,7 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
-        self.backend.tunnels.discard(self)
+        self.slot.tunnels.discard(self)
         self.upstream.exchange = None
         self.upstream.close()
         t = self.client.transport

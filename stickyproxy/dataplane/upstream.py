@@ -1,4 +1,5 @@
-"""Connections to backends: the response-parsing protocol and per-backend keep-alive pools.
+"""Connections to backends: the response-parsing protocol, and ``Upstream``, the one object
+per backend that decides its in-flight slots, waiters and keep-alive connections.
 
 Invariants:
 - A connection serves one exchange at a time (no upstream pipelining).
@@ -39,8 +40,10 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
     return info
 
 if TYPE_CHECKING:
+    from ..control.metrics import Tally
     from ..routing.router import BackendState
     from .exchange import Exchange
+    from .tunnel import Tunnel
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -48,7 +51,7 @@ class UpstreamProtocol(asyncio.Protocol):
                  "closed", "paused", "head_only", "head_done", "finished", "garbage",
                  "created", "reason")
 
-    def __init__(self, backend: BackendState, now: float):
+    def __init__(self, backend: Upstream, now: float):
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -111,8 +114,8 @@ class UpstreamProtocol(asyncio.Protocol):
             # byte past the end of a response can never be read as the next one's.
             reusable = self.finished == 1 and not self.garbage and not self.closed
             self.finished = 0
-            if reusable and self.backend.pool is not None:
-                self.backend.pool.release(self, time.monotonic())
+            if reusable:
+                self.backend.release(self, time.monotonic())
             else:
                 self.close()
 
@@ -121,10 +124,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        pool = self.backend.pool
-        if pool is not None:
-            pool.discard(self)
-            pool.open -= 1
+        self.backend.lost(self)
         ex = self.exchange
         if ex is not None:
             self.exchange = None
@@ -234,17 +234,50 @@ def _later_minor_version(data: bytes) -> bool:
         and data[8] == 0x20
 
 
-class Pool:
-    """Idle keep-alive connections to one backend, most recently used first."""
+class Upstream:
+    """The data plane's side of one backend (httpcore's connection pool is the model): its
+    in-flight count and the exchanges waiting for a slot, its idle keep-alive connections
+    (most recently used last) and how many connections are open, its WebSocket tunnels.
+    Exchanges ask it (``acquire``/``release``/``connected``/``lost``, ``hold``/``free``)
+    and do the I/O themselves. Routing's view of the backend is ``state``."""
 
-    __slots__ = ("max_idle", "max_requests", "idle_timeout", "idle", "open")
+    __slots__ = ("state", "id", "host", "port", "max_idle", "max_requests", "idle_timeout",
+                 "idle", "open", "inflight", "waiters", "tunnels", "tally")
 
-    def __init__(self, max_idle: int, max_requests: int, idle_timeout: float):
+    def __init__(self, state: BackendState, max_idle: int, max_requests: int,
+                 idle_timeout: float):
+        self.state = state
+        self.id = state.id
+        self.host = state.host
+        self.port = state.port
         self.max_idle = max_idle
         self.max_requests = max_requests
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamProtocol] = deque()
         self.open = 0
+        self.inflight = 0
+        self.waiters: deque[Exchange] = deque()   # exchanges waiting for an in-flight slot
+        self.tunnels: set[Tunnel] = set()
+        self.tally: Tally | None = None   # request counts, set by the Observer
+
+    # -- in-flight slots ---------------------------------------------------------------
+    def has_slot(self, cap: int) -> bool:
+        """``cap``: limits.max_inflight_per_backend (0: unlimited)."""
+        return not cap or self.inflight < cap
+
+    def hold(self) -> None:
+        self.inflight += 1
+
+    def free(self) -> None:
+        self.inflight -= 1
+
+    # -- connections -------------------------------------------------------------------
+    def connected(self) -> None:
+        self.open += 1
+
+    def lost(self, conn: UpstreamProtocol) -> None:
+        self.discard(conn)
+        self.open -= 1
 
     def configure(self, max_idle: int, max_requests: int, idle_timeout: float) -> None:
         self.max_idle, self.max_requests, self.idle_timeout = max_idle, max_requests, idle_timeout
@@ -285,3 +318,9 @@ class Pool:
     def close_all(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+    def close_tunnels(self) -> int:
+        n = len(self.tunnels)
+        for tunnel in list(self.tunnels):
+            tunnel.close()
+        return n

@@ -1,33 +1,32 @@
-"""The routing table: ring + key extraction + the usable state of each backend.
+"""The routing decision: ring + key extraction + the usable state of each backend.
 
 A ``Router`` is immutable once built (a reload builds a new one and swaps it in); the
-per-backend ``BackendState`` objects it points to are shared across reloads for backends
-that stay, so pools, health and drain state survive a reload.
+per-backend ``BackendState`` objects it points to belong to the ``BackendTable``
+(routing/table.py), which keeps them across reloads for backends that stay, so health,
+ejection and drain decisions survive a reload. What the data plane keeps per backend
+(connections, in-flight slots, tunnels) is its own (dataplane/upstream.py ``Upstream``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from collections import deque
-from typing import TYPE_CHECKING, Collection, Iterator
+from typing import Collection, Iterator
 
 from ..config import Backend, Config
 from .keys import KeyExtractor
 from .ring import Member, Ring
 
-if TYPE_CHECKING:
-    from ..dataplane.upstream import Pool
-    from ..control.metrics import Tally
-
 
 class BackendState:
-    """One backend's runtime state. Routing reads ``usable``; health code writes the rest."""
+    """What routing knows of one backend: whether it may be chosen, and why not. Routing
+    reads ``usable``; the health code (control/health.py) and the operator's drain write
+    the rest; the data plane never writes here."""
 
-    __slots__ = ("id", "host", "port", "weight", "address", "pool", "inflight", "drained",
+    __slots__ = ("id", "host", "port", "weight", "address", "drained", "drained_since",
                  "healthy", "ejected_until", "connect_down_until", "failback_until",
-                 "consecutive_failures", "ejections", "last_change", "reason", "tunnels", "waiters",
-                 "passive_clean", "tally", "__weakref__")
+                 "ejections", "last_change", "reason",
+                 "passive_clean", "__weakref__")
 
     def __init__(self, backend: Backend):
         self.id = backend.id
@@ -35,23 +34,18 @@ class BackendState:
         self.port = backend.port
         self.weight = backend.weight
         self.address = backend.address
-        self.pool: Pool | None = None
-        self.inflight = 0
         self.drained = False
+        self.drained_since = 0.0      # monotonic time of the drain (its tunnels' grace)
         self.healthy = True           # active checks: starts up (HAProxy's default)
         self.ejected_until = 0.0      # passive ejection
         self.connect_down_until = 0.0 # a refused connect: skip for a short while
         self.failback_until = 0.0     # recovered, but users stay on their fallback until then
-        self.consecutive_failures = 0
         self.ejections = 0
         self.last_change = 0.0
         self.reason = "initial"
-        self.tunnels: set = set()
-        self.waiters: deque = deque()  # exchanges waiting for an in-flight slot
         # no passive failure counted since the last success: another success changes
         # nothing, so the data plane skips the health code (kept by Health.passive_result)
         self.passive_clean = True
-        self.tally: Tally | None = None   # request counts, set by the Observer
 
     def usable(self, now: float) -> bool:
         return (self.healthy and not self.drained and now >= self.ejected_until

@@ -31,7 +31,7 @@ async def test_requests_past_the_cap_wait_then_overflow_gets_503(raw_backend, pr
         c.send(http_request("GET", f"/hold{i}", headers={"X-User-Id": "u"}))
         clients.append(c)
     await eventually(lambda: len(be.requests) == 2, what="two requests in flight")
-    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="one waiting")
+    await eventually(lambda: len(p.svc.proxy.upstreams["a"].waiters) == 1, what="one waiting")
 
     extra = await p.client()                     # the queue is full: refused at once
     extra.send(http_request("GET", "/extra", headers={"X-User-Id": "u"}))
@@ -45,7 +45,7 @@ async def test_requests_past_the_cap_wait_then_overflow_gets_503(raw_backend, pr
     assert bodies == [b"/hold0", b"/hold1", b"/hold2"]
     for c in clients + [extra]:
         c.close()
-    await eventually(lambda: p.svc.proxy.states["a"].inflight == 0, what="slots given back")
+    await eventually(lambda: p.svc.proxy.upstreams["a"].inflight == 0, what="slots given back")
 
 
 async def test_a_request_waiting_longer_than_timeouts_queue_gets_503(raw_backend, proxy):
@@ -80,12 +80,12 @@ async def test_a_waiting_client_that_leaves_gives_up_its_place(raw_backend, prox
     await eventually(lambda: be.requests, what="the slot is taken")
     gone = await p.client()
     gone.send(http_request("GET", "/gone", headers={"X-User-Id": "u"}))
-    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="waiting")
+    await eventually(lambda: len(p.svc.proxy.upstreams["a"].waiters) == 1, what="waiting")
     gone.send_rst()
-    await eventually(lambda: not p.svc.proxy.states["a"].waiters, what="left the queue")
+    await eventually(lambda: not p.svc.proxy.upstreams["a"].waiters, what="left the queue")
     nxt = await p.client()                       # its queue place is free for another
     nxt.send(http_request("GET", "/next", headers={"X-User-Id": "u"}))
-    await eventually(lambda: len(p.svc.proxy.states["a"].waiters) == 1, what="queued")
+    await eventually(lambda: len(p.svc.proxy.upstreams["a"].waiters) == 1, what="queued")
     release.set()
     assert (await holder.response()).body == b"/hold"
     assert (await nxt.response()).body == b"/next"

@@ -238,4 +238,4 @@ async def test_client_leaving_mid_request_releases_the_upstream_connection(raw_b
     await eventually(lambda: not p.svc.proxy.clients, what="client connection released")
     await eventually(lambda: all(conn.writer.transport.is_closing() or conn.reader.at_eof()
                                  for conn in be.connections), what="upstream connection closed")
-    assert all(st.inflight == 0 for st in p.svc.proxy.states.values())
+    assert all(up.inflight == 0 for up in p.svc.proxy.upstreams.values())

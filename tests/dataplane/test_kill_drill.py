@@ -114,8 +114,8 @@ async def test_no_idempotent_request_fails_when_a_backend_is_killed_under_load(
     load = [asyncio.create_task(_load(p.port, method, t0 + LOAD_S, statuses, failures))
             for _ in range(CLIENTS)]
     await asyncio.sleep(KILL_AT)
-    inflight = p.svc.proxy.states[victim.id].inflight
-    pooled = len(p.svc.proxy.states[victim.id].pool.idle)
+    inflight = p.svc.proxy.upstreams[victim.id].inflight
+    pooled = len(p.svc.proxy.upstreams[victim.id].idle)
     victim.kill()
     await asyncio.sleep(RESTART_AT - KILL_AT)
     await victim.start()
@@ -126,7 +126,7 @@ async def test_no_idempotent_request_fails_when_a_backend_is_killed_under_load(
     assert failures == [], (statuses, failures[:10])
     # and the restarted backend got its users back (rise 1, every 500 ms)
     end = time.monotonic() + 3
-    while not p.svc.proxy.states[victim.id].usable(time.monotonic()):
+    while not p.svc.table.states[victim.id].usable(time.monotonic()):
         assert time.monotonic() < end, "the restarted backend was not taken back"
         await asyncio.sleep(0.05)
 

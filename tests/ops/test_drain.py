@@ -76,7 +76,7 @@ async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends,
         elif o.phase == "undrained":
             assert o.backend == owner, (o.user, o.backend, owner)
     assert len(drained_phase) > 50 and len(load.in_phase("undrained")) > 50
-    await eventually(lambda: all(st.inflight == 0 for st in p.svc.proxy.states.values()),
+    await eventually(lambda: all(up.inflight == 0 for up in p.svc.proxy.upstreams.values()),
                      what="nothing in flight")
     assert (await p.backend_view())["a"]["state"] == "up"
 

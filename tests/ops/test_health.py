@@ -103,7 +103,7 @@ async def test_a_dropped_health_connection_counts_as_a_failure(backends, ops_pro
     bs = await backends("a", "b")
     hs = with_health(bs[0], HealthScript(hold="close"))
     p = await ops_proxy(bs, {"health": health_cfg(rise=1, fall=2)})
-    await eventually(lambda: p.svc.proxy.states["a"].healthy is False, what="a marked down")
+    await eventually(lambda: p.svc.table.states["a"].healthy is False, what="a marked down")
     view = (await p.backend_view())["a"]
     assert view["state"] == "down"
     assert view["reason"].startswith("2 consecutive failed checks (")
@@ -139,11 +139,11 @@ async def test_damped_failback_keeps_users_on_their_fallback(backends, ops_proxy
     assert await _landed(p, u) == "a"
 
     hs.script(hold=500)
-    await eventually(lambda: not p.svc.proxy.states["a"].healthy, what="a down")
+    await eventually(lambda: not p.svc.table.states["a"].healthy, what="a down")
     assert await _landed(p, u) == fallback
 
     hs.script(hold=200)
-    await eventually(lambda: p.svc.proxy.states["a"].healthy, what="a up")
+    await eventually(lambda: p.svc.table.states["a"].healthy, what="a up")
     up_at = [t for r, t in ups.records if "backend a is UP" in r.getMessage()][-1]
     # recovered, but its users stay where they are until the delay has passed
     view = (await p.backend_view())["a"]
@@ -181,7 +181,7 @@ async def test_panic_mode_routes_by_the_plain_ring(backends, ops_proxy):
     # three of four fail their checks (25% usable < 50%): panic
     for bid in ("b", "c", "d"):
         scripts[bid].script(hold=500)
-    await eventually(lambda: sum(st.healthy for st in p.svc.proxy.states.values()) == 1,
+    await eventually(lambda: sum(st.healthy for st in p.svc.table.states.values()) == 1,
                      what="b, c, d down")
     before = await p.metrics()
     landed = {u: await _landed(p, u) for u in users}
@@ -199,7 +199,7 @@ async def test_panic_mode_routes_by_the_plain_ring(backends, ops_proxy):
 
     # one back (2 of 4 = 50%, not below the threshold): normal failover again
     scripts["b"].script(hold=200)
-    await eventually(lambda: p.svc.proxy.states["b"].healthy, what="b up")
+    await eventually(lambda: p.svc.table.states["b"].healthy, what="b up")
     r = await p.route(u_c)
     assert r["route"] == "failover"
     for u in users:

@@ -198,7 +198,7 @@ async def test_health_state_follows_a_backend_whose_address_changed(backends, op
     a, b = await backends("a", "b")
     with_health(a, HealthScript(hold=500))
     p = await ops_proxy([a, b], {"health": health_cfg(rise=1, fall=1)})
-    await eventually(lambda: not p.svc.proxy.states["a"].healthy, what="a down")
+    await eventually(lambda: not p.svc.table.states["a"].healthy, what="a down")
 
     (a2,) = await backends("a")                         # "a" moves to a new address...
     moved = with_health(a2, HealthScript(hold=500))     # ...that fails its checks too

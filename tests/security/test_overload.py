@@ -270,7 +270,7 @@ async def test_crowd_never_exceeds_the_backend_cap_and_overflow_is_refused_fast(
     while sum(1 for s in results.values() if s == 503) < 30 - cap - queue:
         assert time.monotonic() - t0 < 2, results
         await asyncio.sleep(0.01)
-    assert state["now"] == cap and len(p.svc.proxy.states["a"].waiters) == queue
+    assert state["now"] == cap and len(p.svc.proxy.upstreams["a"].waiters) == queue
     release.set()
     await asyncio.gather(*readers)
     for c in clients:
@@ -438,4 +438,4 @@ async def test_stale_connection_retries_are_free_of_the_budget_and_of_blame(raw_
     assert concurrent == n, f"only {concurrent} of {n} stale retries were made at once"
     assert not counters.get("retries_denied"), counters.get("retries_denied")
     assert counters["upstream_errors"].get(("a", "stale"), 0) == n
-    assert p.svc.proxy.states["a"].usable(time.monotonic()), "races ejected the backend"
+    assert p.svc.table.states["a"].usable(time.monotonic()), "races ejected the backend"
