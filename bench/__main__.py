@@ -37,7 +37,7 @@ DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 IMAGES_DIR = REPO_ROOT / "docs" / "benchmarks"
 META_NAME = "suite"
 SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "owners",
-             "profile")
+             "profile", "skew")
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
 DRILL_TOOLS = ("nginx", "haproxy")
 REDIS_TOOL = "redis-server"
@@ -221,7 +221,7 @@ def run_profile(s: Settings) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "ring": run_ring, "dataplane": run_dataplane, "streams": run_streams, "shop": run_shop,
     "failover": run_failover, "killdrill": run_killdrill, "owners": run_owners,
-    "profile": run_profile,
+    "profile": run_profile, "skew": lambda s: __import__("bench.skew").skew.run_suite(s),
 }
 
 
