@@ -553,6 +553,7 @@ class CertStore:
         # not raise: an exception here is an internal_error alert and a logged traceback.
         b = self.built
         ssl_object.context = select_context(server_name, b.exact, b.wildcard, b.default)
+        ssl_object.sni_name = server_name
 
     def files_changed(self) -> bool:
         """Cheap: whether a file the contexts came from looks different (one stat each)."""
@@ -847,6 +848,13 @@ def identity_from_cert(cert: dict[str, Any] | None, kind: str = "cn") -> str | N
     if any(not 0x20 < ord(c) < 0x7f and c != " " for c in value) or value != value.strip():
         return None
     return value
+
+
+def sni_name(ssl_object: Any) -> str | None:
+    """The server name a client sent by SNI on a connection the listener accepted (an
+    A-label, RFC 6066 §3), or None. The standard library shows it only to the callback,
+    which keeps it on the SSL object."""
+    return getattr(ssl_object, "sni_name", None)
 
 
 def client_identity(ssl_object: Any, kind: str = "cn") -> str | None:

@@ -79,7 +79,7 @@ class Echo(asyncio.Protocol):
         Echo.made += 1
         self.transport = transport
         obj = transport.get_extra_info("ssl_object")
-        self.sni = (obj.server_hostname if obj is not None else None) or "-"
+        self.sni = tls.sni_name(obj) or "-"
         self.identity = tls.client_identity(obj, self.kind) or "-"
 
     def data_received(self, data):
