@@ -398,9 +398,14 @@ class SentinelHA:
 
     SERVICE = "ctxha"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, server_extra: list[str] | None = None) -> None:
         self.workdir = workdir
-        self.servers = [RedisServer(workdir / "a"), RedisServer(workdir / "b")]
+        self.server_extra = list(server_extra or [])
+        # Each server and sentinel logs into the test's temp dir (read them after a surprise).
+        self.servers = [
+            RedisServer(workdir / "a", extra=[*self.server_extra, "--logfile", str(workdir / "a.log")]),
+            RedisServer(workdir / "b"),
+        ]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
 
@@ -412,13 +417,16 @@ class SentinelHA:
     def start(self) -> None:
         first, second = self.servers
         first.start()
-        second.extra = ["--replicaof", "127.0.0.1", str(first.port)]
+        second.extra = [
+            *self.server_extra, "--logfile", str(self.workdir / "b.log"), "--replicaof", "127.0.0.1", str(first.port)
+        ]
         second.start()
         wait_until(lambda: self._link_up(second))
         for i, port in enumerate(self.sentinel_ports):
             conf = self.workdir / f"sentinel{i}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+                f"logfile {self.workdir / f'sentinel{i}.log'}\n"
                 f"sentinel monitor {self.SERVICE} 127.0.0.1 {first.port} 2\n"
                 f"sentinel down-after-milliseconds {self.SERVICE} {SENTINEL_DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.SERVICE} 5000\n"
