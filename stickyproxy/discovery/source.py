@@ -36,7 +36,7 @@ class Poll:
 @dataclass
 class DiscoveryStats:
     """Counters for metrics (monotonic) and the latest state, for the admin API."""
-    rounds: int = 0
+    rounds: int = 0              # looks completed
     failures: int = 0            # looks that failed (timeout, server error, unreadable file)
     refused: int = 0             # distinct candidate sets refused by the guard
     applied: int = 0             # steps taken by on_change
@@ -85,12 +85,12 @@ class Source:
 
     async def step(self, on_change: OnChange) -> tuple[Decision, float]:
         """One round: poll, decide, apply. Returns the decision and the delay to the next."""
-        self.stats.rounds += 1
         try:
             poll = await self.poll()
         except Exception as e:  # a source bug must not end discovery; the set stays
             log.exception("discovery %s: look failed", self.describe())
             poll = Poll(None, self.min_delay, error=f"{type(e).__name__}: {e}")
+        self.stats.rounds += 1
         if poll.problems != self.stats.problems:
             for p in poll.problems:
                 if p not in self.stats.problems:

@@ -1,0 +1,223 @@
+"""The DNS source against a real dnsmasq whose records the tests change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from stickyproxy.config import Backend
+from stickyproxy.discovery import DnsSource, parse_discovery
+
+from .conftest import Dnsmasq
+
+NAME = "_http._tcp.app.test"
+# Upper bound on any wait for a discovered change in these tests (a hang fails).
+CHANGE_DEADLINE = 8.0
+
+
+def source(server: str, **dns) -> DnsSource:
+    raw_dns = {"name": NAME, "nameservers": [server], "interval_min": "100ms",
+               "interval_max": "1s", "timeout": "500ms"}
+    settle = dns.pop("settle", "300ms")
+    share = dns.pop("max_drop_share", 0.5)
+    raw_dns.update(dns)
+    return DnsSource(parse_discovery({"settle": settle, "max_drop_share": share, "dns": raw_dns}))
+
+
+def pods(d: Dnsmasq, n: int, weight: int = 10, first: int = 0) -> None:
+    """A StatefulSet of n pods behind a headless Service, as SRV + A records."""
+    d.srv = [(NAME, f"web-{i}.app.test", 8080, 0, weight) for i in range(first, first + n)]
+    d.hosts = [(f"127.0.0.{10 + i}", f"web-{i}.app.test") for i in range(first, first + n)]
+
+
+class Watching:
+    """A source's ``watch`` running in a task; ``applied`` receives each applied set."""
+
+    def __init__(self, src: DnsSource) -> None:
+        self.src = src
+        self.applied: asyncio.Queue[tuple[Backend, ...]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def on_change(self, backends: tuple[Backend, ...]) -> None:
+        await self.applied.put(backends)
+
+    async def __aenter__(self) -> "Watching":
+        self.task = asyncio.get_running_loop().create_task(self.src.watch(self.on_change))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.src.stop()
+        assert self.task is not None
+        async with asyncio.timeout(5):
+            await self.task
+
+    async def next(self, deadline: float = CHANGE_DEADLINE) -> tuple[str, ...]:
+        async with asyncio.timeout(deadline):
+            got = await self.applied.get()
+        return tuple(b.id for b in got)
+
+    async def rounds(self, n: int) -> None:
+        """Until the source has made ``n`` more rounds."""
+        goal = self.src.stats.rounds + n
+        async with asyncio.timeout(CHANGE_DEADLINE):
+            while self.src.stats.rounds < goal:
+                await asyncio.sleep(0.02)
+
+
+def ids(*n: int) -> tuple[str, ...]:
+    return tuple(f"web-{i}.app.test" for i in n)
+
+
+async def test_srv_first_set_ids_from_targets_and_addresses_from_the_answer(dnsmasq):
+    pods(dnsmasq, 3)
+    dnsmasq.start()
+    poll = await source(dnsmasq.address).poll()
+    assert poll.error == "" and poll.problems == ()
+    assert poll.backends == tuple(
+        Backend(f"web-{i}.app.test", f"http://127.0.0.{10 + i}:8080", 1, f"127.0.0.{10 + i}", 8080)
+        for i in range(3))
+
+
+async def test_srv_target_addresses_asked_when_not_in_the_additional_section(dnsmasq):
+    # dnsmasq adds A records for targets it holds; targets held only as CNAMEs are asked.
+    dnsmasq.srv = [(NAME, "alias.app.test", 8080, 0, 1)]
+    dnsmasq.extra = ["cname=alias.app.test,web-0.app.test"]
+    dnsmasq.hosts = [("127.0.0.10", "web-0.app.test")]
+    dnsmasq.start()
+    poll = await source(dnsmasq.address).poll()
+    assert [(b.id, b.host) for b in poll.backends] == [("alias.app.test", "127.0.0.10")]
+
+
+@pytest.mark.slow
+async def test_scale_up_and_down_seen_within_the_interval(dnsmasq):
+    pods(dnsmasq, 2)
+    dnsmasq.start()
+    src = source(dnsmasq.address)
+    async with Watching(src) as w:
+        assert await w.next() == ids(0, 1)
+        pods(dnsmasq, 3)
+        dnsmasq.apply()
+        t0 = time.monotonic()
+        assert await w.next() == ids(0, 1, 2)
+        # TTL 1 s (interval_max 1 s) + settle 0.3 s + one confirming round
+        assert time.monotonic() - t0 < 1.0 + 0.3 + 1.0 + 1.0
+        pods(dnsmasq, 2)
+        dnsmasq.apply()
+        assert await w.next() == ids(0, 1)
+    assert src.stats.applied == 3 and src.stats.refused == 0
+
+
+@pytest.mark.slow
+async def test_an_emptied_record_set_is_never_applied(dnsmasq):
+    pods(dnsmasq, 3)
+    dnsmasq.start()
+    src = source(dnsmasq.address)
+    async with Watching(src) as w:
+        assert await w.next() == ids(0, 1, 2)
+        dnsmasq.srv, dnsmasq.hosts = [], []          # NXDOMAIN: the Service is being recreated
+        dnsmasq.apply()
+        await w.rounds(6)                            # well past settle (0.3 s)
+        assert src.stats.refusing and src.stats.refused == 1
+        assert src.current and [b.id for b in src.current] == list(ids(0, 1, 2))
+        pods(dnsmasq, 3)
+        dnsmasq.apply()
+        await w.rounds(3)
+        assert not src.stats.refusing
+    assert w.applied.empty()
+
+
+@pytest.mark.slow
+async def test_a_server_that_stops_answering_changes_nothing(dnsmasq):
+    pods(dnsmasq, 2)
+    dnsmasq.start()
+    src = source(dnsmasq.address)
+    async with Watching(src) as w:
+        assert await w.next() == ids(0, 1)
+        dnsmasq.stop()
+        await w.rounds(3)
+        assert src.stats.failures >= 3 and src.stats.last_error
+        assert [b.id for b in src.current] == list(ids(0, 1))
+    assert w.applied.empty()
+
+
+@pytest.mark.slow
+async def test_dropping_more_than_max_drop_share_is_refused_and_a_smaller_step_applies(dnsmasq):
+    pods(dnsmasq, 4)
+    dnsmasq.start()
+    src = source(dnsmasq.address)
+    async with Watching(src) as w:
+        assert await w.next() == ids(0, 1, 2, 3)
+        pods(dnsmasq, 1)                             # 3 of 4 gone: 75% > 50%
+        dnsmasq.apply()
+        async with asyncio.timeout(CHANGE_DEADLINE):
+            while not src.stats.refusing:
+                await asyncio.sleep(0.02)
+        await w.rounds(3)
+        assert w.applied.empty() and src.stats.refused == 1
+        assert [b.id for b in src.current] == list(ids(0, 1, 2, 3))
+        pods(dnsmasq, 2)                             # 2 of 4 gone: 50%, allowed
+        dnsmasq.apply()
+        assert await w.next() == ids(0, 1)
+
+
+async def test_ttl_decides_the_next_query_within_the_bounds(dnsmasq):
+    pods(dnsmasq, 1)
+    cases = [  # (record TTL, interval_min, interval_max, expected delay)
+        (1, "100ms", "60s", 1.0), (30, "100ms", "60s", 30.0), (30, "100ms", "10s", 10.0),
+        (1, "5s", "60s", 5.0)]
+    for ttl, lo, hi, expected in cases:
+        dnsmasq.ttl = ttl
+        dnsmasq.stop()
+        dnsmasq.start()
+        poll = await source(dnsmasq.address, interval_min=lo, interval_max=hi).poll()
+        assert poll.backends and poll.delay == expected, (ttl, lo, hi, poll)
+
+
+async def test_a_records_ids_from_ptr_names_and_hosts_reloaded_on_sighup(dnsmasq):
+    dnsmasq.hosts = [("127.0.0.10", "web-0.app.test"), ("127.0.0.11", "web-1.app.test"),
+                     ("127.0.0.10", "app.test"), ("127.0.0.11", "app.test")]
+    dnsmasq.start()
+    src = source(dnsmasq.address, name="app.test", type="A", port=9000,
+                 strip_suffix=".app.test")
+    poll = await src.poll()
+    assert [(b.id, b.url) for b in poll.backends] == [("web-0", "http://127.0.0.10:9000"),
+                                                     ("web-1", "http://127.0.0.11:9000")]
+    # web-1 restarts elsewhere: same id, new address (the ring does not change)
+    dnsmasq.hosts = [("127.0.0.10", "web-0.app.test"), ("127.0.0.17", "web-1.app.test"),
+                     ("127.0.0.10", "app.test"), ("127.0.0.17", "app.test")]
+    dnsmasq.apply()
+    async with asyncio.timeout(5):
+        while True:
+            poll = await src.poll()
+            if poll.backends and poll.backends[1].host == "127.0.0.17":
+                break
+            await asyncio.sleep(0.05)
+    assert [b.id for b in poll.backends] == ["web-0", "web-1"]
+
+
+async def test_an_address_without_a_ptr_name_is_left_out_not_named_by_its_address(dnsmasq):
+    dnsmasq.hosts = [("127.0.0.10", "web-0.app.test")]
+    dnsmasq.extra = ["address=/app.test/127.0.0.10", "address=/app.test/127.0.0.50"]
+    dnsmasq.start()
+    poll = await source(dnsmasq.address, name="app.test", type="A", port=80).poll()
+    assert [b.id for b in poll.backends] == ["web-0.app.test"]
+    assert poll.problems == ("address 127.0.0.50: no PTR name, left out (ids are never addresses)",)
+
+
+async def test_a_silent_server_is_bounded_by_the_timeout_and_blocks_no_other_source(
+        dnsmasq, silent_dns):
+    pods(dnsmasq, 2)
+    dnsmasq.start()
+    stuck = source(silent_dns, timeout="600ms")
+    fine = source(dnsmasq.address)
+    t0 = time.monotonic()
+    slow_task = asyncio.get_running_loop().create_task(stuck.poll())
+    good = await fine.poll()
+    assert good.backends and time.monotonic() - t0 < 0.3
+    assert not slow_task.done()
+    bad = await slow_task
+    elapsed = time.monotonic() - t0
+    assert bad.backends is None and "0.6s" in bad.error, bad.error
+    assert 0.5 < elapsed < 0.6 + 0.5, elapsed
