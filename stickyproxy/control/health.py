@@ -1,7 +1,7 @@
 """Active and passive health per backend.
 
 The decisions are pure state machines (``ActiveState``, ``PassiveState``, ``may_eject``);
-``Health`` is the thin adapter that runs HTTP checks with aiohttp and writes the results
+``Health`` is the thin adapter that runs HTTP checks (control/probe.py) and writes the results
 onto each ``BackendState`` of the process's ``BackendTable``; it knows nothing of the data
 plane (a drained backend's tunnels are closed by the data plane's own timer). Health never rebuilds the ring (DESIGN.md §3): routing skips
 unusable backends along each key's preference list.
@@ -26,10 +26,11 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
+from .probe import ProbeFailed, probe
 
 if TYPE_CHECKING:
     from ..routing.router import BackendState
@@ -110,7 +111,6 @@ class Health:
         self.passive: dict[str, PassiveState] = {}
         self.tracked: dict[str, BackendState] = {}   # the state object each history belongs to
         self.tasks: dict[str, asyncio.Task] = {}
-        self.session: Any = None
 
     @property
     def cfg(self) -> HealthConfig:
@@ -157,25 +157,8 @@ class Health:
             except (asyncio.CancelledError, Exception):
                 pass
         self.tasks.clear()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
-    async def _session(self):
-        if self.session is None:
-            import aiohttp
-            self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                headers={"User-Agent": "stickyproxy-health"})
-            # One probe per check: aiohttp re-sends an idempotent request whose connection
-            # dropped, which would count a backend that drops every other connection as
-            # healthy. There is no public switch; aiohttp's own test client flips this one.
-            if hasattr(self.session, "_retry_connection"):
-                self.session._retry_connection = False
-        return self.session
 
     async def _checker(self, bid: str) -> None:
-        import aiohttp
         # spread the first checks so N backends are not probed in lockstep
         await asyncio.sleep(random.uniform(0, min(self.cfg.interval, 0.05)))
         while True:
@@ -186,16 +169,9 @@ class Health:
             status: int | None = None
             detail = ""
             try:
-                session = await self._session()
-                url = f"http://{st.host}:{st.port}{cfg.path}"
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-                                       allow_redirects=False) as resp:
-                    status = resp.status
-                    await resp.read()
-            except asyncio.CancelledError:
-                raise
-            except (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError) as e:
-                detail = type(e).__name__ if not str(e) else str(e)
+                status = await probe(st.host, st.port, cfg.path, cfg.timeout)
+            except ProbeFailed as e:
+                detail = str(e)
             ok = check_ok(status, cfg.expect)
             self.observer.health_check(st, ok)
             self.record_check(bid, ok, status, detail)
