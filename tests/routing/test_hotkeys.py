@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from stickyproxy.routing import hotkeys
 from stickyproxy.routing.hotkeys import FORMAT, HotKey, HotKeys
 from stickyproxy.routing.router import key_digest
 
@@ -95,6 +96,11 @@ def test_sampled_sketch_still_finds_the_hottest_users():
     assert set(top) <= {k for k, _ in TRUTH.most_common(20)}
     for e in h.top(3):
         assert e.share == pytest.approx(TRUTH[e.key] / len(STREAM), rel=0.1)
+
+
+@pytest.mark.parametrize("key", ["alice", "", "é", "user-1", "x" * 500])
+def test_tags_are_the_access_logs(key):
+    assert hotkeys.key_digest(key) == key_digest(key)
 
 
 def test_keys_are_hashed_unless_raw():
