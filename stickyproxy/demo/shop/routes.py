@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from contextlib import suppress
 from typing import Any
 
@@ -32,7 +33,7 @@ from stickyproxy.context import TooManyRevocations
 
 from .catalog import check_item, check_qty
 from .jobs import JobsFull
-from .prices import PriceUnavailable
+from .prices import BREAKER_RESET, PriceUnavailable
 from .revocation import CLAIMS_KEY
 from .shop import SHOP_KEY, Shop
 from .tokens import issue
@@ -42,8 +43,8 @@ from .users import require_user
 MAX_BODY = 4096
 # Seconds between WebSocket pings, so a dead client is noticed.
 WS_HEARTBEAT = 15.0
-# Seconds a client is told to wait when the pricing origin cannot answer (the breaker's order).
-PRICE_RETRY_AFTER = "5"
+# Seconds a client is told to wait when the pricing origin cannot answer: the breaker's reset.
+PRICE_RETRY_AFTER = str(math.ceil(BREAKER_RESET))
 
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
