@@ -372,7 +372,9 @@ def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes, cert_key: str, key
             raise _Problem(key_key, f"{key_path!r}: {e}") from None
         except ssl.SSLError as e:
             # the certificate parsed above, so what OpenSSL refuses now is the key or the pair
-            raise _Problem(key_key, f"{key_path!r}: {_ssl_reason(e)}") from None
+            why = _ssl_reason(e) if isinstance(e.reason, str) else \
+                "not a private key OpenSSL can read (damaged PEM, or an unsupported type)"
+            raise _Problem(key_key, f"{key_path!r}: {why}") from None
 
 
 def _load_ca(ctx: ssl.SSLContext, data: bytes, key: str, path: str) -> None:

@@ -275,7 +275,7 @@ async def test_reload_replaces_the_client_ca(ca, certs, serve, tmp_path):
 
 @pytest.mark.parametrize("damage, path, words", [
     ("garbage_key", "listen.tls.key", "no PEM private key found"),
-    ("bad_key_pem", "listen.tls.key", ""),
+    ("bad_key_pem", "listen.tls.key", "not a private key OpenSSL can read"),
     ("other_key", "listen.tls.key", "does not belong to the certificate"),
     ("encrypted_key", "listen.tls.key", "encrypted"),
     ("garbage_cert", "listen.tls.cert", "no PEM certificate found"),
