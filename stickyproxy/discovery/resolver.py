@@ -178,9 +178,9 @@ class HostResolver:
         error = ""
         hosts = await self._hosts_names()
         if key in hosts:
-            addresses = order(hosts[key])
+            addresses, ttl = order(hosts[key]), s.min_ttl   # an edit is seen within min_ttl
         elif key == "localhost" or key.endswith(".localhost"):
-            addresses = ["127.0.0.1", "::1"]
+            addresses, ttl = ["127.0.0.1", "::1"], s.max_ttl
         else:
             self.stats.lookups += 1
             try:
