@@ -1,6 +1,7 @@
 """The shop example in both modes, against a redis-server of the test's own: cart, counter,
-rate limit, WebSocket job progress, Redis commands per request, and a user's state carried
-over to another instance."""
+rate limit, WebSocket job progress, Redis commands per request, a user's state carried
+over to another instance, and what a Redis outage leaves working. Logout and the price cache:
+test_shop_logout_prices.py and test_shop_through_proxy.py."""
 
 from __future__ import annotations
 
@@ -252,3 +253,37 @@ async def test_stateless_redis_down_is_503(shop, redis_server):
     async with asyncio.timeout(IO_TIMEOUT):
         r = await c.get("/cart", headers=as_user("u"))
     assert r.status == 503 and r.headers["Retry-After"] == "1"
+
+
+async def listener_down(client) -> bool:
+    """The store's takeover listener lost Redis: no held copy counts as verified any more."""
+    return await metric(client, "stickyctx_listener_up") == 0
+
+
+async def test_sticky_redis_outage_rate_limit_still_enforced_from_memory(shop, redis_server):
+    """Redis down: the owner's buckets are in memory, so the limit holds (429, not 503 and not
+    a free pass) on a path that needs no context."""
+    c = await shop(rate_limit=3, rate_window=600)
+    alice = as_user("alice")
+    assert (await c.get("/prices/apple", headers=alice)).status == 200
+    redis_server.stop()
+    await eventually(lambda: listener_down(c), what="takeover listener down")
+    async with asyncio.timeout(IO_TIMEOUT):
+        statuses = [(await c.get("/prices/apple", headers=alice)).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    # decided from memory alone once the context could not be read (after the stale-read window)
+    assert await metric(c, "stickyctx_ratelimit_state_errors_total", op="read") >= 1
+
+
+async def test_sticky_redis_outage_a_running_job_is_followed_to_its_end(shop, redis_server):
+    """Redis down: the job's progress is in the owner's memory and its WebSocket is served
+    from there; the job runs to its end (its outcome is saved once Redis is back)."""
+    steps = 4
+    c = await shop(job_steps=steps, job_step_seconds=0.05)
+    job = await (await c.post("/jobs", headers=as_user("alice"))).json()
+    redis_server.stop()
+    await eventually(lambda: listener_down(c), what="takeover listener down")
+    ws = await c.ws_connect(job["ws"], headers=as_user("alice"))
+    async with asyncio.timeout(IO_TIMEOUT):
+        seen = [json.loads(msg.data) async for msg in ws]
+    assert seen[-1] == {"id": job["id"], "step": steps, "steps": steps, "state": "done"}
