@@ -59,7 +59,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Sim:
-    """A backend as spill.choose reads it."""
+    """A simulated backend: its in-flight count and weight."""
 
     __slots__ = ("id", "inflight", "weight")
 
@@ -119,7 +119,8 @@ def balance_run(users: Users, draws: list[int], gaps: list[float], services: lis
             chosen = sims[pref[0]]
         else:
             cands = [sims[b] for b in pref]
-            chosen = cands[spill.choose(cands, total, weight, pct)]
+            chosen = cands[spill.choose([c.inflight for c in cands], [c.weight for c in cands],
+                                        total, weight, pct)]
         chosen.inflight += 1
         total += 1
         if chosen.inflight > peak[chosen.id]:

@@ -29,13 +29,15 @@ Invariants:
   spilled requests may go to different backends from different proxies. This weakens P1
   (DESIGN.md §3), which is why it is off unless configured.
 
-Cost: ``within`` is a few integer operations and allocates nothing; ``choose`` walks the
-preference list once and allocates nothing.
+Cost: ``within`` is a few integer operations and allocates nothing: the router asks it of
+the owner first, and only when the owner is full builds the candidates' counts for
+``choose``, which walks them once. In-flight counts live in the data plane (Upstream) and
+weights in routing (BackendState), so both are passed as plain integers.
 """
 
 from __future__ import annotations
 
-from typing import Final, Protocol, Sequence
+from typing import Final, Sequence
 
 # HAProxy and Envoy both refuse a factor under 100 %: fewer slots than requests.
 MIN_PERCENT: Final = 100
@@ -43,16 +45,6 @@ MIN_PERCENT: Final = 100
 # percentage by mistake (125 meant as 125 %, i.e. 12 500 %).
 MAX_PERCENT: Final = 1000
 NO_CANDIDATE: Final = -1
-
-
-class Loaded(Protocol):
-    """What ``choose`` reads of a candidate (BackendState has both)."""
-
-    @property
-    def inflight(self) -> int: ...
-
-    @property
-    def weight(self) -> int: ...
 
 
 def percent(factor: float) -> int:
@@ -82,20 +74,19 @@ def within(inflight: int, weight: int, total_inflight: int, total_weight: int, p
     return inflight < capacity(weight, total_inflight, total_weight, pct)
 
 
-def choose(candidates: Sequence[Loaded], total_inflight: int, total_weight: int,
-           pct: int) -> int:
-    """Index in ``candidates`` (the key's usable backends in preference order) of the backend
-    for this request: the first within the bound, else the least loaded relative to its
-    capacity (earliest on a tie); NO_CANDIDATE when there are none. Index 0 is the owner
-    (no spill)."""
+def choose(loads: Sequence[int], weights: Sequence[int], total_inflight: int,
+           total_weight: int, pct: int) -> int:
+    """Index of the backend for this request among the key's usable backends in preference
+    order, given as their in-flight counts ``loads`` and ``weights`` (parallel): the first
+    within the bound, else the least loaded relative to its capacity (earliest on a tie);
+    NO_CANDIDATE when there are none. Index 0 is the owner (no spill)."""
     best = NO_CANDIDATE
     # compared as best_load / best_cap > load / cap, cross-multiplied to stay in integers
     best_load = 0
     best_cap = 1
-    for i in range(len(candidates)):
-        c = candidates[i]
-        cap = capacity(c.weight, total_inflight, total_weight, pct)
-        load = c.inflight
+    for i in range(len(loads)):
+        cap = capacity(weights[i], total_inflight, total_weight, pct)
+        load = loads[i]
         if load < cap:
             return i
         if best == NO_CANDIDATE or load * best_cap < best_load * cap:
