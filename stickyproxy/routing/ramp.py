@@ -28,6 +28,7 @@ two comparisons.
 
 from __future__ import annotations
 
+import math
 from hashlib import blake2b
 from typing import Final
 
@@ -82,7 +83,7 @@ class Ramp:
     __slots__ = ("start", "duration", "end")
 
     def __init__(self, start: float, duration: float):
-        if duration < 0.0 or duration != duration:
+        if math.isnan(duration) or duration < 0.0:
             raise ValueError(f"ramp duration must be >= 0 seconds, not {duration!r}")
         self.start = start
         self.duration = duration

@@ -42,7 +42,7 @@ def test_purge_subtracts_the_median_and_drops_what_reaches_zero(adds, expected_c
     h = HotKeys(4, 1, raw=True)
     for label, weight in adds:
         h.add(label, weight)
-    assert dict((e.key, e.requests) for e in h.top(10)) == expected_counts
+    assert {e.key: e.requests for e in h.top(10)} == expected_counts
     assert h.offset == offset
     assert h.total == sum(w for _, w in adds)
 
@@ -56,7 +56,7 @@ def test_true_top_10_is_found_in_order_on_a_zipf_stream():
 def test_counts_are_bounded_by_the_offset_and_the_offset_by_total():
     h = sketch_of(STREAM, max_keys=256)
     assert h.offset <= 2 * h.total / 256
-    tracked = dict((e.key, e.requests) for e in h.top(256))
+    tracked = {e.key: e.requests for e in h.top(256)}
     for key, true in TRUTH.items():
         c = tracked.get(key, 0)
         assert c <= true <= c + h.offset
