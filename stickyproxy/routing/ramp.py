@@ -8,7 +8,7 @@ the key has returned to the backend once the ramp's progress has passed that poi
 The curve is linear in the key space: ``progress(now) = (now - start) / duration`` clamped
 to [0, 1], and a key has returned iff ``point < progress``. So at any instant the share of
 the backend's keys that have returned equals the progress, and the users that return each
-second are an even slice of its key space (duration / 10 s ⇒ a tenth of its users per
+second are an even slice of its key space (a 30 s ramp: a thirtieth of its users each
 second), whatever their request rates. Invariants:
 
 - Deterministic: the decision depends only on the key, the ramp's start and duration, and
@@ -70,7 +70,8 @@ def returned(point: int, start: float, duration: float, now: float) -> bool:
 
 
 def return_time(point: int, start: float, duration: float) -> float:
-    """The instant from which the key with ``point`` has returned (for ``route``/``/route``)."""
+    """The instant just after which the key with ``point`` has returned (for ``route`` and
+    ``/route``; exact up to float rounding)."""
     if duration <= 0.0:
         return start
     return start + duration * point / POINT_SPACE
