@@ -118,6 +118,8 @@ START_WAIT = 1.0
 # Bound on close()'s final flush and on closing a pub/sub connection.
 CLOSE_DEADLINE = 5.0
 
+# ``stickyctx_acquisitions_total`` reason of a re-acquire after Redis lost the held epoch.
+LOST_REASON = "lost"
 _UNVERIFIED = -1
 # Replies meaning "Redis is there but cannot serve now": they count towards the breaker.
 _UNAVAILABLE_REPLIES = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
@@ -569,6 +571,17 @@ class ContextStore:
             self._install(user, slot, confirmed)
             return confirmed
         self._forget(user)
+        if snapshot.epoch is None or snapshot.epoch < entry.epoch:
+            # Epochs only grow while a record lives, and a held copy never outlives its record's
+            # TTL: a lower epoch or no record means Redis lost what it had acknowledged (restart
+            # without persistence, promotion of a replica that never had it). Nothing here can
+            # restore it safely (a newer owner's copy may be lost too); the loss is made loud.
+            found = "no record" if snapshot.epoch is None else f"epoch {snapshot.epoch}"
+            log.error(
+                "redis lost acknowledged context of user %r: this instance held epoch %d, redis has %s; "
+                "continuing from what redis holds", user, entry.epoch, found,
+            )
+            return await self._acquire(user, slot, reason=LOST_REASON)
         return await self._acquire(user, slot, reason="revalidate")
 
     async def _touch(self, user: str, slot: UserSlot, entry: _Entry) -> _Entry:
