@@ -34,7 +34,7 @@ from stickyproxy.context import (
 from .users import user_of
 
 # request[CLAIMS_KEY]: the verified claims of the request's bearer token (absent: no token).
-CLAIMS_KEY: web.RequestKey[Mapping[str, Any]] = web.RequestKey("shop_claims", Mapping)  # type: ignore[type-abstract]
+CLAIMS_KEY: web.RequestKey[Mapping[str, Any]] = web.RequestKey("shop_claims", Mapping)
 # The library's reasons, so that both modes answer a revoked token alike.
 REVOKED = "token revoked"
 REVOKED_BEFORE = "token issued before the user's tokens were revoked"
