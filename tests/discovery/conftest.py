@@ -23,10 +23,15 @@ import dns.message
 import dns.query
 import pytest
 
+from stickyproxy.config import Backend
+from stickyproxy.discovery import Source
+
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 # How long a fixture waits for dnsmasq to answer after a start or a SIGHUP.
 START_DEADLINE = 5.0
 LOCALHOST = "127.0.0.1"
+# Upper bound on any wait for a discovered change in these tests (a hang fails).
+CHANGE_DEADLINE = 8.0
 
 
 def free_port() -> int:
@@ -198,3 +203,37 @@ async def delaying_relay(dnsmasq):
     finally:
         relay.close()
         await asyncio.gather(*relay.tasks, return_exceptions=True)
+
+
+class Watching:
+    """A source's ``watch`` running in a task; ``applied`` receives each applied set."""
+
+    def __init__(self, src: Source) -> None:
+        self.src = src
+        self.applied: asyncio.Queue[tuple[Backend, ...]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def on_change(self, backends: tuple[Backend, ...]) -> None:
+        await self.applied.put(backends)
+
+    async def __aenter__(self) -> "Watching":
+        self.task = asyncio.get_running_loop().create_task(self.src.watch(self.on_change))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.src.stop()
+        assert self.task is not None
+        async with asyncio.timeout(5):
+            await self.task
+
+    async def next(self, deadline: float = CHANGE_DEADLINE) -> tuple[str, ...]:
+        async with asyncio.timeout(deadline):
+            got = await self.applied.get()
+        return tuple(b.id for b in got)
+
+    async def rounds(self, n: int) -> None:
+        """Until the source has made ``n`` more rounds."""
+        goal = self.src.stats.rounds + n
+        async with asyncio.timeout(CHANGE_DEADLINE):
+            while self.src.stats.rounds < goal:
+                await asyncio.sleep(0.02)

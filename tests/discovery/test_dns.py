@@ -10,11 +10,9 @@ import pytest
 from stickyproxy.config import Backend
 from stickyproxy.discovery import DnsSource, parse_discovery
 
-from .conftest import Dnsmasq
+from .conftest import CHANGE_DEADLINE, Dnsmasq, Watching
 
 NAME = "_http._tcp.app.test"
-# Upper bound on any wait for a discovered change in these tests (a hang fails).
-CHANGE_DEADLINE = 8.0
 
 
 def source(server: str, **dns) -> DnsSource:
@@ -30,40 +28,6 @@ def pods(d: Dnsmasq, n: int, weight: int = 10, first: int = 0) -> None:
     """A StatefulSet of n pods behind a headless Service, as SRV + A records."""
     d.srv = [(NAME, f"web-{i}.app.test", 8080, 0, weight) for i in range(first, first + n)]
     d.hosts = [(f"127.0.0.{10 + i}", f"web-{i}.app.test") for i in range(first, first + n)]
-
-
-class Watching:
-    """A source's ``watch`` running in a task; ``applied`` receives each applied set."""
-
-    def __init__(self, src: DnsSource) -> None:
-        self.src = src
-        self.applied: asyncio.Queue[tuple[Backend, ...]] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    async def on_change(self, backends: tuple[Backend, ...]) -> None:
-        await self.applied.put(backends)
-
-    async def __aenter__(self) -> "Watching":
-        self.task = asyncio.get_running_loop().create_task(self.src.watch(self.on_change))
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.src.stop()
-        assert self.task is not None
-        async with asyncio.timeout(5):
-            await self.task
-
-    async def next(self, deadline: float = CHANGE_DEADLINE) -> tuple[str, ...]:
-        async with asyncio.timeout(deadline):
-            got = await self.applied.get()
-        return tuple(b.id for b in got)
-
-    async def rounds(self, n: int) -> None:
-        """Until the source has made ``n`` more rounds."""
-        goal = self.src.stats.rounds + n
-        async with asyncio.timeout(CHANGE_DEADLINE):
-            while self.src.stats.rounds < goal:
-                await asyncio.sleep(0.02)
 
 
 def ids(*n: int) -> tuple[str, ...]:
