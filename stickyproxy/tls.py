@@ -38,6 +38,7 @@ import re
 import ssl
 import tempfile
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -721,13 +722,85 @@ class HandshakeGate:
 # ---------------------------------------------------------------------------------------
 # backends
 
+class SessionCache:
+    """Client-side TLS session resumption for one context, per server name: a new
+    connection to a backend offers the session (TLS 1.2 id or ticket, TLS 1.3 ticket,
+    RFC 8446 §2.2) of an earlier connection to the same name, so the pool's new
+    connections skip the backend's signature and the proxy's certificate verification.
+
+    OpenSSL keeps no client-side cache and asyncio passes no session, so the SSL objects
+    the context makes (``sslobject_class``) do it: before the first handshake step each one
+    takes the newest session known for its name; the sessions are collected from the most
+    recent connection when the next one starts, and from each connection when it is freed
+    (a TLS 1.3 ticket arrives after the handshake). Memory: one session per server name."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, ssl.SSLSession] = {}
+        self.recent: dict[str, weakref.ref[ssl.SSLObject]] = {}
+        self.offered = 0      # handshakes that offered a session (counter)
+        self.resumed = 0      # ... that the backend accepted (counter)
+        self.sslobject_class = self._make_class()
+
+    def _keep(self, host: str, obj: ssl.SSLObject) -> None:
+        try:
+            sess = obj.session
+        except (ValueError, AttributeError):
+            return
+        if sess is not None and (sess.has_ticket or sess.id):
+            self.sessions[host] = sess
+
+    def take(self, host: str) -> ssl.SSLSession | None:
+        ref = self.recent.get(host)
+        obj = ref() if ref is not None else None
+        if obj is not None:
+            self._keep(host, obj)
+        sess = self.sessions.get(host)
+        if sess is not None and time.time() > sess.time + sess.timeout:
+            del self.sessions[host]
+            return None
+        return sess
+
+    def _make_class(self) -> type[ssl.SSLObject]:
+        cache = self
+
+        class ResumingSSLObject(ssl.SSLObject):
+            _cache_started = False
+
+            def do_handshake(self) -> None:
+                host = self.server_hostname
+                if not self._cache_started and not self.server_side and host:
+                    self._cache_started = True
+                    sess = cache.take(host)
+                    if sess is not None:
+                        try:
+                            self.session = sess
+                            cache.offered += 1
+                        except ValueError:   # made by another context: full handshake
+                            pass
+                    cache.recent[host] = weakref.ref(self)
+                super().do_handshake()
+                if self.session_reused:
+                    cache.resumed += 1
+
+            def __del__(self) -> None:
+                host = self.server_hostname
+                if self._cache_started and host:
+                    cache._keep(host, self)
+
+        return ResumingSSLObject
+
+
 def client_context(settings: BackendTLS, read_file: ReadFile = read_disk,
                    path: str = "backends.tls") -> ssl.SSLContext:
     """The context for TLS connections to a backend: certificate and host name verified
     (RFC 6125) against ``ca_file`` or the system store unless ``verify`` is false; a client
-    certificate when ``cert``/``key`` are set. Raises ConfigError naming the key path.
-    ``loop.create_connection(..., ssl=ctx, server_hostname=server_hostname(...))``."""
+    certificate when ``cert``/``key`` are set; sessions resumed across connections
+    (``SessionCache``, reachable as ``session_cache(ctx)``). Raises ConfigError naming the
+    key path. ``loop.create_connection(..., ssl=ctx, server_hostname=server_hostname(...))``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cache = SessionCache()
+    ctx.sslobject_class = cache.sslobject_class
+    setattr(ctx, "stickyproxy_sessions", cache)  # noqa: B010
     ctx.minimum_version = MIN_VERSIONS[settings.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
@@ -756,6 +829,12 @@ def client_context(settings: BackendTLS, read_file: ReadFile = read_disk,
     if errors:
         raise ConfigError(errors)
     return ctx
+
+
+def session_cache(ctx: ssl.SSLContext) -> SessionCache | None:
+    """The session cache of a context made by ``client_context`` (for its counters)."""
+    cache = getattr(ctx, "stickyproxy_sessions", None)
+    return cache if isinstance(cache, SessionCache) else None
 
 
 def server_hostname(settings: BackendTLS, url_host: str) -> str:

@@ -156,3 +156,39 @@ def test_client_context_load_errors_name_the_key(ca, tmp_path):
         tls.client_context(tls.BackendTLS(cert=cert.cert, key=cert.key), path="backends[1].tls")
     assert e.value.errors == [f"backends[1].tls.key: {cert.key!r}: the private key does not "
                               f"belong to the certificate"]
+
+
+@pytest.mark.parametrize("keep_first", [True, False])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_pool_connections_resume_the_session(ca, tmp_path, version, keep_first):
+    port = await backend(ca.issue_cert("localhost"))
+    settings = trusting(ca, tmp_path)
+    ctx = tls.client_context(settings)
+    ctx.maximum_version = version
+    cache = tls.session_cache(ctx)
+    assert cache is not None
+    loop = asyncio.get_running_loop()
+    reused = []
+    for _ in range(3):
+        async with asyncio.timeout(IO_TIMEOUT):
+            got = loop.create_future()
+
+            class Up(asyncio.Protocol):
+                def data_received(self, data):
+                    if not got.done():
+                        got.set_result(data)
+
+            transport, _ = await loop.create_connection(
+                Up, "127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+            transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await got        # a TLS 1.3 ticket arrives after the handshake
+            obj = transport.get_extra_info("ssl_object")
+            reused.append(obj.session_reused)
+            assert obj.version() == ("TLSv1.2" if version == ssl.TLSVersion.TLSv1_2 else "TLSv1.3")
+            # the first connection stays open (a pool keeps it) while the next one starts,
+            # or is closed first (its session is kept when it is freed)
+            if len(reused) > 1 or not keep_first:
+                transport.close()
+                await asyncio.sleep(0)
+    assert reused == [False, True, True]
+    assert (cache.offered, cache.resumed) == (2, 2)
