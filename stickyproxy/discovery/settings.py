@@ -206,3 +206,41 @@ def parse_resolver(raw: Any, path: str = "resolver", errors: list[str] | None = 
     if errors is None and len(own) > start:
         raise ConfigError(own)
     return s
+
+
+# Keys whose default is not a value of the field (filled from elsewhere or required).
+_REQUIRED = {("discovery.dns", "name"), ("discovery.file", "path")}
+_SHOWN = {("discovery.dns", "port"): "(SRV: not used; A/AAAA: required)"}
+
+
+def _show(v: Any, kind: Any) -> str:
+    from ..units import format_duration
+    if getattr(kind, "__qualname__", "").startswith("k_duration"):
+        return f'`"{format_duration(v)}"`'
+    if isinstance(v, tuple):
+        return "`[]`" if not v else f"`{list(v)!r}`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    return f"`{v!r}`"
+
+
+def reference_tables() -> dict[str, str]:
+    """Markdown table of each table's keys, from the fields that hold the defaults
+    (docs/discovery.md contains each one verbatim; a test keeps them equal)."""
+    out: dict[str, str] = {}
+    for table, cls in (("discovery", DiscoverySettings), ("discovery.dns", DnsSettings),
+                       ("discovery.file", FileSettings), ("resolver", ResolverSettings)):
+        rows = ["| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            kind = f.metadata.get("kind")
+            if kind is None:
+                continue
+            shown = "(required)" if (table, f.name) in _REQUIRED else \
+                _SHOWN.get((table, f.name)) or _show(f.default, kind)
+            doc = f.metadata.get("doc", "")
+            choices = getattr(kind, "choices", None)
+            if choices:
+                doc += "; one of " + ", ".join(f'`"{c}"`' for c in choices)
+            rows.append(f"| `{f.name}` | {shown} | {doc} |")
+        out[table] = "\n".join(rows)
+    return out

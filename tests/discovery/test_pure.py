@@ -307,3 +307,14 @@ def test_parse_hosts():
     assert parse_hosts(text) == {"localhost": ["127.0.0.1", "::1"], "ip6-localhost": ["::1"],
                                  "web-0.app.test": ["10.0.0.5"], "web-0": ["10.0.0.5"],
                                  "ll": ["fe80::1"]}
+
+
+# -- the reference -----------------------------------------------------------------------
+
+def test_docs_hold_every_key_with_its_default():
+    from pathlib import Path
+
+    from stickyproxy.discovery.settings import reference_tables
+    doc = (Path(__file__).parents[2] / "docs" / "discovery.md").read_text()
+    for table, rows in reference_tables().items():
+        assert rows in doc, f"docs/discovery.md: the [{table}] table differs from the settings"
