@@ -324,3 +324,13 @@ def test_sni_entry_errors_name_their_index(ca, certs, tmp_path):
         tls.CertStore(s)
     assert e.value.errors == [e.value.errors[0]]
     assert e.value.errors[0].startswith("listen.tls.sni[1].key: ")
+
+
+async def test_one_file_with_key_and_chain(ca, serve, tmp_path):
+    leaf = ca.issue_cert("localhost")
+    both = tmp_path / "both.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(both))
+    lst = await serve(tls.ListenTLS(cert=str(both), key=str(both)))
+    _, peer, (_, w) = await ask(lst.port, client_ctx(ca))
+    assert "localhost" in sans(peer)
+    w.close()
