@@ -14,6 +14,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -196,13 +197,14 @@ class KeySource:
     kind: str
     name: str = ""                       # header, cookie or query parameter name
     pattern: re.Pattern[str] | None = None
-    jwt: Any = None                      # a jwtkeys.JwtVerifier for "jwt" sources
+    settings: Any = None                 # a jwtkeys.JwtSettings for "jwt" sources
+    jwt: Any = None                      # its jwtkeys.JwtVerifier, made by ``resolve``
 
     def describe(self) -> str:
         if self.kind == "path":
             return f"path ~ {self.pattern.pattern if self.pattern else ''}"
-        if self.kind == "jwt" and self.jwt is not None:
-            s = self.jwt.settings
+        if self.kind == "jwt" and self.settings is not None:
+            s = self.settings
             return f"jwt {s.claim} from {self.name} ({', '.join(s.algorithms)})"
         return f"{self.kind} {self.name}"
 
@@ -392,15 +394,13 @@ def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 
 
 # How jwtkeys.load_verifier starts the error for an environment secret it cannot read.
-SECRET_UNSET = "secret_env: environment variable"
 
 JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_file",
             "jwks_file", "issuer", "audience", "leeway", "require_exp", "on_invalid"}
 
 
-def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
-                secrets: bool = True, read_file: ReadFile | None = None) -> KeySource | None:
-    from .routing.jwtkeys import JwtSettings, JwtVerifier, load_verifier
+def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySource | None:
+    from .routing.jwtkeys import JwtSettings, settings_problem
     n = len(errors)
     for k in item:
         if k not in JWT_KEYS:
@@ -429,20 +429,14 @@ def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str,
     if len(errors) != n:
         return None
     settings = JwtSettings(**values)
-    try:
-        verifier = load_verifier(settings, read_file or read_disk)
-    except ValueError as e:
-        if not secrets and settings.secret_env and str(e).startswith(SECRET_UNSET):
-            # Everything but the secret checked. No keys: it would refuse every token, but
-            # only `run` verifies tokens, and `run` resolves secrets.
-            return KeySource("jwt", name=settings.header, jwt=JwtVerifier(settings, {}))
-        errors.append(f"{p}.{e}")
+    problem = settings_problem(settings)
+    if problem is not None:
+        errors.append(f"{p}.{problem}")
         return None
-    return KeySource("jwt", name=settings.header, jwt=verifier)
+    return KeySource("jwt", name=settings.header, settings=settings)
 
 
-def _key_sources(raw: Any, errors: list[str], base_dir: str = ".",
-                 secrets: bool = True, read_file: ReadFile | None = None) -> tuple[KeySource, ...]:
+def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeySource, ...]:
     path = "routing.keys"
     if not isinstance(raw, list):
         errors.append(f"{path}: expected an array of key sources, got {raw!r}")
@@ -460,7 +454,7 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".",
             errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
             continue
         if kind == "jwt":
-            src = _jwt_source(item, p, errors, base_dir, secrets, read_file)
+            src = _jwt_source(item, p, errors, base_dir)
             if src is not None:
                 out.append(src)
             continue
@@ -584,16 +578,14 @@ def _parse_backend_url(url: Any) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
-def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = True,
-          read_file: ReadFile | None = None) -> Config:
-    """Validate a parsed TOML document; raise ConfigError listing every problem.
+ADMIN_TOKEN_REQUIRED = ("admin.token: required when admin.host is not a loopback address "
+                        "(%r): the admin API can drain backends and reload")
 
-    ``secrets=False`` leaves the ``*_env`` secrets (``admin.token_env``, a jwt source's
-    ``secret_env``) unread: everything else is validated, the admin token stays empty and a
-    jwt source with an environment secret accepts no token. ``check``, ``route`` and ``plan``
-    parse so, and need no secret; ``run`` (and every reload) resolves them. Files the
-    configuration names (JWT keys) are read with ``read_file`` (default: from disk), so
-    that processes applying one configuration can be given the same bytes (``FileCopies``)."""
+
+def parse(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem. Pure: no
+    file or environment variable is read (``resolve`` does that), so a jwt source has its
+    settings but no verifier yet and ``admin.token_env`` is not looked up."""
     errors: list[str] = []
     known = set(SECTIONS) | {"backends"}
     for k in raw:
@@ -604,18 +596,12 @@ def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = Tru
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
         base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
-            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir, secrets,
-                                              read_file))
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
     backends = _backends(raw.get("backends"), errors)
 
     admin = sections["admin"]
     if admin.token and admin.token_env:
         errors.append("admin.token_env: set either admin.token or admin.token_env, not both")
-    elif admin.token_env and secrets:
-        token = os.environ.get(admin.token_env, "")
-        if not token:
-            errors.append(f"admin.token_env: environment variable {admin.token_env!r} is unset or empty")
-        sections["admin"] = dataclasses.replace(admin, token=token)
     health, timeouts = sections["health"], sections["timeouts"]
     if health.timeout > health.interval:
         errors.append("health.timeout: must not exceed health.interval")
@@ -626,10 +612,8 @@ def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = Tru
     if limits.max_request_line > limits.max_header_bytes:
         errors.append("limits.max_request_line: must not exceed limits.max_header_bytes")
     adm = sections["admin"]
-    if adm.enabled and not adm.token and not (adm.token_env and not secrets) \
-            and not _is_loopback(adm.host):
-        errors.append(f"admin.token: required when admin.host is not a loopback address "
-                      f"({adm.host!r}): the admin API can drain backends and reload")
+    if adm.enabled and not adm.token and not adm.token_env and not _is_loopback(adm.host):
+        errors.append(ADMIN_TOKEN_REQUIRED % adm.host)
     if sections["admin"].enabled and (sections["admin"].host, sections["admin"].port) == (
             sections["listen"].host, sections["listen"].port) and sections["listen"].port:
         errors.append("admin.port: the admin listener cannot share the proxy's address")
@@ -639,13 +623,56 @@ def parse(raw: dict[str, Any], source: str | None = None, *, secrets: bool = Tru
     return Config(backends=backends, source=source, **sections)
 
 
+def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = None,
+            environ: Mapping[str, str] | None = None) -> Config:
+    """Read what a validated configuration names outside itself: JWT key files (with
+    ``read_file``, default from disk, so that processes applying one configuration can be
+    given the same bytes: ``FileCopies``) and, when ``secrets``, the ``*_env`` secrets
+    (``admin.token_env``, a jwt source's ``secret_env``) from ``environ`` (default the
+    process environment). ConfigError names the key path of each problem.
+
+    ``secrets=False`` (``check``, ``route``, ``plan``: they need no secret) leaves the admin
+    token empty and gives a jwt source with an environment secret no key: it would refuse
+    every token, but only ``run`` verifies tokens, and ``run`` resolves secrets."""
+    from .routing.jwtkeys import JwtVerifier, load_verifier
+    env = os.environ if environ is None else environ
+    errors: list[str] = []
+    keys = []
+    for i, src in enumerate(cfg.routing.keys):
+        if src.kind == "jwt" and src.settings is not None:
+            s = src.settings
+            if s.secret_env and not secrets:
+                src = dataclasses.replace(src, jwt=JwtVerifier(s, {}))
+            else:
+                try:
+                    src = dataclasses.replace(
+                        src, jwt=load_verifier(s, read_file or read_disk, env))
+                except ValueError as e:
+                    errors.append(f"routing.keys[{i}].{e}")
+        keys.append(src)
+    admin = cfg.admin
+    if admin.token_env and secrets:
+        token = env.get(admin.token_env, "")
+        if not token:
+            errors.append(f"admin.token_env: environment variable {admin.token_env!r} is "
+                          "unset or empty")
+            if admin.enabled and not _is_loopback(admin.host):
+                errors.append(ADMIN_TOKEN_REQUIRED % admin.host)
+        admin = dataclasses.replace(admin, token=token)
+    if errors:
+        raise ConfigError(errors, cfg.source)
+    return dataclasses.replace(cfg, admin=admin,
+                               routing=dataclasses.replace(cfg.routing, keys=tuple(keys)))
+
+
 def loads(text: str, source: str | None = None, *, secrets: bool = True,
           read_file: ReadFile | None = None) -> Config:
+    """Parse, validate and resolve a configuration's text."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"TOML syntax error: {e}"], source) from None
-    return parse(raw, source, secrets=secrets, read_file=read_file)
+    return resolve(parse(raw, source), secrets=secrets, read_file=read_file)
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -713,8 +740,8 @@ def secret_variables(cfg: Config) -> list[tuple[str, str]]:
     if cfg.admin.token_env:
         out.append(("admin.token_env", cfg.admin.token_env))
     for i, src in enumerate(cfg.routing.keys):
-        if src.kind == "jwt" and src.jwt is not None and src.jwt.settings.secret_env:
-            out.append((f"routing.keys[{i}].secret_env", src.jwt.settings.secret_env))
+        if src.kind == "jwt" and src.settings is not None and src.settings.secret_env:
+            out.append((f"routing.keys[{i}].secret_env", src.settings.secret_env))
     return out
 
 

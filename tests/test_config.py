@@ -157,3 +157,66 @@ def test_configuration_reference_is_current():
     with open("docs/configuration.md") as f:
         assert f.read().strip() == config.reference_markdown().strip(), \
             "regenerate with: python -m stickyproxy.config > docs/configuration.md"
+
+
+# -- parse is pure; resolve reads the environment and key files --------------------------
+
+JWT_HS = """
+[admin]
+host = "0.0.0.0"
+token_env = "SP_TEST_ADMIN"
+[routing]
+keys = [{ from = "jwt", algorithms = ["HS256"], secret_env = "SP_TEST_JWT" }]
+[[backends]]
+id = "a"
+url = "http://127.0.0.1:1"
+"""
+
+
+def test_parse_reads_neither_environment_nor_files(monkeypatch, tmp_path):
+    import tomllib
+    monkeypatch.setenv("SP_TEST_ADMIN", "t0ken")
+    monkeypatch.setenv("SP_TEST_JWT", "s3cret")
+    cfg = config.parse(tomllib.loads(JWT_HS))
+    assert cfg.admin.token == ""                       # not looked up
+    (src,) = cfg.routing.keys
+    assert src.settings.secret_env == "SP_TEST_JWT" and src.jwt is None
+    pem = tmp_path / "missing.pem"                     # a key file that does not exist
+    cfg = config.parse(tomllib.loads(JWT_HS.replace(
+        'algorithms = ["HS256"], secret_env = "SP_TEST_JWT"',
+        f'algorithms = ["RS256"], public_key_file = "{pem}"')))
+    assert cfg.routing.keys[0].jwt is None
+
+
+@pytest.mark.parametrize("env, secrets, problems", [
+    ({"SP_TEST_ADMIN": "t", "SP_TEST_JWT": "s"}, True, []),
+    ({"SP_TEST_JWT": "s"}, True, ["admin.token_env: environment variable 'SP_TEST_ADMIN' is unset",
+                                  "admin.token: required"]),
+    ({"SP_TEST_ADMIN": "t"}, True, ["routing.keys[0].secret_env: environment variable "
+                                    "'SP_TEST_JWT' is unset"]),
+    ({}, False, []),                                   # check/route/plan need no secret
+])
+def test_resolve_reads_the_named_environment(env, secrets, problems):
+    import tomllib
+    cfg = config.parse(tomllib.loads(JWT_HS))
+    if not problems:
+        out = config.resolve(cfg, secrets=secrets, environ=env)
+        assert out.admin.token == env.get("SP_TEST_ADMIN", "") if secrets else out.admin.token == ""
+        assert out.routing.keys[0].jwt is not None
+        return
+    with pytest.raises(ConfigError) as e:
+        config.resolve(cfg, secrets=secrets, environ=env)
+    assert len(e.value.errors) == len(problems)
+    for got, want in zip(e.value.errors, problems):
+        assert got.startswith(want), got
+
+
+def test_resolve_reads_key_files_through_the_given_reader(tmp_path):
+    import tomllib
+    cfg = config.parse(tomllib.loads(JWT_HS.replace(
+        'algorithms = ["HS256"], secret_env = "SP_TEST_JWT"',
+        'algorithms = ["RS256"], public_key_file = "/keys/k.pem"').replace(
+        'host = "0.0.0.0"\ntoken_env = "SP_TEST_ADMIN"', "enabled = false")))
+    copies = config.FileCopies({})                     # serves nothing: unreadable
+    with pytest.raises(ConfigError, match=r"routing.keys\[0\].public_key_file: cannot read"):
+        config.resolve(cfg, read_file=copies.read)

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +138,18 @@ def bearer_token(value: bytes) -> str | None:
         return None
 
 
-def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = None) -> JwtVerifier:
-    """Read the keys a source names (environment, PEM or JWKS file, read with ``read_file``,
-    default from disk); ValueError on problems."""
-    read = read_file or _read_disk
+def settings_problem(s: JwtSettings) -> str | None:
+    """What is wrong with a source's settings alone (no file or environment read), as
+    ``key: problem``; None when nothing is."""
+    try:
+        _check_settings(s)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_settings(s: JwtSettings) -> bool:
+    """Whether the source is HMAC; ValueError when its settings cannot work."""
     if not s.algorithms:
         raise ValueError("algorithms: at least one algorithm must be pinned")
     known = set(get_default_algorithms()) - {"none"}
@@ -157,16 +165,25 @@ def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = Non
     sources = [x for x in (s.secret_env, s.public_key_file, s.jwks_file) if x]
     if len(sources) != 1:
         raise ValueError("give exactly one of secret_env, public_key_file, jwks_file")
-    if hmac:
-        if not s.secret_env:
-            raise ValueError("secret_env: HMAC algorithms need a secret from the environment")
-        secret = os.environ.get(s.secret_env, "")
+    if hmac and not s.secret_env:
+        raise ValueError("secret_env: HMAC algorithms need a secret from the environment")
+    if not hmac and s.secret_env:
+        raise ValueError("secret_env: public-key algorithms need public_key_file or jwks_file")
+    return bool(hmac)
+
+
+def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = None,
+                  environ: Mapping[str, str] | None = None) -> JwtVerifier:
+    """Read the keys a source names (``environ``, default the process environment; a PEM
+    or JWKS file read with ``read_file``, default from disk); ValueError on problems."""
+    read = read_file or _read_disk
+    env = os.environ if environ is None else environ
+    if _check_settings(s):
+        secret = env.get(s.secret_env, "")
         if not secret:
             raise ValueError(f"secret_env: environment variable {s.secret_env!r} is unset "
                              "or empty")
         return JwtVerifier(s, {None: secret.encode()})
-    if s.secret_env:
-        raise ValueError("secret_env: public-key algorithms need public_key_file or jwks_file")
     if s.public_key_file:
         try:
             pem = read(s.public_key_file)
