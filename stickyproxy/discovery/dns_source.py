@@ -42,13 +42,17 @@ class LookupFailed(Exception):
 
 
 def make_resolver(nameservers: Sequence[tuple[str, int]], timeout: float,
-                  ) -> dns.asyncresolver.Resolver:
-    """An async resolver asking ``nameservers`` (empty: those of /etc/resolv.conf)."""
+                  resolv_conf: str = "/etc/resolv.conf") -> dns.asyncresolver.Resolver:
+    """An async resolver asking ``nameservers`` (empty: those of /etc/resolv.conf, read
+    here: call it off the event loop). LookupFailed when there are none."""
     if nameservers:
         r = dns.asyncresolver.Resolver(configure=False)
         r.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in nameservers]
     else:
-        r = dns.asyncresolver.Resolver(configure=True)
+        try:
+            r = dns.asyncresolver.Resolver(filename=resolv_conf, configure=True)
+        except dns.resolver.NoResolverConfiguration:
+            raise LookupFailed(f"no nameserver in {resolv_conf}: set nameservers") from None
     # Each server gets its share of the bound before the next is tried.
     r.timeout = max(timeout / max(1, len(r.nameservers)), 0.01)
     r.lifetime = timeout
@@ -95,7 +99,7 @@ class DnsSource(Source):
             super().__init__(settings, current, clock=clock)
         assert settings.dns is not None
         self.dns: DnsSettings = settings.dns
-        self.resolver = make_resolver(self.dns.nameservers, self.dns.timeout)
+        self._resolver: dns.asyncresolver.Resolver | None = None
         self.qname = dns.name.from_text(self.dns.name)   # absolute: no search domains
 
     @property
@@ -108,8 +112,16 @@ class DnsSource(Source):
     def _delay(self, ttl: float) -> float:
         return min(max(ttl, self.dns.interval_min), self.dns.interval_max)
 
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        assert self._resolver is not None
+        return self._resolver
+
     async def poll(self) -> Poll:
         try:
+            if self._resolver is None:
+                self._resolver = await asyncio.to_thread(
+                    make_resolver, self.dns.nameservers, self.dns.timeout)
             async with asyncio.timeout(self.dns.timeout):
                 if self.dns.type == "SRV":
                     backends, problems, ttl = await self._srv()

@@ -213,7 +213,7 @@ class HostResolver:
     async def _ask(self, key: str) -> tuple[list[str], float]:
         s = self.settings
         if self._resolver is None:
-            self._resolver = make_resolver(s.nameservers, s.timeout)
+            self._resolver = await asyncio.to_thread(make_resolver, s.nameservers, s.timeout)
         # A relative name is completed with resolv.conf's search list and ndots, as
         # getaddrinfo does (with explicit nameservers there is no list: the root).
         async with asyncio.timeout(s.timeout):

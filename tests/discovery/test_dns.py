@@ -185,3 +185,42 @@ async def test_a_silent_server_is_bounded_by_the_timeout_and_blocks_no_other_sou
     elapsed = time.monotonic() - t0
     assert bad.backends is None and "0.6s" in bad.error, bad.error
     assert 0.5 < elapsed < 0.6 + 0.5, elapsed
+
+
+async def test_dual_stack_members_are_one_member_each_and_ipv6_urls_are_bracketed(dnsmasq):
+    dnsmasq.hosts = [("127.0.0.10", "web-0.app.test"), ("fd00::10", "web-0.app.test"),
+                     ("fd00::11", "web-1.app.test"),
+                     ("127.0.0.10", "app.test"), ("fd00::10", "app.test"), ("fd00::11", "app.test")]
+    dnsmasq.start()
+    poll = await source(dnsmasq.address, name="app.test", type="A+AAAA", port=9000).poll()
+    assert [(b.id, b.url, b.host) for b in poll.backends] == [
+        ("web-0.app.test", "http://127.0.0.10:9000", "127.0.0.10"),
+        ("web-1.app.test", "http://[fd00::11]:9000", "fd00::11")]
+    only6 = await source(dnsmasq.address, name="app.test", type="AAAA", port=9000).poll()
+    assert [(b.id, b.host) for b in only6.backends] == [("web-0.app.test", "fd00::10"),
+                                                       ("web-1.app.test", "fd00::11")]
+
+
+async def test_two_proxies_fed_the_same_answers_build_the_same_ring(dnsmasq):
+    from stickyproxy.routing.ring import Member, Ring
+    dnsmasq.srv = [(NAME, f"web-{i}.app.test", 8080, 0, 33) for i in (2, 0, 1)]
+    dnsmasq.hosts = [(f"127.0.0.{10 + i}", f"web-{i}.app.test") for i in range(3)]
+    dnsmasq.start()
+    rings = []
+    for _ in range(2):
+        poll = await source(dnsmasq.address).poll()
+        rings.append(Ring([Member(b.id, b.weight) for b in poll.backends]))
+    assert rings[0].fingerprint == rings[1].fingerprint
+    assert [rings[0].owner(f"user-{i}") for i in range(2000)] == \
+        [rings[1].owner(f"user-{i}") for i in range(2000)]
+
+
+def test_no_nameserver_configured_is_a_lookup_failure_naming_the_remedy(tmp_path):
+    from stickyproxy.discovery.dns_source import LookupFailed, make_resolver
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search example.test\n")
+    with pytest.raises(LookupFailed, match="set nameservers"):
+        make_resolver((), 1.0, str(conf))
+    conf.write_text("nameserver 127.0.0.53\noptions ndots:2\n")
+    r = make_resolver((), 1.0, str(conf))
+    assert [str(getattr(n, "address", n)) for n in r.nameservers] == ["127.0.0.53"]
