@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..config import Backend
+from ..config import Backend, ConfigError
 from .guard import APPLY, REFUSE, WAIT, Decision, MembershipGuard
 from .settings import DiscoverySettings
 
@@ -123,6 +123,11 @@ class Source:
         elif d.action == APPLY:
             try:
                 await on_change(d.backends)
+            except ConfigError as e:       # refused by the reload path: said, not a bug
+                self.stats.apply_failures += 1
+                log.error("discovery %s: applying %d members was refused: %s; trying again",
+                          self.describe(), len(d.backends), e)
+                return d, self.min_delay
             except Exception:
                 self.stats.apply_failures += 1
                 log.exception("discovery %s: applying %d members failed; trying again",

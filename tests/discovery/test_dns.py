@@ -224,3 +224,48 @@ def test_no_nameserver_configured_is_a_lookup_failure_naming_the_remedy(tmp_path
     conf.write_text("nameserver 127.0.0.53\noptions ndots:2\n")
     r = make_resolver((), 1.0, str(conf))
     assert [str(getattr(n, "address", n)) for n in r.nameservers] == ["127.0.0.53"]
+
+
+def test_the_source_and_the_resolver_run_on_uvloop(dnsmasq, tmp_path):
+    """The proxy's loop is uvloop (dnspython's datagram endpoints must work there too)."""
+    import uvloop
+
+    from stickyproxy.discovery import HostResolver, parse_resolver
+    pods(dnsmasq, 2)
+    dnsmasq.start()
+
+    async def both():
+        poll = await source(dnsmasq.address).poll()
+        (tmp_path / "hosts").write_text("")
+        hr = HostResolver(parse_resolver({"nameservers": [dnsmasq.address]}),
+                          hosts_file=str(tmp_path / "hosts"))
+        try:
+            return poll, await hr.resolve("web-1.app.test")
+        finally:
+            await hr.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        poll, addrs = loop.run_until_complete(asyncio.wait_for(both(), 5))
+    finally:
+        loop.close()
+    assert [b.id for b in poll.backends] == list(ids(0, 1)) and addrs == ["127.0.0.11"]
+
+
+async def test_a_step_the_reload_path_refuses_is_offered_again(dnsmasq):
+    from stickyproxy.config import ConfigError
+    pods(dnsmasq, 2)
+    dnsmasq.start()
+    src = source(dnsmasq.address)
+    calls = []
+
+    async def refuse_once(backends):
+        calls.append(backends)
+        if len(calls) == 1:
+            raise ConfigError(["backends: refused for the test"])
+
+    await src.step(refuse_once)
+    assert src.stats.apply_failures == 1 and src.current == ()
+    await src.step(refuse_once)
+    assert src.stats.applied == 1 and [b.id for b in src.current] == list(ids(0, 1))
+    assert calls[0] == calls[1]
