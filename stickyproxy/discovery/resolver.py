@@ -54,7 +54,6 @@ class _Entry:
     error: str
     fresh_until: float
     stale_until: float
-    refresh: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -106,13 +105,22 @@ class HostResolver:
     # -- public -----------------------------------------------------------------------
 
     def cached(self, host: str) -> list[str] | None:
-        """Addresses known for ``host`` now (fresh or stale), without any I/O; None if none."""
+        """Addresses known for ``host`` now (fresh or stale), without waiting; None if none
+        (then ``await resolve(host)``). A stale answer starts its refresh, as in ``resolve``."""
         literal = _literal(host)
         if literal is not None:
             return [literal]
-        e = self._entries.get(host.lower().rstrip("."))
-        if e is None or not e.addresses or self.clock() >= e.stale_until:
+        key = host.lower().rstrip(".")
+        e = self._entries.get(key)
+        now = self.clock()
+        if e is None or not e.addresses or now >= e.stale_until:
             return None
+        if now >= e.fresh_until:
+            self.stats.stale += 1
+            if key not in self._inflight:
+                self._start(key)
+        else:
+            self.stats.hits += 1
         return list(e.addresses)
 
     async def resolve(self, host: str) -> list[str]:
