@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import eventually, http_request
+from support.http import http_request
+from support.net import eventually
 
 
 def held_backend_script(release: asyncio.Event):

@@ -9,7 +9,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import RawConn, respond_with
+from support.backends import RawConn, respond_with
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 H = b"Host: shop.example\r\nX-User-Id: u\r\n"

@@ -9,13 +9,9 @@ import time
 
 import aiohttp
 import pytest
-from conftest import (
-    DeadBackend,
-    IncompleteResponse,
-    eventually,
-    http_request,
-    respond_with,
-)
+from support.backends import DeadBackend, respond_with
+from support.http import IncompleteResponse, http_request
+from support.net import eventually
 
 from stickyproxy.routing.ring import Member, Ring
 

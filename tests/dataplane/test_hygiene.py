@@ -5,7 +5,8 @@ forms a reverse proxy does not serve are refused without contacting a backend.""
 from __future__ import annotations
 
 from aiohttp import web
-from conftest import http_request, respond_with
+from support.backends import respond_with
+from support.http import http_request
 
 HOP_BY_HOP_REQUEST = [
     ("Connection", "close, X-Foo"),

@@ -7,7 +7,9 @@ import pytest
 
 import asyncio
 
-from conftest import IncompleteResponse, eventually, http_request, respond_with
+from support.backends import respond_with
+from support.http import IncompleteResponse, http_request
+from support.net import eventually
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import LOCALHOST, Client, free_port, http_request
+from support.http import Client, http_request
+from support.net import LOCALHOST, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import eventually, http_request, respond_with
+from support.backends import respond_with
+from support.http import http_request
+from support.net import eventually
 
 TICK = 0.1
 SLACK = 0.4          # scheduling noise allowed on top of a deadline + one tick

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import eventually, respond_with
+from support.backends import respond_with
+from support.net import eventually
 
 LIMITS = {"max_request_line": 1024, "max_header_bytes": 4096, "max_headers": 20,
           "max_body": 1000}

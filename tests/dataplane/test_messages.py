@@ -8,7 +8,8 @@ import os
 
 import pytest
 from aiohttp import web
-from conftest import IncompleteResponse, http_request, respond_with
+from support.backends import respond_with
+from support.http import IncompleteResponse, http_request
 
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 

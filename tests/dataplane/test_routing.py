@@ -11,7 +11,8 @@ from collections import Counter
 
 import aiohttp
 import pytest
-from conftest import http_request, ring_of, route_json
+from support.config import ring_of, route_json
+from support.http import http_request
 
 USERS = [f"user-{i}" for i in range(150)]
 

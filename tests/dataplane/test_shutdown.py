@@ -10,7 +10,9 @@ import asyncio
 import signal
 
 from aiohttp import web
-from conftest import Client, alive, descendants, eventually, http_request
+from support.http import Client, http_request
+from support.net import eventually
+from support.procs import alive, descendants
 
 
 def slow_handler(delay: float):

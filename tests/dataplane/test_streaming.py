@@ -8,7 +8,8 @@ import hashlib
 
 import pytest
 from aiohttp import web
-from conftest import eventually, http_request
+from support.http import http_request
+from support.net import eventually
 
 MB = 1 << 20
 CHUNK = b"0123456789abcdef" * 4096          # 64 KiB

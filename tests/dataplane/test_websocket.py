@@ -10,7 +10,8 @@ import time
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from conftest import eventually, http_request
+from support.http import http_request
+from support.net import eventually
 
 
 def ws_app(closed: list):

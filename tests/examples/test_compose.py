@@ -19,11 +19,12 @@ import yaml
 from prometheus_client import CollectorRegistry
 from shop.metrics import ShopMetrics
 from shop.settings import parse_args
+from support.net import IO_TIMEOUT, free_port
 
 from stickyproxy.control import metrics as proxy_metrics
 from stickyproxy.context import ContextMetrics
 
-from .conftest import EXAMPLES, IO_TIMEOUT, ShopFactory, free_port
+from .conftest import EXAMPLES, ShopFactory
 
 COMPOSE = EXAMPLES / "docker-compose.yml"
 PROMETHEUS = EXAMPLES / "prometheus.yml"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from .conftest import IO_TIMEOUT, ROOT, free_port
+from support.net import IO_TIMEOUT, free_port
+from support.procs import alive, descendants
 
 # Start-up: Redis, three Python app processes and the proxy, on a loaded CI machine.
 START_DEADLINE = 60.0
@@ -112,31 +112,6 @@ class DemoProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc.wait(10)
-
-
-def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier and p not in out}
-        out |= frontier
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture

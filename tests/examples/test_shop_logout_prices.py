@@ -22,8 +22,9 @@ from shop.settings import (
     Settings,
     parse_args,
 )
+from support.net import IO_TIMEOUT, eventually
 
-from .conftest import IO_TIMEOUT, as_user, eventually
+from .conftest import as_user
 from .test_shop import MODES, metric
 
 # The test origin's delay per lookup: long enough that concurrent misses overlap.

@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
+from support.net import IO_TIMEOUT, eventually, free_port
 
-from .conftest import IO_TIMEOUT, START_DEADLINE, eventually, free_port
+from .conftest import START_DEADLINE
 
 SECRET = "test-shop-secret-of-at-least-thirty-two-bytes"
 SECRET_ENV = "SHOP_TOKEN_SECRET"

@@ -8,11 +8,10 @@ import logging
 import time
 
 import pytest
-from conftest import DeadBackend
+from support.backends import DeadBackend
+from support.config import keys_where
 
 from stickyproxy.routing.router import key_digest
-
-from .conftest import keys_where
 
 FIELDS = {"time", "client", "method", "path", "status", "bytes", "duration_ms", "backend",
           "route", "retries", "key"}

@@ -3,10 +3,9 @@ bearer-token protection of the mutating endpoints."""
 
 from __future__ import annotations
 
-from conftest import route_json
 from prometheus_client.parser import text_string_to_metric_families
-
-from .conftest import Metrics
+from support.config import route_json
+from support.metrics import Metrics
 
 BACKEND_FIELDS = {"id", "url", "weight", "state", "usable", "healthy", "drained", "ejected_for",
                   "ejections", "failback_in", "inflight", "websocket_tunnels", "key_share",

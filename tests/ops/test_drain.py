@@ -10,9 +10,9 @@ import time
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from conftest import eventually
-
-from .conftest import keys_where, user_requests
+from support.config import keys_where
+from support.health import user_requests
+from support.net import eventually
 
 
 def _slow_on(path: str, release: asyncio.Event, inner):

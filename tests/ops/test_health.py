@@ -3,21 +3,19 @@ sees them: GET /backends, GET /route, /metrics, the health log, and where users 
 
 from __future__ import annotations
 
-import pytest
-
 import logging
 import time
 
-from conftest import eventually
-
-from .conftest import (
+import pytest
+from support.config import keys_where
+from support.health import (
     HealthScript,
     health_cfg,
-    keys_where,
     simulate_rise_fall,
     user_requests,
     with_health,
 )
+from support.net import eventually
 
 
 async def _landed(p, user: str) -> str:

@@ -9,9 +9,10 @@ from collections import Counter
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from conftest import Client, DeadBackend, echo_handler, eventually, http_request
-
-from .conftest import keys_where
+from support.backends import DeadBackend, echo_handler
+from support.config import keys_where
+from support.http import Client, http_request
+from support.net import eventually
 
 
 async def _with_404(request: web.Request, rec):

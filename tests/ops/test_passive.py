@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import time
 
-from conftest import DeadBackend, eventually
-
-from .conftest import keys_where, user_requests
+from support.backends import DeadBackend
+from support.config import keys_where
+from support.health import health_cfg, user_requests
+from support.net import eventually
 
 
 def passive(**kw):
@@ -164,7 +165,6 @@ async def test_a_passing_health_check_lifts_a_passive_ejection(raw_backend, back
     """Envoy's successful_active_health_check_uneject_host: a backend ejected for failed
     exchanges (here while it was restarting) is back as soon as an active check passes,
     not after base_ejection (30 s here)."""
-    from .conftest import health_cfg
     serving = {"data": False}
 
     async def restarting(conn):

@@ -9,18 +9,12 @@ import asyncio
 import signal
 
 import pytest
-from conftest import (
-    Client,
-    build_toml,
-    eventually,
-    free_port,
-    http_request,
-    ring_of,
-)
+from support.config import build_toml, keys_where, ring_of
+from support.health import HealthScript, health_cfg, user_requests, with_health
+from support.http import Client, http_request
+from support.net import eventually, free_port
 
 from stickyproxy.config import loads
-
-from .conftest import HealthScript, health_cfg, keys_where, user_requests, with_health
 
 
 async def test_reload_under_load_adds_removes_and_reweights_without_failures(

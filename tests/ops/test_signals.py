@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import http_request, Client
+from support.http import Client, http_request
 
 pytestmark = pytest.mark.slow
 

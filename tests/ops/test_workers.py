@@ -9,26 +9,14 @@ import signal
 
 import aiohttp
 import pytest
-from conftest import (
-    Client,
-    alive,
-    build_toml,
-    descendants,
-    eventually,
-    free_port,
-    http_request,
-)
+from support.config import build_toml, keys_where, ring_of
+from support.health import user_requests
+from support.http import Client, http_request
+from support.metrics import Metrics
+from support.net import eventually, free_port
+from support.procs import alive, descendants, established_to, listeners, listening_on
 
 from stickyproxy.config import loads
-
-from .conftest import (
-    Metrics,
-    established_to,
-    keys_where,
-    listeners,
-    listening_on,
-    user_requests,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +80,6 @@ async def start(backends, proxy_process, ids=("a", "b", "c")):
 
 
 def ring_for(pp, text):
-    from conftest import ring_of
     return ring_of(loads(text, "x.toml"))
 
 

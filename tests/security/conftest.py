@@ -20,9 +20,6 @@ The proxy tests run on uvloop (the production loop), like tests/dataplane.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,14 +29,11 @@ from typing import Any
 import httptools
 import pytest
 import uvloop
-from conftest import (
-    IO_TIMEOUT,
-    Client,
-    IncompleteResponse,
-    RawBackend,
-    RawConn,
-    Response,
-)
+from support.backends import RawBackend, RawConn
+from support.http import Client, IncompleteResponse, Response
+from support.net import IO_TIMEOUT
+from support.redis import RedisServer
+from support.redis import installed as redis_installed
 
 _HERE = Path(__file__).parent
 # Modules whose tests run on the default asyncio loop (the context library's own tests do).
@@ -365,12 +359,6 @@ async def rig(raw_backend, proxy):
 # ---------------------------------------------------------------------------------------
 # small things
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def metric(admin_port: int, name: str, **labels: str) -> float:
     """One sample of the proxy's /metrics (0 when absent)."""
     c = await Client.connect(admin_port)
@@ -396,57 +384,11 @@ async def metric(admin_port: int, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------------------
 # Redis: a server of the test's own
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-class RedisServer:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            self.port = free_port()
-            assert self.port != 6379
-            self.proc = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            end = time.monotonic() + 10
-            while time.monotonic() < end and self.proc.poll() is None:
-                try:
-                    with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1) as c:
-                        if c.ping():
-                            return
-                except redis.RedisError:
-                    time.sleep(0.02)
-            self.stop()
-        raise RuntimeError("redis-server did not start")
-
-    def client(self):
-        import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        self.proc = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not Path(REDIS_SERVER).exists():
+    if not redis_installed():
         pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    server = RedisServer(tmp_path / "redis").start()
     try:
         yield server
     finally:

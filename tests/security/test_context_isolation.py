@@ -30,6 +30,8 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
+from support.net import free_port
+from support.redis import RedisServer
 
 from stickyproxy.context import (
     ContextStore,
@@ -42,7 +44,6 @@ from stickyproxy.context import (
 from stickyproxy.context.errors import ContextError
 from stickyproxy.context.scripts import record_key
 
-from .conftest import RedisServer, free_port
 
 NS = "sec"
 SECRET = "alice-private-data-7f3a"

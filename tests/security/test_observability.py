@@ -13,7 +13,7 @@ import logging
 import random
 import re
 
-from conftest import Client, http_request
+from support.http import Client, http_request
 
 from .conftest import strict_responder
 

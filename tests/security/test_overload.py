@@ -17,7 +17,8 @@ import resource
 import time
 
 import pytest
-from conftest import Client, http_request, ring_of
+from support.config import ring_of
+from support.http import Client, http_request
 
 from .conftest import metric, strict_responder
 

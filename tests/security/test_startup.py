@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support.net import free_port
 
 from stickyproxy import compiled
 from stickyproxy.control.startup import FLOORS
 
-from .conftest import free_port
 
 ENV_KEYS = ("AIOHTTP_NO_EXTENSIONS", "STICKYPROXY_ALLOW_PY_PARSER")
 
