@@ -26,6 +26,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httptools
@@ -217,13 +218,15 @@ def lenient_request(buf: bytes, pos: int = 0) -> tuple[Message, int] | None:
     return msg, pos
 
 
-def lenient_requests(buf: bytes) -> tuple[list[Message], bytes, str]:
-    """Every request in ``buf``: (complete ones, the unread rest, an error or "")."""
+def _every(read: Callable[[bytes, int], tuple[Message, int] | None],
+           buf: bytes) -> tuple[list[Message], bytes, str]:
+    """Every message ``read`` frames in ``buf``, one after another: (complete ones, the
+    unread rest, an error or "")."""
     out: list[Message] = []
     pos = 0
     while pos < len(buf):
         try:
-            got = lenient_request(buf, pos)
+            got = read(buf, pos)
         except Malformed as e:
             return out, buf[pos:], str(e)
         if got is None:
@@ -231,6 +234,11 @@ def lenient_requests(buf: bytes) -> tuple[list[Message], bytes, str]:
         msg, pos = got
         out.append(msg)
     return out, buf[pos:], ""
+
+
+def lenient_requests(buf: bytes) -> tuple[list[Message], bytes, str]:
+    """Every request in ``buf``: (complete ones, the unread rest, an error or "")."""
+    return _every(lenient_request, buf)
 
 
 def lenient_response(buf: bytes, pos: int = 0, *, head: bool = False,
@@ -290,18 +298,9 @@ def lenient_response(buf: bytes, pos: int = 0, *, head: bool = False,
 
 def lenient_responses(buf: bytes, *, head: bool = False,
                       eof: bool = False) -> tuple[list[Message], bytes, str]:
-    out: list[Message] = []
-    pos = 0
-    while pos < len(buf):
-        try:
-            got = lenient_response(buf, pos, head=head, eof=eof)
-        except Malformed as e:
-            return out, buf[pos:], str(e)
-        if got is None:
-            break
-        msg, pos = got
-        out.append(msg)
-    return out, buf[pos:], ""
+    """Every response in ``buf`` (1xx included): (complete ones, the unread rest, an error
+    or "")."""
+    return _every(lambda b, pos: lenient_response(b, pos, head=head, eof=eof), buf)
 
 
 def final_responses(msgs: list[Message]) -> list[Message]:
