@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Final
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
-from ..routing.keys import KeyRejected
-from .exchange import DONE, PENDING, RESPONDING, Exchange, _without_named, refused_exchange
+from .exchange import DONE, PENDING, RESPONDING, Exchange, refused_exchange
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
-                   connection_tokens, error_response, is_chunked_only, normalise_target,
-                   STAND_IN_METHOD, refuse_method, rewrite_request_line)
+                   error_response, STAND_IN_METHOD, rewrite_request_line)
+from .request import build_request
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -42,9 +41,6 @@ FEED_SLICE: Final = 16 * 1024
 
 # Output pieces totalling at most this are joined into one buffer before sending.
 FLUSH_JOIN_LIMIT: Final = 16 * 1024
-
-# RFC 9110 §7.2 / RFC 3986 §3.2.2: a Host is a reg-name or IP literal with an optional port.
-_HOST_RE: Final = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::\d{0,5})?$")
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -485,124 +481,16 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- request building ----------------------------------------------------------------
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
-        server = self.server
-        host: bytes | None = None
-        hosts = 0
-        te: list[bytes] | None = None
-        cl: bytes | None = None
-        conn_values: list[bytes] | None = None
-        upgrade_values: list[bytes] | None = None
-        xff: list[bytes] = []
-        xfp: bytes | None = None
-        xfh: bytes | None = None
-        for ln, v in self.special:
-            if ln == b"host":
-                hosts += 1
-                host = v
-            elif ln == b"content-length":
-                cl = v
-            elif ln == b"transfer-encoding":
-                te = (te or []) + [v]
-            elif ln == b"connection":
-                conn_values = (conn_values or []) + [v]
-            elif ln == b"upgrade":
-                upgrade_values = (upgrade_values or []) + [v]
-            elif ln == b"x-forwarded-for":
-                xff.append(v)
-            elif ln == b"x-forwarded-proto":
-                xfp = v
-            elif ln == b"x-forwarded-host":
-                xfh = v
-        if version != "1.1" and version != "1.0":
-            raise RequestError(505, f"HTTP/{version} is not supported")
-        if hosts != 1:
-            if hosts > 1:
-                raise RequestError(400, "more than one Host header")
-            if version == "1.1":
-                raise RequestError(400, "missing Host header")
-        if host is not None and host != self.valid_host:
-            if not _HOST_RE.match(host):
-                raise RequestError(400, "invalid Host header")
-            self.valid_host = host  # a connection's requests nearly always repeat it
-        if te is not None:
-            if version == "1.0":
-                raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            if not is_chunked_only(te):
-                raise RequestError(400, "unsupported transfer coding")
-            framing, length = "chunked", 0
-        elif cl is not None:
-            framing, length = "cl", int(cl)
-            max_body = server.config.limits.max_body
-            if max_body and length > max_body:
-                raise RequestError(413, f"request body larger than {max_body} bytes")
-        else:
-            framing, length = "none", 0
-        url = self.url
-        target = url if url[:1] == b"/" else normalise_target(method, url, host)
-        if target.find(b"#") >= 0:
-            # a fragment is the client's own business (RFC 9110 §4.2.5): never forwarded
-            target = target.partition(b"#")[0]
-        upgrade = False
-        fwd = self.fwd
-        if self.parser.should_upgrade():
-            # (llhttp's upgrade includes CONNECT) CONNECT is refused whatever its target
-            refuse_method(method)
-            # llhttp ends an upgrade request at its head and treats what follows as the new
-            # protocol: a body would be read as further requests (smuggling). Refused.
-            if framing != "none":
-                raise RequestError(400, "a request asking to upgrade cannot carry a body")
-        if conn_values is not None:
-            tokens = connection_tokens(conn_values)
-            fwd = _without_named(fwd, tokens)
-            if b"upgrade" in tokens and upgrade_values and self.parser.should_upgrade():
-                wants_ws = any(v.strip().lower() == b"websocket" for v in upgrade_values)
-                upgrade = wants_ws and method == "GET" and framing == "none" and version == "1.1"
-        path, _, query = target.partition(b"?")
-        key: str | None = None
-        client_ip: str | None = None   # the client past trusted proxies, for no_key = client-ip
-        try:
-            got = server.router.extractor.extract(self.headers, path, query)
-        except KeyRejected as e:
-            extra = b'WWW-Authenticate: Bearer error="invalid_token"\r\n' if e.status == 401 else b""
-            raise RequestError(e.status, str(e), extra) from None
-        if got is not None:
-            key = got.key
-        elif server.config.routing.no_key == "reject":
-            raise RequestError(400, "request carries no user key")
-        elif server.config.routing.no_key == "client-ip":
-            client_ip = _client_ip(self.peer_ip, xff if self.trusted else [], server)
-
-        # the forwarded head: hop-by-hop fields were left out as they arrived
-        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-        parts += fwd
-        if host is None:
-            parts.append(b"Host: " + server.default_host + b"\r\n")
-        if upgrade:
-            parts.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
-        if server.forwarded:
-            peer = self.peer_bytes
-            if self.trusted:
-                if xff:
-                    parts.append(b"X-Forwarded-For: " + b", ".join(xff) + b", " + peer + b"\r\n")
-                else:
-                    parts.append(b"X-Forwarded-For: " + peer + b"\r\n")
-                parts.append(b"X-Forwarded-Proto: " + (xfp or b"http") + b"\r\n")
-                fwd_host = xfh or host
-            else:
-                parts.append(b"X-Forwarded-For: " + peer + b"\r\nX-Forwarded-Proto: http\r\n")
-                fwd_host = host
-            if fwd_host:
-                parts.append(b"X-Forwarded-Host: " + fwd_host + b"\r\n")
-        if key is not None:
-            parts.append(server.key_header + b": " + key.encode("utf-8") + b"\r\n")
-        parts.append(server.ring_header)
-        ex = Exchange(self, method, target, version, b"".join(parts), framing, length,
-                      upgrade, key)
-        if client_ip is not None:
-            # a value of this request, not of the connection: requests pipelined behind it
-            # may come from other clients of a trusted proxy
-            ex.route_key = client_ip
-        if not keep_alive:
+        req = build_request(self.server, method, version, keep_alive, self.url, self.headers,
+                            self.special, self.fwd, self.parser.should_upgrade(), self.peer_ip,
+                            self.peer_bytes, self.trusted, self.valid_host)
+        if req.host is not None:
+            self.valid_host = req.host
+        ex = Exchange(self, req.method, req.target, req.version, req.head, req.framing,
+                      req.length, req.upgrade, req.key)
+        if req.route_key is not None:
+            ex.route_key = req.route_key
+        if req.close_after:
             ex.close_after = True
         return ex
 
@@ -825,18 +713,6 @@ class ClientProtocol(asyncio.Protocol):
         """Graceful stop: close now if idle, else after the current response."""
         if self.tunnel is None and not self.queue and not self.in_head:
             self._close()
-
-
-def _client_ip(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:
-    """The client's address: the peer, or behind trusted proxies the rightmost
-    X-Forwarded-For entry that is not itself a trusted proxy."""
-    if not xff:
-        return peer
-    hops = [h.strip() for v in xff for h in v.decode("latin-1").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not server.is_trusted(hop):
-            return hop
-    return hops[0] if hops else peer
 
 
 def _message_start(data: bytes, parsed: int) -> int:

@@ -17,7 +17,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Final
 
-from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens
+from .http import (HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens,
+                   without_named)
 from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
                     retry_reason)
 from .tunnel import Tunnel
@@ -55,20 +56,6 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # Connection values that name no other field (the usual ones): nothing more to remove.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
-
-
-_NEVER_HOP_BY_HOP: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
-                               b"content-length"})
-
-
-def _without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
-    """Drop the header lines whose names a Connection field lists (RFC 9110 §7.6.1)."""
-    # Host and framing fields are end-to-end by definition: a Connection field naming them
-    # is ignored for them (removing Host would forward a request without one)
-    tokens = tokens - _NEVER_HOP_BY_HOP
-    if not tokens:
-        return lines
-    return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in tokens]
 
 
 def _chunk(data: bytes) -> list[bytes]:
@@ -455,7 +442,7 @@ class Exchange:
         out = self.resp_out
         if conn_values is not None and not (
                 len(conn_values) == 1 and conn_values[0].lower() in _PLAIN_CONNECTION):
-            out = _without_named(out, connection_tokens(conn_values))
+            out = without_named(out, connection_tokens(conn_values))
         if self.head_only or status in NO_BODY_STATUSES:
             self.resp_in_framing = out_framing = "none"
         elif te is not None:

@@ -193,3 +193,18 @@ def is_chunked_only(values: list[bytes]) -> bool:
     """
     # spaces only: llhttp accepts trailing spaces but refuses a tab after "chunked"
     return len(values) == 1 and values[0].strip(b" ").lower() == b"chunked"
+
+
+# Connection values that name no field to remove, and fields that are end-to-end by
+# definition: a Connection field naming them is ignored for them (removing Host would
+# forward a request without one).
+_NEVER_HOP_BY_HOP: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
+                                      b"content-length"})
+
+
+def without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:
+    """Drop the header lines whose names a Connection field lists (RFC 9110 §7.6.1)."""
+    tokens = tokens - _NEVER_HOP_BY_HOP
+    if not tokens:
+        return lines
+    return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in tokens]
