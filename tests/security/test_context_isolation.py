@@ -44,7 +44,6 @@ from stickyproxy.context import (
 from stickyproxy.context.errors import ContextError
 from stickyproxy.context.scripts import record_key
 
-
 NS = "sec"
 SECRET = "alice-private-data-7f3a"
 

@@ -23,7 +23,7 @@ import asyncio
 
 import pytest
 
-from .conftest import (
+from .judges import (
     SETTLE,
     Rig,
     assert_normalised,

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .conftest import Rig, expect_rejected, parse_forwarded, strict_responder
+from .judges import Rig, expect_rejected, parse_forwarded, strict_responder
 
 SECRET_ENV = "SP_SECURITY_TEST_JWT_SECRET"
 SECRET = "security-suite-secret-0123456789abcdef0123456789"

@@ -15,7 +15,7 @@ import re
 
 from support.http import Client, http_request
 
-from .conftest import strict_responder
+from .judges import strict_responder
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 

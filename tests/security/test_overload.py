@@ -20,7 +20,7 @@ import pytest
 from support.config import ring_of
 from support.http import Client, http_request
 
-from .conftest import metric, strict_responder
+from .judges import metric, strict_responder
 
 TICK = 0.1           # the proxy checks deadlines on this period (dataplane/proxy.py TICK)
 SLACK = 0.5          # scheduling noise on top of a deadline + one tick

@@ -36,7 +36,6 @@ from support.net import free_port
 from stickyproxy import compiled
 from stickyproxy.control.startup import FLOORS
 
-
 ENV_KEYS = ("AIOHTTP_NO_EXTENSIONS", "STICKYPROXY_ALLOW_PY_PARSER")
 
 
