@@ -505,8 +505,7 @@ class ClientProtocol(asyncio.Protocol):
         self.receiving = None
         reason = f"request body larger than {self.server.config.limits.max_body} bytes"
         if ex.state == PENDING and self.queue and self.queue[0] is not ex:
-            ex.local = (413, reason, b"")
-            ex.local_close = True
+            ex.answer_locally(413, reason)
             ex.body_buf = []
         elif ex.state == RESPONDING:
             ex.error_kind = "body-too-large"

@@ -572,8 +572,7 @@ class Exchange:
         if self.state == DONE or (conn is not None and conn is not self.upstream):
             return
         if conn is not None:
-            conn.exchange = None
-            conn.abort()
+            conn.detach(abort=True)
         self.upstream = None
         backend = self.backend
         if self.state == RESPONDING:
@@ -595,6 +594,12 @@ class Exchange:
                else f"backend {backend.id} failed: {message}")  # type: ignore[union-attr]
         self.retry(backend, kind, msg, status)  # type: ignore[arg-type]
 
+    def answer_locally(self, status: int, reason: str, extra: bytes = b"") -> None:
+        """When its turn comes, the proxy answers this request itself (``status``,
+        ``reason``, extra header lines) and closes the connection; no backend sees it."""
+        self.local = (status, reason, extra)
+        self.local_close = True
+
     def _cannot_relay(self, reason: str) -> None:
         """A valid response this client cannot be given: 502, the connection dropped."""
         self._drop_upstream()
@@ -608,8 +613,7 @@ class Exchange:
             return
         client = self.client
         if self.state == PENDING and client.queue and client.queue[0] is not self:
-            self.local = (status, reason, b"")
-            self.local_close = True
+            self.answer_locally(status, reason)
             self.body_buf = None
             return
         self.error_kind = "client"
@@ -687,8 +691,7 @@ class Exchange:
         conn = self.upstream
         if conn is not None:
             self.upstream = None
-            conn.exchange = None
-            conn.abort()
+            conn.detach(abort=True)
 
     def abort(self) -> None:
         """The client went away: release everything without answering."""
@@ -711,8 +714,7 @@ def refused_exchange(client: ClientProtocol, status: int, reason: str,
     """An exchange the proxy answers itself (``status``, ``reason``, extra header lines)
     and after which the client connection closes; it never reaches a backend."""
     ex = Exchange(client, "-", b"", "1.1", b"", "none", 0, False, None)
-    ex.local = (status, reason, extra)
-    ex.local_close = True
+    ex.answer_locally(status, reason, extra)
     return ex
 
 

@@ -62,8 +62,7 @@ class Tunnel:
             return
         self.closed = True
         self.slot.tunnels.discard(self)
-        self.upstream.exchange = None
-        self.upstream.close()
+        self.upstream.detach(abort=False)
         t = self.client.transport
         if t is not None and not t.is_closing():
             t.close()

@@ -130,6 +130,16 @@ class UpstreamProtocol(asyncio.Protocol):
             self.exchange = None
             ex.on_upstream_lost(self, exc)
 
+    def detach(self, *, abort: bool) -> None:
+        """Belong to no exchange any more and close: at once (``abort``: its message
+        boundaries are not known to be complete, so it is never reused, P6) or after what
+        was written is flushed (a finished tunnel)."""
+        self.exchange = None
+        if abort:
+            self.abort()
+        else:
+            self.close()
+
     def pause_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
