@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import dns.asyncresolver
@@ -92,11 +93,8 @@ class DnsSource(Source):
     kind = "dns"
 
     def __init__(self, settings: DiscoverySettings, current: tuple[Backend, ...] = (), *,
-                 clock: Callable[[], float] | None = None) -> None:
-        if clock is None:
-            super().__init__(settings, current)
-        else:
-            super().__init__(settings, current, clock=clock)
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(settings, current, clock=clock)
         assert settings.dns is not None
         self.dns: DnsSettings = settings.dns
         self._resolver: dns.asyncresolver.Resolver | None = None

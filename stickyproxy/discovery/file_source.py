@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import time
 import hashlib
 import json
 import os
@@ -98,11 +99,8 @@ class FileSource(Source):
     kind = "file"
 
     def __init__(self, settings: DiscoverySettings, current: tuple[Backend, ...] = (), *,
-                 clock: Callable[[], float] | None = None) -> None:
-        if clock is None:
-            super().__init__(settings, current)
-        else:
-            super().__init__(settings, current, clock=clock)
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(settings, current, clock=clock)
         assert settings.file is not None
         self.file: FileSettings = settings.file
         self._sig: Signature | None = None

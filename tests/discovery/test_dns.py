@@ -155,7 +155,8 @@ async def test_a_records_ids_from_ptr_names_and_hosts_reloaded_on_sighup(dnsmasq
     async with asyncio.timeout(5):
         while True:
             poll = await src.poll()
-            if poll.backends and poll.backends[1].host == "127.0.0.17":
+            # (while dnsmasq re-reads its hosts an answer may be partial: the guard's job)
+            if poll.backends and [b.host for b in poll.backends][-1:] == ["127.0.0.17"]:
                 break
             await asyncio.sleep(0.05)
     assert [b.id for b in poll.backends] == ["web-0", "web-1"]
@@ -179,7 +180,7 @@ async def test_a_silent_server_is_bounded_by_the_timeout_and_blocks_no_other_sou
     t0 = time.monotonic()
     slow_task = asyncio.get_running_loop().create_task(stuck.poll())
     good = await fine.poll()
-    assert good.backends and time.monotonic() - t0 < 0.3
+    assert good.backends and time.monotonic() - t0 < 0.55     # before the other timed out
     assert not slow_task.done()
     bad = await slow_task
     elapsed = time.monotonic() - t0

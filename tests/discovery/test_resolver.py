@@ -141,7 +141,7 @@ async def test_a_slow_server_delays_no_known_host_and_bounds_a_new_one(
         # while web-2 waits on the slow server, the known hosts answer at once
         assert await hr.resolve("web-0.app.test") == ["127.0.0.10"]
         assert await hr.resolve("web-1.app.test") == ["127.0.0.11"]
-        assert time.monotonic() - t0 < 0.1
+        assert time.monotonic() - t0 < 0.3                  # not the 0.5 s bound, not the 2 s delay
         assert hr.cached("web-0.app.test") == ["127.0.0.10"]
         assert hr.cached("web-2.app.test") is None
         with pytest.raises(ResolveError, match="within 0.5s"):
