@@ -202,7 +202,8 @@ class HostResolver:
         now = self.clock()
         if error:
             self.stats.failures += 1
-            self.stats.hosts[key] = error
+            if key in self.stats.hosts or len(self.stats.hosts) < MAX_ENTRIES:
+                self.stats.hosts[key] = error
             if old is not None and old.addresses and now < old.stale_until:
                 # Keep serving what was known; ask again after min_ttl.
                 old.fresh_until = now + s.min_ttl
