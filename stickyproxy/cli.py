@@ -79,16 +79,34 @@ def route_json(key: str, pref: list[str], depth: int | None) -> dict:
             "more": len(pref) - len(shown)}
 
 
+def ramp_return(key: str, delay: float, ramp: float) -> dict:
+    """When ``key`` returns to a backend that recovers (or is added) under this
+    configuration: the ramp progress at which it returns and the seconds after the
+    recovery (``failback_delay`` first, then its share of ``failback_ramp``)."""
+    from .routing.ramp import POINT_SPACE, key_point
+    share = key_point(key) / POINT_SPACE
+    return {"at_progress": round(share, 6), "after": round(delay + share * ramp, 3)}
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     cfg = _routing_config(args.config)
     ring = ring_of(cfg)
     depth = None if args.all else args.depth
+    delay, ramp = cfg.health.failback_delay, cfg.health.failback_ramp
     for key in args.keys:
         pref = ring.preference(key)
+        back = ramp_return(key, delay, ramp) if ramp > 0 else None
         if args.json:
-            print(json.dumps(route_json(key, pref, depth)))
+            out = route_json(key, pref, depth)
+            if back is not None:
+                out["returns"] = back
+            print(json.dumps(out))
         else:
-            print(route_line(key, pref, depth))
+            line = route_line(key, pref, depth)
+            if back is not None:
+                line += (f"\treturns {back['after']:g}s after its backend recovers "
+                         f"(at {back['at_progress']:.1%} of the ramp)")
+            print(line)
     return EXIT_OK
 
 
@@ -171,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rt = _sub(sub, "route", "show where keys are routed",
               "Each key's owner and preference list (where it fails over to, in order). "
+              "With health.failback_ramp set, also when the key returns to a backend that "
+              "recovers (the admin API's GET /route says whether it has, live). "
               f"Lists are cut after {ROUTE_DEPTH} entries unless --depth or --all says otherwise.")
     rt.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
     rt.add_argument("--json", action="store_true",

@@ -19,6 +19,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .contract import HEADER_PREFIX, header_names
+from .routing import hotkeys as _hotkeys
+from .routing.spill import percent as balance_percent
 from .units import parse_duration, parse_size
 
 # A backend id is used as a ring node name, a metric label and a header value.
@@ -100,6 +102,16 @@ def k_duration(lo: float = 0.0) -> Callable[[Any], float]:
             raise ValueError(f"must be at least {lo:g}s, got {v!r}")
         return secs
     return conv
+
+
+def k_balance_factor(v: Any) -> float:
+    """0 (off) or a ratio to the mean in-flight load from 1 to 10 (routing/spill.py)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number (0 = off, or 1.0 to 10), got {v!r}")
+    if v == 0:
+        return 0.0
+    balance_percent(v)
+    return float(v)
 
 
 def k_size(v: Any) -> int:
@@ -221,6 +233,11 @@ class Routing:
     vnodes: int = spec(160, k_int(1, MAX_VNODES), "ring points per unit of weight")
     max_key_length: int = spec(DEFAULT_MAX_KEY_LENGTH, k_int(1, 4096),
                                "longest user key accepted (bytes)")
+    balance_factor: float = spec(0.0, k_balance_factor,
+                                 "bounded load, 0 = off: a backend above this many times "
+                                 "the mean in-flight load (1.25 = 125 %) spills a key's new "
+                                 "requests to the next backend on its preference list; trades "
+                                 "stickiness for balance (docs/routing-quality.md)")
 
 
 @dataclass(frozen=True)
@@ -277,6 +294,10 @@ class Health:
     jitter: float = spec(0.1, k_float(0.0, 1.0), "random spread of the interval (fraction)")
     failback_delay: float = spec(0.0, k_duration(),
                                  "keep users on their fallback this long after recovery")
+    failback_ramp: float = spec(0.0, k_duration(),
+                                "after failback_delay, return a recovered (or newly added) "
+                                "backend's users gradually over this long, 0 = all at once "
+                                "(docs/routing-quality.md)")
     panic_threshold: int = spec(50, k_int(0, 100),
                                 "below this % of usable backends, route by the plain ring")
 
@@ -343,6 +364,20 @@ class Logging:
 
 
 @dataclass(frozen=True)
+class HotKeys:
+    enabled: bool = spec(True, k_bool, "count the hottest user keys (GET /hotkeys)")
+    max_keys: int = spec(_hotkeys.DEFAULT_MAX_KEYS,
+                         k_int(_hotkeys.MIN_MAX_KEYS, _hotkeys.MAX_MAX_KEYS),
+                         "keys tracked per process; any key above 2/max_keys of the "
+                         "requests is always among them")
+    sample_every: int = spec(_hotkeys.DEFAULT_SAMPLE_EVERY, k_int(1, _hotkeys.MAX_SAMPLE_EVERY),
+                             "count one request in this many (each weighs this many)")
+    window: float = spec(_hotkeys.DEFAULT_WINDOW, k_duration(1.0),
+                         "counts start over every window; /hotkeys shows the last one to "
+                         "two windows; keys are hashed unless logging.access_key = \"raw\"")
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen
     admin: Admin
@@ -355,6 +390,7 @@ class Config:
     retries: Retries
     limits: Limits
     logging: Logging
+    hotkeys: HotKeys = HotKeys()
     source: str | None = None
 
     def backend(self, backend_id: str) -> Backend:
@@ -367,7 +403,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listen": Listen, "admin": Admin, "routing": Routing, "headers": Headers,
     "health": Health, "passive": Passive, "timeouts": Timeouts, "retries": Retries,
-    "limits": Limits, "logging": Logging,
+    "limits": Limits, "logging": Logging, "hotkeys": HotKeys,
 }
 
 

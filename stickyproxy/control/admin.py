@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import views
+
 log = logging.getLogger("stickyproxy.control.admin")
 
 # Longest key accepted by GET /route (the data plane's limit is configurable and smaller).
 MAX_ROUTE_KEY = 4096
+# GET /hotkeys?n=: how many keys by default, and at most (a sketch holds max_keys anyway).
+HOTKEYS_DEFAULT_N = 20
+HOTKEYS_MAX_N = 1000
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -42,6 +48,7 @@ class Admin:
         r.add_get("/backends", self.backends)
         r.add_get("/ring", self.ring)
         r.add_get("/route", self.route)
+        r.add_get("/hotkeys", self.hotkeys)
         r.add_post("/backends/{id}/drain", self.drain)
         r.add_post("/backends/{id}/undrain", self.undrain)
         r.add_post("/reload", self.reload)
@@ -116,6 +123,26 @@ class Admin:
         if len(key.encode()) > MAX_ROUTE_KEY:
             return _json_error(400, f"key longer than {MAX_ROUTE_KEY} bytes")
         return web.json_response(self.control.route_view(key))
+
+    async def hotkeys(self, request: web.Request) -> web.Response:
+        raw = request.query.get("n", str(HOTKEYS_DEFAULT_N))
+        try:
+            n = int(raw)
+        except ValueError:
+            n = -1
+        if not 1 <= n <= HOTKEYS_MAX_N:
+            return _json_error(400, f"n: expected an integer from 1 to {HOTKEYS_MAX_N}, "
+                                    f"got {raw!r}")
+        control = self.control
+        merged = getattr(control, "merged_hotkeys", None)
+        if merged is not None:
+            # the supervisor: every worker's counts merged
+            sketch, processes = await merged()
+        else:
+            hot = control.table.hotkeys
+            sketch, processes = (hot.view(time.monotonic()) if hot is not None else None), 1
+        return web.json_response(views.hotkeys_view(sketch, n, control.table.router,
+                                                    processes))
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._drain(request, True)

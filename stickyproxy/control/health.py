@@ -11,6 +11,11 @@ unusable backends along each key's preference list.
 - Recovery is damped: a backend that comes back up gets its users back only after
   ``failback_delay`` (every proxy applies the same delay, so they converge on the same
   decision instead of each bouncing users as the backend flaps).
+- Then, with ``failback_ramp``, they return gradually (routing/ramp.py): the ramp starts
+  when the delay ends, and each key returns once the ramp's progress passes the key's
+  fixed point, so every proxy whose ramp started at the same instant agrees key by key.
+  Under a supervisor, workers take the supervisor's ramp (``ramp_state`` /
+  ``follow_ramp``: times sent relative to the message, so no clock is shared).
 - Passive: ``consecutive_failures`` failed exchanges in a row (connect errors, resets,
   timeouts, and 5xx when ``on_5xx``) eject the backend for ``base_ejection`` × the number
   of its ejections so far, capped at ``max_ejection``; never more than
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
+from ..routing.ramp import Ramp
 from .probe import ProbeFailed, probe
 
 if TYPE_CHECKING:
@@ -224,14 +230,41 @@ class Health:
         if a is not None:
             a.up = up
         if up:
-            st.failback_until = now + self.cfg.failback_delay if self.cfg.failback_delay else 0.0
-            log.warning("backend %s is UP: %s%s", st.id, reason,
-                        f"; its users return after {self.cfg.failback_delay:g}s"
-                        if self.cfg.failback_delay else "")
+            delay, ramp = self.cfg.failback_delay, self.cfg.failback_ramp
+            st.failback_until = now + delay if delay else 0.0
+            st.ramp = Ramp(now + delay, ramp) if ramp > 0 else None
+            log.warning("backend %s is UP: %s%s%s", st.id, reason,
+                        f"; its users return after {delay:g}s" if delay else "",
+                        f"; gradually over {ramp:g}s" if ramp > 0 else "")
         else:
             st.failback_until = 0.0
+            st.ramp = None
             log.warning("backend %s is DOWN: %s", st.id, reason)
         self.observer.backend_changed(st)
+
+    @staticmethod
+    def ramp_state(st: BackendState, now: float) -> dict[str, float] | None:
+        """The backend's failback wait and ramp relative to ``now`` (JSON for workers), or
+        None when its users are all back."""
+        ramp = st.ramp
+        if st.failback_until <= now and (ramp is None or not ramp.active(now)):
+            return None
+        return {"failback_in": max(0.0, st.failback_until - now),
+                "ramp_start_in": ramp.start - now if ramp is not None else 0.0,
+                "ramp": ramp.duration if ramp is not None else 0.0}
+
+    def follow_ramp(self, st: BackendState, data: dict[str, float] | None) -> None:
+        """Take another process's ``ramp_state`` (None: nobody is waiting to return)."""
+        now = time.monotonic()
+        if not data:
+            st.failback_until = 0.0
+            st.ramp = None
+            return
+        failback_in = float(data.get("failback_in", 0.0))
+        duration = float(data.get("ramp", 0.0))
+        st.failback_until = now + failback_in if failback_in > 0 else 0.0
+        st.ramp = (Ramp(now + float(data.get("ramp_start_in", 0.0)), duration)
+                   if duration > 0 else None)
 
     def passive_result(self, st: BackendState, ok: bool) -> None:
         cfg = self.pcfg

@@ -30,7 +30,10 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                  ("backend", "code_class")),
     "request_duration_seconds": ("histogram", "Time from routing to the end of the response",
                                  ("backend",)),
-    "route_decisions": ("counter", "Routing decisions by result", ("result",)),
+    "route_decisions": ("counter", "Routing decisions by result (primary, failover, spill, "
+                        "no_key, panic, unavailable)", ("result",)),
+    "spills": ("counter", "Requests bounded load (routing.balance_factor) moved off a "
+               "backend above its bound, by that backend", ("backend",)),
     "retries": ("counter", "Requests retried away from a backend, by reason",
                 ("backend", "reason")),
     "retries_denied": ("counter", "Failed attempts not retried, by why not (budget, attempts, "
@@ -49,6 +52,13 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "backend_inflight": ("gauge", "Requests in flight to the backend", ("backend",)),
     "backend_key_share": ("gauge", "Share of the key space the backend owns on the ring",
                           ("backend",)),
+    "backend_request_share": ("gauge", "Share of the requests answered since the previous "
+                              "scrape that went to the backend (compare with "
+                              "backend_key_share)", ("backend",)),
+    "backend_ramp_progress": ("gauge", "Share of the backend's users returned to it by its "
+                              "failback ramp (1 when not ramping)", ("backend",)),
+    "hotkeys_tracked": ("gauge", "User keys held by the hot-key counts (GET /hotkeys), "
+                        "summed over processes", ()),
     "client_connections": ("gauge", "Open client connections", ()),
     "websocket_tunnels": ("gauge", "Open WebSocket tunnels", ("backend",)),
 }
@@ -90,6 +100,30 @@ class Tally:
             if n:
                 requests[(b, cls)] = requests.get((b, cls), 0) + n
         self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = self.other = self.aborted = 0
+
+
+class RequestShare:
+    """Each backend's share of the requests answered between two reads of the "requests"
+    counter (one scrape to the next): the load the ring actually gives it, next to the key
+    space it owns. No requests in between: no shares."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def update(self, requests: dict[tuple, float]) -> dict[tuple, float]:
+        totals: dict[str, float] = {}
+        for labels, n in requests.items():
+            bid = labels[0]
+            if bid != "none":
+                totals[bid] = totals.get(bid, 0.0) + n
+        delta = {bid: n - self.last.get(bid, 0.0) for bid, n in totals.items()}
+        self.last = totals
+        whole = sum(d for d in delta.values() if d > 0)
+        if whole <= 0:
+            return {}
+        return {(bid,): max(d, 0.0) / whole for bid, d in delta.items()}
 
 
 class Stats:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..config import Config
 from ..dataplane.events import Events
 from .logs import access_record, format_access
-from .metrics import Stats, Tally, code_class
+from .metrics import RequestShare, Stats, Tally, code_class
 from ..routing.router import key_digest
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class ControlEvents:
     def __init__(self, table: BackendTable, stats: Stats | None = None):
         self.table = table
         self.stats = stats or Stats()
+        self.request_share = RequestShare()
         # hooks for a supervisor that tells its workers (set, never subclassed: the
         # compiled class cannot be patched or subclassed from interpreted code)
         self.on_health_check: Callable[[BackendState, bool], None] | None = None
@@ -69,9 +70,14 @@ class ControlEvents:
         g = self.stats.gauges
         g["backend_up"] = {(bid,): 1.0 if st.usable(now) else 0.0
                            for bid, st in table.states.items()}
+        g["backend_ramp_progress"] = {(bid,): p for bid, p in table.ramps(now).items()}
+        hot = table.hotkeys
+        g["hotkeys_tracked"] = {(): float(len(hot) if hot is not None else 0)}
         if shares:
             g["backend_key_share"] = {(bid,): s for bid, s in
                                       table.router.ring.key_share().items()}
+            g["backend_request_share"] = self.request_share.update(
+                self.stats.counters["requests"])
         return self.stats
 
 
@@ -145,6 +151,8 @@ class Observer(Events):
             r = stats.counters["route_decisions"]
             rk = (route if route != "none" else "unavailable",)
             r[rk] = r.get(rk, 0) + 1
+            if route == "spill":
+                stats.inc("spills", (ex.spilled_from,))
             if route == "panic" and now - self.panic_logged > PANIC_LOG_INTERVAL:
                 self.panic_logged = now
                 log.warning("panic mode: fewer than %d%% of backends usable; routing by the "

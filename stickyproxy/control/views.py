@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..routing.router import Router
+from ..routing.hotkeys import HotKeys
+from ..routing.ramp import key_point, POINT_SPACE
+from ..routing.router import Router, has_returned
 
 
 def backends_view(router: Router, now: float, inflight: dict[str, int],
@@ -31,6 +33,9 @@ def backends_view(router: Router, now: float, inflight: dict[str, int],
             "reason": st.reason,
             "since_change": round(now - st.last_change, 3) if st.last_change else None,
         })
+        ramp = _ramp(st, now)
+        if ramp is not None:
+            out[-1]["ramp"] = ramp   # only while its users are returning
     return out
 
 
@@ -45,17 +50,42 @@ def ring_view(router: Router) -> dict[str, Any]:
     }
 
 
+def _ramp(st: Any, now: float) -> dict[str, Any] | None:
+    """A backend's failback ramp, or None when it is not ramping."""
+    ramp = st.ramp
+    if ramp is None or not ramp.active(now):
+        return None
+    return {"progress": round(ramp.progress(now), 6), "duration": ramp.duration,
+            "starts_in": round(max(0.0, ramp.start - now), 3),
+            "ends_in": round(max(0.0, ramp.end - now), 3)}
+
+
 _WHY = {
     "primary": "the key's owner is usable",
-    "failover": "the owner is not usable; first usable backend along the preference list",
+    "failover": "the owner is not usable (or the key has not returned to it yet); first "
+                "usable backend along the preference list that the key may use",
     "panic": "too few backends usable (panic mode): routing by the plain ring",
     "none": "no backend is usable",
 }
 
 
 def route_view(router: Router, key: str, now: float) -> dict[str, Any]:
-    r = router.route(key, now)
     pref = router.ring.preference(key)
+    # whether the key has returned to each ramping backend, and when it does (the field
+    # is there only while a backend on the key's list is ramping)
+    ramps: dict[str, Any] = {}
+    point = key_point(key) / POINT_SPACE
+    for bid in pref:
+        st = router.backends[bid]
+        ramp = st.ramp
+        if ramp is None or not ramp.active(now):
+            continue
+        at = ramp.return_time(key_point(key))
+        ramps[bid] = {"returned": has_returned(st, key, now),
+                      "returns_in": round(max(0.0, at - now), 3),
+                      "returns_at_progress": round(point, 6),
+                      "progress": round(ramp.progress(now), 6)}
+    r = router.route(key, now)
     return {
         "key": key,
         "owner": r.owner,
@@ -65,4 +95,24 @@ def route_view(router: Router, key: str, now: float) -> dict[str, Any]:
         "why": _WHY.get(r.kind, r.kind),
         "states": {bid: router.backends[bid].state(now) for bid in pref},
         "ring": router.fingerprint,
+        **({"ramps": ramps} if ramps else {}),
     }
+
+
+def hotkeys_view(sketch: HotKeys | None, n: int, router: Router,
+                 workers: int = 1) -> dict[str, Any]:
+    """The ``n`` hottest user keys (hashed as in the access log unless the keys are raw)
+    with their estimated requests, upper bound and share of all requests counted; a raw
+    key also shows its owner on the ring."""
+    if sketch is None:
+        return {"enabled": False, "keys": []}
+    keys = []
+    for hk in sketch.top(n):
+        row: dict[str, Any] = {"key": hk.key, "requests": hk.requests, "upper": hk.upper,
+                               "share": round(hk.share, 6)}
+        if sketch.raw:
+            row["owner"] = router.ring.owner(hk.key)
+        keys.append(row)
+    return {"enabled": True, "hashed": not sketch.raw, "requests": sketch.total,
+            "error_bound": sketch.offset, "sample_every": sketch.sample_every,
+            "processes": workers, "keys": keys}

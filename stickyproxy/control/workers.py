@@ -4,8 +4,11 @@ The supervisor owns everything that must be decided once: it validates configura
 runs the active health checks, serves the admin API and /metrics, and tells every worker
 (newline-delimited JSON over a socketpair) about reloads, drains and health changes, so
 all workers route every user the same way. Each worker runs a data plane with passive
-health of its own and answers ``snapshot`` requests with its counters, which the
-supervisor sums for /metrics. A worker that dies is restarted; if the supervisor dies,
+health of its own and answers ``snapshot`` requests with its counters and its hot-key
+counts, which the supervisor sums for /metrics and merges for /hotkeys. A health change
+carries the backend's failback wait and ramp relative to the message (``Health.ramp_state``),
+so every worker returns the same users at the same instant without sharing a clock; a reload
+and a restarted worker get the ramps in force the same way. A worker that dies is restarted; if the supervisor dies,
 its workers see the control channel close and shut down gracefully.
 """
 
@@ -23,6 +26,7 @@ import time
 from typing import Any
 
 from ..config import Config, ConfigError, FileCopies, load_pinned, loads
+from ..routing.hotkeys import HotKeys
 from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
@@ -109,6 +113,7 @@ class Supervisor:
                 h.send({"op": "health", "id": st.id, "up": False, "reason": st.reason})
             if st.drained:
                 h.send({"op": "drain", "id": st.id, "on": True})
+        h.send({"op": "ramps", "ramps": self._ramps()})
         h.reader_task = asyncio.get_running_loop().create_task(self._read(h))
 
     async def _read(self, h: WorkerHandle) -> None:
@@ -150,7 +155,18 @@ class Supervisor:
             h.send(msg)
 
     def _broadcast_health(self, st) -> None:
-        self.broadcast({"op": "health", "id": st.id, "up": st.healthy, "reason": st.reason})
+        self.broadcast({"op": "health", "id": st.id, "up": st.healthy, "reason": st.reason,
+                        "ramp": self.health.ramp_state(st, time.monotonic())})
+
+    def _ramps(self) -> dict[str, Any]:
+        """Every backend's failback wait and ramp now in force, relative to now."""
+        now = time.monotonic()
+        out = {}
+        for bid, st in self.table.states.items():
+            state = self.health.ramp_state(st, now)
+            if state is not None:
+                out[bid] = state
+        return out
 
     async def _ask(self, h: WorkerHandle, msg: dict[str, Any],
                    timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any] | None:
@@ -188,9 +204,31 @@ class Supervisor:
         total = merge([s["stats"] for s in snaps])
         merge([own.snapshot()], into=total)
         # health-derived gauges are the supervisor's: it makes those decisions
-        for name in ("backend_up", "backend_key_share"):
+        for name in ("backend_up", "backend_key_share", "backend_ramp_progress"):
             total.gauges[name] = dict(own.gauges[name])
+        total.gauges["backend_request_share"] = self.control.request_share.update(
+            total.counters["requests"])
         return registry_for(lambda: total)
+
+    async def merged_hotkeys(self) -> tuple[HotKeys | None, int]:
+        """Every worker's hot-key counts merged (a worker that does not answer in time or
+        sends an unreadable sketch is left out), and how many were merged."""
+        hot = self.table.hotkeys
+        if hot is None:
+            return None, 0
+        out = HotKeys(hot.current.max_keys, hot.sample_every, hot.raw)
+        merged = 0
+        for i, snap in enumerate(await self.snapshots()):
+            data = snap.get("hotkeys")
+            if data is None:
+                continue
+            try:
+                out.merge(HotKeys.from_data(data, f"worker reply {i}.hotkeys"))
+            except ValueError as e:
+                log.error("hot keys of a worker left out: %s", e)
+                continue
+            merged += 1
+        return out, merged
 
     async def backends_view(self) -> list[dict]:
         snaps = await self.snapshots()
@@ -226,7 +264,9 @@ class Supervisor:
         diff = self.process.apply(pinned.config)
         self.text, self.files = pinned.text, pinned.files
         live = [h for h in self.handles if h.proc is not None and h.proc.poll() is None]
-        msg = {"op": "reload", "text": pinned.text, "path": self.path, "files": pinned.files}
+        # a backend the reload added starts its ramp here; workers take this one
+        msg = {"op": "reload", "text": pinned.text, "path": self.path, "files": pinned.files,
+               "ramps": self._ramps()}
         acks = await asyncio.gather(*(self._ask(h, msg, RELOAD_ACK_TIMEOUT) for h in live))
         problems = []
         for h, ack in zip(live, acks):
@@ -309,6 +349,14 @@ def supervise(config: Config, path: str | None, workers: int) -> int:
 
 # -- worker side ---------------------------------------------------------------------------
 
+def follow_ramps(svc: Any, ramps: dict[str, Any]) -> None:
+    """Take the supervisor's failback waits and ramps (backends not named have none)."""
+    for bid, st in svc.table.states.items():
+        data = ramps.get(bid)
+        if data is not None or st.ramp is not None or st.failback_until:
+            svc.health.follow_ramp(st, data)
+
+
 async def follow_control(svc: Any, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
     """Apply the supervisor's messages; stop when the channel closes."""
@@ -325,6 +373,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                     new = loads(msg["text"], msg.get("path"),
                                 read_file=FileCopies(msg.get("files") or {}).read)
                     await svc.apply(new)
+                    follow_ramps(svc, msg.get("ramps") or {})
                 except (ConfigError, OSError) as e:
                     log.error("worker %d: reload failed: %s", svc.worker, e)
                     reply = {"seq": msg.get("seq"), "ok": False, "error": str(e)}
@@ -335,14 +384,21 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                 st = svc.table.states.get(msg["id"])
                 if st is not None:
                     svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
+                    if msg.get("up"):
+                        svc.health.follow_ramp(st, msg.get("ramp"))
+            elif op == "ramps":
+                follow_ramps(svc, msg.get("ramps") or {})
             elif op == "check_passed":
                 st = svc.table.states.get(msg["id"])
                 if st is not None:
                     svc.health.check_passed(st)
             elif op == "snapshot":
                 inflight = svc.proxy.inflight()
+                hot = svc.table.hotkeys
                 reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
-                         "inflight": inflight, "tunnels": svc.proxy.tunnels()}
+                         "inflight": inflight, "tunnels": svc.proxy.tunnels(),
+                         "hotkeys": (hot.view(time.monotonic()).to_data()
+                                     if hot is not None else None)}
                 writer.write(json.dumps(reply).encode() + b"\n")
     except (ConnectionError, ValueError) as e:
         log.error("worker %d: control channel failed: %s", svc.worker, e)

@@ -17,6 +17,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Final
 
+from ..routing.spill import choose, within
 from .http import (HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens,
                    without_named)
 from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
@@ -84,6 +85,7 @@ class Exchange:
     # routing
     route = ""
     owner: str | None = None
+    spilled_from: str | None = None  # bounded load moved this request off that backend
     backend: BackendState | None = None
     slot: Upstream | None = None   # the data plane's side of ``backend``
     tried: tuple[str, ...] = ()
@@ -151,19 +153,46 @@ class Exchange:
         self.server.active += 1
         self.active_counted = True
         router = self.router
-        if self.key is not None:
-            r = router.route(self.key, now)
+        key = self.key
+        if key is not None:
+            r = router.route(key, now)
+            hot = router.hotkeys
+            if hot is not None:
+                hot.offer(key, now)
         else:
             # route_key: the client's address under no_key = "client-ip" (retries then
             # follow that address's ring order), else None (round-robin)
             r = router.route_keyless(self.route_key, now)
         self.route = r.kind
         self.owner = r.owner
-        if r.backend is None:
+        backend = r.backend
+        if backend is None:
             self.route = "none"
             self.fail(503, "no backend available", retry_after=True)
             return
-        self.try_backend(r.backend, now)
+        pct = router.balance_pct
+        if pct and key is not None and (r.kind == "primary" or r.kind == "failover"):
+            backend = self.bounded(key, backend, now, pct)
+        self.try_backend(backend, now)
+
+    def bounded(self, key: str, first: BackendState, now: float, pct: int) -> BackendState:
+        """Bounded load (routing/spill.py): ``first`` unless it is above ``pct`` % of the
+        mean in-flight load of the backends ``key`` may use; then the first of them along
+        the key's preference list that is within it (route "spill")."""
+        server = self.server
+        cands = self.router.spill_order(key, first, now)
+        loads = [server.upstream_for(c).inflight for c in cands]
+        weights = [c.weight for c in cands]
+        total = sum(loads)
+        total_weight = sum(weights)
+        if within(loads[0], weights[0], total, total_weight, pct):
+            return first
+        i = choose(loads, weights, total, total_weight, pct)
+        if i <= 0:
+            return first
+        self.spilled_from = first.id
+        self.route = "spill"
+        return cands[i]
 
     def try_backend(self, backend: BackendState, now: float) -> None:
         self.attempts += 1

@@ -45,6 +45,9 @@ MIN_MAX_KEYS: Final = 4
 # A sketch serialised by a worker is read by the supervisor: bound what it accepts.
 MAX_MAX_KEYS: Final = 1 << 20
 MAX_SAMPLE_EVERY: Final = 1 << 20
+# Counts start over every 5 minutes: long enough for a Zipf head to stand out at 1 in 16,
+# short enough that yesterday's hot user does not hide today's.
+DEFAULT_WINDOW: Final = 300.0
 # router.key_digest's hash (tests/routing/test_hotkeys.py checks they agree), kept here so
 # the router can import this module without a cycle; copied per key, half the cost of
 # passing the parameters each time.
@@ -199,3 +202,65 @@ class HotKeys:
         sketch._total = data["total"]
         sketch._offset = data["offset"]
         return sketch
+
+
+class Recent:
+    """The hot keys of the last one to two windows: the request path feeds ``current``;
+    when a window ends it becomes ``previous`` and a new one starts (both dropped when more
+    than a window passed without a sampled request). Reads see ``previous`` merged with
+    ``current``. Windows are checked only on sampled requests and on reads, with the
+    caller's clock (``now``, monotonic seconds), so this stays pure."""
+
+    __slots__ = ("window", "sample_every", "raw", "current", "previous", "_countdown", "_end")
+
+    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS, sample_every: int = DEFAULT_SAMPLE_EVERY,
+                 raw: bool = False, window: float = DEFAULT_WINDOW, now: float = 0.0):
+        if not window > 0.0:
+            raise ValueError(f"window must be > 0 seconds, not {window!r}")
+        self.window = window
+        self.current = HotKeys(max_keys, sample_every, raw)
+        self.previous = HotKeys(max_keys, sample_every, raw)
+        self.sample_every = sample_every
+        self.raw = raw
+        self._countdown = sample_every
+        self._end = now + window
+
+    def same_settings(self, max_keys: int, sample_every: int, raw: bool, window: float) -> bool:
+        return (self.current.max_keys, self.sample_every, self.raw, self.window) == (
+            max_keys, sample_every, raw, window)
+
+    def offer(self, key: str, now: float) -> None:
+        """The request path: a decrement and a compare, except on one request in
+        ``sample_every``."""
+        n = self._countdown - 1
+        if n:
+            self._countdown = n
+            return
+        self._countdown = self.sample_every
+        if now >= self._end:
+            self.rotate(now)
+        self.current.add(key if self.raw else key_digest(key), self.sample_every)
+
+    def rotate(self, now: float) -> None:
+        """Start a new window if the current one has ended."""
+        if now < self._end:
+            return
+        fresh = HotKeys(self.current.max_keys, self.sample_every, self.raw)
+        if now >= self._end + self.window:
+            # nothing was sampled for a whole window: both windows are stale
+            self.previous = HotKeys(self.current.max_keys, self.sample_every, self.raw)
+        else:
+            self.previous = self.current
+        self.current = fresh
+        self._end = now + self.window
+
+    def view(self, now: float) -> HotKeys:
+        """A new sketch: ``previous`` merged with ``current`` (neither is changed)."""
+        self.rotate(now)
+        out = HotKeys(self.current.max_keys, self.sample_every, self.raw)
+        out.merge(self.previous)
+        out.merge(self.current)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.current) + len(self.previous)
