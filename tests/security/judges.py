@@ -29,6 +29,8 @@ from support.metrics import Metrics
 from support.net import IO_TIMEOUT
 from support.proxy import ProxyHandle
 
+from .recorder import Message, StrictCollector
+
 # After a refusal, how long a test waits to be sure nothing more reaches a backend. The proxy
 # writes to an upstream connection synchronously (a pooled one) or after a connect on
 # loopback (well under this), so a forwarded byte would arrive long before.
@@ -56,42 +58,9 @@ class Forwarded:
     def names(self) -> list[bytes]:
         return [n.lower() for n, _ in self.headers]
 
-
-class _Collector:
-    """Requests as strict llhttp reads them, fed with ``self.parser.feed_data``."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
-        self.done: list[Forwarded] = []
-        self.cur: Forwarded | None = None
-        self.in_head = False
-
-    def on_message_begin(self) -> None:
-        self.cur = Forwarded()
-        self.in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        assert self.cur is not None
-        self.cur.target += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.cur is not None
-        (self.cur.headers if self.in_head else self.cur.trailers).append((name, value))
-
-    def on_headers_complete(self) -> None:
-        assert self.cur is not None
-        self.in_head = False
-        self.cur.method = self.parser.get_method().decode()
-        self.cur.version = self.parser.get_http_version()
-
-    def on_body(self, body: bytes) -> None:
-        assert self.cur is not None
-        self.cur.body += body
-
-    def on_message_complete(self) -> None:
-        assert self.cur is not None
-        self.done.append(self.cur)
-        self.cur = None
+    @classmethod
+    def of(cls, m: Message) -> Forwarded:
+        return cls(m.method.decode(), m.target, m.version.decode(), m.fields, m.body, m.trailers)
 
 
 def parse_forwarded(raw: bytes) -> tuple[list[Forwarded], bool]:
@@ -100,7 +69,7 @@ def parse_forwarded(raw: bytes) -> tuple[list[Forwarded], bool]:
     Fails the test if ``raw`` is not a valid stream of HTTP/1.1 requests for strict llhttp,
     or if it asks for a protocol switch (the proxy forwards ``Upgrade`` only for WebSocket).
     """
-    col = _Collector()
+    col = StrictCollector(httptools.HttpRequestParser)
     try:
         col.parser.feed_data(raw)
     except httptools.HttpParserUpgrade:
@@ -108,7 +77,7 @@ def parse_forwarded(raw: bytes) -> tuple[list[Forwarded], bool]:
     except httptools.HttpParserError as e:
         raise AssertionError(f"a backend received bytes that are not valid HTTP/1.1 ({e}): "
                              f"{raw[:400]!r}") from None
-    return col.done, col.cur is not None
+    return [Forwarded.of(m) for m in col.done], col.cur is not None
 
 
 # Fields that are never forwarded (RFC 9110 §7.6.1 and the de-facto ones); Transfer-Encoding
@@ -149,7 +118,7 @@ def assert_normalised(req: Forwarded, body: bytes, *, keyed: bool = True) -> Non
 # ---------------------------------------------------------------------------------------
 # backends
 
-async def _fed(conn: RawConn, col: _Collector) -> AsyncIterator[None]:
+async def _fed(conn: RawConn, col: StrictCollector) -> AsyncIterator[None]:
     """Feeds each read of ``conn`` (recorded in ``conn.raw``) to ``col``'s parser and yields
     after it, until the connection ends (a reset counts as its end); the parser's
     ``HttpParserError`` propagates."""
@@ -169,7 +138,7 @@ def strict_responder(reply: bytes = OK):
     """Answers ``reply`` to every complete request, parsing with strict llhttp; on bytes it
     cannot parse it records the error (``backend.errors``) and closes the connection."""
     async def script(conn: RawConn) -> None:
-        col = _Collector()
+        col = StrictCollector(httptools.HttpRequestParser)
         try:
             async for _ in _fed(conn, col):
                 while col.done:
@@ -186,7 +155,7 @@ def early_responder(conn: RawConn) -> Any:
     """A backend that answers each request as soon as its head has arrived, before reading
     its body (many applications do for a 401, 404 or redirect). Responses name the target;
     every request head it saw is kept in ``backend.heads`` as (target, body it then read)."""
-    class _Early(_Collector):
+    class _Early(StrictCollector):
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             assert self.cur is not None
@@ -197,7 +166,7 @@ def early_responder(conn: RawConn) -> Any:
     heads = conn.backend.__dict__.setdefault("heads", [])
 
     async def run() -> None:
-        col = _Early()
+        col = _Early(httptools.HttpRequestParser)
         try:
             async for _ in _fed(conn, col):
                 pass

@@ -68,6 +68,7 @@ class Message:
     fields: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     framing: str = ""               # "none" | "length" | "chunked" | "close" | "upgrade"
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)   # the strict reader's
     length: int = 0                 # the Content-Length a request head announced
     start: int = 0
     end: int = 0
@@ -311,7 +312,10 @@ def final_responses(msgs: list[Message]) -> list[Message]:
 # ---------------------------------------------------------------------------------------
 # the strict reader (llhttp, as the proxy parses)
 
-class _Collect:
+class StrictCollector:
+    """Messages as llhttp reads them: ``parser_cls`` is httptools' request or response
+    parser, fed with ``self.parser.feed_data``; ``done`` holds the complete ones."""
+
     def __init__(self, parser_cls) -> None:
         self.parser = parser_cls(self)
         self.done: list[Message] = []
@@ -332,8 +336,7 @@ class _Collect:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.cur is not None
-        if self.in_head:
-            self.cur.fields.append((name, value))
+        (self.cur.fields if self.in_head else self.cur.trailers).append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self.cur is not None
@@ -366,7 +369,7 @@ STAND_IN_METHOD = b"GET"
 def _failed_at(buf: bytes) -> tuple[list[Message], int]:
     """Feed ``buf`` one byte at a time (llhttp is a streaming parser, so this reads it the
     same way): the requests completed before the error and where the failing one starts."""
-    col = _Collect(httptools.HttpRequestParser)
+    col = StrictCollector(httptools.HttpRequestParser)
     after = 0
     for i in range(len(buf)):
         try:
@@ -388,7 +391,7 @@ def strict_requests(buf: bytes) -> tuple[list[Message], bool, str]:
     out: list[Message] = []
     pos = 0
     while pos < len(buf):
-        col = _Collect(httptools.HttpRequestParser)
+        col = StrictCollector(httptools.HttpRequestParser)
         try:
             col.parser.feed_data(buf[pos:])
         except httptools.HttpParserUpgrade as e:
@@ -419,7 +422,7 @@ def strict_requests(buf: bytes) -> tuple[list[Message], bool, str]:
 
 def strict_responses(buf: bytes, *, eof: bool) -> tuple[list[Message], bool, str]:
     """Responses as llhttp (strict) reads ``buf``; a close-delimited body ends at ``eof``."""
-    col = _Collect(httptools.HttpResponseParser)
+    col = StrictCollector(httptools.HttpResponseParser)
     try:
         col.parser.feed_data(buf)
     except httptools.HttpParserError as e:
