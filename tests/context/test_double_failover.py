@@ -55,7 +55,10 @@ TIMEOUT = "500ms"
 # How long B holds back A's first sync (repl-diskless-sync-delay): the window in which the
 # second failover promotes A mid-sync. Wider than Sentinel's reconfiguration delays on a
 # loaded machine, so the second failover always lands inside it.
-SYNC_HOLD_S = 20
+SYNC_HOLD_S = 30
+# A forced failover can abort when another sentinel, not yet told of it, turns the candidate
+# back into a replica (-failover-abort-slave-timeout after failover-timeout, 5 s): retried.
+FAILOVER_DEADLINE = 20.0
 # Sentinel reconfigures a restarted old master, and the new master's replica catches up,
 # within this (8-12 s measured, plus the default 5 s diskless-sync delay).
 REJOIN_DEADLINE = 40.0
@@ -73,6 +76,8 @@ class Timeline:
     final: dict[str, int] = field(default_factory=dict)
     # Re-acquisitions after the store found that Redis no longer had the epoch it held.
     losses_detected: int = 0
+    promoted_phase: str = ""
+    keys_on_promotion: int = -1
 
     def mark(self, phase: str, what: str) -> None:
         self.phase = phase
@@ -124,17 +129,40 @@ def _role(port: int) -> dict[str, Any]:
         return {}
 
 
-def _sentinel_view(ha: SentinelHA, port: int) -> dict[str, Any]:
-    """What the first sentinel believes about the replica on ``port``."""
+def _sentinel_view(ha: SentinelHA, port: int, sentinel: int = 0) -> dict[str, Any]:
+    """What one sentinel believes about the replica on ``port``."""
     try:
-        with ha.sentinel() as c:
+        with ha.sentinel(sentinel) as c:
             replicas = c.sentinel_slaves(ha.SERVICE)
     except redis.RedisError:
         return {}
     return next((dict(r) for r in replicas if int(r["port"]) == port), {})
 
 
-async def double_failover(ha: SentinelHA, stores: Stores) -> Timeline:
+async def _fail_over_to(ha: SentinelHA, port: int) -> int:
+    """``SENTINEL FAILOVER`` until the node on ``port`` is the master; returns the attempts."""
+    end = time.monotonic() + FAILOVER_DEADLINE
+    attempts = 0
+    while time.monotonic() < end:
+        attempts += 1
+        try:
+            with ha.sentinel() as c:
+                c.execute_command("SENTINEL", "FAILOVER", ha.SERVICE)
+        except redis.ResponseError as exc:
+            if "INPROG" not in str(exc):
+                raise
+        try:
+            await eventually(lambda: ha.master_port() == port, deadline=7.0, interval=0.05)
+            return attempts
+        except AssertionError:
+            continue
+    raise AssertionError(f"no failover to :{port} within {FAILOVER_DEADLINE}s ({attempts} attempts)")
+
+
+async def double_failover(ha: SentinelHA, stores: Stores, *, rejoin_unpromotable: bool = False) -> Timeline:
+    """The sequence in the module docstring. With ``rejoin_unpromotable`` A restarts with
+    ``replica-priority 0`` and gets its priority back only once its sync is done (the operating
+    rule docs/context.md states): the second failover is refused mid-sync, then promotes A."""
     a_node, b_node = ha.servers
     sa: ContextStore = await stores("A", url=ha.url, redis_timeout=TIMEOUT, wait_replicas=1)
     sb: ContextStore = await stores("B", url=ha.url, redis_timeout=TIMEOUT, wait_replicas=1)
@@ -174,8 +202,11 @@ async def double_failover(ha: SentinelHA, stores: Stores) -> Timeline:
         tl.mark(tl.phase, "sentinels promoted B; both stores switched")
         with b_node.client() as c:
             c.config_set("repl-diskless-sync-delay", SYNC_HOLD_S)
+        if rejoin_unpromotable:
+            a_node.extra = [*a_node.extra, "--replica-priority", "0"]
         a_node.start()
-        tl.mark("3 B master, A restarted", f"A restarted ({'with its AOF' if ha.server_extra else 'empty'})")
+        how = "with its AOF" if ha.server_extra else "empty"
+        tl.mark("3 B master, A restarted", f"A restarted ({how}{', replica-priority 0' if rejoin_unpromotable else ''})")
         await eventually(
             lambda: _role(a_node.port).get("role") == "slave" and _role(a_node.port).get("master_port") == b_node.port,
             deadline=REJOIN_DEADLINE,
@@ -183,7 +214,10 @@ async def double_failover(ha: SentinelHA, stores: Stores) -> Timeline:
         )
         # The sentinel refreshes a replica's INFO every 10 s: until it has seen A report the
         # replica role, it will not pick A.
-        await eventually(lambda: _sentinel_view(ha, a_node.port).get("role-reported") == "slave", deadline=REJOIN_DEADLINE)
+        await eventually(
+            lambda: all(_sentinel_view(ha, a_node.port, i).get("role-reported") == "slave" for i in range(3)),
+            deadline=REJOIN_DEADLINE,
+        )
         info = _role(a_node.port)
         tl.mark(
             "3 B master, A syncing",
@@ -193,14 +227,28 @@ async def double_failover(ha: SentinelHA, stores: Stores) -> Timeline:
             f"{info.get('master_sync_in_progress')}); B's replicas: {_role(b_node.port).get('slave0')}; "
             f"the sentinel's view of A: {_sentinel_view(ha, a_node.port).get('flags')}",
         )
-        with ha.sentinel() as c:
-            c.execute_command("SENTINEL", "FAILOVER", ha.SERVICE)
-        tl.mark("4 A master (promoted mid-sync)", "SENTINEL FAILOVER")
-        await eventually(lambda: ha.master_port() == a_node.port, deadline=15.0, interval=0.05)
-        await eventually(switches(2), deadline=10.0)
+        if rejoin_unpromotable:
+            with ha.sentinel() as c, pytest.raises(redis.ResponseError, match="NOGOODSLAVE"):
+                c.execute_command("SENTINEL", "FAILOVER", ha.SERVICE)
+            tl.mark(tl.phase, "SENTINEL FAILOVER refused: NOGOODSLAVE (A has replica-priority 0)")
+            with b_node.client() as c:
+                c.config_set("repl-diskless-sync-delay", 0)
+            await eventually(lambda: _role(a_node.port).get("master_link_status") == "up", deadline=REJOIN_DEADLINE)
+            tl.mark("3 B master, A synced", "A's first sync done (master_link_status up)")
+            with a_node.client() as c:
+                c.config_set("replica-priority", 100)
+            await eventually(
+                lambda: _sentinel_view(ha, a_node.port).get("slave-priority") == 100, deadline=REJOIN_DEADLINE
+            )
+            tl.mark(tl.phase, "A's replica-priority back to 100, seen by the sentinel")
+        tl.promoted_phase = "4 A master (promoted after its sync)" if rejoin_unpromotable else "4 A master (promoted mid-sync)"
+        tl.mark(tl.phase, "SENTINEL FAILOVER")
+        attempts = await _fail_over_to(ha, a_node.port)
         with a_node.client() as c:
-            keys = c.dbsize()
-        tl.mark(tl.phase, f"sentinels promoted A; both stores switched; A holds {keys} keys")
+            tl.keys_on_promotion = c.dbsize()
+        tl.mark(tl.promoted_phase, f"sentinels promoted A ({attempts} attempt(s)), holding {tl.keys_on_promotion} keys")
+        await eventually(switches(2), deadline=10.0)
+        tl.mark(tl.phase, "both stores switched to A")
         await eventually(lambda: tl.acked_in(tl.phase) > 0, deadline=REJOIN_DEADLINE, interval=0.05)
         tl.mark(tl.phase, f"writes acknowledged again (B: {_role(b_node.port).get('role')}, "
                 f"link {_role(b_node.port).get('master_link_status')})")
@@ -228,12 +276,14 @@ async def test_double_failover_promoting_an_empty_restarted_node_loses_acknowled
     print("\n" + tl.report("double failover, wait_replicas=1, servers without persistence"))
     first = tl.acked_in("1 A master, B replica")
     assert first > 0
+    assert tl.keys_on_promotion == 0  # promoted mid-sync, before B's data reached it
     # B had no replica: nothing acknowledged after the kill but the replies already on their way.
     assert tl.acked_in("2 B master, A dead") <= 2 * WRITERS_PER_STORE
     assert tl.acked_in("3 B master, A restarted") + tl.acked_in("3 B master, A syncing") == 0
     assert tl.rolled_back > 0 and tl.acknowledged_twice > 0
-    # The stores cannot prevent it, but they notice it for every user they held, and say so.
-    assert tl.losses_detected >= len(USERS)
+    # The users the stores still held at the switch are reported (printed: refused acquires in
+    # steps 2-3 ran on B and took most users from their holders, so often only a few are held);
+    # test_a_record_redis_lost_is_reported_when_the_holder_rechecks_it asserts the report.
 
 
 @pytest.mark.slow
@@ -246,7 +296,8 @@ async def test_double_failover_with_durable_nodes_loses_no_acknowledged_write(
     tl = await double_failover(durable_sentinel_ha, stores)
     print("\n" + tl.report("double failover, wait_replicas=1, servers with appendfsync always"))
     assert tl.acked_in("1 A master, B replica") > 0
-    assert tl.acked_in("4 A master (promoted mid-sync)") > 0
+    assert tl.acked_in(tl.promoted_phase) > 0
+    assert tl.keys_on_promotion > 0
     assert tl.acknowledged_twice == 0
     assert tl.rolled_back == 0
     assert tl.lost == 0
@@ -286,3 +337,21 @@ async def test_a_record_redis_lost_is_reported_when_the_holder_rechecks_it(
     assert len(lost) == 2
     assert "'gone': this instance held epoch 2, redis has no record" in lost[0]
     assert "'older': this instance held epoch 2, redis has epoch 1" in lost[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_double_failover_with_an_empty_node_rejoining_unpromotable_loses_no_acknowledged_write(
+    sentinel_ha: SentinelHA, stores: Stores
+) -> None:
+    # Inside it, without persistence: the empty node cannot be promoted until it has synced.
+    tl = await double_failover(sentinel_ha, stores, rejoin_unpromotable=True)
+    print("\n" + tl.report("double failover, wait_replicas=1, empty node rejoins with replica-priority 0"))
+    assert tl.acked_in("1 A master, B replica") > 0
+    assert tl.acked_in("3 B master, A synced") > 0  # confirmed by A once it had synced
+    assert tl.acked_in(tl.promoted_phase) > 0
+    assert tl.keys_on_promotion > 0
+    assert tl.acknowledged_twice == 0
+    assert tl.rolled_back == 0
+    assert tl.lost == 0
+    assert tl.losses_detected == 0
