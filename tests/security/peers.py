@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.net import free_port
+
 LOOPBACK = "127.0.0.1"
 USER_HEADER = "X-User-Id"
 # How long a peer may take to accept connections after it is started.
@@ -38,12 +40,6 @@ def missing() -> list[str]:
     """The peer programs that are not installed."""
     return [name for name, path in (("nginx", NGINX), ("haproxy", HAPROXY))
             if not os.access(path, os.X_OK)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import asyncio
 
 import pytest
 
+from .differential_vectors import HELLO_CHUNKED, WS
 from .judges import (
     SETTLE,
     Rig,
@@ -38,10 +39,7 @@ H = b"Host: shop.example\r\nX-User-Id: u\r\n"
 P = b"POST / HTTP/1.1\r\n" + H
 G = b"GET / HTTP/1.1\r\n" + H
 CH = P + b"Transfer-Encoding: chunked\r\n\r\n"
-HELLO_CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
 SMUG = b"GET /smuggled HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: victim\r\n\r\n"
-WS = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-      b"Sec-WebSocket-Version: 13\r\n")
 
 REJECT, VERSION, MIDBODY = "reject", "version", "midbody"
 

@@ -231,11 +231,8 @@ class Client:
             del self.buf[:size + 2]
 
     async def _until_close(self, timeout: float) -> bytes:
-        while await self._fill(timeout):
-            pass
+        data = await self.read_until_close(timeout)
         assert not self.reset, "a close-delimited body ended with a reset"
-        data = bytes(self.buf)
-        self.buf.clear()
         return data
 
     async def read_until_close(self, timeout: float = IO_TIMEOUT) -> bytes:
