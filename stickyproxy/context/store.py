@@ -572,17 +572,20 @@ class ContextStore:
             return confirmed
         self._forget(user)
         if snapshot.epoch is None or snapshot.epoch < entry.epoch:
-            # Epochs only grow while a record lives, and a held copy never outlives its record's
-            # TTL: a lower epoch or no record means Redis lost what it had acknowledged (restart
-            # without persistence, promotion of a replica that never had it). Nothing here can
-            # restore it safely (a newer owner's copy may be lost too); the loss is made loud.
-            found = "no record" if snapshot.epoch is None else f"epoch {snapshot.epoch}"
-            log.error(
-                "redis lost acknowledged context of user %r: this instance held epoch %d, redis has %s; "
-                "continuing from what redis holds", user, entry.epoch, found,
-            )
+            self._report_lost(user, entry.epoch, snapshot.epoch)
             return await self._acquire(user, slot, reason=LOST_REASON)
         return await self._acquire(user, slot, reason="revalidate")
+
+    @staticmethod
+    def _report_lost(user: str, held: int, found: int | None) -> None:
+        """Epochs only grow while a record lives, and a held copy never outlives its record's
+        TTL: finding no record, or a lower epoch, means Redis lost what it had acknowledged
+        (restart without persistence, promotion of a node that never had it). Nothing here
+        can restore it safely (a newer owner's copy may be lost too); the loss is made loud."""
+        log.error(
+            "redis lost acknowledged context of user %r: this instance held epoch %d, redis has %s; "
+            "continuing from what redis holds", user, held, "no record" if found is None else f"epoch {found}",
+        )
 
     async def _touch(self, user: str, slot: UserSlot, entry: _Entry) -> _Entry:
         key = record_key(self.settings.namespace, user)
@@ -602,6 +605,10 @@ class ContextStore:
         except RecordMismatch:
             self._forget(user)
             raise
+        if outcome is WriteOutcome.LOST:
+            self._forget(user)
+            self._report_lost(user, entry.epoch, None)
+            return await self._acquire(user, slot, reason=LOST_REASON)
         if outcome.fenced:
             self._forget(user)
             return await self._acquire(user, slot, reason="takeover")
@@ -647,6 +654,8 @@ class ContextStore:
         if outcome.fenced:
             self.metrics.conflicts.inc()
             self._forget(user)
+            if outcome is WriteOutcome.LOST:
+                self._report_lost(user, entry.epoch, None)
             raise ConflictError(user)
         self.metrics.writes.inc()
         self._install(user, slot, replace(entry, payload=payload, refreshed_at=started))

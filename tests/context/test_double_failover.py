@@ -355,3 +355,21 @@ async def test_double_failover_with_an_empty_node_rejoining_unpromotable_loses_n
     assert tl.rolled_back == 0
     assert tl.lost == 0
     assert tl.losses_detected == 0
+
+
+async def test_a_write_finding_its_record_gone_reports_the_loss(
+    redis_server: RedisServer, stores: Stores, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The record vanishes while the copy is still verified (no listener change): the fenced
+    # write finds nothing, is refused, and the loss is reported; update() then re-acquires.
+    a: ContextStore = await stores("A")
+    async with a.edit("u") as ctx:
+        ctx["n"] = 1
+    with redis_server.client() as c:
+        c.delete(record_key("t", "u"))
+    with caplog.at_level(logging.ERROR, logger="stickyproxy.context"), pytest.raises(ConflictError):
+        async with a.edit("u") as ctx:
+            ctx["n"] = 2
+    assert any("redis lost acknowledged context of user 'u': this instance held epoch 1, redis has no record"
+               in r.getMessage() for r in caplog.records)
+    assert await a.update("u", lambda ctx: ctx.setdefault("n", 0)) == 0  # continues from Redis's state
