@@ -146,7 +146,7 @@ class Client:
                                          self.reset)
 
     async def _fields(self, timeout: float, what: str) -> list[tuple[str, str]]:
-        out = []
+        out: list[tuple[str, str]] = []
         while True:
             line = await self._line(timeout, what)
             if not line:
