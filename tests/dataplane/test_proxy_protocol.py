@@ -1,0 +1,407 @@
+"""PROXY protocol v1/v2 parser (stickyproxy/dataplane/proxy_protocol.py).
+
+Vectors are built by hand from HAProxy's proxy-protocol.txt (§2.1 v1, §2.2 v2, §2.2.7 TLVs);
+a slow test puts a real HAProxy (send-proxy, send-proxy-v2, and its v2 health checks) in front
+of a recording TCP server and feeds what it sent to the parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.net import IO_TIMEOUT, LOCALHOST, eventually, free_port
+
+from stickyproxy.dataplane.proxy_protocol import (MAX_HEADER_BYTES, MAX_V1_BYTES, MAX_V2_BYTES,
+                                                  MAX_V2_LENGTH, MAX_V2_TLV_BYTES, V2_SIGNATURE,
+                                                  Header, Invalid, NeedMore, parse,
+                                                  starts_like_header)
+
+SIG = V2_SIGNATURE
+assert SIG == bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
+
+
+def v2(ver_cmd: int, fam: int, body: bytes, length: int | None = None) -> bytes:
+    return SIG + bytes([ver_cmd, fam]) + struct.pack("!H", len(body) if length is None
+                                                     else length) + body
+
+
+def tcp4(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return socket.inet_pton(socket.AF_INET, src) + socket.inet_pton(socket.AF_INET, dst) \
+        + struct.pack("!HH", sport, dport)
+
+
+def tcp6(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) \
+        + struct.pack("!HH", sport, dport)
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+# -- v1 ------------------------------------------------------------------------------------
+V1_VALID = [
+    # (line, family, source, destination)
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n", "TCP4",
+     ("192.168.0.1", 56324), ("192.168.0.11", 443)),
+    (b"PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n", "TCP4",
+     ("255.255.255.255", 65535), ("255.255.255.255", 65535)),
+    (b"PROXY TCP4 0.0.0.0 10.0.0.1 0 0\r\n", "TCP4", ("0.0.0.0", 0), ("10.0.0.1", 0)),
+    (b"PROXY TCP6 ::1 2001:db8::1 1 65535\r\n", "TCP6", ("::1", 1), ("2001:db8::1", 65535)),
+    (b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:a00:1 80 8080\r\n", "TCP6",
+     ("2001:db8::1", 80), ("::ffff:a00:1", 8080)),
+    (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+     b" 65535 65535\r\n", "TCP6", ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+     ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535)),
+    (b"PROXY UNKNOWN\r\n", "UNKNOWN", None, None),
+    # §2.1: after UNKNOWN "the receiver must ignore anything presented before the CRLF"
+    (b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+     b":ffff 65535 65535\r\n", "UNKNOWN", None, None),
+    (b"PROXY UNKNOWN whatever 1.2.3.4\r\n", "UNKNOWN", None, None),
+]
+
+
+@pytest.mark.parametrize("line,family,source,destination", V1_VALID)
+def test_v1_valid(line, family, source, destination):
+    got = parse(line + REQUEST)
+    assert got == Header(1, False, family, source, destination, len(line))
+    assert len(line) <= MAX_V1_BYTES
+
+
+def test_v1_longest_line_is_107_bytes():
+    line = V1_VALID[7][0]
+    assert len(line) == MAX_V1_BYTES == 107
+    assert isinstance(parse(line), Header)
+
+
+V1_INVALID = [
+    # (bytes, reason)
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\n", "v1: bare CR or LF"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\r\n", "v1: bare CR or LF"),
+    (b"PROXY TCP4 192.168.0.1\r192.168.0.11 56324 443\r\n", "v1: bare CR or LF"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\rX", "v1: bare CR or LF"),
+    (b"PROXY TCP4 192.168.0.1  192.168.0.11 56324 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443 \r\n", "v1: malformed line"),
+    (b"PROXY  TCP4 192.168.0.1 192.168.0.11 56324 443\r\n", "v1: malformed line"),
+    (b"PROXY tcp4 192.168.0.1 192.168.0.11 56324 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP5 192.168.0.1 192.168.0.11 56324 443\r\n", "v1: malformed line"),
+    (b"PROXY UDP4 192.168.0.1 192.168.0.11 56324 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324\r\n", "v1: malformed line"),
+    (b"PROXY TCP4\r\n", "v1: malformed line"),
+    (b"PROXY \r\n", "v1: malformed line"),
+    (b"PROXY UNKNOWNX\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 056324 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 00 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 +1 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 -1 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 123456 443\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 65536 443\r\n", "v1: port out of range"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 1 99999\r\n", "v1: port out of range"),
+    (b"PROXY TCP4 192.168.0.01 192.168.0.11 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP4 256.1.1.1 192.168.0.11 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP4 1.2.3 192.168.0.11 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP4 1.2.3.4.5 192.168.0.11 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP4 ::1 192.168.0.11 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 192.168.0.1 ::1 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 ::1 ::ffff:1.2.3.4 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 1::2::3 ::1 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 12345::1 ::1 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 1:2:3:4:5:6:7 ::1 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 :: : 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 \xd9\xa1.2.3.4 192.168.0.11 1 2\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 \xd9\xa1 2\r\n", "v1: malformed line"),
+    (b"PROXY TCP4 " + b"1" * 100, "v1: no CRLF within 107 bytes"),
+    (b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n", "v1: no CRLF within 107 bytes"),
+    (b"PROXX", "no PROXY protocol header"),
+    (b"proxy TCP4", "no PROXY protocol header"),
+    (b"PROXYTCP4", "no PROXY protocol header"),
+    (REQUEST, "no PROXY protocol header"),
+    (b"\x16\x03\x01\x02\x00", "no PROXY protocol header"),   # a TLS ClientHello
+]
+
+
+@pytest.mark.parametrize("data,reason", V1_INVALID)
+def test_v1_invalid(data, reason):
+    assert parse(data) == Invalid(reason)
+
+
+def test_v1_line_of_108_bytes_is_refused_even_with_crlf():
+    line = b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n"
+    assert len(line) == 108
+    assert parse(line) == Invalid("v1: no CRLF within 107 bytes")
+    assert isinstance(parse(line[:14] + line[15:]), Header)     # 107: the limit itself
+
+
+@pytest.mark.parametrize("line", [v[0] for v in V1_VALID])
+def test_v1_every_prefix_needs_more(line):
+    """Byte by byte, a valid line is never decided before its CRLF (§2.1), then it is."""
+    for i in range(len(line)):
+        assert parse(line[:i]) == NeedMore(MAX_V1_BYTES if i else MAX_HEADER_BYTES), i
+    assert isinstance(parse(line), Header)
+
+
+# -- v2 ------------------------------------------------------------------------------------
+V2_VALID = [
+    # (bytes, expected header (consumed = len(bytes)))
+    (v2(0x21, 0x11, tcp4("192.168.0.1", "192.168.0.11", 56324, 443)),
+     Header(2, False, "TCP4", ("192.168.0.1", 56324), ("192.168.0.11", 443), 28)),
+    (v2(0x21, 0x21, tcp6("2001:db8::1", "::1", 65535, 0)),
+     Header(2, False, "TCP6", ("2001:db8::1", 65535), ("::1", 0), 52)),
+    # TLVs after the addresses, kept raw: ALPN (0x01), authority (0x02), NOOP padding (0x04),
+    # an AWS VPC endpoint TLV (0xEA)
+    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x01, b"h2")
+        + tlv(0x02, b"example.com") + tlv(0x04, b"\x00" * 3)
+        + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9")),
+     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), 16 + 12 + 5 + 14 + 6 + 26,
+            ((0x01, b"h2"), (0x02, b"example.com"), (0x04, b"\x00" * 3),
+             (0xEA, b"\x01vpce-08d2bf15fac5001c9")))),
+    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x05, b"")),
+     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), 31, ((0x05, b""),))),
+    # LOCAL: a health check from the balancer; family ignored, length skipped (§2.2)
+    (v2(0x20, 0x00, b""), Header(2, True, "UNKNOWN", None, None, 16)),
+    (v2(0x20, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)),
+     Header(2, True, "UNKNOWN", None, None, 28)),
+    (v2(0x20, 0x12, b"\x00" * 5), Header(2, True, "UNKNOWN", None, None, 21)),
+    (v2(0x20, 0xFF, b""), Header(2, True, "UNKNOWN", None, None, 16)),
+    # PROXY with UNSPEC: addresses ignored whatever their length
+    (v2(0x21, 0x00, b""), Header(2, False, "UNKNOWN", None, None, 16)),
+    (v2(0x21, 0x00, b"\x01" * 40), Header(2, False, "UNKNOWN", None, None, 56)),
+    # UNIX stream and datagram: valid, no client address
+    (v2(0x21, 0x31, b"/run/a".ljust(108, b"\x00") + b"/run/b".ljust(108, b"\x00")),
+     Header(2, False, "UNKNOWN", None, None, 232)),
+    (v2(0x21, 0x32, b"\x00" * 216 + tlv(0x01, b"x")),
+     Header(2, False, "UNKNOWN", None, None, 236, ((0x01, b"x"),))),
+    # the largest header accepted
+    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2)
+        + tlv(0x04, b"\x00" * (MAX_V2_LENGTH - 12 - 3))),
+     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), MAX_V2_BYTES,
+            ((0x04, b"\x00" * (MAX_V2_LENGTH - 15)),))),
+]
+
+
+@pytest.mark.parametrize("data,header", V2_VALID)
+def test_v2_valid(data, header):
+    assert parse(data + REQUEST) == header
+    assert header.consumed == len(data)
+
+
+@pytest.mark.parametrize("data,header", V2_VALID[:6])
+def test_v2_every_prefix_needs_more(data, header):
+    for i in range(1, len(data)):
+        got = parse(data[:i])
+        assert isinstance(got, NeedMore), i
+        assert got.at_most == (len(data) if i >= 16 else MAX_V2_BYTES)
+        assert got.at_most <= MAX_HEADER_BYTES
+    assert parse(data) == header
+
+
+V2_INVALID = [
+    (SIG[:5] + b"\x01", "no PROXY protocol header"),
+    (SIG[:11] + b"\x0b", "no PROXY protocol header"),
+    (b"\r\n\r\nGET", "no PROXY protocol header"),
+    (SIG + b"\x11", "v2: unsupported version"),
+    (SIG + b"\x31", "v2: unsupported version"),
+    (SIG + b"\x22", "v2: unknown command"),
+    (SIG + b"\x2f", "v2: unknown command"),
+    (SIG + b"\x21\x12", "v2: UDP refused"),
+    (SIG + b"\x21\x22", "v2: UDP refused"),
+    (SIG + b"\x21\x13", "v2: unknown family or protocol"),
+    (SIG + b"\x21\x41", "v2: unknown family or protocol"),
+    (SIG + b"\x21\x01", "v2: unknown family or protocol"),
+    (SIG + b"\x21\x10", "v2: unknown family or protocol"),
+    (v2(0x21, 0x11, b"", MAX_V2_LENGTH + 1), "v2: header too long"),
+    (v2(0x20, 0x00, b"", 0xFFFF), "v2: header too long"),
+    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)[:11]), "v2: length shorter than its addresses"),
+    (v2(0x21, 0x11, b"", 0), "v2: length shorter than its addresses"),
+    (v2(0x21, 0x21, tcp4("1.1.1.1", "2.2.2.2", 3, 4)), "v2: length shorter than its addresses"),
+    (v2(0x21, 0x31, b"\x00" * 215), "v2: length shorter than its addresses"),
+    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01"), "v2: malformed TLV"),
+    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01\x00"), "v2: malformed TLV"),
+    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01\x00\x02x"), "v2: malformed TLV"),
+    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + tlv(1, b"ab") + b"\x02\x00\x05ab"),
+     "v2: malformed TLV"),
+    (v2(0x21, 0x21, tcp6("::1", "::2", 3, 4) + b"\x00"), "v2: malformed TLV"),
+]
+
+
+@pytest.mark.parametrize("data,reason", V2_INVALID)
+def test_v2_invalid(data, reason):
+    """Refused as soon as the offending byte arrives, and with every byte after it."""
+    assert parse(data) == Invalid(reason)
+    assert parse(data + REQUEST) == Invalid(reason)
+
+
+def test_v2_length_decides_before_the_body_arrives():
+    assert parse(v2(0x21, 0x11, b"", MAX_V2_LENGTH + 1)[:16]) == Invalid("v2: header too long")
+    assert parse(v2(0x21, 0x11, b"", 200)[:16]) == NeedMore(216)
+
+
+def test_bounds_are_consistent():
+    assert MAX_V2_BYTES == 16 + 216 + MAX_V2_TLV_BYTES
+    assert MAX_HEADER_BYTES == max(MAX_V1_BYTES, MAX_V2_BYTES)
+
+
+def test_need_more_never_asks_past_the_bound():
+    """Whatever arrives, a caller buffering up to ``at_most`` gets a decision there."""
+    for data in [v[0] for v in V1_VALID] + [v[0] for v in V2_VALID]:
+        for i in range(len(data) + 1):
+            got = parse(data[:i])
+            if isinstance(got, NeedMore):
+                assert i < got.at_most <= MAX_HEADER_BYTES
+    junk = b"PROXY " + b"a" * 200
+    assert parse(junk[:MAX_V1_BYTES]) == Invalid("v1: no CRLF within 107 bytes")
+
+
+STARTS = [
+    (b"P", True), (b"PROXY", True), (b"PROXY TCP4 1.2.3.4", True), (b"PROXY UNKNOWN\r\n", True),
+    (b"\r", True), (b"\r\n\r\n\x00", True), (SIG, True), (SIG + b"\x21", True),
+    (b"", False), (b"G", False), (b"GET / HTTP/1.1\r\n", False), (b"PRI * HTTP/2.0", False),
+    (b"POST /", False), (b"PUT /", False), (b"\r\n\r\n\x01", False), (b"\r\nGET", False),
+]
+
+
+@pytest.mark.parametrize("data,expected", STARTS)
+def test_starts_like_header(data, expected):
+    assert starts_like_header(data) is expected
+
+
+# -- differential: what a real HAProxy sends ----------------------------------------------------
+HAPROXY = shutil.which("haproxy")
+
+
+class Recorder:
+    """A TCP server on loopback keeping each connection's bytes until the peer closes."""
+
+    def __init__(self) -> None:
+        self.conns: list[bytearray] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, LOCALHOST, 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = bytearray()
+        self.conns.append(buf)
+        try:
+            while chunk := await reader.read(65536):
+                buf += chunk
+                if buf.endswith(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def _haproxy_config(fronts: dict[str, tuple[str, int]], backend_port: int, check_port: int) -> str:
+    lines = ["global", "  maxconn 64", "defaults", "  mode tcp", "  timeout connect 2s",
+             "  timeout client 5s", "  timeout server 5s"]
+    options = {"v1": "send-proxy", "v2": "send-proxy-v2",
+               "v2tlv": "send-proxy-v2 proxy-v2-options unique-id,crc32c"}
+    for name, (host, port) in fronts.items():
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines += [f"frontend f_{name}", f"  bind {bind}", f"  default_backend b_{name}"]
+        if name == "v2tlv":
+            lines += ["  unique-id-format req-%[src]"]
+        lines += [f"backend b_{name}",
+                  f"  server s {LOCALHOST}:{backend_port} {options[name.rstrip('6')]}"]
+    # a v2 health check: HAProxy sends LOCAL (no addresses) on its own connections
+    lines += ["listen checked", f"  bind {LOCALHOST}:{free_port()}",
+              f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy"
+              " inter 200ms"]
+    return "\n".join(lines) + "\n"
+
+
+async def _send_through(host: str, port: int) -> tuple[str, int]:
+    end = asyncio.get_running_loop().time() + IO_TIMEOUT
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            break
+        except OSError:
+            if asyncio.get_running_loop().time() > end:
+                raise
+            await asyncio.sleep(0.05)
+    local = writer.get_extra_info("sockname")
+    writer.write(REQUEST)
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+    writer.close()
+    return local[0], local[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+async def test_headers_from_a_real_haproxy(tmp_path: Path):
+    assert HAPROXY is not None
+    recorder, checks = Recorder(), Recorder()
+    backend_port, check_port = await recorder.start(), await checks.start()
+    fronts = {"v1": (LOCALHOST, free_port()), "v2": (LOCALHOST, free_port()),
+              "v2tlv": (LOCALHOST, free_port())}
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+                six = s.getsockname()[1]
+            fronts["v16"] = ("::1", six)
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+                fronts["v26"] = ("::1", s.getsockname()[1])
+        except OSError:
+            pass
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(_haproxy_config(fronts, backend_port, check_port))
+    check = subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], capture_output=True,
+                           text=True, timeout=IO_TIMEOUT)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for name, (host, port) in fronts.items():
+            before = len(recorder.conns)
+            client = await _send_through(host, port)
+            await eventually(lambda: len(recorder.conns) > before
+                             and recorder.conns[before].endswith(REQUEST), what=name)
+            data = bytes(recorder.conns[before])
+            got = parse(data)
+            assert isinstance(got, Header), (name, data)
+            assert data[got.consumed:] == REQUEST, name
+            assert got.version == (1 if name.startswith("v1") else 2), name
+            assert not got.local
+            assert got.family == ("TCP6" if ":" in host else "TCP4"), name
+            assert got.source == client, name
+            assert got.destination == (host, port), name
+            tlv_kinds = {kind for kind, _ in got.tlvs}
+            if name == "v2tlv":
+                assert tlv_kinds == {0x03, 0x05}, got.tlvs         # CRC32C, unique id
+                assert dict(got.tlvs)[0x05] == b"req-" + client[0].encode()
+                assert len(dict(got.tlvs)[0x03]) == 4
+            else:
+                assert not tlv_kinds, got.tlvs
+            # every strict prefix of what HAProxy sent is undecided
+            for i in range(got.consumed):
+                assert isinstance(parse(data[:i]), NeedMore), (name, i)
+        await eventually(lambda: checks.conns and len(checks.conns[0]) >= 16,
+                         what="a health check")
+        health = parse(bytes(checks.conns[0]))
+        assert isinstance(health, Header) and health.local and health.source is None, health
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=IO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert recorder.server is not None and checks.server is not None
+        recorder.server.close()
+        checks.server.close()
