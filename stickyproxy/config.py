@@ -392,6 +392,10 @@ class Config:
     logging: Logging
     hotkeys: HotKeys = HotKeys()
     source: str | None = None
+    # [discovery] (discovery/settings.py DiscoverySettings) when backends are discovered,
+    # and [resolver] (ResolverSettings): docs/discovery.md is their reference
+    discovery: Any = None
+    resolver: Any = None
 
     def backend(self, backend_id: str) -> Backend:
         for b in self.backends:
@@ -623,7 +627,7 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     file or environment variable is read (``resolve`` does that), so a jwt source has its
     settings but no verifier yet and ``admin.token_env`` is not looked up."""
     errors: list[str] = []
-    known = set(SECTIONS) | {"backends"}
+    known = set(SECTIONS) | {"backends", "discovery", "resolver"}
     for k in raw:
         if k not in known:
             errors.append(f"{k}: unknown section (known: {', '.join(sorted(known))})")
@@ -633,7 +637,18 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
         base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
             sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
-    backends = _backends(raw.get("backends"), errors)
+    from .discovery.settings import parse_discovery, parse_resolver
+    resolver = parse_resolver(raw.get("resolver", {}), "resolver", errors)
+    discovery = None
+    if "discovery" in raw:
+        discovery = parse_discovery(raw["discovery"], "discovery", errors)
+        if raw.get("backends") is not None:
+            # the discovered set replaces the static one whole; seeding discovery with a
+            # static list would let a stale list hold the drop guard refusing forever
+            errors.append("backends: give [[backends]] or [discovery], not both")
+        backends: tuple[Backend, ...] = ()
+    else:
+        backends = _backends(raw.get("backends"), errors)
 
     admin = sections["admin"]
     if admin.token and admin.token_env:
@@ -656,7 +671,8 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     del timeouts
     if errors:
         raise ConfigError(errors, source)
-    return Config(backends=backends, source=source, **sections)
+    return Config(backends=backends, source=source, discovery=discovery, resolver=resolver,
+                  **sections)
 
 
 def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = None,

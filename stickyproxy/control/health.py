@@ -39,6 +39,7 @@ from ..routing.ramp import Ramp
 from .probe import ProbeFailed, probe
 
 if TYPE_CHECKING:
+    from ..discovery.resolver import HostResolver
     from ..routing.router import BackendState
     from ..routing.table import BackendTable
     from .observe import ControlEvents
@@ -109,8 +110,10 @@ def check_ok(status: int | None, expect: tuple[int, int]) -> bool:
 class Health:
     """Runs active checks and applies passive events for one process's backends."""
 
-    def __init__(self, table: BackendTable, observer: ControlEvents, *, active: bool = True):
+    def __init__(self, table: BackendTable, observer: ControlEvents, *, active: bool = True,
+                 resolver: HostResolver | None = None):
         self.table = table
+        self.resolver = resolver
         self.observer = observer
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
@@ -175,7 +178,7 @@ class Health:
             status: int | None = None
             detail = ""
             try:
-                status = await probe(st.host, st.port, cfg.path, cfg.timeout)
+                status = await probe(st.host, st.port, cfg.path, cfg.timeout, self.resolver)
             except ProbeFailed as e:
                 detail = str(e)
             ok = check_ok(status, cfg.expect)

@@ -14,6 +14,8 @@ from typing import Final
 
 from httptools import HttpParserError, HttpResponseParser
 
+from ..discovery.resolver import HostResolver
+
 USER_AGENT: Final = b"stickyproxy-health"
 # A response head longer than this fails the check (a health endpoint answers briefly).
 MAX_HEAD: Final = 64 * 1024
@@ -33,11 +35,17 @@ class _Head:
         self.done = True
 
 
-async def probe(host: str, port: int, path: str, timeout: float) -> int:
-    """The status of ``GET path`` on ``host:port``; ProbeFailed when there is none."""
+async def probe(host: str, port: int, path: str, timeout: float,
+                resolver: HostResolver | None = None) -> int:
+    """The status of ``GET path`` on ``host:port``; ProbeFailed when there is none. A host
+    name is looked up through ``resolver`` (cached; a slow DNS server then delays only the
+    checks of hosts it has never answered for), inside the same deadline."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            address = host
+            if resolver is not None:
+                address = (resolver.cached(host) or await resolver.resolve(host))[0]
+            reader, writer = await asyncio.open_connection(address, port)
             try:
                 authority = f"[{host}]" if ":" in host else host
                 writer.write(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\n"

@@ -13,6 +13,7 @@ import gc
 from typing import TYPE_CHECKING, Literal
 
 from ..config import Config
+from ..discovery.resolver import HostResolver
 from ..routing.table import BackendTable, TableDiff
 from .health import Health
 from .observe import ControlEvents, Observer
@@ -67,10 +68,12 @@ class Process:
 def build_process(config: Config, role: Role, *, worker: int = 0) -> Process:
     table = BackendTable(config)
     control = ControlEvents(table)
-    health = Health(table, control, active=role != "worker")
+    # one cache of backend addresses for connections and health checks alike
+    resolver = HostResolver(config.resolver)
+    health = Health(table, control, active=role != "worker", resolver=resolver)
     if role == "supervisor":
         return Process(table, control, health, None, None, role)
     from ..dataplane import Proxy
     observer = Observer(config, control, health, worker=worker)
-    proxy = Proxy(table, events=observer)
+    proxy = Proxy(table, events=observer, resolver=resolver)
     return Process(table, control, health, observer, proxy, role)

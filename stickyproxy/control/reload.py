@@ -5,16 +5,24 @@ A reload reads the file and every key file it names once, off the event loop
 and the key files' contents to the process's ``apply`` step. What the step reports back
 (problems: a worker that could not apply it and was restarted) reaches the caller of
 ``POST /reload`` and the log; the metrics count every reload, applied or refused.
+
+With ``[discovery]`` the backends are not in the file: the discovery source's set
+(``members``) is applied through the same path (``set_members``), and a file reload keeps
+the members discovered last. Every applied change is logged with the share of the key space
+whose owner it changed (routing/ring.py ``moved_share``, what ``stickyproxy plan`` reports).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from ..config import Config, ConfigError, load_pinned
+from ..config import Backend, Config, ConfigError, load_pinned
+from ..routing.ring import moved_share
 from ..routing.table import TableDiff
 from .observe import ControlEvents
 
@@ -29,6 +37,28 @@ class Pinned:
     text: str
     config: Config
     files: dict[str, str]
+    members: tuple[Backend, ...] | None = None   # discovered backends, in place of the file's
+
+    def with_members(self, members: tuple[Backend, ...]) -> Pinned:
+        return Pinned(self.text, dataclasses.replace(self.config, backends=members),
+                      self.files, members)
+
+    def message(self) -> dict[str, Any]:
+        """What a worker is sent to apply the same configuration (workers.py)."""
+        msg: dict[str, Any] = {"text": self.text, "path": self.config.source,
+                               "files": self.files}
+        if self.members is not None:
+            msg["backends"] = [dataclasses.asdict(b) for b in self.members]
+        return msg
+
+
+def from_message(msg: dict[str, Any], read: Callable[[str, str | None, dict[str, str]], Config],
+                 ) -> Config:
+    """The configuration a worker applies from a ``Pinned.message``."""
+    cfg = read(msg["text"], msg.get("path"), msg.get("files") or {})
+    if "backends" in msg:
+        cfg = dataclasses.replace(cfg, backends=tuple(Backend(**b) for b in msg["backends"]))
+    return cfg
 
 
 class ReloadRefused(Exception):
@@ -40,11 +70,25 @@ ApplyStep = Callable[[Pinned, str], Awaitable[tuple[TableDiff, list[str]]]]
 
 
 class Reloader:
-    def __init__(self, path: str | None, control: ControlEvents, apply: ApplyStep):
+    def __init__(self, path: str | None, control: ControlEvents, apply: ApplyStep,
+                 current: Pinned | None = None):
         self.path = path
         self.control = control
         self.apply = apply
         self.lock = asyncio.Lock()
+        self.current = current
+        self.members: tuple[Backend, ...] | None = None
+
+    async def set_members(self, members: tuple[Backend, ...]) -> None:
+        """Apply a discovered backend set (called by the discovery source, one at a time);
+        ConfigError when it cannot be applied, so the source offers it again."""
+        async with self.lock:
+            if self.current is None:
+                raise ConfigError(["discovery: no configuration to apply the members to"])
+            self.members = members
+            ok, problems = await self._apply(self.current.with_members(members), "discovery")
+            if not ok:
+                raise ConfigError(problems)
 
     async def reload(self, source: str) -> tuple[bool, list[str]]:
         """Read, validate and apply the configuration file. (applied, problems): when not
@@ -61,20 +105,30 @@ class Reloader:
                 log.error("reload (%s) rejected; keeping the running configuration: %s",
                           source, "; ".join(e.errors))
                 return False, e.errors
-            try:
-                diff, problems = await self.apply(Pinned(text, new, files), source)
-            except ReloadRefused as e:
-                self.control.reloaded(False)
-                log.error("reload (%s) rejected: %s", source, e)
-                return False, [str(e)]
-            self.control.reloaded(True, ring_changed=diff.ring_changed)
-            if problems:
-                log.error("reload (%s): %s", source, "; ".join(problems))
-            n = len(new.backends)
-            log.info("reload (%s) applied: ring %s -> %s, %d backend%s%s", source,
-                     diff.ring_before, diff.ring_after, n, "" if n == 1 else "s",
-                     describe(diff))
-            return True, problems
+            pinned = Pinned(text, new, files)
+            if new.discovery is not None and self.members is not None:
+                pinned = pinned.with_members(self.members)
+            return await self._apply(pinned, source)
+
+    async def _apply(self, pinned: Pinned, source: str) -> tuple[bool, list[str]]:
+        before = self.control.table.router.ring
+        try:
+            diff, problems = await self.apply(pinned, source)
+        except ReloadRefused as e:
+            self.control.reloaded(False)
+            log.error("reload (%s) rejected: %s", source, e)
+            return False, [str(e)]
+        self.current = pinned
+        self.control.reloaded(True, ring_changed=diff.ring_changed)
+        if problems:
+            log.error("reload (%s): %s", source, "; ".join(problems))
+        moved = (sum(moved_share(before, self.control.table.router.ring).values())
+                 if diff.ring_changed else 0.0)
+        n = len(pinned.config.backends)
+        log.info("reload (%s) applied: ring %s -> %s, %d backend%s, %.1f%% of users move%s",
+                 source, diff.ring_before, diff.ring_after, n, "" if n == 1 else "s",
+                 moved * 100, describe(diff))
+        return True, problems
 
 
 def describe(diff: TableDiff) -> str:

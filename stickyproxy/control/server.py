@@ -19,6 +19,7 @@ from ..config import Config
 from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
+from .membership import Membership
 from .process import build_process, freeze_heap
 from .reload import Pinned, ReloadRefused, Reloader
 from .signals import SignalLatch
@@ -52,7 +53,11 @@ class Service:
         assert self.process.observer is not None and self.process.proxy is not None
         self.observer = self.process.observer
         self.proxy = self.process.proxy
-        self.reloader = Reloader(path, self.process.control, self._apply_pinned)
+        self.reloader = Reloader(path, self.process.control, self._apply_pinned,
+                                 Pinned("", config, {}))
+        # discovery runs where reloads are decided: here, unless a supervisor decides
+        self.membership = (Membership(self.reloader)
+                           if config.discovery is not None and workers <= 1 else None)
         self.admin_enabled = admin and config.admin.enabled
         self.admin: Any = None
         self.stopped = asyncio.Event()
@@ -64,6 +69,8 @@ class Service:
     async def start(self, *, reuse_port: bool = False, sock: Any = None) -> None:
         await self.proxy.start(reuse_port=reuse_port, sock=sock)
         self.health.start()
+        if self.membership is not None:
+            self.membership.start()
         if self.admin_enabled:
             from .admin import Admin
             self.admin = Admin(self)
@@ -125,6 +132,8 @@ class Service:
                  self.config.timeouts.shutdown)
         if self.admin is not None:
             await self.admin.stop()
+        if self.membership is not None:
+            await self.membership.stop()
         await self.health.stop()
         cut = await self.proxy.stop()
         if cut:

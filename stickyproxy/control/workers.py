@@ -31,7 +31,8 @@ from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
 from .process import build_process
-from .reload import Pinned, Reloader
+from .membership import Membership
+from .reload import Pinned, Reloader, from_message
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy.control.workers")
@@ -69,12 +70,12 @@ class WorkerHandle:
 class Supervisor:
     def __init__(self, config: Config, path: str | None, workers: int):
         self.path = path
-        self.text = ""
-        # the key files the running configuration was built from, sent with it to every
-        # worker so that all of them verify tokens with the same keys
-        self.files: dict[str, str] = {}
+        # the text and key files the running configuration was built from (and the
+        # discovered backends), sent to every worker so that all of them apply the same
+        pinned = Pinned("", config, {})
         if path:
-            self.text, config, self.files = load_pinned(path)
+            pinned = Pinned(*load_pinned(path))
+            config = pinned.config
         self.n = workers
         self.process = build_process(config, "supervisor")
         self.table = self.process.table
@@ -91,7 +92,8 @@ class Supervisor:
         self.stopping = False
         self.admin: Any = None
         self.seq = 0
-        self.reloader = Reloader(path, self.control, self._apply_everywhere)
+        self.reloader = Reloader(path, self.control, self._apply_everywhere, pinned)
+        self.membership = Membership(self.reloader) if config.discovery is not None else None
 
     @property
     def config(self) -> Config:
@@ -107,7 +109,8 @@ class Supervisor:
         child.close()
         h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
                                                                 limit=MAX_CONTROL_LINE)
-        h.send({"op": "config", "text": self.text, "path": self.path, "files": self.files})
+        assert self.reloader.current is not None
+        h.send({"op": "config", **self.reloader.current.message()})
         for st in self.table.states.values():
             if not st.healthy:
                 h.send({"op": "health", "id": st.id, "up": False, "reason": st.reason})
@@ -262,11 +265,9 @@ class Supervisor:
         the new configuration and named in the problems, so no worker keeps routing by the
         old one unseen."""
         diff = self.process.apply(pinned.config)
-        self.text, self.files = pinned.text, pinned.files
         live = [h for h in self.handles if h.proc is not None and h.proc.poll() is None]
         # a backend the reload added starts its ramp here; workers take this one
-        msg = {"op": "reload", "text": pinned.text, "path": self.path, "files": pinned.files,
-               "ramps": self._ramps()}
+        msg = {"op": "reload", **pinned.message(), "ramps": self._ramps()}
         acks = await asyncio.gather(*(self._ask(h, msg, RELOAD_ACK_TIMEOUT) for h in live))
         problems = []
         for h, ack in zip(live, acks):
@@ -277,7 +278,7 @@ class Supervisor:
                             f"restarted with the new configuration")
             self.control.worker_reload_failed(h.index)
             if h.proc is not None and h.proc.poll() is None:
-                h.proc.terminate()    # it drains; watch() starts it again with self.text
+                h.proc.terminate()    # it drains; watch() starts it again with the new one
         log.info("reload (%s) applied by %d of %d workers", source,
                  len(live) - len(problems), self.n)
         return diff, problems
@@ -294,6 +295,8 @@ class Supervisor:
         for h in self.handles:
             await self.spawn(h)
         self.health.start()
+        if self.membership is not None:
+            self.membership.start()
         if self.config.admin.enabled:
             from .admin import Admin
             self.admin = Admin(self)
@@ -316,6 +319,8 @@ class Supervisor:
         self.stopping = True
         if self.admin is not None:
             await self.admin.stop()
+        if self.membership is not None:
+            await self.membership.stop()
         await self.health.stop()
         for h in self.handles:
             if h.proc is not None and h.proc.poll() is None:
@@ -347,6 +352,11 @@ def supervise(config: Config, path: str | None, workers: int) -> int:
         return 0
 
 
+def _read_sent(text: str, path: str | None, files: dict[str, str]) -> Config:
+    """A worker's configuration: the supervisor's text and key-file copies, never disk."""
+    return loads(text, path, read_file=FileCopies(files).read)
+
+
 # -- worker side ---------------------------------------------------------------------------
 
 def follow_ramps(svc: Any, ramps: dict[str, Any]) -> None:
@@ -370,8 +380,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
             if op == "reload":
                 reply: dict[str, Any] = {"seq": msg.get("seq"), "ok": True}
                 try:
-                    new = loads(msg["text"], msg.get("path"),
-                                read_file=FileCopies(msg.get("files") or {}).read)
+                    new = from_message(msg, _read_sent)
                     await svc.apply(new)
                     follow_ramps(svc, msg.get("ramps") or {})
                 except (ConfigError, OSError) as e:
@@ -415,8 +424,7 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
     if first.get("op") != "config":
         return 1
     try:
-        config = loads(first["text"], first.get("path"),
-                       read_file=FileCopies(first.get("files") or {}).read)
+        config = from_message(first, _read_sent)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return 2

@@ -232,8 +232,12 @@ class Exchange:
         timeout = self.server.config.timeouts.connect
         try:
             async with asyncio.timeout(timeout):
+                # names are resolved by the proxy's cache (discovery/resolver.py), never by
+                # a blocking lookup per connection; a failed lookup is an OSError
+                resolver = self.server.resolver
+                addrs = resolver.cached(slot.host) or await resolver.resolve(slot.host)
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(slot, time.monotonic()), slot.host, slot.port)
+                    lambda: UpstreamProtocol(slot, time.monotonic()), addrs[0], slot.port)
         except (OSError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "connect"
             if self.state == CONNECTING and self.slot is slot:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import contract
 from ..config import Config
+from ..discovery.resolver import HostResolver
 from ..routing.router import BackendState, Router
 from ..routing.table import BackendTable
 from .client import REQUEST_WATCH, ClientProtocol
@@ -35,10 +36,14 @@ TICK: Final = 0.1
 
 
 class Proxy:
-    def __init__(self, table: BackendTable, events: Events | None = None):
+    def __init__(self, table: BackendTable, events: Events | None = None,
+                 resolver: HostResolver | None = None):
         self.events = events or Events()
         self.table = table
         self.upstreams: dict[str, Upstream] = {}
+        # upstreams of backends a reload removed that still carry WebSocket tunnels, and
+        # when they were removed: drained, not cut (their tunnels get timeouts.drain)
+        self.retiring: dict[Upstream, float] = {}
         self.clients: set[ClientProtocol] = set()
         self.server: asyncio.Server | None = None
         self.stopping = False
@@ -46,6 +51,9 @@ class Proxy:
         self.retrying = 0         # of which have been retried at least once
         self._ticker: asyncio.Task | None = None
         self.backend_headers: dict[str, bytes] = {}
+        # backend host names: shared with the health checks (control/process.py); its
+        # settings ([resolver]) are read at start-up
+        self.resolver = resolver or HostResolver(table.config.resolver)
         self.config = table.config
         self.router: Router = table.router
         self._sync_upstreams()
@@ -65,9 +73,12 @@ class Proxy:
             else:
                 up.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
             ups[bid] = up
+        now = time.monotonic()
         for bid, up in self.upstreams.items():
             if ups.get(bid) is not up:
                 up.close_all()
+                if up.tunnels:
+                    self.retiring[up] = now
         self.upstreams = ups
 
     def upstream_for(self, st: BackendState) -> Upstream:
@@ -136,11 +147,6 @@ class Proxy:
 
     def tunnels(self) -> dict[str, int]:
         return {bid: len(up.tunnels) for bid, up in self.upstreams.items()}
-
-    def close_tunnels(self, bid: str) -> int:
-        """Close the WebSocket tunnels to ``bid`` (a drain's grace ran out); how many."""
-        up = self.upstreams.get(bid)
-        return 0 if up is None else up.close_tunnels()
 
     # -- hooks used by the protocols -----------------------------------------------------
     def is_trusted(self, ip: str | None) -> bool:
@@ -225,6 +231,12 @@ class Proxy:
                 if up.tunnels and st.drained and now - st.drained_since >= grace:
                     log.warning("backend %s: closing %d WebSocket tunnels after drain timeout",
                                 up.id, up.close_tunnels())
+            for up, since in list(self.retiring.items()):
+                if up.tunnels and now - since >= grace:
+                    log.warning("backend %s (removed): closing %d WebSocket tunnels after "
+                                "drain timeout", up.id, up.close_tunnels())
+                if not up.tunnels:
+                    del self.retiring[up]
 
     async def stop(self, grace: float | None = None) -> int:
         """Stop accepting; let in-flight requests finish up to ``grace``; then close all.
@@ -251,6 +263,9 @@ class Proxy:
                 pass
         for up in self.upstreams.values():
             up.close_all()
+        for up in self.retiring:
+            up.close_tunnels()
+        await self.resolver.close()
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
