@@ -901,7 +901,11 @@ def killdrill_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir
 OWNER_FEATURES = (("ratelimit", "a rate limit on every call"),
                   ("revocation", "a token-revocation check on every call"),
                   ("jobpoll", "a poll of a running job's progress"),
-                  ("cache", "a cache hit"))
+                  ("cache", "a cache hit"),
+                  ("jobfollow", ("following a running job's progress: pushed over a WebSocket "
+                                 "by the owner vs polled from Redis")))
+# The feature measured per progress update delivered instead of per request.
+FOLLOW_FEATURE = "jobfollow"
 OWNER, STATELESS = "sticky", "stateless"
 REDIS_PATHS = ("loopback", "relay")
 
@@ -915,19 +919,37 @@ def _over(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _unit(row: dict[str, Any]) -> str:
+    """What a row's Redis figures are counted per: a request, or a progress update delivered."""
+    return "update" if row.get("kind") == "follow" else "request"
+
+
+def owner_commands(row: dict[str, Any]) -> float:
+    """Redis commands (as Redis counted them) per request or per update delivered."""
+    return float(row[f"redis_commands_per_{_unit(row)}"])
+
+
+def owner_round_trips(row: dict[str, Any]) -> float | None:
+    """Round trips to Redis the app made per request or per update; None in older results."""
+    return row.get(f"round_trips_per_{_unit(row)}")
+
+
 def owner_pairs(o: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per (feature, Redis path) measured both ways: the two rows and the ratios
-    owner ÷ stateless of req/s and p99, in OWNER_FEATURES then REDIS_PATHS order."""
+    owner ÷ stateless of throughput (req/s, or updates/s) and p99 (of a request, or of the
+    delay from a change to the client), in OWNER_FEATURES then REDIS_PATHS order."""
     rows = _owner_rows(o)
     out = []
     for feature, what in OWNER_FEATURES:
+        rate, p99 = (("updates_per_s", "latency_p99_ms") if feature == FOLLOW_FEATURE
+                     else ("rps", "p99_ms"))
         for path in REDIS_PATHS:
             mine, theirs = rows.get((feature, path, OWNER)), rows.get((feature, path, STATELESS))
             if mine and theirs:
                 out.append({"feature": feature, "what": what, "redis": path, "owner": mine,
                             "stateless": theirs,
-                            "rps_ratio": _over(mine["rps"], theirs["rps"]),
-                            "p99_ratio": _over(mine["p99_ms"], theirs["p99_ms"])})
+                            "rps_ratio": _over(mine.get(rate), theirs.get(rate)),
+                            "p99_ratio": _over(mine.get(p99), theirs.get(p99))})
     return out
 
 
@@ -936,9 +958,9 @@ def owners_verdicts(o: dict[str, Any] | None) -> list[Verdict]:
     pairs = owner_pairs(o) if o else []
     if not pairs:
         return [Verdict(target, "-", NOT_MEASURED)]
-    worst = max(pairs, key=lambda p: p["owner"]["redis_commands_per_request"])
-    most = worst["owner"]["redis_commands_per_request"]
-    stateless = sorted(p["stateless"]["redis_commands_per_request"] for p in pairs)
+    worst = max(pairs, key=lambda p: owner_commands(p["owner"]))
+    most = owner_commands(worst["owner"])
+    stateless = sorted(owner_commands(p["stateless"]) for p in pairs)
     owner = (f"0.000 in all {len(pairs)} runs" if most == 0 else
              f"at most {most:.3f} ({worst['feature']}, {worst['redis']})")
     measured = f"{owner}; stateless {stateless[0]:.3f} to {stateless[-1]:.3f}"
@@ -946,9 +968,13 @@ def owners_verdicts(o: dict[str, Any] | None) -> list[Verdict]:
 
 
 def _commands_text(row: dict[str, Any]) -> str:
-    requests = max(1, row["requests"])
+    per = max(1, row["updates"] if row.get("kind") == "follow" else row["requests"])
     spent = sorted(row.get("commands", {}).items(), key=lambda kv: -kv[1])
-    return ", ".join(f"`{name.upper()}` {n / requests:.3f}" for name, n in spent) or "none"
+    return ", ".join(f"`{name.upper()}` {n / per:.3f}" for name, n in spent) or "none"
+
+
+def _trips(row: dict[str, Any]) -> str:
+    return dash(owner_round_trips(row), ".3f")
 
 
 def owner_feature_table(pairs: Sequence[dict[str, Any]], relay_label: str) -> str:
@@ -957,13 +983,85 @@ def owner_feature_table(pairs: Sequence[dict[str, Any]], relay_label: str) -> st
         mine, theirs = p["owner"], p["stateless"]
         rows.append((
             "loopback" if p["redis"] == "loopback" else relay_label,
+            _trips(mine), _trips(theirs),
             f"{mine['redis_commands_per_request']:.3f}",
             f"{theirs['redis_commands_per_request']:.3f}",
             f"{mine['rps']:,}", f"{theirs['rps']:,}", ratio(p["rps_ratio"]),
             f"{mine['p99_ms']:.2f}", f"{theirs['p99_ms']:.2f}", ratio(p["p99_ratio"])))
-    return table(("Redis", "commands / request, owner", "commands / request, stateless",
+    return table(("Redis", "round trips / request, owner", "round trips / request, stateless",
+                  "commands / request, owner", "commands / request, stateless",
                   "req/s, owner", "req/s, stateless", "req/s owner ÷ stateless",
                   "p99 ms, owner", "p99 ms, stateless", "p99 owner ÷ stateless"), rows)
+
+
+def owner_follow_table(pairs: Sequence[dict[str, Any]], relay_label: str) -> str:
+    rows = []
+    for p in pairs:
+        mine, theirs = p["owner"], p["stateless"]
+        rows.append((
+            "loopback" if p["redis"] == "loopback" else relay_label,
+            _trips(mine), _trips(theirs),
+            f"{mine['redis_commands_per_update']:.3f}", f"{theirs['redis_commands_per_update']:.3f}",
+            f"{mine['updates_per_s']:,}", f"{theirs['updates_per_s']:,}",
+            f"{mine['latency_p50_ms']:.2f}", f"{theirs['latency_p50_ms']:.2f}",
+            f"{mine['latency_p99_ms']:.2f}", f"{theirs['latency_p99_ms']:.2f}", ratio(p["p99_ratio"])))
+    return table(("Redis", "round trips / update, WebSocket", "round trips / update, polling",
+                  "commands / update, WebSocket", "commands / update, polling",
+                  "updates/s, WebSocket", "updates/s, polling",
+                  "change → client p50 ms, WebSocket", "p50 ms, polling",
+                  "p99 ms, WebSocket", "p99 ms, polling", "p99 WebSocket ÷ polling"), rows)
+
+
+def _cost_text(cost: dict[str, Any] | None) -> str:
+    """A measured one-off cost: round trips and commands per operation, by command."""
+    if not cost:
+        return "not measured"
+    by = ", ".join(f"`{k}` {v:.3f}" for k, v in sorted(cost["by_command"].items(), key=lambda kv: -kv[1]))
+    return (f"{cost['round_trips']:.3f} round trips, {cost['commands']:.3f} commands"
+            + (f" ({by})" if by else "") + f" each, over {cost['count']:,}")
+
+
+def owner_costs(o: dict[str, Any]) -> list[str]:
+    """Where the owner-local versions send Redis commands, as bullet lines: what was measured
+    in this run (one-off costs outside the timed windows, any steady-state command) and the
+    rate limit's snapshot writes, which this load never triggers."""
+    rows = _owner_rows(o)
+    lines = []
+    first = [(f, r["costs"]["first_request"]) for (f, path, d), r in rows.items()
+             if d == OWNER and path == "loopback" and r.get("costs", {}).get("first_request")]
+    if first:
+        lines.append("- **A user's first request on an instance** acquires the user (one Lua call "
+                     "that fences out the previous owner and returns the context), Redis on "
+                     "loopback: " + "; ".join(f"`{f}` {_cost_text(c)}" for f, c in first)
+                     + ". `jobpoll`'s first request also starts the user's job, saved with it.")
+    for path in REDIS_PATHS:
+        revocation = rows.get(("revocation", path, OWNER), {}).get("costs", {}).get("revocation")
+        if revocation and path == "loopback":
+            theirs = rows.get(("revocation", path, STATELESS), {}).get("costs", {}).get("revocation")
+            lines.append(f"- **A revocation** (a logout; one `jti`): owner {_cost_text(revocation)}; "
+                         f"stateless `SET` of the `jti` with its expiry: {_cost_text(theirs)}.")
+    follow = rows.get((FOLLOW_FEATURE, "loopback", OWNER), {}).get("costs", {})
+    if follow.get("job_start"):
+        lines.append(f"- **A job's start and its outcome**: start {_cost_text(follow['job_start'])}; "
+                     f"end (cancelled, outcome recorded) {_cost_text(follow.get('job_end'))}. "
+                     "Its progress costs none: it stays in the owner's memory.")
+    if any("SCRIPT" in (c or {}).get("by_command", {}) for r in rows.values()
+           for c in r.get("costs", {}).values()):
+        lines.append("- `SCRIPT` above is a load after a `NOSCRIPT` reply: a script's first "
+                     "calls on a Redis that had not seen it (here, on this run's new Redis).")
+    lines.append("- **A rate limit's snapshot**: at most one fenced write per half burst consumed "
+                 "(`MATERIAL_SHARE`), and only by a user who spends faster than the budget "
+                 "refills; a user within the rate never causes one. Not exercised here: the limit "
+                 "is set so that nobody nears it.")
+    nonzero = [p for p in owner_pairs(o) if owner_commands(p["owner"]) > 0]
+    lines.append("- **In steady state** (the timed windows): "
+                 + ("none of the owner-local versions sent Redis a command."
+                    if not nonzero else
+                    "owner-local versions that still sent Redis commands: "
+                    + "; ".join(f"{p['feature']} ({p['redis']}) "
+                                f"{owner_commands(p['owner']):.3f} per {_unit(p['owner'])} "
+                                f"({_commands_text(p['owner'])})" for p in nonzero) + "."))
+    return lines
 
 
 def owners_section(o: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:
@@ -973,54 +1071,73 @@ def owners_section(o: dict[str, Any], images: dict[str, Path | None], doc_dir: P
                else "a median")
     relay_label = f"relay, +{added:.2f} ms"
     pairs = owner_pairs(o)
+    followers = s.get("followers")
     parts = [
         "## 6. Owner-local features vs the same done statelessly in Redis\n",
-        ("Four per-user features of `stickyproxy.context`, each on every request of the "
-         "load, beside the usual stateless version that keeps the same state in Redis "
-         "(bench/owner_features.py). Each variant is one aiohttp app process (uvloop) "
-         "answering `GET /` with 2 bytes after the feature's work: the owner-local rate "
-         "limiter (`rate_limit_middleware`) vs `INCR` + `PEXPIRE … NX` pipelined; the "
-         "owner-local revocation check (`revocation_middleware`) vs `EXISTS` of the token's "
-         "`jti` + `GET` of the user's cut-off pipelined; `Jobs.status` of the user's running "
-         "job vs `HGETALL` of its hash; a `GuardedCache` hit vs a Redis `GET` of the cached "
-         f"value. wrk, {s['connections']} connections, {s['duration_s']:g} s per variant, "
-         f"requests spread at random over {s['users']:,} users each with a signed token; "
-         "before each timed run every user is touched once (its context loaded, its job "
-         f"started, its value cached) and the load runs {s['warmup_s']:g} s. Limits are set "
-         "so that nobody is refused and no token is revoked, so both designs do their full "
-         "work on every request. Redis commands are counted with `INFO commandstats` around "
-         "each timed run (the library's listener `PING`s excluded) and divided by wrk's "
-         "requests. Each variant runs twice: with Redis on loopback and with Redis behind a "
-         f"relay in its own process that delays each chunk by half a round trip each way; "
-         f"measured, it adds {added:.2f} ms to a `PING` ({samples}; "
-         f"{relay['direct_ping_ms']:.3f} ms direct), standing in for a Redis on another "
-         "host.\n"),
+        ("Per-user features of `stickyproxy.context` beside the usual stateless version that "
+         "keeps the same state in Redis (bench/owner_features.py). Each variant is one aiohttp "
+         "app process (uvloop). Four answer `GET /` with 2 bytes after the feature's work, on "
+         "every request: the owner-local rate limiter (`rate_limit_middleware`) vs `INCR` + "
+         "`PEXPIRE … NX` pipelined; the owner-local revocation check (`revocation_middleware`) "
+         "vs `EXISTS` of the token's `jti` + `GET` of the user's cut-off pipelined; "
+         "`Jobs.status` of the user's running job vs `HGETALL` of its hash; a `GuardedCache` "
+         f"hit vs a Redis `GET` of the cached value. wrk, {s['connections']} connections, "
+         f"{s['duration_s']:g} s per variant, requests spread at random over {s['users']:,} "
+         "users each with a signed token; before each timed run every user is touched once "
+         "(its context loaded, its job started, its value cached) and "
+         + (f"the load runs {s['warmup_s']:g} s" if s["warmup_s"] else "no load runs before")
+         + ". Limits are set so that nobody is refused and no token is "
+         "revoked, so both designs do their full work on every request.\n"),
     ]
+    if followers:
+        parts.append(
+            f"The fifth follows running jobs: {followers:,} users each have a job that changes "
+            f"its progress every {s['progress_interval_ms']:g} ms, and a client follows all of "
+            "them for the same timed window. Owner: the job runs in the app (`Jobs`), and the "
+            "client holds one WebSocket per job, on which the app sends each change "
+            "(`Jobs.follow`: from memory). Stateless: the job writes each step to a Redis hash "
+            "(`HSET`), and the client polls `GET /progress` (one `HGETALL`) once per progress "
+            "interval, as the shop's `--stateless` jobs do. A change carries the time it was "
+            "made; the delay to the client seeing it is taken on the machine's one monotonic "
+            "clock. An update is a new step seen by the client (a poll that finds none is not "
+            "one); Redis traffic is divided by updates delivered.\n")
+    parts.append(
+        "Redis commands are counted by Redis (`INFO commandstats` around each timed window, "
+        "the library's listener `PING`s excluded; commands a Lua script runs count too). Round "
+        "trips are counted in each app, where redis-py sends: one per command or pipeline "
+        "written, connection bookkeeping excluded (handshake, health checks, the takeover "
+        "listener). Each variant runs twice: with Redis on loopback and with Redis behind a "
+        "relay in its own process that delays each chunk by half a round trip each way; "
+        f"measured, it adds {added:.2f} ms to a `PING` ({samples}; "
+        f"{relay['direct_ping_ms']:.3f} ms direct), standing in for a Redis on another host. "
+        "The machine has 2 cores shared with other work: compare the two designs within a "
+        "row (same run, same minute), not figures across runs.\n")
     for feature, what in OWNER_FEATURES:
         mine = [p for p in pairs if p["feature"] == feature]
         if not mine:
-            parts.append(f"**{what.capitalize()}** (`{feature}`): not measured.")
+            parts.append(f"**{what[0].upper() + what[1:]}** (`{feature}`): not measured.\n")
             continue
         commands = "; ".join(
-            f"{'loopback' if p['redis'] == 'loopback' else 'relay'}: owner "
-            f"{_commands_text(p['owner'])}, stateless {_commands_text(p['stateless'])}"
+            f"{'loopback' if p['redis'] == 'loopback' else 'relay'}: "
+            f"{'WebSocket' if feature == FOLLOW_FEATURE else 'owner'} "
+            f"{_commands_text(p['owner'])}, "
+            f"{'polling' if feature == FOLLOW_FEATURE else 'stateless'} {_commands_text(p['stateless'])}"
             for p in mine)
-        parts += [f"**{what.capitalize()}** (`{feature}`)\n",
-                  owner_feature_table(mine, relay_label),
-                  f"\nRedis commands per request, by command: {commands}.\n"]
-    nonzero = [p for p in pairs if p["owner"]["redis_commands_per_request"] > 0]
+        unit = "update" if feature == FOLLOW_FEATURE else "request"
+        parts += [f"**{what[0].upper() + what[1:]}** (`{feature}`)\n",
+                  (owner_follow_table if feature == FOLLOW_FEATURE else owner_feature_table)(
+                      mine, relay_label),
+                  f"\nRedis commands per {unit}, by command: {commands}.\n"]
     if pairs:
         parts.append(
             "Every stateless version makes one Redis round trip per request (the rate limit's "
-            "and the revocation check's two commands are pipelined); the owner-local versions "
+            "and the revocation check's two commands are pipelined); polling a job costs the "
+            "poll's round trip plus the runner's write of each step. The owner-local versions "
             "answer from the process's memory. Ratios are owner ÷ stateless: above 1x the "
-            "owner serves more requests per second; below 1x its p99 is shorter. "
-            + ("In steady state none of the owner-local versions sent Redis a command."
-               if not nonzero else
-               "Owner-local versions that still sent Redis commands in steady state: "
-               + "; ".join(f"{p['feature']} ({p['redis']}) "
-                           f"{p['owner']['redis_commands_per_request']:.3f} per request "
-                           f"({_commands_text(p['owner'])})" for p in nonzero) + "."))
+            "owner serves more per second; below 1x its p99 is shorter.\n")
+        parts.append("**Where the owner-local versions do use Redis** (measured in the same "
+                     "run, outside the timed windows, unless said):\n")
+        parts.append("\n".join(owner_costs(o)) + "\n")
     parts.append("\n" + image(images.get("owners"), doc_dir,
                               "owner-local features vs stateless, Redis on loopback and "
                               "behind a relay"))

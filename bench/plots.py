@@ -257,34 +257,61 @@ OWNER_BARS = (("sticky", "loopback", "owner, Redis on loopback", "tab:blue", "")
               ("stateless", "loopback", "stateless, Redis on loopback", "tab:red", ""),
               ("sticky", "relay", "owner, Redis behind the relay", "lightsteelblue", "//"),
               ("stateless", "relay", "stateless, Redis behind the relay", "lightsalmon", "//"))
-OWNER_PANELS = (("redis_commands_per_request", "Redis commands per request"),
+OWNER_PANELS = (("round_trips_per_request", "Redis round trips per request"),
+                ("redis_commands_per_request", "Redis commands per request"),
                 ("rps", "requests/s (higher is better)"),
                 ("p99_ms", "p99 ms (lower is better)"))
+# Following a job's progress: per update delivered, not per request.
+FOLLOW_PANELS = (("round_trips_per_update", "Redis round trips per update"),
+                 ("redis_commands_per_update", "Redis commands per update"),
+                 ("latency_p50_ms", "change to client, p50 ms (lower is better)"),
+                 ("latency_p99_ms", "change to client, p99 ms (lower is better)"))
+COUNT_KEYS = frozenset({"round_trips_per_request", "redis_commands_per_request",
+                        "round_trips_per_update", "redis_commands_per_update"})
 
 
-def owners(path: Path, result: dict[str, Any]) -> Path | None:
-    rows = {(r["feature"], r["design"], r["redis"]): r for r in result["rows"]}
-    features = list(dict.fromkeys(r["feature"] for r in result["rows"]))
-    if not features:
-        return None
+def _owner_panels(axes: Sequence[Any], rows: dict[tuple[str, str, str], dict[str, Any]],
+                  features: Sequence[str], panels: Sequence[tuple[str, str]],
+                  labels: dict[str, str]) -> None:
     width = 0.8 / len(OWNER_BARS)
-    fig, axes = plt.subplots(1, len(OWNER_PANELS), figsize=(13, 4.4))
-    for ax, (key, title) in zip(axes, OWNER_PANELS):
+    for ax, (key, title) in zip(axes, panels):
         for i, (design, redis_path, label, color, hatch) in enumerate(OWNER_BARS):
             xs = [x + (i - (len(OWNER_BARS) - 1) / 2) * width for x in range(len(features))]
             values = [(rows.get((f, design, redis_path)) or {}).get(key) for f in features]
             ax.bar(xs, [v or 0 for v in values], width, color=color, hatch=hatch,
-                   edgecolor="black", linewidth=0.4, label=label)
-            if key == "redis_commands_per_request":
+                   edgecolor="black", linewidth=0.4,
+                   label=labels[design] + "," + label.split(",", 1)[1] if design in labels else label)
+            if key in COUNT_KEYS or len(features) == 1:
                 for x, v in zip(xs, values):
                     if v is not None:
                         ax.annotate(f"{v:.2g}", (x, v), ha="center", va="bottom",
                                     xytext=(0, 2), textcoords="offset points", fontsize=7)
         ax.set_xticks(list(range(len(features))), features)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(title, fontsize=10)
-    # headroom above the tallest bar of the first panel, for the legend
-    axes[0].set_ylim(0, max(r["redis_commands_per_request"] for r in result["rows"]) * 1.6 or 1)
-    axes[0].legend(loc="upper left", fontsize=7, ncol=2)
+
+
+def owners(path: Path, result: dict[str, Any]) -> Path | None:
+    """Top row: the features checked on every request; bottom row (when measured): following
+    a running job's progress, pushed over a WebSocket by the owner vs polled from Redis."""
+    rows = {(r["feature"], r["design"], r["redis"]): r for r in result["rows"]}
+    per_request = list(dict.fromkeys(r["feature"] for r in result["rows"]
+                                     if r.get("kind", "request") == "request"))
+    follow = list(dict.fromkeys(r["feature"] for r in result["rows"] if r.get("kind") == "follow"))
+    if not per_request and not follow:
+        return None
+    groups = [g for g in ((per_request, OWNER_PANELS, {}),
+                          (follow, FOLLOW_PANELS, {"sticky": "owner pushes over a WebSocket",
+                                                   "stateless": "stateless, polled from Redis"}))
+              if g[0]]
+    fig, grid = plt.subplots(len(groups), len(OWNER_PANELS), figsize=(15, 4.4 * len(groups)),
+                             squeeze=False)
+    for axes, (features, panels, labels) in zip(grid, groups):
+        _owner_panels(axes, rows, features, panels, labels)
+        counts = [r.get(panels[0][0]) or 0 for r in result["rows"] if r["feature"] in features]
+        # headroom above the tallest bar of the first panel, for the legend
+        axes[0].set_ylim(0, max(counts) * 2.0 or 1)
+        axes[0].legend(loc="upper left", fontsize=6.5, ncol=1)
     added = result.get("relay", {}).get("added_rtt_ms")
     fig.suptitle("owner-local features vs the same kept in Redis"
                  + (f" (the relay adds {added:.2f} ms per round trip)" if added else ""))
