@@ -394,7 +394,22 @@ def _base_server_context(s: ListenTLS) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(list(s.alpn))
     ctx.verify_mode = CLIENT_AUTH[s.client_auth]
+    _set_tickets(ctx, s)
     return ctx
+
+
+def _set_tickets(ctx: ssl.SSLContext, s: ListenTLS) -> None:
+    """A resumed session keeps the client certificate verified when it was made, and
+    OpenSSL keeps ticket keys for the front context's life: a ticket issued before the
+    client CA changed would carry its old verdict past a reload. So a listener that
+    verifies clients issues no tickets (TLS 1.3 resumes only by ticket, RFC 8446 §4.6.1);
+    TLS 1.2 session ids stay, checked by ``CertStore._check_resumed``."""
+    if s.client_auth == "none":
+        ctx.options &= ~ssl.OP_NO_TICKET
+        ctx.num_tickets = 2   # OpenSSL's default
+    else:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
 
 
 @dataclass(frozen=True)
@@ -404,6 +419,7 @@ class _Built:
     exact: dict[str, ssl.SSLContext]
     wildcard: dict[str, ssl.SSLContext]   # by the suffix after "*."
     digest: str                           # of every file's bytes, to tell a change
+    trust: str                            # of what verifies clients (client_auth, CA bytes)
 
 
 def select_context(server_name: str | None, exact: dict[str, Any], wildcard: dict[str, Any],
@@ -473,7 +489,8 @@ def _build(s: ListenTLS, read_file: ReadFile, path: str) -> _Built:
                 exact[name] = ctx
     if errors or default is None:
         raise ConfigError(errors)
-    return _Built(default, exact, wildcard, h.hexdigest())
+    trust = hashlib.sha256(s.client_auth.encode() + b"\0" + (ca or b"")).hexdigest()
+    return _Built(default, exact, wildcard, h.hexdigest(), trust)
 
 
 @dataclass(frozen=True)
@@ -534,8 +551,12 @@ class CertStore:
         self.built = _build(settings, read_file, path)
         self.watch = FileWatch(settings.files())
         self.reloads = 0
+        # when what verifies clients last changed (whole seconds, as OpenSSL stamps sessions;
+        # 0: never, every session the front context holds was made under the current rules)
+        self.trust_changed = 0
         self.gate = gate if gate is not None else HandshakeGate(
             settings.max_handshakes, settings.handshake_timeout)
+        self.gate.check = self._check_resumed
         # the front context: its own settings apply to every connection it accepts (see the
         # invariants above); its certificate is the default one, used only if the callback
         # below were not called
@@ -557,6 +578,18 @@ class CertStore:
         b = self.built
         ssl_object.context = select_context(server_name, b.exact, b.wildcard, b.default)
         ssl_object.sni_name = server_name
+
+    def _check_resumed(self, obj: ssl.SSLObject) -> str | None:
+        """Why a finished handshake must be refused, or None: a resumed session whose client
+        verification predates the last change of ``client_auth`` or ``client_ca``."""
+        if self.settings.client_auth == "none" or not obj.session_reused:
+            return None
+        if obj.version() == "TLSv1.3":
+            return "resumed a TLS 1.3 ticket issued before client certificates were verified"
+        sess = obj.session
+        if sess is None or sess.time <= self.trust_changed:
+            return "resumed a session from before the client CA changed"
+        return None
 
     def files_changed(self) -> bool:
         """Cheap: whether a file the contexts came from looks different (one stat each)."""
@@ -585,6 +618,9 @@ class CertStore:
         front.minimum_version = MIN_VERSIONS[settings.min_version]
         front.verify_mode = CLIENT_AUTH[settings.client_auth]
         front.set_alpn_protocols(list(settings.alpn))
+        _set_tickets(front, settings)
+        if built.trust != self.built.trust:
+            self.trust_changed = int(time.time())
         self.gate.limit = settings.max_handshakes
         self.gate.timeout = settings.handshake_timeout
         self.built = built
@@ -640,6 +676,10 @@ class HandshakeGate:
         self.admitted = 0     # handshakes begun (counter)
         self.completed = 0    # handshakes that finished (counter)
         self.refused = 0      # connections closed because the cap was reached (counter)
+        self.stale = 0        # handshakes refused by ``check`` once finished (counter)
+        # called with each server-side SSL object whose handshake finished; a reason
+        # returned fails the handshake (CertStore refuses stale resumed sessions)
+        self.check: Callable[[ssl.SSLObject], str | None] | None = None
         self._open: deque[list[Any]] = deque()   # [began, done] in admission order
         self.sslobject_class = self._make_class()
 
@@ -671,6 +711,11 @@ class HandshakeGate:
                 except BaseException:
                     gate._finish(token, False)
                     raise
+                why = gate.check(self) if gate.check is not None else None
+                if why:
+                    gate.stale += 1
+                    gate._finish(token, False)
+                    raise ssl.SSLError(why)
                 gate._finish(token, True)
 
             def __del__(self) -> None:
@@ -778,7 +823,15 @@ class SessionCache:
                         except ValueError:   # made by another context: full handshake
                             pass
                     cache.recent[host] = weakref.ref(self)
-                super().do_handshake()
+                try:
+                    super().do_handshake()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    raise
+                except ssl.SSLError:
+                    if host:   # do not offer a session the peer may have refused again
+                        cache.sessions.pop(host, None)
+                        cache.recent.pop(host, None)
+                    raise
                 if self.session_reused:
                     cache.resumed += 1
 

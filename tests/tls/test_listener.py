@@ -334,3 +334,59 @@ async def test_one_file_with_key_and_chain(ca, serve, tmp_path):
     _, peer, (_, w) = await ask(lst.port, client_ctx(ca))
     assert "localhost" in sans(peer)
     w.close()
+
+
+async def tls12_resuming_client(ca, client) -> ssl.SSLContext:
+    ctx = client_ctx(ca, client=client)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    cache = tls.SessionCache()
+    ctx.sslobject_class = cache.sslobject_class
+    return ctx
+
+
+async def test_resumed_session_cannot_outlive_a_client_ca_change(ca, certs, serve, tmp_path):
+    # A TLS 1.2 session id carries the verdict on the client certificate made when the
+    # session was; after the client CA changes, resuming it is refused.
+    client = ca.issue_cert("a@b", common_name="svc")
+    lst = await serve(settings(certs, client_auth="require", client_ca=str(tmp_path / "ca.pem")))
+    ctx = await tls12_resuming_client(ca, client)
+    answer, _, (_, w) = await ask(lst.port, ctx)
+    assert answer == "localhost:svc\n" and not w.get_extra_info("ssl_object").session_reused
+    w.close()
+    answer, _, (_, w) = await ask(lst.port, ctx)
+    assert answer == "localhost:svc\n" and w.get_extra_info("ssl_object").session_reused
+    w.close()
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))   # the old CA removed
+    assert lst.store.reload().changed
+    assert await refused(lst.port, ctx)
+    assert lst.store.gate.stale == 1
+
+
+async def test_no_tickets_while_client_certificates_are_verified(ca, certs, serve, tmp_path):
+    # TLS 1.3 resumes only by ticket; a listener verifying clients issues none, and a
+    # ticket issued before it started verifying (client_auth was "none") is not honoured.
+    lst = await serve(settings(certs))
+    ctx = client_ctx(ca, client=ca.issue_cert("a@b", common_name="svc"))
+    cache = tls.SessionCache()
+    ctx.sslobject_class = cache.sslobject_class
+    for _ in range(2):
+        answer, _, (_, w) = await ask(lst.port, ctx)
+        w.close()
+        await asyncio.sleep(0)
+    assert w.get_extra_info("ssl_object").session_reused    # tickets while "none"
+    assert lst.store.apply(settings(certs, client_auth="require",
+                                    client_ca=str(tmp_path / "ca.pem"))).changed
+    # the ticket from before is not honoured: a full handshake, the certificate verified
+    answer, _, (_, w) = await ask(lst.port, ctx)
+    assert answer == "localhost:svc\n"
+    assert not w.get_extra_info("ssl_object").session_reused
+    w.close()
+    fresh = client_ctx(ca, client=ca.issue_cert("a@b", common_name="svc"))
+    cache = tls.SessionCache()
+    fresh.sslobject_class = cache.sslobject_class
+    for _ in range(2):
+        answer, _, (_, w) = await ask(lst.port, fresh)
+        assert answer == "localhost:svc\n"
+        assert not w.get_extra_info("ssl_object").session_reused
+        w.close()
+        await asyncio.sleep(0)
