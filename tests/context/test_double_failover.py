@@ -18,7 +18,10 @@ step 1 is gone; the stores re-acquire the users from empty records and acknowled
 counter values again. No client can prevent it: every write was confirmed by a replica (B), and
 it is a later promotion of a node that never held the data that discards them. If A came back
 with its data (``appendonly yes``, ``appendfsync always``), it holds every write acknowledged in
-step 1, nothing was acknowledged in steps 2-3, and nothing is lost.
+step 1, nothing was acknowledged in steps 2-3, and nothing is lost. If it came back empty but
+with ``replica-priority 0`` until its sync finished, the failover in step 4 is refused
+(``NOGOODSLAVE``) and, once A has synced and its priority is restored, promotes it with
+everything. Those are the two configurations docs/context.md states for ``wait_replicas``.
 
 Figures (printed with ``-s``):
     python3 -m pytest -q -s -p no:cacheprovider tests/context/test_double_failover.py
