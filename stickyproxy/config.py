@@ -717,14 +717,81 @@ def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = N
                                routing=dataclasses.replace(cfg.routing, keys=tuple(keys)))
 
 
+# STICKYPROXY_<SECTION>__<KEY>[__<KEY>...] overrides one setting (12-factor); the double
+# underscore keeps the build's own STICKYPROXY_COMPILE-style variables out of it.
+ENV_PREFIX = "STICKYPROXY_"
+ENV_SEPARATOR = "__"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """{variable: key path} for each variable that overrides a setting."""
+    out = {}
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and ENV_SEPARATOR in name:
+            parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
+            if all(parts):
+                out[name] = parts
+    return out
+
+
+def env_value(text: str) -> Any:
+    """A variable's value as a TOML value (``8080``, ``true``, ``"2s"``, ``["a", "b"]``),
+    or as the plain string when it is not one (``reject``, ``2s``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def overlay(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with the environment's overrides laid over it; and problems, naming the
+    variable. ``[[backends]]`` is a list and cannot be overridden (use [discovery])."""
+    problems = []
+    for var, path in environment_overrides(environ).items():
+        if path[0] == "backends":
+            problems.append(f"{var}: [[backends]] cannot be set from the environment")
+            continue
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{var}: {'.'.join(path)} is not inside a table")
+                break
+            node = child
+        else:
+            node[path[-1]] = env_value(environ[var])
+    return raw, problems
+
+
 def loads(text: str, source: str | None = None, *, secrets: bool = True,
-          read_file: ReadFile | None = None) -> Config:
-    """Parse, validate and resolve a configuration's text."""
+          read_file: ReadFile | None = None, environ: Mapping[str, str] | None = None
+          ) -> Config:
+    """Parse, validate and resolve a configuration's text, with the environment's
+    ``STICKYPROXY_<SECTION>__<KEY>`` overrides (``environ``, default the process's)."""
+    env = os.environ if environ is None else environ
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"TOML syntax error: {e}"], source) from None
-    return resolve(parse(raw, source), secrets=secrets, read_file=read_file)
+    raw, problems = overlay(raw, env)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        cfg = parse(raw, source)
+    except ConfigError as e:
+        raise ConfigError(_name_variables(e.errors, env), source) from None
+    return resolve(cfg, secrets=secrets, read_file=read_file)
+
+
+def _name_variables(errors: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Errors about a key the environment set say so: the file is not where to look."""
+    by_path = {".".join(path): var for var, path in environment_overrides(environ).items()}
+    out = []
+    for err in errors:
+        key = err.split(":", 1)[0]
+        var = by_path.get(key)
+        out.append(f"{err} (set by {var})" if var else err)
+    return out
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -838,6 +905,20 @@ def reference_markdown() -> str:
             "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
             "| `url` | (required) | `http://host[:port]`, no path |",
             f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |", ""]
+    out += ["## [discovery] and [resolver]", "",
+            "Backends discovered from DNS or a file, and how backend host names are resolved: "
+            "[discovery.md](discovery.md).", "",
+            "## From the environment", "",
+            f"Any setting can be set by a variable `{ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>`, "
+            "upper or lower case, nested tables joined the same way, laid over the file "
+            "before it is validated: `STICKYPROXY_LISTEN__PORT=8080`, "
+            "`STICKYPROXY_ROUTING__NO_KEY=reject`, "
+            "`STICKYPROXY_DISCOVERY__DNS__NAME=_http._tcp.app.svc`. The value is read as a "
+            "TOML value when it is one (`8080`, `true`, `[\"a\"]`, `\"2s\"`) and as a string "
+            "otherwise (`reject`, `2s`). An error about such a key names the variable. "
+            "`[[backends]]` cannot be set this way (use `[discovery]`); secrets stay in the "
+            "variables that `*_env` keys name. Workers are started with the supervisor's "
+            "environment, so they read the same overrides.", ""]
     return "\n".join(out)
 
 

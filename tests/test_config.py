@@ -220,3 +220,37 @@ def test_resolve_reads_key_files_through_the_given_reader(tmp_path):
     copies = config.FileCopies({})                     # serves nothing: unreadable
     with pytest.raises(ConfigError, match=r"routing.keys\[0\].public_key_file: cannot read"):
         config.resolve(cfg, read_file=copies.read)
+
+
+# -- settings from the environment ---------------------------------------------------------
+
+ENV_BASE = '[admin]\nenabled = false\n[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
+
+
+@pytest.mark.parametrize("env, check", [
+    ({"STICKYPROXY_LISTEN__PORT": "8181"}, lambda c: c.listen.port == 8181),
+    ({"stickyproxy_listen__port": "8181"}, lambda c: c.listen.port == 8181),
+    ({"STICKYPROXY_ROUTING__NO_KEY": "reject"}, lambda c: c.routing.no_key == "reject"),
+    ({"STICKYPROXY_HEALTH__ENABLED": "false"}, lambda c: c.health.enabled is False),
+    ({"STICKYPROXY_TIMEOUTS__CONNECT": "250ms"}, lambda c: c.timeouts.connect == 0.25),
+    ({"STICKYPROXY_TIMEOUTS__CONNECT": '"250ms"'}, lambda c: c.timeouts.connect == 0.25),
+    ({"STICKYPROXY_LISTEN__TRUSTED_PROXIES": '["10.0.0.0/8"]'},
+     lambda c: [str(n) for n in c.listen.trusted_proxies] == ["10.0.0.0/8"]),
+    # the build's own variables have no double underscore: not settings
+    ({"STICKYPROXY_COMPILE": "1"}, lambda c: c.listen.port == 8080),
+])
+def test_the_environment_overrides_the_file(env, check):
+    assert check(loads(ENV_BASE, environ=env))
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"STICKYPROXY_LISTEN__PORT": "0x"}, "listen.port: "),
+    ({"STICKYPROXY_LISTEN__PROT": "8080"}, "listen.prot: unknown key"),
+    ({"STICKYPROXY_BACKENDS__URL": "x"}, "STICKYPROXY_BACKENDS__URL: [[backends]] cannot"),
+    ({"STICKYPROXY_ADMIN__ENABLED__X": "1"}, "admin.enabled.x is not inside a table"),
+])
+def test_an_environment_override_error_names_the_variable(env, error):
+    with pytest.raises(ConfigError) as e:
+        loads(ENV_BASE, environ=env)
+    (msg,) = [m for m in e.value.errors if error in m]
+    assert next(iter(env)) in msg
