@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-ACQUIRE_REASONS = ("first", "takeover", "revalidate")
+ACQUIRE_REASONS = ("first", "takeover", "revalidate", "lost")
 DROP_REASONS = ("taken_over", "deleted", "record_lost", "own_later_acquire", "record_mismatch", "closed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -24,7 +24,8 @@ class ContextMetrics:
         self.acquisitions = Counter(
             "stickyctx_acquisitions",
             "Users acquired from Redis, by reason: first (no previous owner), takeover (another "
-            "instance owned it), revalidate (this instance re-checked or re-took a user it had held).",
+            "instance owned it), revalidate (this instance re-checked or re-took a user it had held), "
+            "lost (Redis no longer had the epoch this instance held).",
             ["reason"],
             registry=r,
         )
