@@ -390,3 +390,73 @@ async def test_no_tickets_while_client_certificates_are_verified(ca, certs, serv
         assert not w.get_extra_info("ssl_object").session_reused
         w.close()
         await asyncio.sleep(0)
+
+
+async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
+    """Clients keep handshaking while the certificate is swapped back and forth: every
+    handshake succeeds, and both certificates are served."""
+    import os
+    lst = await serve(settings(certs))
+    other = write_leaf(ca.issue_cert("localhost", "127.0.0.1", "second.example.com"), tmp_path, "second")
+    first = write_leaf(ca.issue_cert("localhost", "127.0.0.1"), tmp_path, "first")
+    swaps = [first, other] * 5
+    seen: set[str] = set()
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def client():
+        ctx = client_ctx(ca)
+        while not stop.is_set():
+            try:
+                answer, peer, (_, w) = await ask(lst.port, ctx)
+                assert answer == "localhost:-\n"
+                seen.add(peer["serialNumber"])
+                w.close()
+            except Exception as e:   # noqa: BLE001 - every failure is the test's finding
+                failures.append(e)
+
+    gate = lst.store.gate
+
+    async def handshakes(n: int) -> None:
+        target = gate.completed + n
+        deadline = time.monotonic() + IO_TIMEOUT
+        while gate.completed < target and not failures:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+
+    tasks = [asyncio.create_task(client()) for _ in range(8)]
+    for files in swaps:
+        await handshakes(16)   # at most 8 were in flight at the swap
+        for src, dst in ((files.cert, certs["default"].cert), (files.key, certs["default"].key)):
+            staged = dst + ".new"
+            with open(src, "rb") as f, open(staged, "wb") as g:
+                g.write(f.read())
+            os.replace(staged, dst)
+        assert lst.store.reload() == tls.ReloadResult(True, ())
+    await handshakes(16)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
+    assert failures == []
+    assert len(seen) == 3          # the original, then both swapped in
+    assert lst.store.reloads == 10
+
+
+async def test_contexts_built_from_pinned_bytes(ca, certs, serve, tmp_path):
+    """A worker builds its contexts from the bytes the supervisor read (config.FileCopies),
+    never from a second read of the files."""
+    import os
+    from stickyproxy.config import FileCopies
+    s = with_sni(certs)
+    copies = FileCopies()
+    for p in s.files():
+        copies.read(p)
+    for p in s.files():
+        os.unlink(p)
+    store = tls.CertStore(s, read_file=FileCopies(copies.files).read)
+    lst = await serve(s, store)
+    _, peer, (_, w) = await ask(lst.port, client_ctx(ca), "a.example.com")
+    assert "a.example.com" in sans(peer)
+    w.close()
+    # a reload from disk now fails (the files are gone) and keeps the pinned contexts
+    result = store.reload(read_file=lambda p: open(p, "rb").read())
+    assert not result.changed and result.errors[0].startswith("listen.tls.cert: cannot read")
