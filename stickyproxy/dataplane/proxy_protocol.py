@@ -70,7 +70,7 @@ import ipaddress
 import re
 import struct
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 # v1 line, CRLF included, at its longest: "PROXY UNKNOWN" with two full IPv6 addresses and two
 # 5-digit ports (spec §2.1, "107 chars").
@@ -149,7 +149,7 @@ class Invalid:
     reason: str
 
 
-Result = Union[NeedMore, Header, Invalid]
+Result = NeedMore | Header | Invalid
 
 
 def starts_like_header(data: bytes) -> bool:

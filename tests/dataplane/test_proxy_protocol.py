@@ -11,16 +11,24 @@ import asyncio
 import shutil
 import socket
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from support.net import IO_TIMEOUT, LOCALHOST, eventually, free_port
 
-from stickyproxy.dataplane.proxy_protocol import (MAX_HEADER_BYTES, MAX_V1_BYTES, MAX_V2_BYTES,
-                                                  MAX_V2_LENGTH, MAX_V2_TLV_BYTES, V2_SIGNATURE,
-                                                  Header, Invalid, NeedMore, parse,
-                                                  starts_like_header)
+from stickyproxy.dataplane.proxy_protocol import (
+    MAX_HEADER_BYTES,
+    MAX_V1_BYTES,
+    MAX_V2_BYTES,
+    MAX_V2_LENGTH,
+    MAX_V2_TLV_BYTES,
+    V2_SIGNATURE,
+    Header,
+    Invalid,
+    NeedMore,
+    parse,
+    starts_like_header,
+)
 
 SIG = V2_SIGNATURE
 assert SIG == bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
@@ -58,13 +66,13 @@ V1_VALID = [
     (b"PROXY TCP6 ::1 2001:db8::1 1 65535\r\n", "TCP6", ("::1", 1), ("2001:db8::1", 65535)),
     (b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:a00:1 80 8080\r\n", "TCP6",
      ("2001:db8::1", 80), ("::ffff:a00:1", 8080)),
-    (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-     b" 65535 65535\r\n", "TCP6", ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+    ((b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+     b" 65535 65535\r\n"), "TCP6", ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
      ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535)),
     (b"PROXY UNKNOWN\r\n", "UNKNOWN", None, None),
     # §2.1: after UNKNOWN "the receiver must ignore anything presented before the CRLF"
-    (b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-     b":ffff 65535 65535\r\n", "UNKNOWN", None, None),
+    ((b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+     b":ffff 65535 65535\r\n"), "UNKNOWN", None, None),
     (b"PROXY UNKNOWN whatever 1.2.3.4\r\n", "UNKNOWN", None, None),
 ]
 
@@ -317,8 +325,8 @@ def _haproxy_config(fronts: dict[str, tuple[str, int]], backend_port: int, check
                   f"  server s {LOCALHOST}:{backend_port} {options[name.rstrip('6')]}"]
     # a v2 health check: HAProxy sends LOCAL (no addresses) on its own connections
     lines += ["listen checked", f"  bind {LOCALHOST}:{free_port()}",
-              f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy"
-              " inter 200ms"]
+              (f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy"
+              " inter 200ms")]
     return "\n".join(lines) + "\n"
 
 
@@ -361,17 +369,22 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
             pass
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(_haproxy_config(fronts, backend_port, check_port))
-    check = subprocess.run([HAPROXY, "-c", "-q", "-f", str(cfg)], capture_output=True,
-                           text=True, timeout=IO_TIMEOUT)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    check = await asyncio.create_subprocess_exec(HAPROXY, "-c", "-q", "-f", str(cfg),
+                                                 stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(check.communicate(), IO_TIMEOUT)
+    assert check.returncode == 0, err.decode()
+    proc = await asyncio.create_subprocess_exec(HAPROXY, "-db", "-f", str(cfg),
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
     try:
         for name, (host, port) in fronts.items():
             before = len(recorder.conns)
             client = await _send_through(host, port)
-            await eventually(lambda: len(recorder.conns) > before
-                             and recorder.conns[before].endswith(REQUEST), what=name)
+
+            def arrived(before: int = before) -> bool:
+                return len(recorder.conns) > before and recorder.conns[before].endswith(REQUEST)
+
+            await eventually(arrived, what=name)
             data = bytes(recorder.conns[before])
             got = parse(data)
             assert isinstance(got, Header), (name, data)
@@ -398,10 +411,10 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=IO_TIMEOUT)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), IO_TIMEOUT)
+        except TimeoutError:
             proc.kill()
-            proc.wait()
+            await proc.wait()
         assert recorder.server is not None and checks.server is not None
         recorder.server.close()
         checks.server.close()
