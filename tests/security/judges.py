@@ -28,8 +28,7 @@ from support.http import Client, IncompleteResponse, Response
 from support.metrics import Metrics
 from support.net import IO_TIMEOUT
 from support.proxy import ProxyHandle
-
-from .recorder import Message, StrictCollector
+from support.wire import Message, StrictCollector
 
 # After a refusal, how long a test waits to be sure nothing more reaches a backend. The proxy
 # writes to an upstream connection synchronously (a pooled one) or after a connect on

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from support.http import HeaderFields
 from support.net import IO_TIMEOUT, LOCALHOST, free_port
+from support.wire import StrictCollector
 
 # ---------------------------------------------------------------------------------------
 # what a backend received
@@ -36,6 +37,10 @@ class Recorded(HeaderFields):
     body: bytes = b""
     trailers: list[tuple[str, str]] = field(default_factory=list)
     peer: tuple[str, int] | None = None  # the proxy's end of the TCP connection
+
+
+def _text(pairs: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in pairs]
 
 
 Handler = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
@@ -118,43 +123,26 @@ class RawConn:
         self.raw = bytearray()
         self.requests: list[Recorded] = []
         self._done: deque[Recorded] = deque()
-        self._cur: Recorded | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._in_head = False
+        self._llhttp = StrictCollector(httptools.HttpRequestParser)
         self.eof = False
         peer = writer.get_extra_info("peername")
         self.peer = tuple(peer[:2]) if peer else None
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._cur = Recorded(self.backend.id, "", "", "", [], peer=self.peer)
-        self._in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        assert self._cur is not None
-        self._cur.target += url.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._cur is not None
-        pair = (name.decode("latin-1"), value.decode("latin-1"))
-        (self._cur.headers if self._in_head else self._cur.trailers).append(pair)
-
-    def on_headers_complete(self) -> None:
-        assert self._cur is not None
-        self._in_head = False
-        self._cur.method = self._parser.get_method().decode()
-        self._cur.version = self._parser.get_http_version()
-
-    def on_body(self, body: bytes) -> None:
-        assert self._cur is not None
-        self._cur.body += body
-
-    def on_message_complete(self) -> None:
-        assert self._cur is not None
-        self._done.append(self._cur)
-        self.requests.append(self._cur)
-        self.backend.requests.append(self._cur)
-        self._cur = None
+    def _feed(self, data: bytes) -> None:
+        """Parse with llhttp; every request it completed is recorded here and on the backend."""
+        try:
+            self._llhttp.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        finally:
+            for m in self._llhttp.done:
+                rec = Recorded(self.backend.id, m.method.decode(), m.target.decode("latin-1"),
+                               m.version.decode(), _text(m.fields), m.body, _text(m.trailers),
+                               self.peer)
+                self._done.append(rec)
+                self.requests.append(rec)
+                self.backend.requests.append(rec)
+            self._llhttp.done.clear()
 
     async def read_some(self, n: int = 65536) -> bytes:
         data = await self.reader.read(n)
@@ -174,10 +162,7 @@ class RawConn:
                     return None
                 if not data:
                     return None
-                try:
-                    self._parser.feed_data(data)
-                except httptools.HttpParserUpgrade:
-                    pass
+                self._feed(data)
             return self._done.popleft()
 
     def send(self, data: bytes) -> None:
