@@ -11,7 +11,7 @@ import ssl
 import pytest
 import trustme
 
-from conftest import IO_TIMEOUT, write_leaf  # type: ignore[import-not-found]
+from .conftest import IO_TIMEOUT, write_leaf
 from stickyproxy import tls
 from stickyproxy.config import ConfigError
 

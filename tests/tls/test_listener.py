@@ -12,7 +12,7 @@ import time
 import pytest
 import trustme
 
-from conftest import IO_TIMEOUT, Echo, ask, client_ctx, sans, write_leaf  # type: ignore[import-not-found]
+from .conftest import IO_TIMEOUT, Echo, ask, client_ctx, sans, write_leaf
 from stickyproxy import tls
 from stickyproxy.config import ConfigError
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import Files  # type: ignore[import-not-found]
+from .conftest import Files
 from stickyproxy import tls
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
