@@ -15,7 +15,8 @@ unusable backends along each key's preference list.
   when the delay ends, and each key returns once the ramp's progress passes the key's
   fixed point, so every proxy whose ramp started at the same instant agrees key by key.
   Under a supervisor, workers take the supervisor's ramp (``ramp_state`` /
-  ``follow_ramp``: times sent relative to the message, so no clock is shared).
+  ``follow_ramp``: instants sent as wall-clock times, which processes on one host share,
+  and turned back into each process's monotonic clock on receipt).
 - Passive: ``consecutive_failures`` failed exchanges in a row (connect errors, resets,
   timeouts, and 5xx when ``on_5xx``) eject the backend for ``base_ejection`` × the number
   of its ejections so far, capped at ``max_ejection``; never more than
@@ -246,27 +247,32 @@ class Health:
         self.observer.backend_changed(st)
 
     @staticmethod
-    def ramp_state(st: BackendState, now: float) -> dict[str, float] | None:
-        """The backend's failback wait and ramp relative to ``now`` (JSON for workers), or
-        None when its users are all back."""
+    def ramp_state(st: BackendState, now: float, wall: float | None = None
+                   ) -> dict[str, float] | None:
+        """The backend's failback wait and ramp (JSON for workers), or None when its users
+        are all back. Times are wall-clock (``time.time()``; ``now`` is the monotonic
+        instant it corresponds to): a message that waits in a queue, as the first ones to a
+        starting worker do, still means the same instants."""
         ramp = st.ramp
         if st.failback_until <= now and (ramp is None or not ramp.active(now)):
             return None
-        return {"failback_in": max(0.0, st.failback_until - now),
-                "ramp_start_in": ramp.start - now if ramp is not None else 0.0,
+        wall = time.time() if wall is None else wall
+        return {"failback_until": wall + (st.failback_until - now)
+                if st.failback_until > now else 0.0,
+                "ramp_start": wall + (ramp.start - now) if ramp is not None else 0.0,
                 "ramp": ramp.duration if ramp is not None else 0.0}
 
     def follow_ramp(self, st: BackendState, data: dict[str, float] | None) -> None:
         """Take another process's ``ramp_state`` (None: nobody is waiting to return)."""
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         if not data:
             st.failback_until = 0.0
             st.ramp = None
             return
-        failback_in = float(data.get("failback_in", 0.0))
+        until = float(data.get("failback_until", 0.0))
         duration = float(data.get("ramp", 0.0))
-        st.failback_until = now + failback_in if failback_in > 0 else 0.0
-        st.ramp = (Ramp(now + float(data.get("ramp_start_in", 0.0)), duration)
+        st.failback_until = now + (until - wall) if until > wall else 0.0
+        st.ramp = (Ramp(now + (float(data.get("ramp_start", wall)) - wall), duration)
                    if duration > 0 else None)
 
     def passive_result(self, st: BackendState, ok: bool) -> None:

@@ -6,8 +6,9 @@ runs the active health checks, serves the admin API and /metrics, and tells ever
 all workers route every user the same way. Each worker runs a data plane with passive
 health of its own and answers ``snapshot`` requests with its counters and its hot-key
 counts, which the supervisor sums for /metrics and merges for /hotkeys. A health change
-carries the backend's failback wait and ramp relative to the message (``Health.ramp_state``),
-so every worker returns the same users at the same instant without sharing a clock; a reload
+carries the backend's failback wait and ramp as wall-clock instants (``Health.ramp_state``;
+the processes share the host's clock, and a message that waited in the socket still means
+the same instants), so every worker returns the same users at the same instant; a reload
 and a restarted worker get the ramps in force the same way. A worker that dies is restarted; if the supervisor dies,
 its workers see the control channel close and shut down gracefully.
 """
