@@ -12,8 +12,9 @@ What this module holds (the listener, upstream connections and health checks use
 - ``HandshakeGate``: the cap on handshakes in progress, counted in the SSL objects the
   contexts make (``SSLContext.sslobject_class``), because with asyncio's TLS the protocol
   sees nothing of a handshake that fails;
-- ``client_context``: the context for connections to backends; ``describe_verify_error``:
-  a failed handshake as one short line for a 502's reason;
+- ``client_context``: the context for connections to backends, resuming sessions across a
+  pool's connections (``SessionCache``); ``describe_verify_error``: a failed handshake as
+  one short line for a 502's reason;
 - ``client_identity``: the verified client certificate's subject CN or a SAN, for the
   identity header and the ``client-cert`` key source.
 
@@ -67,11 +68,11 @@ IDENTITY_HEADER_SUFFIX: Final = "Client-Cert"
 # ub-common-name; SAN URIs can be longer).
 MAX_IDENTITY: Final = 1024
 # A handshake is one ClientHello and a few round trips; a client slower than this is gone or
-# hostile (NGINX's ssl_handshake_timeout default is 60 s, HAProxy's is its connect timeout).
+# hostile (NGINX's ssl_handshake_timeout defaults to 60 s).
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 # Handshakes in progress per process: a reconnect storm of this many clients is served at
-# once (a full handshake costs ~1 ms of CPU); beyond it new connections are closed at once
-# instead of queuing behind unauthenticated work.
+# once (a full handshake cost ~0.6 ms of CPU, a refused connection ~0.085 ms: docs/tls.md);
+# beyond it new connections are closed at once instead of queuing behind unauthenticated work.
 DEFAULT_MAX_HANDSHAKES: Final = 1024
 # After close_notify, wait this long for the peer's before closing the socket (asyncio's
 # default is 30 s, far longer than a polite peer needs).
@@ -314,7 +315,7 @@ def _read(read_file: ReadFile, path: str, key: str) -> bytes:
 def _check_pem(data: bytes, key: str, path: str, what: str) -> None:
     text = data.decode("latin-1")
     if what == "key":
-        if "ENCRYPTED" in text and "PRIVATE KEY" in text:
+        if "-----BEGIN ENCRYPTED PRIVATE KEY-----" in text or "Proc-Type: 4,ENCRYPTED" in text:
             raise _Problem(key, f"{path!r}: the key is encrypted (not supported: give an "
                                 f"unencrypted key file, readable by the proxy only)")
         if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", text):
@@ -345,7 +346,9 @@ def _as_path(data: bytes) -> Iterator[str]:
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create("stickyproxy-tls", getattr(os, "MFD_CLOEXEC", 0))
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
@@ -557,20 +560,13 @@ class CertStore:
         self.gate = gate if gate is not None else HandshakeGate(
             settings.max_handshakes, settings.handshake_timeout)
         self.gate.check = self._check_resumed
-        # the front context: its own settings apply to every connection it accepts (see the
-        # invariants above); its certificate is the default one, used only if the callback
-        # below were not called
-        front = _base_server_context(settings)
-        self._load_front_chain(front)
+        # the front context (the first default one): its own settings apply to every
+        # connection it accepts (see the invariants above); after a reload its certificate
+        # is never used, as the callback always switches to the current generation
+        front = self.built.default
         front.sni_callback = self._on_sni
         self.gate.install(front)
         self.context = front
-
-    def _load_front_chain(self, front: ssl.SSLContext) -> None:
-        s = self.settings
-        c = _read(self.read_file, s.cert, f"{self.path}.cert")
-        k = _read(self.read_file, s.key, f"{self.path}.key")
-        _load_chain(front, c, k, f"{self.path}.cert", f"{self.path}.key", s.cert, s.key)
 
     def _on_sni(self, ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         # Called by OpenSSL for every ClientHello, with or without the SNI extension. Must
