@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     from .control.server import serve
-    return serve(cfg, args.config, workers=args.workers)
+    return serve(cfg, args.config, workers=args.workers, watch=args.watch_config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
     r.add_argument("-w", "--workers", type=int, default=1, metavar="N",
                    help="worker processes sharing the port via SO_REUSEPORT (default 1)")
+    r.add_argument("--watch-config", action="store_true",
+                   help="reload when the configuration file or a key file it names changes "
+                        "(as SIGHUP does; looked at every second)")
     r.set_defaults(func=cmd_run)
 
     c = _sub(sub, "check", "validate a configuration file",

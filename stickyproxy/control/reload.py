@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,10 @@ from ..routing.table import TableDiff
 from .observe import ControlEvents
 
 log = logging.getLogger("stickyproxy")
+
+# How often ``run --watch-config`` looks at the configuration file and the key files it
+# names (one stat each): a change is applied within this much of being written.
+WATCH_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,38 @@ class Reloader:
         self.lock = asyncio.Lock()
         self.current = current
         self.members: tuple[Backend, ...] | None = None
+
+    def _signatures(self) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...]:
+        """(path, (device, inode, size, mtime)) of the file and the key files it named;
+        follows symlinks, so a Kubernetes ConfigMap's ``..data`` swap is a change."""
+        paths = [self.path] if self.path else []
+        if self.current is not None:
+            paths += sorted(self.current.files)
+        out: list[tuple[str, tuple[int, int, int, int] | None]] = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                out.append((path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
+            except OSError:
+                out.append((path, None))
+        return tuple(out)
+
+    async def watch_files(self, interval: float = WATCH_INTERVAL,
+                          watching: asyncio.Event | None = None) -> None:
+        """Reload whenever the configuration file or a key file it names changes. A
+        change that does not validate is logged and counted like any refused reload, and
+        the running configuration stays until the next change. ``watching`` is set once
+        the files as they are now have been looked at."""
+        last = await asyncio.to_thread(self._signatures)
+        if watching is not None:
+            watching.set()
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(self._signatures)
+            if now != last:
+                await self.reload("file change")
+                # what the reload read is the new baseline, applied or not
+                last = await asyncio.to_thread(self._signatures)
 
     async def set_members(self, members: tuple[Backend, ...]) -> None:
         """Apply a discovered backend set (called by the discovery source, one at a time);

@@ -42,7 +42,7 @@ class Service:
     checks, the admin API and reloads (this process applies what it is sent)."""
 
     def __init__(self, config: Config, path: str | None, *, worker: int = 0,
-                 workers: int = 1, admin: bool = True):
+                 workers: int = 1, admin: bool = True, watch_config: bool = False):
         self.path = path
         self.worker = worker
         self.workers = workers
@@ -58,6 +58,8 @@ class Service:
         # discovery runs where reloads are decided: here, unless a supervisor decides
         self.membership = (Membership(self.reloader)
                            if config.discovery is not None and workers <= 1 else None)
+        self.watch_config = watch_config and path is not None
+        self.watcher: asyncio.Task | None = None
         self.admin_enabled = admin and config.admin.enabled
         self.admin: Any = None
         self.stopped = asyncio.Event()
@@ -71,6 +73,8 @@ class Service:
         self.health.start()
         if self.membership is not None:
             self.membership.start()
+        if self.watch_config:
+            self.watcher = asyncio.get_running_loop().create_task(self.reloader.watch_files())
         if self.admin_enabled:
             from .admin import Admin
             self.admin = Admin(self)
@@ -132,6 +136,8 @@ class Service:
                  self.config.timeouts.shutdown)
         if self.admin is not None:
             await self.admin.stop()
+        if self.watcher is not None:
+            self.watcher.cancel()
         if self.membership is not None:
             await self.membership.stop()
         await self.health.stop()
@@ -144,8 +150,8 @@ class Service:
         self.stopped.set()
 
 
-async def _run_service(config: Config, path: str | None) -> int:
-    svc = Service(config, path)
+async def _run_service(config: Config, path: str | None, watch: bool = False) -> int:
+    svc = Service(config, path, watch_config=watch)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Handlers go in before the port opens: a supervisor (or test) that sees the port
@@ -166,7 +172,7 @@ async def _run_service(config: Config, path: str | None) -> int:
     return 0
 
 
-def run_single(config: Config, path: str | None) -> int:
+def run_single(config: Config, path: str | None, watch: bool = False) -> int:
     """The whole proxy in this process (``--workers 1``)."""
     install_uvloop()
     setup_logging(config.logging)
@@ -176,13 +182,14 @@ def run_single(config: Config, path: str | None) -> int:
         for p in problems:
             log.error("start-up check failed: %s", p)
         return 1
-    return asyncio.run(_run_service(config, path))
+    return asyncio.run(_run_service(config, path, watch))
 
 
-def serve(config: Config, path: str | None, workers: int = 1) -> int:
+def serve(config: Config, path: str | None, workers: int = 1, watch: bool = False) -> int:
+    """``watch``: reload when the configuration file (or a key file it names) changes."""
     if workers <= 1:
         try:
-            return run_single(config, path)
+            return run_single(config, path, watch)
         except KeyboardInterrupt:
             return 0
     from .startup import check_runtime
@@ -193,6 +200,6 @@ def serve(config: Config, path: str | None, workers: int = 1) -> int:
         for p in problems:
             log.error("start-up check failed: %s", p)
         return 1
-    return supervise(config, path, workers)
+    return supervise(config, path, workers, watch)
 
 

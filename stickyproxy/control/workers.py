@@ -69,8 +69,9 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, config: Config, path: str | None, workers: int):
+    def __init__(self, config: Config, path: str | None, workers: int, watch: bool = False):
         self.path = path
+        self.watch_config = watch and path is not None
         # the text and key files the running configuration was built from (and the
         # discovered backends), sent to every worker so that all of them apply the same
         pinned = Pinned("", config, {})
@@ -298,6 +299,7 @@ class Supervisor:
         self.health.start()
         if self.membership is not None:
             self.membership.start()
+        files = loop.create_task(self.reloader.watch_files()) if self.watch_config else None
         if self.config.admin.enabled:
             from .admin import Admin
             self.admin = Admin(self)
@@ -313,6 +315,8 @@ class Supervisor:
                  self.config.listen.port)
         await stop.wait()
         watcher.cancel()
+        if files is not None:
+            files.cancel()
         await self.shutdown()
         return 0
 
@@ -338,11 +342,11 @@ class Supervisor:
                 h.writer.close()
 
 
-def supervise(config: Config, path: str | None, workers: int) -> int:
+def supervise(config: Config, path: str | None, workers: int, watch: bool = False) -> int:
     from .server import install_uvloop
     install_uvloop()
     try:
-        supervisor = Supervisor(config, path, workers)
+        supervisor = Supervisor(config, path, workers, watch)
     except ConfigError as e:
         # the file changed between the command's check and the supervisor's own read
         print(e.render(), file=sys.stderr)

@@ -236,3 +236,49 @@ async def test_sighup_reloads_a_running_proxy_process(backends, proxy_process):
     assert len(user_requests(c)) >= len(users)
     assert all(rec.one("X-Sticky-Ring") == ring.fingerprint for rec in user_requests(c))
     assert pp.proc.poll() is None
+
+
+async def test_a_changed_file_is_reloaded_when_watched_and_a_bad_one_is_not(backends, proxy):
+    """run --watch-config: the file's change is applied like SIGHUP; an invalid change is
+    refused and the running configuration stays until the next change."""
+    a, b = await backends("a", "b")
+    p = await proxy([a])
+    watching = asyncio.Event()
+    watcher = asyncio.get_running_loop().create_task(
+        p.svc.reloader.watch_files(0.02, watching))
+    try:
+        await asyncio.wait_for(watching.wait(), 5)
+        p.path.write_text(build_toml([a, b]))
+        await eventually(lambda: set(p.svc.table.states) == {"a", "b"}, what="b added")
+        p.path.write_text(build_toml([a, b]) + "\n[nonsense]\n")
+        refused = p.svc.process.control.stats.counters["reloads"]
+        await eventually(lambda: refused.get(("failure",), 0) >= 1, what="refused once")
+        assert set(p.svc.table.states) == {"a", "b"}
+        p.path.write_text(build_toml([b]))
+        await eventually(lambda: set(p.svc.table.states) == {"b"}, what="a removed")
+    finally:
+        watcher.cancel()
+
+
+@pytest.mark.slow
+async def test_run_watch_config_with_workers_reloads_every_worker(backends, proxy_process):
+    a, b = await backends("a", "b")
+    pp = proxy_process([a], workers=2, args=("--watch-config",))
+    await pp.wait_ready()
+    path = pp.log.with_suffix(".toml")
+    text = build_toml([b], {"listen": {"port": pp.port}})
+    path.write_text(text)
+
+    async def all_on_b() -> bool:
+        for i in range(20):                    # new connections: both workers answer some
+            cl = await Client.connect(pp.port)
+            try:
+                cl.send(http_request("GET", "/x", headers={"X-User-Id": f"u{i}"}))
+                r = await cl.response()
+            finally:
+                cl.close()
+            if r.one("X-Backend") != "b":
+                return False
+        return True
+
+    await eventually(all_on_b, deadline=15, interval=0.2, what="every worker routes to b")

@@ -164,7 +164,7 @@ class Processes:
         self.procs: list[ProxyProcess] = []
 
     def spawn(self, backend_list: list[Any], overrides: dict[str, dict[str, Any]] | None = None,
-              *, workers: int = 1) -> ProxyProcess:
+              *, workers: int = 1, args: tuple[str, ...] = ()) -> ProxyProcess:
         port = free_port()
         ov = {k: dict(v) for k, v in (overrides or {}).items()}
         ov.setdefault("listen", {})["port"] = port
@@ -176,7 +176,7 @@ class Processes:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(path),
-                 "--workers", str(workers)],
+                 "--workers", str(workers), *args],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         p = ProxyProcess(proc, port, log)
         self.procs.append(p)
