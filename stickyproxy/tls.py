@@ -923,7 +923,17 @@ _ALERT_REASONS: Final = {
 
 def describe_verify_error(exc: BaseException) -> str:
     """One short line saying why a TLS handshake failed, for a 502's reason and a log line:
-    "TLS: certificate has expired", "TLS: certificate is not valid for 'db.internal'"."""
+    "TLS: certificate has expired", "TLS: certificate is not valid for 'db.internal'".
+    A wrapper (aiohttp's ClientSSLError, an exception raised ``from`` one) is looked
+    through to the ssl error it carries."""
+    for _ in range(4):
+        # aiohttp's certificate error is itself a CertificateError, without the details
+        inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None)
+        if inner is None and not isinstance(exc, ssl.SSLError):
+            inner = exc.__cause__
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", 0)
         msg = str(getattr(exc, "verify_message", "") or "")

@@ -192,3 +192,39 @@ async def test_pool_connections_resume_the_session(ca, tmp_path, version, keep_f
                 await asyncio.sleep(0)
     assert reused == [False, True, True]
     assert (cache.offered, cache.resumed) == (2, 2)
+
+
+async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
+    """The control plane's aiohttp client verifies a backend the same way: the context from
+    client_context on the connector, the expected name as server_hostname."""
+    import aiohttp
+    from aiohttp import web
+
+    app = web.Application()
+    async def health(request):
+        return web.Response(text="ok")
+
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.internal").configure_cert(server_ctx)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        good = trusting(ca, tmp_path, server_name="api.internal")
+        for settings, expect in ((good, "ok"),
+                                 (trusting(ca, tmp_path), "TLS: certificate is not valid for '127.0.0.1'")):
+            ctx = tls.client_context(settings)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0, force_close=True)) as s:
+                try:
+                    async with s.get(f"https://127.0.0.1:{port}/health",
+                                     server_hostname=tls.server_hostname(settings, "127.0.0.1"),
+                                     timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT)) as resp:
+                        got = await resp.text()
+                except aiohttp.ClientSSLError as e:   # wraps the ssl error
+                    got = tls.describe_verify_error(e)
+            assert got == expect
+    finally:
+        await runner.cleanup()
