@@ -30,6 +30,7 @@ COMPILED_MODULES = (
     "stickyproxy.dataplane.exchange",
     "stickyproxy.dataplane.upstream",
     "stickyproxy.dataplane.http",
+    "stickyproxy.dataplane.request",
     "stickyproxy.dataplane.tunnel",
     "stickyproxy.dataplane.proxy",
     "stickyproxy.dataplane.events",
