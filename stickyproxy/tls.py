@@ -266,7 +266,7 @@ def parse_backend_tls(raw: Any, errors: list[str], path: str,
     if bool(values.get("cert")) != bool(values.get("key")):
         errors.append(f"{path}.{'key' if values.get('cert') else 'cert'}: "
                       f"cert and key go together (mTLS to the backend)")
-    if "server_name" in values and values["server_name"]:
+    if values.get("server_name"):
         try:
             values["server_name"] = k_server_name(values["server_name"])
             if values["server_name"].startswith("*."):

@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ssl
+from typing import ClassVar
 
 import pytest
 import trustme
 
-from .conftest import IO_TIMEOUT, write_leaf
 from stickyproxy import tls
 from stickyproxy.config import ConfigError
 
+from .conftest import IO_TIMEOUT, write_leaf
+
 
 class Backend(asyncio.Protocol):
-    seen: list[str | None] = []
+    seen: ClassVar[list[str | None]] = []
 
     def connection_made(self, transport):
         self.transport = transport
@@ -84,8 +86,8 @@ async def test_server_name_override_and_ip_address_names(ca, tmp_path):
     assert await connect(port, trusting(ca, tmp_path), "127.0.0.1")   # the IP SAN
 
 
-PAST = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
-FUTURE = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=365)
+PAST = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+FUTURE = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
 
 
 @pytest.mark.parametrize("case, reason", [
@@ -154,8 +156,8 @@ def test_client_context_load_errors_name_the_key(ca, tmp_path):
         f.write(ca.issue_cert("y").private_key_pem.bytes())
     with pytest.raises(ConfigError) as e:
         tls.client_context(tls.BackendTLS(cert=cert.cert, key=cert.key), path="backends[1].tls")
-    assert e.value.errors == [f"backends[1].tls.key: {cert.key!r}: the private key does not "
-                              f"belong to the certificate"]
+    why = "the private key does not belong to the certificate"
+    assert e.value.errors == [f"backends[1].tls.key: {cert.key!r}: {why}"]
 
 
 @pytest.mark.parametrize("keep_first", [True, False])
@@ -174,9 +176,12 @@ async def test_pool_connections_resume_the_session(ca, tmp_path, version, keep_f
             got = loop.create_future()
 
             class Up(asyncio.Protocol):
+                def __init__(self, got=got):
+                    self.got = got
+
                 def data_received(self, data):
-                    if not got.done():
-                        got.set_result(data)
+                    if not self.got.done():
+                        self.got.set_result(data)
 
             transport, _ = await loop.create_connection(
                 Up, "127.0.0.1", port, ssl=ctx, server_hostname="localhost")
@@ -214,8 +219,8 @@ async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         good = trusting(ca, tmp_path, server_name="api.internal")
-        for settings, expect in ((good, "ok"),
-                                 (trusting(ca, tmp_path), "TLS: certificate is not valid for '127.0.0.1'")):
+        wrong = "TLS: certificate is not valid for '127.0.0.1'"
+        for settings, expect in ((good, "ok"), (trusting(ca, tmp_path), wrong)):
             ctx = tls.client_context(settings)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0, force_close=True)) as s:
                 try:

@@ -8,13 +8,15 @@ import asyncio
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 import trustme
 
-from .conftest import IO_TIMEOUT, Echo, ask, client_ctx, sans, write_leaf
 from stickyproxy import tls
 from stickyproxy.config import ConfigError
+
+from .conftest import IO_TIMEOUT, Echo, ask, client_ctx, sans, write_leaf
 
 
 async def refused(port: int, ctx: ssl.SSLContext) -> bool:
@@ -85,7 +87,7 @@ async def test_unknown_or_absent_server_name_gets_the_default(ca, certs, serve):
 
 async def test_reload_swaps_the_certificate_and_keeps_open_connections(ca, certs, serve, tmp_path):
     lst = await serve(settings(certs))
-    ans, peer1, (r1, w1) = await ask(lst.port, client_ctx(ca))
+    _, peer1, (r1, w1) = await ask(lst.port, client_ctx(ca))
     # the operator replaces the files (a new certificate for the same names)
     new = ca.issue_cert("localhost", "127.0.0.1", "renewed.example.com")
     staged = write_leaf(new, tmp_path, "staged")
@@ -115,8 +117,8 @@ async def test_failed_reload_keeps_the_old_certificate(ca, certs, serve):
     lst = await serve(settings(certs))
     _, before, (_, w) = await ask(lst.port, client_ctx(ca))
     w.close()
-    with open(certs["default"].key, "wb") as f:
-        f.write(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    Path(certs["default"].key).write_bytes(
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
     result = lst.store.reload()
     assert not result.changed
     assert result.errors and result.errors[0].startswith("listen.tls.key: ")
@@ -286,20 +288,20 @@ def test_bad_files_are_config_errors_naming_the_key(ca, certs, tmp_path, damage,
     d = certs["default"]
     import os
     if damage == "garbage_key":
-        open(d.key, "wb").write(b"not a key\n")
+        Path(d.key).write_bytes(b"not a key\n")
     elif damage == "bad_key_pem":
-        open(d.key, "wb").write(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+        Path(d.key).write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     elif damage == "other_key":
-        open(d.key, "wb").write(ca.issue_cert("other").private_key_pem.bytes())
+        Path(d.key).write_bytes(ca.issue_cert("other").private_key_pem.bytes())
     elif damage == "encrypted_key":
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         k = ec.generate_private_key(ec.SECP256R1())
-        open(d.key, "wb").write(k.private_bytes(
+        Path(d.key).write_bytes(k.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"secret")))
     elif damage == "garbage_cert":
-        open(d.cert, "wb").write(b"hello\n")
+        Path(d.cert).write_bytes(b"hello\n")
     elif damage == "missing_key":
         os.unlink(d.key)
     elif damage == "unreadable_key":
@@ -319,7 +321,7 @@ def test_bad_files_are_config_errors_naming_the_key(ca, certs, tmp_path, damage,
 
 def test_sni_entry_errors_name_their_index(ca, certs, tmp_path):
     s = with_sni(certs)
-    open(certs["wild"].key, "wb").write(ca.issue_cert("x").private_key_pem.bytes())
+    Path(certs["wild"].key).write_bytes(ca.issue_cert("x").private_key_pem.bytes())
     with pytest.raises(ConfigError) as e:
         tls.CertStore(s)
     assert e.value.errors == [e.value.errors[0]]
@@ -429,8 +431,7 @@ async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
         await handshakes(16)   # at most 8 were in flight at the swap
         for src, dst in ((files.cert, certs["default"].cert), (files.key, certs["default"].key)):
             staged = dst + ".new"
-            with open(src, "rb") as f, open(staged, "wb") as g:
-                g.write(f.read())
+            Path(staged).write_bytes(Path(src).read_bytes())
             os.replace(staged, dst)
         assert lst.store.reload() == tls.ReloadResult(True, ())
     await handshakes(16)
@@ -445,6 +446,7 @@ async def test_contexts_built_from_pinned_bytes(ca, certs, serve, tmp_path):
     """A worker builds its contexts from the bytes the supervisor read (config.FileCopies),
     never from a second read of the files."""
     import os
+
     from stickyproxy.config import FileCopies
     s = with_sni(certs)
     copies = FileCopies()
@@ -458,5 +460,5 @@ async def test_contexts_built_from_pinned_bytes(ca, certs, serve, tmp_path):
     assert "a.example.com" in sans(peer)
     w.close()
     # a reload from disk now fails (the files are gone) and keeps the pinned contexts
-    result = store.reload(read_file=lambda p: open(p, "rb").read())
+    result = store.reload(read_file=lambda p: Path(p).read_bytes())
     assert not result.changed and result.errors[0].startswith("listen.tls.cert: cannot read")

@@ -10,8 +10,9 @@ import shutil
 
 import pytest
 
-from .conftest import Files
 from stickyproxy import tls
+
+from .conftest import Files
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -55,7 +56,7 @@ def listener_settings(certs: dict[str, Files]) -> tls.ListenTLS:
 async def test_scanner_sees_modern_versions_without_compression(certs, serve, flag, version):
     lst = await serve(listener_settings(certs))
     out = await s_client(lst.port, flag)
-    m = re.search(r"^New, (\S+), Cipher is (\S+)", out, re.M)
+    m = re.search(r"^New, (\S+), Cipher is (\S+)", out, re.MULTILINE)
     assert m, out
     assert m.group(1) == version and m.group(2) != "(NONE)"
     assert "Compression: NONE" in out
@@ -69,7 +70,7 @@ async def test_scanner_is_refused_old_versions(certs, serve, flag):
     lst = await serve(listener_settings(certs))
     # security level 0 lets this client offer TLS 1.0/1.1 at all: the refusal is the server's
     out = await s_client(lst.port, flag, "-cipher", "DEFAULT:@SECLEVEL=0")
-    assert re.search(r"^New, \(NONE\), Cipher is \(NONE\)", out, re.M), out
+    assert re.search(r"^New, \(NONE\), Cipher is \(NONE\)", out, re.MULTILINE), out
     written = re.search(r"handshake has read 0 bytes and written (\d+) bytes", out)
     assert written and int(written.group(1)) > 0, out     # a ClientHello was sent
     assert lst.store.gate.admitted == 1 and lst.store.gate.completed == 0
