@@ -59,6 +59,20 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                               "failback ramp (1 when not ramping)", ("backend",)),
     "hotkeys_tracked": ("gauge", "User keys held by the hot-key counts (GET /hotkeys), "
                         "summed over processes", ()),
+    "ring_info": ("gauge", "1, labelled with the ring's fingerprint: proxies that route alike "
+                  "show one fingerprint across a fleet (docs/fleet.md)", ("fingerprint",)),
+    "ring_members": ("gauge", "Backends on the ring", ()),
+    "discovery_rounds": ("counter", "Looks at the discovery source completed", ()),
+    "discovery_failures": ("counter", "Looks at the discovery source that failed (timeout, "
+                           "server error, unreadable file)", ()),
+    "discovery_refused": ("counter", "Discovered sets the membership guard refused (empty, "
+                          "or dropping more than max_drop_share)", ()),
+    "discovery_applied": ("counter", "Discovered sets applied through the reload path", ()),
+    "discovery_refusing": ("gauge", "1 while the latest settled discovered set is refused", ()),
+    "resolver_lookups": ("counter", "DNS lookups of backend host names", ()),
+    "resolver_failures": ("counter", "DNS lookups of backend host names that failed", ()),
+    "resolver_stale_answers": ("counter", "Connections and checks given an expired address "
+                               "while its lookup was refreshed or failing", ()),
     "client_connections": ("gauge", "Open client connections", ()),
     "websocket_tunnels": ("gauge", "Open WebSocket tunnels", ("backend",)),
 }

@@ -20,6 +20,8 @@ from ..routing.router import key_digest
 
 if TYPE_CHECKING:
     from ..dataplane.exchange import Exchange
+    from ..discovery.resolver import ResolverStats
+    from ..discovery.source import DiscoveryStats
     from ..routing.router import BackendState
     from ..routing.table import BackendTable
     from .health import Health
@@ -42,6 +44,9 @@ class ControlEvents:
         # compiled class cannot be patched or subclassed from interpreted code)
         self.on_health_check: Callable[[BackendState, bool], None] | None = None
         self.on_backend_changed: Callable[[BackendState], None] | None = None
+        # the discovery source's and host resolver's counts, read when metrics are
+        self.discovery: DiscoveryStats | None = None
+        self.resolver: ResolverStats | None = None
 
     def health_check(self, st: BackendState, ok: bool) -> None:
         self.stats.inc("health_checks", (st.id, "success" if ok else "failure"))
@@ -73,6 +78,21 @@ class ControlEvents:
         g["backend_ramp_progress"] = {(bid,): p for bid, p in table.ramps(now).items()}
         hot = table.hotkeys
         g["hotkeys_tracked"] = {(): float(len(hot) if hot is not None else 0)}
+        g["ring_info"] = {(table.router.fingerprint,): 1.0}
+        g["ring_members"] = {(): float(len(table.states))}
+        c = self.stats.counters
+        d = self.discovery
+        if d is not None:
+            # the source's own monotonic counts, copied (not added) at each read
+            for name, n in (("discovery_rounds", d.rounds), ("discovery_failures", d.failures),
+                            ("discovery_refused", d.refused), ("discovery_applied", d.applied)):
+                c[name][()] = n
+            g["discovery_refusing"] = {(): 1.0 if d.refusing else 0.0}
+        r = self.resolver
+        if r is not None:
+            c["resolver_lookups"][()] = r.lookups
+            c["resolver_failures"][()] = r.failures
+            c["resolver_stale_answers"][()] = r.stale
         if shares:
             g["backend_key_share"] = {(bid,): s for bid, s in
                                       table.router.ring.key_share().items()}

@@ -70,6 +70,7 @@ def build_process(config: Config, role: Role, *, worker: int = 0) -> Process:
     control = ControlEvents(table)
     # one cache of backend addresses for connections and health checks alike
     resolver = HostResolver(config.resolver)
+    control.resolver = resolver.stats
     health = Health(table, control, active=role != "worker", resolver=resolver)
     if role == "supervisor":
         return Process(table, control, health, None, None, role)

@@ -58,6 +58,8 @@ class Service:
         # discovery runs where reloads are decided: here, unless a supervisor decides
         self.membership = (Membership(self.reloader)
                            if config.discovery is not None and workers <= 1 else None)
+        if self.membership is not None:
+            self.process.control.discovery = self.membership.stats
         self.watch_config = watch_config and path is not None
         self.watcher: asyncio.Task | None = None
         self.admin_enabled = admin and config.admin.enabled

@@ -96,6 +96,8 @@ class Supervisor:
         self.seq = 0
         self.reloader = Reloader(path, self.control, self._apply_everywhere, pinned)
         self.membership = Membership(self.reloader) if config.discovery is not None else None
+        if self.membership is not None:
+            self.control.discovery = self.membership.stats
 
     @property
     def config(self) -> Config:
@@ -209,7 +211,8 @@ class Supervisor:
         total = merge([s["stats"] for s in snaps])
         merge([own.snapshot()], into=total)
         # health-derived gauges are the supervisor's: it makes those decisions
-        for name in ("backend_up", "backend_key_share", "backend_ramp_progress"):
+        for name in ("backend_up", "backend_key_share", "backend_ramp_progress", "ring_info",
+                     "ring_members", "discovery_refusing"):
             total.gauges[name] = dict(own.gauges[name])
         total.gauges["backend_request_share"] = self.control.request_share.update(
             total.counters["requests"])

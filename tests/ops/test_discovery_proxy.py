@@ -146,3 +146,26 @@ async def test_static_backends_and_discovery_together_are_a_config_error(tmp_pat
                                  '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n')
     with pytest.raises(ConfigError, match=r"backends: give \[\[backends\]\] or \[discovery\]"):
         loads(text)
+
+
+async def test_metrics_show_the_ring_fingerprint_and_the_discovery_counts(backends, tmp_path):
+    from prometheus_client import generate_latest
+    bs = await backends("app-0", "app-1")
+    members = tmp_path / "members.json"
+    write_members(members, bs)
+    svc = await start(tmp_path, members)
+    try:
+        await eventually(lambda: len(ids(svc)) == 2, what="first set")
+        write_members(members, [])                              # refused: empty
+        source = svc.membership.source
+        await eventually(lambda: source.stats.refusing, what="refusing")
+        text = generate_latest(await svc.metrics_registry()).decode()
+        fp = svc.table.router.fingerprint
+        assert f'stickyproxy_ring_info{{fingerprint="{fp}"}} 1.0' in text
+        assert "stickyproxy_ring_members 2.0" in text
+        assert "stickyproxy_discovery_applied_total 1.0" in text
+        assert "stickyproxy_discovery_refused_total 1.0" in text
+        assert "stickyproxy_discovery_refusing 1.0" in text
+        assert "stickyproxy_resolver_lookups_total" in text
+    finally:
+        await svc.stop()
