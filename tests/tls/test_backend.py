@@ -200,8 +200,8 @@ async def test_pool_connections_resume_the_session(ca, tmp_path, version, keep_f
 
 
 async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
-    """The control plane's aiohttp client verifies a backend the same way: the context from
-    client_context on the connector, the expected name as server_hostname."""
+    """The control plane's aiohttp client verifies a backend the same way: one session for
+    every backend, the context from client_context and the expected name given per request."""
     import aiohttp
     from aiohttp import web
 
@@ -222,9 +222,9 @@ async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
         wrong = "TLS: certificate is not valid for '127.0.0.1'"
         for settings, expect in ((good, "ok"), (trusting(ca, tmp_path), wrong)):
             ctx = tls.client_context(settings)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0, force_close=True)) as s:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
                 try:
-                    async with s.get(f"https://127.0.0.1:{port}/health",
+                    async with s.get(f"https://127.0.0.1:{port}/health", ssl=ctx,
                                      server_hostname=tls.server_hostname(settings, "127.0.0.1"),
                                      timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT)) as resp:
                         got = await resp.text()
