@@ -27,8 +27,8 @@ What it accepts (strictly, spec §2.1 and §2.2):
   are ``family="UNKNOWN"`` (use the real peer's); UDP (0x12, 0x22) is refused (this listener
   is TCP); any other family/protocol byte is refused. The length must cover the addresses and
   be at most ``MAX_V2_LENGTH``. What follows the addresses is TLVs (§2.2.7), which must fill
-  the rest exactly and are returned raw as ``(type, value)`` pairs (CRC32C, 0x03, is not
-  checked). LOCAL (the load balancer's own connection, e.g. a health check) returns
+  the rest exactly and are returned raw as ``(type, value)`` pairs; a CRC32C TLV (0x03,
+  §2.2.5) must be single, 4 bytes, and match the header, else the header is refused. LOCAL (the load balancer's own connection, e.g. a health check) returns
   ``local=True`` and no addresses, whatever the family byte says (§2.2: "the family ... is
   ignored").
 
@@ -42,8 +42,9 @@ Integration into the client protocol (``dataplane/client.py``):
    - peer in ``trusted_proxies`` and ``proxy_protocol = true``: the connection must start with
      a header. Until ``parse`` returns non-``NeedMore``, bytes go to a small buffer (never
      more than ``NeedMore.at_most``, at most ``MAX_HEADER_BYTES``), not to llhttp.
-   - any other peer: no header is expected; if its first bytes satisfy ``starts_like_header``
-     (a spoofing attempt, or a load balancer not listed in ``trusted_proxies``), close.
+   - any other peer: no header is expected; when ``header_start`` says True for its first
+     bytes (a spoofing attempt, or a load balancer missing from ``trusted_proxies``), close;
+     while it says None (at most 12 bytes, e.g. a lone ``P`` of ``POST``), wait for more.
 2. ``Invalid`` (including a trusted peer that sends HTTP without a header): close the
    transport without writing anything (there is no HTTP exchange to answer yet), and count
    it (``reason`` is short and fixed-vocabulary: fit for a metric label or one log line).
@@ -108,6 +109,8 @@ _ADDRESS_BYTES: Final = {_TCP4: 12, _TCP6: 36, _UNIX_STREAM: 216, _UNIX_DGRAM: 2
 
 # A TLV is type (1 byte), length (2 bytes, network order), value (§2.2.7).
 _TLV_HEAD: Final = 3
+# §2.2.5: a CRC-32C of the whole header, 4 bytes, network order.
+_PP2_TYPE_CRC32C: Final = 0x03
 
 # One v1 TCP line: exactly one space between fields; ports decimal, no leading zero (§2.1).
 _V1_TCP = re.compile(rb"PROXY (TCP[46]) ([0-9A-Fa-f:.]{1,39}) ([0-9A-Fa-f:.]{1,39}) "
@@ -152,16 +155,21 @@ class Invalid:
 Result = NeedMore | Header | Invalid
 
 
-def starts_like_header(data: bytes) -> bool:
-    """True when ``data`` (at least one byte) could be the start of a v1 or v2 header.
+def header_start(data: bytes) -> bool | None:
+    """Whether ``data``, a connection's first bytes, starts with a PROXY header.
 
-    For peers that must not send one: a connection starting like this is closed.
+    True once a whole v1 prefix (``PROXY ``) or v2 signature is there; False as soon as the
+    bytes can be neither (``POST /``, a TLS ClientHello, an empty line followed by a request);
+    None while they are empty or a strict prefix of one (``P``, ``\\r\\n``): read more, at most
+    ``len(V2_SIGNATURE)`` bytes in all. For peers that must not send a header: True closes.
     """
-    n = min(len(data), len(V2_SIGNATURE))
-    if n == 0:
-        return False
-    return (data[:min(n, len(V1_PREFIX))] == V1_PREFIX[:n]
-            or data[:n] == V2_SIGNATURE[:n])
+    if not data:
+        return None
+    for prefix in (V1_PREFIX, V2_SIGNATURE):
+        n = min(len(data), len(prefix))
+        if n and data[:n] == prefix[:n]:
+            return True if n == len(prefix) else None
+    return False
 
 
 def parse(data: bytes) -> Result:
@@ -266,6 +274,9 @@ def _parse_v2(data: bytes) -> Result:
     tlvs = _tlvs(body[need:])
     if tlvs is None:
         return Invalid("v2: malformed TLV")
+    problem = _check_crc(data[:total], V2_FIXED_BYTES + need, tlvs)
+    if problem:
+        return Invalid(problem)
     if fam == _TCP4:
         src4, dst4, sport, dport = struct.unpack_from("!4s4sHH", body)
         return Header(2, False, "TCP4", (str(ipaddress.IPv4Address(src4)), sport),
@@ -276,6 +287,48 @@ def _parse_v2(data: bytes) -> Result:
                       (str(ipaddress.IPv6Address(dst6)), dport), total, tlvs)
     # AF_UNIX: valid, but a path is no client address for X-Forwarded-For or routing
     return Header(2, False, "UNKNOWN", None, None, total, tlvs)
+
+
+def _check_crc(header: bytes, tlv_start: int, tlvs: tuple[tuple[int, bytes], ...]) -> str:
+    """"" when the header has no CRC32C TLV or a right one, else why not (§2.2.5: the
+    checksum covers the whole header with its own value zeroed, and a receiver that
+    supports it "MUST" compare and drop the connection on a mismatch)."""
+    crcs = [value for kind, value in tlvs if kind == _PP2_TYPE_CRC32C]
+    if not crcs:
+        return ""
+    if len(crcs) > 1 or len(crcs[0]) != 4:
+        return "v2: malformed TLV"
+    # locate the value: walk the TLVs again to its offset
+    i = tlv_start
+    while header[i] != _PP2_TYPE_CRC32C:
+        i += _TLV_HEAD + struct.unpack_from("!H", header, i + 1)[0]
+    at = i + _TLV_HEAD
+    zeroed = header[:at] + b"\x00\x00\x00\x00" + header[at + 4:]
+    if crc32c(zeroed) != struct.unpack_from("!I", header, at)[0]:
+        return "v2: CRC32C mismatch"
+    return ""
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1     # Castagnoli, reflected
+        table.append(c)
+    return tuple(table)
+
+
+_CRC32C_TABLE: Final = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, RFC 3720 §B.4), as the PROXY v2 CRC32C TLV carries it."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 def _tlvs(area: bytes) -> tuple[tuple[int, bytes], ...] | None:

@@ -26,8 +26,9 @@ from stickyproxy.dataplane.proxy_protocol import (
     Header,
     Invalid,
     NeedMore,
+    crc32c,
+    header_start,
     parse,
-    starts_like_header,
 )
 
 SIG = V2_SIGNATURE
@@ -248,6 +249,77 @@ def test_v2_invalid(data, reason):
     assert parse(data + REQUEST) == Invalid(reason)
 
 
+def with_crc(header_without_crc_value: bytes) -> bytes:
+    """A v2 header whose last TLV is a CRC32C with a zero value, with that value filled in."""
+    assert header_without_crc_value[-7:-4] == b"\x03\x00\x04"
+    return header_without_crc_value[:-4] + struct.pack("!I", crc32c(header_without_crc_value))
+
+
+def test_crc32c_check_value():
+    assert crc32c(b"123456789") == 0xE3069283          # RFC 3720 / the CRC catalogue's check
+    assert crc32c(b"") == 0
+
+
+ADDR4 = tcp4("10.1.2.3", "10.4.5.6", 40000, 443)
+CRC_ZERO = tlv(0x03, b"\x00" * 4)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (with_crc(v2(0x21, 0x11, ADDR4 + CRC_ZERO)),
+     Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 35)),
+    (with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x05, b"id") + CRC_ZERO)),
+     Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 40)),
+    (v2(0x21, 0x11, ADDR4 + CRC_ZERO), Invalid("v2: CRC32C mismatch")),
+    (v2(0x21, 0x11, ADDR4 + tlv(0x03, b"\x00" * 3)), Invalid("v2: malformed TLV")),
+    (with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x03, b"abcd") + CRC_ZERO)), Invalid("v2: malformed TLV")),
+])
+def test_v2_crc32c(data, expected):
+    got = parse(data)
+    if isinstance(expected, Header):
+        assert isinstance(got, Header)
+        assert got.tlvs[-1][0] == 0x03
+        got = Header(got.version, got.local, got.family, got.source, got.destination,
+                     got.consumed)
+    assert got == expected
+
+
+def test_v2_crc32c_covers_every_byte():
+    good = with_crc(v2(0x21, 0x11, ADDR4 + CRC_ZERO))
+    crc_type = len(good) - 7        # flipping it makes another TLV: no CRC left to check
+    for i in range(16, len(good) - 4):          # past the signature, up to the CRC's value
+        if i == crc_type:
+            continue
+        flipped = bytearray(good)
+        flipped[i] ^= 0x01
+        assert isinstance(parse(bytes(flipped)), Invalid), i
+
+
+# Headers HAProxy 2.6.12 sent to a recording server (test_headers_from_a_real_haproxy), kept
+# so that the parser meets a real sender's bytes in every run, HAProxy installed or not.
+RECORDED = [
+    (b"PROXY TCP4 127.0.0.1 127.0.0.1 41732 44135\r\n",
+     ("TCP4", False, ("127.0.0.1", 41732), ("127.0.0.1", 44135))),
+    (b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\xe6\xb2\xa7\xf3",
+     ("TCP4", False, ("127.0.0.1", 59058), ("127.0.0.1", 42995))),
+    (b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00#\x7f\x00\x00\x01\x7f\x00\x00\x01\xd3\xd2\xca\t"
+     b"\x03\x00\x04\xb4\r\x82\xd3\x05\x00\rreq-127.0.0.1",
+     ("TCP4", False, ("127.0.0.1", 54226), ("127.0.0.1", 51721))),
+    (b"PROXY UNKNOWN\r\n", ("UNKNOWN", False, None, None)),
+    (b"\r\n\r\n\x00\r\nQUIT\n \x00\x00\x00", ("UNKNOWN", True, None, None)),
+    (b"PROXY TCP6 ::1 ::1 60250 35631\r\n", ("TCP6", False, ("::1", 60250), ("::1", 35631))),
+    (b"\r\n\r\n\x00\r\nQUIT\n!!\x00$" + b"\x00" * 15 + b"\x01" + b"\x00" * 15 + b"\x01"
+     b"\x8c\xb0\x85\xc9", ("TCP6", False, ("::1", 36016), ("::1", 34249))),
+]
+
+
+@pytest.mark.parametrize("data,expected", RECORDED)
+def test_headers_recorded_from_haproxy(data, expected):
+    got = parse(data + REQUEST)
+    assert isinstance(got, Header)
+    assert (got.family, got.local, got.source, got.destination) == expected
+    assert got.consumed == len(data)
+
+
 def test_v2_length_decides_before_the_body_arrives():
     assert parse(v2(0x21, 0x11, b"", MAX_V2_LENGTH + 1)[:16]) == Invalid("v2: header too long")
     assert parse(v2(0x21, 0x11, b"", 200)[:16]) == NeedMore(216)
@@ -270,16 +342,29 @@ def test_need_more_never_asks_past_the_bound():
 
 
 STARTS = [
-    (b"P", True), (b"PROXY", True), (b"PROXY TCP4 1.2.3.4", True), (b"PROXY UNKNOWN\r\n", True),
-    (b"\r", True), (b"\r\n\r\n\x00", True), (SIG, True), (SIG + b"\x21", True),
-    (b"", False), (b"G", False), (b"GET / HTTP/1.1\r\n", False), (b"PRI * HTTP/2.0", False),
-    (b"POST /", False), (b"PUT /", False), (b"\r\n\r\n\x01", False), (b"\r\nGET", False),
+    (b"PROXY ", True), (b"PROXY TCP4 1.2.3.4", True), (b"PROXY UNKNOWN\r\n", True),
+    (SIG, True), (SIG + b"\x21", True),
+    (b"P", None), (b"PROXY", None), (b"\r", None), (b"\r\n", None), (b"\r\n\r\n\x00", None),
+    (SIG[:-1], None),
+    (b"", None), (b"G", False), (b"GET / HTTP/1.1\r\n", False), (b"PRI * HTTP/2.0", False),
+    (b"PO", False), (b"POST /", False), (b"PUT /", False), (b"PATCH /", False),
+    (b"PROXY/", False), (b"PROXYTCP4", False), (b"\r\n\r\n\x01", False),
+    (b"\r\nGET", False), (b"\x16\x03\x01", False),
 ]
 
 
 @pytest.mark.parametrize("data,expected", STARTS)
-def test_starts_like_header(data, expected):
-    assert starts_like_header(data) is expected
+def test_header_start(data, expected):
+    assert header_start(data) is expected
+
+
+def test_header_start_agrees_with_parse():
+    """Whatever header_start calls a header, parse does not dismiss as "no header"."""
+    for data, expected in STARTS:
+        if expected is not False and data:
+            assert parse(data) != Invalid("no PROXY protocol header"), data
+        if expected is False and data:
+            assert parse(data) == Invalid("no PROXY protocol header"), data
 
 
 # -- differential: what a real HAProxy sends ----------------------------------------------------
@@ -312,32 +397,41 @@ class Recorder:
 
 
 def _haproxy_config(fronts: dict[str, tuple[str, int]], backend_port: int, check_port: int) -> str:
+    """One frontend per entry of ``fronts`` (a host and port, or a UNIX socket path and 0),
+    each relaying to the recorder with the PROXY protocol its name starts with."""
     lines = ["global", "  maxconn 64", "defaults", "  mode tcp", "  timeout connect 2s",
              "  timeout client 5s", "  timeout server 5s"]
-    options = {"v1": "send-proxy", "v2": "send-proxy-v2",
-               "v2tlv": "send-proxy-v2 proxy-v2-options unique-id,crc32c"}
     for name, (host, port) in fronts.items():
-        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if port == 0:
+            bind = f"unix@{host}"
+        else:
+            bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         lines += [f"frontend f_{name}", f"  bind {bind}", f"  default_backend b_{name}"]
-        if name == "v2tlv":
+        option = "send-proxy" if name.startswith("v1") else "send-proxy-v2"
+        if name.startswith("v2tlv"):
             lines += ["  unique-id-format req-%[src]"]
-        lines += [f"backend b_{name}",
-                  f"  server s {LOCALHOST}:{backend_port} {options[name.rstrip('6')]}"]
+            option += " proxy-v2-options unique-id,crc32c"
+        lines += [f"backend b_{name}", f"  server s {LOCALHOST}:{backend_port} {option}"]
     # a v2 health check: HAProxy sends LOCAL (no addresses) on its own connections
     lines += ["listen checked", f"  bind {LOCALHOST}:{free_port()}",
               (f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy"
-              " inter 200ms")]
+               " inter 200ms")]
     return "\n".join(lines) + "\n"
 
 
-async def _send_through(host: str, port: int) -> tuple[str, int]:
-    end = asyncio.get_running_loop().time() + IO_TIMEOUT
+async def _send_through(host: str, port: int) -> tuple[str, int] | None:
+    """One request through a frontend; the client's address (None over a UNIX socket)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + IO_TIMEOUT
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            if port == 0:
+                reader, writer = await asyncio.open_unix_connection(host)
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
             break
         except OSError:
-            if asyncio.get_running_loop().time() > end:
+            if loop.time() > end:
                 raise
             await asyncio.sleep(0.05)
     local = writer.get_extra_info("sockname")
@@ -345,28 +439,34 @@ async def _send_through(host: str, port: int) -> tuple[str, int]:
     await writer.drain()
     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
     writer.close()
-    return local[0], local[1]
+    return None if port == 0 else (local[0], local[1])
+
+
+def _loopback6_port() -> int | None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
 async def test_headers_from_a_real_haproxy(tmp_path: Path):
+    """HAProxy's send-proxy and send-proxy-v2 over IPv4, IPv6 and a UNIX socket, with TLVs,
+    and its v2 health checks: every header parses (its CRC32C checked), to the addresses of
+    the connection."""
     assert HAPROXY is not None
     recorder, checks = Recorder(), Recorder()
     backend_port, check_port = await recorder.start(), await checks.start()
     fronts = {"v1": (LOCALHOST, free_port()), "v2": (LOCALHOST, free_port()),
-              "v2tlv": (LOCALHOST, free_port())}
-    if socket.has_ipv6:
-        try:
-            with socket.socket(socket.AF_INET6) as s:
-                s.bind(("::1", 0))
-                six = s.getsockname()[1]
-            fronts["v16"] = ("::1", six)
-            with socket.socket(socket.AF_INET6) as s:
-                s.bind(("::1", 0))
-                fronts["v26"] = ("::1", s.getsockname()[1])
-        except OSError:
-            pass
+              "v2tlv": (LOCALHOST, free_port()),
+              "v1unix": (str(tmp_path / "v1.sock"), 0), "v2unix": (str(tmp_path / "v2.sock"), 0)}
+    for name in ("v1six", "v2six"):
+        port = _loopback6_port()
+        if port is not None:
+            fronts[name] = ("::1", port)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(_haproxy_config(fronts, backend_port, check_port))
     check = await asyncio.create_subprocess_exec(HAPROXY, "-c", "-q", "-f", str(cfg),
@@ -390,13 +490,20 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
             assert isinstance(got, Header), (name, data)
             assert data[got.consumed:] == REQUEST, name
             assert got.version == (1 if name.startswith("v1") else 2), name
-            assert not got.local
-            assert got.family == ("TCP6" if ":" in host else "TCP4"), name
-            assert got.source == client, name
-            assert got.destination == (host, port), name
+            if port == 0:
+                # a UNIX client has no address to give: HAProxy sends v1 UNKNOWN, v2 LOCAL,
+                # and the real peer's address stands
+                assert got.local is (got.version == 2), got
+                assert (got.family, got.source, got.destination) == ("UNKNOWN", None, None), got
+            else:
+                assert not got.local
+                assert got.family == ("TCP6" if ":" in host else "TCP4"), name
+                assert got.source == client, name
+                assert got.destination == (host, port), name
             tlv_kinds = {kind for kind, _ in got.tlvs}
             if name == "v2tlv":
                 assert tlv_kinds == {0x03, 0x05}, got.tlvs         # CRC32C, unique id
+                assert client is not None
                 assert dict(got.tlvs)[0x05] == b"req-" + client[0].encode()
                 assert len(dict(got.tlvs)[0x03]) == 4
             else:
