@@ -28,9 +28,9 @@ What it accepts (strictly, spec §2.1 and §2.2):
   is TCP); any other family/protocol byte is refused. The length must cover the addresses and
   be at most ``MAX_V2_LENGTH``. What follows the addresses is TLVs (§2.2.7), which must fill
   the rest exactly and are returned raw as ``(type, value)`` pairs; a CRC32C TLV (0x03,
-  §2.2.5) must be single, 4 bytes, and match the header, else the header is refused. LOCAL (the load balancer's own connection, e.g. a health check) returns
-  ``local=True`` and no addresses, whatever the family byte says (§2.2: "the family ... is
-  ignored").
+  §2.2.5) must be single, 4 bytes, and match the header, else the header is refused.
+  LOCAL (the load balancer's own connection, e.g. a health check) returns ``local=True`` and
+  no addresses, whatever the family byte says (§2.2: "the family ... is ignored").
 
 Integration into the client protocol (``dataplane/client.py``):
 
