@@ -1145,6 +1145,55 @@ def owners_section(o: dict[str, Any], images: dict[str, Path | None], doc_dir: P
 
 
 
+def _factor(value: float | None) -> str:
+    return "off" if value is None else f"{value:g}"
+
+
+def skew_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Path) -> str:
+    """Skewed users (bench/skew.py): bounded load's spread and moves, and the rehydrations
+    after a recovery with and without a failback ramp. A simulation with the real decisions,
+    so its figures are the model's, the same on every machine."""
+    b, f = k["balance"], k["failback"]
+    ids = k["backends"]
+    parts = ["## 7. Skewed users: bounded load and gradual failback",
+             (f"{k['users']:,} users drawn Zipf(s = {k['zipf_s']}) over {len(ids)} backends on "
+              f"the real ring; routing decisions are `routing/spill.py` and `routing/ramp.py`, "
+              f"arrivals and service times simulated (seeded, no sockets), so these figures are "
+              f"exact for the model and the same on every machine. The hottest user alone sends "
+              f"{pct(b['hottest_user_share'])} of the requests (owner {b['hottest_user_owner']}). "
+              f"See [routing-quality.md](routing-quality.md) for what each setting trades.")]
+    rows = []
+    for r in b["runs"]:
+        rows.append([_factor(r["factor"])]
+                    + [pct(r["share"][i]) for i in ids]
+                    + [f"{r['busiest_over_mean']['p99']:.2f}×",
+                       pct(r["off_owner_share"], 2), f"{r['user_moves_per_1000']:.1f}"])
+    parts.append(f"**Load spread** ({b['requests']:,} requests, {b['inflight_mean']} in flight on "
+                 "average; key-space shares "
+                 + ", ".join(f"{i} {pct(b['key_share'][i])}" for i in ids) + "):\n\n"
+                 + table(["balance_factor"] + [f"share {i}" for i in ids]
+                         + ["busiest in flight ÷ mean, p99", "served off owner",
+                            "user moves per 1,000 requests"], rows))
+    fs = f["summary"]
+    fb_rows = [[name, fs[key]["rehydrations"], fs[key]["peak_per_s"], fs[key]["first_second"],
+                fs[key]["first_5_seconds"], fs[key]["fleet_disagreements"]]
+               for key, name in (("no_ramp", "no ramp"),
+                                 ("ramp", f"failback_ramp = {f['ramp_s']:g} s"))]
+    parts.append(f"**Failback** ({f['victim']} recovers {f['recovery_at']:g} s into a "
+                 f"{f['window_s']:g} s window at {f['rate']:,.0f} requests/s; a rehydration is a "
+                 "request of one of its users that lands on it for the first time since; the "
+                 f"last column counts requests two proxies whose ramps start {f['fleet_skew_s']:g} s "
+                 "apart send to different backends):\n\n"
+                 + table(["", "rehydrations", "peak per second", "first second",
+                          "first 5 s", "proxies disagree"], fb_rows)
+                 + f"\n\nThe ramp cuts the peak of rehydrations per second by "
+                 f"{f['peak_reduction']:.1f}×.")
+    chart = images.get("skew") or (Path(k["chart"]) if k.get("chart") else None)
+    if chart is not None and chart.is_relative_to(doc_dir):
+        parts.append(image(chart, doc_dir, "load spread and rehydrations per second"))
+    return "\n\n".join(parts)
+
+
 def run_header(meta: dict[str, Any]) -> str:
     rows = [(name, v.get("started_at", "-"),
              duration(v["seconds"]) if "seconds" in v else v.get("status", "-"),
@@ -1188,6 +1237,8 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
         parts.append(killdrill_section(results["killdrill"], images, doc_dir))
     if "owners" in results:
         parts.append(owners_section(results["owners"], images, doc_dir))
+    if "skew" in results:
+        parts.append(skew_section(results["skew"], images, doc_dir))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
@@ -1199,7 +1250,8 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
 SECTION_HEADINGS = (("dataplane", "## 1. Data plane"), ("shop", "## 2. Sticky vs stateless"),
                     ("failover", "## 3. Failover drill"), ("ring", "## 4. The ring"),
                     ("killdrill", "## 5. Backends killed under load"),
-                    ("owners", "## 6. Owner-local features"))
+                    ("owners", "## 6. Owner-local features"),
+                    ("skew", "## 7. Skewed users"))
 VERDICT_PREFIXES = (("dataplane", ("proxy throughput", "p99 added latency")),
                     ("ring", ("ring lookup",)),
                     ("shop", ("≥ 95% fewer Redis", "higher throughput than the stateless")),
@@ -1324,7 +1376,7 @@ pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
 python -m bench                  # everything, about 13 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
-                                 # owners, ring, profile)
+                                 # owners, ring, profile, skew)
 python -m bench --smoke          # tiny counts, about two minutes: checks the harness, not the speed
 ```
 

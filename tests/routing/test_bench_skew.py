@@ -44,3 +44,20 @@ def test_ramp_spreads_the_rehydrations_of_a_recovered_backend(result):
     assert with_ramp[first] < no_ramp[first] / 5
     assert max(with_ramp) < max(no_ramp)
     assert fb["summary"]["ramp"]["first_5_seconds"] < fb["summary"]["no_ramp"]["first_5_seconds"]
+
+
+def test_report_renders_the_skew_section_from_its_results(result, tmp_path):
+    from bench import document
+    doc = tmp_path / "benchmarks.md"
+    text = document.skew_section(result, {}, doc.parent)
+    assert text.startswith("## 7. Skewed users")
+    # one row per balance factor, the off row first, shares as the results say
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")][1:1 + len(
+        result["balance"]["runs"])]
+    assert [r.split(" | ")[0] for r in rows] == ["| off", "| 2", "| 1.5", "| 1.25"]
+    first = result["balance"]["runs"][0]["share"]["app-1"]
+    assert f"{first * 100:.1f}%" in rows[0]
+    s = result["failback"]["summary"]
+    assert f"| no ramp | {s['no_ramp']['rehydrations']} | {s['no_ramp']['peak_per_s']} |" in text
+    # the section is one of the report's, kept when a later run measures others only
+    assert document._section_owner(text) == "skew"
