@@ -16,12 +16,14 @@ bad v2 version/command/family or an oversized v2 length is reported without wait
 
 What it accepts (strictly, spec §2.1 and §2.2):
 
-- v1: ``PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\\r\\n`` with exactly one space between
-  fields, IPv4 as four decimal numbers without leading zeros, IPv6 as hexadecimal groups with
-  at most one ``::`` (no embedded IPv4, no zone), ports 0..65535 without leading zeros, the
-  address family matching the keyword, and CRLF (not a bare CR or LF) within the first 107
-  bytes. ``PROXY UNKNOWN`` followed by anything up to CRLF is accepted as ``family="UNKNOWN"``
-  with no addresses: use the real peer's.
+- v1: ``PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\\r\\n`` with exactly one space
+  between fields, IPv4 as four decimal numbers without leading zeros, IPv6 as hexadecimal
+  groups with at most one ``::`` (an IPv4-mapped tail allowed, no zone), ports 0..65535
+  without leading zeros, the address family matching the keyword, and CRLF (not a bare CR or
+  LF) within the first 107 bytes. ``PROXY UNKNOWN`` followed by anything up to CRLF is
+  accepted as ``family="UNKNOWN"`` with no addresses: use the real peer's. IPv4-mapped IPv6
+  addresses (v1 and v2; HAProxy writes ``TCP6 ::ffff:127.0.0.1 ...`` for a v4 client of a v6
+  socket) are given as IPv4 text (``10.0.0.1``); the family stays ``TCP6``.
 - v2: the 12-byte signature, version 2, command LOCAL (0) or PROXY (1), then:
   TCP over IPv4 (0x11) and IPv6 (0x21) give addresses; UNSPEC (0x00) and UNIX (0x31, 0x32)
   are ``family="UNKNOWN"`` (use the real peer's); UDP (0x12, 0x22) is refused (this listener
@@ -113,14 +115,15 @@ _TLV_HEAD: Final = 3
 _PP2_TYPE_CRC32C: Final = 0x03
 
 # One v1 TCP line: exactly one space between fields; ports decimal, no leading zero (§2.1).
-_V1_TCP = re.compile(rb"PROXY (TCP[46]) ([0-9A-Fa-f:.]{1,39}) ([0-9A-Fa-f:.]{1,39}) "
+_V1_TCP = re.compile(rb"PROXY (TCP[46]) ([0-9A-Fa-f:.]{1,45}) ([0-9A-Fa-f:.]{1,45}) "
                      rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n")
 # IPv4 as four decimal numbers 0..255 without leading zeros (§2.1).
 _V1_IPV4 = re.compile(rb"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
                       rb"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])")
-# IPv6 as hexadecimal groups and colons only (no embedded IPv4, no zone; §2.1); the count of
-# groups and the single "::" are checked by ipaddress.
-_V1_IPV6 = re.compile(rb"[0-9A-Fa-f:]{2,39}")
+# IPv6 as hexadecimal groups and colons (§2.1), and, as inet_pton accepts and HAProxy's own
+# sender writes for a v4 client on a v6 connection, an IPv4-mapped tail (::ffff:1.2.3.4);
+# no zone. The count of groups and the single "::" are checked by ipaddress.
+_V1_IPV6 = re.compile(rb"[0-9A-Fa-f:]{2,39}|[0-9A-Fa-f:]{2,33}(?:\.[0-9]{1,3}){3}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +229,16 @@ def _v1_address(text: bytes, family: bytes) -> str | None:
             return str(ipaddress.IPv4Address(text.decode("ascii")))
         if _V1_IPV6.fullmatch(text) is None:
             return None
-        return str(ipaddress.IPv6Address(text.decode("ascii")))
+        return _v6_text(ipaddress.IPv6Address(text.decode("ascii")))
     except ValueError:
         return None
+
+
+def _v6_text(address: ipaddress.IPv6Address) -> str:
+    """Compressed text; an IPv4-mapped address (RFC 4291 §2.5.5.2) as the IPv4 client it
+    stands for, so X-Forwarded-For and client-ip routing name one client one way."""
+    mapped = address.ipv4_mapped
+    return str(mapped) if mapped is not None else str(address)
 
 
 def _parse_v2(data: bytes) -> Result:
@@ -283,8 +293,8 @@ def _parse_v2(data: bytes) -> Result:
                       (str(ipaddress.IPv4Address(dst4)), dport), total, tlvs)
     if fam == _TCP6:
         src6, dst6, sport, dport = struct.unpack_from("!16s16sHH", body)
-        return Header(2, False, "TCP6", (str(ipaddress.IPv6Address(src6)), sport),
-                      (str(ipaddress.IPv6Address(dst6)), dport), total, tlvs)
+        return Header(2, False, "TCP6", (_v6_text(ipaddress.IPv6Address(src6)), sport),
+                      (_v6_text(ipaddress.IPv6Address(dst6)), dport), total, tlvs)
     # AF_UNIX: valid, but a path is no client address for X-Forwarded-For or routing
     return Header(2, False, "UNKNOWN", None, None, total, tlvs)
 

@@ -66,10 +66,16 @@ V1_VALID = [
     (b"PROXY TCP4 0.0.0.0 10.0.0.1 0 0\r\n", "TCP4", ("0.0.0.0", 0), ("10.0.0.1", 0)),
     (b"PROXY TCP6 ::1 2001:db8::1 1 65535\r\n", "TCP6", ("::1", 1), ("2001:db8::1", 65535)),
     (b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:a00:1 80 8080\r\n", "TCP6",
-     ("2001:db8::1", 80), ("::ffff:a00:1", 8080)),
+     ("2001:db8::1", 80), ("10.0.0.1", 8080)),
     ((b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
      b" 65535 65535\r\n"), "TCP6", ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
      ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535)),
+    # IPv4-mapped, as HAProxy writes a v4 client on a v6 connection: given as the IPv4 client
+    (b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::2 5000 443\r\n", "TCP6",
+     ("192.0.2.7", 5000), ("2001:db8::2", 443)),
+    (b"PROXY TCP6 ::FFFF:C000:0207 ::ffff:0:0 1 2\r\n", "TCP6", ("192.0.2.7", 1), ("0.0.0.0", 2)),
+    (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255 ::1 1 2\r\n", "TCP6",
+     ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", 2)),
     (b"PROXY UNKNOWN\r\n", "UNKNOWN", None, None),
     # §2.1: after UNKNOWN "the receiver must ignore anything presented before the CRLF"
     ((b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
@@ -86,7 +92,8 @@ def test_v1_valid(line, family, source, destination):
 
 
 def test_v1_longest_line_is_107_bytes():
-    line = V1_VALID[7][0]
+    line = max((v[0] for v in V1_VALID), key=len)
+    assert line.startswith(b"PROXY UNKNOWN ffff:")
     assert len(line) == MAX_V1_BYTES == 107
     assert isinstance(parse(line), Header)
 
@@ -120,7 +127,10 @@ V1_INVALID = [
     (b"PROXY TCP4 1.2.3.4.5 192.168.0.11 1 2\r\n", "v1: malformed address"),
     (b"PROXY TCP4 ::1 192.168.0.11 1 2\r\n", "v1: malformed address"),
     (b"PROXY TCP6 192.168.0.1 ::1 1 2\r\n", "v1: malformed address"),
-    (b"PROXY TCP6 ::1 ::ffff:1.2.3.4 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 ::1 ::ffff:01.2.3.4 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 ::1 ::ffff:1.2.3 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 ::1 ::ffff:256.2.3.4 1 2\r\n", "v1: malformed address"),
+    (b"PROXY TCP6 ::1 ::ffff:1.2.3.4.5 1 2\r\n", "v1: malformed address"),
     (b"PROXY TCP6 1::2::3 ::1 1 2\r\n", "v1: malformed address"),
     (b"PROXY TCP6 12345::1 ::1 1 2\r\n", "v1: malformed address"),
     (b"PROXY TCP6 1:2:3:4:5:6:7 ::1 1 2\r\n", "v1: malformed address"),
@@ -165,6 +175,8 @@ V2_VALID = [
      Header(2, False, "TCP4", ("192.168.0.1", 56324), ("192.168.0.11", 443), 28)),
     (v2(0x21, 0x21, tcp6("2001:db8::1", "::1", 65535, 0)),
      Header(2, False, "TCP6", ("2001:db8::1", 65535), ("::1", 0), 52)),
+    (v2(0x21, 0x21, tcp6("::ffff:198.51.100.9", "2001:db8::1", 1, 2)),
+     Header(2, False, "TCP6", ("198.51.100.9", 1), ("2001:db8::1", 2), 52)),
     # TLVs after the addresses, kept raw: ALPN (0x01), authority (0x02), NOOP padding (0x04),
     # an AWS VPC endpoint TLV (0xEA)
     (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x01, b"h2")
@@ -308,6 +320,8 @@ RECORDED = [
     (b"PROXY UNKNOWN\r\n", ("UNKNOWN", False, None, None)),
     (b"\r\n\r\n\x00\r\nQUIT\n \x00\x00\x00", ("UNKNOWN", True, None, None)),
     (b"PROXY TCP6 ::1 ::1 60250 35631\r\n", ("TCP6", False, ("::1", 60250), ("::1", 35631))),
+    (b"PROXY TCP6 ::ffff:127.0.0.1 ::ffff:127.0.0.1 51374 18771\r\n",
+     ("TCP6", False, ("127.0.0.1", 51374), ("127.0.0.1", 18771))),
     (b"\r\n\r\n\x00\r\nQUIT\n!!\x00$" + b"\x00" * 15 + b"\x01" + b"\x00" * 15 + b"\x01"
      b"\x8c\xb0\x85\xc9", ("TCP6", False, ("::1", 36016), ("::1", 34249))),
 ]
@@ -429,7 +443,8 @@ async def _send_through(host: str, port: int) -> tuple[str, int] | None:
             if port == 0:
                 reader, writer = await asyncio.open_unix_connection(host)
             else:
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host.removeprefix("::ffff:"),
+                                                               port)
             break
         except OSError:
             if loop.time() > end:
@@ -464,6 +479,9 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
     fronts = {"v1": (LOCALHOST, free_port()), "v2": (LOCALHOST, free_port()),
               "v2tlv": (LOCALHOST, free_port()),
               "v1unix": (str(tmp_path / "v1.sock"), 0), "v2unix": (str(tmp_path / "v2.sock"), 0)}
+    # IPv4 clients of an IPv6 socket: HAProxy writes IPv4-mapped addresses
+    for name in ("v1map", "v2map"):
+        fronts[name] = ("::ffff:127.0.0.1", free_port())
     for name in ("v1six", "v2six"):
         port = _loopback6_port()
         if port is not None:
@@ -500,7 +518,7 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
                 assert not got.local
                 assert got.family == ("TCP6" if ":" in host else "TCP4"), name
                 assert got.source == client, name
-                assert got.destination == (host, port), name
+                assert got.destination == (host.removeprefix("::ffff:"), port), name
             tlv_kinds = {kind for kind, _ in got.tlvs}
             if name == "v2tlv":
                 assert tlv_kinds == {0x03, 0x05}, got.tlvs         # CRC32C, unique id
