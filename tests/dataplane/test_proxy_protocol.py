@@ -14,6 +14,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.net import IO_TIMEOUT, LOCALHOST, eventually, free_port
 
 from stickyproxy.dataplane.proxy_protocol import (
@@ -380,6 +382,53 @@ def test_header_start_agrees_with_parse():
             assert parse(data) != Invalid("no PROXY protocol header"), data
         if expected is False and data:
             assert parse(data) == Invalid("no PROXY protocol header"), data
+
+
+# -- properties -------------------------------------------------------------------------------
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ipv4s = st.ip_addresses(v=4)
+ipv6s = st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None)
+ports = st.integers(0, 0xFFFF)
+tlv_lists = st.lists(st.tuples(st.integers(0, 255).filter(lambda k: k != 0x03),
+                               st.binary(max_size=40)), max_size=5)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300),
+                 st.binary(max_size=300).map(lambda b: b"PROXY " + b),
+                 st.binary(max_size=300).map(lambda b: SIG + b)))
+def test_any_bytes_get_a_decision_within_the_bound(data):
+    got = parse(data)
+    assert isinstance(got, NeedMore | Header | Invalid)
+    if isinstance(got, NeedMore):
+        assert len(data) < got.at_most <= MAX_HEADER_BYTES
+    if isinstance(got, Header):
+        assert 0 < got.consumed <= len(data)
+        assert parse(data[:got.consumed]) == got
+
+
+@FUZZ
+@given(st.one_of(st.tuples(st.just(0x11), ipv4s, ipv4s), st.tuples(st.just(0x21), ipv6s, ipv6s)),
+       ports, ports, tlv_lists)
+def test_v2_round_trip(addresses, sport, dport, tlvs):
+    fam, src, dst = addresses
+    body = src.packed + dst.packed + struct.pack("!HH", sport, dport)
+    body += b"".join(tlv(kind, value) for kind, value in tlvs)
+    data = v2(0x21, fam, body)
+    assert parse(data + REQUEST) == Header(2, False, "TCP4" if fam == 0x11 else "TCP6",
+                                           (str(src), sport), (str(dst), dport), len(data),
+                                           tuple(tlvs))
+
+
+@FUZZ
+@given(st.one_of(st.tuples(st.just("TCP4"), ipv4s, ipv4s),
+                 st.tuples(st.just("TCP6"), ipv6s, ipv6s)), ports, ports, st.booleans())
+def test_v1_round_trip(addresses, sport, dport, exploded):
+    family, src, dst = addresses
+    text = (lambda a: a.exploded) if exploded else str
+    line = f"PROXY {family} {text(src)} {text(dst)} {sport} {dport}\r\n".encode()
+    assert parse(line + REQUEST) == Header(1, False, family, (str(src), sport),
+                                           (str(dst), dport), len(line))
 
 
 # -- differential: what a real HAProxy sends ----------------------------------------------------
