@@ -316,3 +316,23 @@ def test_every_container_is_locked_down():
             assert c["resources"]["requests"]["memory"], name
             assert c["resources"]["limits"]["memory"], name
             assert "readinessProbe" in c, name
+
+
+# -- docs/fleet.md's alert rules ---------------------------------------------------------------
+def test_fleet_alert_rules_use_exported_metrics_and_labels():
+    from stickyproxy.control.metrics import DEFINITIONS, PREFIX
+
+    text = (ROOT / "docs" / "fleet.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    rules = [r for b in blocks for g in yaml.safe_load(b)["groups"] for r in g["rules"]]
+    assert any(r["expr"] == "count(count by (fingerprint) (stickyproxy_ring_info)) > 1"
+               for r in rules)
+    exprs = [r["expr"] for r in rules] + re.findall(r"```promql\n(.*?)```", text, re.S)
+    for expr in exprs:
+        for metric in re.findall(r"\bstickyproxy_\w+", expr):
+            name = metric.removeprefix(PREFIX)
+            kind = DEFINITIONS.get(name.removesuffix("_total"), ("",))[0]
+            assert name in DEFINITIONS or kind == "counter", metric
+        for labels in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (x.strip() for x in labels.split(",")):
+                assert label == "namespace" or label in DEFINITIONS["ring_info"][2], label
