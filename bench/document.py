@@ -1136,7 +1136,8 @@ def owners_section(o: dict[str, Any], images: dict[str, Path | None], doc_dir: P
             "answer from the process's memory. Ratios are owner ÷ stateless: above 1x the "
             "owner serves more per second; below 1x its p99 is shorter.\n")
         parts.append("**Where the owner-local versions do use Redis** (measured in the same "
-                     "run, outside the timed windows, unless said):\n")
+                     "run, outside the timed windows, unless said; round trips and commands "
+                     "as the app sent them):\n")
         parts.append("\n".join(owner_costs(o)) + "\n")
     parts.append("\n" + image(images.get("owners"), doc_dir,
                               "owner-local features vs stateless, Redis on loopback and "

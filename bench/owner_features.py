@@ -1,10 +1,13 @@
-"""Owner-local features against their stateless versions, same run: Redis commands per
-request, throughput and p99 of a rate limit and of a token-revocation check on every call,
-with Redis on loopback and behind a relay that adds a network round trip.
+"""Owner-local features against their stateless versions, same run: Redis commands and round
+trips per request, throughput and p99 of a rate limit, a token-revocation check, a job-progress
+poll and a cache hit on every call, and following a running job over the owner's WebSocket
+against polling it from Redis; with Redis on loopback and behind a relay that adds a network
+round trip.
 
     python -m bench.owner_features [--duration 5] [--connections 16] [--rtt-ms 0.5] [--out FILE]
 
-Each variant is one aiohttp app process (uvloop) answering ``GET /`` with 2 bytes:
+Each variant is one aiohttp app process (uvloop); the per-request ones answer ``GET /`` with
+2 bytes:
 * ``ratelimit-sticky``: the context middleware and ``rate_limit_middleware`` (library);
 * ``ratelimit-stateless``: ``INCR`` + ``PEXPIRE … NX`` pipelined per request (the shop's
   ``--stateless`` limiter);
@@ -17,12 +20,22 @@ Each variant is one aiohttp app process (uvloop) answering ``GET /`` with 2 byte
 * ``cache-sticky``: a ``GuardedCache`` hit per request; ``cache-stateless``: a Redis ``GET``
   of the cached value per request (loaded into Redis by the warm-up request; the shop's
   ``--stateless`` price cache does the same with one ``HGET``).
+* ``jobfollow-sticky``: ``FOLLOWERS`` users each run a job (``Jobs``) whose progress changes
+  every ``PROGRESS_INTERVAL``; the client follows each over a WebSocket that the app feeds
+  from ``Jobs.follow`` (memory). ``jobfollow-stateless``: each job writes its step to a Redis
+  hash (``HSET``) and the client polls ``GET /progress`` (``HGETALL``) once per interval (the
+  shop's ``--stateless`` jobs). Each change carries its CLOCK_MONOTONIC time, so the client
+  measures the delay from a change to seeing it.
 The variants are minimal apps, not the shop, so that each row is one feature's cost alone;
 the shop's own Redis commands per request, in both modes, are asserted by
 tests/examples/test_shop.py and test_shop_logout_prices.py.
 Limits are set so nobody is refused and no token is revoked: every request does the full check.
 Redis commands are counted by ``INFO commandstats`` before and after each timed run (the
-library's listener PINGs excluded, as a test's own bookkeeping is), divided by wrk's requests.
+library's listener PINGs excluded, as a test's own bookkeeping is), divided by wrk's requests
+(or by updates delivered). Round trips are counted in each app (``RedisTally``: one per write
+of a command or pipeline by redis-py, bookkeeping excluded), read on its second, bench port,
+which also runs the one-off actions whose cost is reported (a user's first request, a
+revocation, a job's start and end).
 The relay delays each chunk by half the round trip in each direction, order kept, without
 limiting throughput (a thread per direction, high-resolution sleeps); it runs in its own process.
 """
@@ -70,12 +83,20 @@ BOOKKEEPING = frozenset({"info", "ping", "hello", "client|setinfo", "subscribe"}
 TALLY_BOOKKEEPING = frozenset({"INFO", "PING", "HELLO", "CLIENT", "SELECT", "AUTH", "SUBSCRIBE"})
 # Where an app answers what it has sent to Redis (on its bench port).
 TALLY_PATH = "/_bench/redis"
-# Jobs followed at once, and the interval of their progress: 2,000 updates/s offered.
-FOLLOWERS = 200
+# Jobs followed at once, and the interval of their progress: 1,000 updates/s offered.
+FOLLOWERS = 100
 PROGRESS_INTERVAL = 0.1
+# The stateless apps' Redis connections (the context store's default pool size), and how long
+# a request waits for one.
+STATELESS_POOL = 32
+STATELESS_POOL_WAIT = 5.0
+# A user outside the load, whose revocation loads the script before the measured ones.
+WARM_UP_USER = "warm-up"
 # Revocations made after a revocation variant's timed run, to measure what one costs.
 REVOCATIONS = 100
 START_DEADLINE = 10.0
+# Longest the bench waits for one answer of an app (a request, a tally, an action).
+ACTION_DEADLINE = 30.0
 SECRET = "bench-secret-not-for-production-32b"
 # The two paths to Redis of each row (its "redis" field).
 LOOPBACK, RELAY = "loopback", "relay"
@@ -299,8 +320,14 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
     else:
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(redis_url, max_connections=32)
+        # A blocking pool, as the shop's --stateless mode has: a burst waits for a connection
+        # instead of failing (every job runner writes at once).
+        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=STATELESS_POOL, timeout=STATELESS_POOL_WAIT))
         tickers: dict[str, asyncio.Task[None]] = {}
+        # Jobs told to stop: a runner ends at its next step. Cancelling it instead can land inside
+        # redis-py waiting for a pooled connection, which then swallows the cancellation.
+        stopping: set[str] = set()
 
         def job_key(user: str) -> str:
             return f"bench:job:{{{user}}}"
@@ -311,6 +338,8 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
             async def run_job(user: str, step: int) -> None:
                 while True:
                     await asyncio.sleep(PROGRESS_INTERVAL)
+                    if user in stopping:
+                        return
                     step += 1
                     await client.hset(job_key(user), mapping={"step": step, "changed": repr(time.monotonic())})
 
@@ -322,9 +351,8 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
             async def end_stateless(user: str) -> None:
                 task = tickers.pop(user, None)
                 if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    stopping.add(user)
+                    await task
                     await client.hset(job_key(user), "state", "cancelled")
 
             async def progress(request: web.Request) -> web.Response:
@@ -545,7 +573,7 @@ def touch_every_user(port: int, bench_port: int, users: Path, connections: int) 
 
     async def go() -> dict[str, Any]:
         limit = asyncio.Semaphore(connections)
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
             before = await _tally(http, bench_port)
 
             async def one(user: str, token: str) -> None:
@@ -564,7 +592,7 @@ def bench_actions(bench_port: int, action: str, users: Sequence[str], connection
     import aiohttp
 
     async def go() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
             return await _act(http, bench_port, action, users, connections)
 
     return asyncio.run(go())
@@ -574,7 +602,7 @@ def read_tally(bench_port: int) -> dict[str, Any]:
     import aiohttp
 
     async def go() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
             return await _tally(http, bench_port)
 
     return asyncio.run(go())
@@ -622,7 +650,8 @@ def follow_load(port: int, bench_port: int, redis_port: int, users: Sequence[str
         measuring = False
         done = asyncio.Event()
         counter = aioredis.Redis(port=redis_port)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=None, sock_read=ACTION_DEADLINE)) as http:
 
             async def push(user: str) -> None:
                 last = -1
@@ -732,6 +761,8 @@ def _request_row(plan: Plan, variant: str, app_port: int, bench_port: int, users
     costs = {"first_request": first}
     if variant.startswith("revocation-"):
         revoked = [u for u, _ in _pairs(users)][:REVOCATIONS]
+        # One first, unmeasured: a script's first calls on a new Redis also load it (NOSCRIPT).
+        bench_actions(bench_port, "revoke", [WARM_UP_USER], 1)
         costs["revocation"] = bench_actions(bench_port, "revoke", revoked, plan.connections)
     return {
         "kind": "request", "requests": result.requests,

@@ -284,8 +284,9 @@ def _owner_panels(axes: Sequence[Any], rows: dict[tuple[str, str, str], dict[str
             if key in COUNT_KEYS or len(features) == 1:
                 for x, v in zip(xs, values):
                     if v is not None:
-                        ax.annotate(f"{v:.2g}", (x, v), ha="center", va="bottom",
-                                    xytext=(0, 2), textcoords="offset points", fontsize=7)
+                        ax.annotate(f"{v:.2g}" if key in COUNT_KEYS else _short(v), (x, v),
+                                    ha="center", va="bottom", xytext=(0, 2),
+                                    textcoords="offset points", fontsize=7)
         ax.set_xticks(list(range(len(features))), features)
         ax.tick_params(axis="x", labelsize=8)
         ax.set_title(title, fontsize=10)
