@@ -156,9 +156,8 @@ class Exchange:
         key = self.key
         if key is not None:
             r = router.route(key, now)
-            hot = router.hotkeys
-            if hot is not None:
-                hot.offer(key, now)
+            if router.hotkeys is not None:
+                router.count_key(key, now)
         else:
             # route_key: the client's address under no_key = "client-ip" (retries then
             # follow that address's ring order), else None (round-robin)

@@ -237,6 +237,11 @@ class Recent:
             self._countdown = n
             return
         self._countdown = self.sample_every
+        self.sampled(key, now)
+
+    def sampled(self, key: str, now: float) -> None:
+        """Count ``key`` as one sampled request (``sample_every`` requests): for a caller
+        that keeps the countdown itself (the compiled router keeps it in a native int)."""
         if now >= self._end:
             self.rotate(now)
         self.current.add(key if self.raw else key_digest(key), self.sample_every)

@@ -113,7 +113,7 @@ def has_returned(b: BackendState, key: str, now: float) -> bool:
 
 class Router:
     __slots__ = ("config", "ring", "extractor", "fingerprint", "backends", "ordered",
-                 "_rr", "panic_threshold", "balance_pct", "hotkeys")
+                 "_rr", "panic_threshold", "balance_pct", "hotkeys", "_hot_left")
 
     def __init__(self, config: Config, states: dict[str, BackendState],
                  hotkeys: Recent | None = None):
@@ -128,8 +128,11 @@ class Router:
         # routing.balance_factor as a whole percentage; 0: bounded load is off
         factor = config.routing.balance_factor
         self.balance_pct = percent(factor) if factor else 0
-        # the process's hot-key counts, fed by the data plane (None: off)
+        # the process's hot-key counts, fed by the data plane (None: off); the sampling
+        # countdown lives here, a native int when compiled, so that the request path calls
+        # into the (interpreted) sketch only for the requests it samples
         self.hotkeys = hotkeys
+        self._hot_left = hotkeys.sample_every if hotkeys is not None else 0
 
     def in_panic(self, now: float) -> bool:
         """Fewer than panic_threshold % of backends usable: route by the plain ring."""
@@ -167,6 +170,17 @@ class Router:
             # than refused
             return Route(waiting, "primary" if waiting.id == owner else "failover", owner)
         return Route(None, "none", owner)
+
+    def count_key(self, key: str, now: float) -> None:
+        """Offer a routed request's key to the hot-key counts (one in ``sample_every``)."""
+        n = self._hot_left - 1
+        if n > 0:
+            self._hot_left = n
+            return
+        hot = self.hotkeys
+        if hot is not None:
+            self._hot_left = hot.sample_every
+            hot.sampled(key, now)
 
     def return_time(self, b: BackendState, key: str) -> float | None:
         """When ``key`` returns to ``b`` (the ramp's clock), None when ``b`` is not ramping."""
