@@ -115,3 +115,34 @@ async def test_two_proxies_agree_on_every_keys_side_of_the_ramp(backends, ops_pr
         assert (x == "a") is (key_point(k) / POINT_SPACE < a1.ramp.progress(now))
     view = await p1.route(owned[0])
     assert view["states"]["a"] == "ramping" and "a" in view["ramps"]
+
+
+async def test_a_backend_added_by_a_reload_starts_slowly(backends, ops_proxy):
+    a, b, c = await backends("a", "b", "c")
+    p = await ops_proxy([a, b], {"health": {"failback_ramp": "60s"}})
+    users = [f"user-{i}" for i in range(400)]
+    before = {u: (await p.get("/x", user=u)).one("X-Backend") for u in users[:100]}
+    p.rewrite([a, b, c])
+    r = await p.admin("POST", "/reload")
+    assert r.status == 200, r.text
+    view = (await p.backend_view())["c"]
+    assert view["state"] == "ramping" and view["ramp"]["duration"] == 60.0
+    assert view["reason"] == "added: slow start"
+    ramp = p.svc.table.states["c"].ramp
+    moved = [u for u in users if p.pref(u)[0] == "c"]
+    assert moved
+    now = time.monotonic()
+    for u in moved[:40]:
+        got = (await p.get("/x", user=u)).one("X-Backend")
+        if ramp.return_time(key_point(u)) > now + 1.0:
+            # not returned: where it was before c existed (its next choice on the new ring)
+            assert got == p.pref(u)[1]
+            if u in before:
+                assert got == before[u]
+    # the users of a and b do not move at all
+    for u, was in before.items():
+        if p.pref(u)[0] != "c":
+            assert (await p.get("/x", user=u)).one("X-Backend") == was
+    m = await p.metrics()
+    assert 0.0 <= m.value("stickyproxy_backend_ramp_progress", backend="c") < 0.1
+    assert m.value("stickyproxy_backend_ramp_progress", backend="a") == 1.0

@@ -299,3 +299,21 @@ def test_route_view_says_whether_and_when_a_key_returns():
     assert later["route"] == "primary" and later["ramps"]["a"]["returned"] is True
     assert "ramps" not in views.route_view(r, late, 111.0)    # ended
     assert has_returned(st, late, 111.0) and st.ramp is None
+
+
+def test_route_command_says_when_a_key_returns(tmp_path, capsys):
+    from stickyproxy import cli
+    path = tmp_path / "p.toml"
+    path.write_text(config(health={"failback_delay": "2s", "failback_ramp": "30s"}))
+    assert cli.main(["route", "-c", str(path), "--json", "alice"]) == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    at = share(key_point("alice"))
+    assert doc["returns"] == {"at_progress": round(at, 6), "after": round(2 + 30 * at, 3)}
+    assert cli.main(["route", "-c", str(path), "alice"]) == 0
+    line = capsys.readouterr().out
+    assert f"returns {round(2 + 30 * at, 3):g}s after its backend recovers" in line
+    # without a ramp the output is as it always was
+    path.write_text(config())
+    assert cli.main(["route", "-c", str(path), "--json", "alice"]) == 0
+    assert "returns" not in json.loads(capsys.readouterr().out)
