@@ -1,6 +1,7 @@
 """`stickyproxy run --workers 2`: the supervisor decides a backend's recovery and its
 ramp, and every worker, including one restarted in the middle of the ramp, returns each
-user at the instant the supervisor's /route says."""
+user at the instant the supervisor's /route says; a backend a reload adds starts slowly on
+every worker the same way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import aiohttp
 import pytest
+from support.config import build_toml
 from support.health import HealthScript, health_cfg, with_health
 from support.net import eventually, free_port
 from support.procs import established_to, listening_on
@@ -101,3 +103,60 @@ async def _state(admin, bid: str, state: str) -> bool:
     if status != 200:
         return False
     return any(b["id"] == bid and b["state"] == state for b in json.loads(text)["backends"])
+
+
+async def test_workers_start_a_reloaded_backend_slowly_as_the_supervisor_says(
+        backends, proxy_process):
+    a, b = await backends("a", "b")
+    aport = free_port()
+    settings = {"admin": {"enabled": True, "port": aport},
+                "health": {"enabled": False, "failback_ramp": "8s"}}
+    pp = proxy_process([a, b], settings, workers=2)
+    await pp.wait_ready()
+    admin = Admin(aport)
+
+    async def admin_up():
+        try:
+            return (await admin.call("GET", "/readyz"))[0] == 200
+        except aiohttp.ClientError:
+            return False
+    await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
+    await eventually(lambda: len(worker_pids(pp.pid)) == 2
+                     and all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
+                     deadline=20, interval=0.05, what="both workers listening")
+
+    (c,) = await backends("c")
+    pp.log.with_suffix(".toml").write_text(
+        build_toml([a, b, c], {**settings, "listen": {"port": pp.port}}))
+    status, body = await admin.call("POST", "/reload")
+    assert status == 200, body
+    assert await _state(admin, "c", "ramping")
+
+    async def view(key: str) -> dict:
+        status, text = await admin.call("GET", f"/route?key={key}")
+        assert status == 200, text
+        return json.loads(text)
+
+    returns = {}
+    for i in range(300):
+        u = f"user-{i}"
+        t0 = time.monotonic()
+        doc = await view(u)
+        if doc["owner"] == "c":
+            returns[u] = (t0 + doc["ramps"]["c"]["returns_in"], doc["preference"][1])
+    assert len(returns) >= 40
+    checked = {"c": 0, "fallback": 0}
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        for u, (at, fallback) in returns.items():
+            before = time.monotonic()
+            status, got = await one_request(pp.port, u)
+            after = time.monotonic()
+            assert status == 200
+            if at < before - EDGE:
+                assert got == "c", (u, before - at)
+                checked["c"] += 1
+            elif at > after + EDGE:
+                assert got == fallback, (u, at - after)
+                checked["fallback"] += 1
+    assert checked["c"] > 20 and checked["fallback"] > 20, checked
