@@ -28,6 +28,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, FileCopies, load_pinned, loads
 from ..routing.hotkeys import HotKeys
+from .metrics import RequestShare
 from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
@@ -94,6 +95,8 @@ class Supervisor:
         self.stopping = False
         self.admin: Any = None
         self.seq = 0
+        # each backend's share of the requests the workers answered between two scrapes
+        self.request_share = RequestShare()
         self.reloader = Reloader(path, self.control, self._apply_everywhere, pinned)
         self.membership = Membership(self.reloader) if config.discovery is not None else None
         if self.membership is not None:
@@ -189,8 +192,11 @@ class Supervisor:
             h.pending.pop(seq, None)
             return None
 
-    async def snapshots(self) -> list[dict[str, Any]]:
-        replies = await asyncio.gather(*(self._ask(h, {"op": "snapshot"}) for h in self.handles))
+    async def snapshots(self, hotkeys: bool = False) -> list[dict[str, Any]]:
+        """Every worker's counters (and hot-key counts when asked: merging them costs a
+        worker about a millisecond, which a /metrics scrape need not pay)."""
+        msg = {"op": "snapshot", "hotkeys": hotkeys}
+        replies = await asyncio.gather(*(self._ask(h, msg) for h in self.handles))
         return [r for r in replies if r is not None]
 
     # -- the admin API's control interface ------------------------------------------------
@@ -214,7 +220,7 @@ class Supervisor:
         for name in ("backend_up", "backend_key_share", "backend_ramp_progress", "ring_info",
                      "ring_members", "discovery_refusing"):
             total.gauges[name] = dict(own.gauges[name])
-        total.gauges["backend_request_share"] = self.control.request_share.update(
+        total.gauges["backend_request_share"] = self.request_share.update(
             total.counters["requests"])
         return registry_for(lambda: total)
 
@@ -226,7 +232,7 @@ class Supervisor:
             return None, 0
         out = HotKeys(hot.current.max_keys, hot.sample_every, hot.raw)
         merged = 0
-        for i, snap in enumerate(await self.snapshots()):
+        for i, snap in enumerate(await self.snapshots(hotkeys=True)):
             data = snap.get("hotkeys")
             if data is None:
                 continue
@@ -415,7 +421,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                 reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
                          "inflight": inflight, "tunnels": svc.proxy.tunnels(),
                          "hotkeys": (hot.view(time.monotonic()).to_data()
-                                     if hot is not None else None)}
+                                     if hot is not None and msg.get("hotkeys") else None)}
                 writer.write(json.dumps(reply).encode() + b"\n")
     except (ConnectionError, ValueError) as e:
         log.error("worker %d: control channel failed: %s", svc.worker, e)

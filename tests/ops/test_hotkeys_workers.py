@@ -1,5 +1,6 @@
 """`stickyproxy run --workers 2`: GET /hotkeys on the supervisor merges every worker's counts,
-so a hot user whose requests both workers served shows its whole count."""
+so a hot user whose requests both workers served shows its whole count; /metrics gives each
+backend's share of the requests answered since the previous scrape, over all workers."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ async def test_supervisor_merges_the_workers_hot_keys(backends, proxy_process):
         key_digest("ready")}
     m = await admin.metrics()
     assert m.value("stickyproxy_hotkeys_tracked") >= COLD_USERS + 1
+
+    # each backend's share of the requests since the previous scrape: only the hot user's
+    # now, so all of it on the hot user's owner
+    status, text = await admin.call("GET", "/route?key=hot-user")
+    owner = json.loads(text)["owner"]
+    for _ in range(20):
+        status, _ = await one_request(pp.port, "hot-user")
+        assert status == 200
+    shares = (await admin.metrics()).by("stickyproxy_backend_request_share", "backend")
+    assert shares[owner] == 1.0 and sum(shares.values()) == 1.0, shares
