@@ -193,8 +193,9 @@ class Supervisor:
             return None
 
     async def snapshots(self, hotkeys: bool = False) -> list[dict[str, Any]]:
-        """Every worker's counters (and hot-key counts when asked: merging them costs a
-        worker about a millisecond, which a /metrics scrape need not pay)."""
+        """Every worker's counters (and hot-key counts when asked: merging its two windows
+        and encoding them costs a worker about half a millisecond, measured with 1,800 keys,
+        which a /metrics scrape need not pay)."""
         msg = {"op": "snapshot", "hotkeys": hotkeys}
         replies = await asyncio.gather(*(self._ask(h, msg) for h in self.handles))
         return [r for r in replies if r is not None]
