@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..routing.hotkeys import HotKeys
-from ..routing.ramp import key_point, POINT_SPACE
+from ..routing.ramp import POINT_SPACE, key_point
 from ..routing.router import Router, has_returned
 
 
@@ -74,16 +74,16 @@ def route_view(router: Router, key: str, now: float) -> dict[str, Any]:
     # whether the key has returned to each ramping backend, and when it does (the field
     # is there only while a backend on the key's list is ramping)
     ramps: dict[str, Any] = {}
-    point = key_point(key) / POINT_SPACE
+    point = key_point(key)
     for bid in pref:
         st = router.backends[bid]
         ramp = st.ramp
         if ramp is None or not ramp.active(now):
             continue
-        at = ramp.return_time(key_point(key))
+        at = ramp.return_time(point)
         ramps[bid] = {"returned": has_returned(st, key, now),
                       "returns_in": round(max(0.0, at - now), 3),
-                      "returns_at_progress": round(point, 6),
+                      "returns_at_progress": round(point / POINT_SPACE, 6),
                       "progress": round(ramp.progress(now), 6)}
     r = router.route(key, now)
     return {

@@ -91,7 +91,8 @@ class Route:
 
     def __init__(self, backend: BackendState | None, kind: str, owner: str | None):
         self.backend = backend
-        # "primary" | "failover" | "spill" | "no_key" | "panic" | "none"
+        # "primary" | "failover" | "no_key" | "panic" | "none"; bounded load may then
+        # move the exchange, whose route becomes "spill" (dataplane/exchange.py)
         self.kind = kind
         self.owner = owner
 
