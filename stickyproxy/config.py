@@ -33,7 +33,7 @@ MAX_WEIGHT = 100
 MAX_VNODES = 4096
 # Longest user key accepted from a request; longer keys are refused (keys.py).
 DEFAULT_MAX_KEY_LENGTH = 256
-KEY_SOURCES = ("header", "cookie", "query", "path", "jwt")
+KEY_SOURCES = ("header", "cookie", "query", "path", "jwt", "client-cert")
 NO_KEY_POLICIES = ("round-robin", "reject", "client-ip")
 
 
@@ -193,6 +193,8 @@ class Listen:
     port: int = spec(8080, k_port, "port the proxy listens on")
     trusted_proxies: tuple = spec((), k_networks,
                                   "peers whose X-Forwarded-For is kept and extended")
+    tls: Any = field(default=None, metadata={"kind": None, "doc":
+                     "[listen.tls]: terminate TLS here (docs/tls.md); absent = plain HTTP"})
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ class Backend:
     weight: int = 1
     host: str = ""
     port: int = 80
+    tls: Any = None          # tls.BackendTLS for an https:// URL, None for http://
 
     @property
     def address(self) -> str:
@@ -422,7 +425,8 @@ def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
     values: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind")}
     for k in raw:
-        if k not in known and not (cls is Routing and k == "keys"):
+        if k not in known and not (cls is Routing and k == "keys") \
+                and not (cls is Listen and k == "tls"):
             errors.append(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
     for name, f in known.items():
         if name in raw:
@@ -498,6 +502,13 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeyS
             if src is not None:
                 out.append(src)
             continue
+        if kind == "client-cert":
+            for k in item:
+                if k != "from":
+                    errors.append(f"{p}.{k}: unknown key for a client-cert source (it takes "
+                                  f"listen.tls.identity)")
+            out.append(KeySource("client-cert"))
+            continue
         allowed = {"from", "pattern"} if kind == "path" else {"from", "name"}
         for k in item:
             if k not in allowed:
@@ -529,7 +540,7 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeyS
     return tuple(out) or DEFAULT_KEYS
 
 
-def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
+def _backends(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[Backend, ...]:
     if raw is None:
         errors.append("backends: at least one [[backends]] entry is required")
         return ()
@@ -547,8 +558,8 @@ def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
             errors.append(f"{p}: expected a table")
             continue
         for k in item:
-            if k not in ("id", "url", "weight"):
-                errors.append(f"{p}.{k}: unknown key (known: id, url, weight)")
+            if k not in ("id", "url", "weight", "tls"):
+                errors.append(f"{p}.{k}: unknown key (known: id, tls, url, weight)")
         ok = True
         bid = item.get("id")
         if bid is None:
@@ -563,13 +574,13 @@ def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
         else:
             seen_ids[bid] = i
         url = item.get("url")
-        host, port = "", 80
+        host, port, scheme = "", 80, "http"
         if url is None:
             errors.append(f"{p}.url: missing")
             ok = False
         else:
             try:
-                host, port = _parse_backend_url(url)
+                host, port, scheme = _parse_backend_url(url)
                 addr = f"{host.lower()}:{port}"
                 if addr in seen_addrs:
                     errors.append(f"{p}.url: duplicate of backends[{seen_addrs[addr]}].url {url!r}")
@@ -585,8 +596,15 @@ def _backends(raw: Any, errors: list[str]) -> tuple[Backend, ...]:
         except ValueError as e:
             errors.append(f"{p}.weight: {e}")
             ok = False
+        tls = None
+        if scheme == "https":
+            from .tls import parse_backend_tls
+            tls = parse_backend_tls(item.get("tls"), errors, f"{p}.tls", base_dir)
+        elif "tls" in item and ok:
+            errors.append(f"{p}.tls: set, but the url is http:// (use https:// for TLS)")
+            ok = False
         if ok and bid is not None and url is not None:
-            out.append(Backend(id=bid, url=url, weight=weight, host=host, port=port))
+            out.append(Backend(id=bid, url=url, weight=weight, host=host, port=port, tls=tls))
     return tuple(out)
 
 
@@ -599,7 +617,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parse_backend_url(url: Any) -> tuple[str, int]:
+def _parse_backend_url(url: Any) -> tuple[str, int, str]:
     if not isinstance(url, str):
         raise ValueError(f"expected a string, got {url!r}")
     try:
@@ -607,15 +625,15 @@ def _parse_backend_url(url: Any) -> tuple[str, int]:
         port = parts.port
     except ValueError:
         raise ValueError(f"not a valid URL: {url!r}") from None
-    if parts.scheme != "http":
-        raise ValueError(f"not an http URL: {url!r}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"not an http:// or https:// URL: {url!r}")
     if not parts.hostname:
         raise ValueError(f"has no host: {url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"must be scheme://host[:port] without a path, query or fragment: {url!r}")
     if parts.username or parts.password:
         raise ValueError(f"must not carry credentials: {url!r}")
-    return parts.hostname, port or 80
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80), parts.scheme
 
 
 ADMIN_TOKEN_REQUIRED = ("admin.token: required when admin.host is not a loopback address "
@@ -632,9 +650,15 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
         if k not in known:
             errors.append(f"{k}: unknown section (known: {', '.join(sorted(known))})")
     sections = {name: _section(cls, raw.get(name), name, errors) for name, cls in SECTIONS.items()}
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    listen_raw = raw.get("listen")
+    if isinstance(listen_raw, dict) and "tls" in listen_raw:
+        from .tls import parse_listen_tls
+        sections["listen"] = dataclasses.replace(
+            sections["listen"], tls=parse_listen_tls(listen_raw["tls"], errors, "listen.tls",
+                                                     base_dir))
     routing_raw = raw.get("routing")
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
-        base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         sections["routing"] = dataclasses.replace(
             sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
     from .discovery.settings import parse_discovery, parse_resolver
@@ -648,7 +672,12 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
             errors.append("backends: give [[backends]] or [discovery], not both")
         backends: tuple[Backend, ...] = ()
     else:
-        backends = _backends(raw.get("backends"), errors)
+        backends = _backends(raw.get("backends"), errors, base_dir)
+    lt = sections["listen"].tls
+    for i, src in enumerate(sections["routing"].keys):
+        if src.kind == "client-cert" and (lt is None or lt.client_auth == "none"):
+            errors.append(f"routing.keys[{i}].from: \"client-cert\" needs [listen.tls] with "
+                          f"client_auth = \"request\" or \"require\"")
 
     admin = sections["admin"]
     if admin.token and admin.token_env:
@@ -702,6 +731,7 @@ def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = N
                 except ValueError as e:
                     errors.append(f"routing.keys[{i}].{e}")
         keys.append(src)
+    errors += tls_problems(cfg, read_file or read_disk)
     admin = cfg.admin
     if admin.token_env and secrets:
         token = env.get(admin.token_env, "")
@@ -761,6 +791,28 @@ def overlay(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, 
         else:
             node[path[-1]] = env_value(environ[var])
     return raw, problems
+
+
+def tls_problems(cfg: Config, read_file: ReadFile) -> list[str]:
+    """Every certificate, key and CA the configuration names, loaded once to check it (and,
+    read through ``read_file``, pinned for workers like JWT key files); problems by key path.
+    The data plane builds its own contexts from the same bytes."""
+    from .tls import CertStore, client_context
+    errors: list[str] = []
+    if cfg.listen.tls is not None:
+        try:
+            CertStore(cfg.listen.tls, read_file)
+        except ConfigError as e:
+            errors += e.errors
+    seen = set()
+    for i, b in enumerate(cfg.backends):
+        if b.tls is not None and b.tls not in seen:
+            seen.add(b.tls)
+            try:
+                client_context(b.tls, read_file, f"backends[{i}].tls")
+            except ConfigError as e:
+                errors += e.errors
+    return errors
 
 
 def loads(text: str, source: str | None = None, *, secrets: bool = True,
@@ -929,6 +981,8 @@ KEY_SOURCE_FIELDS = {
     "query": "`name`: the query parameter holding the key (repeated with different values: 400)",
     "path": "`pattern`: a regular expression over the path with a `(?P<key>...)` group",
     "jwt": "the key is a claim of a verified token; the fields below",
+    "client-cert": "the identity of the verified client certificate (`listen.tls.identity`); "
+                   "needs `listen.tls.client_auth`",
 }
 JWT_FIELD_DOCS = {
     "header": "header carrying `Bearer <token>`",

@@ -44,7 +44,7 @@ def test_check_reports_every_error_without_traceback(tmp_path):
     r = run("check", "-c", path)
     assert r.returncode == 2
     assert "listen.port: expected an integer" in r.stderr
-    assert "backends[0].url: not an http URL: 'ftp://x'" in r.stderr
+    assert "backends[0].url: not an http:// or https:// URL: 'ftp://x'" in r.stderr
     assert "Traceback" not in r.stderr
 
 

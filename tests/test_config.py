@@ -59,7 +59,7 @@ max_body = 1000
 
 
 @pytest.mark.parametrize("text, expected", [
-    ('[[backends]]\nid = "a"\nurl = "ftp://x"\n', "backends[0].url: not an http URL: 'ftp://x'"),
+    ('[[backends]]\nid = "a"\nurl = "ftp://x"\n', "backends[0].url: not an http:// or https:// URL: 'ftp://x'"),
     ('[[backends]]\nid = "a"\nurl = "http://h/path"\n', "backends[0].url: must be scheme://host[:port]"),
     ('[[backends]]\nid = "a"\nurl = "http://h:99999"\n', "backends[0].url: not a valid URL"),
     ('[[backends]]\nid = "a b"\nurl = "http://h"\n', "backends[0].id: must be 1-64"),

@@ -30,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import tls
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
 from ..routing.ramp import Ramp
@@ -115,6 +117,7 @@ class Health:
                  resolver: HostResolver | None = None):
         self.table = table
         self.resolver = resolver
+        self.client_contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
         self.observer = observer
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
@@ -168,6 +171,20 @@ class Health:
                 pass
         self.tasks.clear()
 
+    def _tls_for(self, bid: str) -> tuple[ssl.SSLContext | None, str | None]:
+        """The TLS context and server name for checking an https:// backend (the same
+        settings as its connections), or (None, None)."""
+        try:
+            b = self.table.config.backend(bid)
+        except KeyError:
+            return None, None
+        if b.tls is None:
+            return None, None
+        ctx = self.client_contexts.get(b.tls)
+        if ctx is None:
+            ctx = self.client_contexts[b.tls] = tls.client_context(b.tls)
+        return ctx, tls.server_hostname(b.tls, b.host)
+
     async def _checker(self, bid: str) -> None:
         # spread the first checks so N backends are not probed in lockstep
         await asyncio.sleep(random.uniform(0, min(self.cfg.interval, 0.05)))
@@ -179,7 +196,9 @@ class Health:
             status: int | None = None
             detail = ""
             try:
-                status = await probe(st.host, st.port, cfg.path, cfg.timeout, self.resolver)
+                ctx, name = self._tls_for(bid)
+                status = await probe(st.host, st.port, cfg.path, cfg.timeout, self.resolver,
+                                     ctx, name)
             except ProbeFailed as e:
                 detail = str(e)
             ok = check_ok(status, cfg.expect)

@@ -10,11 +10,13 @@ llhttp, like the data plane's; the body is not read.
 from __future__ import annotations
 
 import asyncio
+from ssl import SSLContext, SSLError
 from typing import Final
 
 from httptools import HttpParserError, HttpResponseParser
 
 from ..discovery.resolver import HostResolver
+from ..tls import describe_verify_error
 
 USER_AGENT: Final = b"stickyproxy-health"
 # A response head longer than this fails the check (a health endpoint answers briefly).
@@ -36,7 +38,8 @@ class _Head:
 
 
 async def probe(host: str, port: int, path: str, timeout: float,
-                resolver: HostResolver | None = None) -> int:
+                resolver: HostResolver | None = None, ssl: SSLContext | None = None,
+                server_hostname: str | None = None) -> int:
     """The status of ``GET path`` on ``host:port``; ProbeFailed when there is none. A host
     name is looked up through ``resolver`` (cached; a slow DNS server then delays only the
     checks of hosts it has never answered for), inside the same deadline."""
@@ -45,7 +48,8 @@ async def probe(host: str, port: int, path: str, timeout: float,
             address = host
             if resolver is not None:
                 address = (resolver.cached(host) or await resolver.resolve(host))[0]
-            reader, writer = await asyncio.open_connection(address, port)
+            reader, writer = await asyncio.open_connection(
+                address, port, ssl=ssl, server_hostname=server_hostname if ssl else None)
             try:
                 authority = f"[{host}]" if ":" in host else host
                 writer.write(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\n"
@@ -68,6 +72,8 @@ async def probe(host: str, port: int, path: str, timeout: float,
                 writer.transport.abort()
     except HttpParserError as e:
         raise ProbeFailed(f"malformed response: {e}") from None
+    except SSLError as e:           # before OSError, which it is
+        raise ProbeFailed(describe_verify_error(e)) from None
     except TimeoutError:
         raise ProbeFailed(f"no answer within {timeout:g}s") from None
     except ConnectionRefusedError:

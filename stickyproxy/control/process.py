@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 from typing import TYPE_CHECKING, Literal
 
-from ..config import Config
+from ..config import Config, ReadFile, read_disk
 from ..discovery.resolver import HostResolver
 from ..routing.table import BackendTable, TableDiff
 from .health import Health
@@ -49,11 +49,12 @@ class Process:
     def config(self) -> Config:
         return self.table.config
 
-    def apply(self, config: Config) -> TableDiff:
-        """Swap in a validated configuration everywhere in this process."""
+    def apply(self, config: Config, read_file: ReadFile = read_disk) -> TableDiff:
+        """Swap in a validated configuration everywhere in this process (certificate and
+        key files read with ``read_file``: the reload's pinned copies)."""
         diff = self.table.apply(config)
         if self.proxy is not None:
-            self.proxy.apply()
+            self.proxy.apply(read_file)
         self.health.reconfigure()
         freeze_heap()
         return diff
@@ -65,7 +66,10 @@ class Process:
         return {} if self.proxy is None else self.proxy.tunnels()
 
 
-def build_process(config: Config, role: Role, *, worker: int = 0) -> Process:
+def build_process(config: Config, role: Role, *, worker: int = 0,
+                  read_file: ReadFile = read_disk) -> Process:
+    """``read_file``: how certificate and key files are read (a worker is given the
+    supervisor's copies)."""
     table = BackendTable(config)
     control = ControlEvents(table)
     # one cache of backend addresses for connections and health checks alike
@@ -76,5 +80,5 @@ def build_process(config: Config, role: Role, *, worker: int = 0) -> Process:
         return Process(table, control, health, None, None, role)
     from ..dataplane import Proxy
     observer = Observer(config, control, health, worker=worker)
-    proxy = Proxy(table, events=observer, resolver=resolver)
+    proxy = Proxy(table, events=observer, resolver=resolver, read_file=read_file)
     return Process(table, control, health, observer, proxy, role)

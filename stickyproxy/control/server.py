@@ -9,13 +9,15 @@ drains it is told about.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import time
 from typing import Any
 
-from .. import compiled
-from ..config import Config
+
+from .. import compiled, tls
+from ..config import Config, FileCopies, ReadFile, read_disk
 from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
@@ -42,12 +44,13 @@ class Service:
     checks, the admin API and reloads (this process applies what it is sent)."""
 
     def __init__(self, config: Config, path: str | None, *, worker: int = 0,
-                 workers: int = 1, admin: bool = True, watch_config: bool = False):
+                 workers: int = 1, admin: bool = True, watch_config: bool = False,
+                 read_file: ReadFile = read_disk):
         self.path = path
         self.worker = worker
         self.workers = workers
         self.process = build_process(config, "worker" if workers > 1 else "single",
-                                     worker=worker)
+                                     worker=worker, read_file=read_file)
         self.table = self.process.table
         self.health = self.process.health
         assert self.process.observer is not None and self.process.proxy is not None
@@ -93,20 +96,30 @@ class Service:
 
     async def _apply_pinned(self, pinned: Pinned, source: str) -> tuple[TableDiff, list[str]]:
         try:
-            return await self.apply(pinned.config), []
+            return await self.apply(pinned.config, FileCopies(pinned.files).read
+                                    if pinned.files else read_disk), []
         except OSError as e:
             raise ReloadRefused(f"listen: cannot listen on the new address: {e}") from e
 
-    async def apply(self, new: Config) -> TableDiff:
-        """Swap in a validated configuration. The listener is rebound only when [listen]
-        changed (the new one first, so no moment accepts nothing); OSError if it cannot,
-        and then nothing changed."""
+    async def apply(self, new: Config, read_file: ReadFile = read_disk) -> TableDiff:
+        """Swap in a validated configuration; certificates are read with ``read_file``.
+        The listener is made anew only when its address changed or TLS was switched on or
+        off (or given a new handshake timeout): the new one first, so no moment accepts
+        nothing; OSError if it cannot, and then nothing changed. On the same address that
+        needs SO_REUSEPORT, which only --workers listeners have: a single process refuses."""
         old = self.config
-        if (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port):
+        moved = (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port)
+        if moved or tls.needs_new_listener(old.listen.tls, new.listen.tls):
+            if not moved and self.workers <= 1:
+                raise OSError(errno.EADDRINUSE, "switching TLS on or off, or changing "
+                              "listen.tls.handshake_timeout, on the same address needs a "
+                              "restart (or --workers)")
             await self.proxy.rebind(new.listen.host, new.listen.port,
-                                    reuse_port=self.workers > 1)
-            log.warning("reload: now listening on %s:%d", new.listen.host, self.proxy.port)
-        return self.process.apply(new)
+                                    reuse_port=self.workers > 1, listen_tls=new.listen.tls,
+                                    read_file=read_file)
+            log.warning("reload: now listening on %s:%d%s", new.listen.host, self.proxy.port,
+                        " (TLS)" if new.listen.tls is not None else "")
+        return self.process.apply(new, read_file)
 
     # -- the admin API's view of this process --------------------------------------------
     def ready(self) -> tuple[bool, str]:

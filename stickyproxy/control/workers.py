@@ -396,7 +396,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
                 reply: dict[str, Any] = {"seq": msg.get("seq"), "ok": True}
                 try:
                     new = from_message(msg, _read_sent)
-                    await svc.apply(new)
+                    await svc.apply(new, FileCopies(msg.get("files") or {}).read)
                     follow_ramps(svc, msg.get("ramps") or {})
                 except (ConfigError, OSError) as e:
                     log.error("worker %d: reload failed: %s", svc.worker, e)
@@ -444,7 +444,8 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
         print(e.render(), file=sys.stderr)
         return 2
     setup_logging(config.logging)
-    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False)
+    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
+                  read_file=FileCopies(first.get("files") or {}).read)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

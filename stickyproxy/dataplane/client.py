@@ -56,7 +56,8 @@ class ClientProtocol(asyncio.Protocol):
                  "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
                  "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
                  "start_pending", "max_header_bytes", "max_headers",
-                 "line_buf", "ext_method", "head_tail", "body_left", "body_mark")
+                 "line_buf", "ext_method", "head_tail", "body_left", "body_mark", "scheme",
+                 "identity")
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -74,6 +75,8 @@ class ClientProtocol(asyncio.Protocol):
         self.fwd: list[bytes] = []
         self.special: list[tuple[bytes, bytes]] = []
         self.peer_bytes = b""
+        self.scheme = b"http"          # b"https" on a [listen.tls] connection
+        self.identity: str | None = None   # its verified client certificate's identity
         self.limits = server.config.limits
         self.max_header_bytes = self.limits.max_header_bytes
         self.max_headers = self.limits.max_headers
@@ -114,6 +117,10 @@ class ClientProtocol(asyncio.Protocol):
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.trusted = server.is_trusted(self.peer_ip)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.scheme = b"https"
+            self.identity = server.client_identity(ssl_object)
         if not server.client_opened(self):
             self.closing = True
             transport.write(error_response(503, "too many connections", close=True))  # type: ignore[attr-defined]
@@ -166,8 +173,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A half-closed client may still be owed responses to requests it already sent.
+        # TLS has no half-close (the transport closes after close_notify whatever this
+        # returns, and warns if it returns True).
         self.eof = True
-        if self.tunnel is not None or not self.queue:
+        if self.tunnel is not None or not self.queue or self.scheme == b"https":
             return False
         return True
 
@@ -483,7 +492,8 @@ class ClientProtocol(asyncio.Protocol):
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
         req = build_request(self.server, method, version, keep_alive, self.url, self.headers,
                             self.special, self.fwd, self.parser.should_upgrade(), self.peer_ip,
-                            self.peer_bytes, self.trusted, self.valid_host)
+                            self.peer_bytes, self.trusted, self.valid_host, self.scheme,
+                            self.identity)
         if req.host is not None:
             self.valid_host = req.host
         ex = Exchange(self, req.method, req.target, req.version, req.head, req.framing,

@@ -14,10 +14,12 @@ which failure goes where, and which ones the retry budget limits: dataplane/retr
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import TYPE_CHECKING, Final
 
 from ..routing.spill import choose, within
+from ..tls import describe_verify_error
 from .http import (HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens,
                    without_named)
 from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
@@ -236,7 +238,12 @@ class Exchange:
                 resolver = self.server.resolver
                 addrs = resolver.cached(slot.host) or await resolver.resolve(slot.host)
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(slot, time.monotonic()), addrs[0], slot.port)
+                    lambda: UpstreamProtocol(slot, time.monotonic()), addrs[0], slot.port,
+                    ssl=slot.ssl, server_hostname=slot.server_hostname)
+        except ssl.SSLError as e:      # an OSError too: the backend answered, its TLS failed
+            if self.state == CONNECTING and self.slot is slot:
+                self.on_connect_failed(slot, "tls", e)
+            return
         except (OSError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "connect"
             if self.state == CONNECTING and self.slot is slot:
@@ -250,11 +257,20 @@ class Exchange:
         self.attach(conn, reused=False)
 
     def on_connect_failed(self, slot: Upstream, kind: str, exc: BaseException) -> None:
+        """``kind``: "connect" (refused, or no address), "timeout" or "tls" (the handshake
+        failed: a certificate not trusted, expired or for another name, or no TLS there)."""
         events = self.server.events
         refused = kind == "connect"
         backend = slot.state
-        events.upstream_error(backend, "connect" if refused else "timeout")
+        events.upstream_error(backend, kind if kind == "tls" else
+                              "connect" if refused else "timeout")
         events.connect_failed(backend, kind)
+        if kind == "tls":
+            # nothing was sent: safe to try the next backend, but not a dead host (its
+            # pool is kept); the reason says what was wrong with its certificate
+            self.retry(backend, CONNECT_TIMEOUT,
+                       f"backend {backend.id}: {describe_verify_error(exc)}", 502)
+            return
         if refused:
             moved = refused_backend(slot)
             self.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import contract
-from ..config import Config
+from .. import tls
+from ..config import Config, ReadFile, read_disk
 from ..discovery.resolver import HostResolver
 from ..routing.router import BackendState, Router
 from ..routing.table import BackendTable
@@ -37,7 +39,7 @@ TICK: Final = 0.1
 
 class Proxy:
     def __init__(self, table: BackendTable, events: Events | None = None,
-                 resolver: HostResolver | None = None):
+                 resolver: HostResolver | None = None, read_file: ReadFile = read_disk):
         self.events = events or Events()
         self.table = table
         self.upstreams: dict[str, Upstream] = {}
@@ -56,23 +58,44 @@ class Proxy:
         self.resolver = resolver or HostResolver(table.config.resolver)
         self.config = table.config
         self.router: Router = table.router
-        self._sync_upstreams()
+        # [listen.tls]: one certificate store for the listener's life (reloads swap what it
+        # serves; existing connections keep theirs); contexts to TLS backends, one per
+        # distinct settings (their session caches make reconnections cheap)
+        listen_tls = table.config.listen.tls
+        self.tls_store = tls.CertStore(listen_tls, read_file) if listen_tls is not None else None
+        self.client_contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
+        self._sync_upstreams(read_file)
         self._set_config(table.config)
 
     # -- configuration -------------------------------------------------------------------
-    def _sync_upstreams(self) -> None:
+    def _sync_upstreams(self, read_file: ReadFile) -> None:
         """One ``Upstream`` per backend state in the table: kept while the state is the
         same object (same id and address), else made anew and the old one's idle
-        connections closed."""
-        lim, tmo = self.table.config.limits, self.table.config.timeouts
+        connections closed. Each gets its backend's TLS context (None: plain HTTP)."""
+        cfg = self.table.config
+        lim, tmo = cfg.limits, cfg.timeouts
+        contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
         ups: dict[str, Upstream] = {}
-        for bid, st in self.table.states.items():
-            up = self.upstreams.get(bid)
+        for b in cfg.backends:
+            st = self.table.states[b.id]
+            up = self.upstreams.get(b.id)
             if up is None or up.state is not st:
                 up = Upstream(st, lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
             else:
                 up.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
-            ups[bid] = up
+            if b.tls is not None:
+                ctx = contexts.get(b.tls) or self.client_contexts.get(b.tls)
+                if ctx is None:
+                    ctx = tls.client_context(b.tls, read_file, f"backends[{b.id}].tls")
+                contexts[b.tls] = ctx
+                if up.ssl is not ctx:
+                    up.close_all()        # connections made with other TLS settings
+                up.ssl, up.server_hostname = ctx, tls.server_hostname(b.tls, b.host)
+            elif up.ssl is not None:
+                up.close_all()
+                up.ssl, up.server_hostname = None, None
+            ups[b.id] = up
+        self.client_contexts = contexts
         now = time.monotonic()
         for bid, up in self.upstreams.items():
             if ups.get(bid) is not up:
@@ -108,6 +131,15 @@ class Proxy:
         self.forwarded = hdr.forwarded
         self.allow_underscores = hdr.allow_underscores
         self.request_watch = REQUEST_WATCH | {h.lower().encode("ascii") for h in hdr.strip}
+        # the verified client certificate's identity travels in this header (never from
+        # a client: a name outside the prefix is stripped like [headers] strip)
+        lt = config.listen.tls
+        self.identity_kind = lt.identity if lt is not None else "cn"
+        self.identity_header = b""
+        if lt is not None and lt.client_auth != "none":
+            name = tls.identity_header(lt, hdr.prefix)
+            self.identity_header = name.encode("ascii") + b": "
+            self.request_watch = self.request_watch | {name.lower().encode("ascii")}
         self.request_fields: dict[bytes, tuple[bytes, int, bytes]] = {}
         # read on every request: copied out of the (interpreted) config objects once
         self.access_log = config.logging.access != "off"
@@ -135,10 +167,18 @@ class Proxy:
         fields[name] = info
         return info
 
-    def apply(self) -> None:
-        """Follow the table after ``BackendTable.apply`` swapped in a configuration."""
+    def apply(self, read_file: ReadFile = read_disk) -> None:
+        """Follow the table after ``BackendTable.apply`` swapped in a configuration;
+        certificate and key files are read with ``read_file`` (the reload's pinned copies).
+        A listener that must be made anew (``tls.needs_new_listener``) is the caller's to
+        rebind first."""
+        new_tls = self.table.config.listen.tls
+        if new_tls is not None and self.tls_store is not None:
+            result = self.tls_store.apply(new_tls, read_file)
+            if result.errors:   # resolve() loaded the same bytes: only a bug gets here
+                raise ValueError("; ".join(result.errors))
         self.router = self.table.router
-        self._sync_upstreams()
+        self._sync_upstreams(read_file)
         self._set_config(self.table.config)
 
     # -- what the control plane reads and asks of the data plane --------------------------
@@ -149,6 +189,12 @@ class Proxy:
         return {bid: len(up.tunnels) for bid, up in self.upstreams.items()}
 
     # -- hooks used by the protocols -----------------------------------------------------
+    def client_identity(self, ssl_object: Any) -> str | None:
+        """The verified client certificate's identity on a TLS connection, or None."""
+        if not self.identity_header:
+            return None
+        return tls.client_identity(ssl_object, self.identity_kind)
+
     def is_trusted(self, ip: str | None) -> bool:
         if not ip or not self._trusted:
             return False
@@ -186,22 +232,43 @@ class Proxy:
         loop = asyncio.get_running_loop()
         if sock is not None:
             self.server = await loop.create_server(lambda: ClientProtocol(self), sock=sock,
-                                                   backlog=1024)
+                                                   backlog=1024, **self._tls_args())
         else:
             self.server = await loop.create_server(
                 lambda: ClientProtocol(self),
                 host if host is not None else self.config.listen.host,
                 port if port is not None else self.config.listen.port,
-                reuse_port=reuse_port or None, backlog=1024)
+                reuse_port=reuse_port or None, backlog=1024, **self._tls_args())
         self._ticker = loop.create_task(self._tick())
         # a request without Host (HTTP/1.0) is forwarded with the address it came in on
         self.default_host = f"{self.config.listen.host}:{self.port}".encode("ascii")
 
-    async def rebind(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        """Listen on a new address; connections accepted on the old one carry on."""
+    def _tls_args(self) -> dict[str, Any]:
+        store = self.tls_store
+        if store is None:
+            return {}
+        return {"ssl": store.context, "ssl_handshake_timeout": store.settings.handshake_timeout,
+                "ssl_shutdown_timeout": tls.SHUTDOWN_TIMEOUT}
+
+    async def rebind(self, host: str, port: int, *, reuse_port: bool = False,
+                     listen_tls: tls.ListenTLS | None = None,
+                     read_file: ReadFile = read_disk) -> None:
+        """Listen anew (another address, or TLS switched on, off or given a new handshake
+        timeout: ``listen_tls``); connections accepted on the old listener carry on.
+        OSError when the new one cannot listen, and then nothing changed."""
         loop = asyncio.get_running_loop()
-        new = await loop.create_server(lambda: ClientProtocol(self), host, port,
-                                       reuse_port=reuse_port or None, backlog=1024)
+        old_store = self.tls_store
+        if listen_tls is None:
+            self.tls_store = None
+        elif old_store is None or tls.needs_new_listener(old_store.settings, listen_tls):
+            self.tls_store = tls.CertStore(listen_tls, read_file)
+        try:
+            new = await loop.create_server(lambda: ClientProtocol(self), host, port,
+                                           reuse_port=reuse_port or None, backlog=1024,
+                                           **self._tls_args())
+        except OSError:
+            self.tls_store = old_store
+            raise
         old, self.server = self.server, new
         if old is not None:
             old.close()

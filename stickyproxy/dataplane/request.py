@@ -51,12 +51,14 @@ class Request:
 def build_request(server: Proxy, method: str, version: str, keep_alive: bool, url: bytes,
                   headers: list[tuple[bytes, bytes]], special: list[tuple[bytes, bytes]],
                   fwd: list[bytes], upgrade_asked: bool, peer_ip: str | None,
-                  peer_bytes: bytes, trusted: bool, known_host: bytes | None) -> Request:
+                  peer_bytes: bytes, trusted: bool, known_host: bytes | None,
+                  scheme: bytes = b"http", identity: str | None = None) -> Request:
     """``headers``: every field as (lower-cased name, value); ``special``: those the proxy
     handles itself (``Proxy.request_field``); ``fwd``: the field lines forwarded as they
     came; ``upgrade_asked``: llhttp saw an upgrade (or CONNECT); ``trusted``: the peer is
     one of ``listen.trusted_proxies``; ``known_host``: a Host value already checked on this
-    connection (they nearly always repeat)."""
+    connection (they nearly always repeat); ``scheme``: how the client reached the proxy
+    (``https`` over [listen.tls]); ``identity``: its verified client certificate's."""
     host: bytes | None = None
     hosts = 0
     te: list[bytes] | None = None
@@ -128,7 +130,7 @@ def build_request(server: Proxy, method: str, version: str, keep_alive: bool, ur
     key: str | None = None
     route_key: str | None = None
     try:
-        got = server.router.extractor.extract(headers, path, query)
+        got = server.router.extractor.extract(headers, path, query, identity)
     except KeyRejected as e:
         extra = b'WWW-Authenticate: Bearer error="invalid_token"\r\n' if e.status == 401 else b""
         raise RequestError(e.status, str(e), extra) from None
@@ -152,13 +154,17 @@ def build_request(server: Proxy, method: str, version: str, keep_alive: bool, ur
                 parts.append(b"X-Forwarded-For: " + b", ".join(xff) + b", " + peer_bytes + b"\r\n")
             else:
                 parts.append(b"X-Forwarded-For: " + peer_bytes + b"\r\n")
-            parts.append(b"X-Forwarded-Proto: " + (xfp or b"http") + b"\r\n")
+            parts.append(b"X-Forwarded-Proto: " + (xfp or scheme) + b"\r\n")
             fwd_host = xfh or host
         else:
-            parts.append(b"X-Forwarded-For: " + peer_bytes + b"\r\nX-Forwarded-Proto: http\r\n")
+            parts.append(b"X-Forwarded-For: " + peer_bytes + b"\r\nX-Forwarded-Proto: " +
+                         scheme + b"\r\n")
             fwd_host = host
         if fwd_host:
             parts.append(b"X-Forwarded-Host: " + fwd_host + b"\r\n")
+    if identity is not None and server.identity_header:
+        # tls.client_identity admits printable ASCII only: safe as a field value
+        parts.append(server.identity_header + identity.encode("ascii") + b"\r\n")
     if key is not None:
         parts.append(server.key_header + b": " + key.encode("utf-8") + b"\r\n")
     parts.append(server.ring_header)

@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
@@ -252,7 +253,8 @@ class Upstream:
     and do the I/O themselves. Routing's view of the backend is ``state``."""
 
     __slots__ = ("state", "id", "host", "port", "max_idle", "max_requests", "idle_timeout",
-                 "idle", "open", "inflight", "waiters", "tunnels", "tally")
+                 "idle", "open", "inflight", "waiters", "tunnels", "tally", "ssl",
+                 "server_hostname")
 
     def __init__(self, state: BackendState, max_idle: int, max_requests: int,
                  idle_timeout: float):
@@ -269,6 +271,9 @@ class Upstream:
         self.waiters: deque[Exchange] = deque()   # exchanges waiting for an in-flight slot
         self.tunnels: set[Tunnel] = set()
         self.tally: Tally | None = None   # request counts, set by the Observer
+        # an https:// backend: the context and the name sent by SNI and verified
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
 
     # -- in-flight slots ---------------------------------------------------------------
     def has_slot(self, cap: int) -> bool:

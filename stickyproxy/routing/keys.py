@@ -114,11 +114,12 @@ class KeyExtractor:
                        else s.name.encode("utf-8")) for s in self.sources]
 
     def extract(self, headers: Sequence[tuple[bytes, bytes]], path: bytes,
-                query: bytes = b"") -> Extracted | None:
+                query: bytes = b"", identity: str | None = None) -> Extracted | None:
         """The request's user key, or None if no source yields one.
 
         ``headers`` are (lower-cased name, value) pairs as received; ``path`` is the
-        request target's path and ``query`` its query string (without '?').
+        request target's path and ``query`` its query string (without '?'); ``identity``
+        the connection's verified client certificate identity (tls.client_identity).
         Raises KeyRejected for an ambiguous, oversized or malformed key.
         """
         for src, name in self._plan:
@@ -148,6 +149,8 @@ class KeyExtractor:
             elif kind == "path":
                 m = src.pattern.search(path.decode("latin-1")) if src.pattern else None
                 raw = unquote_to_bytes(m.group("key")) if m and m.group("key") else None
+            elif kind == "client-cert":
+                raw = identity.encode("utf-8") if identity else None
             else:
                 continue
             if raw:

@@ -76,7 +76,7 @@ async def test_invalid_and_half_written_content_is_refused_and_the_set_kept(tmp_
                    for r in caplog.records)
         path.write_text(json.dumps([{"id": "a", "url": "ftp://x"}]))
         await w.rounds(2)
-        assert "backends[0].url: not an http URL" in caplog.text
+        assert "backends[0].url: not an http:// or https:// URL" in caplog.text
         path.write_text(full)
         assert await w.next() == ("a", "b", "c")
     assert w.applied.empty()

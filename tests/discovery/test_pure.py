@@ -275,7 +275,7 @@ def test_backends_file_formats(name, text):
 @pytest.mark.parametrize("name, text, expected", [
     ("b.json", '[{"id": "a", "url": "http://127.0.0.1:8001"}, {"id": "b", "ur', "JSON syntax error"),
     ("b.toml", '[[backends]]\nid = "a"\nurl = "http://127', "TOML syntax error"),
-    ("b.json", '[{"id": "a", "url": "ftp://x"}]', "backends[0].url: not an http URL"),
+    ("b.json", '[{"id": "a", "url": "ftp://x"}]', "backends[0].url: not an http:// or https:// URL"),
     ("b.json", '[{"id": "a", "url": "http://x:1"}, {"id": "a", "url": "http://y:1"}]', "backends[1].id: duplicate"),
     ("b.json", '[{"id": "a", "url": "http://x:1", "weight": 0}]', "backends[0].weight: must be between 1 and 100"),
     ("b.json", '{"servers": []}', "servers: unknown key"),

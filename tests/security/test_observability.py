@@ -71,7 +71,9 @@ async def test_user_input_adds_no_metric_series(raw_backend, proxy):
     for m in marks:
         assert m not in text
     labels = set(re.findall(r'(\w+)="', text))
-    assert labels <= {"backend", "code_class", "result", "reason", "kind", "status", "le"}, labels
+    # fingerprint: the ring's, from configuration (stickyproxy_ring_info)
+    assert labels <= {"backend", "code_class", "result", "reason", "kind", "status", "le",
+                      "fingerprint"}, labels
 
 
 async def test_access_log_shows_a_hash_of_the_key_by_default(raw_backend, proxy, caplog):
