@@ -48,7 +48,7 @@ async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backen
         # backend the 2nd, 4th and 6th (HAProxy's and Envoy's rule, routing/spill.py).
         for n in range(1, HELD + 1):
             held.append(asyncio.create_task(p.get("/hold", user=user, timeout=20)))
-            await eventually(lambda: sum(map(held_on, bs)) == n, what=f"{n} held")
+            await eventually(lambda n=n: sum(map(held_on, bs)) == n, what=f"{n} held")
         assert held_on(by_id[first]) == 3 and held_on(by_id[second]) == 3
         assert p.svc.proxy.inflight() == {first: 3, second: 3, third: 0}
         # both full at 6 in flight (capacity 3 each): the next goes to the third

@@ -75,7 +75,7 @@ def test_a_returned_key_stays_returned_and_the_ramp_is_dropped_when_it_ends():
     st.ramp = Ramp(0.0, 10.0)
     owned = [k for k in KEYS if r.ring.owner(k) == "a"][:300]
     seen: dict[str, float] = {}
-    for step in range(0, 100):
+    for step in range(100):
         now = step / 10
         for k in owned:
             on_a = r.route(k, now).backend.id == "a"
