@@ -6,6 +6,7 @@ off (the default) it stays on its owner whatever the load."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import web
 from support.config import keys_where
@@ -31,12 +32,15 @@ def held_on(backend) -> int:
     return sum(1 for r in backend.requests if r.target == "/hold")
 
 
-async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backends, ops_proxy):
+async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backends, ops_proxy,
+                                                                          attach_log):
     bs = await backends("a", "b", "c")
     release = asyncio.Event()
     for b in bs:
         holding(b, release)
-    p = await ops_proxy(bs, {"routing": {"balance_factor": 1.25}})
+    log = attach_log("stickyproxy.access")
+    p = await ops_proxy(bs, {"routing": {"balance_factor": 1.25},
+                             "logging": {"access": "json"}})
     user = keys_where(p.pref, lambda pr: pr[0] == "a")[0]
     first, second, third = p.pref(user)
     by_id = {b.id: b for b in bs}
@@ -61,6 +65,10 @@ async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backen
         done = await asyncio.gather(*held)
     assert all(h.status == 200 for h in done)
 
+    # the access log names each request's route: 4 spills, 3 on the owner
+    routes = [(rec["route"], rec["backend"]) for rec in map(json.loads, log.messages())]
+    assert sorted(routes) == sorted([("primary", first)] * 3 + [("spill", second)] * 3
+                                    + [("spill", third)])
     m = await p.metrics()
     assert m.value("stickyproxy_spills_total", backend=first) == 4
     assert m.value("stickyproxy_route_decisions_total", result="spill") == 4
