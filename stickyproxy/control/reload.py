@@ -84,12 +84,14 @@ class Reloader:
         self.current = current
         self.members: tuple[Backend, ...] | None = None
 
-    def _signatures(self) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...]:
-        """(path, (device, inode, size, mtime)) of the file and the key files it named;
-        follows symlinks, so a Kubernetes ConfigMap's ``..data`` swap is a change."""
-        paths = [self.path] if self.path else []
+    def _signatures(self, everything: bool = True,
+                    ) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...]:
+        """(path, (device, inode, size, mtime)) of the file and the key files it named, or
+        (``everything`` false) of the TLS certificates, keys and CAs only; follows
+        symlinks, so a Kubernetes ConfigMap's ``..data`` swap is a change."""
+        paths = [self.path] if self.path and everything else []
         if self.current is not None:
-            paths += sorted(self.current.files)
+            paths += sorted(self.current.files) if everything else tls_files(self.current.config)
         out: list[tuple[str, tuple[int, int, int, int] | None]] = []
         for path in paths:
             try:
@@ -100,21 +102,23 @@ class Reloader:
         return tuple(out)
 
     async def watch_files(self, interval: float = WATCH_INTERVAL,
-                          watching: asyncio.Event | None = None) -> None:
-        """Reload whenever the configuration file or a key file it names changes. A
-        change that does not validate is logged and counted like any refused reload, and
-        the running configuration stays until the next change. ``watching`` is set once
-        the files as they are now have been looked at."""
-        last = await asyncio.to_thread(self._signatures)
+                          watching: asyncio.Event | None = None, *,
+                          everything: bool = True) -> None:
+        """Reload whenever the configuration file or a key file it names changes (or,
+        ``everything`` false, a TLS certificate, key or CA: renewed certificates are
+        served without a SIGHUP). A change that does not validate is logged and counted
+        like any refused reload, and the running configuration stays until the next change.
+        ``watching`` is set once the files as they are now have been looked at."""
+        last = await asyncio.to_thread(self._signatures, everything)
         if watching is not None:
             watching.set()
         while True:
             await asyncio.sleep(interval)
-            now = await asyncio.to_thread(self._signatures)
+            now = await asyncio.to_thread(self._signatures, everything)
             if now != last:
-                await self.reload("file change")
+                await self.reload("file change" if everything else "certificate change")
                 # what the reload read is the new baseline, applied or not
-                last = await asyncio.to_thread(self._signatures)
+                last = await asyncio.to_thread(self._signatures, everything)
 
     async def set_members(self, members: tuple[Backend, ...]) -> None:
         """Apply a discovered backend set (called by the discovery source, one at a time);
@@ -166,6 +170,23 @@ class Reloader:
                  source, diff.ring_before, diff.ring_after, n, "" if n == 1 else "s",
                  moved * 100, describe(diff))
         return True, problems
+
+
+def tls_files(config: Config) -> list[str]:
+    """The certificate, key and CA files a configuration's TLS settings name."""
+    out = list(config.listen.tls.files()) if config.listen.tls is not None else []
+    for b in config.backends:
+        if b.tls is not None:
+            out += b.tls.files()
+    return sorted(set(out))
+
+
+def watch_mode(config: Config, watch_config: bool) -> bool | None:
+    """What a process watches: everything (``run --watch-config``), only TLS files (True
+    → False: certificates are always followed), or nothing (None)."""
+    if watch_config:
+        return True
+    return False if tls_files(config) else None
 
 
 def describe(diff: TableDiff) -> str:

@@ -23,7 +23,7 @@ from . import views
 from .logs import setup_logging
 from .membership import Membership
 from .process import build_process, freeze_heap
-from .reload import Pinned, ReloadRefused, Reloader
+from .reload import Pinned, ReloadRefused, Reloader, watch_mode
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy")
@@ -63,8 +63,9 @@ class Service:
                            if config.discovery is not None and workers <= 1 else None)
         if self.membership is not None:
             self.process.control.discovery = self.membership.stats
-        self.watch_config = watch_config and path is not None
+        self.watch = watch_mode(config, watch_config) if path is not None else None
         self.watcher: asyncio.Task | None = None
+        self.watching = asyncio.Event()     # set once the watched files were first looked at
         self.admin_enabled = admin and config.admin.enabled
         self.admin: Any = None
         self.stopped = asyncio.Event()
@@ -78,8 +79,9 @@ class Service:
         self.health.start()
         if self.membership is not None:
             self.membership.start()
-        if self.watch_config:
-            self.watcher = asyncio.get_running_loop().create_task(self.reloader.watch_files())
+        if self.watch is not None and self.workers <= 1:
+            self.watcher = asyncio.get_running_loop().create_task(
+                self.reloader.watch_files(watching=self.watching, everything=self.watch))
         if self.admin_enabled:
             from .admin import Admin
             self.admin = Admin(self)

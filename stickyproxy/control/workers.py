@@ -34,7 +34,7 @@ from . import views
 from .logs import setup_logging
 from .process import build_process
 from .membership import Membership
-from .reload import Pinned, Reloader, from_message
+from .reload import Pinned, Reloader, from_message, watch_mode
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy.control.workers")
@@ -72,7 +72,7 @@ class WorkerHandle:
 class Supervisor:
     def __init__(self, config: Config, path: str | None, workers: int, watch: bool = False):
         self.path = path
-        self.watch_config = watch and path is not None
+        self.watch_config = watch
         # the text and key files the running configuration was built from (and the
         # discovered backends), sent to every worker so that all of them apply the same
         pinned = Pinned("", config, {})
@@ -309,7 +309,9 @@ class Supervisor:
         self.health.start()
         if self.membership is not None:
             self.membership.start()
-        files = loop.create_task(self.reloader.watch_files()) if self.watch_config else None
+        mode = watch_mode(self.config, self.watch_config) if self.path else None
+        files = (loop.create_task(self.reloader.watch_files(everything=mode))
+                 if mode is not None else None)
         if self.config.admin.enabled:
             from .admin import Admin
             self.admin = Admin(self)

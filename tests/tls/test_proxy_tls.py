@@ -277,3 +277,30 @@ async def test_health_checks_use_the_backends_tls_settings(ca, tmp_path):
     finally:
         await svc.stop()
         await runner.cleanup()
+
+
+async def test_a_renewed_certificate_is_served_without_a_reload_signal(backends, certs, ca,
+                                                                      tmp_path):
+    (b,) = await backends("app")
+    svc = await start(tmp_path, toml(
+        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
+        plain_backends([b])))
+    try:
+        assert svc.watcher is not None            # certificates are always followed
+        await asyncio.wait_for(svc.watching.wait(), IO_TIMEOUT)
+        renewed = write_leaf(ca.issue_cert("localhost", "127.0.0.1", common_name="renewed"),
+                             tmp_path, "renewed")
+        # a renewal tool writes new files and renames them into place
+        for src, dst in ((renewed.cert, certs["default"].cert), (renewed.key, certs["default"].key)):
+            tmp = Path(dst + ".new")
+            tmp.write_bytes(Path(src).read_bytes())
+            tmp.replace(dst)
+        deadline = asyncio.get_running_loop().time() + 3 * IO_TIMEOUT
+        while True:
+            _, _, _, peer = await get(svc.proxy.port, client_ctx(ca))
+            if ("commonName", "renewed") in [x for rdn in peer["subject"] for x in rdn]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "renewed certificate not served"
+            await asyncio.sleep(0.1)
+    finally:
+        await svc.stop()
