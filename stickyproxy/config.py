@@ -193,6 +193,9 @@ class Listen:
     port: int = spec(8080, k_port, "port the proxy listens on")
     trusted_proxies: tuple = spec((), k_networks,
                                   "peers whose X-Forwarded-For is kept and extended")
+    proxy_protocol: bool = spec(False, k_bool,
+                                "connections from trusted_proxies start with a PROXY protocol "
+                                "v1/v2 header naming the client (docs/fleet.md)")
     tls: Any = field(default=None, metadata={"kind": None, "doc":
                      "[listen.tls]: terminate TLS here (docs/tls.md); absent = plain HTTP"})
 
@@ -674,6 +677,13 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     else:
         backends = _backends(raw.get("backends"), errors, base_dir)
     lt = sections["listen"].tls
+    lis = sections["listen"]
+    if lis.proxy_protocol and not lis.trusted_proxies:
+        errors.append("listen.proxy_protocol: needs listen.trusted_proxies (the load balancers "
+                      "whose headers are believed)")
+    if lis.proxy_protocol and lt is not None:
+        errors.append("listen.proxy_protocol: not supported with [listen.tls] yet (the header "
+                      "comes before the TLS handshake)")
     for i, src in enumerate(sections["routing"].keys):
         if src.kind == "client-cert" and (lt is None or lt.client_auth == "none"):
             errors.append(f"routing.keys[{i}].from: \"client-cert\" needs [listen.tls] with "

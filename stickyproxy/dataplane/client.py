@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections import deque
@@ -24,11 +25,14 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
 from .exchange import DONE, PENDING, RESPONDING, Exchange, refused_exchange
 from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
                    error_response, STAND_IN_METHOD, rewrite_request_line)
+from . import proxy_protocol
 from .request import build_request
 
 if TYPE_CHECKING:
     from .proxy import Proxy
     from .tunnel import Tunnel
+
+log = logging.getLogger("stickyproxy")
 
 # Request fields the proxy looks at before forwarding: hop-by-hop ones are never forwarded
 # (RFC 9110 §7.6.1), framing ones are re-made, X-Forwarded-* are set by the proxy, Host is
@@ -128,6 +132,15 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.deadline = time.monotonic() + server.config.timeouts.client_header
         self.deadline_kind = "header"
+
+    def proxied(self, ip: str) -> None:
+        """The client is ``ip``, as a trusted load balancer's PROXY header says: it stands
+        for the peer in X-Forwarded-For and ``no_key = "client-ip"``, and is itself judged
+        against ``trusted_proxies`` (the balancer vouches for the header, not for an
+        X-Forwarded-For the client wrote)."""
+        self.peer_ip = ip
+        self.peer_bytes = ip.encode("ascii")
+        self.trusted = self.server.is_trusted(ip)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -801,3 +814,66 @@ def _skip_empty_lines(data: bytes, pos: int) -> int:
 def _parser_reason(e: Exception) -> str:
     text = str(e) or type(e).__name__
     return text.replace("`", "")[:80]
+
+
+class ProxyHeaderProtocol(asyncio.Protocol):
+    """``listen.proxy_protocol``: a connection from a trusted load balancer starts with a
+    PROXY protocol header (dataplane/proxy_protocol.py), read here before any HTTP; the
+    connection then becomes an ordinary ``ClientProtocol`` whose peer is the client the header
+    names. A trusted peer without a valid header is closed without an answer (the spec
+    forbids guessing, §2); other peers are handed over at once and never get a header
+    honoured (one that sends one gets llhttp's 400). Bounded: at most
+    ``MAX_HEADER_BYTES`` are held, for at most ``timeouts.client_header``."""
+
+    __slots__ = ("server", "transport", "buf", "timer")
+
+    def __init__(self, server: Proxy):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if not self.server.is_trusted(peer[0] if peer else None):
+            self._hand_over(None, b"")
+            return
+        self.timer = asyncio.get_running_loop().call_later(
+            self.server.config.timeouts.client_header, self._refuse, "no header in time")
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        result = proxy_protocol.parse(self.buf)
+        if isinstance(result, proxy_protocol.NeedMore):
+            return
+        if isinstance(result, proxy_protocol.Invalid):
+            self._refuse(result.reason)
+            return
+        source = result.source[0] if result.source is not None else None
+        self._hand_over(source, self.buf[result.consumed:])
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _refuse(self, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server.events.request_rejected(400)
+        log.info("PROXY protocol: closing a connection from a trusted peer: %s", reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hand_over(self, source: str | None, rest: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        transport = self.transport
+        assert transport is not None
+        client = ClientProtocol(self.server)
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        if source is not None and not client.closing:
+            client.proxied(source)
+        if rest and not client.closing:
+            client.data_received(rest)

@@ -22,7 +22,7 @@ from ..config import Config, ReadFile, read_disk
 from ..discovery.resolver import HostResolver
 from ..routing.router import BackendState, Router
 from ..routing.table import BackendTable
-from .client import REQUEST_WATCH, ClientProtocol
+from .client import REQUEST_WATCH, ClientProtocol, ProxyHeaderProtocol
 from .events import Events
 from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD
 from .upstream import Upstream
@@ -231,17 +231,23 @@ class Proxy:
                     reuse_port: bool = False, sock=None) -> None:
         loop = asyncio.get_running_loop()
         if sock is not None:
-            self.server = await loop.create_server(lambda: ClientProtocol(self), sock=sock,
+            self.server = await loop.create_server(self._protocol, sock=sock,
                                                    backlog=1024, **self._tls_args())
         else:
             self.server = await loop.create_server(
-                lambda: ClientProtocol(self),
+                self._protocol,
                 host if host is not None else self.config.listen.host,
                 port if port is not None else self.config.listen.port,
                 reuse_port=reuse_port or None, backlog=1024, **self._tls_args())
         self._ticker = loop.create_task(self._tick())
         # a request without Host (HTTP/1.0) is forwarded with the address it came in on
         self.default_host = f"{self.config.listen.host}:{self.port}".encode("ascii")
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol: HTTP/1.1 at once, or the PROXY header first."""
+        if self.config.listen.proxy_protocol:
+            return ProxyHeaderProtocol(self)
+        return ClientProtocol(self)
 
     def _tls_args(self) -> dict[str, Any]:
         store = self.tls_store
@@ -263,7 +269,7 @@ class Proxy:
         elif old_store is None or tls.needs_new_listener(old_store.settings, listen_tls):
             self.tls_store = tls.CertStore(listen_tls, read_file)
         try:
-            new = await loop.create_server(lambda: ClientProtocol(self), host, port,
+            new = await loop.create_server(self._protocol, host, port,
                                            reuse_port=reuse_port or None, backlog=1024,
                                            **self._tls_args())
         except OSError:
