@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from ..config import Config, ConfigError, FileCopies, load_pinned, loads
 from ..routing.hotkeys import HotKeys
@@ -124,6 +124,7 @@ class Supervisor:
             if st.drained:
                 h.send({"op": "drain", "id": st.id, "on": True})
         h.send({"op": "ramps", "ramps": self._ramps()})
+        h.send({"op": "start"})
         h.reader_task = asyncio.get_running_loop().create_task(self._read(h))
 
     async def _read(self, h: WorkerHandle) -> None:
@@ -384,6 +385,47 @@ def follow_ramps(svc: Any, ramps: dict[str, Any]) -> None:
             svc.health.follow_ramp(st, data)
 
 
+# Messages that set routing state, which a starting worker applies before it listens.
+STATE_OPS: Final = frozenset({"health", "drain", "ramps", "check_passed"})
+
+
+async def handle(svc: Any, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    """Apply one message of the supervisor's."""
+    op = msg.get("op")
+    if op == "reload":
+        reply: dict[str, Any] = {"seq": msg.get("seq"), "ok": True}
+        try:
+            new = from_message(msg, _read_sent)
+            await svc.apply(new, FileCopies(msg.get("files") or {}).read)
+            follow_ramps(svc, msg.get("ramps") or {})
+        except (ConfigError, OSError) as e:
+            log.error("worker %d: reload failed: %s", svc.worker, e)
+            reply = {"seq": msg.get("seq"), "ok": False, "error": str(e)}
+        writer.write(json.dumps(reply).encode() + b"\n")
+    elif op == "drain":
+        svc.health.drain(msg["id"], bool(msg["on"]))
+    elif op == "health":
+        st = svc.table.states.get(msg["id"])
+        if st is not None:
+            svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
+            if msg.get("up"):
+                svc.health.follow_ramp(st, msg.get("ramp"))
+    elif op == "ramps":
+        follow_ramps(svc, msg.get("ramps") or {})
+    elif op == "check_passed":
+        st = svc.table.states.get(msg["id"])
+        if st is not None:
+            svc.health.check_passed(st)
+    elif op == "snapshot":
+        inflight = svc.proxy.inflight()
+        hot = svc.table.hotkeys
+        reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
+                 "inflight": inflight, "tunnels": svc.proxy.tunnels(),
+                 "hotkeys": (hot.view(time.monotonic()).to_data()
+                             if hot is not None and msg.get("hotkeys") else None)}
+        writer.write(json.dumps(reply).encode() + b"\n")
+
+
 async def follow_control(svc: Any, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
     """Apply the supervisor's messages; stop when the channel closes."""
@@ -392,40 +434,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
             line = await reader.readline()
             if not line:
                 break
-            msg = json.loads(line)
-            op = msg.get("op")
-            if op == "reload":
-                reply: dict[str, Any] = {"seq": msg.get("seq"), "ok": True}
-                try:
-                    new = from_message(msg, _read_sent)
-                    await svc.apply(new, FileCopies(msg.get("files") or {}).read)
-                    follow_ramps(svc, msg.get("ramps") or {})
-                except (ConfigError, OSError) as e:
-                    log.error("worker %d: reload failed: %s", svc.worker, e)
-                    reply = {"seq": msg.get("seq"), "ok": False, "error": str(e)}
-                writer.write(json.dumps(reply).encode() + b"\n")
-            elif op == "drain":
-                svc.health.drain(msg["id"], bool(msg["on"]))
-            elif op == "health":
-                st = svc.table.states.get(msg["id"])
-                if st is not None:
-                    svc.health.set_health(st, bool(msg["up"]), msg.get("reason", ""))
-                    if msg.get("up"):
-                        svc.health.follow_ramp(st, msg.get("ramp"))
-            elif op == "ramps":
-                follow_ramps(svc, msg.get("ramps") or {})
-            elif op == "check_passed":
-                st = svc.table.states.get(msg["id"])
-                if st is not None:
-                    svc.health.check_passed(st)
-            elif op == "snapshot":
-                inflight = svc.proxy.inflight()
-                hot = svc.table.hotkeys
-                reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
-                         "inflight": inflight, "tunnels": svc.proxy.tunnels(),
-                         "hotkeys": (hot.view(time.monotonic()).to_data()
-                                     if hot is not None and msg.get("hotkeys") else None)}
-                writer.write(json.dumps(reply).encode() + b"\n")
+            await handle(svc, json.loads(line), writer)
     except (ConnectionError, ValueError) as e:
         log.error("worker %d: control channel failed: %s", svc.worker, e)
     if not stop.is_set():
@@ -453,7 +462,25 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+    # The routing state the supervisor holds (backends down, drained, ramping) comes right
+    # after the configuration and ends with "start": applied before listening, so a
+    # restarted worker never routes a request by its defaults. Anything else that arrives
+    # meanwhile is applied once listening.
+    later: list[dict[str, Any]] = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            return 0
+        msg = json.loads(line)
+        if msg.get("op") == "start":
+            break
+        if msg.get("op") in STATE_OPS:
+            await handle(svc, msg, writer)
+        else:
+            later.append(msg)
     await svc.start(reuse_port=True)
+    for msg in later:
+        await handle(svc, msg, writer)
     writer.write(json.dumps({"op": "ready"}).encode() + b"\n")
     ctl = loop.create_task(follow_control(svc, reader, writer, stop))
     await stop.wait()
