@@ -419,25 +419,38 @@ SECTIONS: dict[str, type] = {
 
 # ---------------------------------------------------------------------------------------
 
-def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(f"{path}: expected a table, got {type(raw).__name__}")
-        raw = {}
-    values: dict[str, Any] = {}
+def table_fields(cls: type, raw: dict[str, Any], path: str, errors: list[str],
+                 other: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of ``raw`` for the ``spec`` fields of ``cls``, each converted by its kind;
+    a problem, or a key that is neither a field nor one of ``other`` (keys the caller
+    parses itself), is appended to ``errors`` with its key path. Shared by every section
+    (and by tls.py and discovery/settings.py for theirs)."""
     known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind")}
     for k in raw:
-        if k not in known and not (cls is Routing and k == "keys") \
-                and not (cls is Listen and k == "tls"):
-            errors.append(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
+        if k not in known and k not in other:
+            names = ", ".join(sorted(set(known) | set(other)))
+            errors.append(f"{path}.{k}: unknown key (known: {names})")
+    values: dict[str, Any] = {}
     for name, f in known.items():
         if name in raw:
             try:
                 values[name] = f.metadata["kind"](raw[name])
             except ValueError as e:
                 errors.append(f"{path}.{name}: {e}")
-    return cls(**values)
+    return values
+
+
+# Keys of a section that its own parser handles (not ``spec`` fields).
+_NESTED: dict[str, tuple[str, ...]] = {"routing": ("keys",), "listen": ("tls",)}
+
+
+def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table, got {type(raw).__name__}")
+        raw = {}
+    return cls(**table_fields(cls, raw, path, errors, _NESTED.get(path, ())))
 
 
 # How jwtkeys.load_verifier starts the error for an environment secret it cannot read.

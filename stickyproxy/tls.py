@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .config import (ConfigError, k_bool, k_choice, k_duration, k_header_name, k_int, k_str,
-                     read_disk, spec)
+                     read_disk, spec, table_fields)
 from .contract import HEADER_PREFIX
 
 ReadFile = Callable[[str], bytes]
@@ -166,22 +166,6 @@ def identity_header(settings: ListenTLS, prefix: str = HEADER_PREFIX) -> str:
     return settings.identity_header or prefix + IDENTITY_HEADER_SUFFIX
 
 
-def _fields(cls: type, raw: dict, path: str, errors: list[str],
-            skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind")}
-    for k in raw:
-        if k not in known and k not in skip:
-            errors.append(f"{path}.{k}: unknown key (known: {', '.join(sorted(set(known) | set(skip)))})")
-    values: dict[str, Any] = {}
-    for name, f in known.items():
-        if name in raw:
-            try:
-                values[name] = f.metadata["kind"](raw[name])
-            except ValueError as e:
-                errors.append(f"{path}.{name}: {e}")
-    return values
-
-
 def _join(base_dir: str, p: str) -> str:
     return os.path.join(base_dir, p) if p else p
 
@@ -197,7 +181,7 @@ def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
         errors.append(f"{path}: expected a table, got {type(raw).__name__}")
         return None
     n = len(errors)
-    values = _fields(ListenTLS, raw, path, errors, skip=("sni",))
+    values = table_fields(ListenTLS, raw, path, errors, ("sni",))
     for k in ("cert", "key"):
         if not values.get(k):
             errors.append(f"{path}.{k}: required (a PEM file)")
@@ -262,7 +246,7 @@ def parse_backend_tls(raw: Any, errors: list[str], path: str,
     if not isinstance(raw, dict):
         errors.append(f"{path}: expected a table, got {type(raw).__name__}")
         return BackendTLS()
-    values = _fields(BackendTLS, raw, path, errors)
+    values = table_fields(BackendTLS, raw, path, errors)
     if bool(values.get("cert")) != bool(values.get("key")):
         errors.append(f"{path}.{'key' if values.get('cert') else 'cert'}: "
                       f"cert and key go together (mTLS to the backend)")

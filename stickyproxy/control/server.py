@@ -189,15 +189,19 @@ async def _run_service(config: Config, path: str | None, watch: bool = False) ->
     return 0
 
 
+def _runtime_ok() -> bool:
+    from .startup import check_runtime
+    problems = check_runtime()
+    for p in problems:
+        log.error("start-up check failed: %s", p)
+    return not problems
+
+
 def run_single(config: Config, path: str | None, watch: bool = False) -> int:
     """The whole proxy in this process (``--workers 1``)."""
     install_uvloop()
     setup_logging(config.logging)
-    from .startup import check_runtime
-    problems = check_runtime()
-    if problems:
-        for p in problems:
-            log.error("start-up check failed: %s", p)
+    if not _runtime_ok():
         return 1
     return asyncio.run(_run_service(config, path, watch))
 
@@ -209,13 +213,9 @@ def serve(config: Config, path: str | None, workers: int = 1, watch: bool = Fals
             return run_single(config, path, watch)
         except KeyboardInterrupt:
             return 0
-    from .startup import check_runtime
     from .workers import supervise
     setup_logging(config.logging)
-    problems = check_runtime()
-    if problems:
-        for p in problems:
-            log.error("start-up check failed: %s", p)
+    if not _runtime_ok():
         return 1
     return supervise(config, path, workers, watch)
 

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import (ConfigError, k_choice, k_duration, k_float, k_int, k_port, k_str, spec)
+from ..config import (ConfigError, k_choice, k_duration, k_float, k_port, k_str, spec,
+                      table_fields)
 
 RECORD_TYPES = ("SRV", "A", "AAAA", "A+AAAA")
 ID_MODES = ("host", "host-port")
@@ -125,19 +126,7 @@ def _table(cls: type, raw: Any, path: str, errors: list[str], nested: tuple[str,
     if not isinstance(raw, dict):
         errors.append(f"{path}: expected a table, got {type(raw).__name__}")
         raw = {}
-    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind")}
-    for k in raw:
-        if k not in known and k not in nested:
-            names = sorted(set(known) | set(nested))
-            errors.append(f"{path}.{k}: unknown key (known: {', '.join(names)})")
-    values: dict[str, Any] = {}
-    for name, f in known.items():
-        if name in raw:
-            try:
-                values[name] = f.metadata["kind"](raw[name])
-            except ValueError as e:
-                errors.append(f"{path}.{name}: {e}")
-    return cls(**values)
+    return cls(**table_fields(cls, raw, path, errors, nested))
 
 
 def _dns(raw: Any, path: str, errors: list[str]) -> DnsSettings:
