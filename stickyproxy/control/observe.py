@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..config import Config
 from ..dataplane.events import Events
 from .logs import access_record, format_access
 from .metrics import RequestShare, Stats, Tally, code_class
@@ -102,9 +101,7 @@ class ControlEvents:
 
 
 class Observer(Events):
-    def __init__(self, config: Config, control: ControlEvents, health: Health | None,
-                 worker: int = 0):
-        self.worker = worker
+    def __init__(self, control: ControlEvents, health: Health | None):
         self.control = control
         self.stats = control.stats
         self.health = health

@@ -66,8 +66,7 @@ class Process:
         return {} if self.proxy is None else self.proxy.tunnels()
 
 
-def build_process(config: Config, role: Role, *, worker: int = 0,
-                  read_file: ReadFile = read_disk) -> Process:
+def build_process(config: Config, role: Role, *, read_file: ReadFile = read_disk) -> Process:
     """``read_file``: how certificate and key files are read (a worker is given the
     supervisor's copies)."""
     table = BackendTable(config)
@@ -79,6 +78,6 @@ def build_process(config: Config, role: Role, *, worker: int = 0,
     if role == "supervisor":
         return Process(table, control, health, None, None, role)
     from ..dataplane import Proxy
-    observer = Observer(config, control, health, worker=worker)
+    observer = Observer(control, health)
     proxy = Proxy(table, events=observer, resolver=resolver, read_file=read_file)
     return Process(table, control, health, observer, proxy, role)

@@ -50,7 +50,7 @@ class Service:
         self.worker = worker
         self.workers = workers
         self.process = build_process(config, "worker" if workers > 1 else "single",
-                                     worker=worker, read_file=read_file)
+                                     read_file=read_file)
         self.table = self.process.table
         self.health = self.process.health
         assert self.process.observer is not None and self.process.proxy is not None
