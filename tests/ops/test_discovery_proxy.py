@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from support.net import eventually
 
 from stickyproxy.config import loads
 from stickyproxy.control.server import Service
+from stickyproxy.routing.plan import exact
 from stickyproxy.routing.ring import Member, Ring
 
 USERS = [f"user-{i}" for i in range(200)]
@@ -56,7 +58,7 @@ def ids(svc: Service) -> set[str]:
     return set(svc.table.states)
 
 
-async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, tmp_path):
+async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, tmp_path, caplog):
     bs = await backends("app-0", "app-1", "app-2", "app-3")
     members = tmp_path / "members.json"
     write_members(members, bs[:3])
@@ -83,9 +85,15 @@ async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, t
                             load_errors.append(f"{u}: {r.status}")
                         await r.read()
         task = asyncio.create_task(load())
+        caplog.set_level(logging.INFO, logger="stickyproxy")
         write_members(members, bs)
         await eventually(lambda: ids(svc) == {b.id for b in bs}, what="scaled up")
         after = Ring([Member(b.id, 1) for b in bs], svc.config.routing.vnodes)
+        # the applied change is logged with the share of users `stickyproxy plan` predicts
+        predicted = exact(before, after).moved
+        applied = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("reload (discovery) applied")]
+        assert applied and f"{predicted * 100:.1f}% of users move" in applied[-1], applied
         moved_users = {u for u in USERS if before.owner(u) != after.owner(u)}
         # every moved user now lands on the new member, the others stay
         assert moved_users and all(after.owner(u) == "app-3" for u in moved_users)
