@@ -73,6 +73,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "resolver_failures": ("counter", "DNS lookups of backend host names that failed", ()),
     "resolver_stale_answers": ("counter", "Connections and checks given an expired address "
                                "while its lookup was refreshed or failing", ()),
+    "tls_handshakes": ("counter", "TLS handshakes with clients, by result (completed, "
+                       "refused: over listen.tls.max_handshakes, stale: a resumed session "
+                       "from before the client CA changed)", ("result",)),
+    "tls_handshakes_in_progress": ("gauge", "Client TLS handshakes begun and not finished", ()),
+    "tls_backend_sessions": ("counter", "TLS connections to backends that offered a saved "
+                             "session, by result (offered, resumed)", ("result",)),
     "client_connections": ("gauge", "Open client connections", ()),
     "websocket_tunnels": ("gauge", "Open WebSocket tunnels", ("backend",)),
 }

@@ -218,16 +218,21 @@ class Observer(Events):
                 routes[(kind,)] = routes.get((kind,), 0) + n
         self.routed_primary = self.routed_failover = 0
 
-    def current(self, inflight: dict[str, int], *, shares: bool = True) -> Stats:
+    def current(self, inflight: dict[str, int], *, shares: bool = True,
+                extra: Callable[[Stats], None] | None = None) -> Stats:
         """Counters as recorded, plus gauges read from the live state (``inflight``: the
-        data plane's per-backend in-flight counts)."""
+        data plane's per-backend in-flight counts; ``extra`` writes what the data plane
+        counts itself, e.g. Proxy.tls_counts)."""
         self.fold()
         stats = self.control.current(shares=shares)
+        if extra is not None:
+            extra(stats)
         g = stats.gauges
         g["client_connections"] = {(): float(self.clients)}
         g["websocket_tunnels"] = {(k,): float(v) for k, v in self.tunnels.items()}
         g["backend_inflight"] = {(bid,): float(n) for bid, n in inflight.items()}
         return stats
 
-    def snapshot(self, inflight: dict[str, int]) -> dict[str, Any]:
-        return self.current(inflight, shares=False).snapshot()
+    def snapshot(self, inflight: dict[str, int],
+                 extra: Callable[[Stats], None] | None = None) -> dict[str, Any]:
+        return self.current(inflight, shares=False, extra=extra).snapshot()

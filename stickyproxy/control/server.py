@@ -133,7 +133,8 @@ class Service:
 
     async def metrics_registry(self):
         from .metrics import registry_for
-        return registry_for(lambda: self.observer.current(self.proxy.inflight()))
+        return registry_for(lambda: self.observer.current(self.proxy.inflight(),
+                                                          extra=self.proxy.tls_counts))
 
     async def backends_view(self) -> list[dict]:
         return views.backends_view(self.table.router, time.monotonic(),

@@ -419,7 +419,8 @@ async def handle(svc: Any, msg: dict[str, Any], writer: asyncio.StreamWriter) ->
     elif op == "snapshot":
         inflight = svc.proxy.inflight()
         hot = svc.table.hotkeys
-        reply = {"seq": msg.get("seq"), "stats": svc.observer.snapshot(inflight),
+        reply = {"seq": msg.get("seq"),
+                 "stats": svc.observer.snapshot(inflight, extra=svc.proxy.tls_counts),
                  "inflight": inflight, "tunnels": svc.proxy.tunnels(),
                  "hotkeys": (hot.view(time.monotonic()).to_data()
                              if hot is not None and msg.get("hotkeys") else None)}

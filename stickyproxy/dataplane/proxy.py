@@ -182,6 +182,21 @@ class Proxy:
         self._set_config(self.table.config)
 
     # -- what the control plane reads and asks of the data plane --------------------------
+    def tls_counts(self, stats: Any) -> None:
+        """Copy the TLS counters (the listener's handshake gate, the backend session
+        caches) into a metrics ``Stats``; they are the gate's and caches' own totals."""
+        if self.tls_store is not None:
+            gate = self.tls_store.gate
+            c = stats.counters["tls_handshakes"]
+            c[("completed",)], c[("refused",)], c[("stale",)] = (
+                gate.completed, gate.refused, gate.stale)
+            stats.gauges["tls_handshakes_in_progress"] = {(): float(gate.in_progress)}
+        if self.client_contexts:
+            caches = [tls.session_cache(ctx) for ctx in self.client_contexts.values()]
+            c = stats.counters["tls_backend_sessions"]
+            c[("offered",)] = sum(x.offered for x in caches if x is not None)
+            c[("resumed",)] = sum(x.resumed for x in caches if x is not None)
+
     def inflight(self) -> dict[str, int]:
         return {bid: up.inflight for bid, up in self.upstreams.items()}
 

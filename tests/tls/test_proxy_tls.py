@@ -107,6 +107,10 @@ async def test_https_clients_are_served_and_backends_told_so(backends, certs, ca
         old.set_ciphers("DEFAULT:@SECLEVEL=0")
         with pytest.raises((ssl.SSLError, ConnectionError)):
             await get(svc.proxy.port, old)
+        from prometheus_client import generate_latest
+        text = generate_latest(await svc.metrics_registry()).decode()
+        assert 'stickyproxy_tls_handshakes_total{result="completed"} 2.0' in text, text
+        assert "stickyproxy_tls_handshakes_in_progress 0.0" in text
     finally:
         await svc.stop()
 
