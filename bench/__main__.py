@@ -37,7 +37,7 @@ DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 IMAGES_DIR = REPO_ROOT / "docs" / "benchmarks"
 META_NAME = "suite"
 SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "owners",
-             "profile", "skew")
+             "profile", "skew", "tls")
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
 DRILL_TOOLS = ("nginx", "haproxy")
 REDIS_TOOL = "redis-server"
@@ -222,6 +222,7 @@ RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "ring": run_ring, "dataplane": run_dataplane, "streams": run_streams, "shop": run_shop,
     "failover": run_failover, "killdrill": run_killdrill, "owners": run_owners,
     "profile": run_profile, "skew": lambda s: __import__("bench.skew").skew.run_suite(s),
+    "tls": lambda s: __import__("bench.tls").tls.run_suite(s, SkipScenario),
 }
 
 

@@ -142,7 +142,8 @@ def summary_section(results: dict[str, dict[str, Any]]) -> str:
     verdicts = (dataplane_verdicts(results.get("dataplane")) + ring_verdicts(results.get("ring"))
                 + shop_verdicts(results.get("shop")) + failover_verdicts(results.get("failover"))
                 + killdrill_verdicts(results.get("killdrill"))
-                + owners_verdicts(results.get("owners")))
+                + owners_verdicts(results.get("owners"))
+                + tls_verdicts(results.get("tls")))
     rows = [(v.target, v.measured + (f" ({v.note})" if v.note else ""), v.verdict)
             for v in verdicts]
     return ("## DESIGN.md §8, target by target\n\n"
@@ -1195,6 +1196,155 @@ def skew_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Pat
     return "\n\n".join(parts)
 
 
+# -- TLS (bench/tls.py) ---------------------------------------------------------------------
+TLS_MEASURES = (("plain", None, "plain HTTP, keep-alive", "req/s"),
+                ("keepalive", "ecdsa", "TLS, keep-alive", "req/s"),
+                ("reconnect", "ecdsa", "TLS, a new connection per request (resumed)", "req/s"),
+                ("handshake", "ecdsa", "TLS, full handshakes, ECDSA P-256", "handshakes/s"),
+                ("handshake", "rsa", "TLS, full handshakes, RSA-2048", "handshakes/s"))
+TLS_KEEPALIVE_TARGET = 0.5
+# Below this share of one core the proxy was not the bottleneck: the load client was.
+TLS_SATURATED_CORE = 0.85
+
+
+def _tls_rows(t: dict[str, Any]) -> dict[tuple[str, str | None, str], dict[str, Any]]:
+    return {(r["mode"], r["key"], r["target"]): r for r in t["rows"] if r.get("summary")}
+
+
+def _tls_comparison(t: dict[str, Any], mode: str, key: str | None) -> dict[str, Any] | None:
+    return next((c for c in t["comparisons"] if c["mode"] == mode and c["key"] == key), None)
+
+
+def tls_busy(summary: dict[str, Any]) -> float | None:
+    """The share of one core the proxy used: rate x CPU seconds per request."""
+    cpu = summary.get("cpu_us")
+    return None if cpu is None else summary["rate"] * cpu / 1e6
+
+
+def tls_verdicts(t: dict[str, Any] | None) -> list[Verdict]:
+    name = "TLS keep-alive ≥ 0.5× NGINX (1 worker, same certificate)"
+    c = _tls_comparison(t, "keepalive", "ecdsa") if t else None
+    if c is None or c["rate_ratio"] is None:
+        return [Verdict(name, "-", NOT_MEASURED)]
+    return [Verdict(name, ratio(c["rate_ratio"]),
+                    _verdict(c["rate_ratio"] >= TLS_KEEPALIVE_TARGET),
+                    "rounds " + ", ".join(ratio(r) for r in c["round_ratios"]))]
+
+
+def tls_section(t: dict[str, Any], dataplane: dict[str, Any] | None,
+                images: dict[str, Path | None], doc_dir: Path) -> str:
+    """TLS termination (bench/tls.py): stickyproxy and NGINX with the same certificate, 1
+    worker each, in front of the same backends; every figure back to back in one run."""
+    s, rows = t["settings"], _tls_rows(t)
+    negotiated = sorted({f"{v['version']} {v['cipher']}" for v in t["negotiated"].values()})
+    parts = ["## 8. TLS termination",
+             (f"NGINX (`worker_processes 1`, `ssl_protocols TLSv1.2 TLSv1.3`, keep-alive, its "
+              f"defaults otherwise) and stickyproxy (1 worker, `[listen.tls]` with only `cert` and "
+              f"`key`) serve the same certificates, made by trustme for `localhost`/127.0.0.1 "
+              f"({', '.join(t['certificates'].values())}), in front of the same three backends "
+              f"and with the data plane's proxy settings; every client negotiated "
+              f"{' / '.join(negotiated) or '-'}. stickyproxy {t['tools']['stickyproxy']}, "
+              f"Python's {t['tools']['python_ssl']}. {s['rounds']} interleaved "
+              f"round{'' if s['rounds'] == 1 else 's'} of {s['duration_s']:g} s after a {s['warmup_s']:g} s warm-up per listener; in each "
+              f"round the two proxies are measured back to back for each line (which goes first "
+              f"alternates), and each ratio (`× NGINX`, `CPU × NGINX`) is the median of the "
+              f"rounds' ratios: on this shared 2-CPU machine a slow moment hits both of a pair, "
+              f"while a ratio of two medians could pair a fast round with a slow one. CPU is "
+              f"the proxy's process tree's CPU time over the run divided by the requests (or "
+              f"handshakes) completed; `cores used` is that CPU time over the run's length.")]
+    table_rows = []
+    for mode, key, label, unit in TLS_MEASURES:
+        ng, sp = rows.get((mode, key, "nginx")), rows.get((mode, key, "stickyproxy"))
+        if not ng and not sp:
+            continue
+        c = _tls_comparison(t, mode, key) or {}
+        ngs, sps = (ng or {}).get("summary") or {}, (sp or {}).get("summary") or {}
+        errors = sum(x.get("non_2xx", 0) + x.get("socket_errors", 0) for x in (ngs, sps))
+        table_rows.append((
+            f"{label} ({unit})", dash(ngs.get("rate"), ",.0f"), dash(sps.get("rate"), ",.0f"),
+            ratio(c.get("rate_ratio")), " / ".join(ratio(r) for r in c.get("round_ratios", [])),
+            dash(ngs.get("cpu_us"), ".0f"), dash(sps.get("cpu_us"), ".0f"),
+            ratio(c.get("cpu_ratio")),
+            " / ".join(dash(tls_busy(x), ".2f") for x in (ngs, sps) if x), errors))
+    parts.append(table(("", "NGINX", "stickyproxy", "× NGINX", "per round", "CPU µs NGINX",
+                        "CPU µs stickyproxy", "CPU × NGINX", "cores used (NGINX / sticky)",
+                        "errors"), table_rows))
+    notes = []
+    over = t.get("tls_over_plain") or {}
+    if over.get("nginx") and over.get("stickyproxy"):
+        notes.append(f"- **What TLS costs once connections are open**: TLS keeps "
+                     f"{pct(over['stickyproxy'], 0)} of stickyproxy's plain-HTTP rate and "
+                     f"{pct(over['nginx'], 0)} of NGINX's (OpenSSL encrypts the records in "
+                     f"both).")
+    hs = [(t["certificates"].get(k or "", k), rows.get((m, k, "nginx")),
+           rows.get((m, k, "stickyproxy")))
+          for m, k, _, _ in TLS_MEASURES if m == "handshake"]
+    busy = [tls_busy(r["summary"]) for _, ng, sp in hs for r in (ng, sp) if r]
+    if hs and busy and all(b is not None and b < TLS_SATURATED_CORE for b in busy):
+        capacity = []
+        for label, ng, sp in hs:
+            if ng and sp and ng["summary"]["cpu_us"] and sp["summary"]["cpu_us"]:
+                capacity.append(f"{label}: NGINX "
+                                f"{1e6 / ng['summary']['cpu_us']:,.0f}, stickyproxy "
+                                f"{1e6 / sp['summary']['cpu_us']:,.0f} "
+                                f"({ratio(ng['summary']['cpu_us'] / sp['summary']['cpu_us'])})")
+        notes.append(
+            f"- **Full handshakes**: neither proxy used a whole core "
+            f"(at most {max(b for b in busy if b is not None):.2f}): the clients, which pay a "
+            f"key exchange and a signature check per connection too, share the same two CPUs, "
+            f"so the handshake rates and their ratios measure the machine more than the proxy. "
+            f"The CPU per handshake is the comparison that holds; full handshakes per "
+            f"CPU-second (what one busy core would make): " + "; ".join(capacity) + ".")
+    notes.append(
+        f"- **How new connections are made.** `reconnect`: wrk with `Connection: close` on "
+        f"every request (bench/lua/reconnect.lua); wrk offers the closed connection's session "
+        f"on the next one, so these handshakes are *resumed* (TLS 1.3 PSK with a fresh key "
+        f"exchange, no certificate signature), as clients that keep sessions make them. "
+        f"`handshake`: "
+        f"{s['handshake_clients']} `openssl s_time -new -www /` processes at once, a new "
+        f"session on every connection (never resumed), one HTTP/1.0 GET each, without a user "
+        f"key; wrk cannot be made to "
+        f"skip resumption, and h2load is not installed here. tests/test_bench_tls.py checks "
+        f"against NGINX's `$ssl_session_reused` that the first are resumed and the second "
+        f"never are.")
+    pre = t.get("plain_over_pre_tls")
+    if pre and pre.get("rate_ratio") is not None:
+        notes.append(
+            f"- **Plain HTTP, no regression**: stickyproxy now over the same sources before TLS "
+            f"was wired in (`{t['pre_tls_commit']}`, both interpreted, plain HTTP, back to "
+            f"back): {ratio(pre['rate_ratio'])} the req/s (rounds "
+            f"{', '.join(ratio(r) for r in pre['round_ratios'])}), "
+            f"{ratio(pre['cpu_ratio'])} the CPU per request.")
+    plain = _tls_comparison(t, "plain", None)
+    dp = next((x for x in _stickyproxy_rows(dataplane) if x["workers"] == 1), None) \
+        if dataplane else None
+    if plain and plain.get("rate_ratio") is not None:
+        if dp and dp["ratio_to_nginx"]["rps"] is not None:
+            same = str(dataplane.get("started_at", ""))[:10] == str(t.get("started_at", ""))[:10] \
+                if dataplane else False
+            notes.append(
+                f"- **Plain HTTP beside the data-plane benchmark**: here stickyproxy made "
+                f"{ratio(plain['rate_ratio'])} NGINX's plain req/s; the data-plane benchmark "
+                f"({'same day' if same else 'an earlier run'}, started "
+                f"{dataplane.get('started_at', '-') if dataplane else '-'}, stickyproxy "
+                f"{(dataplane or {}).get('tools', {}).get('stickyproxy', '-')}) measured "
+                f"{ratio(dp['ratio_to_nginx']['rps'])} at 1 worker "
+                f"({dp['summary']['rps_median']:,.0f} req/s). Compare the ratios, and only "
+                f"between runs of the same build.")
+        else:
+            notes.append(
+                f"- **Plain HTTP beside the data-plane benchmark**: here stickyproxy made "
+                f"{ratio(plain['rate_ratio'])} NGINX's plain req/s; the data-plane benchmark was "
+                f"not run in this invocation (`python -m bench --only dataplane,tls` runs both).")
+    if t.get("skipped"):
+        notes.append("- Not measured: " + "; ".join(t["skipped"]) + ".")
+    parts.append("\n".join(notes))
+    chart = images.get("tls") or (Path(t["chart"]) if t.get("chart") else None)
+    if chart is not None and chart.is_relative_to(doc_dir):
+        parts.append(image(chart, doc_dir, "stickyproxy over NGINX with TLS, and CPU per request"))
+    return "\n\n".join(parts)
+
+
 def run_header(meta: dict[str, Any]) -> str:
     rows = [(name, v.get("started_at", "-"),
              duration(v["seconds"]) if "seconds" in v else v.get("status", "-"),
@@ -1240,6 +1390,8 @@ def render(results: dict[str, dict[str, Any]], images: dict[str, Path | None], d
         parts.append(owners_section(results["owners"], images, doc_dir))
     if "skew" in results:
         parts.append(skew_section(results["skew"], images, doc_dir))
+    if "tls" in results:
+        parts.append(tls_section(results["tls"], results.get("dataplane"), images, doc_dir))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
@@ -1252,13 +1404,15 @@ SECTION_HEADINGS = (("dataplane", "## 1. Data plane"), ("shop", "## 2. Sticky vs
                     ("failover", "## 3. Failover drill"), ("ring", "## 4. The ring"),
                     ("killdrill", "## 5. Backends killed under load"),
                     ("owners", "## 6. Owner-local features"),
-                    ("skew", "## 7. Skewed users"))
+                    ("skew", "## 7. Skewed users"),
+                    ("tls", "## 8. TLS termination"))
 VERDICT_PREFIXES = (("dataplane", ("proxy throughput", "p99 added latency")),
                     ("ring", ("ring lookup",)),
                     ("shop", ("≥ 95% fewer Redis", "higher throughput than the stateless")),
                     ("killdrill", ("kill one of three every",)),
                     ("failover", ("kill one of three",)),
-                    ("owners", ("owner-local features",)))
+                    ("owners", ("owner-local features",)),
+                    ("tls", ("TLS keep-alive",)))
 SUMMARY_HEADING = "## DESIGN.md §8"
 HEADER_TABLE = "| benchmark | started |"
 SECTION_START = re.compile(r"(?m)^(?=## )")
@@ -1377,7 +1531,7 @@ pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
 python -m bench                  # everything, about 13 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
-                                 # owners, ring, profile, skew)
+                                 # owners, ring, profile, skew, tls)
 python -m bench --smoke          # tiny counts, about two minutes: checks the harness, not the speed
 ```
 

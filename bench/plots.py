@@ -317,3 +317,47 @@ def owners(path: Path, result: dict[str, Any]) -> Path | None:
     fig.suptitle("owner-local features vs the same kept in Redis"
                  + (f" (the relay adds {added:.2f} ms per round trip)" if added else ""))
     return _save(fig, path)
+
+
+TLS_MEASURES = (("plain", None, "plain HTTP\nkeep-alive"), ("keepalive", "ecdsa", "TLS\nkeep-alive"),
+                ("reconnect", "ecdsa", "TLS reconnect\n(resumed)"),
+                ("handshake", "ecdsa", "full handshake\nECDSA P-256"),
+                ("handshake", "rsa", "full handshake\nRSA-2048"))
+
+
+def tls(path: Path, result: dict[str, Any]) -> Path | None:
+    """Left: stickyproxy's rate over NGINX's for each measure (same run, back to back), the
+    0.5x target line; right: each proxy's CPU per request or handshake."""
+    rows = {(r["mode"], r["key"], r["target"]): r["summary"] for r in result["rows"]
+            if r.get("summary")}
+    ratios = {(c["mode"], c["key"]): c["rate_ratio"] for c in result["comparisons"]}
+    shown = [m for m in TLS_MEASURES if any((m[0], m[1], t) in rows for t in ("nginx", "stickyproxy"))]
+    if not shown:
+        return None
+    labels = [m[2] for m in shown]
+    xs = list(range(len(shown)))
+    fig, (ax_ratio, ax_cpu) = plt.subplots(1, 2, figsize=WIDE)
+    values = [ratios.get((m[0], m[1])) for m in shown]
+    ax_ratio.bar(xs, [v or 0 for v in values], color=COLORS["stickyproxy"])
+    for x, v in zip(xs, values):
+        if v is not None:
+            ax_ratio.annotate(f"{v:.2f}x", (x, v), ha="center", va="bottom", xytext=(0, 2),
+                              textcoords="offset points", fontsize=8)
+    ax_ratio.axhline(0.5, color="black", linestyle="--", linewidth=0.8)
+    ax_ratio.axhline(1.0, color=COLORS["nginx"], linewidth=0.8)
+    ax_ratio.set_xticks(xs, labels, fontsize=8)
+    ax_ratio.set_title("stickyproxy ÷ NGINX, req/s or handshakes/s (1 worker each)", fontsize=10)
+    for i, target in enumerate(("nginx", "stickyproxy")):
+        cpu = [(rows.get((m[0], m[1], target)) or {}).get("cpu_us") for m in shown]
+        bx = [x + (i - 0.5) * BAR for x in xs]
+        ax_cpu.bar(bx, [v or 0 for v in cpu], BAR, color=COLORS[target], label=target)
+        for bar_x, v in zip(bx, cpu):
+            if v is not None:
+                ax_cpu.annotate(_short(v), (bar_x, v), ha="center", va="bottom", xytext=(0, 2),
+                                textcoords="offset points", fontsize=7)
+    ax_cpu.set_xticks(xs, labels, fontsize=8)
+    ax_cpu.set_yscale("log")
+    ax_cpu.set_title("proxy CPU µs per request (per connection for handshakes), log scale",
+                     fontsize=10)
+    ax_cpu.legend(fontsize=8)
+    return _save(fig, path)
