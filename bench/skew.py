@@ -19,17 +19,37 @@ every machine (seeded).
   requests two proxies whose ramps start ``FLEET_SKEW`` apart (one health-check interval)
   send to different backends.
 
-    python -m bench.skew [--smoke] [--out DIR]      # also: python -m bench --only skew
+Then the same questions **measured** through ``stickyproxy run`` (one worker), to set beside
+the model (``real``): three aiohttp backends in one process that take ``SERVICE_S`` per
+request, wrk sending Zipf users (``lua/zipf.lua``, the same law and seed), health checks
+every ``REAL_HEALTH_INTERVAL_MS``.
+
+- **Load spread**, per factor back to back: each backend's requests
+  (``stickyproxy_requests_total``), in-flight peaks (the proxy's
+  ``stickyproxy_backend_inflight`` sampled, and each backend's own exact count), the requests
+  spilled (``stickyproxy_route_decisions_total{result="spill"}`` over all, and
+  ``stickyproxy_spills_total``), the users served by more than one backend, and req/s.
+- **Failback**, without and with ``failback_ramp = REAL_RAMP``: the victim fails its health
+  checks (a flag) until the proxy marks it down, wrk starts, the victim passes them again
+  ``RECOVER_AFTER`` s later and counts, per second since, the first request of each user it
+  sees (a rehydration from Redis in a real app).
+
+    python -m bench.skew [--smoke] [--simulate-only] [--out DIR]   # also: python -m bench --only skew
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import heapq
 import itertools
 import json
+import math
+import os
 import random
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -226,6 +246,398 @@ def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
                                / max(1, summary["ramp"]["peak_per_s"]))}
 
 
+# -- measured through the real proxy ---------------------------------------------------------
+# Three aiohttp backends (one process, one port each) that take SERVICE_S per request, wrk
+# sending Zipf users (lua/zipf.lua), and `stickyproxy run` (one worker) between them. What the
+# simulation above models, counted by the proxy itself (/metrics) and by the backends.
+
+SERVICE_S = 0.005                   # each backend request sleeps this long: in-flight load exists
+HEALTH_PATH = "/health"
+CONTROL_PATH = "/_bench"            # the bench's own endpoint on each backend (not via the proxy)
+REAL_HEALTH_INTERVAL_MS = 200       # checks every 200 ms, fall 2, rise 1: a recovery is seen
+REAL_HEALTH_FALL, REAL_HEALTH_RISE = 2, 1   # within about 0.2 s
+REAL_FACTORS: tuple[float | None, ...] = (None, 1.5, 1.25)
+SMOKE_REAL_FACTORS: tuple[float | None, ...] = (None, 1.25)
+REAL_CONNECTIONS = 48               # wrk connections: at most 48 requests in flight in all
+BALANCE_SECONDS, SMOKE_BALANCE_SECONDS = 6, 2     # wrk takes whole seconds
+WARMUP_SECONDS = 1                  # wrk through each new proxy before its measured run
+REAL_RAMP, SMOKE_REAL_RAMP = 10.0, 2.0          # health.failback_ramp for the measured runs
+RECOVER_AFTER, SMOKE_RECOVER_AFTER = 1.0, 1.0   # seconds into the wrk run the victim recovers
+AFTER_REAL_RAMP, SMOKE_AFTER_REAL_RAMP = 1.0, 1.0
+SAMPLE_INTERVAL = 0.1               # /metrics scraped this often for in-flight peaks
+HTTP_TIMEOUT = 5.0
+DOWN_TIMEOUT = 10.0                 # the proxy must mark the failing victim down within this
+START_TIMEOUT = 30.0                # a Python server importing aiohttp on a busy machine
+
+
+def _http(port: int, path: str, method: str = "GET") -> bytes:
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+        return bytes(resp.read())
+
+
+def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
+    """One backend: GET / sleeps SERVICE_S and counts the request, its user and its in-flight
+    load; GET /health fails while the bench says so; CONTROL_PATH sets that flag, resets the
+    counts and reports them."""
+    from aiohttp import web
+
+    def fresh() -> dict[str, Any]:
+        return {"requests": 0, "inflight": 0, "peak": 0, "busy": 0.0, "since": time.monotonic(),
+                "changed": time.monotonic(), "users": set(), "failing": False,
+                "recovered_at": None, "back": set(), "rehydrations": []}
+
+    state[backend_id] = fresh()
+
+    async def hello(request: web.Request) -> web.Response:
+        st = state[backend_id]
+        user = request.headers.get("X-User-Id", "")
+        now = time.monotonic()
+        st["busy"] += st["inflight"] * (now - st["changed"])
+        st["changed"] = now
+        st["inflight"] += 1
+        st["peak"] = max(st["peak"], st["inflight"])
+        st["requests"] += 1
+        st["users"].add(user)
+        if st["recovered_at"] is not None and user not in st["back"]:
+            # its first request here since the recovery: the app would rehydrate it from Redis
+            st["back"].add(user)
+            st["rehydrations"].append(now - st["recovered_at"])
+        try:
+            await asyncio.sleep(SERVICE_S)
+        finally:
+            now = time.monotonic()
+            st["busy"] += st["inflight"] * (now - st["changed"])
+            st["changed"] = now
+            st["inflight"] -= 1
+        return web.Response(text="ok\n", headers={"X-Backend": backend_id})
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(status=503 if state[backend_id]["failing"] else 200)
+
+    async def control(request: web.Request) -> web.Response:
+        st = state[backend_id]
+        q = request.query
+        if q.get("reset"):
+            st = state[backend_id] = fresh()
+        if q.get("fail") == "1":
+            st["failing"] = True
+        elif q.get("fail") == "0" and st["failing"]:
+            st["failing"] = False
+            st["recovered_at"] = time.monotonic()
+            st["back"] = set()
+            st["rehydrations"] = []
+        now = time.monotonic()
+        elapsed = max(1e-9, now - st["since"])
+        busy = st["busy"] + st["inflight"] * (now - st["changed"])
+        return web.json_response({
+            "id": backend_id, "requests": st["requests"], "peak_inflight": st["peak"],
+            "mean_inflight": busy / elapsed, "users": len(st["users"]),
+            "rehydrations": st["rehydrations"]})
+
+    async def union(_request: web.Request) -> web.Response:
+        return web.json_response(len(set().union(*(st["users"] for st in state.values()))))
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.router.add_get(HEALTH_PATH, health)
+    app.router.add_post(CONTROL_PATH, control)
+    app.router.add_post(CONTROL_PATH + "/union", union)
+    return app
+
+
+async def _serve_backends(ports: list[int], ids: list[str]) -> None:
+    from aiohttp import web
+    state: dict[str, Any] = {}
+    runners = []
+    for backend_id, port in zip(ids, ports):
+        runner = web.AppRunner(_backend_app(backend_id, state), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def proxy_config(port: int, admin_port: int, backend_ports: list[int],
+                 factor: float | None = None, ramp_s: float = 0.0) -> str:
+    backends = "\n".join(f'[[backends]]\nid = "{b}"\nurl = "http://127.0.0.1:{p}"\n'
+                         for b, p in zip(BACKENDS, backend_ports))
+    return f"""[listen]
+host = "127.0.0.1"
+port = {port}
+
+[admin]
+host = "127.0.0.1"
+port = {admin_port}
+
+[routing]
+balance_factor = {factor or 0}
+
+[health]
+path = "{HEALTH_PATH}"
+interval = "{REAL_HEALTH_INTERVAL_MS}ms"
+timeout = "{REAL_HEALTH_INTERVAL_MS}ms"
+fall = {REAL_HEALTH_FALL}
+rise = {REAL_HEALTH_RISE}
+failback_ramp = "{ramp_s:g}s"
+
+{backends}"""
+
+
+def _metric(text: str, name: str, label: str) -> dict[str, float]:
+    from .killdrill import metric_by_label
+    return metric_by_label(text, name, label)
+
+
+class Sampler:
+    """Scrapes the proxy's /metrics every SAMPLE_INTERVAL in a thread: the peak of each
+    backend's in-flight gauge, and when the victim was seen usable again."""
+
+    def __init__(self, admin_port: int):
+        self.admin_port = admin_port
+        self.peak = dict.fromkeys(BACKENDS, 0.0)
+        self.samples = 0
+        self.up_at: dict[str, float] = {}
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            try:
+                text = _http(self.admin_port, "/metrics").decode()
+            except OSError:
+                continue
+            self.samples += 1
+            for b, n in _metric(text, "stickyproxy_backend_inflight", "backend").items():
+                if b in self.peak:
+                    self.peak[b] = max(self.peak[b], n)
+            for b, n in _metric(text, "stickyproxy_backend_up", "backend").items():
+                if n and b not in self.up_at:
+                    self.up_at[b] = time.monotonic()
+
+
+def _control(port: int, query: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(_http(port, f"{CONTROL_PATH}?{query}", "POST"))
+    return result
+
+
+class RealRig:
+    """The backends' process (started once) and one proxy at a time."""
+
+    def __init__(self, workdir: Path, stack: Any):
+        from .procs import free_ports, start_server
+        from .targets import python_env
+        self.workdir, self.stack = workdir, stack
+        self.backend_ports = free_ports(len(BACKENDS))
+        start_server("skew-backends", [sys.executable, "-m", "bench.skew", "--serve-backends",
+                                       ",".join(map(str, self.backend_ports))],
+                     self.backend_ports, workdir, stack, python_env(), timeout=START_TIMEOUT)
+
+    def control_all(self, query: str) -> dict[str, dict[str, Any]]:
+        return {b: _control(p, query) for b, p in zip(BACKENDS, self.backend_ports)}
+
+    def proxy(self, name: str, factor: float | None = None, ramp_s: float = 0.0) -> Any:
+        """A context manager: `stickyproxy run` with this config, its (port, admin port)."""
+        import contextlib
+
+        from .procs import free_ports, start_server
+        from .targets import python_env
+
+        @contextlib.contextmanager
+        def running() -> Any:
+            port, admin = free_ports(2)
+            conf = self.workdir / f"{name}.toml"
+            conf.write_text(proxy_config(port, admin, self.backend_ports, factor, ramp_s))
+            with contextlib.ExitStack() as stack:
+                start_server(name, [sys.executable, "-m", "stickyproxy.cli", "run", "-c",
+                                    str(conf)], [port, admin], self.workdir, stack,
+                             python_env(), timeout=START_TIMEOUT)
+                yield port, admin
+        return running()
+
+
+def _wrk(port: int, seconds: float, users: int) -> dict[str, Any]:
+    from .wrk import LUA_DIR, run_script
+    r = run_script(port, seconds, REAL_CONNECTIONS, LUA_DIR / "zipf.lua",
+                   [str(users), str(ZIPF_S), str(SEED)])
+    return {"requests": r.requests, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "non_2xx": r.non_2xx, "socket_errors": r.socket_errors}
+
+
+def _added(before: str, after: str, name: str, label: str) -> dict[str, float]:
+    """What a run added to a counter between two scrapes (a warm-up's requests left out)."""
+    start = _metric(before, name, label)
+    return {k: v - start.get(k, 0.0) for k, v in _metric(after, name, label).items()
+            if v - start.get(k, 0.0)}
+
+
+def real_balance(rig: RealRig, users: int, seconds: float, warmup: int,
+                 factors: tuple[float | None, ...],
+                 progress: Callable[[str], None]) -> dict[str, Any]:
+    """Per factor, back to back: each backend's requests (the proxy's requests_total), its
+    in-flight peak (sampled gauge) and mean and peak (counted by the backend), the requests
+    spilled (route decisions and spills_total), and the users a second backend saw (each
+    is one extra rehydration from Redis)."""
+    runs = []
+    for factor in factors:
+        name = f"skew-proxy-balance-{_factor_name(factor)}"
+        with rig.proxy(name, factor=factor) as (port, admin):
+            if warmup:
+                _wrk(port, warmup, users)
+            rig.control_all("reset=1")
+            before = _http(admin, "/metrics").decode()
+            with Sampler(admin) as sampler:
+                load = _wrk(port, seconds, users)
+            text = _http(admin, "/metrics").decode()
+        seen = rig.control_all("")
+        served = _added(before, text, "stickyproxy_requests_total", "backend")
+        decisions = _added(before, text, "stickyproxy_route_decisions_total", "result")
+        spills = _added(before, text, "stickyproxy_spills_total", "backend")
+        answered = sum(served.get(b, 0) for b in BACKENDS)
+        routed = sum(decisions.values())
+        mean_inflight = sum(seen[b]["mean_inflight"] for b in BACKENDS) / len(BACKENDS)
+        distinct = _distinct_users(rig)
+        run = {"factor": factor, "load": load, "requests": answered,
+               "share": {b: served.get(b, 0) / max(1, answered) for b in BACKENDS},
+               "max_share_over_mean": (max(served.get(b, 0) for b in BACKENDS)
+                                       / max(1e-9, answered / len(BACKENDS))),
+               "proxy_inflight_peak": sampler.peak, "inflight_samples": sampler.samples,
+               "backend_requests": {b: seen[b]["requests"] for b in BACKENDS},
+               "backend_peak_inflight": {b: seen[b]["peak_inflight"] for b in BACKENDS},
+               "backend_mean_inflight": {b: round(seen[b]["mean_inflight"], 2)
+                                         for b in BACKENDS},
+               "busiest_mean_over_mean": (max(seen[b]["mean_inflight"] for b in BACKENDS)
+                                          / max(1e-9, mean_inflight)),
+               "route_decisions": decisions,
+               "spill_share": decisions.get("spill", 0) / max(1, routed),
+               "spills_total": spills, "spills": sum(spills.values()),
+               "users_on_two_backends": sum(seen[b]["users"] for b in BACKENDS) - distinct,
+               "distinct_users": distinct}
+        runs.append(run)
+        progress(f"skew (real): factor {_factor_name(factor)}: {load['rps']:,.0f} req/s, shares "
+                 + " ".join(f"{run['share'][b]:.1%}" for b in BACKENDS)
+                 + ", backend in-flight mean " + "/".join(
+                     f"{run['backend_mean_inflight'][b]:.1f}" for b in BACKENDS)
+                 + f", spilled {run['spill_share']:.2%} ({run['spills']:.0f}), users on a second "
+                 f"backend {run['users_on_two_backends']}")
+    off = runs[0]["load"]["rps"]
+    for r in runs:
+        r["rps_over_off"] = r["load"]["rps"] / off if off else None
+    return {"seconds": seconds, "warmup_s": warmup, "connections": REAL_CONNECTIONS,
+            "service_ms": SERVICE_S * 1000, "runs": runs}
+
+
+def _distinct_users(rig: RealRig) -> int:
+    """Users seen by any backend: asked of the backends' process as a union of their sets."""
+    return int(json.loads(_http(rig.backend_ports[0], f"{CONTROL_PATH}/union", "POST")))
+
+
+def _factor_name(factor: float | None) -> str:
+    return "off" if factor is None else f"{factor:g}"
+
+
+def _wrk_into(box: dict[str, Any], port: int, seconds: float, users: int) -> None:
+    """_wrk in a thread: its figures, or its error for the caller to raise, into ``box``."""
+    try:
+        box.update(_wrk(port, seconds, users))
+    except Exception as e:  # noqa: BLE001 -- re-raised by the caller after join()
+        box["error"] = e
+
+
+def real_failback(rig: RealRig, users: int, ramp_s: float, recover_after: float, after: float,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
+    """Without and with the ramp, back to back: the victim fails its health checks until the
+    proxy marks it down, wrk starts, the victim passes them again `recover_after` s later;
+    the victim counts the first request of each user since (a rehydration), by time since."""
+    victim_port = rig.backend_ports[BACKENDS.index(VICTIM)]
+    window = math.ceil(recover_after + ramp_s + after)     # wrk takes whole seconds
+    runs: dict[str, dict[str, Any]] = {}
+    for label, duration in (("no_ramp", 0.0), ("ramp", ramp_s)):
+        rig.control_all("reset=1")
+        with rig.proxy(f"skew-proxy-failback-{label}", ramp_s=duration) as (port, admin):
+            _control(victim_port, "fail=1")
+            deadline = time.monotonic() + DOWN_TIMEOUT
+            while _metric(_http(admin, "/metrics").decode(), "stickyproxy_backend_up",
+                          "backend").get(VICTIM, 1):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the proxy did not mark {VICTIM} down within "
+                                       f"{DOWN_TIMEOUT:g}s")
+                time.sleep(SAMPLE_INTERVAL)
+            box: dict[str, Any] = {}
+            worker = threading.Thread(target=_wrk_into, args=(box, port, window, users))
+            with Sampler(admin) as sampler:
+                sampler.up_at.clear()
+                worker.start()
+                time.sleep(recover_after)
+                recovered = time.monotonic()
+                _control(victim_port, "fail=0")
+                worker.join()
+            if "error" in box:
+                raise box["error"]
+            seen = _control(victim_port, "")
+        offsets = seen["rehydrations"]
+        seconds = int(window - recover_after)
+        per_second = [0] * seconds
+        for t in offsets:
+            if t < seconds:
+                per_second[int(t)] += 1
+        up = sampler.up_at.get(VICTIM)
+        runs[label] = {"ramp_s": duration, "load": box, "per_second": per_second,
+                       "rehydrations": sum(per_second), "peak_per_s": max(per_second, default=0),
+                       "first_second": per_second[0] if per_second else 0,
+                       "median_s": sorted(offsets)[len(offsets) // 2] if offsets else None,
+                       "seen_up_after_s": round(up - recovered, 3) if up else None}
+        progress(f"skew (real): failback {label.replace('_', ' ')}: {sum(per_second)} rehydrations, "
+                 f"peak {runs[label]['peak_per_s']}/s, first second "
+                 f"{runs[label]['first_second']}, {box.get('rps', 0):,.0f} req/s")
+    return {"victim": VICTIM, "ramp_s": ramp_s, "recover_after_s": recover_after,
+            "window_s": window, "connections": REAL_CONNECTIONS, "runs": runs,
+            "peak_reduction": (runs["no_ramp"]["peak_per_s"]
+                               / max(1, runs["ramp"]["peak_per_s"]))}
+
+
+def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The measured part, or why it was skipped (no wrk)."""
+    import contextlib
+    import shutil
+    import tempfile
+    if shutil.which("wrk") is None:
+        progress("skew (real): wrk is not installed, only the simulation ran")
+        return {"skipped": "wrk is not installed"}
+    started = time.perf_counter()
+    users = SMOKE_USERS if smoke else USERS
+    with tempfile.TemporaryDirectory(prefix="skew-") as tmp, contextlib.ExitStack() as stack:
+        rig = RealRig(Path(tmp), stack)
+        out = {"users": users, "service_ms": SERVICE_S * 1000,
+               "health_interval_ms": REAL_HEALTH_INTERVAL_MS,
+               "loadavg_at_start": list(os.getloadavg()),
+               "balance": real_balance(rig, users,
+                                       SMOKE_BALANCE_SECONDS if smoke else BALANCE_SECONDS,
+                                       0 if smoke else WARMUP_SECONDS,
+                                       SMOKE_REAL_FACTORS if smoke else REAL_FACTORS, progress),
+               "failback": real_failback(
+                   rig, users, SMOKE_REAL_RAMP if smoke else REAL_RAMP,
+                   SMOKE_RECOVER_AFTER if smoke else RECOVER_AFTER,
+                   SMOKE_AFTER_REAL_RAMP if smoke else AFTER_REAL_RAMP, progress)}
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
 # -- chart -------------------------------------------------------------------------------
 
 def chart(path: Path, result: dict[str, Any]) -> Path | None:
@@ -267,10 +679,60 @@ def chart(path: Path, result: dict[str, Any]) -> Path | None:
     return path
 
 
+def chart_real(path: Path, result: dict[str, Any]) -> Path | None:
+    """The measured part: each backend's share of requests per factor (the simulation's for
+    the same factor as a dot), and the recovered backend's rehydrations per second."""
+    real_part = result.get("real") or {}
+    if "balance" not in real_part:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_share, ax_fb) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = real_part["balance"]["runs"]
+    simulated = {r["factor"]: r for r in result["balance"]["runs"]}
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(BACKENDS))]
+        label = (f"factor {r['factor']:g}: {r['spill_share']:.1%} spilled" if r["factor"]
+                 else "no balance factor")
+        ax_share.bar(xs, [r["share"][b] for b in BACKENDS], width, label=label)
+        sim = simulated.get(r["factor"])
+        if sim is not None:
+            ax_share.plot(xs, [sim["share"][b] for b in BACKENDS], "o", markersize=4,
+                          color="black", label="simulated" if i == 0 else None)
+    ax_share.axhline(1 / len(BACKENDS), color="black", linewidth=0.8, linestyle=":")
+    ax_share.set_xticks(range(len(BACKENDS)), BACKENDS)
+    ax_share.set_ylabel("share of requests (proxy's requests_total)")
+    ax_share.set_ylim(0, 0.55)
+    ax_share.set_title(f"measured: Zipf s={ZIPF_S} users through stickyproxy", fontsize=10)
+    ax_share.legend(fontsize=8, loc="upper left", ncols=2)
+    fb = real_part["failback"]
+    for label, color in (("no_ramp", "tab:red"), ("ramp", "tab:blue")):
+        curve = fb["runs"][label]["per_second"]
+        name = "no ramp" if label == "no_ramp" else f"failback_ramp {fb['ramp_s']:g} s"
+        ax_fb.step(range(len(curve) + 1), curve + curve[-1:], where="post", color=color,
+                   label=name)
+    ax_fb.set_xlabel(f"seconds since {fb['victim']} passed its health checks again")
+    ax_fb.set_ylabel("rehydrations per second (first request of a user)")
+    ax_fb.set_ylim(bottom=0)
+    ax_fb.set_title("measured: the recovered backend's rehydrations", fontsize=10)
+    ax_fb.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # -- entry points ------------------------------------------------------------------------
 
 def run(smoke: bool, progress: Callable[[str], None],
-        images_dir: Path | None = None) -> dict[str, Any]:
+        images_dir: Path | None = None, measure: bool = True) -> dict[str, Any]:
+    """The simulation, then (``measure``) the same through the real proxy."""
     started = time.perf_counter()
     ring = Ring([Member(b) for b in BACKENDS])
     users = Users(ring, SMOKE_USERS if smoke else USERS)
@@ -282,12 +744,22 @@ def run(smoke: bool, progress: Callable[[str], None],
                            progress),
         "failback": failback(users, SMOKE_REQUEST_RATE if smoke else REQUEST_RATE,
                              SMOKE_RAMP if smoke else RAMP, rng, progress)}
+    if measure:
+        result["real"] = real(smoke, progress)
+        if "failback" in result["real"]:
+            # the model at the measured run's rate and ramp, to set beside it
+            fb = result["real"]["failback"]
+            rate = sum(r["load"].get("rps", 0) for r in fb["runs"].values()) / 2
+            result["real"]["failback"]["simulated"] = failback(
+                users, rate, fb["ramp_s"], random.Random(SEED + 1), lambda _msg: None)["summary"]
     result["seconds"] = round(time.perf_counter() - started, 2)
     if images_dir is not None:
         drawn = chart(images_dir / "skew.png", result)
         result["chart"] = str(drawn) if drawn else None
         if drawn is None:
             progress("skew: no chart (pip install -e '.[bench]' for matplotlib)")
+        measured = chart_real(images_dir / "skew-measured.png", result)
+        result["chart_measured"] = str(measured) if measured else None
     return result
 
 
@@ -302,10 +774,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="small counts, a few seconds")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for skew.json and skew.png (default bench/results[/smoke])")
+    p.add_argument("--simulate-only", action="store_true",
+                   help="the simulation only, no proxy, backends or wrk")
+    p.add_argument("--serve-backends", metavar="PORTS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_backends:
+        ports = [int(x) for x in args.serve_backends.split(",")]
+        asyncio.run(_serve_backends(ports, list(BACKENDS[:len(ports)])))
+        return 0
     from .console import progress
     out = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
-    result = run(args.smoke, progress, out)
+    result = run(args.smoke, progress, out, measure=not args.simulate_only)
     out.mkdir(parents=True, exist_ok=True)
     (out / "skew.json").write_text(json.dumps(result, indent=1) + "\n")
     progress(f"skew: {out / 'skew.json'}, chart {result.get('chart')}")
