@@ -1193,6 +1193,98 @@ def skew_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Pat
     chart = images.get("skew") or (Path(k["chart"]) if k.get("chart") else None)
     if chart is not None and chart.is_relative_to(doc_dir):
         parts.append(image(chart, doc_dir, "load spread and rehydrations per second"))
+    real = k.get("real") or {}
+    if "balance" in real:
+        parts.append(skew_measured(k, real, images, doc_dir))
+    elif real.get("skipped"):
+        parts.append(f"Not measured through the proxy in this run: {real['skipped']}.")
+    return "\n\n".join(parts)
+
+
+def _skew_speed(runs: list[dict[str, Any]]) -> str:
+    """The request path's speed with bounded load off and on, and how far apart the runs were."""
+    rates = [r["load"]["rps"] for r in runs]
+    spread = (max(rates) - min(rates)) / min(rates) if min(rates) else 0.0
+    on = ", ".join(f"{_factor(r['factor'])} {r['rps_over_off']:.2f}×" for r in runs[1:]
+                   if r.get("rps_over_off"))
+    return (f"Throughput with the bound on, against off: {on}; the variants' rates differ by "
+            f"{pct(spread, 0)} from lowest to highest on this shared machine (wrk, the "
+            "proxy and the backends share its two cores), so that is within noise; compare "
+            "shares and counts, not req/s.")
+
+
+def _skew_simulated_failback(f: dict[str, Any]) -> str:
+    sim = f.get("simulated")
+    if not sim:
+        return ""
+    return (f" (the simulation at the same rate and ramp: {sim['no_ramp']['peak_per_s']} → "
+            f"{sim['ramp']['peak_per_s']} per second at the peak, "
+            f"{sim['no_ramp']['first_second']} → {sim['ramp']['first_second']} in the first "
+            "second)")
+
+
+def skew_measured(k: dict[str, Any], real: dict[str, Any], images: dict[str, Path | None],
+                  doc_dir: Path) -> str:
+    """The measured half of the skew section: the same questions through `stickyproxy run`."""
+    b, f = real["balance"], real["failback"]
+    ids = k["backends"]
+    simulated = {r["factor"]: r for r in k["balance"]["runs"]}
+    load = real.get("loadavg_at_start")
+    parts = ["### Measured through the proxy",
+             (f"The same questions asked of `stickyproxy run` (1 worker): three aiohttp backends "
+              f"that take {real['service_ms']:g} ms per request (a sleep, so in-flight load "
+              f"exists), wrk with {b['connections']} connections sending {real['users']:,} "
+              f"users drawn Zipf(s = {k['zipf_s']}) (`bench/lua/zipf.lua`, seeded), health "
+              f"checks every {real['health_interval_ms']} ms. The variants ran back to back "
+              f"in one run" + (f" (load average {load[0]:.2f} at its start)" if load else "")
+              + ".")]
+    rows = []
+    for r in b["runs"]:
+        sim = simulated.get(r["factor"])
+        peak = r["backend_peak_inflight"]
+        rows.append([_factor(r["factor"]), f"{r['load']['rps']:,.0f}",
+                     " / ".join(pct(r["share"][i]) for i in ids),
+                     " / ".join(pct(sim["share"][i]) for i in ids) if sim else "-",
+                     " / ".join(str(peak[i]) for i in ids),
+                     f"{r['busiest_mean_over_mean']:.2f}×",
+                     pct(r["spill_share"], 2), f"{r['spills']:.0f}",
+                     r["users_on_two_backends"]])
+    parts.append(f"**Load spread** ({b['seconds']:g} s per factor):\n\n"
+                 + table(["balance_factor", "req/s", "share " + " / ".join(ids),
+                          "simulated share", "peak in flight (counted by each backend)",
+                          "busiest mean in flight ÷ mean", "spilled (route decisions)",
+                          "spills_total", "users served by a second backend"], rows)
+                 + "\n\n" + _skew_speed(b["runs"]) + " "
+                 "`spilled` is `stickyproxy_route_decisions_total{result=\"spill\"}` over "
+                 "all decisions, `spills_total` the sum of `stickyproxy_spills_total`; the last "
+                 "column counts users that more than one backend served during the run: each "
+                 "cost at least one rehydration from Redis.")
+    runs = f["runs"]
+    fb_rows = []
+    for key, name in (("no_ramp", "no ramp"), ("ramp", f"failback_ramp = {f['ramp_s']:g} s")):
+        r = runs[key]
+        fb_rows.append([name, r["rehydrations"], r["peak_per_s"], r["first_second"],
+                        sum(r["per_second"][:5]), dash(r["median_s"], ".1f") + " s",
+                        f"{r['load'].get('rps', 0):,.0f}"])
+    parts.append(f"**Failback** ({f['victim']} fails its health checks until the proxy marks it "
+                 f"down, then passes them again {f['recover_after_s']:g} s into a "
+                 f"{f['window_s']:g} s wrk run; the backend counts the first request of each "
+                 "user it sees after that, which is when the context library would rehydrate "
+                 "the user from Redis):\n\n"
+                 + table(["", "rehydrations", "peak per second", "first second", "first 5 s",
+                          "median, after recovery", "req/s"], fb_rows)
+                 + f"\n\nMeasured, the ramp cuts the peak of rehydrations per second by "
+                 f"{f['peak_reduction']:.1f}× and the first second's by "
+                 f"{runs['no_ramp']['first_second'] / max(1, runs['ramp']['first_second']):.0f}×"
+                 + _skew_simulated_failback(f) + ". "
+                 "After the first seconds both curves settle at the rate at which users the "
+                 "backend has not seen since it came back arrive at all (the Zipf tail), which "
+                 "bounds what a ramp shorter than that tail can flatten.")
+    chart = images.get("skew-measured") or (Path(k["chart_measured"])
+                                            if k.get("chart_measured") else None)
+    if chart is not None and chart.is_relative_to(doc_dir):
+        parts.append(image(chart, doc_dir,
+                           "measured load spread and rehydrations per second after a recovery"))
     return "\n\n".join(parts)
 
 
