@@ -196,6 +196,9 @@ class Listen:
     proxy_protocol: bool = spec(False, k_bool,
                                 "connections from trusted_proxies start with a PROXY protocol "
                                 "v1/v2 header naming the client (docs/fleet.md)")
+    h2c: bool = spec(False, k_bool,
+                     "accept HTTP/2 by prior knowledge (RFC 9113 §3.3) on a plain listener "
+                     "(docs/http2.md); over TLS, HTTP/2 is offered by listen.tls.alpn")
     tls: Any = field(default=None, metadata={"kind": None, "doc":
                      "[listen.tls]: terminate TLS here (docs/tls.md); absent = plain HTTP"})
 

@@ -54,9 +54,9 @@ ReadFile = Callable[[str], bytes]
 # RFC 8996 deprecates TLS 1.0 and 1.1; 1.2 (RFC 5246) is the floor, 1.3 (RFC 8446) optional.
 MIN_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # ALPN ids (RFC 7301) the parser knows; only those in ALPN_SERVED may be advertised: a
-# client that is offered "h2" speaks HTTP/2 at once, so it joins when the data plane does.
+# client that is offered "h2" speaks HTTP/2 at once (dataplane/h2client.py serves it).
 ALPN_KNOWN: Final = ("http/1.1", "h2")
-ALPN_SERVED: Final = ("http/1.1",)
+ALPN_SERVED: Final = ("http/1.1", "h2")
 CLIENT_AUTH: Final = {"none": ssl.CERT_NONE, "request": ssl.CERT_OPTIONAL,
                       "require": ssl.CERT_REQUIRED}
 # Which part of a verified client certificate names the client (RFC 5280 §4.1.2.6, §4.2.1.6).

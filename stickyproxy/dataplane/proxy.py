@@ -24,10 +24,12 @@ from ..routing.router import BackendState, Router
 from ..routing.table import BackendTable
 from .client import REQUEST_WATCH, ClientProtocol, ProxyHeaderProtocol
 from .events import Events
+from .h2client import AlpnSwitch
 from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD
 from .upstream import Upstream
 
 if TYPE_CHECKING:
+    from .h2client import H2ClientProtocol
     from .tunnel import Tunnel
 
 log = logging.getLogger("stickyproxy")
@@ -46,7 +48,7 @@ class Proxy:
         # upstreams of backends a reload removed that still carry WebSocket tunnels, and
         # when they were removed: drained, not cut (their tunnels get timeouts.drain)
         self.retiring: dict[Upstream, float] = {}
-        self.clients: set[ClientProtocol] = set()
+        self.clients: set[ClientProtocol | H2ClientProtocol] = set()
         self.server: asyncio.Server | None = None
         self.stopping = False
         self.active = 0           # exchanges being answered
@@ -219,7 +221,7 @@ class Proxy:
             return False
         return any(addr in net for net in self._trusted)
 
-    def client_opened(self, client: ClientProtocol) -> bool:
+    def client_opened(self, client: ClientProtocol | H2ClientProtocol) -> bool:
         if len(self.clients) >= self.config.limits.max_client_connections or self.stopping:
             self.events.request_rejected(503)
             return False
@@ -227,7 +229,7 @@ class Proxy:
         self.events.client_opened()
         return True
 
-    def client_closed(self, client: ClientProtocol) -> None:
+    def client_closed(self, client: ClientProtocol | H2ClientProtocol) -> None:
         if client in self.clients:
             self.clients.discard(client)
             self.events.client_closed()
@@ -262,6 +264,9 @@ class Proxy:
         """A new connection's protocol: HTTP/1.1 at once, or the PROXY header first."""
         if self.config.listen.proxy_protocol:
             return ProxyHeaderProtocol(self)
+        store = self.tls_store
+        if store is not None and "h2" in store.settings.alpn:
+            return AlpnSwitch(self)   # HTTP/2 or HTTP/1.1, once ALPN has chosen
         return ClientProtocol(self)
 
     def _tls_args(self) -> dict[str, Any]:
