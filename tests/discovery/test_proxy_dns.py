@@ -5,6 +5,7 @@ and a DNS server that turns slow does not mark healthy backends down."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,29 @@ async def wait_for(predicate, what: str, deadline: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def spawn_proxy(tmp_path: Path, i: int, dns: str, ports: list[int]) -> subprocess.Popen:
+    """`stickyproxy run` on a free port; a port taken between the choice and the bind (other
+    work on this machine) is chosen again."""
+    for attempt in range(5):
+        port = free_port()
+        cfg = tmp_path / f"p{i}.toml"
+        cfg.write_text(proxy_toml(port, dns))
+        proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(cfg)],
+                                stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / f"p{i}-{attempt}.log", "wb"))
+        end = time.monotonic() + 15
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                with socket.create_connection((LOCALHOST, port), timeout=0.2):
+                    ports.append(port)
+                    return proc
+            except OSError:
+                await asyncio.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    raise AssertionError("no proxy process could listen")
+
+
 async def owners(session: aiohttp.ClientSession, port: int) -> dict[str, str]:
     out = {}
     for u in USERS:
@@ -75,14 +99,10 @@ async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(backends,
     bs = await backends("app-0", "app-1", "app-2", "app-3")
     dnsmasq.start()
     serve_srv(dnsmasq, bs[:3])
-    procs = []
-    ports = [free_port(), free_port()]
-    for i, port in enumerate(ports):
-        cfg = tmp_path / f"p{i}.toml"
-        cfg.write_text(proxy_toml(port, dnsmasq.address))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(cfg)],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"p{i}.log", "wb")))
+    procs: list[subprocess.Popen] = []
+    ports: list[int] = []
+    for i in range(2):
+        procs.append(await spawn_proxy(tmp_path, i, dnsmasq.address, ports))
     try:
         async with aiohttp.ClientSession() as s:
             async def both_have(n: int) -> bool:
