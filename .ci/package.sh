@@ -11,7 +11,8 @@
 #     package's source, run with the venv's python, so `import stickyproxy` is the wheel.
 #
 # Exits non-zero on any failure; prints how long it took either way.
-# PACKAGE_PYTEST_ARGS adds arguments to step 4 (e.g. '-m "not slow"' by hand).
+# PACKAGE_PYTEST_MARK selects tests by marker (CI: "not slow"); PACKAGE_PYTEST_ARGS adds
+# arguments to step 4.
 set -euo pipefail
 started=$SECONDS
 cd "$(dirname "$0")/.."
@@ -180,5 +181,7 @@ echo "from $TREE: stickyproxy.__file__ = $where"
 case "$where" in "$VENV"/*) ;; *) fail "the tests would import stickyproxy from $where" ;; esac
 tests_started=$SECONDS
 # shellcheck disable=SC2086
-STICKYPROXY_EXPECT_BUILD=compiled "$VENV/bin/python" -m pytest -q -p no:cacheprovider ${PACKAGE_PYTEST_ARGS:-}
+# PACKAGE_PYTEST_MARK: a marker expression (CI runs the fast tests here; stage 1 ran all)
+STICKYPROXY_EXPECT_BUILD=compiled "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    -m "${PACKAGE_PYTEST_MARK:-}" ${PACKAGE_PYTEST_ARGS:-}
 echo "tests against the wheel: $((SECONDS - tests_started)) s"
