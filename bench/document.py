@@ -1318,9 +1318,11 @@ def tls_verdicts(t: dict[str, Any] | None) -> list[Verdict]:
     c = _tls_comparison(t, "keepalive", "ecdsa") if t else None
     if c is None or c["rate_ratio"] is None:
         return [Verdict(name, "-", NOT_MEASURED)]
+    per_cpu = 1 / c["cpu_ratio"] if c.get("cpu_ratio") else None
     return [Verdict(name, ratio(c["rate_ratio"]),
                     _verdict(c["rate_ratio"] >= TLS_KEEPALIVE_TARGET),
-                    "rounds " + ", ".join(ratio(r) for r in c["round_ratios"]))]
+                    "rounds " + ", ".join(ratio(r) for r in c["round_ratios"])
+                    + (f"; per CPU-second {ratio(per_cpu)}" if per_cpu else ""))]
 
 
 def tls_section(t: dict[str, Any], dataplane: dict[str, Any] | None,
@@ -1356,37 +1358,43 @@ def tls_section(t: dict[str, Any], dataplane: dict[str, Any] | None,
             f"{label} ({unit})", dash(ngs.get("rate"), ",.0f"), dash(sps.get("rate"), ",.0f"),
             ratio(c.get("rate_ratio")), " / ".join(ratio(r) for r in c.get("round_ratios", [])),
             dash(ngs.get("cpu_us"), ".0f"), dash(sps.get("cpu_us"), ".0f"),
-            ratio(c.get("cpu_ratio")),
+            ratio(c.get("cpu_ratio")), ratio(1 / c["cpu_ratio"] if c.get("cpu_ratio") else None),
             " / ".join(dash(tls_busy(x), ".2f") for x in (ngs, sps) if x), errors))
     parts.append(table(("", "NGINX", "stickyproxy", "× NGINX", "per round", "CPU µs NGINX",
-                        "CPU µs stickyproxy", "CPU × NGINX", "cores used (NGINX / sticky)",
-                        "errors"), table_rows))
+                        "CPU µs stickyproxy", "CPU × NGINX", "per CPU-second × NGINX",
+                        "cores used (NGINX / sticky)", "errors"), table_rows))
     notes = []
     over = t.get("tls_over_plain") or {}
-    if over.get("nginx") and over.get("stickyproxy"):
-        notes.append(f"- **What TLS costs once connections are open**: TLS keeps "
-                     f"{pct(over['stickyproxy'], 0)} of stickyproxy's plain-HTTP rate and "
-                     f"{pct(over['nginx'], 0)} of NGINX's (OpenSSL encrypts the records in "
-                     f"both).")
-    hs = [(t["certificates"].get(k or "", k), rows.get((m, k, "nginx")),
-           rows.get((m, k, "stickyproxy")))
-          for m, k, _, _ in TLS_MEASURES if m == "handshake"]
-    busy = [tls_busy(r["summary"]) for _, ng, sp in hs for r in (ng, sp) if r]
-    if hs and busy and all(b is not None and b < TLS_SATURATED_CORE for b in busy):
-        capacity = []
-        for label, ng, sp in hs:
-            if ng and sp and ng["summary"]["cpu_us"] and sp["summary"]["cpu_us"]:
-                capacity.append(f"{label}: NGINX "
-                                f"{1e6 / ng['summary']['cpu_us']:,.0f}, stickyproxy "
-                                f"{1e6 / sp['summary']['cpu_us']:,.0f} "
-                                f"({ratio(ng['summary']['cpu_us'] / sp['summary']['cpu_us'])})")
+    added = {name: _minus((rows.get(("keepalive", "ecdsa", name)) or {}).get("summary", {})
+                          .get("cpu_us"),
+                          (rows.get(("plain", None, name)) or {}).get("summary", {}).get("cpu_us"))
+             for name in ("nginx", "stickyproxy")}
+    if over.get("nginx") and over.get("stickyproxy") and None not in added.values():
+        notes.append(f"- **What TLS costs once connections are open**: "
+                     f"{added['stickyproxy']:+.0f} µs of CPU per request to stickyproxy, "
+                     f"{added['nginx']:+.0f} µs to NGINX (OpenSSL encrypts the records in both); "
+                     f"keep-alive TLS made {pct(over['stickyproxy'], 0)} of stickyproxy's "
+                     f"plain-HTTP rate and {pct(over['nginx'], 0)} of NGINX's (medians of the "
+                     f"rounds' ratios).")
+    busy = {(m, k): [b for b in (tls_busy(r["summary"]) for r in
+                                 (rows.get((m, k, "nginx")), rows.get((m, k, "stickyproxy"))) if r)
+                     if b is not None]
+            for m, k, _, _ in TLS_MEASURES}
+    unsaturated = [label for m, k, label, _ in TLS_MEASURES
+                   if busy[(m, k)] and max(busy[(m, k)]) < TLS_SATURATED_CORE]
+    if unsaturated:
+        every = len(unsaturated) == sum(1 for v in busy.values() if v)
+        most = max(b for v in busy.values() for b in v)
         notes.append(
-            f"- **Full handshakes**: neither proxy used a whole core "
-            f"(at most {max(b for b in busy if b is not None):.2f}): the clients, which pay a "
-            f"key exchange and a signature check per connection too, share the same two CPUs, "
-            f"so the handshake rates and their ratios measure the machine more than the proxy. "
-            f"The CPU per handshake is the comparison that holds; full handshakes per "
-            f"CPU-second (what one busy core would make): " + "; ".join(capacity) + ".")
+            f"- **Neither proxy had a core to itself** "
+            + (f"in any line (at most {most:.2f} of one): " if every else
+               f"in: {'; '.join(unsaturated)}: ")
+            + "the load client (wrk, or s_time, which pays a key exchange and a signature "
+            "check per connection too), the backends and other sessions share the two CPUs, "
+            "so those rates and their ratios measure the machine as much as the proxy. The "
+            "CPU per request is the comparison that holds: `per CPU-second × NGINX` is "
+            "stickyproxy's requests (or handshakes) per CPU-second over NGINX's, what each "
+            "would make with one busy core.")
     notes.append(
         f"- **How new connections are made.** `reconnect`: wrk with `Connection: close` on "
         f"every request (bench/lua/reconnect.lua); wrk offers the closed connection's session "

@@ -337,16 +337,24 @@ def tls(path: Path, result: dict[str, Any]) -> Path | None:
     labels = [m[2] for m in shown]
     xs = list(range(len(shown)))
     fig, (ax_ratio, ax_cpu) = plt.subplots(1, 2, figsize=WIDE)
-    values = [ratios.get((m[0], m[1])) for m in shown]
-    ax_ratio.bar(xs, [v or 0 for v in values], color=COLORS["stickyproxy"])
-    for x, v in zip(xs, values):
-        if v is not None:
-            ax_ratio.annotate(f"{v:.2f}x", (x, v), ha="center", va="bottom", xytext=(0, 2),
-                              textcoords="offset points", fontsize=8)
+    cpu_ratios = {(c["mode"], c["key"]): c.get("cpu_ratio") for c in result["comparisons"]}
+    series = (("req/s or handshakes/s (median of the rounds' ratios)", ratios, "tab:blue"),
+              ("per CPU-second (NGINX's CPU per request ÷ stickyproxy's)",
+               {k: 1 / v for k, v in cpu_ratios.items() if v}, "tab:cyan"))
+    for i, (name, got, color) in enumerate(series):
+        values = [got.get((m[0], m[1])) for m in shown]
+        bx = [x + (i - 0.5) * BAR for x in xs]
+        ax_ratio.bar(bx, [v or 0 for v in values], BAR, color=color, label=name)
+        for bar_x, v in zip(bx, values):
+            if v is not None:
+                ax_ratio.annotate(f"{v:.2f}x", (bar_x, v), ha="center", va="bottom",
+                                  xytext=(0, 2), textcoords="offset points", fontsize=7)
+    ax_ratio.legend(fontsize=7, loc="upper left")
+    ax_ratio.set_ylim(0, 1.35)
     ax_ratio.axhline(0.5, color="black", linestyle="--", linewidth=0.8)
     ax_ratio.axhline(1.0, color=COLORS["nginx"], linewidth=0.8)
     ax_ratio.set_xticks(xs, labels, fontsize=8)
-    ax_ratio.set_title("stickyproxy ÷ NGINX, req/s or handshakes/s (1 worker each)", fontsize=10)
+    ax_ratio.set_title("stickyproxy ÷ NGINX, 1 worker each, same run", fontsize=10)
     for i, target in enumerate(("nginx", "stickyproxy")):
         cpu = [(rows.get((m[0], m[1], target)) or {}).get("cpu_us") for m in shown]
         bx = [x + (i - 0.5) * BAR for x in xs]

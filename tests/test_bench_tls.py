@@ -109,6 +109,7 @@ def test_verdict_is_keepalive_tls_against_half_of_nginx(rates, verdict, measured
     assert v.target.startswith("TLS keep-alive ≥ 0.5× NGINX")
     assert (v.verdict, v.measured) == (verdict, measured)
     assert document.tls_verdicts(None)[0].verdict == document.NOT_MEASURED
+    assert v.note.endswith("; per CPU-second 0.40x")
 
 
 def test_section_states_each_ratio_the_cpu_and_the_no_regression_figure(tmp_path: Path):
@@ -116,15 +117,17 @@ def test_section_states_each_ratio_the_cpu_and_the_no_regression_figure(tmp_path
     text = document.tls_section(results(), None, images, tmp_path)
     assert text.startswith("## 8. TLS termination")
     assert ("| TLS, keep-alive (req/s) | 10,000 | 5,000 | 0.50x | 0.60x / 0.40x | 20 | 50 "
-            "| 2.50x | 0.20 / 0.25 | 0 |") in text
+            "| 2.50x | 0.40x | 0.20 / 0.25 | 0 |") in text
     # RSA measured against NGINX only: its row has no ratio
     assert ("| TLS, full handshakes, RSA-2048 (handshakes/s) | 500 | - | - |  | 1000 | - | - "
-            "| 0.50 | 0 |") in text
+            "| - | 0.50 | 0 |") in text
+    assert "+10 µs of CPU per request to stickyproxy, +5 µs to NGINX" in text
     assert "2 interleaved rounds of 5 s" in text
     assert "0.90x the req/s (rounds 1.00x, 0.80x), 1.00x the CPU per request" in text
-    # neither proxy near a core for full handshakes: the CPU comparison is the one given
-    assert "neither proxy used a whole core (at most 0.64)" in text
-    assert "ECDSA P-256: NGINX 2,500, stickyproxy 1,250 (0.50x)" in text
+    # neither proxy near a core: the CPU comparison is the one to read
+    assert "**Neither proxy had a core to itself** in any line (at most 0.64 of one)" in text
+    assert "| TLS, full handshakes, ECDSA P-256 (handshakes/s) | 800 | 800 | 1.00x" in text
+    assert "| 400 | 800 | 2.00x | 0.50x |" in text
     assert "the data-plane benchmark was not run in this invocation" in text
     assert text.rstrip().endswith("(benchmarks/tls.png)")
 
