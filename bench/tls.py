@@ -224,7 +224,10 @@ def pre_tls_tree(workdir: Path) -> tuple[Path | None, str]:
                                   PRE_TLS_COMMIT, "stickyproxy"], check=True,
                                  capture_output=True, timeout=60).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tree, filter="data")
+            if hasattr(tarfile, "data_filter"):     # Python 3.11.4+: refuse odd members
+                tar.extractall(tree, filter="data")
+            else:
+                tar.extractall(tree)                # this repository's own sources
     except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:
         return None, f"no {PRE_TLS_COMMIT} sources ({type(e).__name__}: {e})"
     return tree, ""
