@@ -1201,10 +1201,15 @@ def skew_section(k: dict[str, Any], images: dict[str, Path | None], doc_dir: Pat
     return "\n\n".join(parts)
 
 
+def _spread(values: list[float]) -> float:
+    """(highest - lowest) / lowest: how far a set of rates moved."""
+    low = min(values)
+    return (max(values) - low) / low if low else 0.0
+
+
 def _skew_speed(runs: list[dict[str, Any]]) -> str:
     """The request path's speed with bounded load off and on, and how far apart the runs were."""
-    rates = [r["load"]["rps"] for r in runs]
-    spread = (max(rates) - min(rates)) / min(rates) if min(rates) else 0.0
+    spread = _spread([r["load"]["rps"] for r in runs])
     on = ", ".join(f"{_factor(r['factor'])} {r['rps_over_off']:.2f}×" for r in runs[1:]
                    if r.get("rps_over_off"))
     return (f"Throughput with the bound on, against off: {on}; the variants' rates differ by "
@@ -1259,6 +1264,22 @@ def skew_measured(k: dict[str, Any], real: dict[str, Any], images: dict[str, Pat
                  "all decisions, `spills_total` the sum of `stickyproxy_spills_total`; the last "
                  "column counts users that more than one backend served during the run: each "
                  "cost at least one rehydration from Redis.")
+    speed = real.get("speed")
+    if speed and speed.get("median_ratio"):
+        parts.append(
+            f"**The request path's speed** (the three features on: hot keys, "
+            f"`balance_factor = 1.25`, `failback_ramp = \"{f['ramp_s']:g}s\"` with no ramp "
+            f"running; against off: hot keys disabled, the others 0): two proxies side by side "
+            f"in front of backends that answer at once, wrk with {speed['connections']} "
+            f"connections against each in turn, {speed['rounds']} interleaved rounds of "
+            f"{speed['seconds']:g} s. On ÷ off, median {ratio(speed['median_ratio'])}; per "
+            "round " + ", ".join(ratio(r) for r in speed["ratios"]) + " (off "
+            + ", ".join(f"{x:,.0f}" for x in speed["rps"]["off"]) + " req/s; on "
+            + ", ".join(f"{x:,.0f}" for x in speed["rps"]["on"]) + "). The proxy with "
+            f"the features off alone moved by {pct(_spread(speed['rps']['off']), 0)} from "
+            "round to round on this shared machine, so a difference much smaller than that is "
+            "not resolved here; `python -m bench.hotpath` measures the in-memory request path "
+            "more finely (docs/routing-quality.md).")
     runs = f["runs"]
     fb_rows = []
     for key, name in (("no_ramp", "no ramp"), ("ramp", f"failback_ramp = {f['ramp_s']:g} s")):

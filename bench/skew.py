@@ -261,6 +261,8 @@ SMOKE_REAL_FACTORS: tuple[float | None, ...] = (None, 1.25)
 REAL_CONNECTIONS = 48               # wrk connections: at most 48 requests in flight in all
 BALANCE_SECONDS, SMOKE_BALANCE_SECONDS = 6, 2     # wrk takes whole seconds
 WARMUP_SECONDS = 1                  # wrk through each new proxy before its measured run
+# The request path's speed, features off vs on (not in --smoke): backends answer at once
+SPEED_ROUNDS, SPEED_SECONDS, SPEED_CONNECTIONS = 5, 2, 16
 REAL_RAMP, SMOKE_REAL_RAMP = 10.0, 2.0          # health.failback_ramp for the measured runs
 RECOVER_AFTER, SMOKE_RECOVER_AFTER = 1.0, 1.0   # seconds into the wrk run the victim recovers
 AFTER_REAL_RAMP, SMOKE_AFTER_REAL_RAMP = 1.0, 1.0
@@ -286,7 +288,7 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
     def fresh() -> dict[str, Any]:
         return {"requests": 0, "inflight": 0, "peak": 0, "busy": 0.0, "since": time.monotonic(),
                 "changed": time.monotonic(), "users": set(), "failing": False,
-                "recovered_at": None, "back": set(), "rehydrations": []}
+                "recovered_at": None, "back": set(), "rehydrations": [], "service": SERVICE_S}
 
     state[backend_id] = fresh()
 
@@ -305,7 +307,8 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
             st["back"].add(user)
             st["rehydrations"].append(now - st["recovered_at"])
         try:
-            await asyncio.sleep(SERVICE_S)
+            if st["service"]:
+                await asyncio.sleep(st["service"])
         finally:
             now = time.monotonic()
             st["busy"] += st["inflight"] * (now - st["changed"])
@@ -321,6 +324,8 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
         q = request.query
         if q.get("reset"):
             st = state[backend_id] = fresh()
+        if "service" in q:
+            st["service"] = float(q["service"])
         if q.get("fail") == "1":
             st["failing"] = True
         elif q.get("fail") == "0" and st["failing"]:
@@ -364,7 +369,7 @@ async def _serve_backends(ports: list[int], ids: list[str]) -> None:
 
 
 def proxy_config(port: int, admin_port: int, backend_ports: list[int],
-                 factor: float | None = None, ramp_s: float = 0.0) -> str:
+                 factor: float | None = None, ramp_s: float = 0.0, hotkeys: bool = True) -> str:
     backends = "\n".join(f'[[backends]]\nid = "{b}"\nurl = "http://127.0.0.1:{p}"\n'
                          for b, p in zip(BACKENDS, backend_ports))
     return f"""[listen]
@@ -377,6 +382,9 @@ port = {admin_port}
 
 [routing]
 balance_factor = {factor or 0}
+
+[hotkeys]
+enabled = {str(hotkeys).lower()}
 
 [health]
 path = "{HEALTH_PATH}"
@@ -451,7 +459,8 @@ class RealRig:
     def control_all(self, query: str) -> dict[str, dict[str, Any]]:
         return {b: _control(p, query) for b, p in zip(BACKENDS, self.backend_ports)}
 
-    def proxy(self, name: str, factor: float | None = None, ramp_s: float = 0.0) -> Any:
+    def proxy(self, name: str, factor: float | None = None, ramp_s: float = 0.0,
+              hotkeys: bool = True) -> Any:
         """A context manager: `stickyproxy run` with this config, its (port, admin port)."""
         import contextlib
 
@@ -462,7 +471,8 @@ class RealRig:
         def running() -> Any:
             port, admin = free_ports(2)
             conf = self.workdir / f"{name}.toml"
-            conf.write_text(proxy_config(port, admin, self.backend_ports, factor, ramp_s))
+            conf.write_text(proxy_config(port, admin, self.backend_ports, factor, ramp_s,
+                                         hotkeys))
             with contextlib.ExitStack() as stack:
                 start_server(name, [sys.executable, "-m", "stickyproxy.cli", "run", "-c",
                                     str(conf)], [port, admin], self.workdir, stack,
@@ -471,9 +481,10 @@ class RealRig:
         return running()
 
 
-def _wrk(port: int, seconds: float, users: int) -> dict[str, Any]:
+def _wrk(port: int, seconds: float, users: int,
+         connections: int = REAL_CONNECTIONS) -> dict[str, Any]:
     from .wrk import LUA_DIR, run_script
-    r = run_script(port, seconds, REAL_CONNECTIONS, LUA_DIR / "zipf.lua",
+    r = run_script(port, seconds, connections, LUA_DIR / "zipf.lua",
                    [str(users), str(ZIPF_S), str(SEED)])
     return {"requests": r.requests, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
             "non_2xx": r.non_2xx, "socket_errors": r.socket_errors}
@@ -611,6 +622,35 @@ def real_failback(rig: RealRig, users: int, ramp_s: float, recover_after: float,
                                / max(1, runs["ramp"]["peak_per_s"]))}
 
 
+def real_speed(rig: RealRig, users: int, rounds: int, seconds: int,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """The request path's speed with the three features off and on: two proxies running side
+    by side in front of backends that answer at once, wrk against each in turn (which goes
+    first alternates), ``rounds`` times; on ÷ off per round."""
+    rig.control_all("reset=1&service=0")
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    p99: dict[str, list[float]] = {"off": [], "on": []}
+    with rig.proxy("skew-proxy-speed-off", hotkeys=False) as (off_port, _), \
+            rig.proxy("skew-proxy-speed-on", factor=1.25, ramp_s=REAL_RAMP) as (on_port, _):
+        ports = {"off": off_port, "on": on_port}
+        for label in ports:
+            _wrk(ports[label], WARMUP_SECONDS, users, SPEED_CONNECTIONS)
+        for i in range(rounds):
+            for label in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                r = _wrk(ports[label], seconds, users, SPEED_CONNECTIONS)
+                rates[label].append(r["rps"])
+                p99[label].append(r["p99_ms"])
+    rig.control_all(f"reset=1&service={SERVICE_S}")
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"]) if off]
+    median = sorted(ratios)[len(ratios) // 2] if ratios else None
+    progress("skew (real): request path, features on ÷ off per round: "
+             + ", ".join(f"{r:.2f}" for r in ratios)
+             + " (" + ", ".join(f"{a:,.0f}/{b:,.0f} req/s" for a, b in
+                                zip(rates["on"], rates["off"])) + ")")
+    return {"rounds": rounds, "seconds": seconds, "connections": SPEED_CONNECTIONS,
+            "rps": rates, "p99_ms": p99, "ratios": ratios, "median_ratio": median}
+
+
 def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """The measured part, or why it was skipped (no wrk)."""
     import contextlib
@@ -634,6 +674,8 @@ def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
                    rig, users, SMOKE_REAL_RAMP if smoke else REAL_RAMP,
                    SMOKE_RECOVER_AFTER if smoke else RECOVER_AFTER,
                    SMOKE_AFTER_REAL_RAMP if smoke else AFTER_REAL_RAMP, progress)}
+        if not smoke:
+            out["speed"] = real_speed(rig, users, SPEED_ROUNDS, SPEED_SECONDS, progress)
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
