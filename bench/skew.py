@@ -33,6 +33,9 @@ every ``REAL_HEALTH_INTERVAL_MS``.
   checks (a flag) until the proxy marks it down, wrk starts, the victim passes them again
   ``RECOVER_AFTER`` s later and counts, per second since, the first request of each user it
   sees (a rehydration from Redis in a real app).
+- **Speed** (not in ``--smoke``): two proxies side by side, the three features on (hot keys,
+  ``balance_factor = 1.25``, ``failback_ramp`` set) and off, in front of backends that answer
+  at once; wrk against each in turn, ``SPEED_ROUNDS`` interleaved rounds; on / off per round.
 
     python -m bench.skew [--smoke] [--simulate-only] [--out DIR]   # also: python -m bench --only skew
 """
