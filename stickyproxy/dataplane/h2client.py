@@ -367,8 +367,14 @@ class H2ClientProtocol(asyncio.Protocol):
         limits = server.config.limits
         self.header_list = (limits.max_header_bytes + limits.max_request_line
                             + FIELD_OVERHEAD * (limits.max_headers + len(REQUEST_PSEUDO)))
+        # inbound fields are checked by parse_request_head (stream errors, not h2's
+        # connection errors); outbound ones are made by response_fields from llhttp's
+        # parse (lower-cased names, no connection-specific field, no CR/LF/NUL possible):
+        # h2's own passes over them would only cost time
         cfg = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                        validate_inbound_headers=False)
+                                        validate_inbound_headers=False,
+                                        validate_outbound_headers=False,
+                                        normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
@@ -377,6 +383,13 @@ class H2ClientProtocol(asyncio.Protocol):
         })
         # enforced from the first header block, not only once the client acknowledged
         self.h2.decoder.max_header_list_size = self.header_list
+        # h2 closes its side at the client's GOAWAY and then refuses every frame, so the
+        # streams the client still expects answers on (RFC 9113 §6.8: up to its
+        # last_stream_id, and all of ours) would fail: its state machine stays open
+        sm = self.h2.state_machine
+        sm._transitions = {**sm._transitions, (h2.connection.ConnectionState.SERVER_OPEN,
+                                               h2.connection.ConnectionInputs.RECV_GOAWAY):
+                           (None, h2.connection.ConnectionState.SERVER_OPEN)}
 
     # -- start ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

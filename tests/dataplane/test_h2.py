@@ -94,12 +94,12 @@ class H2Client:
                                         validate_outbound_headers=validate,
                                         normalize_outbound_headers=validate)
         conn = h2.connection.H2Connection(config=cfg)
-        # h2 refuses every frame after a GOAWAY it receives; RFC 9113 §6.8 lets the streams
-        # up to its last_stream_id finish, which is what the shutdown test reads
+        # h2 refuses every frame after a GOAWAY it receives or sends; RFC 9113 §6.8 lets
+        # the streams already taken finish, which is what the GOAWAY tests read
         sm = conn.state_machine
-        sm._transitions = {**sm._transitions, (ConnectionState.CLIENT_OPEN,
-                                               ConnectionInputs.RECV_GOAWAY):
-                           (None, ConnectionState.CLIENT_OPEN)}
+        sm._transitions = {**sm._transitions, **{
+            (ConnectionState.CLIENT_OPEN, goaway): (None, ConnectionState.CLIENT_OPEN)
+            for goaway in (ConnectionInputs.RECV_GOAWAY, ConnectionInputs.SEND_GOAWAY)}}
         if settings:
             conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         conn.initiate_connection()
@@ -679,6 +679,27 @@ async def test_shutdown_sends_goaway_and_lets_streams_finish(backends, proxy, cl
         assert r.status == 200 and r.body == b"finished"
     await asyncio.wait_for(c.closed.wait(), IO_TIMEOUT)
     await asyncio.wait_for(stopping, 10)
+
+
+async def test_streams_finish_after_the_clients_goaway(backends, proxy, clients):
+    """A client closing gracefully (GOAWAY, RFC 9113 §6.8) still gets the answers it is
+    waiting for; then the proxy closes the connection."""
+    (a,) = await backends("a")
+
+    async def handler(request, rec):
+        await asyncio.sleep(0.3)
+        return web.Response(text="answered")
+    a.handler = handler
+    p = await proxy([a], H2C)
+    c = await clients(p.port)
+    sids = [c.request("/", user=f"u{i}") for i in range(3)]
+    await eventually(lambda: len(a.requests) == 3, what="streams at the backend")
+    c.conn.close_connection(last_stream_id=0)
+    c.flush()
+    for sid in sids:
+        r = await c.reply(sid)
+        assert r.reset is None and r.status == 200 and r.body == b"answered"
+    await asyncio.wait_for(c.closed.wait(), IO_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------------------
