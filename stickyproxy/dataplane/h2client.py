@@ -249,7 +249,7 @@ class Stream(asyncio.Transport):
         self.paused = False         # its exchange is not taking request bytes
         self.unacked = 0            # flow-controlled bytes taken but not yet credited
         self.write_paused = False   # its ClientProtocol was told to pause_writing
-        self.stalled_since = 0.0    # data waits for a window of 0 since then
+        self.stalled_since = 0.0    # data waits, without progress since then
 
     # -- the transport its ClientProtocol writes to -------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -364,6 +364,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.settings_frames = 0
         self.pings = 0
         self.conn_stalled_since = 0.0
+        self.progress_at = 0.0        # DATA last sent while more waited
         limits = server.config.limits
         self.header_list = (limits.max_header_bytes + limits.max_request_line
                             + FIELD_OVERHEAD * (limits.max_headers + len(REQUEST_PSEUDO)))
@@ -622,6 +623,7 @@ class H2ClientProtocol(asyncio.Protocol):
             return
         h2c = self.h2
         pending = stream.pending
+        sent = False
         try:
             while pending and not self.write_paused:
                 window = h2c.local_flow_control_window(stream.id)
@@ -636,6 +638,7 @@ class H2ClientProtocol(asyncio.Protocol):
                     chunk = pending.popleft()
                 h2c.send_data(stream.id, chunk)
                 stream.pending_bytes -= len(chunk)
+                sent = True
             if not pending and stream.end_pending:
                 if stream.trailers:
                     h2c.send_headers(stream.id, response_fields_trailers(stream.trailers),
@@ -647,11 +650,12 @@ class H2ClientProtocol(asyncio.Protocol):
             log.debug("HTTP/2 stream %d: %s", stream.id, e)
             self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
             return
-        if pending and not self.write_paused:
-            if not stream.stalled_since:
-                stream.stalled_since = time.monotonic()
-        else:
+        if not pending:
             stream.stalled_since = 0.0
+        elif sent or not stream.stalled_since:
+            # data waits (for a window, or for the socket): the stall clock runs from the
+            # last progress, so a slow but moving download is never taken for a stall
+            stream.stalled_since = self.progress_at = time.monotonic()
         c = stream.client
         if stream.pending_bytes > STREAM_BUFFER_HIGH:
             if not stream.write_paused:
@@ -755,17 +759,19 @@ class H2ClientProtocol(asyncio.Protocol):
             return
         stall = self.server.config.timeouts.body_idle
         h2c = self.h2
-        if h2c.outbound_flow_control_window <= 0 and any(s.pending for s in self.streams.values()):
-            # the whole connection's window stays shut: every stream is stuck
+        conn_shut = (h2c.outbound_flow_control_window <= 0
+                     and any(s.pending for s in self.streams.values()))
+        if conn_shut:
+            # the connection's own window stays shut: the client's doing, not one stream's
             if not self.conn_stalled_since:
                 self.conn_stalled_since = now
-            elif now - self.conn_stalled_since > stall:
+            elif now - max(self.conn_stalled_since, self.progress_at) > stall:
                 self.calm("connection flow-control window stayed 0")
                 return
         else:
             self.conn_stalled_since = 0.0
         for stream in list(self.streams.values()):
-            if stream.stalled_since and now - stream.stalled_since > stall:
+            if not conn_shut and stream.stalled_since and now - stream.stalled_since > stall:
                 # the client does not open this stream's window: its response is dropped
                 self.reset_stream(stream, ErrorCodes.CANCEL)
                 continue

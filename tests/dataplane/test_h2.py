@@ -525,6 +525,44 @@ async def test_zero_window_stall_is_reset_at_the_deadline(backends, proxy, clien
     assert (await c.reply(ok)).ended
 
 
+@pytest.mark.slow
+async def test_connection_window_stall_closes_the_connection(backends, proxy, clients):
+    """Streams may receive, the connection may not (its window is never opened): after
+    body_idle the connection is closed, not each stream reset in turn."""
+    (a,) = await backends("a")
+    a.handler = _big_download
+    p = await proxy([a], {**H2C, "timeouts": {"body_idle": "1s"}})
+    c = await clients(p.port, auto_credit=False,
+                      settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    sids = [c.request(f"/down/{256 << 10}", user=f"u{i}") for i in range(2)]
+    await asyncio.wait_for(c.closed.wait(), 5)
+    assert c.goaway is not None and c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert sum(len(c.replies[s].body) for s in sids) == 65535    # the connection window
+
+
+@pytest.mark.slow
+async def test_a_slow_moving_download_is_not_a_stall(backends, proxy, clients):
+    """Windows opened a little at a time, for longer than body_idle: never reset."""
+    (a,) = await backends("a")
+    a.handler = _big_download
+    p = await proxy([a], {**H2C, "timeouts": {"body_idle": "1s"}})
+    c = await clients(p.port, auto_credit=False)
+    n = 1 << 20
+    sid = c.request(f"/down/{n}", user="u")
+    r = c.replies[sid]
+    credited = 0
+    deadline = asyncio.get_running_loop().time() + 15
+    while not r.done.is_set():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)              # the pace of the test: 640 KiB/s at most
+        got = len(r.body) - credited
+        if got:
+            c.conn.acknowledge_received_data(got, sid)
+            credited += got
+            c.flush()
+    assert r.reset is None and len(r.body) == n
+
+
 # ---------------------------------------------------------------------------------------
 # the known floods
 
