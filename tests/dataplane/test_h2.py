@@ -32,6 +32,7 @@ from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
+from support.backends import respond_with
 from support.http import http_request
 from support.metrics import Metrics
 from support.net import IO_TIMEOUT, eventually
@@ -402,6 +403,39 @@ async def test_head_and_no_content_responses_end_the_stream(backends, proxy, cli
     assert r2.status == 204 and not r2.body and r2.ended
 
 
+async def test_backend_trailers_and_transfer_codings(raw_backend, proxy, clients):
+    """Chunked trailers from the backend become a trailing HEADERS frame; a transfer coding
+    HTTP/2 cannot carry (gzip applied as a transfer coding) resets the stream."""
+    def answer(req):
+        if req.target == "/gz":
+            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                    b"3\r\nxyz\r\n0\r\n\r\n")
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n")
+    be = await raw_backend("a", respond_with(answer))
+    p = await proxy([be], H2C)
+    c = await clients(p.port)
+    r = await c.reply(c.request("/t", user="u"))
+    assert r.status == 200 and bytes(r.body) == b"hello"
+    assert r.trailers == [(b"x-sum", b"42")]
+    assert r.field(b"trailer") is None and r.field(b"transfer-encoding") is None
+    r = await c.reply(c.request("/gz", user="u"))
+    assert r.reset == ErrorCodes.INTERNAL_ERROR
+
+
+async def test_expect_100_continue_is_relayed(backends, proxy, clients):
+    (a,) = await backends("a")
+    p = await proxy([a], H2C)
+    c = await clients(p.port)
+    sid = c.request("/up", user="u", method="POST", end=False,
+                    extra=[("expect", "100-continue"), ("content-length", "4")])
+    await eventually(lambda: c.replies[sid].informational, what="100 Continue")
+    assert c.replies[sid].informational[0][0] == (b":status", b"100")
+    c.send_body(sid, b"data", end=True)
+    r = await c.reply(sid)
+    assert r.status == 200 and bytes(r.body) == b"data"
+
+
 async def test_proxy_errors_reach_the_stream(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a], {**H2C, "routing": {"no_key": "reject"}})
@@ -427,6 +461,11 @@ async def test_connection_specific_field_is_a_stream_error(backends, proxy, clie
     ok = await c.reply(c.request("/", user="u", extra=[("te", "trailers")]))
     assert ok.status == 200
     assert len(a.requests) == 1 and a.requests[0].get("Te") is None
+    # trailers are held to the same rules, and may carry no pseudo-header field
+    sid = c.request("/", user="u", method="POST", body=b"x", end=False)
+    c.conn.send_headers(sid, [(b":path", b"/other")], end_stream=True)
+    c.flush()
+    assert (await c.reply(sid)).reset == ErrorCodes.PROTOCOL_ERROR
 
 
 async def test_header_limits(backends, proxy, clients):
