@@ -353,6 +353,17 @@ async def test_streams_are_counted_and_logged_like_requests(backends, proxy, cli
     assert m.value("stickyproxy_client_connections") == 1      # one connection, 7 streams
 
 
+@pytest.mark.slow
+async def test_idle_connection_is_closed_with_goaway(backends, proxy, clients):
+    (a,) = await backends("a")
+    p = await proxy([a], {**H2C, "timeouts": {"client_idle": "1s"}})
+    c = await clients(p.port)
+    assert (await c.reply(c.request("/", user="u"))).status == 200
+    await asyncio.wait_for(c.closed.wait(), 4)
+    assert c.goaway is not None and c.goaway.error_code == ErrorCodes.NO_ERROR
+    assert c.goaway.last_stream_id == 1
+
+
 async def test_h2c_disabled_is_refused_as_http1(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a])
