@@ -1433,9 +1433,9 @@ def tls_section(t: dict[str, Any], dataplane: dict[str, Any] | None,
         notes.append(
             f"- **Plain HTTP, no regression**: stickyproxy now over the same sources before TLS "
             f"was wired in (`{t['pre_tls_commit']}`, both interpreted, plain HTTP, back to "
-            f"back): {ratio(pre['rate_ratio'])} the req/s (rounds "
-            f"{', '.join(ratio(r) for r in pre['round_ratios'])}), "
-            f"{ratio(pre['cpu_ratio'])} the CPU per request.")
+            f"back): {ratio(pre['cpu_ratio'])} the CPU per request (the figure that holds when "
+            f"neither has a core to itself), {ratio(pre['rate_ratio'])} the req/s (rounds "
+            f"{', '.join(ratio(r) for r in pre['round_ratios'])}).")
     plain = _tls_comparison(t, "plain", None)
     dp = next((x for x in _stickyproxy_rows(dataplane) if x["workers"] == 1), None) \
         if dataplane else None

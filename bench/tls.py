@@ -90,7 +90,6 @@ USERS = 10_000
 # handshakes/s than 4 against either proxy).
 HANDSHAKE_CLIENTS = 4
 PROBE_USERS, PROBE_TIMEOUT = 30, 5.0
-KEEPALIVE_TARGET = 0.5                     # #20: keep-alive TLS req/s >= 0.5x NGINX at 1 worker
 
 NGINX, STICKYPROXY = "nginx", "stickyproxy"
 # stickyproxy's sources from the commit before TLS was wired into the proxy (#20), run beside
