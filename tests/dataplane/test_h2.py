@@ -761,12 +761,15 @@ async def test_shutdown_sends_goaway_and_lets_streams_finish(backends, proxy, cl
     await eventually(lambda: c.goaway is not None, what="GOAWAY")
     assert c.goaway.error_code == ErrorCodes.NO_ERROR
     assert c.goaway.last_stream_id == sids[-1]
+    late = c.request("/", user="late")          # opened after the GOAWAY: refused, retryable
+    assert (await c.reply(late)).reset == ErrorCodes.REFUSED_STREAM
     for sid in sids:
         r = await c.reply(sid)
         assert r.reset is None and c.goaway.error_code == 0, (r, c.goaway)
         assert r.status == 200 and r.body == b"finished"
     await asyncio.wait_for(c.closed.wait(), IO_TIMEOUT)
     await asyncio.wait_for(stopping, 10)
+    assert len(a.requests) == 3
 
 
 async def test_streams_finish_after_the_clients_goaway(backends, proxy, clients):
