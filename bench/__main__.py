@@ -3,7 +3,7 @@
     python -m bench [--smoke] [--install] [--only NAMES] [--report-only]
 
 Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, killdrill,
-owners, profile. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
+owners, profile, skew, tls. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
 with its charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (about two minutes) to check
 the harness works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx,
 haproxy, wrk or py-spy are missing it skips what needs them (or uses the Python load client)
@@ -107,8 +107,10 @@ def required_tools(scenarios: Sequence[str]) -> list[str]:
         tools += DRILL_TOOLS
     if {"shop", "failover", "owners"} & set(scenarios):
         tools.append(REDIS_TOOL)
-    if "owners" in scenarios:
+    if {"owners", "skew"} & set(scenarios):
         tools.append("wrk")
+    if "tls" in scenarios:
+        tools += ["nginx", "wrk", "openssl"]
     return list(dict.fromkeys(tools))
 
 
