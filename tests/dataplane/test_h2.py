@@ -364,6 +364,28 @@ async def test_idle_connection_is_closed_with_goaway(backends, proxy, clients):
     assert c.goaway.last_stream_id == 1
 
 
+async def test_key_sources_apply_to_streams(backends, proxy, clients):
+    """Cookie crumbs (RFC 9113 §8.2.3) are joined before the cookie key source reads
+    them; query and path sources read :path."""
+    bs = await backends("a", "b", "c")
+    p = await proxy(bs, {**H2C, "routing": {"keys": [
+        {"from": "cookie", "name": "uid"},
+        {"from": "query", "name": "user"},
+        {"from": "path", "pattern": "^/u/(?P<key>[^/]+)"},
+    ], "no_key": "reject"}})
+    c = await clients(p.port)
+    cases = {
+        "k-cookie": c.request("/", extra=[("cookie", "a=1"), ("cookie", "uid=k-cookie")]),
+        "k-query": c.request("/x?user=k-query"),
+        "k-path": c.request("/u/k-path/orders"),
+    }
+    for key, sid in cases.items():
+        r = await c.reply(sid)
+        assert r.status == 200 and r.field(b"x-backend").decode() == p.pref(key)[0], key
+    sent = {rec.one("X-Sticky-Key"): rec for b in bs for rec in b.requests}
+    assert sent["k-cookie"].one("Cookie") == "a=1; uid=k-cookie"
+
+
 async def test_h2c_disabled_is_refused_as_http1(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a])
