@@ -636,10 +636,14 @@ class H2ClientProtocol(asyncio.Protocol):
                     pending[0] = data[size:]
                 else:
                     chunk = pending.popleft()
-                h2c.send_data(stream.id, chunk)
                 stream.pending_bytes -= len(chunk)
                 sent = True
-            if not pending and stream.end_pending:
+                if not pending and stream.end_pending and not stream.trailers:
+                    h2c.send_data(stream.id, chunk, end_stream=True)   # one frame, not two
+                    self._stream_done(stream)
+                    break
+                h2c.send_data(stream.id, chunk)
+            if not pending and stream.end_pending and not stream.ended:
                 if stream.trailers:
                     h2c.send_headers(stream.id, response_fields_trailers(stream.trailers),
                                      end_stream=True)
