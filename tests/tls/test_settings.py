@@ -35,7 +35,7 @@ def test_defaults_and_paths_joined_to_the_config_directory():
     ({"cert": "c"}, "listen.tls.key: required"),
     ({"cert": "c", "key": "k", "min_version": "1.1"}, "listen.tls.min_version: must be one of '1.2', '1.3'"),
     ({"cert": "c", "key": "k", "alpn": ["spdy/3"]}, "listen.tls.alpn: unknown protocol 'spdy/3'"),
-    ({"cert": "c", "key": "k", "alpn": ["h2", "http/1.1"]}, "listen.tls.alpn: 'h2' is not served yet"),
+    ({"cert": "c", "key": "k", "alpn": ["h2", "h2"]}, "listen.tls.alpn: lists a protocol twice"),
     ({"cert": "c", "key": "k", "alpn": []}, "listen.tls.alpn: expected a non-empty list"),
     ({"cert": "c", "key": "k", "client_auth": "require"}, "listen.tls.client_ca: required when client_auth is 'require'"),
     ({"cert": "c", "key": "k", "client_auth": "optional"}, "listen.tls.client_auth: must be one of"),
