@@ -29,7 +29,8 @@ TYPECHECK_FAILED = (
     "it names a module it cannot find, the build environment lacks a runtime dependency: "
     "build with pip's default build isolation (the backend asks for every runtime "
     "dependency), or install the dependencies first when using --no-build-isolation; "
-    "STICKYPROXY_COMPILE=0 installs the pure-Python build.")
+    "STICKYPROXY_COMPILE=0 installs the pure-Python build."
+)
 
 
 class build_ext_with_stamp(build_ext):
@@ -47,15 +48,21 @@ class build_ext_with_stamp(build_ext):
 ext_modules = []
 if os.environ.get("STICKYPROXY_COMPILE") == "1":
     if shutil.which(os.environ.get("CC", "cc")) is None:
-        sys.exit("STICKYPROXY_COMPILE=1 needs a C compiler (cc) and the Python headers; "
-                 "set STICKYPROXY_COMPILE=0 to install the pure-Python build")
+        sys.exit(
+            "STICKYPROXY_COMPILE=1 needs a C compiler (cc) and the Python headers; "
+            "set STICKYPROXY_COMPILE=0 to install the pure-Python build"
+        )
     from mypyc.build import mypycify
 
     try:
-        ext_modules = mypycify([m.replace(".", "/") + ".py" for m in MODULES], opt_level="3",
-                               group_name="stickyproxy")
-    except SystemExit as e:   # mypy printed its errors; add what they mean here
-        sys.exit(TYPECHECK_FAILED if isinstance(e.code, int) or e.code is None
-                 else f"{e.code}\n{TYPECHECK_FAILED}")
+        ext_modules = mypycify(
+            [m.replace(".", "/") + ".py" for m in MODULES], opt_level="3", group_name="stickyproxy"
+        )
+    except SystemExit as e:  # mypy printed its errors; add what they mean here
+        sys.exit(
+            TYPECHECK_FAILED
+            if isinstance(e.code, int) or e.code is None
+            else f"{e.code}\n{TYPECHECK_FAILED}"
+        )
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_with_stamp})

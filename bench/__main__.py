@@ -22,9 +22,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import console, document, report
 from .console import progress
@@ -36,8 +37,18 @@ SMOKE_DIR = RESULTS_DIR / "smoke"
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 IMAGES_DIR = REPO_ROOT / "docs" / "benchmarks"
 META_NAME = "suite"
-SCENARIOS = ("ring", "dataplane", "streams", "shop", "failover", "killdrill", "owners",
-             "profile", "skew", "tls")
+SCENARIOS = (
+    "ring",
+    "dataplane",
+    "streams",
+    "shop",
+    "failover",
+    "killdrill",
+    "owners",
+    "profile",
+    "skew",
+    "tls",
+)
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
 DRILL_TOOLS = ("nginx", "haproxy")
 REDIS_TOOL = "redis-server"
@@ -81,21 +92,35 @@ def _names(text: str) -> tuple[str, ...]:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown benchmark(s) {', '.join(unknown) or '(none)'}; known: {', '.join(SCENARIOS)}")
+            f"unknown benchmark(s) {', '.join(unknown) or '(none)'}; known: {', '.join(SCENARIOS)}"
+        )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny counts, about two minutes: checks the harness, never the speed; "
-                        "writes under bench/results/smoke/, not docs/")
-    p.add_argument("--install", action="store_true",
-                   help="apt-get install what is missing of nginx, haproxy, wrk, redis-server")
-    p.add_argument("--only", type=_names, default=SCENARIOS,
-                   help=f"comma-separated, from {','.join(SCENARIOS)} (default all)")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: write the report from the JSON results already there")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny counts, about two minutes: checks the harness, never the speed; "
+        "writes under bench/results/smoke/, not docs/",
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="apt-get install what is missing of nginx, haproxy, wrk, redis-server",
+    )
+    p.add_argument(
+        "--only",
+        type=_names,
+        default=SCENARIOS,
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default all)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the report from the JSON results already there",
+    )
     return p
 
 
@@ -122,16 +147,20 @@ def check_tools(settings: Settings, install: bool) -> bool:
     if not settings.missing:
         return True
     if settings.smoke:
-        progress(f"not on this machine: {', '.join(sorted(settings.missing))}; "
-                 "smoke mode skips what needs them")
+        progress(
+            f"not on this machine: {', '.join(sorted(settings.missing))}; "
+            "smoke mode skips what needs them"
+        )
         return True
     return ensure_installed(needed, install=False)
 
 
 # -- the benchmarks ------------------------------------------------------------------------
 
+
 def run_ring(s: Settings) -> dict[str, Any]:
     from . import ringbench
+
     return ringbench.run(s.smoke, progress)
 
 
@@ -146,6 +175,7 @@ def _proxy_kinds(s: Settings) -> tuple:
 
 def run_dataplane(s: Settings) -> dict[str, Any]:
     from . import dataplane
+
     backends = dataplane.NGINX_BACKENDS if s.has("nginx") else dataplane.PYTHON_BACKENDS
     if not s.has("wrk"):
         progress("wrk is not installed: no saturation runs, the half-load runs use a fixed rate")
@@ -156,11 +186,16 @@ def run_dataplane(s: Settings) -> dict[str, Any]:
         rounds=dataplane.SMOKE_ROUNDS if s.smoke else dataplane.DEFAULT_ROUNDS,
         users=dataplane.DEFAULT_USERS,
         workers=SMOKE_WORKERS if s.smoke else FULL_WORKERS,
-        kinds=_proxy_kinds(s), smoke=s.smoke, use_wrk=s.has("wrk"), backends=backends,
+        kinds=_proxy_kinds(s),
+        smoke=s.smoke,
+        use_wrk=s.has("wrk"),
+        backends=backends,
         half_load=True,
-        half_load_duration=(dataplane.SMOKE_HALF_LOAD_DURATION if s.smoke
-                            else dataplane.HALF_LOAD_DURATION),
-        half_load_rounds=dataplane.SMOKE_ROUNDS if s.smoke else dataplane.HALF_LOAD_ROUNDS)
+        half_load_duration=(
+            dataplane.SMOKE_HALF_LOAD_DURATION if s.smoke else dataplane.HALF_LOAD_DURATION
+        ),
+        half_load_rounds=dataplane.SMOKE_ROUNDS if s.smoke else dataplane.HALF_LOAD_ROUNDS,
+    )
     result = dataplane.run(plan)
     if result["targets"] and any(t.get("summary") for t in result["targets"]):
         print(report.render_table(result["targets"]), flush=True)
@@ -172,6 +207,7 @@ def run_dataplane(s: Settings) -> dict[str, Any]:
 
 def run_streams(s: Settings) -> dict[str, Any]:
     from . import streams
+
     plan = streams.make_plan(_proxy_kinds(s), 1 if s.smoke else 3, s.smoke)
     result = streams.run(plan, progress)
     if result["failures"]:
@@ -186,6 +222,7 @@ def _need_redis(s: Settings) -> None:
 
 def run_shop(s: Settings) -> dict[str, Any]:
     from . import shopload
+
     _need_redis(s)
     if not s.has("wrk"):
         progress("wrk is not installed: the shop load comes from the Python closed-loop client")
@@ -194,12 +231,14 @@ def run_shop(s: Settings) -> dict[str, Any]:
 
 def run_failover(s: Settings) -> dict[str, Any]:
     from . import failover
+
     _need_redis(s)
     return failover.run(failover.make_plan(s.smoke), progress)
 
 
 def run_killdrill(s: Settings) -> dict[str, Any]:
     from . import killdrill
+
     result = killdrill.run(killdrill.make_plan(s.smoke), s.has, progress)
     failed = [t for t in result["targets"] if t["status"] == killdrill.STATUS_FAILED]
     if failed:
@@ -209,6 +248,7 @@ def run_killdrill(s: Settings) -> dict[str, Any]:
 
 def run_owners(s: Settings) -> dict[str, Any]:
     from . import owner_features
+
     _need_redis(s)
     if not s.has("wrk"):
         raise SkipScenario("wrk is not installed (apt-get install wrk)")
@@ -217,18 +257,26 @@ def run_owners(s: Settings) -> dict[str, Any]:
 
 def run_profile(s: Settings) -> dict[str, Any]:
     from . import profiling
+
     return profiling.run(s.smoke, s.has("wrk"), progress)
 
 
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
-    "ring": run_ring, "dataplane": run_dataplane, "streams": run_streams, "shop": run_shop,
-    "failover": run_failover, "killdrill": run_killdrill, "owners": run_owners,
-    "profile": run_profile, "skew": lambda s: __import__("bench.skew").skew.run_suite(s),
+    "ring": run_ring,
+    "dataplane": run_dataplane,
+    "streams": run_streams,
+    "shop": run_shop,
+    "failover": run_failover,
+    "killdrill": run_killdrill,
+    "owners": run_owners,
+    "profile": run_profile,
+    "skew": lambda s: __import__("bench.skew").skew.run_suite(s),
     "tls": lambda s: __import__("bench.tls").tls.run_suite(s, SkipScenario),
 }
 
 
 # -- results and report --------------------------------------------------------------------
+
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,8 +306,9 @@ def draw(results: dict[str, dict[str, Any]], images_dir: Path) -> dict[str, Path
         charts["streams"] = plots.streams(images_dir / "streams.png", results["streams"])
     if "shop" in results:
         charts["shop"] = plots.shop(images_dir / "shop.png", results["shop"])
-        charts["shop_sweep"] = plots.shop_sweep(images_dir / "shop-write-share.png",
-                                                results["shop"])
+        charts["shop_sweep"] = plots.shop_sweep(
+            images_dir / "shop-write-share.png", results["shop"]
+        )
     if "failover" in results:
         charts["failover"] = plots.failover(images_dir / "failover.png", results["failover"])
     if "ring" in results:
@@ -284,8 +333,12 @@ def write_report(settings: Settings, meta: dict[str, Any]) -> None:
 
 def tool_versions() -> dict[str, str]:
     versions = {"stickyproxy": stickyproxy_version(), "python": platform.python_version()}
-    for name, argv in (("nginx", ["nginx", "-v"]), ("haproxy", ["haproxy", "-v"]),
-                       ("wrk", ["wrk", "-v"]), ("redis", ["redis-server", "--version"])):
+    for name, argv in (
+        ("nginx", ["nginx", "-v"]),
+        ("haproxy", ["haproxy", "-v"]),
+        ("wrk", ["wrk", "-v"]),
+        ("redis", ["redis-server", "--version"]),
+    ):
         found = VERSION.search(tool_version(argv))
         versions[name] = found.group(0) if found else "not installed"
     return versions
@@ -295,16 +348,23 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M %Z")
 
 
-def run_all(settings: Settings, argv: Sequence[str],
-            previous: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def run_all(
+    settings: Settings, argv: Sequence[str], previous: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
     """Run the chosen benchmarks; the returned metadata keeps `previous` entries of the
     benchmarks not run this time (their results are still in the report)."""
-    meta = {"command": "python -m bench" + "".join(" " + shlex.quote(a) for a in argv),
-            "started_at": _now(), "cpus": os.cpu_count(),
-            "platform": platform.platform(terse=True), "loadavg_before": os.getloadavg(),
-            "tools": tool_versions(), "smoke": settings.smoke,
-            "scenarios": {k: v for k, v in previous.get("scenarios", {}).items()
-                          if k not in settings.scenarios}}
+    meta = {
+        "command": "python -m bench" + "".join(" " + shlex.quote(a) for a in argv),
+        "started_at": _now(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(terse=True),
+        "loadavg_before": os.getloadavg(),
+        "tools": tool_versions(),
+        "smoke": settings.smoke,
+        "scenarios": {
+            k: v for k, v in previous.get("scenarios", {}).items() if k not in settings.scenarios
+        },
+    }
     failed = []
     for name in settings.scenarios:
         started = time.monotonic()
@@ -321,8 +381,11 @@ def run_all(settings: Settings, argv: Sequence[str],
         except Exception as e:
             traceback.print_exc()
             progress(f"{name}: FAILED: {type(e).__name__}: {e}")
-            meta["scenarios"][name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
-                                       **timing}
+            meta["scenarios"][name] = {
+                "status": "failed",
+                "reason": f"{type(e).__name__}: {e}",
+                **timing,
+            }
             failed.append(name)
             continue
         seconds = time.monotonic() - started
@@ -337,9 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     out_dir = SMOKE_DIR if args.smoke else RESULTS_DIR
-    settings = Settings(smoke=args.smoke, scenarios=args.only, results_dir=out_dir,
-                        doc_path=SMOKE_DIR / "benchmarks.md" if args.smoke else DOC_PATH,
-                        images_dir=SMOKE_DIR / "benchmarks" if args.smoke else IMAGES_DIR)
+    settings = Settings(
+        smoke=args.smoke,
+        scenarios=args.only,
+        results_dir=out_dir,
+        doc_path=SMOKE_DIR / "benchmarks.md" if args.smoke else DOC_PATH,
+        images_dir=SMOKE_DIR / "benchmarks" if args.smoke else IMAGES_DIR,
+    )
     meta_path = out_dir / f"{META_NAME}.json"
     if args.report_only:
         if not meta_path.exists():
@@ -356,13 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         meta, failed = run_all(settings, argv, previous)
     except Interrupted as e:
-        print(f"\nstopped by {e}; every process the benchmark started has been stopped",
-              file=sys.stderr)
+        print(
+            f"\nstopped by {e}; every process the benchmark started has been stopped",
+            file=sys.stderr,
+        )
         return 128 + e.signum
     write_json(meta_path, meta)
     write_report(settings, meta)
-    progress(f"finished in {meta['duration_s'] / 60:.1f} min"
-             + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    progress(
+        f"finished in {meta['duration_s'] / 60:.1f} min"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return EXIT_FAIL if failed else EXIT_OK
 
 

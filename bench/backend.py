@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from aiohttp import WSMsgType, web
 
@@ -73,8 +73,15 @@ async def serve(ports: Sequence[int], ids: Sequence[str]) -> None:
 
 
 def backend_argv(ports: Sequence[int], ids: Sequence[str] = BACKEND_IDS) -> list[str]:
-    return [sys.executable, "-m", "bench.backend", "--ports", ",".join(map(str, ports)),
-            "--ids", ",".join(ids[:len(ports)])]
+    return [
+        sys.executable,
+        "-m",
+        "bench.backend",
+        "--ports",
+        ",".join(map(str, ports)),
+        "--ids",
+        ",".join(ids[: len(ports)]),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -31,7 +31,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         text = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -92,5 +92,8 @@ def per_request_us(used: CpuTimes, requests: int) -> dict[str, float | None]:
     if requests <= 0 or used.total_s <= 0:
         return {"cpu_us": None, "user_us": None, "system_us": None}
     scale = 1e6 / requests
-    return {"cpu_us": used.total_s * scale, "user_us": used.user_s * scale,
-            "system_us": used.system_s * scale}
+    return {
+        "cpu_us": used.total_s * scale,
+        "user_us": used.user_s * scale,
+        "system_us": used.system_s * scale,
+    }

@@ -15,20 +15,37 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import halfload, placement, report
 from .backend import backend_argv
 from .console import progress
 from .cpu import CpuMeter, per_request_us
 from .probe import ProbeError, check_sticky_routing
-from .procs import (LOOPBACK, Server, StartError, ensure_installed, free_ports, start_server,
-                    tool_version)
-from .targets import (BACKEND_IDS, BASELINE, BODY, INTERPRETED, TARGET_KINDS, TargetKind,
-                      backends_launch, default_kinds, python_env,
-                      stickyproxy_version)
+from .procs import (
+    LOOPBACK,
+    Server,
+    StartError,
+    ensure_installed,
+    free_ports,
+    start_server,
+    tool_version,
+)
+from .targets import (
+    BACKEND_IDS,
+    BASELINE,
+    BODY,
+    INTERPRETED,
+    TARGET_KINDS,
+    TargetKind,
+    backends_launch,
+    default_kinds,
+    python_env,
+    stickyproxy_version,
+)
 from .wrk import THREADS, WrkError, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -111,7 +128,8 @@ def _target_names(text: str) -> tuple[TargetKind, ...]:
     unknown = [n for n in names if n not in TARGET_KINDS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown target(s) {', '.join(unknown) or '(none)'}; known: {', '.join(TARGET_KINDS)}")
+            f"unknown target(s) {', '.join(unknown) or '(none)'}; known: {', '.join(TARGET_KINDS)}"
+        )
     return tuple(TARGET_KINDS[n] for n in dict.fromkeys(names))
 
 
@@ -121,69 +139,114 @@ def _positive(kind: type):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
+
     return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.dataplane",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--duration", type=_positive(float), default=DEFAULT_DURATION,
-                   help=f"seconds per measured run (default {DEFAULT_DURATION:g})")
-    p.add_argument("--connections", type=_positive(int), default=DEFAULT_CONNECTIONS,
-                   help=f"wrk connections (default {DEFAULT_CONNECTIONS})")
-    p.add_argument("--rounds", type=_positive(int), default=DEFAULT_ROUNDS,
-                   help=f"interleaved rounds over all targets (default {DEFAULT_ROUNDS})")
-    p.add_argument("--users", type=_positive(int), default=DEFAULT_USERS,
-                   help=f"distinct X-User-Id values drawn at random (default {DEFAULT_USERS:,})")
-    p.add_argument("--targets", type=_target_names, default=default_kinds(),
-                   help=f"comma-separated, from {','.join(TARGET_KINDS)} (default all; "
-                        f"{INTERPRETED} only when the installed build is compiled)")
-    p.add_argument("--workers", type=_csv_ints, default=DEFAULT_WORKERS,
-                   help="worker processes (threads for HAProxy) of every proxy; "
-                        "a list such as 1,2 runs each target at each count (default 1)")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"check the harness: {SMOKE_DURATION:g}s runs, {SMOKE_ROUNDS} round, "
-                        "no warm-up")
-    p.add_argument("--half-load", action="store_true",
-                   help="also measure p99 at half of stickyproxy's saturation rate, through "
-                        "each proxy and straight to a backend")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.dataplane", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=DEFAULT_DURATION,
+        help=f"seconds per measured run (default {DEFAULT_DURATION:g})",
+    )
+    p.add_argument(
+        "--connections",
+        type=_positive(int),
+        default=DEFAULT_CONNECTIONS,
+        help=f"wrk connections (default {DEFAULT_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive(int),
+        default=DEFAULT_ROUNDS,
+        help=f"interleaved rounds over all targets (default {DEFAULT_ROUNDS})",
+    )
+    p.add_argument(
+        "--users",
+        type=_positive(int),
+        default=DEFAULT_USERS,
+        help=f"distinct X-User-Id values drawn at random (default {DEFAULT_USERS:,})",
+    )
+    p.add_argument(
+        "--targets",
+        type=_target_names,
+        default=default_kinds(),
+        help=f"comma-separated, from {','.join(TARGET_KINDS)} (default all; "
+        f"{INTERPRETED} only when the installed build is compiled)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_csv_ints,
+        default=DEFAULT_WORKERS,
+        help="worker processes (threads for HAProxy) of every proxy; "
+        "a list such as 1,2 runs each target at each count (default 1)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"check the harness: {SMOKE_DURATION:g}s runs, {SMOKE_ROUNDS} round, no warm-up",
+    )
+    p.add_argument(
+        "--half-load",
+        action="store_true",
+        help="also measure p99 at half of stickyproxy's saturation rate, through "
+        "each proxy and straight to a backend",
+    )
     p.add_argument("--plot", action="store_true", help="also write a PNG chart beside the JSON")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                   help="where to write the JSON results (default bench/results/dataplane.json)")
-    p.add_argument("--install", action="store_true",
-                   help="install missing nginx/haproxy/wrk with apt-get")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="where to write the JSON results (default bench/results/dataplane.json)",
+    )
+    p.add_argument(
+        "--install", action="store_true", help="install missing nginx/haproxy/wrk with apt-get"
+    )
     return p
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     duration = SMOKE_DURATION if args.smoke else args.duration
-    return Plan(duration=duration,
-                warmup=0.0 if args.smoke else min(WARMUP_SECONDS, duration),
-                connections=args.connections,
-                rounds=SMOKE_ROUNDS if args.smoke else args.rounds,
-                users=args.users,
-                workers=args.workers,
-                kinds=args.targets,
-                smoke=args.smoke,
-                half_load=args.half_load,
-                half_load_duration=SMOKE_HALF_LOAD_DURATION if args.smoke else HALF_LOAD_DURATION,
-                half_load_rounds=SMOKE_ROUNDS if args.smoke else HALF_LOAD_ROUNDS)
+    return Plan(
+        duration=duration,
+        warmup=0.0 if args.smoke else min(WARMUP_SECONDS, duration),
+        connections=args.connections,
+        rounds=SMOKE_ROUNDS if args.smoke else args.rounds,
+        users=args.users,
+        workers=args.workers,
+        kinds=args.targets,
+        smoke=args.smoke,
+        half_load=args.half_load,
+        half_load_duration=SMOKE_HALF_LOAD_DURATION if args.smoke else HALF_LOAD_DURATION,
+        half_load_rounds=SMOKE_ROUNDS if args.smoke else HALF_LOAD_ROUNDS,
+    )
 
 
 def required_tools(plan: Plan) -> list[str]:
-    tools = (["nginx"] if plan.backends == NGINX_BACKENDS else []) + \
-        (["wrk"] if plan.use_wrk else []) + [k.tool for k in plan.kinds if k.tool]
+    tools = (
+        (["nginx"] if plan.backends == NGINX_BACKENDS else [])
+        + (["wrk"] if plan.use_wrk else [])
+        + [k.tool for k in plan.kinds if k.tool]
+    )
     return list(dict.fromkeys(tools))
 
 
 def make_targets(plan: Plan) -> list[Target]:
     many = len(plan.workers) > 1
-    return [Target(kind, workers, f"{kind.name} w{workers}" if many else kind.name)
-            for workers in plan.workers for kind in plan.kinds]
+    return [
+        Target(kind, workers, f"{kind.name} w{workers}" if many else kind.name)
+        for workers in plan.workers
+        for kind in plan.kinds
+    ]
 
 
-def start_backends(workdir: Path, stack: contextlib.ExitStack,
-                   kind: str = NGINX_BACKENDS) -> tuple[list[int], str, Server]:
+def start_backends(
+    workdir: Path, stack: contextlib.ExitStack, kind: str = NGINX_BACKENDS
+) -> tuple[list[int], str, Server]:
     ports = free_ports(len(BACKEND_IDS))
     if kind == NGINX_BACKENDS:
         launch = backends_launch(workdir, ports)
@@ -201,8 +264,9 @@ def start_backends(workdir: Path, stack: contextlib.ExitStack,
     return ports, config, server
 
 
-def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
-                 stack: contextlib.ExitStack) -> None:
+def start_target(
+    target: Target, workdir: Path, backend_ports: Sequence[int], stack: contextlib.ExitStack
+) -> None:
     (target.port,) = free_ports(1)
     launch = target.kind.render(workdir, target.port, backend_ports, target.workers)
     launch.write()
@@ -223,8 +287,9 @@ def start_target(target: Target, workdir: Path, backend_ports: Sequence[int],
 
 
 def _describe(result: dict[str, Any]) -> str:
-    text = (f"{result['rps']:,.0f} req/s (p50 {result['p50_ms']:.2f} ms, "
-            f"p99 {result['p99_ms']:.2f} ms)")
+    text = (
+        f"{result['rps']:,.0f} req/s (p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms)"
+    )
     if result.get("cpu_us"):
         text += f", {result['cpu_us']:.1f} us CPU/request"
     if result["non_2xx"] or result["socket_errors"]:
@@ -243,8 +308,11 @@ def measure(target: Target, plan: Plan, duration: float, step: str) -> dict[str,
     try:
         result = run_wrk(target.port, duration, plan.connections, plan.users).as_dict()
         used = meter.stop()
-        result.update(per_request_us(used, result["requests"]),
-                      cpu_user_s=used.user_s, cpu_system_s=used.system_s)
+        result.update(
+            per_request_us(used, result["requests"]),
+            cpu_user_s=used.user_s,
+            cpu_system_s=used.system_s,
+        )
     except WrkError as e:
         target.give_up(str(e))
         progress(f"{step} {target.label} ... {target.status}: {e}")
@@ -275,13 +343,24 @@ def target_results(targets: Sequence[Target]) -> list[dict[str, Any]]:
     out = []
     for t in targets:
         summary = summaries.get(id(t))
-        out.append({
-            "label": t.label, "name": t.kind.name, "workers": t.workers,
-            "status": t.status,
-            "reason": t.reason, "port": t.port, "command": t.command, "config": t.config,
-            "warmup": t.warmup, "runs": t.runs, "summary": summary,
-            "ratio_to_nginx": report.ratios(summary, baselines.get(t.workers)) if summary else None,
-        })
+        out.append(
+            {
+                "label": t.label,
+                "name": t.kind.name,
+                "workers": t.workers,
+                "status": t.status,
+                "reason": t.reason,
+                "port": t.port,
+                "command": t.command,
+                "config": t.config,
+                "warmup": t.warmup,
+                "runs": t.runs,
+                "summary": summary,
+                "ratio_to_nginx": report.ratios(summary, baselines.get(t.workers))
+                if summary
+                else None,
+            }
+        )
     return out
 
 
@@ -291,13 +370,16 @@ def half_load_rate(targets: Sequence[Target], workers: int) -> tuple[float, str]
     for name in (REFERENCE_TARGET, BASELINE):
         if name in measured:
             rps = report.summarize(measured[name].runs)["rps_median"]
-            return (halfload.RATE_FRACTION * rps,
-                    f"{halfload.RATE_FRACTION:g} x {name} w{workers} median {rps:,.0f} req/s")
+            return (
+                halfload.RATE_FRACTION * rps,
+                f"{halfload.RATE_FRACTION:g} x {name} w{workers} median {rps:,.0f} req/s",
+            )
     return FALLBACK_HALF_LOAD_RATE, "fixed rate (no saturation figure measured)"
 
 
-def place(group: Sequence[Target], backends: Server, workers: int,
-          cores: Sequence[int]) -> placement.Placement | None:
+def place(
+    group: Sequence[Target], backends: Server, workers: int, cores: Sequence[int]
+) -> placement.Placement | None:
     """Pin `group`'s proxies away from the load client and the backends when there are cores
     enough (bench/placement.py); None when they share every core."""
     where = placement.plan(cores, workers)
@@ -309,8 +391,9 @@ def place(group: Sequence[Target], backends: Server, workers: int,
     return where
 
 
-def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
-                  backends: Server) -> list[dict[str, Any]]:
+def run_half_load(
+    targets: Sequence[Target], plan: Plan, backend_port: int, backends: Server
+) -> list[dict[str, Any]]:
     out = []
     cores = placement.available_cores()
     try:
@@ -318,17 +401,36 @@ def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
             rate, basis = half_load_rate(targets, workers)
             group = [t for t in targets if t.workers == workers and t.active]
             endpoints = [halfload.Endpoint(halfload.DIRECT, backend_port)] + [
-                halfload.Endpoint(t.label, t.port) for t in group]
+                halfload.Endpoint(t.label, t.port) for t in group
+            ]
             plural = "" if workers == 1 else "s"
             where = place(group, backends, workers, cores) if cores else None
-            cpus = where.describe() if where is not None else (
-                f"not pinned: {workers} worker(s) and the load need more than {len(cores)} "
-                "CPUs, so the proxy shares its cores with the client")
+            cpus = (
+                where.describe()
+                if where is not None
+                else (
+                    f"not pinned: {workers} worker(s) and the load need more than {len(cores)} "
+                    "CPUs, so the proxy shares its cores with the client"
+                )
+            )
             progress(f"half load, {workers} worker{plural}: {rate:,.0f} req/s ({basis}); {cpus}")
-            result = halfload.run(endpoints, rate, plan.half_load_duration,
-                                  plan.half_load_rounds, plan.users, progress)
-            out.append({"workers": workers, "rate_basis": basis, "placement": cpus,
-                        "pinned": where is not None, **result})
+            result = halfload.run(
+                endpoints,
+                rate,
+                plan.half_load_duration,
+                plan.half_load_rounds,
+                plan.users,
+                progress,
+            )
+            out.append(
+                {
+                    "workers": workers,
+                    "rate_basis": basis,
+                    "placement": cpus,
+                    "pinned": where is not None,
+                    **result,
+                }
+            )
     finally:
         if cores:  # later benchmarks run in this process: give it every core back
             placement.pin_self(cores)
@@ -336,11 +438,13 @@ def run_half_load(targets: Sequence[Target], plan: Plan, backend_port: int,
 
 
 def tool_versions() -> dict[str, str]:
-    return {"nginx": tool_version(["nginx", "-v"]),
-            "haproxy": tool_version(["haproxy", "-v"]),
-            "wrk": tool_version(["wrk", "-v"]),
-            "stickyproxy": stickyproxy_version(),
-            "python": platform.python_version()}
+    return {
+        "nginx": tool_version(["nginx", "-v"]),
+        "haproxy": tool_version(["haproxy", "-v"]),
+        "wrk": tool_version(["wrk", "-v"]),
+        "stickyproxy": stickyproxy_version(),
+        "python": platform.python_version(),
+    }
 
 
 def _now() -> str:
@@ -349,11 +453,16 @@ def _now() -> str:
 
 def run(plan: Plan) -> dict[str, Any]:
     started = _now()
-    meta = {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "loadavg_before": os.getloadavg()}
+    meta = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_before": os.getloadavg(),
+    }
     targets = make_targets(plan)
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-") as tmp, \
-            contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
         backend_ports, backend_config, backends = start_backends(workdir, stack, plan.backends)
         for target in targets:
@@ -362,21 +471,36 @@ def run(plan: Plan) -> dict[str, Any]:
             if plan.warmup:
                 warm_up(targets, plan)
             run_rounds(targets, plan)
-        half_load = (run_half_load(targets, plan, backend_ports[0], backends)
-                     if plan.half_load else [])
+        half_load = (
+            run_half_load(targets, plan, backend_ports[0], backends) if plan.half_load else []
+        )
     return {
         "benchmark": "dataplane",
-        "started_at": started, "finished_at": _now(),
-        "machine": meta, "tools": tool_versions(),
-        "settings": {"duration_s": plan.duration, "warmup_s": plan.warmup,
-                     "connections": plan.connections, "threads": THREADS,
-                     "rounds": plan.rounds, "users": plan.users,
-                     "workers": list(plan.workers), "smoke": plan.smoke,
-                     "targets": [k.name for k in plan.kinds], "wrk": plan.use_wrk,
-                     "half_load_duration_s": plan.half_load_duration,
-                     "half_load_rounds": plan.half_load_rounds},
-        "backends": {"ids": list(BACKEND_IDS), "ports": backend_ports, "body": BODY,
-                     "kind": plan.backends, "config": backend_config},
+        "started_at": started,
+        "finished_at": _now(),
+        "machine": meta,
+        "tools": tool_versions(),
+        "settings": {
+            "duration_s": plan.duration,
+            "warmup_s": plan.warmup,
+            "connections": plan.connections,
+            "threads": THREADS,
+            "rounds": plan.rounds,
+            "users": plan.users,
+            "workers": list(plan.workers),
+            "smoke": plan.smoke,
+            "targets": [k.name for k in plan.kinds],
+            "wrk": plan.use_wrk,
+            "half_load_duration_s": plan.half_load_duration,
+            "half_load_rounds": plan.half_load_rounds,
+        },
+        "backends": {
+            "ids": list(BACKEND_IDS),
+            "ports": backend_ports,
+            "body": BODY,
+            "kind": plan.backends,
+            "config": backend_config,
+        },
         "targets": target_results(targets),
         "half_load": half_load,
     }
@@ -418,9 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nresults: {args.output}")
     if args.plot:
         chart = args.output.with_suffix(".png")
-        title = (f"{plan.connections} connections, {plan.duration:g}s x {plan.rounds} "
-                 f"round{'s' if plan.rounds != 1 else ''}, "
-                 f"{plan.users:,} users, {os.cpu_count()} CPUs")
+        title = (
+            f"{plan.connections} connections, {plan.duration:g}s x {plan.rounds} "
+            f"round{'s' if plan.rounds != 1 else ''}, "
+            f"{plan.users:,} users, {os.cpu_count()} CPUs"
+        )
         report.write_chart(chart, results["targets"], title)
         print(f"chart: {chart}")
     failed = [t for t in results["targets"] if t["status"] == STATUS_FAILED]

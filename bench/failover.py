@@ -21,15 +21,27 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import stats
 from .httpclient import Outcome, Request, closed_loop, open_loop, run_loop
 from .procs import LOOPBACK, free_ports, wait_until_accepting
-from .shopstack import (APP_START_TIMEOUT, Health, ShopApp, context_counters, get_json,
-                        proxy_config, scrape, spawn_shop, start_proxy, start_redis, start_shops)
+from .shopstack import (
+    APP_START_TIMEOUT,
+    Health,
+    ShopApp,
+    context_counters,
+    get_json,
+    proxy_config,
+    scrape,
+    spawn_shop,
+    start_proxy,
+    start_redis,
+    start_shops,
+)
 
 INSTANCES = ("app-1", "app-2", "app-3")
 VICTIM = "app-2"
@@ -37,14 +49,20 @@ HEALTH = Health(interval="1s", timeout="500ms", rise=2, fall=2)
 HEALTH_INTERVAL_S = 1.0
 ITEMS = ("apple", "bread", "coffee", "milk", "tea")
 # (name, method, path, weight); "increment" is the counter whose acknowledgements are tracked.
-ACTIONS = (("read cart", "GET", "/cart", 30), ("read counter", "GET", "/counter", 20),
-           ("increment", "POST", "/counter", 30), ("add item", "POST", "/cart/items", 10),
-           ("remove item", "DELETE", "/cart/items/{item}", 10))
+ACTIONS = (
+    ("read cart", "GET", "/cart", 30),
+    ("read counter", "GET", "/counter", 20),
+    ("increment", "POST", "/counter", 30),
+    ("add item", "POST", "/cart/items", 10),
+    ("remove item", "DELETE", "/cart/items/{item}", 10),
+)
 INCREMENT = "increment"
 IDEMPOTENT_METHODS = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 EJECTED = "ejected"
-LOG_LINE = re.compile(r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(?P<ms>\d{3}) \w+ [\w.]+: "
-                      r"(?P<message>.*)$")
+LOG_LINE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(?P<ms>\d{3}) \w+ [\w.]+: "
+    r"(?P<message>.*)$"
+)
 LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 CONNECTIONS = 64
 REQUEST_TIMEOUT = 5.0
@@ -89,6 +107,7 @@ def _request_maker(users: int) -> Callable[[int], Request]:
 @dataclass
 class Events:
     """Moments of the drill, in seconds since its start (time.perf_counter based)."""
+
     start: float
     wall_start: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
@@ -100,9 +119,16 @@ class Events:
 
 
 class Drill:
-    def __init__(self, plan: DrillPlan, workdir: Path, exits: contextlib.ExitStack,
-                 redis_url: str, apps: list[ShopApp], admin_port: int,
-                 progress: Callable[[str], None]):
+    def __init__(
+        self,
+        plan: DrillPlan,
+        workdir: Path,
+        exits: contextlib.ExitStack,
+        redis_url: str,
+        apps: list[ShopApp],
+        admin_port: int,
+        progress: Callable[[str], None],
+    ):
         self.plan = plan
         self.workdir = workdir
         self.exits = exits
@@ -131,8 +157,15 @@ class Drill:
     def _restart(self) -> None:
         old = self.apps[VICTIM]
         self.events.mark("restart")
-        app = spawn_shop(self.workdir, self.exits, VICTIM, old.port, self.redis_url,
-                         stateless=False, counted=False)
+        app = spawn_shop(
+            self.workdir,
+            self.exits,
+            VICTIM,
+            old.port,
+            self.redis_url,
+            stateless=False,
+            counted=False,
+        )
         self.apps[VICTIM] = app
         self.progress(f"t={self.events.marks['restart']:.1f}s started {VICTIM} again")
 
@@ -144,8 +177,9 @@ class Drill:
         await asyncio.to_thread(self.scrape_context, "before_restart")
         self._restart()
         victim = self.apps[VICTIM]
-        await asyncio.to_thread(wait_until_accepting, victim.server, [victim.port],
-                                APP_START_TIMEOUT)
+        await asyncio.to_thread(
+            wait_until_accepting, victim.server, [victim.port], APP_START_TIMEOUT
+        )
         self.events.mark("restarted_accepting")
 
     async def _watch_admin(self, stop: asyncio.Event) -> None:
@@ -153,8 +187,7 @@ class Drill:
             with contextlib.suppress(OSError, ValueError):
                 view = await asyncio.to_thread(get_json, self.admin_url + "/backends")
                 states = {b["id"]: b["state"] for b in view["backends"]}
-                self.events.backend_states.append(
-                    (time.perf_counter() - self.events.start, states))
+                self.events.backend_states.append((time.perf_counter() - self.events.start, states))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), ADMIN_POLL_S)
 
@@ -163,9 +196,15 @@ class Drill:
         self.events = Events(time.perf_counter(), time.time())
         watcher = asyncio.create_task(self._watch_admin(stop))
         control = asyncio.create_task(self._control())
-        outcomes = await open_loop(proxy_port, self.plan.rate, self.plan.duration,
-                                   _request_maker(self.plan.users), connections=CONNECTIONS,
-                                   timeout=REQUEST_TIMEOUT, keep_body=True)
+        outcomes = await open_loop(
+            proxy_port,
+            self.plan.rate,
+            self.plan.duration,
+            _request_maker(self.plan.users),
+            connections=CONNECTIONS,
+            timeout=REQUEST_TIMEOUT,
+            keep_body=True,
+        )
         await control
         stop.set()
         await watcher
@@ -185,8 +224,9 @@ def final_counters(proxy_port: int, users: int) -> dict[str, int | None]:
     return {o.request.user: _counter_value(o.body) if o.ok else None for o in outcomes}
 
 
-def _first_state_change(states: list[tuple[float, dict[str, str]]], after: float,
-                        wanted: Callable[[str], bool]) -> float | None:
+def _first_state_change(
+    states: list[tuple[float, dict[str, str]]], after: float, wanted: Callable[[str], bool]
+) -> float | None:
     for t, backends in states:
         if t >= after and wanted(backends.get(VICTIM, "")):
             return t
@@ -217,8 +257,9 @@ def timeline(outcomes: Sequence[Outcome], start: float, duration: float) -> dict
     return {"seconds": list(range(seconds)), "served": dict(served), "failed": dict(failed)}
 
 
-def analyse(outcomes: Sequence[Outcome], events: Events, counters: dict[str, int | None],
-            plan: DrillPlan) -> dict[str, Any]:
+def analyse(
+    outcomes: Sequence[Outcome], events: Events, counters: dict[str, int | None], plan: DrillPlan
+) -> dict[str, Any]:
     start = events.start
     kill, restart = events.marks["kill"], events.marks["restart"]
     failures = [o for o in outcomes if not o.ok]
@@ -234,8 +275,7 @@ def analyse(outcomes: Sequence[Outcome], events: Events, counters: dict[str, int
         if o.request.action == INCREMENT and o.ok:
             acked[o.request.user] += 1
     unreadable = [u for u, v in counters.items() if v is None]
-    lost = {u: acked[u] - (v or 0) for u, v in counters.items()
-            if v is not None and acked[u] > v}
+    lost = {u: acked[u] - (v or 0) for u, v in counters.items() if v is not None and acked[u] > v}
     extra = sum(max(0, (v or 0) - acked[u]) for u, v in counters.items() if v is not None)
 
     after_kill = [_ended(o, start) - kill for o in failures if _ended(o, start) >= kill]
@@ -243,20 +283,31 @@ def analyse(outcomes: Sequence[Outcome], events: Events, counters: dict[str, int
     first_clean_second = _first_clean_second(outcomes, start, kill, restart)
     down_seen = _first_state_change(events.backend_states, kill, lambda s: s != "up")
     up_seen = _first_state_change(events.backend_states, restart, lambda s: s == "up")
-    first_served = min((_time_of(o, start) for o in outcomes
-                        if o.ok and o.served_by == VICTIM and _time_of(o, start) >= restart),
-                       default=None)
+    first_served = min(
+        (
+            _time_of(o, start)
+            for o in outcomes
+            if o.ok and o.served_by == VICTIM and _time_of(o, start) >= restart
+        ),
+        default=None,
+    )
     latencies = sorted(o.latency for o in outcomes if o.ok)
     spans = victim_spans(events.backend_states, plan.duration)
     return {
-        "requests": len(outcomes), "failed": len(failures),
-        "by_method": by_method, "failure_kinds": dict(failure_kinds),
-        "failed_idempotent": sum(v["failed"] for m, v in by_method.items()
-                                 if m in IDEMPOTENT_METHODS),
+        "requests": len(outcomes),
+        "failed": len(failures),
+        "by_method": by_method,
+        "failure_kinds": dict(failure_kinds),
+        "failed_idempotent": sum(
+            v["failed"] for m, v in by_method.items() if m in IDEMPOTENT_METHODS
+        ),
         "increments_acknowledged": sum(acked.values()),
-        "lost_increments": sum(lost.values()), "users_with_lost_increments": len(lost),
-        "unacknowledged_but_applied": extra, "unreadable_counters": len(unreadable),
-        "kill_s": kill, "restart_s": restart,
+        "lost_increments": sum(lost.values()),
+        "users_with_lost_increments": len(lost),
+        "unacknowledged_but_applied": extra,
+        "unreadable_counters": len(unreadable),
+        "kill_s": kill,
+        "restart_s": restart,
         "restarted_accepting_s": events.marks.get("restarted_accepting"),
         "last_failure_after_kill_s": last_failure_after_kill,
         "first_clean_second_after_kill": first_clean_second,
@@ -273,8 +324,9 @@ def analyse(outcomes: Sequence[Outcome], events: Events, counters: dict[str, int
     }
 
 
-def victim_spans(states: list[tuple[float, dict[str, str]]],
-                 duration: float) -> list[tuple[float, float, str]]:
+def victim_spans(
+    states: list[tuple[float, dict[str, str]]], duration: float
+) -> list[tuple[float, float, str]]:
     """The victim's state as the proxy's admin API showed it: (from, to, state) spans."""
     spans: list[list[Any]] = []
     for t, backends in states:
@@ -300,11 +352,15 @@ def proxy_log_events(log_text: str, wall_start: float) -> list[tuple[float, str]
     return out
 
 
-def _first_clean_second(outcomes: Sequence[Outcome], start: float, kill: float,
-                        restart: float) -> int | None:
+def _first_clean_second(
+    outcomes: Sequence[Outcome], start: float, kill: float, restart: float
+) -> int | None:
     """Whole seconds after the kill until the first second without a failed request."""
-    failed_seconds = {int(_ended(o, start) - kill) for o in outcomes
-                      if not o.ok and kill <= _ended(o, start) < restart}
+    failed_seconds = {
+        int(_ended(o, start) - kill)
+        for o in outcomes
+        if not o.ok and kill <= _ended(o, start) < restart
+    }
     for second in range(int(restart - kill)):
         if second not in failed_seconds:
             return second
@@ -312,39 +368,53 @@ def _first_clean_second(outcomes: Sequence[Outcome], start: float, kill: float,
 
 
 def run(plan: DrillPlan, progress: Callable[[str], None]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-failover-") as tmp, \
-            contextlib.ExitStack() as exits:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-failover-") as tmp,
+        contextlib.ExitStack() as exits,
+    ):
         workdir = Path(tmp)
         redis_url = start_redis(workdir, exits)
         apps = start_shops(workdir, exits, INSTANCES, redis_url, stateless=False, counted=False)
         port, admin_port = free_ports(2)
         config = proxy_config(port, apps, sticky=True, health=HEALTH, admin_port=admin_port)
         start_proxy(workdir, exits, "proxy", config, [port, admin_port])
-        progress(f"drill: proxy on {LOOPBACK}:{port}, {len(apps)} instances, health every "
-                 f"{HEALTH.interval} (rise {HEALTH.rise}, fall {HEALTH.fall}); "
-                 f"{plan.rate:g} req/s for {plan.duration:g}s, kill {VICTIM} at "
-                 f"{plan.kill_at:g}s, restart at {plan.restart_at:g}s")
+        progress(
+            f"drill: proxy on {LOOPBACK}:{port}, {len(apps)} instances, health every "
+            f"{HEALTH.interval} (rise {HEALTH.rise}, fall {HEALTH.fall}); "
+            f"{plan.rate:g} req/s for {plan.duration:g}s, kill {VICTIM} at "
+            f"{plan.kill_at:g}s, restart at {plan.restart_at:g}s"
+        )
         drill = Drill(plan, workdir, exits, redis_url, apps, admin_port, progress)
         outcomes = run_loop(drill.run(port))
         progress("drill: reading every user's counter")
         counters = final_counters(port, plan.users)
         drill.scrape_context("end")
         result = analyse(outcomes, drill.events, counters, plan)
-        result["proxy_log"] = proxy_log_events((workdir / "proxy.log").read_text(errors="replace"),
-                                               drill.events.wall_start)
-    return {"benchmark": "failover",
-            "settings": {"users": plan.users, "rate": plan.rate, "duration_s": plan.duration,
-                         "kill_at_s": plan.kill_at, "restart_at_s": plan.restart_at,
-                         "victim": VICTIM, "instances": list(INSTANCES),
-                         "health": vars(HEALTH), "mix": {a[0]: a[3] for a in ACTIONS},
-                         "smoke": plan.smoke, "proxy_config": config},
-            **result}
+        result["proxy_log"] = proxy_log_events(
+            (workdir / "proxy.log").read_text(errors="replace"), drill.events.wall_start
+        )
+    return {
+        "benchmark": "failover",
+        "settings": {
+            "users": plan.users,
+            "rate": plan.rate,
+            "duration_s": plan.duration,
+            "kill_at_s": plan.kill_at,
+            "restart_at_s": plan.restart_at,
+            "victim": VICTIM,
+            "instances": list(INSTANCES),
+            "health": vars(HEALTH),
+            "mix": {a[0]: a[3] for a in ACTIONS},
+            "smoke": plan.smoke,
+            "proxy_config": config,
+        },
+        **result,
+    }
 
 
 def main() -> int:
     result = run(make_plan(smoke=True), print)
-    print({k: v for k, v in result.items()
-           if k not in ("timeline", "backend_states", "settings")})
+    print({k: v for k, v in result.items() if k not in ("timeline", "backend_states", "settings")})
     return 0
 
 

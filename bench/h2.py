@@ -48,7 +48,7 @@ H2_CONNECTIONS = 4
 H2_STREAMS = 16
 H1_CONNECTIONS = H2_CONNECTIONS * H2_STREAMS
 USERS = 1000
-THREADS = 1                  # h2load threads: the machine has 2 cores, the proxy needs one
+THREADS = 1  # h2load threads: the machine has 2 cores, the proxy needs one
 DEFAULT_DURATION = 10.0
 DEFAULT_ROUNDS = 3
 SMOKE_DURATION = 1.0
@@ -59,8 +59,10 @@ H2 = "h2"
 H1 = "http/1.1"
 
 _FINISHED = re.compile(r"finished in [0-9.]+m?s, ([0-9.]+) req/s")
-_REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
-                       r"(\d+) failed, (\d+) errored, (\d+) timeout")
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+    r"(\d+) failed, (\d+) errored, (\d+) timeout"
+)
 _STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
 
 
@@ -71,9 +73,10 @@ def h2_launch(workdir: Path, port: int, backend_ports: Sequence[int]):
     keys = f'keys = [{{ from = "header", name = "{USER_HEADER}" }}]'
     assert keys in base.config, "bench/targets.py changed its [routing] keys line"
     config = base.config.replace(
-        keys, f'keys = [{{ from = "header", name = "{USER_HEADER}" }}, '
-              f'{{ from = "query", name = "user" }}]').replace(
-        f"port = {port}\n", f"port = {port}\nh2c = true\n", 1)
+        keys,
+        f'keys = [{{ from = "header", name = "{USER_HEADER}" }}, '
+        f'{{ from = "query", name = "user" }}]',
+    ).replace(f"port = {port}\n", f"port = {port}\nh2c = true\n", 1)
     path = workdir / "stickyproxy-h2.toml"
     argv = [str(path) if a == str(base.config_path) else a for a in base.argv]
     return dataclasses.replace(base, config_path=path, config=config, argv=argv)
@@ -85,9 +88,15 @@ def parse_h2load(out: str) -> dict[str, Any]:
     s = _STATUS.search(out)
     if m is None or r is None or s is None:
         raise RuntimeError(f"h2load output not understood:\n{out[-2000:]}")
-    return {"rps": float(m[1]), "done": int(r[3]), "succeeded": int(r[4]),
-            "failed": int(r[5]), "errored": int(r[6]), "timeout": int(r[7]),
-            "non_2xx": int(s[2]) + int(s[3]) + int(s[4])}
+    return {
+        "rps": float(m[1]),
+        "done": int(r[3]),
+        "succeeded": int(r[4]),
+        "failed": int(r[5]),
+        "errored": int(r[6]),
+        "timeout": int(r[7]),
+        "non_2xx": int(s[2]) + int(s[3]) + int(s[4]),
+    }
 
 
 def h2load(protocol: str, port: int, uris: Path, duration: float) -> dict[str, Any]:
@@ -96,8 +105,7 @@ def h2load(protocol: str, port: int, uris: Path, duration: float) -> dict[str, A
         argv += ["--h1", "-c", str(H1_CONNECTIONS), "-m", "1"]
     else:
         argv += ["-c", str(H2_CONNECTIONS), "-m", str(H2_STREAMS)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
-                         check=False)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"h2load exited {out.returncode}: {out.stderr[-1000:]}")
     return parse_h2load(out.stdout)
@@ -108,8 +116,10 @@ def run(duration: float, rounds: int, warmup: float) -> dict[str, Any]:
         raise SystemExit("h2load is missing (Debian: apt-get install nghttp2-client)")
     backends_kind = NGINX_BACKENDS if shutil.which("nginx") else PYTHON_BACKENDS
     runs: dict[str, list[dict[str, Any]]] = {H2: [], H1: []}
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-h2-") as tmp, \
-            contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-h2-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
         backend_ports, _, _ = start_backends(workdir, stack, backends_kind)
         (port,) = free_ports(1)
@@ -132,22 +142,33 @@ def run(duration: float, rounds: int, warmup: float) -> dict[str, Any]:
                 r.update(per_request_us(meter.stop(), r["done"]))
                 runs[protocol].append({"round": round_no, **r})
                 cpu = f"{r['cpu_us']:.0f} us/req" if r["cpu_us"] else "cpu n/a"
-                progress(f"round {round_no}/{rounds} {protocol:9} {r['rps']:10.0f} req/s  "
-                         f"{cpu}  failed {r['failed'] + r['errored'] + r['timeout']}  "
-                         f"non-2xx {r['non_2xx']}")
+                progress(
+                    f"round {round_no}/{rounds} {protocol:9} {r['rps']:10.0f} req/s  "
+                    f"{cpu}  failed {r['failed'] + r['errored'] + r['timeout']}  "
+                    f"non-2xx {r['non_2xx']}"
+                )
             if not server.running:
                 raise RuntimeError(f"stickyproxy exited: {server.describe_exit()}")
     med = {p: statistics.median(x["rps"] for x in rs) for p, rs in runs.items()}
-    cpu = {p: statistics.median(x["cpu_us"] for x in rs if x["cpu_us"] is not None)
-           if any(x["cpu_us"] is not None for x in rs) else None for p, rs in runs.items()}
+    cpu = {
+        p: statistics.median(x["cpu_us"] for x in rs if x["cpu_us"] is not None)
+        if any(x["cpu_us"] is not None for x in rs)
+        else None
+        for p, rs in runs.items()
+    }
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "h2load": subprocess.run(["h2load", "--version"], capture_output=True, text=True,
-                                 check=False).stdout.strip(),
+        "h2load": subprocess.run(
+            ["h2load", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
         "backends": backends_kind,
-        "load": {"h2": f"{H2_CONNECTIONS} connections x {H2_STREAMS} streams",
-                 "http/1.1": f"{H1_CONNECTIONS} keep-alive connections", "users": USERS,
-                 "duration_s": duration, "rounds": rounds},
+        "load": {
+            "h2": f"{H2_CONNECTIONS} connections x {H2_STREAMS} streams",
+            "http/1.1": f"{H1_CONNECTIONS} keep-alive connections",
+            "users": USERS,
+            "duration_s": duration,
+            "rounds": rounds,
+        },
         "runs": runs,
         "median_rps": med,
         "median_cpu_us": cpu,
@@ -162,13 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
-    duration, rounds, warmup = ((SMOKE_DURATION, 1, 0.0) if args.smoke
-                                else (args.duration, args.rounds, 2.0))
+    duration, rounds, warmup = (
+        (SMOKE_DURATION, 1, 0.0) if args.smoke else (args.duration, args.rounds, 2.0)
+    )
     result = run(duration, rounds, warmup)
     ratio = result["h2_over_http1"]
-    progress(f"median: h2 {result['median_rps'][H2]:.0f} req/s, http/1.1 "
-             f"{result['median_rps'][H1]:.0f} req/s, h2/http1.1 "
-             f"{ratio:.2f}" if ratio else "no http/1.1 figure")
+    progress(
+        f"median: h2 {result['median_rps'][H2]:.0f} req/s, http/1.1 "
+        f"{result['median_rps'][H1]:.0f} req/s, h2/http1.1 "
+        f"{ratio:.2f}"
+        if ratio
+        else "no http/1.1 figure"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     progress(f"written to {args.out}")

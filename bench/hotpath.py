@@ -18,7 +18,6 @@ from typing import Any
 
 from stickyproxy.config import loads
 from stickyproxy.control.process import build_process
-from stickyproxy.dataplane import Proxy
 from stickyproxy.dataplane.client import ClientProtocol
 from stickyproxy.dataplane.upstream import UpstreamProtocol
 
@@ -42,10 +41,14 @@ id = "app-3"
 url = "http://127.0.0.1:3"
 """
 
-REQUEST = (b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-User-Id: %d\r\n"
-           b"User-Agent: wrk\r\nAccept: */*\r\n\r\n")
-RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 04:00:00 GMT\r\n"
-            b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
+REQUEST = (
+    b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-User-Id: %d\r\n"
+    b"User-Agent: wrk\r\nAccept: */*\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 04:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
+)
 
 
 ROUNDS = 3
@@ -91,6 +94,7 @@ class MemoryTransport(asyncio.Transport):
 
 def run(n: int, profile: cProfile.Profile | None = None, with_metrics: bool = True) -> float:
     """CPU microseconds per request over `n` requests (profiled by `profile` if given)."""
+
     async def main() -> float:
         cfg = loads(CONFIG)
         proc = build_process(cfg, "single")
@@ -116,6 +120,7 @@ def run(n: int, profile: cProfile.Profile | None = None, with_metrics: bool = Tr
         if profile:
             profile.disable()
         return (time.process_time() - t0) / n * 1e6
+
     return asyncio.run(main())
 
 
@@ -124,8 +129,11 @@ def cost(n: int, rounds: int = ROUNDS) -> dict[str, float]:
     wall-clock figures far more than it inflates these CPU times."""
     with_metrics = min(run(n, with_metrics=True) for _ in range(rounds))
     without = min(run(n, with_metrics=False) for _ in range(rounds))
-    return {"us_per_request": with_metrics, "us_per_request_without_metrics": without,
-            "metrics_share": (with_metrics - without) / with_metrics}
+    return {
+        "us_per_request": with_metrics,
+        "us_per_request_without_metrics": without,
+        "metrics_share": (with_metrics - without) / with_metrics,
+    }
 
 
 def profile_rows(n: int, limit: int = PROFILE_LINES) -> list[dict[str, Any]]:
@@ -137,10 +145,16 @@ def profile_rows(n: int, limit: int = PROFILE_LINES) -> list[dict[str, Any]]:
     rows = []
     for (path, line, name), entry in stats.stats.items():  # type: ignore[attr-defined]
         calls, tottime, cumtime = entry[1], entry[2], entry[3]
-        rows.append({"function": name, "where": f"{_short(path)}:{line}",
-                     "calls_per_request": calls / n, "own_us_per_request": tottime / n * 1e6,
-                     "own_share": tottime / total if total else 0.0,
-                     "cumulative_us_per_request": cumtime / n * 1e6})
+        rows.append(
+            {
+                "function": name,
+                "where": f"{_short(path)}:{line}",
+                "calls_per_request": calls / n,
+                "own_us_per_request": tottime / n * 1e6,
+                "own_share": tottime / total if total else 0.0,
+                "cumulative_us_per_request": cumtime / n * 1e6,
+            }
+        )
     rows.sort(key=lambda r: r["own_us_per_request"], reverse=True)
     return rows[:limit]
 
@@ -148,7 +162,7 @@ def profile_rows(n: int, limit: int = PROFILE_LINES) -> list[dict[str, Any]]:
 def _short(path: str) -> str:
     for marker in ("stickyproxy/", "site-packages/", "lib/python"):
         if marker in path:
-            return path[path.index(marker):]
+            return path[path.index(marker) :]
     return path
 
 
@@ -163,9 +177,11 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(PROFILE_LINES)
         return
     c = cost(a.requests)
-    print(f"{c['us_per_request']:.2f} us/request with metrics, "
-          f"{c['us_per_request_without_metrics']:.2f} us without "
-          f"({c['metrics_share']:.1%} for metrics and access-log checks)")
+    print(
+        f"{c['us_per_request']:.2f} us/request with metrics, "
+        f"{c['us_per_request_without_metrics']:.2f} us without "
+        f"({c['metrics_share']:.1%} for metrics and access-log checks)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import asyncio
 import collections
 import gc
 import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import httptools
 
@@ -51,8 +52,11 @@ class Request:
     action: str = ""
 
     def encode(self, host: str) -> bytes:
-        head = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}",
-                f"{USER_HEADER}: {self.user}"]
+        head = [
+            f"{self.method} {self.path} HTTP/1.1",
+            f"Host: {host}",
+            f"{USER_HEADER}: {self.user}",
+        ]
         if self.body or self.method in ("POST", "PUT"):
             head += ["Content-Type: application/json", f"Content-Length: {len(self.body)}"]
         return ("\r\n".join(head) + "\r\n\r\n").encode() + self.body
@@ -169,8 +173,11 @@ class _ServedByBody(_ServedBy, _Body):
 
 
 CONNECTION_CLASSES: dict[tuple[bool, bool], type[Connection]] = {
-    (False, False): Connection, (True, False): _ServedBy,
-    (False, True): _Body, (True, True): _ServedByBody}
+    (False, False): Connection,
+    (True, False): _ServedBy,
+    (False, True): _Body,
+    (True, True): _ServedByBody,
+}
 
 
 async def connect(port: int, served_by: bool = True, keep_body: bool = True) -> Connection:
@@ -193,8 +200,15 @@ class _OpenLoop:
     """Issues outcomes' requests over at most `limit` connections, completing `finished`
     once `expected` outcomes are done."""
 
-    def __init__(self, port: int, limit: int, timeout: float, keep_body: bool, served_by: bool,
-                 on_outcome: Callable[[Outcome], None] | None):
+    def __init__(
+        self,
+        port: int,
+        limit: int,
+        timeout: float,
+        keep_body: bool,
+        served_by: bool,
+        on_outcome: Callable[[Outcome], None] | None,
+    ):
         self.loop = asyncio.get_running_loop()
         self.port = port
         self.host = f"{LOOPBACK}:{port}"
@@ -290,11 +304,18 @@ class _OpenLoop:
         self.idle.clear()
 
 
-async def open_loop(port: int, rate: float, duration: float,
-                    next_request: Callable[[int], Request], *, connections: int,
-                    timeout: float = DEFAULT_TIMEOUT, keep_body: bool = False,
-                    served_by: bool = True,
-                    on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+async def open_loop(
+    port: int,
+    rate: float,
+    duration: float,
+    next_request: Callable[[int], Request],
+    *,
+    connections: int,
+    timeout: float = DEFAULT_TIMEOUT,
+    keep_body: bool = False,
+    served_by: bool = True,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
     """Requests due every 1/`rate` s for `duration` s; returns every outcome, in due order.
 
     Every request due by now is issued, then the client sleeps until the next one is due,
@@ -322,9 +343,15 @@ async def open_loop(port: int, rate: float, duration: float,
     return outcomes
 
 
-async def closed_loop(port: int, requests: Iterable[Request], *, connections: int,
-                      duration: float | None = None, timeout: float = DEFAULT_TIMEOUT,
-                      keep_body: bool = False) -> list[Outcome]:
+async def closed_loop(
+    port: int,
+    requests: Iterable[Request],
+    *,
+    connections: int,
+    duration: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    keep_body: bool = False,
+) -> list[Outcome]:
     """`connections` senders share `requests` until it ends (or `duration` s pass)."""
     host = f"{LOOPBACK}:{port}"
     source: Iterator[Request] = iter(requests)
@@ -332,8 +359,9 @@ async def closed_loop(port: int, requests: Iterable[Request], *, connections: in
     end = now() + duration if duration is not None else None
 
     async def exchange(conn: Connection, outcome: Outcome) -> None:
-        answered: asyncio.Future[tuple[_Response | None, str]] = \
+        answered: asyncio.Future[tuple[_Response | None, str]] = (
             asyncio.get_running_loop().create_future()
+        )
         outcome.sent = now()
         conn.send(outcome.request.encode(host), lambda _c, r, e: answered.set_result((r, e)))
         try:

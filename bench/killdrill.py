@@ -27,21 +27,40 @@ import signal
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import stats
 from .backend import backend_argv
 from .httpclient import CONNECT_ERROR, TIMEOUT_ERROR, Request, connect, run_loop
 from .probe import ProbeError, check_sticky_routing
-from .procs import (LOOPBACK, Server, StartError, free_ports, spawn_server, start_server,
-                    wait_until_accepting)
-from .targets import (BACKEND_IDS, DRILL_HAPROXY_RETRIES, DRILL_HEALTH_FALL,
-                      DRILL_HEALTH_INTERVAL_MS, DRILL_HEALTH_RISE, DRILL_NGINX_FAIL_TIMEOUT,
-                      DRILL_NGINX_MAX_FAILS, DRILL_NGINX_TRIES, DRILL_UPSTREAM_KEEPALIVE, Launch,
-                      haproxy_drill_launch, nginx_drill_launch, python_env,
-                      stickyproxy_drill_launch)
+from .procs import (
+    LOOPBACK,
+    Server,
+    StartError,
+    free_ports,
+    spawn_server,
+    start_server,
+    wait_until_accepting,
+)
+from .targets import (
+    BACKEND_IDS,
+    DRILL_HAPROXY_RETRIES,
+    DRILL_HEALTH_FALL,
+    DRILL_HEALTH_INTERVAL_MS,
+    DRILL_HEALTH_RISE,
+    DRILL_NGINX_FAIL_TIMEOUT,
+    DRILL_NGINX_MAX_FAILS,
+    DRILL_NGINX_TRIES,
+    DRILL_UPSTREAM_KEEPALIVE,
+    Launch,
+    haproxy_drill_launch,
+    nginx_drill_launch,
+    python_env,
+    stickyproxy_drill_launch,
+)
 
 TARGETS = ("nginx", "haproxy", "stickyproxy")
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "stickyproxy": None}
@@ -69,22 +88,29 @@ class Plan:
     clients: int
     users: int
     duration: float
-    period: float       # one backend killed every `period` seconds…
-    down: float         # …and started again this long after its kill
+    period: float  # one backend killed every `period` seconds…
+    down: float  # …and started again this long after its kill
     first_kill: float
     smoke: bool
     targets: tuple[str, ...] = TARGETS
 
 
-FULL = Plan(clients=24, users=500, duration=30.0, period=4.0, down=2.0, first_kill=2.0,
-            smoke=False)
+FULL = Plan(clients=24, users=500, duration=30.0, period=4.0, down=2.0, first_kill=2.0, smoke=False)
 SMOKE = Plan(clients=8, users=50, duration=4.0, period=2.0, down=1.0, first_kill=0.5, smoke=True)
 
 
 def make_plan(smoke: bool, targets: Sequence[str] = TARGETS) -> Plan:
     base = SMOKE if smoke else FULL
-    return Plan(base.clients, base.users, base.duration, base.period, base.down,
-                base.first_kill, base.smoke, tuple(targets))
+    return Plan(
+        base.clients,
+        base.users,
+        base.duration,
+        base.period,
+        base.down,
+        base.first_kill,
+        base.smoke,
+        tuple(targets),
+    )
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,7 @@ def failure_reason(status: int, body: bytes, error: str) -> str:
 class Tally:
     """Every GET of one drill, counted as it ends: `at` is seconds since the drill started,
     `latency` seconds from sending the GET to its answer (or failure)."""
+
     seconds: int
     answered: int = 0
     failed: int = 0
@@ -136,8 +163,9 @@ class Tally:
         self.answered_per_second = [0] * self.seconds
         self.failed_per_second = [0] * self.seconds
 
-    def add(self, at: float, latency: float, status: int, body: bytes, error: str,
-            served_by: str) -> None:
+    def add(
+        self, at: float, latency: float, status: int, body: bytes, error: str, served_by: str
+    ) -> None:
         second = max(0, min(int(at), self.seconds - 1))
         if status == OK_STATUS and not error:
             backend = served_by or "?"
@@ -169,6 +197,7 @@ def last_kill_before(at: float, events: Sequence[dict[str, Any]]) -> tuple[str, 
 
 # -- what each proxy counted itself ----------------------------------------------------------
 
+
 def metric_by_label(text: str, name: str, label: str) -> dict[str, float]:
     """One Prometheus metric's samples summed by one label's value (`name` as exported)."""
     out: dict[str, float] = collections.defaultdict(float)
@@ -176,22 +205,29 @@ def metric_by_label(text: str, name: str, label: str) -> dict[str, float]:
         if not line.startswith(name + "{"):
             continue
         head, _, value = line.rpartition(" ")
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', head[len(name):]))
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', head[len(name) :]))
         out[labels.get(label, "")] += float(value)
     return dict(out)
 
 
 def stickyproxy_counters(metrics_text: str) -> dict[str, dict[str, float]]:
-    return {"retries_total": metric_by_label(metrics_text, "stickyproxy_retries_total",
-                                             "reason"),
-            "retries_denied_total": metric_by_label(metrics_text,
-                                                    "stickyproxy_retries_denied_total", "reason"),
-            "upstream_errors_total": metric_by_label(metrics_text,
-                                                     "stickyproxy_upstream_errors_total", "kind")}
+    return {
+        "retries_total": metric_by_label(metrics_text, "stickyproxy_retries_total", "reason"),
+        "retries_denied_total": metric_by_label(
+            metrics_text, "stickyproxy_retries_denied_total", "reason"
+        ),
+        "upstream_errors_total": metric_by_label(
+            metrics_text, "stickyproxy_upstream_errors_total", "kind"
+        ),
+    }
 
 
-HAPROXY_FIELDS = {"wretr": "retries", "wredis": "redispatches", "econ": "connection errors",
-                  "eresp": "response errors"}
+HAPROXY_FIELDS = {
+    "wretr": "retries",
+    "wredis": "redispatches",
+    "econ": "connection errors",
+    "eresp": "response errors",
+}
 
 
 def haproxy_counters(csv_text: str, backend: str = "apps") -> dict[str, int]:
@@ -208,12 +244,14 @@ def haproxy_counters(csv_text: str, backend: str = "apps") -> dict[str, int]:
 
 
 # error-log text → kind of failed upstream attempt
-NGINX_ERRORS = (("Connection refused", "connect refused"),
-                ("prematurely closed", "closed before the response"),
-                ("reset by peer", "reset"),
-                ("timed out", "timeout"),
-                ("no live upstreams", "no live upstreams"),
-                ("temporarily disabled", "server disabled (max_fails)"))
+NGINX_ERRORS = (
+    ("Connection refused", "connect refused"),
+    ("prematurely closed", "closed before the response"),
+    ("reset by peer", "reset"),
+    ("timed out", "timeout"),
+    ("no live upstreams", "no live upstreams"),
+    ("temporarily disabled", "server disabled (max_fails)"),
+)
 
 
 def nginx_counters(error_log: str) -> dict[str, int]:
@@ -229,6 +267,7 @@ def nginx_counters(error_log: str) -> dict[str, int]:
 
 # -- processes ---------------------------------------------------------------------------------
 
+
 class Fleet:
     """The three backends, each its own process on a fixed port, so one can be killed -9 and
     started again on the same port."""
@@ -241,8 +280,9 @@ class Fleet:
 
     def start(self, backend_id: str) -> None:
         argv = backend_argv([self.ports[backend_id]], [backend_id])
-        self.servers[backend_id] = spawn_server(backend_id, argv, self.workdir, self.exits,
-                                                python_env())
+        self.servers[backend_id] = spawn_server(
+            backend_id, argv, self.workdir, self.exits, python_env()
+        )
 
     def kill(self, backend_id: str) -> None:
         proc = self.servers[backend_id].proc
@@ -257,12 +297,14 @@ class Fleet:
             if server is None or not server.running:
                 self.start(backend_id)
         for backend_id in BACKEND_IDS:
-            wait_until_accepting(self.servers[backend_id], [self.ports[backend_id]],
-                                 BACKEND_START_TIMEOUT)
+            wait_until_accepting(
+                self.servers[backend_id], [self.ports[backend_id]], BACKEND_START_TIMEOUT
+            )
 
 
-def _launch(name: str, workdir: Path, port: int, backend_ports: Sequence[int],
-            extra_port: int) -> tuple[Launch, list[int]]:
+def _launch(
+    name: str, workdir: Path, port: int, backend_ports: Sequence[int], extra_port: int
+) -> tuple[Launch, list[int]]:
     """The proxy's launch and the ports to wait for."""
     if name == "nginx":
         return nginx_drill_launch(workdir, port, backend_ports), [port]
@@ -283,8 +325,7 @@ def proxy_counters(name: str, launch: Launch, extra_port: int) -> dict[str, Any]
             return stickyproxy_counters(_get_text(base + "/metrics"))
         if name == "haproxy":
             return haproxy_counters(_get_text(base + "/stats;csv"))
-        return nginx_counters((launch.config_path.parent / "error.log").read_text(
-            errors="replace"))
+        return nginx_counters((launch.config_path.parent / "error.log").read_text(errors="replace"))
     except OSError as e:
         return {"unavailable": f"{type(e).__name__}: {e}"}
 
@@ -303,16 +344,18 @@ class Drill:
         self.tally = Tally(max(1, int(plan.duration + 0.999)))
         self.events: list[dict[str, Any]] = []
         host = f"{LOOPBACK}:{port}"
-        self.requests = [Request("GET", "/", f"user-{i}").encode(host)
-                         for i in range(1, plan.users + 1)]
+        self.requests = [
+            Request("GET", "/", f"user-{i}").encode(host) for i in range(1, plan.users + 1)
+        ]
         self.start = 0.0
 
     async def run(self) -> None:
         self.start = now()
         end = self.start + self.plan.duration
         control = asyncio.create_task(self._control())
-        await asyncio.gather(*(self._client(random.Random(SEED + i), end)
-                               for i in range(self.plan.clients)))
+        await asyncio.gather(
+            *(self._client(random.Random(SEED + i), end) for i in range(self.plan.clients))
+        )
         await control
 
     async def _control(self) -> None:
@@ -320,8 +363,9 @@ class Drill:
             await asyncio.sleep(max(0.0, self.start + step.at - now()))
             act = self.fleet.kill if step.action == KILL else self.fleet.start
             await asyncio.to_thread(act, step.backend)
-            self.events.append({"at": round(now() - self.start, 3), "action": step.action,
-                                "backend": step.backend})
+            self.events.append(
+                {"at": round(now() - self.start, 3), "action": step.action, "backend": step.backend}
+            )
 
     async def _client(self, rng: random.Random, end: float) -> None:
         loop = asyncio.get_running_loop()
@@ -336,8 +380,7 @@ class Drill:
                     conn = await connect(self.port, served_by=True, keep_body=True)
                 except OSError:
                     conn = None
-                    self.tally.add(now() - self.start, now() - issued, 0, b"", CONNECT_ERROR,
-                                   "")
+                    self.tally.add(now() - self.start, now() - issued, 0, b"", CONNECT_ERROR, "")
                     await asyncio.sleep(CONNECT_BACKOFF_S)
                     continue
             answered: asyncio.Future[Any] = loop.create_future()
@@ -352,14 +395,21 @@ class Drill:
             if response is None:
                 self.tally.add(done - self.start, done - issued, 0, b"", error, "")
             else:
-                self.tally.add(done - self.start, done - issued, response.status,
-                               b"".join(response.body), "", response.served_by)
+                self.tally.add(
+                    done - self.start,
+                    done - issued,
+                    response.status,
+                    b"".join(response.body),
+                    "",
+                    response.served_by,
+                )
         if conn is not None:
             conn.close()
 
 
-def run_target(name: str, workdir: Path, fleet: Fleet, plan: Plan,
-               progress: Callable[[str], None]) -> dict[str, Any]:
+def run_target(
+    name: str, workdir: Path, fleet: Fleet, plan: Plan, progress: Callable[[str], None]
+) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         port, extra_port = free_ports(2)
         launch, ports = _launch(name, workdir, port, list(fleet.ports.values()), extra_port)
@@ -368,64 +418,102 @@ def run_target(name: str, workdir: Path, fleet: Fleet, plan: Plan,
             start_server(f"{name}-drill", launch.argv, ports, workdir, stack, launch.env)
             check_sticky_routing(port)
         except (StartError, ProbeError) as e:
-            return {"name": name, "status": STATUS_FAILED, "reason": str(e),
-                    "config": launch.config}
-        progress(f"killdrill: {name} on {LOOPBACK}:{port}, {plan.clients} clients, "
-                 f"{plan.users} users, {plan.duration:g}s, a backend killed every "
-                 f"{plan.period:g}s and started {plan.down:g}s later")
+            return {
+                "name": name,
+                "status": STATUS_FAILED,
+                "reason": str(e),
+                "config": launch.config,
+            }
+        progress(
+            f"killdrill: {name} on {LOOPBACK}:{port}, {plan.clients} clients, "
+            f"{plan.users} users, {plan.duration:g}s, a backend killed every "
+            f"{plan.period:g}s and started {plan.down:g}s later"
+        )
         drill = Drill(port, plan, fleet, progress)
         run_loop(drill.run())
         counters = proxy_counters(name, launch, extra_port)
     t = drill.tally
-    progress(f"killdrill: {name}: {t.answered:,} answered 200, {t.failed:,} failed"
-             + (f" ({', '.join(f'{k}: {v}' for k, v in t.reasons.most_common(3))})"
-                if t.failed else ""))
-    return {"name": name, "status": STATUS_OK, "answered": t.answered, "failed": t.failed,
-            "gets_per_s": t.answered / plan.duration, "failure_reasons": dict(t.reasons),
-            "served_by": dict(t.served_by),
-            "latency_ms": stats.latency_ms(t.latencies),
-            "failure_samples": [{"at": at, "reason": reason,
-                                 "after_kill": last_kill_before(at, drill.events)}
-                                for at, reason in t.samples],
-            "timeline": {"answered": t.answered_per_second, "failed": t.failed_per_second,
-                         "served": t.served_per_second},
-            "events": drill.events, "proxy_counters": counters, "config": launch.config}
+    progress(
+        f"killdrill: {name}: {t.answered:,} answered 200, {t.failed:,} failed"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in t.reasons.most_common(3))})" if t.failed else "")
+    )
+    return {
+        "name": name,
+        "status": STATUS_OK,
+        "answered": t.answered,
+        "failed": t.failed,
+        "gets_per_s": t.answered / plan.duration,
+        "failure_reasons": dict(t.reasons),
+        "served_by": dict(t.served_by),
+        "latency_ms": stats.latency_ms(t.latencies),
+        "failure_samples": [
+            {"at": at, "reason": reason, "after_kill": last_kill_before(at, drill.events)}
+            for at, reason in t.samples
+        ],
+        "timeline": {
+            "answered": t.answered_per_second,
+            "failed": t.failed_per_second,
+            "served": t.served_per_second,
+        },
+        "events": drill.events,
+        "proxy_counters": counters,
+        "config": launch.config,
+    }
 
 
-def run(plan: Plan, has_tool: Callable[[str], bool],
-        progress: Callable[[str], None]) -> dict[str, Any]:
+def run(
+    plan: Plan, has_tool: Callable[[str], bool], progress: Callable[[str], None]
+) -> dict[str, Any]:
     results = []
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-killdrill-") as tmp, \
-            contextlib.ExitStack() as exits:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-killdrill-") as tmp,
+        contextlib.ExitStack() as exits,
+    ):
         workdir = Path(tmp)
         fleet = Fleet(workdir, exits, free_ports(len(BACKEND_IDS)))
         for name in plan.targets:
             tool = TOOLS[name]
             if tool is not None and not has_tool(tool):
                 progress(f"killdrill: skipping {name}: not installed")
-                results.append({"name": name, "status": STATUS_SKIPPED,
-                                "reason": f"{tool} is not installed"})
+                results.append(
+                    {"name": name, "status": STATUS_SKIPPED, "reason": f"{tool} is not installed"}
+                )
                 continue
             fleet.all_up()
             results.append(run_target(name, workdir, fleet, plan, progress))
-    return {"benchmark": "killdrill",
-            "settings": {"clients": plan.clients, "users": plan.users,
-                         "duration_s": plan.duration, "period_s": plan.period,
-                         "down_s": plan.down, "first_kill_s": plan.first_kill,
-                         "backends": list(BACKEND_IDS), "smoke": plan.smoke,
-                         "request_timeout_s": REQUEST_TIMEOUT,
-                         "failure_samples_kept": FAILURE_SAMPLES,
-                         "health": {"interval_ms": DRILL_HEALTH_INTERVAL_MS,
-                                    "fall": DRILL_HEALTH_FALL, "rise": DRILL_HEALTH_RISE},
-                         "nginx": {"tries": DRILL_NGINX_TRIES, "max_fails": DRILL_NGINX_MAX_FAILS,
-                                   "fail_timeout": DRILL_NGINX_FAIL_TIMEOUT,
-                                   "keepalive": DRILL_UPSTREAM_KEEPALIVE},
-                         "haproxy": {"retries": DRILL_HAPROXY_RETRIES}},
-            "targets": results}
+    return {
+        "benchmark": "killdrill",
+        "settings": {
+            "clients": plan.clients,
+            "users": plan.users,
+            "duration_s": plan.duration,
+            "period_s": plan.period,
+            "down_s": plan.down,
+            "first_kill_s": plan.first_kill,
+            "backends": list(BACKEND_IDS),
+            "smoke": plan.smoke,
+            "request_timeout_s": REQUEST_TIMEOUT,
+            "failure_samples_kept": FAILURE_SAMPLES,
+            "health": {
+                "interval_ms": DRILL_HEALTH_INTERVAL_MS,
+                "fall": DRILL_HEALTH_FALL,
+                "rise": DRILL_HEALTH_RISE,
+            },
+            "nginx": {
+                "tries": DRILL_NGINX_TRIES,
+                "max_fails": DRILL_NGINX_MAX_FAILS,
+                "fail_timeout": DRILL_NGINX_FAIL_TIMEOUT,
+                "keepalive": DRILL_UPSTREAM_KEEPALIVE,
+            },
+            "haproxy": {"retries": DRILL_HAPROXY_RETRIES},
+        },
+        "targets": results,
+    }
 
 
 def main() -> int:
     import shutil
+
     result = run(make_plan(smoke=True), lambda tool: shutil.which(tool) is not None, print)
     for t in result["targets"]:
         print({k: v for k, v in t.items() if k not in ("timeline", "config", "failure_samples")})

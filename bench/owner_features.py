@@ -67,9 +67,18 @@ import redis
 from .procs import free_ports
 from .wrk import LUA_DIR, run_script
 
-VARIANTS = ("ratelimit-sticky", "ratelimit-stateless", "revocation-sticky", "revocation-stateless",
-            "jobpoll-sticky", "jobpoll-stateless", "cache-sticky", "cache-stateless",
-            "jobfollow-sticky", "jobfollow-stateless")
+VARIANTS = (
+    "ratelimit-sticky",
+    "ratelimit-stateless",
+    "revocation-sticky",
+    "revocation-stateless",
+    "jobpoll-sticky",
+    "jobpoll-stateless",
+    "cache-sticky",
+    "cache-stateless",
+    "jobfollow-sticky",
+    "jobfollow-stateless",
+)
 # The feature measured per progress update delivered, not per request.
 FOLLOW_FEATURE = "jobfollow"
 SCRIPT = LUA_DIR / "owner.lua"
@@ -169,8 +178,11 @@ class RedisTally:
         self.by_command: collections.Counter[str] = collections.Counter()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"round_trips": self.round_trips, "commands": sum(self.by_command.values()),
-                "by_command": dict(self.by_command)}
+        return {
+            "round_trips": self.round_trips,
+            "commands": sum(self.by_command.values()),
+            "by_command": dict(self.by_command),
+        }
 
 
 def count_redis_calls(tally: RedisTally) -> None:
@@ -248,7 +260,9 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
                     with contextlib.suppress(ConnectionError):
                         async for status in jobs.follow(user, job_of[user]):
                             if status["progress"]:
-                                await ws.send_str(f"{status['progress']['done']} {status['progress']['message']}")
+                                await ws.send_str(
+                                    f"{status['progress']['done']} {status['progress']['message']}"
+                                )
 
                 sender = asyncio.create_task(send())
                 try:
@@ -264,6 +278,7 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
                 job_of[user] = (await jobs.start(user, ticker))["id"]
 
             app_routes.append(web.get("/follow", follow))
+
             async def end_job(user: str) -> None:
                 await jobs.cancel(user, job_of[user])
 
@@ -284,6 +299,7 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
 
             actions["revoke"] = revoke
         elif variant == "jobpoll-sticky":
+
             async def forever(handle: Any) -> None:
                 await handle.progress(1, 100)
                 await asyncio.sleep(3600)
@@ -293,10 +309,14 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
                 user = request.headers["X-Sticky-Key"]
                 job_id = job_of.get(user)
                 if job_id is None:
-                    job_of[user] = (await jobs.start(user, forever, context=get_context(request)))["id"]
+                    job_of[user] = (await jobs.start(user, forever, context=get_context(request)))[
+                        "id"
+                    ]
                     return await handler(request)
                 status = await jobs.status(user, job_id)
-                return web.Response(text=str(status["progress"]["done"]) if status["progress"] else "0")
+                return web.Response(
+                    text=str(status["progress"]["done"]) if status["progress"] else "0"
+                )
 
             middlewares.append(poll)
         elif variant == "cache-sticky":
@@ -322,8 +342,11 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
 
         # A blocking pool, as the shop's --stateless mode has: a burst waits for a connection
         # instead of failing (every job runner writes at once).
-        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=STATELESS_POOL, timeout=STATELESS_POOL_WAIT))
+        client = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=STATELESS_POOL, timeout=STATELESS_POOL_WAIT
+            )
+        )
         tickers: dict[str, asyncio.Task[None]] = {}
         # Jobs told to stop: a runner ends at its next step. Cancelling it instead can land inside
         # redis-py waiting for a pooled connection, which then swallows the cancellation.
@@ -341,11 +364,15 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
                     if user in stopping:
                         return
                     step += 1
-                    await client.hset(job_key(user), mapping={"step": step, "changed": repr(time.monotonic())})
+                    await client.hset(
+                        job_key(user), mapping={"step": step, "changed": repr(time.monotonic())}
+                    )
 
             async def start_stateless(user: str) -> None:
-                await client.hset(job_key(user), mapping={"step": 0, "changed": repr(time.monotonic()),
-                                                          "state": "running"})
+                await client.hset(
+                    job_key(user),
+                    mapping={"step": 0, "changed": repr(time.monotonic()), "state": "running"},
+                )
                 tickers[user] = asyncio.create_task(run_job(user, 0))
 
             async def end_stateless(user: str) -> None:
@@ -357,7 +384,10 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
 
             async def progress(request: web.Request) -> web.Response:
                 job = await client.hgetall(job_key(request.headers["X-Sticky-Key"]))
-                step, changed = (v.decode() if isinstance(v, bytes) else str(v) for v in (job[b"step"], job[b"changed"]))
+                step, changed = (
+                    v.decode() if isinstance(v, bytes) else str(v)
+                    for v in (job[b"step"], job[b"changed"])
+                )
                 return web.Response(text=f"{step} {changed}")
 
             app_routes.append(web.get("/progress", progress))
@@ -379,15 +409,20 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
                     pipe.hgetall(job_key(user))
                     (job,) = await pipe.execute()
                     if not job:
-                        await client.hset(job_key(user), mapping={"step": 1, "steps": 100, "state": "running"})
+                        await client.hset(
+                            job_key(user), mapping={"step": 1, "steps": 100, "state": "running"}
+                        )
                         return await handler(request)
                     return web.Response(text=job[b"step"].decode())
                 elif variant == "cache-stateless":
                     pipe.get(f"bench:{{{user}}}:profile")
                     (raw,) = await pipe.execute()
                     if raw is None:
-                        await client.set(f"bench:{{{user}}}:profile", json.dumps({"plan": "pro", "name": "x" * 64}),
-                                         px=3_600_000)
+                        await client.set(
+                            f"bench:{{{user}}}:profile",
+                            json.dumps({"plan": "pro", "name": "x" * 64}),
+                            px=3_600_000,
+                        )
                         return await handler(request)
                     return web.Response(text=json.loads(raw)["plan"])
                 elif variant == "revocation-stateless":
@@ -400,6 +435,7 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
             return await handler(request)
 
         if variant == "revocation-stateless":
+
             async def revoke_stateless(user: str) -> None:
                 await client.set(f"bench:revoked:bench-revoked-{user}", 1, px=3_000_000)
 
@@ -423,7 +459,9 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
     async def act(request: web.Request) -> web.Response:
         action = actions.get(request.match_info["action"])
         if action is None:
-            return web.Response(status=404, text=f"{variant} has no {request.match_info['action']}\n")
+            return web.Response(
+                status=404, text=f"{variant} has no {request.match_info['action']}\n"
+            )
         await action(request.query["user"])
         return web.Response(text="ok")
 
@@ -435,7 +473,9 @@ def build_apps(variant: str, redis_url: str, tally: RedisTally) -> tuple[Any, An
     return app, bench
 
 
-def serve_apps(variants: Sequence[str], ports: Sequence[int], bench_ports: Sequence[int], redis_url: str) -> None:
+def serve_apps(
+    variants: Sequence[str], ports: Sequence[int], bench_ports: Sequence[int], redis_url: str
+) -> None:
     """Each variant's app and bench app on its two ports, in this one process (one variant, in a
     measured run; the smoke puts all of a path's in one, as start-up is most of its time)."""
     import uvloop
@@ -473,7 +513,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2),
+        ):
             return
         time.sleep(0.05)
     raise RuntimeError(f"port {port} not accepting within {START_DEADLINE:g}s")
@@ -510,23 +553,36 @@ def _commands(client: redis.Redis) -> dict[str, int]:
 
 def _spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """Commands Redis ran between two ``INFO commandstats``, bookkeeping left out."""
-    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0) and k not in BOOKKEEPING}
+    return {
+        k: v - before.get(k, 0)
+        for k, v in after.items()
+        if v != before.get(k, 0) and k not in BOOKKEEPING
+    }
 
 
 def tally_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What an app sent between two reads of its tally."""
-    by = {k: v - before["by_command"].get(k, 0) for k, v in after["by_command"].items()
-          if v != before["by_command"].get(k, 0)}
-    return {"round_trips": after["round_trips"] - before["round_trips"], "commands": sum(by.values()),
-            "by_command": by}
+    by = {
+        k: v - before["by_command"].get(k, 0)
+        for k, v in after["by_command"].items()
+        if v != before["by_command"].get(k, 0)
+    }
+    return {
+        "round_trips": after["round_trips"] - before["round_trips"],
+        "commands": sum(by.values()),
+        "by_command": by,
+    }
 
 
 def per(delta: dict[str, Any], count: int) -> dict[str, Any]:
     """A tally delta per operation: ``count`` operations, round trips and commands each."""
     n = max(1, count)
-    return {"count": count, "round_trips": round(delta["round_trips"] / n, 3),
-            "commands": round(delta["commands"] / n, 3),
-            "by_command": {k: round(v / n, 3) for k, v in sorted(delta["by_command"].items())}}
+    return {
+        "count": count,
+        "round_trips": round(delta["round_trips"] / n, 3),
+        "commands": round(delta["commands"] / n, 3),
+        "by_command": {k: round(v / n, 3) for k, v in sorted(delta["by_command"].items())},
+    }
 
 
 def _users_file(directory: Path, users: int) -> Path:
@@ -534,8 +590,10 @@ def _users_file(directory: Path, users: int) -> Path:
 
     now = int(time.time())
     path = directory / "users.txt"
-    lines = [f"user-{i} {jwt.encode({'sub': f'user-{i}', 'jti': f'j{i}', 'iat': now, 'exp': now + 3000}, SECRET)}"
-             for i in range(users)]
+    lines = [
+        f"user-{i} {jwt.encode({'sub': f'user-{i}', 'jti': f'j{i}', 'iat': now, 'exp': now + 3000}, SECRET)}"
+        for i in range(users)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -549,13 +607,18 @@ async def _tally(http: Any, bench_port: int) -> dict[str, Any]:
         return dict(await r.json())
 
 
-async def _act(http: Any, bench_port: int, action: str, users: Sequence[str], connections: int) -> dict[str, Any]:
+async def _act(
+    http: Any, bench_port: int, action: str, users: Sequence[str], connections: int
+) -> dict[str, Any]:
     """Run a bench action for each user (``connections`` at a time); what it sent to Redis, per user."""
     limit = asyncio.Semaphore(connections)
     before = await _tally(http, bench_port)
 
     async def one(user: str) -> None:
-        async with limit, http.post(f"http://127.0.0.1:{bench_port}/_bench/{action}", params={"user": user}) as r:
+        async with (
+            limit,
+            http.post(f"http://127.0.0.1:{bench_port}/_bench/{action}", params={"user": user}) as r,
+        ):
             if r.status != 200:
                 raise RuntimeError(f"{action} for {user} answered {r.status}: {await r.text()}")
 
@@ -573,12 +636,19 @@ def touch_every_user(port: int, bench_port: int, users: Path, connections: int) 
 
     async def go() -> dict[str, Any]:
         limit = asyncio.Semaphore(connections)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)
+        ) as http:
             before = await _tally(http, bench_port)
 
             async def one(user: str, token: str) -> None:
-                async with limit, http.get(f"http://127.0.0.1:{port}/",
-                                           headers={"X-Sticky-Key": user, "Authorization": "Bearer " + token}) as r:
+                async with (
+                    limit,
+                    http.get(
+                        f"http://127.0.0.1:{port}/",
+                        headers={"X-Sticky-Key": user, "Authorization": "Bearer " + token},
+                    ) as r,
+                ):
                     if r.status != 200:
                         raise RuntimeError(f"warm-up request for {user} answered {r.status}")
 
@@ -588,11 +658,15 @@ def touch_every_user(port: int, bench_port: int, users: Path, connections: int) 
     return asyncio.run(go())
 
 
-def bench_actions(bench_port: int, action: str, users: Sequence[str], connections: int) -> dict[str, Any]:
+def bench_actions(
+    bench_port: int, action: str, users: Sequence[str], connections: int
+) -> dict[str, Any]:
     import aiohttp
 
     async def go() -> dict[str, Any]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)
+        ) as http:
             return await _act(http, bench_port, action, users, connections)
 
     return asyncio.run(go())
@@ -602,7 +676,9 @@ def read_tally(bench_port: int) -> dict[str, Any]:
     import aiohttp
 
     async def go() -> dict[str, Any]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=ACTION_DEADLINE)
+        ) as http:
             return await _tally(http, bench_port)
 
     return asyncio.run(go())
@@ -619,6 +695,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 @dataclass
 class FollowStats:
     """What the followers saw inside the measured window."""
+
     updates: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     polls: int = 0
@@ -637,8 +714,15 @@ def _seen(stats: FollowStats, measuring: bool, line: str, last: int) -> int:
     return max(step, last)
 
 
-def follow_load(port: int, bench_port: int, redis_port: int, users: Sequence[str], design: str,
-                duration: float, warmup: float) -> dict[str, Any]:
+def follow_load(
+    port: int,
+    bench_port: int,
+    redis_port: int,
+    users: Sequence[str],
+    design: str,
+    duration: float,
+    warmup: float,
+) -> dict[str, Any]:
     """Every user follows its running job for ``warmup`` + ``duration`` seconds: over a
     WebSocket (sticky: the app pushes each change) or by polling ``GET /progress`` once per
     ``PROGRESS_INTERVAL`` (stateless). Returns the window's figures and Redis traffic."""
@@ -650,12 +734,16 @@ def follow_load(port: int, bench_port: int, redis_port: int, users: Sequence[str
         measuring = False
         done = asyncio.Event()
         counter = aioredis.Redis(port=redis_port)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=None, sock_read=ACTION_DEADLINE)) as http:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=ACTION_DEADLINE),
+        ) as http:
 
             async def push(user: str) -> None:
                 last = -1
-                async with http.ws_connect(f"http://127.0.0.1:{port}/follow", headers={"X-Sticky-Key": user}) as ws:
+                async with http.ws_connect(
+                    f"http://127.0.0.1:{port}/follow", headers={"X-Sticky-Key": user}
+                ) as ws:
                     while not done.is_set():
                         receive = asyncio.ensure_future(ws.receive())
                         stop = asyncio.ensure_future(done.wait())
@@ -673,7 +761,9 @@ def follow_load(port: int, bench_port: int, redis_port: int, users: Sequence[str
             async def poll(user: str) -> None:
                 last = -1
                 while not done.is_set():
-                    async with http.get(f"http://127.0.0.1:{port}/progress", headers={"X-Sticky-Key": user}) as r:
+                    async with http.get(
+                        f"http://127.0.0.1:{port}/progress", headers={"X-Sticky-Key": user}
+                    ) as r:
                         text = await r.text()
                     if r.status != 200:
                         stats.errors += 1
@@ -685,19 +775,31 @@ def follow_load(port: int, bench_port: int, redis_port: int, users: Sequence[str
 
             tasks = [asyncio.create_task(push(u) if design == "sticky" else poll(u)) for u in users]
             await asyncio.sleep(warmup)
-            tally_before, commands_before = await _tally(http, bench_port), await counter.info("commandstats")
+            tally_before, commands_before = (
+                await _tally(http, bench_port),
+                await counter.info("commandstats"),
+            )
             measuring, started = True, time.monotonic()
             await asyncio.sleep(duration)
             measuring, elapsed = False, time.monotonic() - started
-            tally_after, commands_after = await _tally(http, bench_port), await counter.info("commandstats")
+            tally_after, commands_after = (
+                await _tally(http, bench_port),
+                await counter.info("commandstats"),
+            )
             done.set()
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
             stats.errors += sum(isinstance(o, BaseException) for o in outcomes)
         await counter.aclose()
-        as_calls = [{k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in c.items()}
-                    for c in (commands_before, commands_after)]
-        return {"stats": stats, "elapsed": elapsed, "sent": tally_delta(tally_before, tally_after),
-                "commands": _spent(*as_calls)}
+        as_calls = [
+            {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in c.items()}
+            for c in (commands_before, commands_after)
+        ]
+        return {
+            "stats": stats,
+            "elapsed": elapsed,
+            "sent": tally_delta(tally_before, tally_after),
+            "commands": _spent(*as_calls),
+        }
 
     return asyncio.run(go())
 
@@ -715,7 +817,9 @@ def ping_ms(port: int) -> float:
     return statistics.median(samples)
 
 
-def calibrated_relay(stack: contextlib.ExitStack, redis_port: int, rtt_ms: float) -> tuple[int, float]:
+def calibrated_relay(
+    stack: contextlib.ExitStack, redis_port: int, rtt_ms: float
+) -> tuple[int, float]:
     """A relay whose added PING round trip is close to ``rtt_ms``: sleeps overshoot by an amount
     that depends on the machine's load, so the per-direction delay is adjusted from measurements."""
     direct = ping_ms(redis_port)
@@ -723,10 +827,27 @@ def calibrated_relay(stack: contextlib.ExitStack, redis_port: int, rtt_ms: float
     for attempt in range(CALIBRATION_ROUNDS):
         (port,) = free_ports(1)
         relay_stack = contextlib.ExitStack()
-        _spawn(relay_stack, [sys.executable, "-m", "bench.owner_features", "relay", "--listen", str(port),
-                             "--to", str(redis_port), "--delay-ms", f"{delay:.4f}"], port)
+        _spawn(
+            relay_stack,
+            [
+                sys.executable,
+                "-m",
+                "bench.owner_features",
+                "relay",
+                "--listen",
+                str(port),
+                "--to",
+                str(redis_port),
+                "--delay-ms",
+                f"{delay:.4f}",
+            ],
+            port,
+        )
         added = ping_ms(port) - direct
-        if abs(added - rtt_ms) <= rtt_ms * CALIBRATION_TOLERANCE or attempt == CALIBRATION_ROUNDS - 1:
+        if (
+            abs(added - rtt_ms) <= rtt_ms * CALIBRATION_TOLERANCE
+            or attempt == CALIBRATION_ROUNDS - 1
+        ):
             stack.enter_context(relay_stack)
             return port, added
         relay_stack.close()
@@ -737,18 +858,28 @@ def calibrated_relay(stack: contextlib.ExitStack, redis_port: int, rtt_ms: float
 Launched = dict[str, tuple[subprocess.Popen[bytes], int, int]]
 
 
-def _launch(stack: contextlib.ExitStack, variants: Sequence[str], ports: Sequence[int], redis_url: str) -> Launched:
+def _launch(
+    stack: contextlib.ExitStack, variants: Sequence[str], ports: Sequence[int], redis_url: str
+) -> Launched:
     """Start one app process serving ``variants``, the i-th on the i-th pair of ``ports``,
     without waiting: {variant: (process, app port, bench port)}."""
     argv = [sys.executable, "-m", "bench.owner_features", "app", "--redis", redis_url]
     for i, variant in enumerate(variants):
-        argv += ["--variant", variant, "--port", str(ports[2 * i]), "--bench-port", str(ports[2 * i + 1])]
+        argv += [
+            "--variant",
+            variant,
+            "--port",
+            str(ports[2 * i]),
+            "--bench-port",
+            str(ports[2 * i + 1]),
+        ]
     proc = _start(stack, argv)
     return {v: (proc, ports[2 * i], ports[2 * i + 1]) for i, v in enumerate(variants)}
 
 
-def _request_row(plan: Plan, variant: str, app_port: int, bench_port: int, users: Path,
-                 counter: redis.Redis) -> dict[str, Any]:
+def _request_row(
+    plan: Plan, variant: str, app_port: int, bench_port: int, users: Path, counter: redis.Redis
+) -> dict[str, Any]:
     """wrk's figures for a per-request variant and what it cost in Redis."""
     first = touch_every_user(app_port, bench_port, users, plan.connections)
     if plan.warmup > 0:
@@ -765,22 +896,31 @@ def _request_row(plan: Plan, variant: str, app_port: int, bench_port: int, users
         bench_actions(bench_port, "revoke", [WARM_UP_USER], 1)
         costs["revocation"] = bench_actions(bench_port, "revoke", revoked, plan.connections)
     return {
-        "kind": "request", "requests": result.requests,
-        "rps": round(result.rps), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-        "non_2xx": result.non_2xx, "socket_errors": result.socket_errors,
+        "kind": "request",
+        "requests": result.requests,
+        "rps": round(result.rps),
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "non_2xx": result.non_2xx,
+        "socket_errors": result.socket_errors,
         "redis_commands_per_request": round(sum(spent.values()) / n, 3),
         "round_trips_per_request": round(sent["round_trips"] / n, 3),
         "commands_sent_per_request": round(sent["commands"] / n, 3),
-        "commands": spent, "sent": sent["by_command"], "costs": costs,
+        "commands": spent,
+        "sent": sent["by_command"],
+        "costs": costs,
     }
 
 
-def _follow_row(plan: Plan, design: str, app_port: int, bench_port: int, redis_port: int,
-                users: Path) -> dict[str, Any]:
+def _follow_row(
+    plan: Plan, design: str, app_port: int, bench_port: int, redis_port: int, users: Path
+) -> dict[str, Any]:
     """Followers of running jobs: updates delivered, their latency, Redis traffic per update."""
-    followers = [u for u, _ in _pairs(users)][:plan.followers]
-    costs = {"first_request": bench_actions(bench_port, "touch", followers, plan.connections),
-             "job_start": bench_actions(bench_port, "start", followers, plan.connections)}
+    followers = [u for u, _ in _pairs(users)][: plan.followers]
+    costs = {
+        "first_request": bench_actions(bench_port, "touch", followers, plan.connections),
+        "job_start": bench_actions(bench_port, "start", followers, plan.connections),
+    }
     window = plan.duration if plan.follow_s is None else plan.follow_s
     out = follow_load(app_port, bench_port, redis_port, followers, design, window, plan.warmup)
     costs["job_end"] = bench_actions(bench_port, "end", followers, plan.connections)
@@ -788,21 +928,28 @@ def _follow_row(plan: Plan, design: str, app_port: int, bench_port: int, redis_p
     n = max(1, stats.updates)
     lat = stats.latencies_ms
     return {
-        "kind": "follow", "followers": len(followers), "interval_ms": PROGRESS_INTERVAL * 1000,
-        "updates": stats.updates, "updates_per_s": round(stats.updates / out["elapsed"]),
+        "kind": "follow",
+        "followers": len(followers),
+        "interval_ms": PROGRESS_INTERVAL * 1000,
+        "updates": stats.updates,
+        "updates_per_s": round(stats.updates / out["elapsed"]),
         "offered_per_s": round(len(followers) / PROGRESS_INTERVAL),
-        "polls": stats.polls, "errors": stats.errors,
+        "polls": stats.polls,
+        "errors": stats.errors,
         "latency_p50_ms": round(percentile(lat, 50) or 0.0, 3),
         "latency_p99_ms": round(percentile(lat, 99) or 0.0, 3),
         "redis_commands_per_update": round(sum(out["commands"].values()) / n, 3),
         "round_trips_per_update": round(out["sent"]["round_trips"] / n, 3),
         "commands_sent_per_update": round(out["sent"]["commands"] / n, 3),
-        "commands": out["commands"], "sent": out["sent"]["by_command"], "costs": costs,
+        "commands": out["commands"],
+        "sent": out["sent"]["by_command"],
+        "costs": costs,
     }
 
 
-def run(plan: Plan, *, log: Callable[[str], None] = print,
-        relay_rtt: list[float] | None = None) -> list[dict[str, Any]]:
+def run(
+    plan: Plan, *, log: Callable[[str], None] = print, relay_rtt: list[float] | None = None
+) -> list[dict[str, Any]]:
     """Every variant with Redis on loopback, then through the relay; ``relay_rtt``, when given,
     receives the PING round trip measured direct and the one the relay adds (ms)."""
     rows = []
@@ -810,8 +957,23 @@ def run(plan: Plan, *, log: Callable[[str], None] = print,
         workdir = Path(tmp)
         users = _users_file(workdir, plan.users)
         (redis_port,) = free_ports(1)
-        _spawn(stack, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no", "--dir", str(workdir)], redis_port)
+        _spawn(
+            stack,
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            redis_port,
+        )
         relay_port, added = calibrated_relay(stack, redis_port, plan.rtt_ms)
         if relay_rtt is not None:
             relay_rtt[:] = [ping_ms(redis_port), added]
@@ -824,8 +986,12 @@ def run(plan: Plan, *, log: Callable[[str], None] = print,
 
         def launch(k: int, variants: Sequence[str]) -> Launched:
             first = k * count + plan.variants.index(variants[0])
-            return _launch(stack, variants, ports[2 * first:2 * (first + len(variants))],
-                           f"redis://127.0.0.1:{paths[k][2]}/0")
+            return _launch(
+                stack,
+                variants,
+                ports[2 * first : 2 * (first + len(variants))],
+                f"redis://127.0.0.1:{paths[k][2]}/0",
+            )
 
         # The smoke serves all of a path's variants from one process, started while the previous
         # path runs (start-up is most of its time); a measured run starts each variant's app
@@ -838,7 +1004,9 @@ def run(plan: Plan, *, log: Callable[[str], None] = print,
                 _wait_port(bench_port, proc)
                 launched[k + 1] = launch(k + 1, plan.variants)
             for variant in plan.variants:
-                proc, app_port, bench_port = (launched[k] if plan.smoke else launch(k, [variant]))[variant]
+                proc, app_port, bench_port = (launched[k] if plan.smoke else launch(k, [variant]))[
+                    variant
+                ]
                 feature, _, design = variant.rpartition("-")
                 _wait_port(app_port, proc)
                 _wait_port(bench_port, proc)
@@ -848,21 +1016,33 @@ def run(plan: Plan, *, log: Callable[[str], None] = print,
                     figures = _request_row(plan, variant, app_port, bench_port, users, counter)
                 if not plan.smoke:
                     _stop(proc)
-                rows.append({"network": network, "variant": variant, "redis": redis_path, "feature": feature,
-                             "design": design, **figures})
+                rows.append(
+                    {
+                        "network": network,
+                        "variant": variant,
+                        "redis": redis_path,
+                        "feature": feature,
+                        "design": design,
+                        **figures,
+                    }
+                )
                 log(json.dumps(rows[-1]) if log is print else summary_line(rows[-1]))
     return rows
 
 
 def summary_line(r: dict[str, Any]) -> str:
     if r["kind"] == "follow":
-        return (f"{r['network']} {r['variant']}: {r['updates_per_s']:,} updates/s, latency p50 "
-                f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms, "
-                f"{r['redis_commands_per_update']:.3f} Redis commands and {r['round_trips_per_update']:.3f} "
-                "round trips/update")
-    return (f"{r['network']} {r['variant']}: {r['rps']:,} req/s, p99 {r['p99_ms']:.2f} ms, "
-            f"{r['redis_commands_per_request']:.3f} Redis commands and {r['round_trips_per_request']:.3f} "
-            "round trips/request")
+        return (
+            f"{r['network']} {r['variant']}: {r['updates_per_s']:,} updates/s, latency p50 "
+            f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms, "
+            f"{r['redis_commands_per_update']:.3f} Redis commands and {r['round_trips_per_update']:.3f} "
+            "round trips/update"
+        )
+    return (
+        f"{r['network']} {r['variant']}: {r['rps']:,} req/s, p99 {r['p99_ms']:.2f} ms, "
+        f"{r['redis_commands_per_request']:.3f} Redis commands and {r['round_trips_per_request']:.3f} "
+        "round trips/request"
+    )
 
 
 @dataclass(frozen=True)
@@ -883,8 +1063,16 @@ class Plan:
 # only checks that every variant starts, answers and is counted (wrk's -d takes whole seconds),
 # with no warm-up load and fewer users.
 FULL = Plan(duration=5.0, warmup=WARMUP_S, connections=16, rtt_ms=0.5, smoke=False)
-SMOKE = Plan(duration=1.0, warmup=0.0, connections=4, rtt_ms=0.5, smoke=True, users=50, followers=10,
-             follow_s=0.5)
+SMOKE = Plan(
+    duration=1.0,
+    warmup=0.0,
+    connections=4,
+    rtt_ms=0.5,
+    smoke=True,
+    users=50,
+    followers=10,
+    follow_s=0.5,
+)
 
 
 def make_plan(smoke: bool) -> Plan:
@@ -897,45 +1085,76 @@ def run_suite(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     fails the benchmark."""
     rtt: list[float] = []
     rows = run(plan, log=log, relay_rtt=rtt)
-    bad = [f"{r['network']} {r['variant']}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
-           for r in rows if r["kind"] == "request" and (r["non_2xx"] or r["socket_errors"])]
-    bad += [f"{r['network']} {r['variant']}: {r['errors']} follower errors, {r['updates']} updates"
-            for r in rows if r["kind"] == "follow" and (r["errors"] or not r["updates"])]
+    bad = [
+        f"{r['network']} {r['variant']}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
+        for r in rows
+        if r["kind"] == "request" and (r["non_2xx"] or r["socket_errors"])
+    ]
+    bad += [
+        f"{r['network']} {r['variant']}: {r['errors']} follower errors, {r['updates']} updates"
+        for r in rows
+        if r["kind"] == "follow" and (r["errors"] or not r["updates"])
+    ]
     if bad:
         raise RuntimeError("; ".join(bad))
-    return {"settings": {"duration_s": plan.duration, "warmup_s": plan.warmup, "connections": plan.connections,
-                         "follow_s": plan.duration if plan.follow_s is None else plan.follow_s,
-                         "users": plan.users, "followers": plan.followers,
-                         "progress_interval_ms": PROGRESS_INTERVAL * 1000,
-                         "rtt_ms_target": plan.rtt_ms, "smoke": plan.smoke},
-            "relay": {"direct_ping_ms": round(rtt[0], 3), "added_rtt_ms": round(rtt[1], 3),
-                      "ping_samples": RTT_SAMPLES},
-            "rows": rows}
+    return {
+        "settings": {
+            "duration_s": plan.duration,
+            "warmup_s": plan.warmup,
+            "connections": plan.connections,
+            "follow_s": plan.duration if plan.follow_s is None else plan.follow_s,
+            "users": plan.users,
+            "followers": plan.followers,
+            "progress_interval_ms": PROGRESS_INTERVAL * 1000,
+            "rtt_ms_target": plan.rtt_ms,
+            "smoke": plan.smoke,
+        },
+        "relay": {
+            "direct_ping_ms": round(rtt[0], 3),
+            "added_rtt_ms": round(rtt[1], 3),
+            "ping_samples": RTT_SAMPLES,
+        },
+        "rows": rows,
+    }
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    out = [("| Redis | variant | req/s | p50 ms | p99 ms | Redis commands / request | round trips / request "
-           "| non-2xx |"),
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        (
+            "| Redis | variant | req/s | p50 ms | p99 ms | Redis commands / request | round trips / request "
+            "| non-2xx |"
+        ),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r["kind"] == "request":
-            out.append(f"| {r['network']} | {r['variant']} | {r['rps']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                       f"{r['redis_commands_per_request']:.3f} | {r['round_trips_per_request']:.3f} | "
-                       f"{r['non_2xx']} |")
-    out += ["",
-            ("| Redis | variant | updates/s | latency p50 ms | latency p99 ms | Redis commands / update "
-             "| round trips / update | errors |"),
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            out.append(
+                f"| {r['network']} | {r['variant']} | {r['rps']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['redis_commands_per_request']:.3f} | {r['round_trips_per_request']:.3f} | "
+                f"{r['non_2xx']} |"
+            )
+    out += [
+        "",
+        (
+            "| Redis | variant | updates/s | latency p50 ms | latency p99 ms | Redis commands / update "
+            "| round trips / update | errors |"
+        ),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r["kind"] == "follow":
-            out.append(f"| {r['network']} | {r['variant']} | {r['updates_per_s']:,} | {r['latency_p50_ms']:.2f} | "
-                       f"{r['latency_p99_ms']:.2f} | {r['redis_commands_per_update']:.3f} | "
-                       f"{r['round_trips_per_update']:.3f} | {r['errors']} |")
+            out.append(
+                f"| {r['network']} | {r['variant']} | {r['updates_per_s']:,} | {r['latency_p50_ms']:.2f} | "
+                f"{r['latency_p99_ms']:.2f} | {r['redis_commands_per_update']:.3f} | "
+                f"{r['round_trips_per_update']:.3f} | {r['errors']} |"
+            )
     return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.owner_features", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.owner_features", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("relay")
     r.add_argument("--listen", type=int, required=True)
@@ -957,8 +1176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "app":
         serve_apps(args.variant, args.port, args.bench_port, args.redis)
         return 0
-    rows = run(Plan(duration=args.duration, warmup=WARMUP_S, connections=args.connections, rtt_ms=args.rtt_ms,
-                    smoke=False))
+    rows = run(
+        Plan(
+            duration=args.duration,
+            warmup=WARMUP_S,
+            connections=args.connections,
+            rtt_ms=args.rtt_ms,
+            smoke=False,
+        )
+    )
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

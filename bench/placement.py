@@ -14,8 +14,8 @@ waiting for a core shared with the client.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .cpu import PROC, process_tree
 
@@ -29,8 +29,9 @@ class Placement:
     load: tuple[int, ...]
 
     def describe(self) -> str:
-        return (f"proxy on CPU {_cpus(self.proxy)}, load client and backends on "
-                f"CPU {_cpus(self.load)}")
+        return (
+            f"proxy on CPU {_cpus(self.proxy)}, load client and backends on CPU {_cpus(self.load)}"
+        )
 
 
 def _cpus(cores: Sequence[int]) -> str:

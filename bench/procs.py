@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 15.0
@@ -22,8 +22,12 @@ CONNECT_TIMEOUT = 0.2
 LOG_TAIL_LINES = 2
 NOISE_CHARS = set("^~ ")
 
-TOOL_PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk",
-                 "redis-server": "redis-server"}
+TOOL_PACKAGES = {
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "wrk": "wrk",
+    "redis-server": "redis-server",
+}
 
 
 class StartError(Exception):
@@ -67,8 +71,11 @@ class Server:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        meaningful = [line.strip() for line in text.splitlines()
-                      if line.strip() and not set(line) <= NOISE_CHARS]
+        meaningful = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not set(line) <= NOISE_CHARS
+        ]
         return " | ".join(meaningful[-lines:])
 
     def describe_exit(self) -> str:
@@ -89,23 +96,40 @@ class Server:
             os.killpg(self.proc.pid, sig)
 
 
-def spawn_server(name: str, argv: Sequence[str], workdir: Path, stack: contextlib.ExitStack,
-                 env: Mapping[str, str] | None = None) -> Server:
+def spawn_server(
+    name: str,
+    argv: Sequence[str],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    env: Mapping[str, str] | None = None,
+) -> Server:
     """Start `argv` in its own process group, logging to workdir/name.log, stopped when
     `stack` closes."""
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     server = Server(name, proc, log_path)
     stack.callback(server.stop)
     return server
 
 
-def start_server(name: str, argv: Sequence[str], ports: Iterable[int], workdir: Path,
-                 stack: contextlib.ExitStack, env: Mapping[str, str] | None = None,
-                 timeout: float = START_TIMEOUT) -> Server:
+def start_server(
+    name: str,
+    argv: Sequence[str],
+    ports: Iterable[int],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    env: Mapping[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> Server:
     """Start `argv` in its own process group, stopped when `stack` closes; wait for `ports`."""
     server = spawn_server(name, argv, workdir, stack, env)
     wait_until_accepting(server, list(ports), timeout)
@@ -121,9 +145,10 @@ def wait_until_accepting(server: Server, ports: list[int], timeout: float) -> No
             return
         if time.monotonic() > deadline:
             tail = server.log_tail()
-            raise StartError(f"did not accept connections on port(s) "
-                             f"{', '.join(map(str, ports))} within {timeout:g}s"
-                             + (f": {tail}" if tail else ""))
+            raise StartError(
+                f"did not accept connections on port(s) "
+                f"{', '.join(map(str, ports))} within {timeout:g}s" + (f": {tail}" if tail else "")
+            )
         time.sleep(PORT_POLL_INTERVAL)
 
 
@@ -156,8 +181,11 @@ def ensure_installed(tools: Sequence[str], install: bool) -> bool:
     if not missing:
         return True
     if not install:
-        print(f"missing: {', '.join(missing)}. Install with:\n  {install_command(missing)}\n"
-              "or run again with --install.", file=sys.stderr)
+        print(
+            f"missing: {', '.join(missing)}. Install with:\n  {install_command(missing)}\n"
+            "or run again with --install.",
+            file=sys.stderr,
+        )
         return False
     print(f"installing {', '.join(missing)}", flush=True)
     try:

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 STATUS_OK = "ok"
-TABLE_HEADERS = ("target", "req/s", "x nginx", "rounds (req/s)", "p50 ms", "p99 ms",
-                 "p99 x nginx", "CPU us/req", "CPU x nginx", "non-2xx", "sock err")
+TABLE_HEADERS = (
+    "target",
+    "req/s",
+    "x nginx",
+    "rounds (req/s)",
+    "p50 ms",
+    "p99 ms",
+    "p99 x nginx",
+    "CPU us/req",
+    "CPU x nginx",
+    "non-2xx",
+    "sock err",
+)
 CHART_SIZE = (11, 4.5)
 CHART_DPI = 120
 BAR_WIDTH = 0.38
@@ -43,10 +55,12 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 def ratios(summary: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, float | None]:
     if baseline is None:
         return {"rps": None, "p50": None, "p99": None, "cpu": None}
-    return {"rps": _ratio(summary["rps_median"], baseline["rps_median"]),
-            "p50": _ratio(summary["p50_ms"], baseline["p50_ms"]),
-            "p99": _ratio(summary["p99_ms"], baseline["p99_ms"]),
-            "cpu": _ratio(summary["cpu_us"], baseline["cpu_us"])}
+    return {
+        "rps": _ratio(summary["rps_median"], baseline["rps_median"]),
+        "p50": _ratio(summary["p50_ms"], baseline["p50_ms"]),
+        "p99": _ratio(summary["p99_ms"], baseline["p99_ms"]),
+        "cpu": _ratio(summary["cpu_us"], baseline["cpu_us"]),
+    }
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -64,11 +78,19 @@ def table_rows(targets: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def _row(target: dict[str, Any]) -> list[str]:
     s, r = target["summary"], target["ratio_to_nginx"]
-    return [target["label"], f"{s['rps_median']:,.0f}", _fmt_ratio(r["rps"]),
-            " / ".join(f"{x:,.0f}" for x in s["rps_rounds"]),
-            f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", _fmt_ratio(r["p99"]),
-            _fmt_us(s.get("cpu_us")), _fmt_ratio(r.get("cpu")),
-            f"{s['non_2xx']:,}", f"{s['socket_errors']:,}"]
+    return [
+        target["label"],
+        f"{s['rps_median']:,.0f}",
+        _fmt_ratio(r["rps"]),
+        " / ".join(f"{x:,.0f}" for x in s["rps_rounds"]),
+        f"{s['p50_ms']:.2f}",
+        f"{s['p99_ms']:.2f}",
+        _fmt_ratio(r["p99"]),
+        _fmt_us(s.get("cpu_us")),
+        _fmt_ratio(r.get("cpu")),
+        f"{s['non_2xx']:,}",
+        f"{s['socket_errors']:,}",
+    ]
 
 
 def render_table(targets: Sequence[dict[str, Any]]) -> str:
@@ -80,8 +102,9 @@ def render_table(targets: Sequence[dict[str, Any]]) -> str:
         return "  ".join(cells)
 
     out = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
-    out += [f"{t['label']}: {t['status']}: {t['reason']}" for t in targets
-            if t["status"] != STATUS_OK]
+    out += [
+        f"{t['label']}: {t['status']}: {t['reason']}" for t in targets if t["status"] != STATUS_OK
+    ]
     return "\n".join(out)
 
 
@@ -92,6 +115,7 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
 
 def write_chart(path: Path, targets: Sequence[dict[str, Any]], title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,25 +124,46 @@ def write_chart(path: Path, targets: Sequence[dict[str, Any]], title: str) -> No
     xs = range(len(measured))
     fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=CHART_SIZE)
 
-    ax_rps.bar(xs, [t["summary"]["rps_median"] for t in measured], color="tab:blue",
-               label="median")
+    ax_rps.bar(xs, [t["summary"]["rps_median"] for t in measured], color="tab:blue", label="median")
     for x, t in zip(xs, measured):
         rounds = t["summary"]["rps_rounds"]
-        ax_rps.scatter([x] * len(rounds), rounds, color="black", s=12, zorder=3,
-                       label="rounds" if x == 0 else None)
+        ax_rps.scatter(
+            [x] * len(rounds),
+            rounds,
+            color="black",
+            s=12,
+            zorder=3,
+            label="rounds" if x == 0 else None,
+        )
         ratio = t["ratio_to_nginx"]["rps"]
         if ratio is not None:
-            ax_rps.annotate(f"{ratio:.2f}x", (x, t["summary"]["rps_median"]),
-                            ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+            ax_rps.annotate(
+                f"{ratio:.2f}x",
+                (x, t["summary"]["rps_median"]),
+                ha="center",
+                va="bottom",
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
     ax_rps.set_xticks(list(xs), labels)
     ax_rps.set_ylabel("requests/s")
     ax_rps.set_title("throughput (higher is better)")
     ax_rps.legend(loc="lower right")
 
-    ax_lat.bar([x - BAR_WIDTH / 2 for x in xs], [t["summary"]["p50_ms"] for t in measured],
-               BAR_WIDTH, label="p50", color="tab:green")
-    ax_lat.bar([x + BAR_WIDTH / 2 for x in xs], [t["summary"]["p99_ms"] for t in measured],
-               BAR_WIDTH, label="p99", color="tab:red")
+    ax_lat.bar(
+        [x - BAR_WIDTH / 2 for x in xs],
+        [t["summary"]["p50_ms"] for t in measured],
+        BAR_WIDTH,
+        label="p50",
+        color="tab:green",
+    )
+    ax_lat.bar(
+        [x + BAR_WIDTH / 2 for x in xs],
+        [t["summary"]["p99_ms"] for t in measured],
+        BAR_WIDTH,
+        label="p99",
+        color="tab:red",
+    )
     ax_lat.set_xticks(list(xs), labels)
     ax_lat.set_ylabel("latency (ms)")
     ax_lat.set_title("latency, median of rounds (lower is better)")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from stickyproxy.routing.ring import OWNER_CACHE_SIZE, Member, Ring, moved_share
 
@@ -55,12 +56,17 @@ def lookups(key_count: int, preference_keys: int, repeats: int) -> dict[str, Any
     cached = keys[:OWNER_CACHE_SIZE]
     for key in cached:
         ring.owner(key)
-    return {"backends": 3, "vnodes": DEFAULT_VNODES, "keys": key_count, "repeats": repeats,
-            "owner_per_s": _first_lookups("owner", keys, repeats),
-            "owner_repeat_per_s": _rate(ring.owner, cached, repeats),
-            "pick_per_s": _first_lookups("pick", keys, repeats),
-            "preference_per_s": _rate(ring.preference, keys[:preference_keys], repeats),
-            "target_per_s": TARGET_LOOKUPS_PER_S}
+    return {
+        "backends": 3,
+        "vnodes": DEFAULT_VNODES,
+        "keys": key_count,
+        "repeats": repeats,
+        "owner_per_s": _first_lookups("owner", keys, repeats),
+        "owner_repeat_per_s": _rate(ring.owner, cached, repeats),
+        "pick_per_s": _first_lookups("pick", keys, repeats),
+        "preference_per_s": _rate(ring.preference, keys[:preference_keys], repeats),
+        "target_per_s": TARGET_LOOKUPS_PER_S,
+    }
 
 
 def balance(vnodes: int, count: int, sample_keys: int) -> dict[str, Any]:
@@ -71,12 +77,15 @@ def balance(vnodes: int, count: int, sample_keys: int) -> dict[str, Any]:
     ideal = 1 / count
     counts = collections.Counter(ring.owner(f"user-{i}") for i in range(sample_keys))
     average = sample_keys / count
-    return {"vnodes": vnodes, "backends": count,
-            "max_over_avg": max(shares.values()) / ideal,
-            "min_over_avg": min(shares.values()) / ideal,
-            "sample_keys": sample_keys,
-            "keys_max_over_avg": max(counts.values()) / average,
-            "keys_min_over_avg": min(counts.get(m.id, 0) for m in ring.members) / average}
+    return {
+        "vnodes": vnodes,
+        "backends": count,
+        "max_over_avg": max(shares.values()) / ideal,
+        "min_over_avg": min(shares.values()) / ideal,
+        "sample_keys": sample_keys,
+        "keys_max_over_avg": max(counts.values()) / average,
+        "keys_min_over_avg": min(counts.get(m.id, 0) for m in ring.members) / average,
+    }
 
 
 def movement(vnodes: int, count: int) -> dict[str, Any]:
@@ -88,19 +97,28 @@ def movement(vnodes: int, count: int) -> dict[str, Any]:
     added = moved_share(base, grown)
     removed = moved_share(base, shrunk)
     newcomer, leaver = f"app-{count + 1}", f"app-{count}"
-    return {"vnodes": vnodes, "backends": count,
-            "added": sum(added.values()), "added_ideal": 1 / (count + 1),
-            "added_only_to_new": all(to == newcomer for _, to in added),
-            "removed": sum(removed.values()), "removed_ideal": 1 / count,
-            "removed_only_from_leaver": all(frm == leaver for frm, _ in removed)}
+    return {
+        "vnodes": vnodes,
+        "backends": count,
+        "added": sum(added.values()),
+        "added_ideal": 1 / (count + 1),
+        "added_only_to_new": all(to == newcomer for _, to in added),
+        "removed": sum(removed.values()),
+        "removed_ideal": 1 / count,
+        "removed_only_from_leaver": all(frm == leaver for frm, _ in removed),
+    }
 
 
 def run(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    lookup = lookups(SMOKE_LOOKUP_KEYS if smoke else LOOKUP_KEYS,
-                     SMOKE_PREFERENCE_KEYS if smoke else PREFERENCE_KEYS,
-                     SMOKE_LOOKUP_REPEATS if smoke else LOOKUP_REPEATS)
-    progress(f"ring: owner() {lookup['owner_per_s']:,.0f} keys/s, pick() "
-             f"{lookup['pick_per_s']:,.0f}/s, preference() {lookup['preference_per_s']:,.0f}/s")
+    lookup = lookups(
+        SMOKE_LOOKUP_KEYS if smoke else LOOKUP_KEYS,
+        SMOKE_PREFERENCE_KEYS if smoke else PREFERENCE_KEYS,
+        SMOKE_LOOKUP_REPEATS if smoke else LOOKUP_REPEATS,
+    )
+    progress(
+        f"ring: owner() {lookup['owner_per_s']:,.0f} keys/s, pick() "
+        f"{lookup['pick_per_s']:,.0f}/s, preference() {lookup['preference_per_s']:,.0f}/s"
+    )
     balances, moves = [], []
     sample_keys = SMOKE_BALANCE_KEYS if smoke else BALANCE_KEYS
     for count in BACKEND_COUNTS:
@@ -108,8 +126,15 @@ def run(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
             b, m = balance(vnodes, count, sample_keys), movement(vnodes, count)
             balances.append(b)
             moves.append(m)
-            progress(f"ring: {count} backends, {vnodes} vnodes: max/avg {b['max_over_avg']:.3f}, "
-                     f"add moves {m['added']:.1%} (ideal {m['added_ideal']:.1%}), "
-                     f"remove moves {m['removed']:.1%} (ideal {m['removed_ideal']:.1%})")
-    return {"benchmark": "ring", "smoke": smoke, "lookups": lookup, "balance": balances,
-            "movement": moves}
+            progress(
+                f"ring: {count} backends, {vnodes} vnodes: max/avg {b['max_over_avg']:.3f}, "
+                f"add moves {m['added']:.1%} (ideal {m['added_ideal']:.1%}), "
+                f"remove moves {m['removed']:.1%} (ideal {m['removed_ideal']:.1%})"
+            )
+    return {
+        "benchmark": "ring",
+        "smoke": smoke,
+        "lookups": lookup,
+        "balance": balances,
+        "movement": moves,
+    }

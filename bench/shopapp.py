@@ -31,8 +31,11 @@ class RedisTally:
         self.by_command: collections.Counter[str] = collections.Counter()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"round_trips": self.round_trips, "commands": sum(self.by_command.values()),
-                "by_command": dict(self.by_command)}
+        return {
+            "round_trips": self.round_trips,
+            "commands": sum(self.by_command.values()),
+            "by_command": dict(self.by_command),
+        }
 
 
 def _name(command: Any) -> str:
@@ -45,8 +48,9 @@ def count_redis_calls(tally: RedisTally) -> None:
     send_packed = AbstractConnection.send_packed_command
     pack = AbstractConnection.pack_command
 
-    async def send_packed_command(self: AbstractConnection, command: Any,
-                                  check_health: bool = True) -> None:
+    async def send_packed_command(
+        self: AbstractConnection, command: Any, check_health: bool = True
+    ) -> None:
         tally.round_trips += 1
         await send_packed(self, command, check_health)
 

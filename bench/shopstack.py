@@ -7,9 +7,10 @@ import contextlib
 import json
 import sys
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import redis
 
@@ -54,51 +55,99 @@ class Health:
 def start_redis(workdir: Path, stack: contextlib.ExitStack, name: str = "redis") -> str:
     """A private redis-server without persistence on a free port; returns its URL."""
     (port,) = free_ports(1)
-    argv = [REDIS_BINARY, "--port", str(port), "--bind", LOOPBACK, "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]
+    argv = [
+        REDIS_BINARY,
+        "--port",
+        str(port),
+        "--bind",
+        LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     server = spawn_server(name, argv, workdir, stack)
     wait_until_accepting(server, [port], START_TIMEOUT)
     return f"redis://{LOOPBACK}:{port}/0"
 
 
-def shop_argv(port: int, node_id: str, redis_url: str, *, stateless: bool,
-              counted: bool) -> list[str]:
+def shop_argv(
+    port: int, node_id: str, redis_url: str, *, stateless: bool, counted: bool
+) -> list[str]:
     module = "bench.shopapp" if counted else "shop"
-    return [sys.executable, "-m", module, "--port", str(port), "--node-id", node_id,
-            "--redis", redis_url, "--rate-limit", str(NO_REFUSAL_RATE_LIMIT)] + \
-        (["--stateless"] if stateless else [])
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--port",
+        str(port),
+        "--node-id",
+        node_id,
+        "--redis",
+        redis_url,
+        "--rate-limit",
+        str(NO_REFUSAL_RATE_LIMIT),
+    ] + (["--stateless"] if stateless else [])
 
 
-def spawn_shop(workdir: Path, stack: contextlib.ExitStack, node_id: str, port: int,
-               redis_url: str, *, stateless: bool, counted: bool) -> ShopApp:
+def spawn_shop(
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    node_id: str,
+    port: int,
+    redis_url: str,
+    *,
+    stateless: bool,
+    counted: bool,
+) -> ShopApp:
     argv = shop_argv(port, node_id, redis_url, stateless=stateless, counted=counted)
     server = spawn_server(node_id, argv, workdir, stack, python_env(EXAMPLES))
     return ShopApp(node_id, port, server)
 
 
-def start_shops(workdir: Path, stack: contextlib.ExitStack, ids: Sequence[str], redis_url: str,
-                *, stateless: bool, counted: bool) -> list[ShopApp]:
+def start_shops(
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    ids: Sequence[str],
+    redis_url: str,
+    *,
+    stateless: bool,
+    counted: bool,
+) -> list[ShopApp]:
     """All instances at once, then wait until each accepts connections."""
     ports = free_ports(len(ids))
-    apps = [spawn_shop(workdir, stack, node_id, port, redis_url, stateless=stateless,
-                       counted=counted) for node_id, port in zip(ids, ports)]
+    apps = [
+        spawn_shop(workdir, stack, node_id, port, redis_url, stateless=stateless, counted=counted)
+        for node_id, port in zip(ids, ports)
+    ]
     for app in apps:
         wait_until_accepting(app.server, [app.port], APP_START_TIMEOUT)
     return apps
 
 
-def proxy_config(port: int, apps: Sequence[ShopApp], *, sticky: bool,
-                 health: Health | None = None, admin_port: int | None = None) -> str:
+def proxy_config(
+    port: int,
+    apps: Sequence[ShopApp],
+    *,
+    sticky: bool,
+    health: Health | None = None,
+    admin_port: int | None = None,
+) -> str:
     key = STICKY_KEY_HEADER if sticky else NEVER_SENT_HEADER
     backends = "\n".join(f'[[backends]]\nid = "{a.id}"\nurl = "{a.url}"\n' for a in apps)
-    admin = (f'host = "{LOOPBACK}"\nport = {admin_port}' if admin_port is not None
-             else "enabled = false")
+    admin = (
+        f'host = "{LOOPBACK}"\nport = {admin_port}' if admin_port is not None else "enabled = false"
+    )
     if health is None:
         health_section = "enabled = false"
     else:
-        health_section = (f'path = "/healthz"\ninterval = "{health.interval}"\n'
-                          f'timeout = "{health.timeout}"\nrise = {health.rise}\n'
-                          f'fall = {health.fall}')
+        health_section = (
+            f'path = "/healthz"\ninterval = "{health.interval}"\n'
+            f'timeout = "{health.timeout}"\nrise = {health.rise}\n'
+            f"fall = {health.fall}"
+        )
     return f"""[listen]
 host = "{LOOPBACK}"
 port = {port}
@@ -119,8 +168,9 @@ access = "off"
 {backends}"""
 
 
-def start_proxy(workdir: Path, stack: contextlib.ExitStack, name: str, config: str,
-                ports: Sequence[int]) -> Server:
+def start_proxy(
+    workdir: Path, stack: contextlib.ExitStack, name: str, config: str, ports: Sequence[int]
+) -> Server:
     """`stickyproxy run` with `config`, once it accepts connections on every one of `ports`."""
     path = workdir / f"{name}.toml"
     path.write_text(config)
@@ -147,7 +197,7 @@ def metric_values(text: str, name: str) -> dict[str, float]:
         if not line.startswith(name) or line.startswith("#"):
             continue
         head, _, value = line.rpartition(" ")
-        rest = head[len(name):]
+        rest = head[len(name) :]
         if rest and not rest.startswith("{"):
             continue
         out[rest.strip("{}")] = float(value)
@@ -175,12 +225,15 @@ def acquisitions(metrics_text: str) -> dict[str, float]:
 
 def context_counters(metrics_text: str) -> dict[str, Any]:
     """The context library's acquisitions by reason, takeovers received and write conflicts."""
+
     def total(name: str) -> float:
         return sum(metric_values(metrics_text, name).values())
 
-    return {"acquisitions": acquisitions(metrics_text),
-            "takeovers_received": total("stickyctx_takeovers_received_total"),
-            "conflicts": total("stickyctx_conflicts_total")}
+    return {
+        "acquisitions": acquisitions(metrics_text),
+        "takeovers_received": total("stickyctx_takeovers_received_total"),
+        "conflicts": total("stickyctx_conflicts_total"),
+    }
 
 
 def shop_requests(metrics_text: str, routes: Sequence[str]) -> float:

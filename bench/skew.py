@@ -54,8 +54,9 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from stickyproxy.routing import ramp, spill
 from stickyproxy.routing.ring import Member, Ring
@@ -71,11 +72,11 @@ BALANCE_REQUESTS, SMOKE_BALANCE_REQUESTS = 300_000, 40_000
 INFLIGHT_MEAN = 48
 FACTORS: tuple[float | None, ...] = (None, 2.0, 1.5, 1.25)
 # -- failback
-REQUEST_RATE, SMOKE_REQUEST_RATE = 4000.0, 1500.0     # requests per second, all users
-RECOVERY_AT = 5.0                                       # seconds into the simulated window
-RAMP, SMOKE_RAMP = 30.0, 10.0                           # health.failback_ramp
-AFTER_RAMP = 15.0                                       # seconds simulated after the ramp
-FLEET_SKEW = 0.5                                        # seconds between two proxies' starts
+REQUEST_RATE, SMOKE_REQUEST_RATE = 4000.0, 1500.0  # requests per second, all users
+RECOVERY_AT = 5.0  # seconds into the simulated window
+RAMP, SMOKE_RAMP = 30.0, 10.0  # health.failback_ramp
+AFTER_RAMP = 15.0  # seconds simulated after the ramp
+FLEET_SKEW = 0.5  # seconds between two proxies' starts
 VICTIM = "app-2"
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,7 +95,7 @@ class Sim:
 
 def zipf_users(users: int, count: int, rng: random.Random, s: float = ZIPF_S) -> list[int]:
     """``count`` draws of a user index (0 = hottest), user i with weight 1 / (i + 1)**s."""
-    cum = list(itertools.accumulate(1.0 / i ** s for i in range(1, users + 1)))
+    cum = list(itertools.accumulate(1.0 / i**s for i in range(1, users + 1)))
     top = cum[-1]
     return [bisect.bisect_left(cum, rng.random() * top) for _ in range(count)]
 
@@ -120,8 +121,10 @@ class Users:
 
 # -- load spread -------------------------------------------------------------------------
 
-def balance_run(users: Users, draws: list[int], gaps: list[float], services: list[float],
-                factor: float | None) -> dict[str, Any]:
+
+def balance_run(
+    users: Users, draws: list[int], gaps: list[float], services: list[float], factor: float | None
+) -> dict[str, Any]:
     sims = {b: Sim(b) for b in BACKENDS}
     pct = spill.percent(factor) if factor is not None else 0
     served = dict.fromkeys(BACKENDS, 0)
@@ -142,8 +145,11 @@ def balance_run(users: Users, draws: list[int], gaps: list[float], services: lis
             chosen = sims[pref[0]]
         else:
             cands = [sims[b] for b in pref]
-            chosen = cands[spill.choose([c.inflight for c in cands], [c.weight for c in cands],
-                                        total, weight, pct)]
+            chosen = cands[
+                spill.choose(
+                    [c.inflight for c in cands], [c.weight for c in cands], total, weight, pct
+                )
+            ]
         chosen.inflight += 1
         total += 1
         if chosen.inflight > peak[chosen.id]:
@@ -158,18 +164,26 @@ def balance_run(users: Users, draws: list[int], gaps: list[float], services: lis
         last[user] = chosen.id
     n = len(draws)
     ratios.sort()
-    return {"factor": factor, "requests": n,
-            "share": {b: served[b] / n for b in BACKENDS},
-            "max_share_over_mean": max(served.values()) / (n / len(BACKENDS)),
-            "peak_inflight": peak,
-            "busiest_over_mean": {"mean": sum(ratios) / n, "p50": ratios[n // 2],
-                                  "p99": ratios[min(n - 1, n * 99 // 100)]},
-            "off_owner_share": off_owner / n,
-            "user_moves": moves, "user_moves_per_1000": 1000 * moves / n}
+    return {
+        "factor": factor,
+        "requests": n,
+        "share": {b: served[b] / n for b in BACKENDS},
+        "max_share_over_mean": max(served.values()) / (n / len(BACKENDS)),
+        "peak_inflight": peak,
+        "busiest_over_mean": {
+            "mean": sum(ratios) / n,
+            "p50": ratios[n // 2],
+            "p99": ratios[min(n - 1, n * 99 // 100)],
+        },
+        "off_owner_share": off_owner / n,
+        "user_moves": moves,
+        "user_moves_per_1000": 1000 * moves / n,
+    }
 
 
-def balance(users: Users, requests: int, rng: random.Random,
-            progress: Callable[[str], None]) -> dict[str, Any]:
+def balance(
+    users: Users, requests: int, rng: random.Random, progress: Callable[[str], None]
+) -> dict[str, Any]:
     draws = zipf_users(users.count, requests, rng)
     # arrival rate 1 per time unit, so the mean service time is the mean in flight
     gaps = [rng.expovariate(1.0) for _ in range(requests)]
@@ -181,18 +195,28 @@ def balance(users: Users, requests: int, rng: random.Random,
     for factor in FACTORS:
         r = balance_run(users, draws, gaps, services, factor)
         runs.append(r)
-        progress(f"skew: balance factor {factor or 'off'}: shares "
-                 + " ".join(f"{r['share'][b]:.1%}" for b in BACKENDS)
-                 + f", busiest in flight p99 {r['busiest_over_mean']['p99']:.2f}x mean, off owner "
-                 f"{r['off_owner_share']:.2%}, user moves {r['user_moves_per_1000']:.1f}/1000 req")
-    return {"requests": requests, "inflight_mean": INFLIGHT_MEAN, "key_share": key_share,
-            "hottest_user_owner": hottest, "hottest_user_share": hot_share, "runs": runs}
+        progress(
+            f"skew: balance factor {factor or 'off'}: shares "
+            + " ".join(f"{r['share'][b]:.1%}" for b in BACKENDS)
+            + f", busiest in flight p99 {r['busiest_over_mean']['p99']:.2f}x mean, off owner "
+            f"{r['off_owner_share']:.2%}, user moves {r['user_moves_per_1000']:.1f}/1000 req"
+        )
+    return {
+        "requests": requests,
+        "inflight_mean": INFLIGHT_MEAN,
+        "key_share": key_share,
+        "hottest_user_owner": hottest,
+        "hottest_user_share": hot_share,
+        "runs": runs,
+    }
 
 
 # -- failback ----------------------------------------------------------------------------
 
-def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
-             progress: Callable[[str], None]) -> dict[str, Any]:
+
+def failback(
+    users: Users, rate: float, ramp_s: float, rng: random.Random, progress: Callable[[str], None]
+) -> dict[str, Any]:
     """Rehydrations per second on the recovered backend, without and with the ramp."""
     window = RECOVERY_AT + ramp_s + AFTER_RAMP
     count = int(rate * window)
@@ -200,7 +224,7 @@ def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
     times = list(itertools.accumulate(rng.expovariate(rate) for _ in range(count)))
     keep = bisect.bisect_left(times, int(window))
     draws, times = draws[:keep], times[:keep]
-    seconds = int(window)   # whole seconds: the last partial one is left out
+    seconds = int(window)  # whole seconds: the last partial one is left out
     points: dict[int, int] = {}
 
     def point(user: int) -> int:
@@ -218,13 +242,16 @@ def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
             if users.preference(user)[0] != VICTIM or t < RECOVERY_AT or user in back:
                 continue
             if ramp.returned(point(user), RECOVERY_AT, duration, t):
-                back.add(user)                 # its first request on the victim: rehydrate
+                back.add(user)  # its first request on the victim: rehydrate
                 per_second[int(t)] += 1
         curves[label] = per_second
         first = int(RECOVERY_AT)
-        summary[label] = {"rehydrations": sum(per_second), "peak_per_s": max(per_second),
-                          "first_second": per_second[first],
-                          "first_5_seconds": sum(per_second[first:first + 5])}
+        summary[label] = {
+            "rehydrations": sum(per_second),
+            "peak_per_s": max(per_second),
+            "first_second": per_second[first],
+            "first_5_seconds": sum(per_second[first : first + 5]),
+        }
 
     # Two proxies of a fleet whose ramps (or instant failbacks) start FLEET_SKEW apart.
     disagree = {"no_ramp": 0, "ramp": 0}
@@ -234,19 +261,31 @@ def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
         for label, duration in (("no_ramp", 0.0), ("ramp", ramp_s)):
             a = t >= RECOVERY_AT and ramp.returned(point(user), RECOVERY_AT, duration, t)
             b = t >= RECOVERY_AT + FLEET_SKEW and ramp.returned(
-                point(user), RECOVERY_AT + FLEET_SKEW, duration, t)
+                point(user), RECOVERY_AT + FLEET_SKEW, duration, t
+            )
             disagree[label] += a != b
     for label in summary:
         summary[label]["fleet_disagreements"] = disagree[label]
-        progress(f"skew: failback {label.replace('_', ' ')}: {summary[label]['rehydrations']} "
-                 f"rehydrations in the window, peak {summary[label]['peak_per_s']}/s, first 5 s "
-                 f"{summary[label]['first_5_seconds']}; requests two proxies "
-                 f"{FLEET_SKEW:g} s apart route differently: {disagree[label]}")
-    return {"rate": rate, "ramp_s": ramp_s, "recovery_at": RECOVERY_AT, "window_s": window,
-            "requests": count, "victim": VICTIM, "fleet_skew_s": FLEET_SKEW,
-            "per_second": curves, "summary": summary,
-            "peak_reduction": (summary["no_ramp"]["peak_per_s"]
-                               / max(1, summary["ramp"]["peak_per_s"]))}
+        progress(
+            f"skew: failback {label.replace('_', ' ')}: {summary[label]['rehydrations']} "
+            f"rehydrations in the window, peak {summary[label]['peak_per_s']}/s, first 5 s "
+            f"{summary[label]['first_5_seconds']}; requests two proxies "
+            f"{FLEET_SKEW:g} s apart route differently: {disagree[label]}"
+        )
+    return {
+        "rate": rate,
+        "ramp_s": ramp_s,
+        "recovery_at": RECOVERY_AT,
+        "window_s": window,
+        "requests": count,
+        "victim": VICTIM,
+        "fleet_skew_s": FLEET_SKEW,
+        "per_second": curves,
+        "summary": summary,
+        "peak_reduction": (
+            summary["no_ramp"]["peak_per_s"] / max(1, summary["ramp"]["peak_per_s"])
+        ),
+    }
 
 
 # -- measured through the real proxy ---------------------------------------------------------
@@ -254,29 +293,30 @@ def failback(users: Users, rate: float, ramp_s: float, rng: random.Random,
 # sending Zipf users (lua/zipf.lua), and `stickyproxy run` (one worker) between them. What the
 # simulation above models, counted by the proxy itself (/metrics) and by the backends.
 
-SERVICE_S = 0.005                   # each backend request sleeps this long: in-flight load exists
+SERVICE_S = 0.005  # each backend request sleeps this long: in-flight load exists
 HEALTH_PATH = "/health"
-CONTROL_PATH = "/_bench"            # the bench's own endpoint on each backend (not via the proxy)
-REAL_HEALTH_INTERVAL_MS = 200       # checks every 200 ms, fall 2, rise 1: a recovery is seen
-REAL_HEALTH_FALL, REAL_HEALTH_RISE = 2, 1   # within about 0.2 s
+CONTROL_PATH = "/_bench"  # the bench's own endpoint on each backend (not via the proxy)
+REAL_HEALTH_INTERVAL_MS = 200  # checks every 200 ms, fall 2, rise 1: a recovery is seen
+REAL_HEALTH_FALL, REAL_HEALTH_RISE = 2, 1  # within about 0.2 s
 REAL_FACTORS: tuple[float | None, ...] = (None, 1.5, 1.25)
 SMOKE_REAL_FACTORS: tuple[float | None, ...] = (None, 1.25)
-REAL_CONNECTIONS = 48               # wrk connections: at most 48 requests in flight in all
-BALANCE_SECONDS, SMOKE_BALANCE_SECONDS = 6, 2     # wrk takes whole seconds
-WARMUP_SECONDS = 1                  # wrk through each new proxy before its measured run
+REAL_CONNECTIONS = 48  # wrk connections: at most 48 requests in flight in all
+BALANCE_SECONDS, SMOKE_BALANCE_SECONDS = 6, 2  # wrk takes whole seconds
+WARMUP_SECONDS = 1  # wrk through each new proxy before its measured run
 # The request path's speed, features off vs on (not in --smoke): backends answer at once
 SPEED_ROUNDS, SPEED_SECONDS, SPEED_CONNECTIONS = 5, 2, 16
-REAL_RAMP, SMOKE_REAL_RAMP = 10.0, 2.0          # health.failback_ramp for the measured runs
-RECOVER_AFTER, SMOKE_RECOVER_AFTER = 1.0, 1.0   # seconds into the wrk run the victim recovers
+REAL_RAMP, SMOKE_REAL_RAMP = 10.0, 2.0  # health.failback_ramp for the measured runs
+RECOVER_AFTER, SMOKE_RECOVER_AFTER = 1.0, 1.0  # seconds into the wrk run the victim recovers
 AFTER_REAL_RAMP, SMOKE_AFTER_REAL_RAMP = 1.0, 1.0
-SAMPLE_INTERVAL = 0.1               # /metrics scraped this often for in-flight peaks
+SAMPLE_INTERVAL = 0.1  # /metrics scraped this often for in-flight peaks
 HTTP_TIMEOUT = 5.0
-DOWN_TIMEOUT = 10.0                 # the proxy must mark the failing victim down within this
-START_TIMEOUT = 30.0                # a Python server importing aiohttp on a busy machine
+DOWN_TIMEOUT = 10.0  # the proxy must mark the failing victim down within this
+START_TIMEOUT = 30.0  # a Python server importing aiohttp on a busy machine
 
 
 def _http(port: int, path: str, method: str = "GET") -> bytes:
     import urllib.request
+
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
         return bytes(resp.read())
@@ -289,9 +329,20 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
     from aiohttp import web
 
     def fresh() -> dict[str, Any]:
-        return {"requests": 0, "inflight": 0, "peak": 0, "busy": 0.0, "since": time.monotonic(),
-                "changed": time.monotonic(), "users": set(), "failing": False,
-                "recovered_at": None, "back": set(), "rehydrations": [], "service": SERVICE_S}
+        return {
+            "requests": 0,
+            "inflight": 0,
+            "peak": 0,
+            "busy": 0.0,
+            "since": time.monotonic(),
+            "changed": time.monotonic(),
+            "users": set(),
+            "failing": False,
+            "recovered_at": None,
+            "back": set(),
+            "rehydrations": [],
+            "service": SERVICE_S,
+        }
 
     state[backend_id] = fresh()
 
@@ -339,10 +390,16 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
         now = time.monotonic()
         elapsed = max(1e-9, now - st["since"])
         busy = st["busy"] + st["inflight"] * (now - st["changed"])
-        return web.json_response({
-            "id": backend_id, "requests": st["requests"], "peak_inflight": st["peak"],
-            "mean_inflight": busy / elapsed, "users": len(st["users"]),
-            "rehydrations": st["rehydrations"]})
+        return web.json_response(
+            {
+                "id": backend_id,
+                "requests": st["requests"],
+                "peak_inflight": st["peak"],
+                "mean_inflight": busy / elapsed,
+                "users": len(st["users"]),
+                "rehydrations": st["rehydrations"],
+            }
+        )
 
     async def union(_request: web.Request) -> web.Response:
         return web.json_response(len(set().union(*(st["users"] for st in state.values()))))
@@ -357,6 +414,7 @@ def _backend_app(backend_id: str, state: dict[str, Any]) -> Any:
 
 async def _serve_backends(ports: list[int], ids: list[str]) -> None:
     from aiohttp import web
+
     state: dict[str, Any] = {}
     runners = []
     for backend_id, port in zip(ids, ports):
@@ -371,10 +429,18 @@ async def _serve_backends(ports: list[int], ids: list[str]) -> None:
             await runner.cleanup()
 
 
-def proxy_config(port: int, admin_port: int, backend_ports: list[int],
-                 factor: float | None = None, ramp_s: float = 0.0, hotkeys: bool = True) -> str:
-    backends = "\n".join(f'[[backends]]\nid = "{b}"\nurl = "http://127.0.0.1:{p}"\n'
-                         for b, p in zip(BACKENDS, backend_ports))
+def proxy_config(
+    port: int,
+    admin_port: int,
+    backend_ports: list[int],
+    factor: float | None = None,
+    ramp_s: float = 0.0,
+    hotkeys: bool = True,
+) -> str:
+    backends = "\n".join(
+        f'[[backends]]\nid = "{b}"\nurl = "http://127.0.0.1:{p}"\n'
+        for b, p in zip(BACKENDS, backend_ports)
+    )
     return f"""[listen]
 host = "127.0.0.1"
 port = {port}
@@ -402,6 +468,7 @@ failback_ramp = "{ramp_s:g}s"
 
 def _metric(text: str, name: str, label: str) -> dict[str, float]:
     from .killdrill import metric_by_label
+
     return metric_by_label(text, name, label)
 
 
@@ -453,17 +520,31 @@ class RealRig:
     def __init__(self, workdir: Path, stack: Any):
         from .procs import free_ports, start_server
         from .targets import python_env
+
         self.workdir, self.stack = workdir, stack
         self.backend_ports = free_ports(len(BACKENDS))
-        start_server("skew-backends", [sys.executable, "-m", "bench.skew", "--serve-backends",
-                                       ",".join(map(str, self.backend_ports))],
-                     self.backend_ports, workdir, stack, python_env(), timeout=START_TIMEOUT)
+        start_server(
+            "skew-backends",
+            [
+                sys.executable,
+                "-m",
+                "bench.skew",
+                "--serve-backends",
+                ",".join(map(str, self.backend_ports)),
+            ],
+            self.backend_ports,
+            workdir,
+            stack,
+            python_env(),
+            timeout=START_TIMEOUT,
+        )
 
     def control_all(self, query: str) -> dict[str, dict[str, Any]]:
         return {b: _control(p, query) for b, p in zip(BACKENDS, self.backend_ports)}
 
-    def proxy(self, name: str, factor: float | None = None, ramp_s: float = 0.0,
-              hotkeys: bool = True) -> Any:
+    def proxy(
+        self, name: str, factor: float | None = None, ramp_s: float = 0.0, hotkeys: bool = True
+    ) -> Any:
         """A context manager: `stickyproxy run` with this config, its (port, admin port)."""
         import contextlib
 
@@ -474,35 +555,58 @@ class RealRig:
         def running() -> Any:
             port, admin = free_ports(2)
             conf = self.workdir / f"{name}.toml"
-            conf.write_text(proxy_config(port, admin, self.backend_ports, factor, ramp_s,
-                                         hotkeys))
+            conf.write_text(proxy_config(port, admin, self.backend_ports, factor, ramp_s, hotkeys))
             with contextlib.ExitStack() as stack:
-                start_server(name, [sys.executable, "-m", "stickyproxy.cli", "run", "-c",
-                                    str(conf)], [port, admin], self.workdir, stack,
-                             python_env(), timeout=START_TIMEOUT)
+                start_server(
+                    name,
+                    [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf)],
+                    [port, admin],
+                    self.workdir,
+                    stack,
+                    python_env(),
+                    timeout=START_TIMEOUT,
+                )
                 yield port, admin
+
         return running()
 
 
-def _wrk(port: int, seconds: float, users: int,
-         connections: int = REAL_CONNECTIONS) -> dict[str, Any]:
+def _wrk(
+    port: int, seconds: float, users: int, connections: int = REAL_CONNECTIONS
+) -> dict[str, Any]:
     from .wrk import LUA_DIR, run_script
-    r = run_script(port, seconds, connections, LUA_DIR / "zipf.lua",
-                   [str(users), str(ZIPF_S), str(SEED)])
-    return {"requests": r.requests, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-            "non_2xx": r.non_2xx, "socket_errors": r.socket_errors}
+
+    r = run_script(
+        port, seconds, connections, LUA_DIR / "zipf.lua", [str(users), str(ZIPF_S), str(SEED)]
+    )
+    return {
+        "requests": r.requests,
+        "rps": r.rps,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "non_2xx": r.non_2xx,
+        "socket_errors": r.socket_errors,
+    }
 
 
 def _added(before: str, after: str, name: str, label: str) -> dict[str, float]:
     """What a run added to a counter between two scrapes (a warm-up's requests left out)."""
     start = _metric(before, name, label)
-    return {k: v - start.get(k, 0.0) for k, v in _metric(after, name, label).items()
-            if v - start.get(k, 0.0)}
+    return {
+        k: v - start.get(k, 0.0)
+        for k, v in _metric(after, name, label).items()
+        if v - start.get(k, 0.0)
+    }
 
 
-def real_balance(rig: RealRig, users: int, seconds: float, warmup: int,
-                 factors: tuple[float | None, ...],
-                 progress: Callable[[str], None]) -> dict[str, Any]:
+def real_balance(
+    rig: RealRig,
+    users: int,
+    seconds: float,
+    warmup: int,
+    factors: tuple[float | None, ...],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     """Per factor, back to back: each backend's requests (the proxy's requests_total), its
     in-flight peak (sampled gauge) and mean and peak (counted by the backend), the requests
     spilled (route decisions and spills_total), and the users a second backend saw (each
@@ -526,34 +630,48 @@ def real_balance(rig: RealRig, users: int, seconds: float, warmup: int,
         routed = sum(decisions.values())
         mean_inflight = sum(seen[b]["mean_inflight"] for b in BACKENDS) / len(BACKENDS)
         distinct = _distinct_users(rig)
-        run = {"factor": factor, "load": load, "requests": answered,
-               "share": {b: served.get(b, 0) / max(1, answered) for b in BACKENDS},
-               "max_share_over_mean": (max(served.get(b, 0) for b in BACKENDS)
-                                       / max(1e-9, answered / len(BACKENDS))),
-               "proxy_inflight_peak": sampler.peak, "inflight_samples": sampler.samples,
-               "backend_requests": {b: seen[b]["requests"] for b in BACKENDS},
-               "backend_peak_inflight": {b: seen[b]["peak_inflight"] for b in BACKENDS},
-               "backend_mean_inflight": {b: round(seen[b]["mean_inflight"], 2)
-                                         for b in BACKENDS},
-               "busiest_mean_over_mean": (max(seen[b]["mean_inflight"] for b in BACKENDS)
-                                          / max(1e-9, mean_inflight)),
-               "route_decisions": decisions,
-               "spill_share": decisions.get("spill", 0) / max(1, routed),
-               "spills_total": spills, "spills": sum(spills.values()),
-               "users_on_two_backends": sum(seen[b]["users"] for b in BACKENDS) - distinct,
-               "distinct_users": distinct}
+        run = {
+            "factor": factor,
+            "load": load,
+            "requests": answered,
+            "share": {b: served.get(b, 0) / max(1, answered) for b in BACKENDS},
+            "max_share_over_mean": (
+                max(served.get(b, 0) for b in BACKENDS) / max(1e-9, answered / len(BACKENDS))
+            ),
+            "proxy_inflight_peak": sampler.peak,
+            "inflight_samples": sampler.samples,
+            "backend_requests": {b: seen[b]["requests"] for b in BACKENDS},
+            "backend_peak_inflight": {b: seen[b]["peak_inflight"] for b in BACKENDS},
+            "backend_mean_inflight": {b: round(seen[b]["mean_inflight"], 2) for b in BACKENDS},
+            "busiest_mean_over_mean": (
+                max(seen[b]["mean_inflight"] for b in BACKENDS) / max(1e-9, mean_inflight)
+            ),
+            "route_decisions": decisions,
+            "spill_share": decisions.get("spill", 0) / max(1, routed),
+            "spills_total": spills,
+            "spills": sum(spills.values()),
+            "users_on_two_backends": sum(seen[b]["users"] for b in BACKENDS) - distinct,
+            "distinct_users": distinct,
+        }
         runs.append(run)
-        progress(f"skew (real): factor {_factor_name(factor)}: {load['rps']:,.0f} req/s, shares "
-                 + " ".join(f"{run['share'][b]:.1%}" for b in BACKENDS)
-                 + ", backend in-flight mean " + "/".join(
-                     f"{run['backend_mean_inflight'][b]:.1f}" for b in BACKENDS)
-                 + f", spilled {run['spill_share']:.2%} ({run['spills']:.0f}), users on a second "
-                 f"backend {run['users_on_two_backends']}")
+        progress(
+            f"skew (real): factor {_factor_name(factor)}: {load['rps']:,.0f} req/s, shares "
+            + " ".join(f"{run['share'][b]:.1%}" for b in BACKENDS)
+            + ", backend in-flight mean "
+            + "/".join(f"{run['backend_mean_inflight'][b]:.1f}" for b in BACKENDS)
+            + f", spilled {run['spill_share']:.2%} ({run['spills']:.0f}), users on a second "
+            f"backend {run['users_on_two_backends']}"
+        )
     off = runs[0]["load"]["rps"]
     for r in runs:
         r["rps_over_off"] = r["load"]["rps"] / off if off else None
-    return {"seconds": seconds, "warmup_s": warmup, "connections": REAL_CONNECTIONS,
-            "service_ms": SERVICE_S * 1000, "runs": runs}
+    return {
+        "seconds": seconds,
+        "warmup_s": warmup,
+        "connections": REAL_CONNECTIONS,
+        "service_ms": SERVICE_S * 1000,
+        "runs": runs,
+    }
 
 
 def _distinct_users(rig: RealRig) -> int:
@@ -573,24 +691,32 @@ def _wrk_into(box: dict[str, Any], port: int, seconds: float, users: int) -> Non
         box["error"] = e
 
 
-def real_failback(rig: RealRig, users: int, ramp_s: float, recover_after: float, after: float,
-                  progress: Callable[[str], None]) -> dict[str, Any]:
+def real_failback(
+    rig: RealRig,
+    users: int,
+    ramp_s: float,
+    recover_after: float,
+    after: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     """Without and with the ramp, back to back: the victim fails its health checks until the
     proxy marks it down, wrk starts, the victim passes them again `recover_after` s later;
     the victim counts the first request of each user since (a rehydration), by time since."""
     victim_port = rig.backend_ports[BACKENDS.index(VICTIM)]
-    window = math.ceil(recover_after + ramp_s + after)     # wrk takes whole seconds
+    window = math.ceil(recover_after + ramp_s + after)  # wrk takes whole seconds
     runs: dict[str, dict[str, Any]] = {}
     for label, duration in (("no_ramp", 0.0), ("ramp", ramp_s)):
         rig.control_all("reset=1")
         with rig.proxy(f"skew-proxy-failback-{label}", ramp_s=duration) as (port, admin):
             _control(victim_port, "fail=1")
             deadline = time.monotonic() + DOWN_TIMEOUT
-            while _metric(_http(admin, "/metrics").decode(), "stickyproxy_backend_up",
-                          "backend").get(VICTIM, 1):
+            while _metric(
+                _http(admin, "/metrics").decode(), "stickyproxy_backend_up", "backend"
+            ).get(VICTIM, 1):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the proxy did not mark {VICTIM} down within "
-                                       f"{DOWN_TIMEOUT:g}s")
+                    raise RuntimeError(
+                        f"the proxy did not mark {VICTIM} down within {DOWN_TIMEOUT:g}s"
+                    )
                 time.sleep(SAMPLE_INTERVAL)
             box: dict[str, Any] = {}
             worker = threading.Thread(target=_wrk_into, args=(box, port, window, users))
@@ -611,47 +737,72 @@ def real_failback(rig: RealRig, users: int, ramp_s: float, recover_after: float,
             if t < seconds:
                 per_second[int(t)] += 1
         up = sampler.up_at.get(VICTIM)
-        runs[label] = {"ramp_s": duration, "load": box, "per_second": per_second,
-                       "rehydrations": sum(per_second), "peak_per_s": max(per_second, default=0),
-                       "first_second": per_second[0] if per_second else 0,
-                       "median_s": sorted(offsets)[len(offsets) // 2] if offsets else None,
-                       "seen_up_after_s": round(up - recovered, 3) if up else None}
-        progress(f"skew (real): failback {label.replace('_', ' ')}: {sum(per_second)} rehydrations, "
-                 f"peak {runs[label]['peak_per_s']}/s, first second "
-                 f"{runs[label]['first_second']}, {box.get('rps', 0):,.0f} req/s")
-    return {"victim": VICTIM, "ramp_s": ramp_s, "recover_after_s": recover_after,
-            "window_s": window, "connections": REAL_CONNECTIONS, "runs": runs,
-            "peak_reduction": (runs["no_ramp"]["peak_per_s"]
-                               / max(1, runs["ramp"]["peak_per_s"]))}
+        runs[label] = {
+            "ramp_s": duration,
+            "load": box,
+            "per_second": per_second,
+            "rehydrations": sum(per_second),
+            "peak_per_s": max(per_second, default=0),
+            "first_second": per_second[0] if per_second else 0,
+            "median_s": sorted(offsets)[len(offsets) // 2] if offsets else None,
+            "seen_up_after_s": round(up - recovered, 3) if up else None,
+        }
+        progress(
+            f"skew (real): failback {label.replace('_', ' ')}: {sum(per_second)} rehydrations, "
+            f"peak {runs[label]['peak_per_s']}/s, first second "
+            f"{runs[label]['first_second']}, {box.get('rps', 0):,.0f} req/s"
+        )
+    return {
+        "victim": VICTIM,
+        "ramp_s": ramp_s,
+        "recover_after_s": recover_after,
+        "window_s": window,
+        "connections": REAL_CONNECTIONS,
+        "runs": runs,
+        "peak_reduction": (runs["no_ramp"]["peak_per_s"] / max(1, runs["ramp"]["peak_per_s"])),
+    }
 
 
-def real_speed(rig: RealRig, users: int, rounds: int, seconds: int,
-               progress: Callable[[str], None]) -> dict[str, Any]:
+def real_speed(
+    rig: RealRig, users: int, rounds: int, seconds: int, progress: Callable[[str], None]
+) -> dict[str, Any]:
     """The request path's speed with the three features off and on: two proxies running side
     by side in front of backends that answer at once, wrk against each in turn (which goes
     first alternates), ``rounds`` times; on ÷ off per round."""
     rig.control_all("reset=1&service=0")
     rates: dict[str, list[float]] = {"off": [], "on": []}
     p99: dict[str, list[float]] = {"off": [], "on": []}
-    with rig.proxy("skew-proxy-speed-off", hotkeys=False) as (off_port, _), \
-            rig.proxy("skew-proxy-speed-on", factor=1.25, ramp_s=REAL_RAMP) as (on_port, _):
+    with (
+        rig.proxy("skew-proxy-speed-off", hotkeys=False) as (off_port, _),
+        rig.proxy("skew-proxy-speed-on", factor=1.25, ramp_s=REAL_RAMP) as (on_port, _),
+    ):
         ports = {"off": off_port, "on": on_port}
         for label in ports:
             _wrk(ports[label], WARMUP_SECONDS, users, SPEED_CONNECTIONS)
         for i in range(rounds):
-            for label in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            for label in ("off", "on") if i % 2 == 0 else ("on", "off"):
                 r = _wrk(ports[label], seconds, users, SPEED_CONNECTIONS)
                 rates[label].append(r["rps"])
                 p99[label].append(r["p99_ms"])
     rig.control_all(f"reset=1&service={SERVICE_S}")
     ratios = [on / off for on, off in zip(rates["on"], rates["off"]) if off]
     median = sorted(ratios)[len(ratios) // 2] if ratios else None
-    progress("skew (real): request path, features on ÷ off per round: "
-             + ", ".join(f"{r:.2f}" for r in ratios)
-             + " (" + ", ".join(f"{a:,.0f}/{b:,.0f} req/s" for a, b in
-                                zip(rates["on"], rates["off"])) + ")")
-    return {"rounds": rounds, "seconds": seconds, "connections": SPEED_CONNECTIONS,
-            "rps": rates, "p99_ms": p99, "ratios": ratios, "median_ratio": median}
+    progress(
+        "skew (real): request path, features on ÷ off per round: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + " ("
+        + ", ".join(f"{a:,.0f}/{b:,.0f} req/s" for a, b in zip(rates["on"], rates["off"]))
+        + ")"
+    )
+    return {
+        "rounds": rounds,
+        "seconds": seconds,
+        "connections": SPEED_CONNECTIONS,
+        "rps": rates,
+        "p99_ms": p99,
+        "ratios": ratios,
+        "median_ratio": median,
+    }
 
 
 def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -659,6 +810,7 @@ def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     import contextlib
     import shutil
     import tempfile
+
     if shutil.which("wrk") is None:
         progress("skew (real): wrk is not installed, only the simulation ran")
         return {"skipped": "wrk is not installed"}
@@ -666,17 +818,28 @@ def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     users = SMOKE_USERS if smoke else USERS
     with tempfile.TemporaryDirectory(prefix="skew-") as tmp, contextlib.ExitStack() as stack:
         rig = RealRig(Path(tmp), stack)
-        out = {"users": users, "service_ms": SERVICE_S * 1000,
-               "health_interval_ms": REAL_HEALTH_INTERVAL_MS,
-               "loadavg_at_start": list(os.getloadavg()),
-               "balance": real_balance(rig, users,
-                                       SMOKE_BALANCE_SECONDS if smoke else BALANCE_SECONDS,
-                                       0 if smoke else WARMUP_SECONDS,
-                                       SMOKE_REAL_FACTORS if smoke else REAL_FACTORS, progress),
-               "failback": real_failback(
-                   rig, users, SMOKE_REAL_RAMP if smoke else REAL_RAMP,
-                   SMOKE_RECOVER_AFTER if smoke else RECOVER_AFTER,
-                   SMOKE_AFTER_REAL_RAMP if smoke else AFTER_REAL_RAMP, progress)}
+        out = {
+            "users": users,
+            "service_ms": SERVICE_S * 1000,
+            "health_interval_ms": REAL_HEALTH_INTERVAL_MS,
+            "loadavg_at_start": list(os.getloadavg()),
+            "balance": real_balance(
+                rig,
+                users,
+                SMOKE_BALANCE_SECONDS if smoke else BALANCE_SECONDS,
+                0 if smoke else WARMUP_SECONDS,
+                SMOKE_REAL_FACTORS if smoke else REAL_FACTORS,
+                progress,
+            ),
+            "failback": real_failback(
+                rig,
+                users,
+                SMOKE_REAL_RAMP if smoke else REAL_RAMP,
+                SMOKE_RECOVER_AFTER if smoke else RECOVER_AFTER,
+                SMOKE_AFTER_REAL_RAMP if smoke else AFTER_REAL_RAMP,
+                progress,
+            ),
+        }
         if not smoke:
             out["speed"] = real_speed(rig, users, SPEED_ROUNDS, SPEED_SECONDS, progress)
     out["seconds"] = round(time.perf_counter() - started, 2)
@@ -685,9 +848,11 @@ def real(smoke: bool, progress: Callable[[str], None]) -> dict[str, Any]:
 
 # -- chart -------------------------------------------------------------------------------
 
+
 def chart(path: Path, result: dict[str, Any]) -> Path | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -697,8 +862,11 @@ def chart(path: Path, result: dict[str, Any]) -> Path | None:
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(BACKENDS))]
-        label = (f"factor {r['factor']:g}: {r['off_owner_share']:.1%} off owner"
-                 if r["factor"] else "no balance factor")
+        label = (
+            f"factor {r['factor']:g}: {r['off_owner_share']:.1%} off owner"
+            if r["factor"]
+            else "no balance factor"
+        )
         ax_share.bar(xs, [r["share"][b] for b in BACKENDS], width, label=label)
     ax_share.axhline(1 / len(BACKENDS), color="black", linewidth=0.8, linestyle=":")
     ax_share.set_xticks(range(len(BACKENDS)), BACKENDS)
@@ -710,8 +878,13 @@ def chart(path: Path, result: dict[str, Any]) -> Path | None:
     for label, style in (("no_ramp", "tab:red"), ("ramp", "tab:blue")):
         curve = fb["per_second"][label]
         name = "no ramp" if label == "no_ramp" else f"ramp {fb['ramp_s']:g} s"
-        ax_fb.step([s - fb["recovery_at"] for s in range(len(curve))], curve, where="post",
-                   color=style, label=name)
+        ax_fb.step(
+            [s - fb["recovery_at"] for s in range(len(curve))],
+            curve,
+            where="post",
+            color=style,
+            label=name,
+        )
     ax_fb.axvline(0, color="black", linewidth=0.8, linestyle=":")
     ax_fb.set_xlabel(f"seconds since {fb['victim']} recovered")
     ax_fb.set_ylabel("rehydrations per second")
@@ -732,6 +905,7 @@ def chart_real(path: Path, result: dict[str, Any]) -> Path | None:
         return None
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -742,13 +916,22 @@ def chart_real(path: Path, result: dict[str, Any]) -> Path | None:
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(BACKENDS))]
-        label = (f"factor {r['factor']:g}: {r['spill_share']:.1%} spilled" if r["factor"]
-                 else "no balance factor")
+        label = (
+            f"factor {r['factor']:g}: {r['spill_share']:.1%} spilled"
+            if r["factor"]
+            else "no balance factor"
+        )
         ax_share.bar(xs, [r["share"][b] for b in BACKENDS], width, label=label)
         sim = simulated.get(r["factor"])
         if sim is not None:
-            ax_share.plot(xs, [sim["share"][b] for b in BACKENDS], "o", markersize=4,
-                          color="black", label="simulated" if i == 0 else None)
+            ax_share.plot(
+                xs,
+                [sim["share"][b] for b in BACKENDS],
+                "o",
+                markersize=4,
+                color="black",
+                label="simulated" if i == 0 else None,
+            )
     ax_share.axhline(1 / len(BACKENDS), color="black", linewidth=0.8, linestyle=":")
     ax_share.set_xticks(range(len(BACKENDS)), BACKENDS)
     ax_share.set_ylabel("share of requests (proxy's requests_total)")
@@ -759,8 +942,7 @@ def chart_real(path: Path, result: dict[str, Any]) -> Path | None:
     for label, color in (("no_ramp", "tab:red"), ("ramp", "tab:blue")):
         curve = fb["runs"][label]["per_second"]
         name = "no ramp" if label == "no_ramp" else f"failback_ramp {fb['ramp_s']:g} s"
-        ax_fb.step(range(len(curve) + 1), curve + curve[-1:], where="post", color=color,
-                   label=name)
+        ax_fb.step(range(len(curve) + 1), curve + curve[-1:], where="post", color=color, label=name)
     ax_fb.set_xlabel(f"seconds since {fb['victim']} passed its health checks again")
     ax_fb.set_ylabel("rehydrations per second (first request of a user)")
     ax_fb.set_ylim(bottom=0)
@@ -775,20 +957,36 @@ def chart_real(path: Path, result: dict[str, Any]) -> Path | None:
 
 # -- entry points ------------------------------------------------------------------------
 
-def run(smoke: bool, progress: Callable[[str], None],
-        images_dir: Path | None = None, measure: bool = True) -> dict[str, Any]:
+
+def run(
+    smoke: bool,
+    progress: Callable[[str], None],
+    images_dir: Path | None = None,
+    measure: bool = True,
+) -> dict[str, Any]:
     """The simulation, then (``measure``) the same through the real proxy."""
     started = time.perf_counter()
     ring = Ring([Member(b) for b in BACKENDS])
     users = Users(ring, SMOKE_USERS if smoke else USERS)
     rng = random.Random(SEED)
     result: dict[str, Any] = {
-        "benchmark": "skew", "smoke": smoke, "zipf_s": ZIPF_S, "users": users.count,
-        "backends": list(BACKENDS), "seed": SEED,
-        "balance": balance(users, SMOKE_BALANCE_REQUESTS if smoke else BALANCE_REQUESTS, rng,
-                           progress),
-        "failback": failback(users, SMOKE_REQUEST_RATE if smoke else REQUEST_RATE,
-                             SMOKE_RAMP if smoke else RAMP, rng, progress)}
+        "benchmark": "skew",
+        "smoke": smoke,
+        "zipf_s": ZIPF_S,
+        "users": users.count,
+        "backends": list(BACKENDS),
+        "seed": SEED,
+        "balance": balance(
+            users, SMOKE_BALANCE_REQUESTS if smoke else BALANCE_REQUESTS, rng, progress
+        ),
+        "failback": failback(
+            users,
+            SMOKE_REQUEST_RATE if smoke else REQUEST_RATE,
+            SMOKE_RAMP if smoke else RAMP,
+            rng,
+            progress,
+        ),
+    }
     if measure:
         result["real"] = real(smoke, progress)
         if "failback" in result["real"]:
@@ -796,7 +994,8 @@ def run(smoke: bool, progress: Callable[[str], None],
             fb = result["real"]["failback"]
             rate = sum(r["load"].get("rps", 0) for r in fb["runs"].values()) / 2
             result["real"]["failback"]["simulated"] = failback(
-                users, rate, fb["ramp_s"], random.Random(SEED + 1), lambda _msg: None)["summary"]
+                users, rate, fb["ramp_s"], random.Random(SEED + 1), lambda _msg: None
+            )["summary"]
     result["seconds"] = round(time.perf_counter() - started, 2)
     if images_dir is not None:
         drawn = chart(images_dir / "skew.png", result)
@@ -811,23 +1010,32 @@ def run(smoke: bool, progress: Callable[[str], None],
 def run_suite(settings: Any) -> dict[str, Any]:
     """For bench/__main__.py: settings has ``smoke`` and ``images_dir``."""
     from .console import progress
+
     return run(settings.smoke, progress, settings.images_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.skew", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="small counts, a few seconds")
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for skew.json and skew.png (default bench/results[/smoke])")
-    p.add_argument("--simulate-only", action="store_true",
-                   help="the simulation only, no proxy, backends or wrk")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for skew.json and skew.png (default bench/results[/smoke])",
+    )
+    p.add_argument(
+        "--simulate-only",
+        action="store_true",
+        help="the simulation only, no proxy, backends or wrk",
+    )
     p.add_argument("--serve-backends", metavar="PORTS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_backends:
         ports = [int(x) for x in args.serve_backends.split(",")]
-        asyncio.run(_serve_backends(ports, list(BACKENDS[:len(ports)])))
+        asyncio.run(_serve_backends(ports, list(BACKENDS[: len(ports)])))
         return 0
     from .console import progress
+
     out = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
     result = run(args.smoke, progress, out, measure=not args.simulate_only)
     out.mkdir(parents=True, exist_ok=True)

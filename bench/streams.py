@@ -13,9 +13,10 @@ import http.client
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import stats
 from .backend import UPLOAD_PATH, WS_PATH, backend_argv
@@ -58,9 +59,13 @@ class Endpoint:
 
 
 def make_plan(kinds: Sequence[TargetKind], rounds: int, smoke: bool) -> StreamsPlan:
-    return StreamsPlan(kinds=tuple(kinds), rounds=rounds,
-                       upload_requests=SMOKE_UPLOAD_REQUESTS if smoke else UPLOAD_REQUESTS,
-                       ws_duration=SMOKE_WS_DURATION if smoke else WS_DURATION, smoke=smoke)
+    return StreamsPlan(
+        kinds=tuple(kinds),
+        rounds=rounds,
+        upload_requests=SMOKE_UPLOAD_REQUESTS if smoke else UPLOAD_REQUESTS,
+        ws_duration=SMOKE_WS_DURATION if smoke else WS_DURATION,
+        smoke=smoke,
+    )
 
 
 class UploadError(Exception):
@@ -75,9 +80,12 @@ def upload_batch(port: int, size_mib: int, count: int) -> list[float]:
     try:
         for i in range(count):
             started = time.perf_counter()
-            conn.request("POST", UPLOAD_PATH, body=payload,
-                         headers={USER_HEADER: f"user-{i + 1}",
-                                  "Content-Type": "application/octet-stream"})
+            conn.request(
+                "POST",
+                UPLOAD_PATH,
+                body=payload,
+                headers={USER_HEADER: f"user-{i + 1}", "Content-Type": "application/octet-stream"},
+            )
             response = conn.getresponse()
             body = response.read()
             times.append(time.perf_counter() - started)
@@ -96,9 +104,14 @@ def measure_upload(endpoint: Endpoint, size_mib: int, count: int) -> dict[str, A
     times = upload_batch(endpoint.port, size_mib, count)
     used = meter.stop()
     per_request = statistics.median(times)
-    return {"size_mib": size_mib, "requests": count, "seconds": times,
-            "median_s": per_request, "mib_per_s": size_mib / per_request,
-            "cpu_ms_per_mib": used.total_s * 1000 / (size_mib * count) if meter.root else None}
+    return {
+        "size_mib": size_mib,
+        "requests": count,
+        "seconds": times,
+        "median_s": per_request,
+        "mib_per_s": size_mib / per_request,
+        "cpu_ms_per_mib": used.total_s * 1000 / (size_mib * count) if meter.root else None,
+    }
 
 
 def measure_ws(endpoint: Endpoint, duration: float) -> dict[str, Any]:
@@ -108,11 +121,17 @@ def measure_ws(endpoint: Endpoint, duration: float) -> dict[str, Any]:
     echoed = run_loop(echo_run(endpoint.port, WS_PATH, users, WS_PAYLOAD, duration))
     used = meter.stop()
     rate = echoed.messages / duration
-    return {"connections": WS_CONNECTIONS, "payload_bytes": len(WS_PAYLOAD),
-            "duration_s": duration, "messages": echoed.messages, "messages_per_s": rate,
-            "rtt_ms": stats.latency_ms(echoed.latencies),
-            "cpu_us_per_message": (used.total_s * 1e6 / echoed.messages
-                                   if meter.root and echoed.messages else None)}
+    return {
+        "connections": WS_CONNECTIONS,
+        "payload_bytes": len(WS_PAYLOAD),
+        "duration_s": duration,
+        "messages": echoed.messages,
+        "messages_per_s": rate,
+        "rtt_ms": stats.latency_ms(echoed.latencies),
+        "cpu_us_per_message": (
+            used.total_s * 1e6 / echoed.messages if meter.root and echoed.messages else None
+        ),
+    }
 
 
 def _summary(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -123,8 +142,10 @@ def run(plan: StreamsPlan, progress: Callable[[str], None]) -> dict[str, Any]:
     uploads: dict[str, dict[int, list[dict[str, Any]]]] = {}
     websockets: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-streams-") as tmp, \
-            contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-streams-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
         ports = free_ports(len(BACKEND_IDS))
         start_server("stream-backends", backend_argv(ports), ports, workdir, stack, python_env())
@@ -146,27 +167,43 @@ def run(plan: StreamsPlan, progress: Callable[[str], None]) -> dict[str, Any]:
                 except (UploadError, HandshakeError, OSError, TimeoutError) as e:
                     failures[endpoint.label] = f"{type(e).__name__}: {e}"
                     progress(f"streams {endpoint.label} failed: {failures[endpoint.label]}")
-    return {"benchmark": "streams", "rounds": plan.rounds,
-            "upload_requests": {str(k): v for k, v in plan.upload_requests.items()},
-            "ws": {"connections": WS_CONNECTIONS, "payload_bytes": len(WS_PAYLOAD),
-                   "duration_s": plan.ws_duration},
-            "uploads": _upload_summaries(uploads), "websocket": _ws_summaries(websockets),
-            "failures": failures}
+    return {
+        "benchmark": "streams",
+        "rounds": plan.rounds,
+        "upload_requests": {str(k): v for k, v in plan.upload_requests.items()},
+        "ws": {
+            "connections": WS_CONNECTIONS,
+            "payload_bytes": len(WS_PAYLOAD),
+            "duration_s": plan.ws_duration,
+        },
+        "uploads": _upload_summaries(uploads),
+        "websocket": _ws_summaries(websockets),
+        "failures": failures,
+    }
 
 
-def _round(endpoint: Endpoint, plan: StreamsPlan, round_no: int,
-           uploads: dict[str, dict[int, list[dict[str, Any]]]],
-           websockets: dict[str, list[dict[str, Any]]], progress: Callable[[str], None]) -> None:
+def _round(
+    endpoint: Endpoint,
+    plan: StreamsPlan,
+    round_no: int,
+    uploads: dict[str, dict[int, list[dict[str, Any]]]],
+    websockets: dict[str, list[dict[str, Any]]],
+    progress: Callable[[str], None],
+) -> None:
     step = f"round {round_no}/{plan.rounds} {endpoint.label}"
     for size in UPLOAD_SIZES_MIB:
         result = measure_upload(endpoint, size, plan.upload_requests[size])
         uploads.setdefault(endpoint.label, {}).setdefault(size, []).append(result)
-        progress(f"{step} upload {size} MiB x {result['requests']} ... "
-                 f"{result['median_s'] * 1000:,.1f} ms each, {result['mib_per_s']:,.0f} MiB/s")
+        progress(
+            f"{step} upload {size} MiB x {result['requests']} ... "
+            f"{result['median_s'] * 1000:,.1f} ms each, {result['mib_per_s']:,.0f} MiB/s"
+        )
     result = measure_ws(endpoint, plan.ws_duration)
     websockets.setdefault(endpoint.label, []).append(result)
-    progress(f"{step} websocket echo ... {result['messages_per_s']:,.0f} messages/s, "
-             f"p99 round trip {result['rtt_ms']['p99']:.2f} ms")
+    progress(
+        f"{step} websocket echo ... {result['messages_per_s']:,.0f} messages/s, "
+        f"p99 round trip {result['rtt_ms']['p99']:.2f} ms"
+    )
 
 
 def _upload_summaries(uploads: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -176,10 +213,17 @@ def _upload_summaries(uploads: dict[str, dict[int, list[dict[str, Any]]]]) -> li
         for size, runs in by_size.items():
             mib_s = _summary(runs, "mib_per_s")
             base = _summary(direct.get(size, []), "mib_per_s")
-            out.append({"label": label, "size_mib": size, "runs": runs,
-                        "median_ms": _summary(runs, "median_s") * 1000,
-                        "mib_per_s": mib_s, "x_direct": stats.ratio(mib_s, base),
-                        "cpu_ms_per_mib": _summary(runs, "cpu_ms_per_mib")})
+            out.append(
+                {
+                    "label": label,
+                    "size_mib": size,
+                    "runs": runs,
+                    "median_ms": _summary(runs, "median_s") * 1000,
+                    "mib_per_s": mib_s,
+                    "x_direct": stats.ratio(mib_s, base),
+                    "cpu_ms_per_mib": _summary(runs, "cpu_ms_per_mib"),
+                }
+            )
     return out
 
 
@@ -188,16 +232,23 @@ def _ws_summaries(websockets: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     out = []
     for label, runs in websockets.items():
         rate = _summary(runs, "messages_per_s")
-        out.append({"label": label, "runs": runs, "messages_per_s": rate,
-                    "x_direct": stats.ratio(rate, base),
-                    "rtt_p50_ms": stats.median(r["rtt_ms"]["p50"] for r in runs),
-                    "rtt_p99_ms": stats.median(r["rtt_ms"]["p99"] for r in runs),
-                    "cpu_us_per_message": _summary(runs, "cpu_us_per_message")})
+        out.append(
+            {
+                "label": label,
+                "runs": runs,
+                "messages_per_s": rate,
+                "x_direct": stats.ratio(rate, base),
+                "rtt_p50_ms": stats.median(r["rtt_ms"]["p50"] for r in runs),
+                "rtt_p99_ms": stats.median(r["rtt_ms"]["p99"] for r in runs),
+                "cpu_us_per_message": _summary(runs, "cpu_us_per_message"),
+            }
+        )
     return out
 
 
 def main() -> int:
     from .targets import TARGET_KINDS
+
     result = run(make_plan(tuple(TARGET_KINDS.values()), 1, smoke=True), print)
     for row in result["uploads"] + result["websocket"]:
         print({k: v for k, v in row.items() if k != "runs"})

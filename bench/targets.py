@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .procs import LOOPBACK
 
@@ -23,8 +23,14 @@ UPSTREAM_KEEPALIVE = 64
 KEEPALIVE_REQUESTS = 1_000_000
 KEEPALIVE_TIMEOUT = "60s"
 HAPROXY_MAXCONN = 4096
-HAPROXY_TIMEOUTS = {"connect": "1s", "client": "30s", "server": "30s",
-                    "http-request": "10s", "http-keep-alive": "60s", "tunnel": "60s"}
+HAPROXY_TIMEOUTS = {
+    "connect": "1s",
+    "client": "30s",
+    "server": "30s",
+    "http-request": "10s",
+    "http-keep-alive": "60s",
+    "tunnel": "60s",
+}
 NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # stickyproxy run from its pure-Python sources: measured only when the installed build is
 # compiled (otherwise it is the same program as the "stickyproxy" target).
@@ -36,6 +42,7 @@ def stickyproxy_version() -> str:
     from importlib import metadata
 
     from stickyproxy.compiled import build
+
     try:
         version = metadata.version("stickyproxy")
     except metadata.PackageNotFoundError:
@@ -45,13 +52,14 @@ def stickyproxy_version() -> str:
 
 def default_kinds() -> tuple[TargetKind, ...]:
     from stickyproxy.compiled import build
-    return tuple(k for k in TARGET_KINDS.values()
-                 if k.name != INTERPRETED or build() == "compiled")
+
+    return tuple(k for k in TARGET_KINDS.values() if k.name != INTERPRETED or build() == "compiled")
 
 
 @dataclass(frozen=True)
 class Launch:
     """How to start one server: its command line, and the configuration it reads."""
+
     program: str
     argv: list[str]
     config_path: Path
@@ -76,8 +84,8 @@ class TargetKind:
 def _nginx_main(prefix: Path, workers: int, http_body: str) -> str:
     temp_paths = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_PATHS)
     return f"""worker_processes {workers};
-pid {prefix / 'nginx.pid'};
-error_log {prefix / 'error.log'} warn;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
 
 events {{
     worker_connections {WORKER_CONNECTIONS};
@@ -98,20 +106,32 @@ http {{
 def _nginx_launch(prefix: Path, config: str) -> Launch:
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    argv = ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
-            "-c", str(conf), "-g", "daemon off;"]
+    argv = [
+        "nginx",
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
     return Launch("nginx", argv, conf, config)
 
 
 def backends_launch(workdir: Path, ports: Sequence[int]) -> Launch:
     """One single-worker nginx answering `BODY` on each of `ports`, naming itself in a header."""
-    servers = "\n\n".join(f"""    server {{
+    servers = "\n\n".join(
+        f"""    server {{
         listen {LOOPBACK}:{port};
         location / {{
             add_header {BACKEND_HEADER} {backend_id};
-            return 200 "{BODY.encode('unicode_escape').decode()}";
+            return 200 "{BODY.encode("unicode_escape").decode()}";
         }}
-    }}""" for backend_id, port in zip(BACKEND_IDS, ports))
+    }}"""
+        for backend_id, port in zip(BACKEND_IDS, ports)
+    )
     body = f"    default_type text/plain;\n\n{servers}"
     prefix = workdir / "backends"
     return _nginx_launch(prefix, _nginx_main(prefix, 1, body))
@@ -125,7 +145,7 @@ def nginx_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers
     }}
 
     upstream apps {{
-        hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
+        hash $http_{USER_HEADER.lower().replace("-", "_")} consistent;
 {upstream_servers}
         keepalive {UPSTREAM_KEEPALIVE};
         keepalive_requests {KEEPALIVE_REQUESTS};
@@ -147,8 +167,10 @@ def nginx_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers
 
 def haproxy_launch(workdir: Path, port: int, backend_ports: Sequence[int], workers: int) -> Launch:
     timeouts = "\n".join(f"    timeout {name} {value}" for name, value in HAPROXY_TIMEOUTS.items())
-    servers = "\n".join(f"    server {backend_id} {LOOPBACK}:{p}"
-                        for backend_id, p in zip(BACKEND_IDS, backend_ports))
+    servers = "\n".join(
+        f"    server {backend_id} {LOOPBACK}:{p}"
+        for backend_id, p in zip(BACKEND_IDS, backend_ports)
+    )
     config = f"""global
     nbthread {workers}
     maxconn {HAPROXY_MAXCONN}
@@ -172,14 +194,18 @@ backend apps
     return Launch("haproxy", ["haproxy", "-f", str(conf), "-db"], conf, config)
 
 
-def stickyproxy_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                       workers: int, tree: Path | None = None) -> Launch:
+def stickyproxy_launch(
+    workdir: Path, port: int, backend_ports: Sequence[int], workers: int, tree: Path | None = None
+) -> Launch:
     """``stickyproxy run`` from this checkout, or from ``tree`` (a copy of the sources put
     first on PYTHONPATH) when given."""
-    backends = "\n".join(f"""[[backends]]
+    backends = "\n".join(
+        f"""[[backends]]
 id = "{backend_id}"
 url = "http://{LOOPBACK}:{p}"
-""" for backend_id, p in zip(BACKEND_IDS, backend_ports))
+"""
+        for backend_id, p in zip(BACKEND_IDS, backend_ports)
+    )
     config = f"""[listen]
 host = "{LOOPBACK}"
 port = {port}
@@ -203,20 +229,32 @@ access = "off"
 """
     name = "stickyproxy" if tree is None else INTERPRETED
     conf = workdir / f"{name}-w{workers}.toml"
-    argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf),
-            "--workers", str(workers)]
+    argv = [
+        sys.executable,
+        "-m",
+        "stickyproxy.cli",
+        "run",
+        "-c",
+        str(conf),
+        "--workers",
+        str(workers),
+    ]
     env = python_env() if tree is None else python_env(tree)
     return Launch(f"{name} run", argv, conf, config, env)
 
 
-def stickyproxy_interpreted_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                                   workers: int) -> Launch:
+def stickyproxy_interpreted_launch(
+    workdir: Path, port: int, backend_ports: Sequence[int], workers: int
+) -> Launch:
     """The same stickyproxy from a copy of its sources without the compiled modules, so
     one run measures what compiling the hot path (stickyproxy/compiled.py) buys."""
     tree = workdir / "interpreted"
     if not tree.exists():
-        shutil.copytree(REPO_ROOT / "stickyproxy", tree / "stickyproxy",
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / "stickyproxy",
+            tree / "stickyproxy",
+            ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+        )
     return stickyproxy_launch(workdir, port, backend_ports, workers, tree)
 
 
@@ -241,10 +279,13 @@ DRILL_HAPROXY_RETRIES = 2
 def nginx_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int]) -> Launch:
     """NGINX for the kill drill: `hash … consistent`, `max_fails`, `proxy_next_upstream error
     timeout http_502` with 3 tries, 32 pooled connections."""
-    servers = "\n".join(f"        server {LOOPBACK}:{p} max_fails={DRILL_NGINX_MAX_FAILS} "
-                        f"fail_timeout={DRILL_NGINX_FAIL_TIMEOUT};" for p in backend_ports)
+    servers = "\n".join(
+        f"        server {LOOPBACK}:{p} max_fails={DRILL_NGINX_MAX_FAILS} "
+        f"fail_timeout={DRILL_NGINX_FAIL_TIMEOUT};"
+        for p in backend_ports
+    )
     body = f"""    upstream apps {{
-        hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
+        hash $http_{USER_HEADER.lower().replace("-", "_")} consistent;
 {servers}
         keepalive {DRILL_UPSTREAM_KEEPALIVE};
     }}
@@ -263,17 +304,21 @@ def nginx_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int]) -
     return _nginx_launch(prefix, _nginx_main(prefix, 1, body))
 
 
-def haproxy_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                         stats_port: int) -> Launch:
+def haproxy_drill_launch(
+    workdir: Path, port: int, backend_ports: Sequence[int], stats_port: int
+) -> Launch:
     """HAProxy for the kill drill: `balance hdr(X-User-Id)`, `hash-type consistent`,
     `option redispatch`, `retries 2`, `retry-on conn-failure empty-response response-timeout`,
     HTTP checks every 500 ms (fall 2, rise 1), `http-reuse always`; its stats page (CSV) on
     `stats_port` counts the retries and redispatches it made."""
     timeouts = "\n".join(f"    timeout {name} {value}" for name, value in HAPROXY_TIMEOUTS.items())
-    servers = "\n".join(f"    server {backend_id} {LOOPBACK}:{p}"
-                        for backend_id, p in zip(BACKEND_IDS, backend_ports))
-    check = (f"check inter {DRILL_HEALTH_INTERVAL_MS} fall {DRILL_HEALTH_FALL} "
-             f"rise {DRILL_HEALTH_RISE}")
+    servers = "\n".join(
+        f"    server {backend_id} {LOOPBACK}:{p}"
+        for backend_id, p in zip(BACKEND_IDS, backend_ports)
+    )
+    check = (
+        f"check inter {DRILL_HEALTH_INTERVAL_MS} fall {DRILL_HEALTH_FALL} rise {DRILL_HEALTH_RISE}"
+    )
     config = f"""global
     nbthread 1
     maxconn {HAPROXY_MAXCONN}
@@ -307,16 +352,20 @@ listen stats
     return Launch("haproxy", ["haproxy", "-f", str(conf), "-db"], conf, config)
 
 
-def stickyproxy_drill_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                             admin_port: int) -> Launch:
+def stickyproxy_drill_launch(
+    workdir: Path, port: int, backend_ports: Sequence[int], admin_port: int
+) -> Launch:
     """stickyproxy for the kill drill: its defaults (retries, passive health, pool, the
     X-User-Id key), health checks every 500 ms (fall 2, rise 1; a check's timeout, which may
     not exceed the interval, equal to it, as HAProxy's is without `timeout check`), the
     admin listener (for /metrics) on `admin_port`."""
-    backends = "\n".join(f"""[[backends]]
+    backends = "\n".join(
+        f"""[[backends]]
 id = "{backend_id}"
 url = "http://{LOOPBACK}:{p}"
-""" for backend_id, p in zip(BACKEND_IDS, backend_ports))
+"""
+        for backend_id, p in zip(BACKEND_IDS, backend_ports)
+    )
     config = f"""[listen]
 host = "{LOOPBACK}"
 port = {port}
@@ -343,10 +392,13 @@ def python_env(*extra_paths: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
-TARGET_KINDS = {kind.name: kind for kind in (
-    TargetKind("nginx", "nginx", optional=False, render=nginx_launch),
-    TargetKind("haproxy", "haproxy", optional=False, render=haproxy_launch),
-    TargetKind("stickyproxy", None, optional=True, render=stickyproxy_launch),
-    TargetKind(INTERPRETED, None, optional=True, render=stickyproxy_interpreted_launch),
-)}
+TARGET_KINDS = {
+    kind.name: kind
+    for kind in (
+        TargetKind("nginx", "nginx", optional=False, render=nginx_launch),
+        TargetKind("haproxy", "haproxy", optional=False, render=haproxy_launch),
+        TargetKind("stickyproxy", None, optional=True, render=stickyproxy_launch),
+        TargetKind(INTERPRETED, None, optional=True, render=stickyproxy_interpreted_launch),
+    )
+}
 BASELINE = "nginx"

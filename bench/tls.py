@@ -80,10 +80,10 @@ from .wrk import (
 RESULTS = Path(__file__).resolve().parent / "results"
 RECONNECT_SCRIPT = LUA_DIR / "reconnect.lua"
 
-DURATION, SMOKE_DURATION = 4.0, 1.0        # seconds per measured run (s_time counts whole s)
+DURATION, SMOKE_DURATION = 4.0, 1.0  # seconds per measured run (s_time counts whole s)
 ROUNDS, SMOKE_ROUNDS = 5, 1
-WARMUP_SECONDS = 2.0                       # per listener, not counted; none in smoke
-CONNECTIONS = 32                           # wrk connections, as the dataplane benchmark
+WARMUP_SECONDS = 2.0  # per listener, not counted; none in smoke
+CONNECTIONS = 32  # wrk connections, as the dataplane benchmark
 USERS = 10_000
 # Concurrent full handshakes: s_time makes one connection at a time, so this many processes;
 # more only adds client processes competing for the two cores (measured: 8 gave fewer
@@ -102,11 +102,18 @@ ECDSA, RSA = "ecdsa", "rsa"
 KEY_NAMES = {ECDSA: "ECDSA P-256", RSA: "RSA-2048"}
 # (mode, certificate) in the order each round measures them; None: no certificate.
 MEASURES: tuple[tuple[str, str | None], ...] = (
-    (PLAIN, None), (KEEPALIVE, ECDSA), (RECONNECT, ECDSA), (HANDSHAKE, ECDSA), (HANDSHAKE, RSA))
+    (PLAIN, None),
+    (KEEPALIVE, ECDSA),
+    (RECONNECT, ECDSA),
+    (HANDSHAKE, ECDSA),
+    (HANDSHAKE, RSA),
+)
 UNITS = {PLAIN: "req/s", KEEPALIVE: "req/s", RECONNECT: "req/s", HANDSHAKE: "handshakes/s"}
-S_TIME_POLL = 0.005                        # seconds between looks at the s_time processes
-S_TIME_LINE = re.compile(r"(\d+) connections in [\d.]+s; [\d.]+ connections/user sec, "
-                         r"bytes read (\d+)")
+S_TIME_POLL = 0.005  # seconds between looks at the s_time processes
+S_TIME_LINE = re.compile(
+    r"(\d+) connections in [\d.]+s; [\d.]+ connections/user sec, "
+    r"bytes read (\d+)"
+)
 
 
 class Skip(Exception):
@@ -126,9 +133,12 @@ class Plan:
 
 
 def make_plan(smoke: bool) -> Plan:
-    return Plan(duration=SMOKE_DURATION if smoke else DURATION,
-                rounds=SMOKE_ROUNDS if smoke else ROUNDS,
-                warmup=0.0 if smoke else WARMUP_SECONDS, smoke=smoke)
+    return Plan(
+        duration=SMOKE_DURATION if smoke else DURATION,
+        rounds=SMOKE_ROUNDS if smoke else ROUNDS,
+        warmup=0.0 if smoke else WARMUP_SECONDS,
+        smoke=smoke,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,13 +151,15 @@ class CertFiles:
 def make_certificates(workdir: Path, keys: Sequence[str]) -> dict[str, CertFiles]:
     """One CA and one leaf for localhost / 127.0.0.1 per key type, written as files."""
     import trustme
+
     kinds = {ECDSA: trustme.KeyType.ECDSA, RSA: trustme.KeyType.RSA}
     out = {}
     for name in keys:
         ca = trustme.CA(key_type=kinds[name])
         leaf = ca.issue_cert("localhost", LOOPBACK, key_type=kinds[name])
-        files = CertFiles(workdir / f"{name}.crt", workdir / f"{name}.key",
-                          workdir / f"{name}-ca.pem")
+        files = CertFiles(
+            workdir / f"{name}.crt", workdir / f"{name}.key", workdir / f"{name}-ca.pem"
+        )
         files.cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
         files.key.write_bytes(leaf.private_key_pem.bytes())
         ca.cert_pem.write_to_path(str(files.ca))
@@ -157,9 +169,15 @@ def make_certificates(workdir: Path, keys: Sequence[str]) -> dict[str, CertFiles
 
 # -- the proxies' configurations -------------------------------------------------------------
 
-def nginx_tls_launch(workdir: Path, plain_port: int, tls_ports: dict[str, int],
-                     certs: dict[str, CertFiles], backend_ports: Sequence[int],
-                     access_log: Path | None = None) -> Launch:
+
+def nginx_tls_launch(
+    workdir: Path,
+    plain_port: int,
+    tls_ports: dict[str, int],
+    certs: dict[str, CertFiles],
+    backend_ports: Sequence[int],
+    access_log: Path | None = None,
+) -> Launch:
     """One NGINX, 1 worker, proxying as in the dataplane benchmark (bench/targets.py) on a
     plain listener and one TLS listener per certificate: `ssl_protocols TLSv1.2 TLSv1.3`,
     keep-alive, its defaults otherwise (session tickets on, no session cache).
@@ -170,7 +188,7 @@ def nginx_tls_launch(workdir: Path, plain_port: int, tls_ports: dict[str, int],
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }"""
-    log = (f"        access_log {access_log} reuse;\n" if access_log else "")
+    log = f"        access_log {access_log} reuse;\n" if access_log else ""
     servers = [f"    server {{\n        listen {LOOPBACK}:{plain_port};\n{location}\n    }}"]
     for name, port in tls_ports.items():
         servers.append(f"""    server {{
@@ -183,7 +201,7 @@ def nginx_tls_launch(workdir: Path, plain_port: int, tls_ports: dict[str, int],
     body = f"""    log_format reuse '$ssl_session_reused $ssl_protocol';
 
     upstream apps {{
-        hash $http_{USER_HEADER.lower().replace('-', '_')} consistent;
+        hash $http_{USER_HEADER.lower().replace("-", "_")} consistent;
 {upstream}
         keepalive {UPSTREAM_KEEPALIVE};
         keepalive_requests {KEEPALIVE_REQUESTS};
@@ -194,8 +212,14 @@ def nginx_tls_launch(workdir: Path, plain_port: int, tls_ports: dict[str, int],
     return _nginx_launch(prefix, _nginx_main(prefix, 1, body))
 
 
-def stickyproxy_tls_launch(workdir: Path, port: int, backend_ports: Sequence[int],
-                           cert: CertFiles | None, name: str, tree: Path | None = None) -> Launch:
+def stickyproxy_tls_launch(
+    workdir: Path,
+    port: int,
+    backend_ports: Sequence[int],
+    cert: CertFiles | None,
+    name: str,
+    tree: Path | None = None,
+) -> Launch:
     """stickyproxy as in the dataplane benchmark, 1 worker; with `cert`, its listener is TLS
     (`[listen.tls]` with the same files NGINX serves, every other TLS setting default); with
     `tree`, run from the sources there."""
@@ -204,7 +228,8 @@ def stickyproxy_tls_launch(workdir: Path, port: int, backend_ports: Sequence[int
     if cert is not None:
         listen = f"port = {port}\n"
         config = config.replace(
-            listen, f'{listen}\n[listen.tls]\ncert = "{cert.cert}"\nkey = "{cert.key}"\n', 1)
+            listen, f'{listen}\n[listen.tls]\ncert = "{cert.cert}"\nkey = "{cert.key}"\n', 1
+        )
     path = workdir / f"stickyproxy-{name}.toml"
     argv = [str(path) if a == str(base.config_path) else a for a in base.argv]
     return dataclasses.replace(base, config_path=path, config=config, argv=argv)
@@ -214,25 +239,30 @@ def pre_tls_tree(workdir: Path) -> tuple[Path | None, str]:
     """The stickyproxy package at PRE_TLS_COMMIT, extracted under `workdir`; (None, why not)
     when it cannot be measured like with like."""
     from stickyproxy.compiled import build
+
     if build() != "interpreted":
         return None, f"the installed build is {build()}; the {PRE_TLS_COMMIT} sources are not"
     tree = workdir / "pre-tls"
     tree.mkdir()
     try:
-        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar",
-                                  PRE_TLS_COMMIT, "stickyproxy"], check=True,
-                                 capture_output=True, timeout=60).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", PRE_TLS_COMMIT, "stickyproxy"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            if hasattr(tarfile, "data_filter"):     # Python 3.11.4+: refuse odd members
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse odd members
                 tar.extractall(tree, filter="data")
             else:
-                tar.extractall(tree)                # this repository's own sources
+                tar.extractall(tree)  # this repository's own sources
     except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:
         return None, f"no {PRE_TLS_COMMIT} sources ({type(e).__name__}: {e})"
     return tree, ""
 
 
 # -- checks before any load --------------------------------------------------------------------
+
 
 class ProbeError(Exception):
     """A listener answered wrongly, did not keep a user on one backend, or spoke no TLS."""
@@ -248,7 +278,9 @@ def probe(port: int, ctx: ssl.SSLContext | None) -> dict[str, Any]:
     key on a new connection (what `openssl s_time -www /` sends) answered 200."""
     conn: http.client.HTTPConnection = (
         http.client.HTTPSConnection(LOOPBACK, port, timeout=PROBE_TIMEOUT, context=ctx)
-        if ctx is not None else http.client.HTTPConnection(LOOPBACK, port, timeout=PROBE_TIMEOUT))
+        if ctx is not None
+        else http.client.HTTPConnection(LOOPBACK, port, timeout=PROBE_TIMEOUT)
+    )
     seen: dict[str, str] = {}
     out: dict[str, Any] = {}
     try:
@@ -260,8 +292,10 @@ def probe(port: int, ctx: ssl.SSLContext | None) -> dict[str, Any]:
                 body = r.read().decode(errors="replace")
                 backend = r.getheader(BACKEND_HEADER) or ""
                 if r.status != 200 or body != BODY or not backend:
-                    raise ProbeError(f"user {user}: status {r.status}, body {body[:60]!r}, "
-                                     f"{BACKEND_HEADER} {backend!r}")
+                    raise ProbeError(
+                        f"user {user}: status {r.status}, body {body[:60]!r}, "
+                        f"{BACKEND_HEADER} {backend!r}"
+                    )
                 if seen.setdefault(user, backend) != backend:
                     raise ProbeError(f"user {user} went to {seen[user]}, then to {backend}")
         if ctx is not None and isinstance(conn.sock, ssl.SSLSocket):
@@ -281,8 +315,10 @@ def probe(port: int, ctx: ssl.SSLContext | None) -> dict[str, Any]:
 
 
 def _http10_status(port: int, ctx: ssl.SSLContext) -> int:
-    with socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT) as raw, \
-            ctx.wrap_socket(raw, server_hostname=LOOPBACK) as s:
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT) as raw,
+        ctx.wrap_socket(raw, server_hostname=LOOPBACK) as s,
+    ):
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
@@ -292,34 +328,68 @@ def _http10_status(port: int, ctx: ssl.SSLContext) -> int:
 
 # -- one measured run ------------------------------------------------------------------------
 
-def wrk_argv(url: str, duration: float, connections: int, script: Path,
-             users: int) -> list[str]:
-    return ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration:g}s", "--latency",
-            "-s", str(script), url, "--", str(users), str(SEED)]
+
+def wrk_argv(url: str, duration: float, connections: int, script: Path, users: int) -> list[str]:
+    return [
+        "wrk",
+        f"-t{THREADS}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+        "--",
+        str(users),
+        str(SEED),
+    ]
 
 
-def run_wrk(url: str, duration: float, connections: int, script: Path,
-            users: int, server: Server) -> dict[str, Any]:
+def run_wrk(
+    url: str, duration: float, connections: int, script: Path, users: int, server: Server
+) -> dict[str, Any]:
     argv = wrk_argv(url, duration, connections, script, users)
     meter = CpuMeter(server.proc.pid)
     meter.start()
     try:
-        done = subprocess.run(argv, check=False, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=duration + EXIT_GRACE)
+        done = subprocess.run(
+            argv,
+            check=False,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=duration + EXIT_GRACE,
+        )
     except subprocess.TimeoutExpired:
         raise WrkError(f"wrk ran past {duration + EXIT_GRACE:g}s") from None
     used = meter.stop()
     if done.returncode != 0:
         raise WrkError(f"wrk exited with code {done.returncode}: {done.stderr.strip()}")
     r = parse_output(done.stdout)
-    return {"rate": r.rps, "count": r.requests, "seconds": r.duration_s,
-            "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "non_2xx": r.non_2xx,
-            "socket_errors": r.socket_errors, **per_request_us(used, r.requests)}
+    return {
+        "rate": r.rps,
+        "count": r.requests,
+        "seconds": r.duration_s,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "non_2xx": r.non_2xx,
+        "socket_errors": r.socket_errors,
+        **per_request_us(used, r.requests),
+    }
 
 
 def s_time_argv(port: int, seconds: int) -> list[str]:
-    return ["openssl", "s_time", "-connect", f"{LOOPBACK}:{port}", "-new",
-            "-time", str(seconds), "-www", "/"]
+    return [
+        "openssl",
+        "s_time",
+        "-connect",
+        f"{LOOPBACK}:{port}",
+        "-new",
+        "-time",
+        str(seconds),
+        "-www",
+        "/",
+    ]
 
 
 def parse_s_time(output: str) -> tuple[int, int]:
@@ -338,9 +408,16 @@ def run_handshakes(port: int, duration: float, clients: int, server: Server) -> 
     meter = CpuMeter(server.proc.pid)
     meter.start()
     started = time.monotonic()
-    procs = [subprocess.Popen(s_time_argv(port, seconds), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(clients)]
+    procs = [
+        subprocess.Popen(
+            s_time_argv(port, seconds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(clients)
+    ]
     ended: dict[int, float] = {}
     deadline = started + seconds + EXIT_GRACE
     try:
@@ -372,18 +449,27 @@ def run_handshakes(port: int, duration: float, clients: int, server: Server) -> 
         raise WrkError("openssl s_time failed: " + "; ".join(failed))
     counts = [parse_s_time(o) for o in outputs]
     total = sum(c for c, _ in counts)
-    return {"rate": sum(c / t for (c, _), t in zip(counts, elapsed)), "count": total,
-            "seconds": max(elapsed), "p50_ms": None, "p99_ms": None, "non_2xx": 0,
-            "socket_errors": 0, "clients": clients,
-            "bytes_per_connection": sum(b for _, b in counts) / total if total else 0,
-            **per_request_us(used, total)}
+    return {
+        "rate": sum(c / t for (c, _), t in zip(counts, elapsed)),
+        "count": total,
+        "seconds": max(elapsed),
+        "p50_ms": None,
+        "p99_ms": None,
+        "non_2xx": 0,
+        "socket_errors": 0,
+        "clients": clients,
+        "bytes_per_connection": sum(b for _, b in counts) / total if total else 0,
+        **per_request_us(used, total),
+    }
 
 
 # -- the run ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Endpoint:
     """One proxy's listener: where to send a measure's load."""
+
     target: str
     server: Server
     plain_port: int
@@ -394,17 +480,30 @@ def _row_key(mode: str, key: str | None, target: str) -> str:
     return f"{mode}/{key or '-'}/{target}"
 
 
-def measure(endpoint: Endpoint, mode: str, key: str | None, plan: Plan,
-            duration: float) -> dict[str, Any]:
+def measure(
+    endpoint: Endpoint, mode: str, key: str | None, plan: Plan, duration: float
+) -> dict[str, Any]:
     if mode == PLAIN:
-        return run_wrk(f"http://{LOOPBACK}:{endpoint.plain_port}/", duration, plan.connections,
-                       USERS_SCRIPT, plan.users, endpoint.server)
+        return run_wrk(
+            f"http://{LOOPBACK}:{endpoint.plain_port}/",
+            duration,
+            plan.connections,
+            USERS_SCRIPT,
+            plan.users,
+            endpoint.server,
+        )
     port = endpoint.tls_ports[key or ECDSA]
     if mode == HANDSHAKE:
         return run_handshakes(port, duration, plan.handshake_clients, endpoint.server)
     script = RECONNECT_SCRIPT if mode == RECONNECT else USERS_SCRIPT
-    return run_wrk(f"https://{LOOPBACK}:{port}/", duration, plan.connections, script,
-                   plan.users, endpoint.server)
+    return run_wrk(
+        f"https://{LOOPBACK}:{port}/",
+        duration,
+        plan.connections,
+        script,
+        plan.users,
+        endpoint.server,
+    )
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -415,11 +514,16 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         values = [r[key] for r in runs if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    return {"rate": median("rate"), "rounds": [r["rate"] for r in runs],
-            "cpu_us": median("cpu_us"), "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
-            "count": sum(r["count"] for r in runs),
-            "non_2xx": sum(r["non_2xx"] for r in runs),
-            "socket_errors": sum(r["socket_errors"] for r in runs)}
+    return {
+        "rate": median("rate"),
+        "rounds": [r["rate"] for r in runs],
+        "cpu_us": median("cpu_us"),
+        "p50_ms": median("p50_ms"),
+        "p99_ms": median("p99_ms"),
+        "count": sum(r["count"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "socket_errors": sum(r["socket_errors"] for r in runs),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -436,20 +540,26 @@ def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]
     by_round = {r["round"]: r for r in b["runs"]}
     pairs = [(r, by_round[r["round"]]) for r in a["runs"] if r["round"] in by_round]
     rates = [x for x in (_ratio(r["rate"], o["rate"]) for r, o in pairs) if x is not None]
-    cpus = [x for x in (_ratio(r.get("cpu_us"), o.get("cpu_us")) for r, o in pairs)
-            if x is not None]
-    return {"rate_ratio": statistics.median(rates) if rates else None,
-            "cpu_ratio": statistics.median(cpus) if cpus else None,
-            "round_ratios": rates,
-            "ratio_of_medians": _ratio(a["summary"]["rate"], b["summary"]["rate"])}
+    cpus = [
+        x for x in (_ratio(r.get("cpu_us"), o.get("cpu_us")) for r, o in pairs) if x is not None
+    ]
+    return {
+        "rate_ratio": statistics.median(rates) if rates else None,
+        "cpu_ratio": statistics.median(cpus) if cpus else None,
+        "round_ratios": rates,
+        "ratio_of_medians": _ratio(a["summary"]["rate"], b["summary"]["rate"]),
+    }
 
 
-def compare(rows: dict[str, dict[str, Any]],
-            measures: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
+def compare(
+    rows: dict[str, dict[str, Any]], measures: Sequence[tuple[str, str | None]]
+) -> list[dict[str, Any]]:
     """stickyproxy over NGINX for each measure (`paired`)."""
     out = []
     for mode, key in measures:
-        pair = paired(rows.get(_row_key(mode, key, STICKYPROXY)), rows.get(_row_key(mode, key, NGINX)))
+        pair = paired(
+            rows.get(_row_key(mode, key, STICKYPROXY)), rows.get(_row_key(mode, key, NGINX))
+        )
         if pair is not None:
             out.append({"mode": mode, "key": key, **pair})
     return out
@@ -459,8 +569,9 @@ def tls_cost(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """Each proxy's keep-alive TLS rate over its plain rate (median of the rounds' ratios)."""
     out = {}
     for target in (NGINX, STICKYPROXY):
-        pair = paired(rows.get(_row_key(KEEPALIVE, ECDSA, target)),
-                      rows.get(_row_key(PLAIN, None, target)))
+        pair = paired(
+            rows.get(_row_key(KEEPALIVE, ECDSA, target)), rows.get(_row_key(PLAIN, None, target))
+        )
         out[target] = pair["rate_ratio"] if pair else None
     return out
 
@@ -468,8 +579,9 @@ def tls_cost(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 def plain_over_pre_tls(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Plain HTTP: the current stickyproxy over the one before TLS (`paired`); None when the
     earlier one was not measured."""
-    return paired(rows.get(_row_key(PLAIN, None, STICKYPROXY)),
-                  rows.get(_row_key(PLAIN, None, PRE_TLS)))
+    return paired(
+        rows.get(_row_key(PLAIN, None, STICKYPROXY)), rows.get(_row_key(PLAIN, None, PRE_TLS))
+    )
 
 
 def _describe(r: dict[str, Any], unit: str) -> str:
@@ -483,10 +595,15 @@ def _describe(r: dict[str, Any], unit: str) -> str:
     return text
 
 
-def start_endpoints(workdir: Path, stack: contextlib.ExitStack, certs: dict[str, CertFiles],
-                    backend_ports: Sequence[int], with_nginx: bool,
-                    progress: Callable[[str], None],
-                    pre_tls: Path | None = None) -> tuple[list[Endpoint], dict[str, Any]]:
+def start_endpoints(
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    certs: dict[str, CertFiles],
+    backend_ports: Sequence[int],
+    with_nginx: bool,
+    progress: Callable[[str], None],
+    pre_tls: Path | None = None,
+) -> tuple[list[Endpoint], dict[str, Any]]:
     """NGINX (one process, every listener) and stickyproxy (a process per listener), all
     started at once, then probed. Returns the endpoints and what each listener negotiated."""
     keys = list(certs)
@@ -505,12 +622,14 @@ def start_endpoints(workdir: Path, stack: contextlib.ExitStack, certs: dict[str,
     servers: dict[str | None, Server] = {}
     for cert_name, port in zip([None, *keys], ports):
         name = cert_name or PLAIN
-        launch = stickyproxy_tls_launch(workdir, port, backend_ports,
-                                        certs[cert_name] if cert_name else None, name)
+        launch = stickyproxy_tls_launch(
+            workdir, port, backend_ports, certs[cert_name] if cert_name else None, name
+        )
         launch.write()
         configs[f"{STICKYPROXY}-{name}"] = launch.config
-        servers[cert_name] = spawn_server(f"stickyproxy-{name}", launch.argv, workdir, stack,
-                                          launch.env)
+        servers[cert_name] = spawn_server(
+            f"stickyproxy-{name}", launch.argv, workdir, stack, launch.env
+        )
         spawned.append((servers[cert_name], [port]))
     if pre_tls is not None:
         (old_port,) = free_ports(1)
@@ -527,55 +646,71 @@ def start_endpoints(workdir: Path, stack: contextlib.ExitStack, certs: dict[str,
             raise StartError(f"{server.name}: {e}") from None
     # One endpoint per stickyproxy listener, each its own process (CPU is measured per process);
     # plain_port 0: no plain listener.
-    endpoints += [Endpoint(STICKYPROXY, servers[k], 0 if k else p, {k: p} if k else {})
-                  for k, p in zip([None, *keys], ports)]
+    endpoints += [
+        Endpoint(STICKYPROXY, servers[k], 0 if k else p, {k: p} if k else {})
+        for k, p in zip([None, *keys], ports)
+    ]
     negotiated: dict[str, Any] = {"configs": configs}
     for ep in endpoints:
         if ep.plain_port:
             probe(ep.plain_port, None)
         for k, p in ep.tls_ports.items():
             negotiated[f"{ep.target}/{k}"] = probe(p, client_context(certs[k].ca))
-    progress("listeners answer and keep each user on one backend: "
-             + ", ".join(f"{k} {v['version']} {v['cipher']}" for k, v in negotiated.items()
-                         if k != "configs"))
+    progress(
+        "listeners answer and keep each user on one backend: "
+        + ", ".join(
+            f"{k} {v['version']} {v['cipher']}" for k, v in negotiated.items() if k != "configs"
+        )
+    )
     return endpoints, negotiated
 
 
-def _for(endpoints: Sequence[Endpoint], target: str, mode: str,
-         key: str | None) -> Endpoint | None:
+def _for(endpoints: Sequence[Endpoint], target: str, mode: str, key: str | None) -> Endpoint | None:
     for ep in endpoints:
         if ep.target == target and (ep.plain_port if mode == PLAIN else key in ep.tls_ports):
             return ep
     return None
 
 
-def run(plan: Plan, tools: dict[str, bool], progress: Callable[[str], None] = default_progress,
-        images_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    tools: dict[str, bool],
+    progress: Callable[[str], None] = default_progress,
+    images_dir: Path | None = None,
+) -> dict[str, Any]:
     """The benchmark: results as a dict (rows by measure and target, comparisons, skips)."""
     skipped: list[str] = []
-    measures = [m for m in plan.measures
-                if (m[0] == HANDSHAKE and tools["openssl"]) or (m[0] != HANDSHAKE and tools["wrk"])]
+    measures = [
+        m
+        for m in plan.measures
+        if (m[0] == HANDSHAKE and tools["openssl"]) or (m[0] != HANDSHAKE and tools["wrk"])
+    ]
     if len(measures) < len(plan.measures):
-        skipped.append("wrk or openssl is missing: "
-                       + ", ".join(f"{m}/{k or '-'}" for m, k in plan.measures
-                                   if (m, k) not in measures))
+        skipped.append(
+            "wrk or openssl is missing: "
+            + ", ".join(f"{m}/{k or '-'}" for m, k in plan.measures if (m, k) not in measures)
+        )
     if not tools["nginx"]:
         skipped.append("nginx is missing: stickyproxy alone, Python backends")
     keys = list(dict.fromkeys(k for _, k in measures if k))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.monotonic()
     rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="stickyproxy-bench-tls-") as tmp, \
-            contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="stickyproxy-bench-tls-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
         certs = make_certificates(workdir, keys or [ECDSA])
         pre_tls, why_not = pre_tls_tree(workdir) if tools["wrk"] else (None, "no wrk")
         if why_not:
             skipped.append(f"{PRE_TLS}: {why_not}")
         backend_ports, _, _ = start_backends(
-            workdir, stack, NGINX_BACKENDS if tools["nginx"] else PYTHON_BACKENDS)
-        endpoints, negotiated = start_endpoints(workdir, stack, certs, backend_ports,
-                                                tools["nginx"], progress, pre_tls)
+            workdir, stack, NGINX_BACKENDS if tools["nginx"] else PYTHON_BACKENDS
+        )
+        endpoints, negotiated = start_endpoints(
+            workdir, stack, certs, backend_ports, tools["nginx"], progress, pre_tls
+        )
         targets = [t for t in TARGETS if any(ep.target == t for ep in endpoints)]
         if plan.warmup and tools["wrk"]:
             for ep in endpoints:
@@ -593,31 +728,44 @@ def run(plan: Plan, tools: dict[str, bool], progress: Callable[[str], None] = de
                     if not at.server.running:
                         raise RuntimeError(f"{target} exited: {at.server.describe_exit()}")
                     r = measure(at, mode, key, plan, plan.duration)
-                    row = rows.setdefault(_row_key(mode, key, target),
-                                          {"mode": mode, "key": key, "target": target,
-                                           "runs": []})
+                    row = rows.setdefault(
+                        _row_key(mode, key, target),
+                        {"mode": mode, "key": key, "target": target, "runs": []},
+                    )
                     row["runs"].append({"round": round_no, **r})
                     label = f"{mode}{'/' + key if key else ''}"
-                    progress(f"round {round_no}/{plan.rounds} {label:16} {target:11} "
-                             f"{_describe(r, UNITS[mode])}")
+                    progress(
+                        f"round {round_no}/{plan.rounds} {label:16} {target:11} "
+                        f"{_describe(r, UNITS[mode])}"
+                    )
     for row in rows.values():
         row["summary"] = summarize(row["runs"])
     result: dict[str, Any] = {
-        "benchmark": "tls", "started_at": started, "seconds": round(time.monotonic() - t0, 1),
-        "settings": {"duration_s": plan.duration, "rounds": plan.rounds,
-                     "warmup_s": plan.warmup, "connections": plan.connections,
-                     "threads": THREADS, "users": plan.users,
-                     "handshake_clients": plan.handshake_clients, "smoke": plan.smoke,
-                     "workers": 1, "measures": [list(m) for m in measures]},
+        "benchmark": "tls",
+        "started_at": started,
+        "seconds": round(time.monotonic() - t0, 1),
+        "settings": {
+            "duration_s": plan.duration,
+            "rounds": plan.rounds,
+            "warmup_s": plan.warmup,
+            "connections": plan.connections,
+            "threads": THREADS,
+            "users": plan.users,
+            "handshake_clients": plan.handshake_clients,
+            "smoke": plan.smoke,
+            "workers": 1,
+            "measures": [list(m) for m in measures],
+        },
         "certificates": {k: KEY_NAMES[k] for k in keys},
         "negotiated": {k: v for k, v in negotiated.items() if k != "configs"},
         "configs": negotiated["configs"],
-        "tools": {"stickyproxy": stickyproxy_version(),
-                  "nginx": tool_version(["nginx", "-v"]) if tools["nginx"] else "missing",
-                  "wrk": tool_version(["wrk", "-v"]) if tools["wrk"] else "missing",
-                  "openssl": tool_version(["openssl", "version"]) if tools["openssl"]
-                  else "missing",
-                  "python_ssl": ssl.OPENSSL_VERSION},
+        "tools": {
+            "stickyproxy": stickyproxy_version(),
+            "nginx": tool_version(["nginx", "-v"]) if tools["nginx"] else "missing",
+            "wrk": tool_version(["wrk", "-v"]) if tools["wrk"] else "missing",
+            "openssl": tool_version(["openssl", "version"]) if tools["openssl"] else "missing",
+            "python_ssl": ssl.OPENSSL_VERSION,
+        },
         "rows": list(rows.values()),
         "comparisons": compare(rows, measures),
         "tls_over_plain": tls_cost(rows),
@@ -648,8 +796,7 @@ def check(smoke: bool, tools: dict[str, bool]) -> None:
         raise Skip("trustme is not installed (pip install trustme)") from None
     missing = sorted(name for name, ok in tools.items() if not ok)
     if missing and not smoke:
-        raise Skip(f"{', '.join(missing)} not installed (apt-get install "
-                   f"{' '.join(missing)})")
+        raise Skip(f"{', '.join(missing)} not installed (apt-get install {' '.join(missing)})")
     if not tools["wrk"] and not tools["openssl"]:
         raise Skip("neither wrk nor openssl is installed: nothing to measure")
 
@@ -671,8 +818,12 @@ def run_suite(settings: Any, skip: type[Exception]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="1 s per run, 1 round (about 20 s)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for tls.json and tls.png (default bench/results[/smoke])")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for tls.json and tls.png (default bench/results[/smoke])",
+    )
     args = p.parse_args(argv)
     tools = available_tools()
     try:

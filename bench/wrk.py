@@ -42,10 +42,21 @@ class WrkResult:
         return asdict(self)
 
 
-def wrk_command(port: int, duration: float, connections: int, script: Path,
-                script_args: list[str]) -> list[str]:
-    return ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration:g}s", "--latency",
-            "-s", str(script), f"http://{LOOPBACK}:{port}/", "--", *script_args]
+def wrk_command(
+    port: int, duration: float, connections: int, script: Path, script_args: list[str]
+) -> list[str]:
+    return [
+        "wrk",
+        f"-t{THREADS}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        f"http://{LOOPBACK}:{port}/",
+        "--",
+        *script_args,
+    ]
 
 
 def parse_output(output: str) -> WrkResult:
@@ -53,7 +64,7 @@ def parse_output(output: str) -> WrkResult:
     lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
     if not lines:
         raise WrkError(f"no {RESULT_PREFIX.strip()} line in wrk's output:\n{output.strip()}")
-    raw = json.loads(lines[-1][len(RESULT_PREFIX):])
+    raw = json.loads(lines[-1][len(RESULT_PREFIX) :])
     latency, errors = raw["latency_us"], raw["errors"]
     duration_s = raw["duration_us"] / US_PER_S
     return WrkResult(
@@ -77,12 +88,19 @@ def run_wrk(port: int, duration: float, connections: int, users: int) -> WrkResu
     return run_script(port, duration, connections, USERS_SCRIPT, [str(users), str(SEED)])
 
 
-def run_script(port: int, duration: float, connections: int, script: Path,
-               script_args: list[str]) -> WrkResult:
+def run_script(
+    port: int, duration: float, connections: int, script: Path, script_args: list[str]
+) -> WrkResult:
     argv = wrk_command(port, duration, connections, script, script_args)
     try:
-        done = subprocess.run(argv, check=False, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=duration + EXIT_GRACE)
+        done = subprocess.run(
+            argv,
+            check=False,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=duration + EXIT_GRACE,
+        )
     except subprocess.TimeoutExpired:
         raise WrkError(f"wrk ran past {duration + EXIT_GRACE:g}s") from None
     if done.returncode != 0:

@@ -42,10 +42,11 @@ class EchoStats:
 
 class EchoConnection(asyncio.Protocol):
     def __init__(self, path: str, user: str, host: str, payload: bytes, stats: EchoStats):
-        self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{USER_HEADER}: {user}\r\n"
-                        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n"
-                        ).encode()
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{USER_HEADER}: {user}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n"
+        ).encode()
         self.frame = client_frame(payload)
         self.expected = 2 + len(payload)
         self.stats = stats
@@ -70,14 +71,14 @@ class EchoConnection(asyncio.Protocol):
             end = self.buffer.find(HEAD_END)
             if end < 0:
                 return
-            status_line = bytes(self.buffer[:self.buffer.find(b"\r\n")])
-            del self.buffer[:end + len(HEAD_END)]
+            status_line = bytes(self.buffer[: self.buffer.find(b"\r\n")])
+            del self.buffer[: end + len(HEAD_END)]
             if b" 101 " not in status_line + b" ":
                 self.upgraded.set_exception(HandshakeError(status_line.decode(errors="replace")))
                 return
             self.upgraded.set_result(None)
         while len(self.buffer) >= self.expected:
-            del self.buffer[:self.expected]
+            del self.buffer[: self.expected]
             self.stats.messages += 1
             self.stats.latencies.append(time.perf_counter() - self.sent_at)
             if self.running:
@@ -98,8 +99,9 @@ class EchoConnection(asyncio.Protocol):
             self.transport.close()
 
 
-async def echo_run(port: int, path: str, users: list[str], payload: bytes,
-                   duration: float) -> EchoStats:
+async def echo_run(
+    port: int, path: str, users: list[str], payload: bytes, duration: float
+) -> EchoStats:
     """Open one connection per user, then echo `payload` on all of them for `duration` s."""
     loop = asyncio.get_running_loop()
     stats = EchoStats()
@@ -108,7 +110,8 @@ async def echo_run(port: int, path: str, users: list[str], payload: bytes,
     try:
         for user in users:
             _, conn = await loop.create_connection(
-                lambda u=user: EchoConnection(path, u, host, payload, stats), LOOPBACK, port)
+                lambda u=user: EchoConnection(path, u, host, payload, stats), LOOPBACK, port
+            )
             conns.append(conn)
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 await conn.upgraded

@@ -38,13 +38,15 @@ PUBLIC_PATHS = ("/healthz", "/metrics")
 
 async def me(request: Request) -> JSONResponse:
     ctx, info = request.state.ctx, request.state.sticky
-    return JSONResponse({
-        "user": info.user,
-        "visits": ctx.get("visits", 0),
-        "theme": ctx.get("theme", THEMES[0]),
-        "served_by": request.app.state.node_id,
-        "route": info.route,
-    })
+    return JSONResponse(
+        {
+            "user": info.user,
+            "visits": ctx.get("visits", 0),
+            "theme": ctx.get("theme", THEMES[0]),
+            "served_by": request.app.state.node_id,
+            "route": info.route,
+        }
+    )
 
 
 async def visit(request: Request) -> JSONResponse:
@@ -96,12 +98,19 @@ def build(store: ContextStore, node_id: str) -> StickyContextMiddleware:
     )
     starlette.state.node_id = node_id
     starlette.state.store = store
-    return StickyContextMiddleware(starlette, store, skip=lambda scope: scope["path"] in PUBLIC_PATHS,
-                                   require=lambda scope: True)
+    return StickyContextMiddleware(
+        starlette,
+        store,
+        skip=lambda scope: scope["path"] in PUBLIC_PATHS,
+        require=lambda scope: True,
+    )
 
 
 app = build(
-    ContextStore(os.environ.get("STICKY_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                 namespace="asgi", node_id=None),
+    ContextStore(
+        os.environ.get("STICKY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        namespace="asgi",
+        node_id=None,
+    ),
     os.environ.get("STICKY_NODE_ID", "asgi-app"),
 )

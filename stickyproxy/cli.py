@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, load, secret_variables
@@ -52,14 +52,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _routing_config(args.config)
     ring = ring_of(cfg)
     keys = cfg.routing.keys
-    line = (f"{args.config}: ok: {plural(len(cfg.backends), 'backend')}, "
-            f"{plural(len(keys), 'key source')} ({', '.join(s.describe() for s in keys)}), "
-            f"ring {ring.fingerprint}, listen {cfg.listen.host}:{cfg.listen.port}")
+    line = (
+        f"{args.config}: ok: {plural(len(cfg.backends), 'backend')}, "
+        f"{plural(len(keys), 'key source')} ({', '.join(s.describe() for s in keys)}), "
+        f"ring {ring.fingerprint}, listen {cfg.listen.host}:{cfg.listen.port}"
+    )
     secrets = secret_variables(cfg)
     if secrets:
-        line += ("; run reads from the environment: "
-                 + ", ".join(f"{var} ({path}, {'set' if os.environ.get(var) else 'unset here'})"
-                             for path, var in secrets))
+        line += "; run reads from the environment: " + ", ".join(
+            f"{var} ({path}, {'set' if os.environ.get(var) else 'unset here'})"
+            for path, var in secrets
+        )
     print(line)
     return EXIT_OK
 
@@ -75,8 +78,12 @@ def route_line(key: str, pref: list[str], depth: int | None) -> str:
 
 def route_json(key: str, pref: list[str], depth: int | None) -> dict:
     shown = pref if depth is None else pref[:depth]
-    return {"key": key, "backend": pref[0] if pref else None, "preference": shown,
-            "more": len(pref) - len(shown)}
+    return {
+        "key": key,
+        "backend": pref[0] if pref else None,
+        "preference": shown,
+        "more": len(pref) - len(shown),
+    }
 
 
 def ramp_return(key: str, delay: float, ramp: float) -> dict:
@@ -84,6 +91,7 @@ def ramp_return(key: str, delay: float, ramp: float) -> dict:
     configuration: the ramp progress at which it returns and the seconds after the
     recovery (``failback_delay`` first, then its share of ``failback_ramp``)."""
     from .routing.ramp import POINT_SPACE, key_point
+
     share = key_point(key) / POINT_SPACE
     return {"at_progress": round(share, 6), "after": round(delay + share * ramp, 3)}
 
@@ -104,8 +112,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         else:
             line = route_line(key, pref, depth)
             if back is not None:
-                line += (f"\treturns {back['after']:g}s after its backend recovers "
-                         f"(at {back['at_progress']:.1%} of the ramp)")
+                line += (
+                    f"\treturns {back['after']:g}s after its backend recovers "
+                    f"(at {back['at_progress']:.1%} of the ramp)"
+                )
             print(line)
     return EXIT_OK
 
@@ -148,84 +158,150 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     from .control.server import serve
+
     return serve(cfg, args.config, workers=args.workers, watch=args.watch_config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import main as demo_main
+
     return demo_main(args)
 
 
 def _sub(sub, name: str, help_: str, description: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_, description=textwrap.fill(description, 79),
-                          epilog=EXIT_CODES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help_,
+        description=textwrap.fill(description, 79),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stickyproxy",
-                                description="A sticky, consistent-hashing reverse proxy.",
-                                epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"stickyproxy {__version__}",
-                   help="print the version and exit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           help="what to do; COMMAND --help tells more")
+    p = argparse.ArgumentParser(
+        prog="stickyproxy",
+        description="A sticky, consistent-hashing reverse proxy.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"stickyproxy {__version__}",
+        help="print the version and exit",
+    )
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="what to do; COMMAND --help tells more",
+    )
 
-    r = _sub(sub, "run", "serve the proxy",
-             "Serve the proxy: SIGHUP reloads the configuration, SIGTERM drains and exits. "
-             "Secrets named by the configuration (admin.token_env, secret_env) are read "
-             "from the environment here, and nowhere else.")
+    r = _sub(
+        sub,
+        "run",
+        "serve the proxy",
+        "Serve the proxy: SIGHUP reloads the configuration, SIGTERM drains and exits. "
+        "Secrets named by the configuration (admin.token_env, secret_env) are read "
+        "from the environment here, and nowhere else.",
+    )
     r.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
-    r.add_argument("-w", "--workers", type=int, default=1, metavar="N",
-                   help="worker processes sharing the port via SO_REUSEPORT (default 1)")
-    r.add_argument("--watch-config", action="store_true",
-                   help="reload when the configuration file or a key file it names changes "
-                        "(as SIGHUP does; looked at every second)")
+    r.add_argument(
+        "-w",
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port via SO_REUSEPORT (default 1)",
+    )
+    r.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload when the configuration file or a key file it names changes "
+        "(as SIGHUP does; looked at every second)",
+    )
     r.set_defaults(func=cmd_run)
 
-    c = _sub(sub, "check", "validate a configuration file",
-             "Validate a configuration file: a one-line summary, or every error with its "
-             "key path. Needs none of the secrets the file names.")
+    c = _sub(
+        sub,
+        "check",
+        "validate a configuration file",
+        "Validate a configuration file: a one-line summary, or every error with its "
+        "key path. Needs none of the secrets the file names.",
+    )
     c.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
     c.set_defaults(func=cmd_check)
 
-    rt = _sub(sub, "route", "show where keys are routed",
-              "Each key's owner and preference list (where it fails over to, in order). "
-              "With health.failback_ramp set, also when the key returns to a backend that "
-              "recovers (the admin API's GET /route says whether it has, live). "
-              f"Lists are cut after {ROUTE_DEPTH} entries unless --depth or --all says otherwise.")
+    rt = _sub(
+        sub,
+        "route",
+        "show where keys are routed",
+        "Each key's owner and preference list (where it fails over to, in order). "
+        "With health.failback_ramp set, also when the key returns to a backend that "
+        "recovers (the admin API's GET /route says whether it has, live). "
+        f"Lists are cut after {ROUTE_DEPTH} entries unless --depth or --all says otherwise.",
+    )
     rt.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
-    rt.add_argument("--json", action="store_true",
-                    help='one JSON object per key: {"key", "backend", "preference", "more"}')
+    rt.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per key: {"key", "backend", "preference", "more"}',
+    )
     depth = rt.add_mutually_exclusive_group()
-    depth.add_argument("--depth", type=int, default=ROUTE_DEPTH, metavar="N",
-                       help=f"show the first N entries of each preference list (default {ROUTE_DEPTH})")
-    depth.add_argument("--all", action="store_true", help="show every entry of each preference list")
+    depth.add_argument(
+        "--depth",
+        type=int,
+        default=ROUTE_DEPTH,
+        metavar="N",
+        help=f"show the first N entries of each preference list (default {ROUTE_DEPTH})",
+    )
+    depth.add_argument(
+        "--all", action="store_true", help="show every entry of each preference list"
+    )
     rt.add_argument("keys", nargs="+", metavar="KEY", help="user keys to look up")
     rt.set_defaults(func=cmd_route)
 
-    pl = _sub(sub, "plan", "what share of users a configuration change moves",
-              "Before changing the backends: what share of users moves, from which backend to "
-              "which. Exact over the hash space unless --keys or --sample is given.")
-    pl.add_argument("--from", dest="old", required=True, metavar="OLD.toml",
-                    help="the configuration running now")
-    pl.add_argument("--to", dest="new", required=True, metavar="NEW.toml",
-                    help="the configuration to change to")
+    pl = _sub(
+        sub,
+        "plan",
+        "what share of users a configuration change moves",
+        "Before changing the backends: what share of users moves, from which backend to "
+        "which. Exact over the hash space unless --keys or --sample is given.",
+    )
+    pl.add_argument(
+        "--from",
+        dest="old",
+        required=True,
+        metavar="OLD.toml",
+        help="the configuration running now",
+    )
+    pl.add_argument(
+        "--to", dest="new", required=True, metavar="NEW.toml", help="the configuration to change to"
+    )
     g = pl.add_mutually_exclusive_group()
     g.add_argument("--keys", metavar="FILE", help="measure over these user keys, one per line")
     g.add_argument("--sample", type=int, metavar="N", help="measure over N synthetic keys")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
 
-    d = _sub(sub, "demo", "run Redis, three example apps and the proxy locally",
-             "Redis, three instances of the example shop and the proxy on 127.0.0.1, with a "
-             "live view and simulated users. Needs redis-server on the PATH. The last line "
-             "is 'demo summary: answers=N failed=N rate_limited=N lost=N'.")
+    d = _sub(
+        sub,
+        "demo",
+        "run Redis, three example apps and the proxy locally",
+        "Redis, three instances of the example shop and the proxy on 127.0.0.1, with a "
+        "live view and simulated users. Needs redis-server on the PATH. The last line "
+        "is 'demo summary: answers=N failed=N rate_limited=N lost=N'.",
+    )
     d.add_argument("--port", type=int, default=8080, metavar="N", help="proxy port (default 8080)")
     d.add_argument("--no-ui", action="store_true", help="no live view; print a line per second")
-    d.add_argument("--duration", type=float, default=0.0, metavar="S",
-                   help="stop by itself after S seconds of serving (0 = run until q or Ctrl-C)")
+    d.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="stop by itself after S seconds of serving (0 = run until q or Ctrl-C)",
+    )
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -60,7 +60,7 @@ def extension_path(module: str, root: Path = PACKAGE_DIR) -> Path | None:
 
 
 def build(root: Path = PACKAGE_DIR) -> str:
-    """"compiled" when every hot-path module is a C extension, "interpreted" when none is,
+    """ "compiled" when every hot-path module is a C extension, "interpreted" when none is,
     else "mixed" (a partial build: something went wrong)."""
     flags = [extension_path(m, root) is not None for m in COMPILED_MODULES]
     if all(flags):
@@ -95,8 +95,11 @@ def stale(root: Path = PACKAGE_DIR) -> list[str]:
     """Compiled modules whose source beside them is not the source they were built from
     (edits to the .py file would be silently ignored). Without a readable stamp no compiled
     module can be shown current, so every one of them is reported."""
-    compiled = [m for m in COMPILED_MODULES
-                if extension_path(m, root) is not None and source_path(m, root).is_file()]
+    compiled = [
+        m
+        for m in COMPILED_MODULES
+        if extension_path(m, root) is not None and source_path(m, root).is_file()
+    ]
     if not compiled:
         return []
     stamp = read_stamp(root)
@@ -117,15 +120,23 @@ def stale_problem(root: Path = PACKAGE_DIR) -> str | None:
     if not modules:
         return None
     if read_stamp(root) is None:
-        what = (f"the compiled modules in {root} carry no build stamp ({STAMP}), so they "
-                "cannot be shown to match their source")
+        what = (
+            f"the compiled modules in {root} carry no build stamp ({STAMP}), so they "
+            "cannot be shown to match their source"
+        )
     else:
-        what = (f"{', '.join(modules)}: compiled from a different source than the .py beside "
-                f"{'it' if len(modules) == 1 else 'them'} (the compiled code would run, not the source)")
+        what = (
+            f"{', '.join(modules)}: compiled from a different source than the .py beside "
+            f"{'it' if len(modules) == 1 else 'them'} (the compiled code would run, not the source)"
+        )
     if in_source_tree(root):
-        fix = (f"rebuild in place (STICKYPROXY_COMPILE=1 pip install -e {root.parent}) or delete "
-               f"the compiled modules (the *.so files under {root}) to run the source")
+        fix = (
+            f"rebuild in place (STICKYPROXY_COMPILE=1 pip install -e {root.parent}) or delete "
+            f"the compiled modules (the *.so files under {root}) to run the source"
+        )
     else:
-        fix = ("this installed copy was changed after it was built: reinstall it "
-               "(pip install --force-reinstall the wheel or source it came from)")
+        fix = (
+            "this installed copy was changed after it was built: reinstall it "
+            "(pip install --force-reinstall the wheel or source it came from)"
+        )
     return f"{what}; {fix}"

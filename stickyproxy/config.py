@@ -13,9 +13,9 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from .contract import HEADER_PREFIX, header_names
@@ -57,6 +57,7 @@ class ConfigError(Exception):
 # ---------------------------------------------------------------------------------------
 # Field kinds: each turns a raw TOML value into a settings value or raises ValueError.
 
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -80,6 +81,7 @@ def k_int(lo: int, hi: int) -> Callable[[Any], int]:
         if not lo <= v <= hi:
             raise ValueError(f"must be between {lo} and {hi}, got {v}")
         return v
+
     return conv
 
 
@@ -90,17 +92,19 @@ def k_float(lo: float, hi: float) -> Callable[[Any], float]:
         if not lo <= v <= hi:
             raise ValueError(f"must be between {lo:g} and {hi:g}, got {v}")
         return float(v)
+
     return conv
 
 
 def k_duration(lo: float = 0.0) -> Callable[[Any], float]:
     def conv(v: Any) -> float:
         if not isinstance(v, str):
-            raise ValueError(f"expected a duration string such as \"2s\" or \"500ms\", got {v!r}")
+            raise ValueError(f'expected a duration string such as "2s" or "500ms", got {v!r}')
         secs = parse_duration(v)
         if secs < lo:
             raise ValueError(f"must be at least {lo:g}s, got {v!r}")
         return secs
+
     return conv
 
 
@@ -116,7 +120,7 @@ def k_balance_factor(v: Any) -> float:
 
 def k_size(v: Any) -> int:
     if not (_is_int(v) or isinstance(v, str)):
-        raise ValueError(f"expected a size such as 65536 or \"64KiB\", got {v!r}")
+        raise ValueError(f'expected a size such as 65536 or "64KiB", got {v!r}')
     return parse_size(v)
 
 
@@ -125,6 +129,7 @@ def k_choice(*choices: str) -> Callable[[Any], str]:
         if v not in choices:
             raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
         return v
+
     conv.choices = choices  # type: ignore[attr-defined]  # shown by reference_markdown
     return conv
 
@@ -169,7 +174,7 @@ def k_status_range(v: Any) -> tuple[int, int]:
     v = k_str(v)
     m = re.match(r"^\s*(\d{3})\s*(?:-\s*(\d{3}))?\s*$", v)
     if not m:
-        raise ValueError(f"expected a status or range such as \"200-399\", got {v!r}")
+        raise ValueError(f'expected a status or range such as "200-399", got {v!r}')
     lo = int(m.group(1))
     hi = int(m.group(2) or lo)
     if not 100 <= lo <= hi <= 599:
@@ -187,20 +192,33 @@ def spec(default: Any, kind: Callable[[Any], Any], doc: str = "") -> Any:
 # ---------------------------------------------------------------------------------------
 # Settings. Defaults are the values on these fields and nowhere else.
 
+
 @dataclass(frozen=True)
 class Listen:
     host: str = spec("127.0.0.1", k_host, "address the proxy listens on")
     port: int = spec(8080, k_port, "port the proxy listens on")
-    trusted_proxies: tuple = spec((), k_networks,
-                                  "peers whose X-Forwarded-For is kept and extended")
-    proxy_protocol: bool = spec(False, k_bool,
-                                "connections from trusted_proxies start with a PROXY protocol "
-                                "v1/v2 header naming the client (docs/fleet.md)")
-    h2c: bool = spec(False, k_bool,
-                     "accept HTTP/2 by prior knowledge (RFC 9113 §3.3) on a plain listener "
-                     "(docs/http2.md); over TLS, HTTP/2 is offered by listen.tls.alpn")
-    tls: Any = field(default=None, metadata={"kind": None, "doc":
-                     "[listen.tls]: terminate TLS here (docs/tls.md); absent = plain HTTP"})
+    trusted_proxies: tuple = spec(
+        (), k_networks, "peers whose X-Forwarded-For is kept and extended"
+    )
+    proxy_protocol: bool = spec(
+        False,
+        k_bool,
+        "connections from trusted_proxies start with a PROXY protocol "
+        "v1/v2 header naming the client (docs/fleet.md)",
+    )
+    h2c: bool = spec(
+        False,
+        k_bool,
+        "accept HTTP/2 by prior knowledge (RFC 9113 §3.3) on a plain listener "
+        "(docs/http2.md); over TLS, HTTP/2 is offered by listen.tls.alpn",
+    )
+    tls: Any = field(
+        default=None,
+        metadata={
+            "kind": None,
+            "doc": "[listen.tls]: terminate TLS here (docs/tls.md); absent = plain HTTP",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -215,10 +233,10 @@ class Admin:
 @dataclass(frozen=True)
 class KeySource:
     kind: str
-    name: str = ""                       # header, cookie or query parameter name
+    name: str = ""  # header, cookie or query parameter name
     pattern: re.Pattern[str] | None = None
-    settings: Any = None                 # a jwtkeys.JwtSettings for "jwt" sources
-    jwt: Any = None                      # its jwtkeys.JwtVerifier, made by ``resolve``
+    settings: Any = None  # a jwtkeys.JwtSettings for "jwt" sources
+    jwt: Any = None  # its jwtkeys.JwtVerifier, made by ``resolve``
 
     def describe(self) -> str:
         if self.kind == "path":
@@ -234,31 +252,47 @@ DEFAULT_KEYS = (KeySource("header", "X-User-Id"),)
 
 @dataclass(frozen=True)
 class Routing:
-    keys: tuple = field(default=DEFAULT_KEYS, metadata={"kind": None, "doc":
-                        "ordered key sources; the first one yielding a non-empty key wins"})
-    no_key: str = spec("round-robin", k_choice(*NO_KEY_POLICIES),
-                       "what to do with a request that carries no key")
+    keys: tuple = field(
+        default=DEFAULT_KEYS,
+        metadata={
+            "kind": None,
+            "doc": "ordered key sources; the first one yielding a non-empty key wins",
+        },
+    )
+    no_key: str = spec(
+        "round-robin", k_choice(*NO_KEY_POLICIES), "what to do with a request that carries no key"
+    )
     vnodes: int = spec(160, k_int(1, MAX_VNODES), "ring points per unit of weight")
-    max_key_length: int = spec(DEFAULT_MAX_KEY_LENGTH, k_int(1, 4096),
-                               "longest user key accepted (bytes)")
-    balance_factor: float = spec(0.0, k_balance_factor,
-                                 "bounded load, 0 = off: a backend above this many times "
-                                 "the mean in-flight load (1.25 = 125 %) spills a key's new "
-                                 "requests to the next backend on its preference list; trades "
-                                 "stickiness for balance (docs/routing-quality.md)")
+    max_key_length: int = spec(
+        DEFAULT_MAX_KEY_LENGTH, k_int(1, 4096), "longest user key accepted (bytes)"
+    )
+    balance_factor: float = spec(
+        0.0,
+        k_balance_factor,
+        "bounded load, 0 = off: a backend above this many times "
+        "the mean in-flight load (1.25 = 125 %) spills a key's new "
+        "requests to the next backend on its preference list; trades "
+        "stickiness for balance (docs/routing-quality.md)",
+    )
 
 
 @dataclass(frozen=True)
 class Headers:
-    prefix: str = spec(HEADER_PREFIX, k_header_name,
-                       "prefix of the headers the proxy sets for backends")
+    prefix: str = spec(
+        HEADER_PREFIX, k_header_name, "prefix of the headers the proxy sets for backends"
+    )
     forwarded: bool = spec(True, k_bool, "add X-Forwarded-For/-Proto/-Host")
-    allow_underscores: bool = spec(False, k_bool,
-                                   "forward request headers whose names contain '_' (CGI and "
-                                   "WSGI servers read X_User_Id as X-User-Id: off by default)")
-    strip: tuple = spec((), k_header_names,
-                        "request headers never forwarded (e.g. identity headers a client "
-                        "could forge)")
+    allow_underscores: bool = spec(
+        False,
+        k_bool,
+        "forward request headers whose names contain '_' (CGI and "
+        "WSGI servers read X_User_Id as X-User-Id: off by default)",
+    )
+    strip: tuple = spec(
+        (),
+        k_header_names,
+        "request headers never forwarded (e.g. identity headers a client could forge)",
+    )
 
     @property
     def key(self) -> str:
@@ -284,7 +318,7 @@ class Backend:
     weight: int = 1
     host: str = ""
     port: int = 80
-    tls: Any = None          # tls.BackendTLS for an https:// URL, None for http://
+    tls: Any = None  # tls.BackendTLS for an https:// URL, None for http://
 
     @property
     def address(self) -> str:
@@ -301,14 +335,19 @@ class Health:
     rise: int = spec(2, k_int(1, 100), "consecutive successes that make a down backend up")
     fall: int = spec(3, k_int(1, 100), "consecutive failures that make an up backend down")
     jitter: float = spec(0.1, k_float(0.0, 1.0), "random spread of the interval (fraction)")
-    failback_delay: float = spec(0.0, k_duration(),
-                                 "keep users on their fallback this long after recovery")
-    failback_ramp: float = spec(0.0, k_duration(),
-                                "after failback_delay, return a recovered (or newly added) "
-                                "backend's users gradually over this long, 0 = all at once "
-                                "(docs/routing-quality.md)")
-    panic_threshold: int = spec(50, k_int(0, 100),
-                                "below this % of usable backends, route by the plain ring")
+    failback_delay: float = spec(
+        0.0, k_duration(), "keep users on their fallback this long after recovery"
+    )
+    failback_ramp: float = spec(
+        0.0,
+        k_duration(),
+        "after failback_delay, return a recovered (or newly added) "
+        "backend's users gradually over this long, 0 = all at once "
+        "(docs/routing-quality.md)",
+    )
+    panic_threshold: int = spec(
+        50, k_int(0, 100), "below this % of usable backends, route by the plain ring"
+    )
 
 
 @dataclass(frozen=True)
@@ -316,8 +355,9 @@ class Passive:
     enabled: bool = spec(True, k_bool, "eject backends on consecutive failures")
     consecutive_failures: int = spec(5, k_int(1, 1000), "failures in a row that eject")
     on_5xx: bool = spec(False, k_bool, "count 5xx responses as failures")
-    connect_down: float = spec(2.0, k_duration(),
-                               "skip a backend this long after a refused connect")
+    connect_down: float = spec(
+        2.0, k_duration(), "skip a backend this long after a refused connect"
+    )
     base_ejection: float = spec(30.0, k_duration(0.001), "first ejection time")
     max_ejection: float = spec(300.0, k_duration(0.001), "cap on ejection time")
     max_ejected_percent: int = spec(50, k_int(0, 100), "never eject more than this % at once")
@@ -327,16 +367,18 @@ class Passive:
 class Timeouts:
     connect: float = spec(1.0, k_duration(0.001), "upstream TCP connect")
     response: float = spec(30.0, k_duration(0.001), "request sent → response headers")
-    client_header: float = spec(10.0, k_duration(0.001),
-                                "a client must send a whole request head within this")
+    client_header: float = spec(
+        10.0, k_duration(0.001), "a client must send a whole request head within this"
+    )
     client_idle: float = spec(60.0, k_duration(0.001), "idle client keep-alive connection")
     upstream_idle: float = spec(60.0, k_duration(0.001), "idle pooled upstream connection")
     body_idle: float = spec(30.0, k_duration(0.001), "no body bytes in either direction")
     websocket_idle: float = spec(3600.0, k_duration(0.001), "idle WebSocket tunnel")
     shutdown: float = spec(30.0, k_duration(), "SIGTERM: time to finish in-flight requests")
     drain: float = spec(30.0, k_duration(), "a drained backend's tunnels are closed after this")
-    queue: float = spec(5.0, k_duration(0.001),
-                        "a request waiting for a backend slot gets 503 after this")
+    queue: float = spec(
+        5.0, k_duration(0.001), "a request waiting for a backend slot gets 503 after this"
+    )
 
 
 @dataclass(frozen=True)
@@ -352,14 +394,16 @@ class Limits:
     max_header_bytes: int = spec(65536, k_size, "largest request head (431 beyond)")
     max_headers: int = spec(100, k_int(1, 10000), "most header fields in a request (431)")
     max_body: int = spec(1 << 30, k_size, "largest request body, 0 = unlimited (413 beyond)")
-    max_client_connections: int = spec(10000, k_int(1, 1_000_000),
-                                       "open client connections (503 beyond)")
+    max_client_connections: int = spec(
+        10000, k_int(1, 1_000_000), "open client connections (503 beyond)"
+    )
     max_pipeline: int = spec(32, k_int(1, 1024), "queued pipelined requests per connection")
     pool_max_idle: int = spec(64, k_int(0, 100000), "idle upstream connections per backend")
     pool_max_requests: int = spec(10000, k_int(1, 1 << 31), "requests per upstream connection")
     max_inflight_per_backend: int = spec(0, k_int(0, 1_000_000), "0 = unlimited")
-    queue_per_backend: int = spec(0, k_int(0, 1_000_000),
-                                  "requests waiting for a backend slot (503 beyond)")
+    queue_per_backend: int = spec(
+        0, k_int(0, 1_000_000), "requests waiting for a backend slot (503 beyond)"
+    )
     min_body_rate: int = spec(0, k_size, "bytes/s a request body must keep up, 0 = off")
 
 
@@ -368,22 +412,30 @@ class Logging:
     level: str = spec("info", k_choice("debug", "info", "warning", "error"), "log level")
     format: str = spec("text", k_choice("text", "json"), "format of the process log")
     access: str = spec("off", k_choice("off", "text", "json"), "access log")
-    access_key: str = spec("hash", k_choice("hash", "raw", "none"),
-                           "how the user key appears in the access log")
+    access_key: str = spec(
+        "hash", k_choice("hash", "raw", "none"), "how the user key appears in the access log"
+    )
 
 
 @dataclass(frozen=True)
 class HotKeys:
     enabled: bool = spec(True, k_bool, "count the hottest user keys (GET /hotkeys)")
-    max_keys: int = spec(_hotkeys.DEFAULT_MAX_KEYS,
-                         k_int(_hotkeys.MIN_MAX_KEYS, _hotkeys.MAX_MAX_KEYS),
-                         "keys tracked per process; any key above 2/max_keys of the "
-                         "requests is always among them")
-    sample_every: int = spec(_hotkeys.DEFAULT_SAMPLE_EVERY, k_int(1, _hotkeys.MAX_SAMPLE_EVERY),
-                             "count one request in this many (each weighs this many)")
-    window: float = spec(_hotkeys.DEFAULT_WINDOW, k_duration(1.0),
-                         "counts start over every window; /hotkeys shows the last one to "
-                         "two windows; keys are hashed unless logging.access_key = \"raw\"")
+    max_keys: int = spec(
+        _hotkeys.DEFAULT_MAX_KEYS,
+        k_int(_hotkeys.MIN_MAX_KEYS, _hotkeys.MAX_MAX_KEYS),
+        "keys tracked per process; any key above 2/max_keys of the requests is always among them",
+    )
+    sample_every: int = spec(
+        _hotkeys.DEFAULT_SAMPLE_EVERY,
+        k_int(1, _hotkeys.MAX_SAMPLE_EVERY),
+        "count one request in this many (each weighs this many)",
+    )
+    window: float = spec(
+        _hotkeys.DEFAULT_WINDOW,
+        k_duration(1.0),
+        "counts start over every window; /hotkeys shows the last one to "
+        'two windows; keys are hashed unless logging.access_key = "raw"',
+    )
 
 
 @dataclass(frozen=True)
@@ -414,16 +466,26 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    "listen": Listen, "admin": Admin, "routing": Routing, "headers": Headers,
-    "health": Health, "passive": Passive, "timeouts": Timeouts, "retries": Retries,
-    "limits": Limits, "logging": Logging, "hotkeys": HotKeys,
+    "listen": Listen,
+    "admin": Admin,
+    "routing": Routing,
+    "headers": Headers,
+    "health": Health,
+    "passive": Passive,
+    "timeouts": Timeouts,
+    "retries": Retries,
+    "limits": Limits,
+    "logging": Logging,
+    "hotkeys": HotKeys,
 }
 
 
 # ---------------------------------------------------------------------------------------
 
-def table_fields(cls: type, raw: dict[str, Any], path: str, errors: list[str],
-                 other: tuple[str, ...] = ()) -> dict[str, Any]:
+
+def table_fields(
+    cls: type, raw: dict[str, Any], path: str, errors: list[str], other: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The values of ``raw`` for the ``spec`` fields of ``cls``, each converted by its kind;
     a problem, or a key that is neither a field nor one of ``other`` (keys the caller
     parses itself), is appended to ``errors`` with its key path. Shared by every section
@@ -458,21 +520,42 @@ def _section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 
 # How jwtkeys.load_verifier starts the error for an environment secret it cannot read.
 
-JWT_KEYS = {"from", "header", "claim", "algorithms", "secret_env", "public_key_file",
-            "jwks_file", "issuer", "audience", "leeway", "require_exp", "on_invalid"}
+JWT_KEYS = {
+    "from",
+    "header",
+    "claim",
+    "algorithms",
+    "secret_env",
+    "public_key_file",
+    "jwks_file",
+    "issuer",
+    "audience",
+    "leeway",
+    "require_exp",
+    "on_invalid",
+}
 
 
 def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySource | None:
     from .routing.jwtkeys import JwtSettings, settings_problem
+
     n = len(errors)
     for k in item:
         if k not in JWT_KEYS:
-            errors.append(f"{p}.{k}: unknown key for a jwt source (known: {', '.join(sorted(JWT_KEYS))})")
+            errors.append(
+                f"{p}.{k}: unknown key for a jwt source (known: {', '.join(sorted(JWT_KEYS))})"
+            )
     values: dict[str, Any] = {}
     convs: dict[str, Callable[[Any], Any]] = {
-        "header": k_header_name, "claim": k_str, "secret_env": k_str,
-        "public_key_file": k_str, "jwks_file": k_str, "issuer": k_str, "audience": k_str,
-        "leeway": k_duration(), "require_exp": k_bool,
+        "header": k_header_name,
+        "claim": k_str,
+        "secret_env": k_str,
+        "public_key_file": k_str,
+        "jwks_file": k_str,
+        "issuer": k_str,
+        "audience": k_str,
+        "leeway": k_duration(),
+        "require_exp": k_bool,
         "on_invalid": k_choice("reject", "anonymous"),
     }
     for k, conv in convs.items():
@@ -483,7 +566,7 @@ def _jwt_source(item: dict, p: str, errors: list[str], base_dir: str) -> KeySour
                 errors.append(f"{p}.{k}: {e}")
     algs = item.get("algorithms")
     if not isinstance(algs, list) or not algs or not all(isinstance(a, str) for a in algs):
-        errors.append(f"{p}.algorithms: pin the accepted algorithms, e.g. [\"RS256\"]")
+        errors.append(f'{p}.algorithms: pin the accepted algorithms, e.g. ["RS256"]')
     else:
         values["algorithms"] = tuple(algs)
     for k in ("public_key_file", "jwks_file"):
@@ -510,11 +593,15 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeyS
     for i, item in enumerate(raw):
         p = f"{path}[{i}]"
         if not isinstance(item, dict):
-            errors.append(f"{p}: expected a table such as {{ from = \"header\", name = \"X-User-Id\" }}")
+            errors.append(
+                f'{p}: expected a table such as {{ from = "header", name = "X-User-Id" }}'
+            )
             continue
         kind = item.get("from")
         if kind not in KEY_SOURCES:
-            errors.append(f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}")
+            errors.append(
+                f"{p}.from: must be one of {', '.join(map(repr, KEY_SOURCES))}, got {kind!r}"
+            )
             continue
         if kind == "jwt":
             src = _jwt_source(item, p, errors, base_dir)
@@ -524,14 +611,18 @@ def _key_sources(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[KeyS
         if kind == "client-cert":
             for k in item:
                 if k != "from":
-                    errors.append(f"{p}.{k}: unknown key for a client-cert source (it takes "
-                                  f"listen.tls.identity)")
+                    errors.append(
+                        f"{p}.{k}: unknown key for a client-cert source (it takes "
+                        f"listen.tls.identity)"
+                    )
             out.append(KeySource("client-cert"))
             continue
         allowed = {"from", "pattern"} if kind == "path" else {"from", "name"}
         for k in item:
             if k not in allowed:
-                errors.append(f"{p}.{k}: unknown key for a {kind} source (known: {', '.join(sorted(allowed))})")
+                errors.append(
+                    f"{p}.{k}: unknown key for a {kind} source (known: {', '.join(sorted(allowed))})"
+                )
         if kind == "path":
             pat = item.get("pattern")
             if not isinstance(pat, str) or not pat:
@@ -618,6 +709,7 @@ def _backends(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[Backend
         tls = None
         if scheme == "https":
             from .tls import parse_backend_tls
+
             tls = parse_backend_tls(item.get("tls"), errors, f"{p}.tls", base_dir)
         elif "tls" in item and ok:
             errors.append(f"{p}.tls: set, but the url is http:// (use https:// for TLS)")
@@ -655,8 +747,10 @@ def _parse_backend_url(url: Any) -> tuple[str, int, str]:
     return parts.hostname, port or (443 if parts.scheme == "https" else 80), parts.scheme
 
 
-ADMIN_TOKEN_REQUIRED = ("admin.token: required when admin.host is not a loopback address "
-                        "(%r): the admin API can drain backends and reload")
+ADMIN_TOKEN_REQUIRED = (
+    "admin.token: required when admin.host is not a loopback address "
+    "(%r): the admin API can drain backends and reload"
+)
 
 
 def parse(raw: dict[str, Any], source: str | None = None) -> Config:
@@ -673,14 +767,18 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     listen_raw = raw.get("listen")
     if isinstance(listen_raw, dict) and "tls" in listen_raw:
         from .tls import parse_listen_tls
+
         sections["listen"] = dataclasses.replace(
-            sections["listen"], tls=parse_listen_tls(listen_raw["tls"], errors, "listen.tls",
-                                                     base_dir))
+            sections["listen"],
+            tls=parse_listen_tls(listen_raw["tls"], errors, "listen.tls", base_dir),
+        )
     routing_raw = raw.get("routing")
     if isinstance(routing_raw, dict) and "keys" in routing_raw:
         sections["routing"] = dataclasses.replace(
-            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir))
+            sections["routing"], keys=_key_sources(routing_raw["keys"], errors, base_dir)
+        )
     from .discovery.settings import parse_discovery, parse_resolver
+
     resolver = parse_resolver(raw.get("resolver", {}), "resolver", errors)
     discovery = None
     if "discovery" in raw:
@@ -695,15 +793,21 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     lt = sections["listen"].tls
     lis = sections["listen"]
     if lis.proxy_protocol and not lis.trusted_proxies:
-        errors.append("listen.proxy_protocol: needs listen.trusted_proxies (the load balancers "
-                      "whose headers are believed)")
+        errors.append(
+            "listen.proxy_protocol: needs listen.trusted_proxies (the load balancers "
+            "whose headers are believed)"
+        )
     if lis.proxy_protocol and lt is not None:
-        errors.append("listen.proxy_protocol: not supported with [listen.tls] yet (the header "
-                      "comes before the TLS handshake)")
+        errors.append(
+            "listen.proxy_protocol: not supported with [listen.tls] yet (the header "
+            "comes before the TLS handshake)"
+        )
     for i, src in enumerate(sections["routing"].keys):
         if src.kind == "client-cert" and (lt is None or lt.client_auth == "none"):
-            errors.append(f"routing.keys[{i}].from: \"client-cert\" needs [listen.tls] with "
-                          f"client_auth = \"request\" or \"require\"")
+            errors.append(
+                f'routing.keys[{i}].from: "client-cert" needs [listen.tls] with '
+                f'client_auth = "request" or "require"'
+            )
 
     admin = sections["admin"]
     if admin.token and admin.token_env:
@@ -720,18 +824,28 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
     adm = sections["admin"]
     if adm.enabled and not adm.token and not adm.token_env and not _is_loopback(adm.host):
         errors.append(ADMIN_TOKEN_REQUIRED % adm.host)
-    if sections["admin"].enabled and (sections["admin"].host, sections["admin"].port) == (
-            sections["listen"].host, sections["listen"].port) and sections["listen"].port:
+    if (
+        sections["admin"].enabled
+        and (sections["admin"].host, sections["admin"].port)
+        == (sections["listen"].host, sections["listen"].port)
+        and sections["listen"].port
+    ):
         errors.append("admin.port: the admin listener cannot share the proxy's address")
     del timeouts
     if errors:
         raise ConfigError(errors, source)
-    return Config(backends=backends, source=source, discovery=discovery, resolver=resolver,
-                  **sections)
+    return Config(
+        backends=backends, source=source, discovery=discovery, resolver=resolver, **sections
+    )
 
 
-def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = None,
-            environ: Mapping[str, str] | None = None) -> Config:
+def resolve(
+    cfg: Config,
+    *,
+    secrets: bool = True,
+    read_file: ReadFile | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
     """Read what a validated configuration names outside itself: JWT key files (with
     ``read_file``, default from disk, so that processes applying one configuration can be
     given the same bytes: ``FileCopies``) and, when ``secrets``, the ``*_env`` secrets
@@ -742,6 +856,7 @@ def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = N
     token empty and gives a jwt source with an environment secret no key: it would refuse
     every token, but only ``run`` verifies tokens, and ``run`` resolves secrets."""
     from .routing.jwtkeys import JwtVerifier, load_verifier
+
     env = os.environ if environ is None else environ
     errors: list[str] = []
     keys = []
@@ -753,7 +868,8 @@ def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = N
             else:
                 try:
                     src = dataclasses.replace(
-                        src, jwt=load_verifier(s, read_file or read_disk, env))
+                        src, jwt=load_verifier(s, read_file or read_disk, env)
+                    )
                 except ValueError as e:
                     errors.append(f"routing.keys[{i}].{e}")
         keys.append(src)
@@ -762,15 +878,17 @@ def resolve(cfg: Config, *, secrets: bool = True, read_file: ReadFile | None = N
     if admin.token_env and secrets:
         token = env.get(admin.token_env, "")
         if not token:
-            errors.append(f"admin.token_env: environment variable {admin.token_env!r} is "
-                          "unset or empty")
+            errors.append(
+                f"admin.token_env: environment variable {admin.token_env!r} is unset or empty"
+            )
             if admin.enabled and not _is_loopback(admin.host):
                 errors.append(ADMIN_TOKEN_REQUIRED % admin.host)
         admin = dataclasses.replace(admin, token=token)
     if errors:
         raise ConfigError(errors, cfg.source)
-    return dataclasses.replace(cfg, admin=admin,
-                               routing=dataclasses.replace(cfg.routing, keys=tuple(keys)))
+    return dataclasses.replace(
+        cfg, admin=admin, routing=dataclasses.replace(cfg.routing, keys=tuple(keys))
+    )
 
 
 # STICKYPROXY_<SECTION>__<KEY>[__<KEY>...] overrides one setting (12-factor); the double
@@ -784,7 +902,7 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, ..
     out = {}
     for name in sorted(environ):
         if name.upper().startswith(ENV_PREFIX) and ENV_SEPARATOR in name:
-            parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
+            parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR))
             if all(parts):
                 out[name] = parts
     return out
@@ -824,6 +942,7 @@ def tls_problems(cfg: Config, read_file: ReadFile) -> list[str]:
     read through ``read_file``, pinned for workers like JWT key files); problems by key path.
     The data plane builds its own contexts from the same bytes."""
     from .tls import CertStore, client_context
+
     errors: list[str] = []
     if cfg.listen.tls is not None:
         try:
@@ -841,9 +960,14 @@ def tls_problems(cfg: Config, read_file: ReadFile) -> list[str]:
     return errors
 
 
-def loads(text: str, source: str | None = None, *, secrets: bool = True,
-          read_file: ReadFile | None = None, environ: Mapping[str, str] | None = None
-          ) -> Config:
+def loads(
+    text: str,
+    source: str | None = None,
+    *,
+    secrets: bool = True,
+    read_file: ReadFile | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
     """Parse, validate and resolve a configuration's text, with the environment's
     ``STICKYPROXY_<SECTION>__<KEY>`` overrides (``environ``, default the process's)."""
     env = os.environ if environ is None else environ
@@ -886,8 +1010,9 @@ def read_text(path: str | os.PathLike[str]) -> str:
         raise ConfigError([f"not UTF-8: {e}"], path) from None
 
 
-def load(path: str | os.PathLike[str], *, secrets: bool = True,
-         read_file: ReadFile | None = None) -> Config:
+def load(
+    path: str | os.PathLike[str], *, secrets: bool = True, read_file: ReadFile | None = None
+) -> Config:
     path = os.fspath(path)
     return loads(read_text(path), path, secrets=secrets, read_file=read_file)
 
@@ -916,10 +1041,11 @@ class FileCopies:
             try:
                 return self.files[path].encode("latin-1")
             except KeyError:
-                raise FileNotFoundError(2, "not among the files sent with the configuration",
-                                        path) from None
+                raise FileNotFoundError(
+                    2, "not among the files sent with the configuration", path
+                ) from None
         data = read_disk(path)
-        self.files[path] = data.decode("latin-1")   # JSON-safe, byte for byte
+        self.files[path] = data.decode("latin-1")  # JSON-safe, byte for byte
         return data
 
 
@@ -942,7 +1068,6 @@ def secret_variables(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-
 def _show_default(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -958,8 +1083,12 @@ def _show_default(v: Any) -> str:
 def reference_markdown() -> str:
     """The configuration reference, generated from the fields that hold the defaults."""
     from .units import format_duration
-    out = ["<!-- generated by `python -m stickyproxy.config`; do not edit by hand -->",
-           "# Configuration reference", ""]
+
+    out = [
+        "<!-- generated by `python -m stickyproxy.config`; do not edit by hand -->",
+        "# Configuration reference",
+        "",
+    ]
     for name, cls in SECTIONS.items():
         out += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -979,24 +1108,36 @@ def reference_markdown() -> str:
         out.append("")
         if name == "routing":
             out += _key_sources_reference()
-    out += ["## [[backends]]", "", "| key | default | meaning |", "|---|---|---|",
-            "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
-            "| `url` | (required) | `http://host[:port]`, no path |",
-            f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |", ""]
-    out += ["## [discovery] and [resolver]", "",
-            "Backends discovered from DNS or a file, and how backend host names are resolved: "
-            "[discovery.md](discovery.md).", "",
-            "## From the environment", "",
-            f"Any setting can be set by a variable `{ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>`, "
-            "upper or lower case, nested tables joined the same way, laid over the file "
-            "before it is validated: `STICKYPROXY_LISTEN__PORT=8080`, "
-            "`STICKYPROXY_ROUTING__NO_KEY=reject`, "
-            "`STICKYPROXY_DISCOVERY__DNS__NAME=_http._tcp.app.svc`. The value is read as a "
-            "TOML value when it is one (`8080`, `true`, `[\"a\"]`, `\"2s\"`) and as a string "
-            "otherwise (`reject`, `2s`). An error about such a key names the variable. "
-            "`[[backends]]` cannot be set this way (use `[discovery]`); secrets stay in the "
-            "variables that `*_env` keys name. Workers are started with the supervisor's "
-            "environment, so they read the same overrides.", ""]
+    out += [
+        "## [[backends]]",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+        "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
+        "| `url` | (required) | `http://host[:port]`, no path |",
+        f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |",
+        "",
+    ]
+    out += [
+        "## [discovery] and [resolver]",
+        "",
+        "Backends discovered from DNS or a file, and how backend host names are resolved: "
+        "[discovery.md](discovery.md).",
+        "",
+        "## From the environment",
+        "",
+        f"Any setting can be set by a variable `{ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>`, "
+        "upper or lower case, nested tables joined the same way, laid over the file "
+        "before it is validated: `STICKYPROXY_LISTEN__PORT=8080`, "
+        "`STICKYPROXY_ROUTING__NO_KEY=reject`, "
+        "`STICKYPROXY_DISCOVERY__DNS__NAME=_http._tcp.app.svc`. The value is read as a "
+        'TOML value when it is one (`8080`, `true`, `["a"]`, `"2s"`) and as a string '
+        "otherwise (`reject`, `2s`). An error about such a key names the variable. "
+        "`[[backends]]` cannot be set this way (use `[discovery]`); secrets stay in the "
+        "variables that `*_env` keys name. Workers are started with the supervisor's "
+        "environment, so they read the same overrides.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -1008,13 +1149,13 @@ KEY_SOURCE_FIELDS = {
     "path": "`pattern`: a regular expression over the path with a `(?P<key>...)` group",
     "jwt": "the key is a claim of a verified token; the fields below",
     "client-cert": "the identity of the verified client certificate (`listen.tls.identity`); "
-                   "needs `listen.tls.client_auth`",
+    "needs `listen.tls.client_auth`",
 }
 JWT_FIELD_DOCS = {
     "header": "header carrying `Bearer <token>`",
     "claim": "claim that holds the user key",
     "algorithms": "the accepted algorithms, pinned; `none` is never accepted, "
-                  "HMAC and public-key algorithms are not mixed",
+    "HMAC and public-key algorithms are not mixed",
     "secret_env": "environment variable holding the HMAC secret (HS*); read by `run` only",
     "public_key_file": "PEM public key (RS*, ES*, PS*, EdDSA), relative to the config file",
     "jwks_file": "JWKS file, keys chosen by `kid`, relative to the config file",
@@ -1022,20 +1163,32 @@ JWT_FIELD_DOCS = {
     "audience": "required `aud`, if set",
     "leeway": "clock skew allowed on `exp`/`nbf`",
     "require_exp": "refuse tokens without `exp`",
-    "on_invalid": "an invalid token: `\"reject\"` (401) or `\"anonymous\"` (try the next source)",
+    "on_invalid": 'an invalid token: `"reject"` (401) or `"anonymous"` (try the next source)',
 }
 
 
 def _key_sources_reference() -> list[str]:
     from .routing.jwtkeys import JwtSettings
     from .units import format_duration
-    out = ["### routing.keys entries", "",
-           "Each entry is a table with `from` set to one of "
-           + ", ".join(f"`\"{k}\"`" for k in KEY_SOURCES) + ".", "",
-           "| `from` | takes |", "|---|---|"]
-    out += [f"| `\"{k}\"` | {v} |" for k, v in KEY_SOURCE_FIELDS.items()]
-    out += ["", "A `jwt` source (exactly one of `secret_env`, `public_key_file`, `jwks_file`):",
-            "", "| key | default | meaning |", "|---|---|---|"]
+
+    out = [
+        "### routing.keys entries",
+        "",
+        "Each entry is a table with `from` set to one of "
+        + ", ".join(f'`"{k}"`' for k in KEY_SOURCES)
+        + ".",
+        "",
+        "| `from` | takes |",
+        "|---|---|",
+    ]
+    out += [f'| `"{k}"` | {v} |' for k, v in KEY_SOURCE_FIELDS.items()]
+    out += [
+        "",
+        "A `jwt` source (exactly one of `secret_env`, `public_key_file`, `jwks_file`):",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
     for f in dataclasses.fields(JwtSettings):
         default = f.default
         if f.name == "algorithms":

@@ -45,8 +45,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .config import (ConfigError, k_bool, k_choice, k_duration, k_header_name, k_int, k_str,
-                     read_disk, spec, table_fields)
+from .config import (
+    ConfigError,
+    k_bool,
+    k_choice,
+    k_duration,
+    k_header_name,
+    k_int,
+    k_str,
+    read_disk,
+    spec,
+    table_fields,
+)
 from .contract import HEADER_PREFIX
 
 ReadFile = Callable[[str], bytes]
@@ -57,8 +67,11 @@ MIN_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv
 # client that is offered "h2" speaks HTTP/2 at once (dataplane/h2client.py serves it).
 ALPN_KNOWN: Final = ("http/1.1", "h2")
 ALPN_SERVED: Final = ("http/1.1", "h2")
-CLIENT_AUTH: Final = {"none": ssl.CERT_NONE, "request": ssl.CERT_OPTIONAL,
-                      "require": ssl.CERT_REQUIRED}
+CLIENT_AUTH: Final = {
+    "none": ssl.CERT_NONE,
+    "request": ssl.CERT_OPTIONAL,
+    "require": ssl.CERT_REQUIRED,
+}
 # Which part of a verified client certificate names the client (RFC 5280 §4.1.2.6, §4.2.1.6).
 IDENTITY_KINDS: Final = ("cn", "dns", "uri", "email")
 # The identity header's name after the [headers] prefix; under the prefix, client copies of
@@ -79,12 +92,15 @@ DEFAULT_MAX_HANDSHAKES: Final = 1024
 SHUTDOWN_TIMEOUT: Final = 5.0
 # A server name in [[listen.tls.sni]]: A-labels (RFC 5890), optionally "*." + name (RFC 6125
 # §6.4.3: the wildcard is the whole left-most label and matches exactly one label).
-_NAME_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
-                      r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_NAME_RE = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
 
 
 # ---------------------------------------------------------------------------------------
 # settings
+
 
 def k_min_version(v: Any) -> str:
     return k_choice(*MIN_VERSIONS)(v)
@@ -92,7 +108,7 @@ def k_min_version(v: Any) -> str:
 
 def k_alpn(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"expected a non-empty list such as [\"http/1.1\"], got {v!r}")
+        raise ValueError(f'expected a non-empty list such as ["http/1.1"], got {v!r}')
     for x in v:
         if x not in ALPN_KNOWN:
             raise ValueError(f"unknown protocol {x!r} (known: {', '.join(ALPN_KNOWN)})")
@@ -106,13 +122,14 @@ def k_alpn(v: Any) -> tuple[str, ...]:
 def k_server_name(v: Any) -> str:
     v = k_str(v).lower().rstrip(".")
     if not _NAME_RE.match(v) or len(v) > 253:
-        raise ValueError(f"not a DNS name or \"*.\" wildcard in A-label form: {v!r}")
+        raise ValueError(f'not a DNS name or "*." wildcard in A-label form: {v!r}')
     return v
 
 
 @dataclass(frozen=True)
 class SniCert:
     """One ``[[listen.tls.sni]]`` entry: the server names it answers and its files."""
+
     names: tuple[str, ...]
     cert: str
     key: str
@@ -122,23 +139,35 @@ class SniCert:
 class ListenTLS:
     cert: str = spec("", k_str, "certificate chain file (PEM, leaf first); required")
     key: str = spec("", k_str, "private key file (PEM, unencrypted) of cert; required")
-    sni: tuple = dataclasses.field(default=(), metadata={"kind": None, "doc":
-                                   "[[listen.tls.sni]] entries: names = [...], cert, key"})
-    min_version: str = spec("1.2", k_min_version, "lowest TLS version accepted: \"1.2\" or \"1.3\"")
+    sni: tuple = dataclasses.field(
+        default=(),
+        metadata={"kind": None, "doc": "[[listen.tls.sni]] entries: names = [...], cert, key"},
+    )
+    min_version: str = spec("1.2", k_min_version, 'lowest TLS version accepted: "1.2" or "1.3"')
     alpn: tuple = spec(("http/1.1",), k_alpn, "protocols offered by ALPN (RFC 7301)")
-    client_auth: str = spec("none", k_choice(*CLIENT_AUTH),
-                            "client certificates: \"none\", \"request\" or \"require\"")
+    client_auth: str = spec(
+        "none", k_choice(*CLIENT_AUTH), 'client certificates: "none", "request" or "require"'
+    )
     client_ca: str = spec("", k_str, "CA bundle (PEM) client certificates are verified against")
-    identity: str = spec("cn", k_choice(*IDENTITY_KINDS),
-                         "what names a client: subject \"cn\", or the first SAN of type "
-                         "\"dns\", \"uri\" or \"email\"")
-    identity_header: str = spec("", k_header_name,
-                                "header carrying the verified identity to backends "
-                                "('' = [headers] prefix + \"Client-Cert\")")
-    handshake_timeout: float = spec(DEFAULT_HANDSHAKE_TIMEOUT, k_duration(0.01),
-                                    "a TLS handshake must finish within this")
-    max_handshakes: int = spec(DEFAULT_MAX_HANDSHAKES, k_int(0, 1_000_000),
-                               "handshakes in progress at once, per process (0 = no cap)")
+    identity: str = spec(
+        "cn",
+        k_choice(*IDENTITY_KINDS),
+        'what names a client: subject "cn", or the first SAN of type "dns", "uri" or "email"',
+    )
+    identity_header: str = spec(
+        "",
+        k_header_name,
+        "header carrying the verified identity to backends "
+        "('' = [headers] prefix + \"Client-Cert\")",
+    )
+    handshake_timeout: float = spec(
+        DEFAULT_HANDSHAKE_TIMEOUT, k_duration(0.01), "a TLS handshake must finish within this"
+    )
+    max_handshakes: int = spec(
+        DEFAULT_MAX_HANDSHAKES,
+        k_int(0, 1_000_000),
+        "handshakes in progress at once, per process (0 = no cap)",
+    )
 
     def files(self) -> tuple[str, ...]:
         """Every file the listener's contexts are built from."""
@@ -170,8 +199,9 @@ def _join(base_dir: str, p: str) -> str:
     return os.path.join(base_dir, p) if p else p
 
 
-def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
-                     base_dir: str = ".") -> ListenTLS | None:
+def parse_listen_tls(
+    raw: Any, errors: list[str], path: str = "listen.tls", base_dir: str = "."
+) -> ListenTLS | None:
     """``[listen.tls]`` → settings (file paths joined to ``base_dir``), or None when the table
     is absent. Problems are appended to ``errors`` with their key paths; files are not read
     here (``CertStore`` reads them)."""
@@ -189,8 +219,9 @@ def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
     if auth != "none" and not values.get("client_ca"):
         errors.append(f"{path}.client_ca: required when client_auth is {auth!r}")
     if auth == "none" and values.get("client_ca"):
-        errors.append(f"{path}.client_ca: set, but client_auth is \"none\" (no certificate "
-                      f"would be asked for)")
+        errors.append(
+            f'{path}.client_ca: set, but client_auth is "none" (no certificate would be asked for)'
+        )
     sni: list[SniCert] = []
     seen: dict[str, int] = {}
     raw_sni = raw.get("sni", [])
@@ -208,7 +239,9 @@ def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
         names_raw = item.get("names")
         names: list[str] = []
         if not isinstance(names_raw, list) or not names_raw:
-            errors.append(f"{p}.names: expected a non-empty list of server names, got {names_raw!r}")
+            errors.append(
+                f"{p}.names: expected a non-empty list of server names, got {names_raw!r}"
+            )
         else:
             for j, nm in enumerate(names_raw):
                 try:
@@ -217,7 +250,9 @@ def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
                     errors.append(f"{p}.names[{j}]: {e}")
                     continue
                 if name in seen:
-                    errors.append(f"{p}.names[{j}]: {name!r} already listed in {path}.sni[{seen[name]}]")
+                    errors.append(
+                        f"{p}.names[{j}]: {name!r} already listed in {path}.sni[{seen[name]}]"
+                    )
                     continue
                 seen[name] = i
                 names.append(name)
@@ -238,8 +273,7 @@ def parse_listen_tls(raw: Any, errors: list[str], path: str = "listen.tls",
     return ListenTLS(sni=tuple(sni), **values)
 
 
-def parse_backend_tls(raw: Any, errors: list[str], path: str,
-                      base_dir: str = ".") -> BackendTLS:
+def parse_backend_tls(raw: Any, errors: list[str], path: str, base_dir: str = ".") -> BackendTLS:
     """A backend's TLS table → settings; ``None`` (absent) gives the defaults."""
     if raw is None:
         return BackendTLS()
@@ -248,8 +282,10 @@ def parse_backend_tls(raw: Any, errors: list[str], path: str,
         return BackendTLS()
     values = table_fields(BackendTLS, raw, path, errors)
     if bool(values.get("cert")) != bool(values.get("key")):
-        errors.append(f"{path}.{'key' if values.get('cert') else 'cert'}: "
-                      f"cert and key go together (mTLS to the backend)")
+        errors.append(
+            f"{path}.{'key' if values.get('cert') else 'cert'}: "
+            f"cert and key go together (mTLS to the backend)"
+        )
     if values.get("server_name"):
         try:
             values["server_name"] = k_server_name(values["server_name"])
@@ -300,8 +336,11 @@ def _check_pem(data: bytes, key: str, path: str, what: str) -> None:
     text = data.decode("latin-1")
     if what == "key":
         if "-----BEGIN ENCRYPTED PRIVATE KEY-----" in text or "Proc-Type: 4,ENCRYPTED" in text:
-            raise _Problem(key, f"{path!r}: the key is encrypted (not supported: give an "
-                                f"unencrypted key file, readable by the proxy only)")
+            raise _Problem(
+                key,
+                f"{path!r}: the key is encrypted (not supported: give an "
+                f"unencrypted key file, readable by the proxy only)",
+            )
         if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", text):
             raise _Problem(key, f"{path!r}: no PEM private key found")
     else:
@@ -311,7 +350,9 @@ def _check_pem(data: bytes, key: str, path: str, what: str) -> None:
             probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             probe.load_verify_locations(cadata=text)
         except (ssl.SSLError, ValueError) as e:
-            raise _Problem(key, f"{path!r}: not a valid PEM certificate ({_ssl_reason(e)})") from None
+            raise _Problem(
+                key, f"{path!r}: not a valid PEM certificate ({_ssl_reason(e)})"
+            ) from None
 
 
 def _ssl_reason(e: BaseException) -> str:
@@ -332,12 +373,12 @@ def _as_path(data: bytes) -> Iterator[str]:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
         return
-    with tempfile.TemporaryDirectory() as d:   # 0700
+    with tempfile.TemporaryDirectory() as d:  # 0700
         p = os.path.join(d, "pem")
         with open(p, "wb") as f:
             f.write(data)
@@ -349,8 +390,15 @@ def _no_password() -> bytes:
     raise ValueError("the key is encrypted (not supported: give an unencrypted key file)")
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes, cert_key: str, key_key: str,
-                cert_path: str, key_path: str) -> None:
+def _load_chain(
+    ctx: ssl.SSLContext,
+    cert: bytes,
+    key: bytes,
+    cert_key: str,
+    key_key: str,
+    cert_path: str,
+    key_path: str,
+) -> None:
     _check_pem(cert, cert_key, cert_path, "cert")
     _check_pem(key, key_key, key_path, "key")
     with _as_path(cert) as cp, _as_path(key) as kp:
@@ -360,8 +408,11 @@ def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes, cert_key: str, key
             raise _Problem(key_key, f"{key_path!r}: {e}") from None
         except ssl.SSLError as e:
             # the certificate parsed above, so what OpenSSL refuses now is the key or the pair
-            why = _ssl_reason(e) if isinstance(e.reason, str) else \
-                "not a private key OpenSSL can read (damaged PEM, or an unsupported type)"
+            why = (
+                _ssl_reason(e)
+                if isinstance(e.reason, str)
+                else "not a private key OpenSSL can read (damaged PEM, or an unsupported type)"
+            )
             raise _Problem(key_key, f"{key_path!r}: {why}") from None
 
 
@@ -373,8 +424,9 @@ def _load_ca(ctx: ssl.SSLContext, data: bytes, key: str, path: str) -> None:
 # ---------------------------------------------------------------------------------------
 # the listener
 
+
 def _base_server_context(s: ListenTLS) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)   # the stdlib's secure cipher list
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the stdlib's secure cipher list
     ctx.minimum_version = MIN_VERSIONS[s.min_version]
     # CRIME (no compression); no renegotiation at all (a client-initiated renegotiation
     # costs the server a handshake per request, RFC 5746 only makes it safe, not cheap).
@@ -393,7 +445,7 @@ def _set_tickets(ctx: ssl.SSLContext, s: ListenTLS) -> None:
     TLS 1.2 session ids stay, checked by ``CertStore._check_resumed``."""
     if s.client_auth == "none":
         ctx.options &= ~ssl.OP_NO_TICKET
-        ctx.num_tickets = 2   # OpenSSL's default
+        ctx.num_tickets = 2  # OpenSSL's default
     else:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
@@ -402,15 +454,17 @@ def _set_tickets(ctx: ssl.SSLContext, s: ListenTLS) -> None:
 @dataclass(frozen=True)
 class _Built:
     """One complete generation of the listener's contexts."""
+
     default: ssl.SSLContext
     exact: dict[str, ssl.SSLContext]
-    wildcard: dict[str, ssl.SSLContext]   # by the suffix after "*."
-    digest: str                           # of every file's bytes, to tell a change
-    trust: str                            # of what verifies clients (client_auth, CA bytes)
+    wildcard: dict[str, ssl.SSLContext]  # by the suffix after "*."
+    digest: str  # of every file's bytes, to tell a change
+    trust: str  # of what verifies clients (client_auth, CA bytes)
 
 
-def select_context(server_name: str | None, exact: dict[str, Any], wildcard: dict[str, Any],
-                   default: Any) -> Any:
+def select_context(
+    server_name: str | None, exact: dict[str, Any], wildcard: dict[str, Any], default: Any
+) -> Any:
     """The entry for an SNI server name (RFC 6066 §3): exact name first, then a wildcard
     for the name's parent (one label, RFC 6125 §6.4.3), else ``default``. Pure."""
     if not server_name:
@@ -421,7 +475,7 @@ def select_context(server_name: str | None, exact: dict[str, Any], wildcard: dic
         return hit
     dot = name.find(".")
     if dot > 0:
-        hit = wildcard.get(name[dot + 1:])
+        hit = wildcard.get(name[dot + 1 :])
         if hit is not None:
             return hit
     return default
@@ -483,6 +537,7 @@ def _build(s: ListenTLS, read_file: ReadFile, path: str) -> _Built:
 @dataclass(frozen=True)
 class FileState:
     """What a cheap look at a file sees: a change in any of these means "re-read it"."""
+
     dev: int
     ino: int
     size: int
@@ -518,8 +573,8 @@ class FileWatch:
 
 @dataclass(frozen=True)
 class ReloadResult:
-    changed: bool               # new handshakes now get new certificates or settings
-    errors: tuple[str, ...]     # why not, when the files could not be loaded (old kept)
+    changed: bool  # new handshakes now get new certificates or settings
+    errors: tuple[str, ...]  # why not, when the files could not be loaded (old kept)
 
 
 class CertStore:
@@ -530,8 +585,13 @@ class CertStore:
     Raises ConfigError (every problem, each naming its key path) when the files cannot be
     loaded at construction."""
 
-    def __init__(self, settings: ListenTLS, read_file: ReadFile = read_disk,
-                 path: str = "listen.tls", gate: HandshakeGate | None = None):
+    def __init__(
+        self,
+        settings: ListenTLS,
+        read_file: ReadFile = read_disk,
+        path: str = "listen.tls",
+        gate: HandshakeGate | None = None,
+    ):
         self.settings = settings
         self.path = path
         self.read_file = read_file
@@ -541,8 +601,11 @@ class CertStore:
         # when what verifies clients last changed (whole seconds, as OpenSSL stamps sessions;
         # 0: never, every session the front context holds was made under the current rules)
         self.trust_changed = 0
-        self.gate = gate if gate is not None else HandshakeGate(
-            settings.max_handshakes, settings.handshake_timeout)
+        self.gate = (
+            gate
+            if gate is not None
+            else HandshakeGate(settings.max_handshakes, settings.handshake_timeout)
+        )
         self.gate.check = self._check_resumed
         # the front context (the first default one): its own settings apply to every
         # connection it accepts (see the invariants above); after a reload its certificate
@@ -585,7 +648,7 @@ class CertStore:
         ``handshake_timeout`` is a listener parameter: it takes effect when the listener is
         made again (``needs_new_listener``)."""
         rf = read_file or self.read_file
-        self.watch.mark()   # before reading: a change during the read is seen next time
+        self.watch.mark()  # before reading: a change during the read is seen next time
         try:
             built = _build(settings, rf, self.path)
         except ConfigError as e:
@@ -628,6 +691,7 @@ def server_context(settings: ListenTLS, read_file: ReadFile = read_disk) -> ssl.
 # ---------------------------------------------------------------------------------------
 # the handshake cap
 
+
 class HandshakeRefused(ssl.SSLError):
     """A connection closed before its handshake because too many were in progress."""
 
@@ -653,14 +717,14 @@ class HandshakeGate:
         self.timeout = timeout
         self.clock = clock
         self._count = 0
-        self.admitted = 0     # handshakes begun (counter)
-        self.completed = 0    # handshakes that finished (counter)
-        self.refused = 0      # connections closed because the cap was reached (counter)
-        self.stale = 0        # handshakes refused by ``check`` once finished (counter)
+        self.admitted = 0  # handshakes begun (counter)
+        self.completed = 0  # handshakes that finished (counter)
+        self.refused = 0  # connections closed because the cap was reached (counter)
+        self.stale = 0  # handshakes refused by ``check`` once finished (counter)
         # called with each server-side SSL object whose handshake finished; a reason
         # returned fails the handshake (CertStore refuses stale resumed sessions)
         self.check: Callable[[ssl.SSLObject], str | None] | None = None
-        self._open: deque[list[Any]] = deque()   # [began, done] in admission order
+        self._open: deque[list[Any]] = deque()  # [began, done] in admission order
         self.sslobject_class = self._make_class()
 
     def _make_class(self) -> type[ssl.SSLObject]:
@@ -747,6 +811,7 @@ class HandshakeGate:
 # ---------------------------------------------------------------------------------------
 # backends
 
+
 class SessionCache:
     """Client-side TLS session resumption for one context, per server name: a new
     connection to a backend offers the session (TLS 1.2 id or ticket, TLS 1.3 ticket,
@@ -762,8 +827,8 @@ class SessionCache:
     def __init__(self) -> None:
         self.sessions: dict[str, ssl.SSLSession] = {}
         self.recent: dict[str, weakref.ref[ssl.SSLObject]] = {}
-        self.offered = 0      # handshakes that offered a session (counter)
-        self.resumed = 0      # ... that the backend accepted (counter)
+        self.offered = 0  # handshakes that offered a session (counter)
+        self.resumed = 0  # ... that the backend accepted (counter)
         self.sslobject_class = self._make_class()
 
     def _keep(self, host: str, obj: ssl.SSLObject) -> None:
@@ -800,7 +865,7 @@ class SessionCache:
                         try:
                             self.session = sess
                             cache.offered += 1
-                        except ValueError:   # made by another context: full handshake
+                        except ValueError:  # made by another context: full handshake
                             pass
                     cache.recent[host] = weakref.ref(self)
                 try:
@@ -808,7 +873,7 @@ class SessionCache:
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     raise
                 except ssl.SSLError:
-                    if host:   # do not offer a session the peer may have refused again
+                    if host:  # do not offer a session the peer may have refused again
                         cache.sessions.pop(host, None)
                         cache.recent.pop(host, None)
                     raise
@@ -823,8 +888,9 @@ class SessionCache:
         return ResumingSSLObject
 
 
-def client_context(settings: BackendTLS, read_file: ReadFile = read_disk,
-                   path: str = "backends.tls") -> ssl.SSLContext:
+def client_context(
+    settings: BackendTLS, read_file: ReadFile = read_disk, path: str = "backends.tls"
+) -> ssl.SSLContext:
     """The context for TLS connections to a backend: certificate and host name verified
     (RFC 6125) against ``ca_file`` or the system store unless ``verify`` is false; a client
     certificate when ``cert``/``key`` are set; sessions resumed across connections
@@ -923,12 +989,18 @@ def describe_verify_error(exc: BaseException) -> str:
         msg = str(getattr(exc, "verify_message", "") or "")
         if code == 62 or msg.lower().startswith("hostname mismatch"):
             m = re.search(r"'([^']*)'", msg)
-            return f"TLS: certificate is not valid for {m.group(1)!r}" if m else \
-                "TLS: certificate is not valid for this host name"
+            return (
+                f"TLS: certificate is not valid for {m.group(1)!r}"
+                if m
+                else "TLS: certificate is not valid for this host name"
+            )
         if code == 64 or msg.lower().startswith("ip address mismatch"):
             m = re.search(r"'([^']*)'", msg)
-            return f"TLS: certificate is not valid for {m.group(1)!r}" if m else \
-                "TLS: certificate is not valid for this address"
+            return (
+                f"TLS: certificate is not valid for {m.group(1)!r}"
+                if m
+                else "TLS: certificate is not valid for this address"
+            )
         if code in _VERIFY_CODES:
             return f"TLS: {_VERIFY_CODES[code]}"
         return f"TLS: certificate refused ({msg or 'verification failed'})"
@@ -946,6 +1018,7 @@ def describe_verify_error(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------
 # client identity
+
 
 def identity_from_cert(cert: dict[str, Any] | None, kind: str = "cn") -> str | None:
     """The identity a verified peer certificate names, from ``getpeercert()``'s dict: the
@@ -969,7 +1042,7 @@ def identity_from_cert(cert: dict[str, Any] | None, kind: str = "cn") -> str | N
                 break
     if not value or len(value) > MAX_IDENTITY:
         return None
-    if any(not 0x20 < ord(c) < 0x7f and c != " " for c in value) or value != value.strip():
+    if any(not 0x20 < ord(c) < 0x7F and c != " " for c in value) or value != value.strip():
         return None
     return value
 
@@ -990,6 +1063,6 @@ def client_identity(ssl_object: Any, kind: str = "cn") -> str | None:
         return None
     try:
         cert = ssl_object.getpeercert()
-    except (ValueError, AttributeError):   # handshake not done
+    except (ValueError, AttributeError):  # handshake not done
         return None
     return identity_from_cert(cert, kind)

@@ -9,9 +9,14 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1,
-    "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9,
+    None: 1,
+    "B": 1,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
 }
 
 
@@ -22,7 +27,7 @@ def parse_duration(text: str) -> float:
     """
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"not a duration (use e.g. \"2s\", \"500ms\", \"1m\", \"1d\"): {text!r}")
+        raise ValueError(f'not a duration (use e.g. "2s", "500ms", "1m", "1d"): {text!r}')
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -36,7 +41,7 @@ def parse_size(value: int | str) -> int:
         return value
     m = _SIZE.match(value)
     if not m:
-        raise ValueError(f"not a size (use e.g. 65536, \"64KiB\", \"1MiB\"): {value!r}")
+        raise ValueError(f'not a size (use e.g. 65536, "64KiB", "1MiB"): {value!r}')
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 

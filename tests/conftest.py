@@ -26,19 +26,23 @@ from pathlib import Path
 
 import pytest
 import uvloop
+
 from support.backends import Started
 from support.proxy import InProcess, Processes
 
 # ---------------------------------------------------------------------------------------
 # which build of the hot path is under test (stickyproxy/compiled.py)
 
+
 def pytest_report_header(config):
     from stickyproxy import compiled
+
     return f"stickyproxy data plane: {compiled.build()}"
 
 
 def pytest_sessionstart(session):
     from stickyproxy import compiled
+
     problem = compiled.stale_problem()
     if problem:
         pytest.exit(problem, returncode=4)
@@ -60,6 +64,7 @@ def pytest_asyncio_loop_factories(config, item):
 # ---------------------------------------------------------------------------------------
 # backends
 
+
 @pytest.fixture
 async def backends():
     """``await backends("a", "b", ...)`` → started AioBackends (stopped at teardown)."""
@@ -78,6 +83,7 @@ async def raw_backend():
 
 # ---------------------------------------------------------------------------------------
 # the proxy
+
 
 @pytest.fixture
 async def proxy(tmp_path):

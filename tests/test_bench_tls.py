@@ -20,55 +20,90 @@ from bench import document, tls
 from bench.dataplane import NGINX_BACKENDS, start_backends
 from bench.procs import LOOPBACK, free_ports, start_server
 
-META = {"command": "python -m bench --only tls", "started_at": "2026-12-04 22:00 UTC",
-        "cpus": 2, "platform": "Linux", "tools": {"nginx": "1.22"},
-        "scenarios": {"tls": {"status": "ok", "seconds": 200.0,
-                              "started_at": "2026-12-04 22:00 UTC"}}}
+META = {
+    "command": "python -m bench --only tls",
+    "started_at": "2026-12-04 22:00 UTC",
+    "cpus": 2,
+    "platform": "Linux",
+    "tools": {"nginx": "1.22"},
+    "scenarios": {"tls": {"status": "ok", "seconds": 200.0, "started_at": "2026-12-04 22:00 UTC"}},
+}
 
 
 def run(rnd: int, rate: float, cpu: float) -> dict[str, Any]:
-    return {"round": rnd, "rate": rate, "count": int(rate), "seconds": 1.0, "p50_ms": 1.0,
-            "p99_ms": 2.0, "non_2xx": 0, "socket_errors": 0, "cpu_us": cpu}
+    return {
+        "round": rnd,
+        "rate": rate,
+        "count": int(rate),
+        "seconds": 1.0,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "non_2xx": 0,
+        "socket_errors": 0,
+        "cpu_us": cpu,
+    }
 
 
-def row(mode: str, key: str | None, target: str, rates: list[float],
-        cpu: float) -> dict[str, Any]:
+def row(mode: str, key: str | None, target: str, rates: list[float], cpu: float) -> dict[str, Any]:
     runs = [run(i + 1, r, cpu) for i, r in enumerate(rates)]
-    return {"mode": mode, "key": key, "target": target, "runs": runs,
-            "summary": tls.summarize(runs)}
+    return {
+        "mode": mode,
+        "key": key,
+        "target": target,
+        "runs": runs,
+        "summary": tls.summarize(runs),
+    }
 
 
 def results(keepalive_sp: tuple[float, float] = (6000.0, 4000.0)) -> dict[str, Any]:
-    rows = [row("plain", None, "nginx", [20000, 20000], 15),
-            row("plain", None, "stickyproxy", [10000, 8000], 40),
-            row("plain", None, "stickyproxy-pre-tls", [10000, 10000], 40),
-            row("keepalive", "ecdsa", "nginx", [10000, 10000], 20),
-            row("keepalive", "ecdsa", "stickyproxy", list(keepalive_sp), 50),
-            row("reconnect", "ecdsa", "nginx", [2000, 2000], 300),
-            row("reconnect", "ecdsa", "stickyproxy", [1000, 1000], 500),
-            row("handshake", "ecdsa", "nginx", [800, 800], 400),
-            row("handshake", "ecdsa", "stickyproxy", [800, 800], 800),
-            row("handshake", "rsa", "nginx", [500, 500], 1000)]
+    rows = [
+        row("plain", None, "nginx", [20000, 20000], 15),
+        row("plain", None, "stickyproxy", [10000, 8000], 40),
+        row("plain", None, "stickyproxy-pre-tls", [10000, 10000], 40),
+        row("keepalive", "ecdsa", "nginx", [10000, 10000], 20),
+        row("keepalive", "ecdsa", "stickyproxy", list(keepalive_sp), 50),
+        row("reconnect", "ecdsa", "nginx", [2000, 2000], 300),
+        row("reconnect", "ecdsa", "stickyproxy", [1000, 1000], 500),
+        row("handshake", "ecdsa", "nginx", [800, 800], 400),
+        row("handshake", "ecdsa", "stickyproxy", [800, 800], 800),
+        row("handshake", "rsa", "nginx", [500, 500], 1000),
+    ]
     by_key = {tls._row_key(r["mode"], r["key"], r["target"]): r for r in rows}
-    return {"benchmark": "tls", "started_at": "2026-12-04T22:00:00+0000",
-            "settings": {"duration_s": 5.0, "rounds": 2, "warmup_s": 2.0, "connections": 32,
-                         "handshake_clients": 4, "smoke": False},
-            "certificates": {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"},
-            "negotiated": {"nginx/ecdsa": {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}},
-            "tools": {"stickyproxy": "0.1.0 (interpreted)", "python_ssl": "OpenSSL 3.0"},
-            "rows": rows, "comparisons": tls.compare(by_key, tls.MEASURES),
-            "tls_over_plain": tls.tls_cost(by_key),
-            "plain_over_pre_tls": tls.plain_over_pre_tls(by_key),
-            "pre_tls_commit": tls.PRE_TLS_COMMIT, "skipped": []}
+    return {
+        "benchmark": "tls",
+        "started_at": "2026-12-04T22:00:00+0000",
+        "settings": {
+            "duration_s": 5.0,
+            "rounds": 2,
+            "warmup_s": 2.0,
+            "connections": 32,
+            "handshake_clients": 4,
+            "smoke": False,
+        },
+        "certificates": {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"},
+        "negotiated": {"nginx/ecdsa": {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}},
+        "tools": {"stickyproxy": "0.1.0 (interpreted)", "python_ssl": "OpenSSL 3.0"},
+        "rows": rows,
+        "comparisons": tls.compare(by_key, tls.MEASURES),
+        "tls_over_plain": tls.tls_cost(by_key),
+        "plain_over_pre_tls": tls.plain_over_pre_tls(by_key),
+        "pre_tls_commit": tls.PRE_TLS_COMMIT,
+        "skipped": [],
+    }
 
 
 # -- the figures' arithmetic (pure) ------------------------------------------------------------
 
+
 def test_comparisons_are_stickyproxy_over_nginx_of_the_medians_and_of_each_round():
     by = {(c["mode"], c["key"]): c for c in results()["comparisons"]}
     # a measure with only one proxy measured has no ratio
-    assert set(by) == {("plain", None), ("keepalive", "ecdsa"), ("reconnect", "ecdsa"),
-                       ("handshake", "ecdsa")}
+    assert set(by) == {
+        ("plain", None),
+        ("keepalive", "ecdsa"),
+        ("reconnect", "ecdsa"),
+        ("handshake", "ecdsa"),
+    }
     assert by[("plain", None)]["rate_ratio"] == pytest.approx(9000 / 20000)
     assert by[("plain", None)]["round_ratios"] == pytest.approx([0.5, 0.4])
     assert by[("keepalive", "ecdsa")]["cpu_ratio"] == pytest.approx(2.5)
@@ -79,18 +114,23 @@ def test_plain_is_compared_with_the_sources_before_tls_and_tls_with_plain():
     r = results()
     assert r["plain_over_pre_tls"]["rate_ratio"] == pytest.approx(0.9)
     assert r["plain_over_pre_tls"]["round_ratios"] == pytest.approx([1.0, 0.8])
-    assert r["tls_over_plain"] == {"nginx": pytest.approx(0.5),
-                                   "stickyproxy": pytest.approx(0.55)}
+    assert r["tls_over_plain"] == {"nginx": pytest.approx(0.5), "stickyproxy": pytest.approx(0.55)}
     assert tls.plain_over_pre_tls({}) is None
 
 
-@pytest.mark.parametrize(("output", "expected"), [
-    ("Collecting connection statistics for 1 seconds\n"
-     "1853 connections in 1.00s; 1853.00 connections/user sec, bytes read 335454\n"
-     "1853 connections in 4 real seconds, 181 bytes read per connection\n\n"
-     "Now timing with session id reuse.\n", (1853, 335454)),
-    ("12 connections in 0.05s; 240.00 connections/user sec, bytes read 0\n", (12, 0)),
-])
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            "Collecting connection statistics for 1 seconds\n"
+            "1853 connections in 1.00s; 1853.00 connections/user sec, bytes read 335454\n"
+            "1853 connections in 4 real seconds, 181 bytes read per connection\n\n"
+            "Now timing with session id reuse.\n",
+            (1853, 335454),
+        ),
+        ("12 connections in 0.05s; 240.00 connections/user sec, bytes read 0\n", (12, 0)),
+    ],
+)
 def test_s_time_output_gives_connections_and_bytes(output, expected):
     assert tls.parse_s_time(output) == expected
 
@@ -100,10 +140,13 @@ def test_s_time_output_without_figures_is_an_error():
         tls.parse_s_time("connect: Connection refused\nconnect:errno=111\n")
 
 
-@pytest.mark.parametrize(("rates", "verdict", "measured"), [
-    ((6000.0, 4000.0), document.MET, "0.50x"),
-    ((4000.0, 5000.0), document.MISSED, "0.45x"),
-])
+@pytest.mark.parametrize(
+    ("rates", "verdict", "measured"),
+    [
+        ((6000.0, 4000.0), document.MET, "0.50x"),
+        ((4000.0, 5000.0), document.MISSED, "0.45x"),
+    ],
+)
 def test_verdict_is_keepalive_tls_against_half_of_nginx(rates, verdict, measured):
     (v,) = document.tls_verdicts(results(rates))
     assert v.target.startswith("TLS keep-alive ≥ 0.5× NGINX")
@@ -116,15 +159,21 @@ def test_section_states_each_ratio_the_cpu_and_the_no_regression_figure(tmp_path
     images = {"tls": tmp_path / "benchmarks" / "tls.png"}
     text = document.tls_section(results(), None, images, tmp_path)
     assert text.startswith("## 8. TLS termination")
-    assert ("| TLS, keep-alive (req/s) | 10,000 | 5,000 | 0.50x | 0.60x / 0.40x | 20 | 50 "
-            "| 2.50x | 0.40x | 0.20 / 0.25 | 0 |") in text
+    assert (
+        "| TLS, keep-alive (req/s) | 10,000 | 5,000 | 0.50x | 0.60x / 0.40x | 20 | 50 "
+        "| 2.50x | 0.40x | 0.20 / 0.25 | 0 |"
+    ) in text
     # RSA measured against NGINX only: its row has no ratio
-    assert ("| TLS, full handshakes, RSA-2048 (handshakes/s) | 500 | - | - |  | 1000 | - | - "
-            "| - | 0.50 | 0 |") in text
+    assert (
+        "| TLS, full handshakes, RSA-2048 (handshakes/s) | 500 | - | - |  | 1000 | - | - "
+        "| - | 0.50 | 0 |"
+    ) in text
     assert "+10 µs of CPU per request to stickyproxy, +5 µs to NGINX" in text
     assert "2 interleaved rounds of 5 s" in text
-    assert ("1.00x the CPU per request (the figure that holds when neither has a core to "
-            "itself), 0.90x the req/s (rounds 1.00x, 0.80x)") in text
+    assert (
+        "1.00x the CPU per request (the figure that holds when neither has a core to "
+        "itself), 0.90x the req/s (rounds 1.00x, 0.80x)"
+    ) in text
     # neither proxy near a core: the CPU comparison is the one to read
     assert "**Neither proxy had a core to itself** in any line (at most 0.64 of one)" in text
     assert "| TLS, full handshakes, ECDSA P-256 (handshakes/s) | 800 | 800 | 1.00x" in text
@@ -134,25 +183,38 @@ def test_section_states_each_ratio_the_cpu_and_the_no_regression_figure(tmp_path
 
 
 def test_section_sets_plain_beside_the_dataplane_benchmark_of_the_run(tmp_path: Path):
-    dataplane = {"started_at": "2026-12-04T21:50:00+0000",
-                 "tools": {"stickyproxy": "0.1.0 (interpreted)"},
-                 "targets": [{"name": "stickyproxy", "workers": 1, "label": "stickyproxy w1",
-                              "summary": {"rps_median": 12000.0},
-                              "ratio_to_nginx": {"rps": 0.47}}]}
+    dataplane = {
+        "started_at": "2026-12-04T21:50:00+0000",
+        "tools": {"stickyproxy": "0.1.0 (interpreted)"},
+        "targets": [
+            {
+                "name": "stickyproxy",
+                "workers": 1,
+                "label": "stickyproxy w1",
+                "summary": {"rps_median": 12000.0},
+                "ratio_to_nginx": {"rps": 0.47},
+            }
+        ],
+    }
     text = document.tls_section(results(), dataplane, {}, tmp_path)
-    assert ("here stickyproxy made 0.45x NGINX's plain req/s; the data-plane benchmark (same "
-            "day, started 2026-12-04T21:50:00+0000, stickyproxy 0.1.0 (interpreted)) measured "
-            "0.47x at 1 worker (12,000 req/s)") in text
+    assert (
+        "here stickyproxy made 0.45x NGINX's plain req/s; the data-plane benchmark (same "
+        "day, started 2026-12-04T21:50:00+0000, stickyproxy 0.1.0 (interpreted)) measured "
+        "0.47x at 1 worker (12,000 req/s)"
+    ) in text
 
 
 def test_report_has_the_section_and_carry_over_keeps_it_when_not_run(tmp_path: Path):
     doc = tmp_path / "benchmarks.md"
     with_tls = document.render({"tls": results()}, {}, doc, META)
     assert "## 8. TLS termination" in with_tls
-    summary = with_tls[with_tls.index("## DESIGN"):with_tls.index("## 8.")]
+    summary = with_tls[with_tls.index("## DESIGN") : with_tls.index("## 8.")]
     assert "| TLS keep-alive ≥ 0.5× NGINX (1 worker, same certificate) | 0.50x" in summary
-    other = {**META, "command": "python -m bench --only ring",
-             "scenarios": {"ring": {"status": "ok", "seconds": 3.0}}}
+    other = {
+        **META,
+        "command": "python -m bench --only ring",
+        "scenarios": {"ring": {"status": "ok", "seconds": 3.0}},
+    }
     kept = document.carry_over(document.render({}, {}, doc, other), with_tls, {"ring"})
     assert kept.index("## 8. TLS termination") < kept.index("## Reproducing")
     assert "| TLS, keep-alive (req/s) | 10,000 | 5,000 | 0.50x |" in kept
@@ -162,6 +224,7 @@ def test_report_has_the_section_and_carry_over_keeps_it_when_not_run(tmp_path: P
 
 def test_chart_is_drawn_from_the_rows(tmp_path: Path):
     from bench import plots
+
     out = plots.tls(tmp_path / "tls.png", results())
     assert out is not None and out.stat().st_size > 10_000
     assert plots.tls(tmp_path / "none.png", {"rows": [], "comparisons": []}) is None
@@ -203,7 +266,8 @@ def test_stickyproxy_tls_config_serves_the_run_certificate(tmp_path: Path):
 
 needs_tools = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("nginx", "wrk", "openssl")),
-    reason="needs nginx, wrk and openssl")
+    reason="needs nginx, wrk and openssl",
+)
 
 
 @pytest.mark.slow
@@ -217,14 +281,15 @@ def test_reconnects_are_resumed_handshakes_and_s_time_makes_full_ones(tmp_path: 
         certs = tls.make_certificates(tmp_path, [tls.ECDSA])
         backend_ports, _, _ = start_backends(tmp_path, stack, NGINX_BACKENDS)
         plain, port = free_ports(2)
-        launch = tls.nginx_tls_launch(tmp_path, plain, {tls.ECDSA: port}, certs, backend_ports,
-                                      access_log=log)
+        launch = tls.nginx_tls_launch(
+            tmp_path, plain, {tls.ECDSA: port}, certs, backend_ports, access_log=log
+        )
         launch.write()
         server = start_server("nginx-tls", launch.argv, [plain, port], tmp_path, stack)
         negotiated = tls.probe(port, tls.client_context(certs[tls.ECDSA].ca))
         assert negotiated["version"] in ("TLSv1.2", "TLSv1.3")
         with pytest.raises(tls.ProbeError, match="CERTIFICATE_VERIFY_FAILED"):
-            tls.probe(port, ssl.create_default_context())   # not the system store's
+            tls.probe(port, ssl.create_default_context())  # not the system store's
         log.write_text("")
         wrk = tls.run_wrk(f"https://{LOOPBACK}:{port}/", 1.0, 4, tls.RECONNECT_SCRIPT, 100, server)
         reconnect = log.read_text().split()[::2]
@@ -253,4 +318,5 @@ def test_the_smoke_run_fills_every_row_without_errors(tmp_path: Path):
     assert result["chart"] and Path(result["chart"]).exists()
     # the interpreted build is measured beside its sources before TLS; a compiled one is not
     from stickyproxy.compiled import build
+
     assert (result["plain_over_pre_tls"] is not None) == (build() == "interpreted")

@@ -56,7 +56,7 @@ def imports_of(source: str, module: str, is_package: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - (node.level - 1)])
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
                 name = f"{base}.{node.module}" if node.module else base
             else:
                 name = node.module or ""
@@ -65,13 +65,30 @@ def imports_of(source: str, module: str, is_package: bool) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize(("source", "module", "is_package", "expected"), [
-    ("import aiohttp.web", "stickyproxy.control.health", False, {"aiohttp.web"}),
-    ("from .ring import Ring", "stickyproxy.routing.router", False, {"stickyproxy.routing.ring", "stickyproxy.routing.ring.Ring"}),
-    ("from ..config import load", "stickyproxy.dataplane.proxy", False,
-     {"stickyproxy.config", "stickyproxy.config.load"}),
-    ("from . import http", "stickyproxy.dataplane", True, {"stickyproxy.dataplane", "stickyproxy.dataplane.http"}),
-])
+@pytest.mark.parametrize(
+    ("source", "module", "is_package", "expected"),
+    [
+        ("import aiohttp.web", "stickyproxy.control.health", False, {"aiohttp.web"}),
+        (
+            "from .ring import Ring",
+            "stickyproxy.routing.router",
+            False,
+            {"stickyproxy.routing.ring", "stickyproxy.routing.ring.Ring"},
+        ),
+        (
+            "from ..config import load",
+            "stickyproxy.dataplane.proxy",
+            False,
+            {"stickyproxy.config", "stickyproxy.config.load"},
+        ),
+        (
+            "from . import http",
+            "stickyproxy.dataplane",
+            True,
+            {"stickyproxy.dataplane", "stickyproxy.dataplane.http"},
+        ),
+    ],
+)
 def test_imports_of(source, module, is_package, expected):
     assert imports_of(source, module, is_package) == expected
 
@@ -119,13 +136,19 @@ def _ignored_by_mypy(project: dict) -> set[str]:
     for override in project.get("tool", {}).get("mypy", {}).get("overrides", []):
         if override.get("ignore_missing_imports"):
             modules = override["module"]
-            out |= {m.partition(".")[0] for m in ([modules] if isinstance(modules, str) else modules)}
+            out |= {
+                m.partition(".")[0] for m in ([modules] if isinstance(modules, str) else modules)
+            }
     return out
 
 
 def test_the_type_check_reaches_the_packages_it_is_known_to():
-    assert {"httptools", "prometheus_client", "uhashring", "jwt"} <= \
-        third_party_imports_of_the_type_check()
+    assert {
+        "httptools",
+        "prometheus_client",
+        "uhashring",
+        "jwt",
+    } <= third_party_imports_of_the_type_check()
 
 
 def test_mypy_may_ignore_only_untyped_packages():

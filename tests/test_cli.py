@@ -17,8 +17,12 @@ EXAMPLE = "config/example.toml"
 
 
 def run(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "stickyproxy.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stickyproxy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write(tmp_path, name, text):
@@ -34,13 +38,17 @@ def test_check_ok():
 
 
 def test_check_reports_every_error_without_traceback(tmp_path):
-    path = write(tmp_path, "bad.toml", """
+    path = write(
+        tmp_path,
+        "bad.toml",
+        """
         [listen]
         port = "x"
         [[backends]]
         id = "a"
         url = "ftp://x"
-    """)
+    """,
+    )
     r = run("check", "-c", path)
     assert r.returncode == 2
     assert "listen.port: expected an integer" in r.stderr
@@ -121,8 +129,13 @@ SECRETS = ("STICKYPROXY_ADMIN_TOKEN", "SP_CLI_JWT_SECRET")
 
 def run_without_secrets(*args, timeout=60):
     env = {k: v for k, v in os.environ.items() if k not in SECRETS}
-    return subprocess.run([sys.executable, "-m", "stickyproxy.cli", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "stickyproxy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 HS_CONFIG = """
@@ -154,16 +167,23 @@ def test_check_route_and_plan_need_no_secret_and_run_refuses_without_them(tmp_pa
     check = run_without_secrets("check", "-c", path)
     assert check.returncode == 0, check.stderr
     assert "1 key source (jwt sub from Authorization (HS256))" in check.stdout
-    assert ("STICKYPROXY_ADMIN_TOKEN (admin.token_env, unset here), "
-            "SP_CLI_JWT_SECRET (routing.keys[0].secret_env, unset here)") in check.stdout
+    assert (
+        "STICKYPROXY_ADMIN_TOKEN (admin.token_env, unset here), "
+        "SP_CLI_JWT_SECRET (routing.keys[0].secret_env, unset here)"
+    ) in check.stdout
     route = run_without_secrets("route", "-c", path, "alice")
     assert route.returncode == 0 and route.stdout.startswith("alice\t"), route.stderr
     plan = run_without_secrets("plan", "--from", path, "--to", path, "--json")
     assert plan.returncode == 0 and json.loads(plan.stdout)["moved"] == 0
     served = run_without_secrets("run", "-c", path)
     assert served.returncode == 2
-    assert "admin.token_env: environment variable 'STICKYPROXY_ADMIN_TOKEN' is unset" in served.stderr
-    assert "routing.keys[0].secret_env: environment variable 'SP_CLI_JWT_SECRET' is unset" in served.stderr
+    assert (
+        "admin.token_env: environment variable 'STICKYPROXY_ADMIN_TOKEN' is unset" in served.stderr
+    )
+    assert (
+        "routing.keys[0].secret_env: environment variable 'SP_CLI_JWT_SECRET' is unset"
+        in served.stderr
+    )
     assert "Traceback" not in served.stderr
 
 
@@ -183,11 +203,15 @@ def test_other_jwt_errors_are_still_reported_without_secrets(tmp_path):
 # ---------------------------------------------------------------------------------------
 # output: closed pipes, long preference lists, help, plurals
 
+
 def test_a_closed_pipe_ends_quietly():
     """`stickyproxy route ... | head -1`: the reader leaves after one line of ~600 KB."""
     keys = [f"user-{i}" for i in range(20_000)]
-    proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.cli", "route", "-c", EXAMPLE, *keys],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stickyproxy.cli", "route", "-c", EXAMPLE, *keys],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -198,8 +222,9 @@ def test_a_closed_pipe_ends_quietly():
 
 @pytest.fixture
 def wide_config(tmp_path):
-    backends = "".join(f'[[backends]]\nid = "b{i:02d}"\nurl = "http://127.0.0.1:{9000 + i}"\n'
-                       for i in range(12))
+    backends = "".join(
+        f'[[backends]]\nid = "b{i:02d}"\nurl = "http://127.0.0.1:{9000 + i}"\n' for i in range(12)
+    )
     return write(tmp_path, "wide.toml", backends)
 
 
@@ -209,11 +234,19 @@ def test_route_shows_the_first_entries_of_a_long_preference_list(wide_config):
     key, owner, pref = r.stdout.rstrip("\n").split("\t")
     assert pref == " > ".join(full[:5]) + " > ... (+7 more; --all shows them)"
     r = run("route", "-c", wide_config, "--depth", "2", "alice")
-    assert r.stdout.rstrip("\n").split("\t")[2] == " > ".join(full[:2]) + " > ... (+10 more; --all shows them)"
+    assert (
+        r.stdout.rstrip("\n").split("\t")[2]
+        == " > ".join(full[:2]) + " > ... (+10 more; --all shows them)"
+    )
     r = run("route", "-c", wide_config, "--all", "alice")
     assert r.stdout.rstrip("\n").split("\t")[2] == " > ".join(full)
     r = run("route", "-c", wide_config, "--json", "alice")
-    assert json.loads(r.stdout) == {"key": "alice", "backend": full[0], "preference": full[:5], "more": 7}
+    assert json.loads(r.stdout) == {
+        "key": "alice",
+        "backend": full[0],
+        "preference": full[:5],
+        "more": 7,
+    }
     assert run("route", "-c", wide_config, "--depth", "0", "alice").returncode == 2
     assert run("route", "-c", wide_config, "--all", "--depth", "3", "alice").returncode == 2
 
@@ -229,10 +262,16 @@ def test_every_option_has_help_and_every_help_states_the_exit_codes():
         assert "exit codes:" in r.stdout and "141" in r.stdout and "130" in r.stdout, name
 
 
-@pytest.mark.parametrize(("n", "word", "expected"), [
-    (0, "backend", "0 backends"), (1, "backend", "1 backend"), (2, "backend", "2 backends"),
-    (1, "key source", "1 key source"), (3, "key source", "3 key sources"),
-])
+@pytest.mark.parametrize(
+    ("n", "word", "expected"),
+    [
+        (0, "backend", "0 backends"),
+        (1, "backend", "1 backend"),
+        (2, "backend", "2 backends"),
+        (1, "key source", "1 key source"),
+        (3, "key source", "3 key sources"),
+    ],
+)
 def test_plural(n, word, expected):
     assert plural(n, word) == expected
 

@@ -35,8 +35,9 @@ def test_every_compiled_module_has_its_source():
         assert compiled.source_path(module).is_file(), module
 
 
-def _tree(root: Path, compiled_modules: tuple[str, ...], *, edited: str = "",
-          stamp: str = "written") -> None:
+def _tree(
+    root: Path, compiled_modules: tuple[str, ...], *, edited: str = "", stamp: str = "written"
+) -> None:
     """A package tree: every source, extensions for ``compiled_modules``, the build's stamp
     (``written``, ``absent`` or ``garbled``), then ``edited``'s source changed after the
     build. File times are set against the stamp: old sources, new extensions."""
@@ -56,25 +57,28 @@ def _tree(root: Path, compiled_modules: tuple[str, ...], *, edited: str = "",
     if edited:
         src = compiled.source_path(edited, root)
         src.write_text(src.read_text() + "x = 1\n")
-        os.utime(src, (1000, 1000))   # older than its extension: times cannot tell
+        os.utime(src, (1000, 1000))  # older than its extension: times cannot tell
 
 
 M = compiled.COMPILED_MODULES
 
 
-@pytest.mark.parametrize(("compiled_modules", "edited", "stamp", "build", "stale"), [
-    ((), "", "absent", "interpreted", []),
-    (M[:1], "", "written", "mixed", []),
-    # an installed wheel: .py files written after the .so files, and still current
-    (M, "", "written", "compiled", []),
-    # an edited source beside its compiled module: the edit would be ignored
-    (M, M[2], "written", "compiled", [M[2]]),
-    # an edited source without a compiled module is just the interpreted build
-    ((), M[2], "absent", "interpreted", []),
-    # compiled modules that no stamp vouches for cannot be shown current
-    (M, "", "absent", "compiled", list(M)),
-    (M, "", "garbled", "compiled", list(M)),
-])
+@pytest.mark.parametrize(
+    ("compiled_modules", "edited", "stamp", "build", "stale"),
+    [
+        ((), "", "absent", "interpreted", []),
+        (M[:1], "", "written", "mixed", []),
+        # an installed wheel: .py files written after the .so files, and still current
+        (M, "", "written", "compiled", []),
+        # an edited source beside its compiled module: the edit would be ignored
+        (M, M[2], "written", "compiled", [M[2]]),
+        # an edited source without a compiled module is just the interpreted build
+        ((), M[2], "absent", "interpreted", []),
+        # compiled modules that no stamp vouches for cannot be shown current
+        (M, "", "absent", "compiled", list(M)),
+        (M, "", "garbled", "compiled", list(M)),
+    ],
+)
 def test_build_and_staleness_from_files(tmp_path, compiled_modules, edited, stamp, build, stale):
     _tree(tmp_path, compiled_modules, edited=edited, stamp=stamp)
     assert compiled.build(tmp_path) == build
@@ -88,10 +92,13 @@ def test_the_stamp_holds_a_digest_of_every_compiled_source(tmp_path):
     assert all(len(d) == 64 for d in modules.values())
 
 
-@pytest.mark.parametrize(("in_checkout", "hint"), [
-    (True, "STICKYPROXY_COMPILE=1 pip install -e"),
-    (False, "pip install --force-reinstall"),
-])
+@pytest.mark.parametrize(
+    ("in_checkout", "hint"),
+    [
+        (True, "STICKYPROXY_COMPILE=1 pip install -e"),
+        (False, "pip install --force-reinstall"),
+    ],
+)
 def test_one_stale_problem_with_a_hint_for_how_it_was_installed(tmp_path, in_checkout, hint):
     root = tmp_path / "stickyproxy"
     _tree(root, M, edited=M[0])

@@ -3,24 +3,30 @@
 import pytest
 
 from stickyproxy.config import Passive, loads
+from stickyproxy.control.health import (
+    ActiveState,
+    PassiveState,
+    check_ok,
+    ejection_time,
+    may_eject,
+)
 from stickyproxy.control.process import build_process
-from stickyproxy.dataplane import Proxy
-from stickyproxy.control.health import (ActiveState, Health, PassiveState, check_ok, ejection_time,
-                                may_eject)
-from stickyproxy.control.observe import Observer
 from stickyproxy.routing.router import BackendState, Router
 
 
-@pytest.mark.parametrize("results, rise, fall, changes", [
-    # starts up; fall=3 consecutive failures flip it down
-    ("FFF", 2, 3, [None, None, "down"]),
-    ("FFSFFF", 2, 3, [None, None, None, None, None, "down"]),
-    # down needs rise=2 consecutive successes
-    ("FFFSS", 2, 3, [None, None, "down", None, "up"]),
-    ("FFFSFSS", 2, 3, [None, None, "down", None, None, None, "up"]),
-    ("S", 1, 1, [None]),
-    ("FSFS", 1, 1, ["down", "up", "down", "up"]),
-])
+@pytest.mark.parametrize(
+    "results, rise, fall, changes",
+    [
+        # starts up; fall=3 consecutive failures flip it down
+        ("FFF", 2, 3, [None, None, "down"]),
+        ("FFSFFF", 2, 3, [None, None, None, None, None, "down"]),
+        # down needs rise=2 consecutive successes
+        ("FFFSS", 2, 3, [None, None, "down", None, "up"]),
+        ("FFFSFSS", 2, 3, [None, None, "down", None, None, None, "up"]),
+        ("S", 1, 1, [None]),
+        ("FSFS", 1, 1, ["down", "up", "down", "up"]),
+    ],
+)
 def test_active_rise_fall(results, rise, fall, changes):
     a = ActiveState()
     assert [a.record(r == "S", rise, fall) for r in results] == changes
@@ -46,8 +52,8 @@ def test_passive_success_resets_and_cap_blocks():
     p = PassiveState()
     p.record(False, 0, cfg, True)
     p.record(True, 0, cfg, True)
-    assert p.record(False, 0, cfg, True) is None      # the success reset the streak
-    assert p.record(False, 0, cfg, False) is None     # the cap forbids ejecting
+    assert p.record(False, 0, cfg, True) is None  # the success reset the streak
+    assert p.record(False, 0, cfg, False) is None  # the cap forbids ejecting
     assert p.ejections == 0
 
 
@@ -78,23 +84,33 @@ url = "http://127.0.0.1:1"
         else:
             obs.upstream_error(st, "reset")
         assert st.passive_clean == (outcome == "ok")
-    assert st.ejected_until == 0.0          # never three failures in a row
+    assert st.ejected_until == 0.0  # never three failures in a row
     for _ in range(3):
         obs.upstream_error(st, "reset")
     assert st.ejected_until > 0.0
 
 
-@pytest.mark.parametrize("ejected, total, pct, ok", [
-    (0, 3, 50, True),    # one of three ejected is 33% <= 50%
-    (0, 4, 50, True), (1, 4, 50, True), (2, 4, 50, False), (0, 1, 100, True), (0, 0, 50, False),
-    (0, 10, 10, True), (1, 10, 10, False),
-])
+@pytest.mark.parametrize(
+    "ejected, total, pct, ok",
+    [
+        (0, 3, 50, True),  # one of three ejected is 33% <= 50%
+        (0, 4, 50, True),
+        (1, 4, 50, True),
+        (2, 4, 50, False),
+        (0, 1, 100, True),
+        (0, 0, 50, False),
+        (0, 10, 10, True),
+        (1, 10, 10, False),
+    ],
+)
 def test_may_eject(ejected, total, pct, ok):
     assert may_eject(ejected, total, pct) is ok
 
 
-@pytest.mark.parametrize("status, ok", [(200, True), (399, True), (400, False), (None, False),
-                                        (503, False), (100, False)])
+@pytest.mark.parametrize(
+    "status, ok",
+    [(200, True), (399, True), (400, False), (None, False), (503, False), (100, False)],
+)
 def test_check_ok(status, ok):
     assert check_ok(status, (200, 399)) is ok
 
@@ -127,11 +143,13 @@ KEYS = [f"user-{i}" for i in range(3000)]
 
 
 def test_unusable_states_fail_over_along_the_preference_list(router):
-    for setter in (lambda s: setattr(s, "healthy", False),
-                   lambda s: setattr(s, "drained", True),
-                   lambda s: setattr(s, "ejected_until", 1e12),
-                   lambda s: setattr(s, "connect_down_until", 1e12),
-                   lambda s: setattr(s, "failback_until", 1e12)):
+    for setter in (
+        lambda s: setattr(s, "healthy", False),
+        lambda s: setattr(s, "drained", True),
+        lambda s: setattr(s, "ejected_until", 1e12),
+        lambda s: setattr(s, "connect_down_until", 1e12),
+        lambda s: setattr(s, "failback_until", 1e12),
+    ):
         st = router.backends["b"]
         setter(st)
         for k in KEYS[:500]:
@@ -169,7 +187,7 @@ def test_panic_routes_by_the_plain_ring(router):
 
 
 def test_no_panic_above_threshold(router):
-    router.backends["a"].healthy = False   # 75% usable
+    router.backends["a"].healthy = False  # 75% usable
     assert not router.in_panic(0.0)
     assert all(router.route(k, 0.0).backend.id != "a" for k in KEYS)
 

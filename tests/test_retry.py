@@ -2,9 +2,18 @@
 
 import pytest
 
-from stickyproxy.dataplane.retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NEXT_BACKEND,
-                                         NO_RETRY, PROTOCOL, RESET, SAME_BACKEND, TIMEOUT,
-                                         decide, retry_reason)
+from stickyproxy.dataplane.retry import (
+    CONNECT_REFUSED,
+    CONNECT_TIMEOUT,
+    NEXT_BACKEND,
+    NO_RETRY,
+    PROTOCOL,
+    RESET,
+    SAME_BACKEND,
+    TIMEOUT,
+    decide,
+    retry_reason,
+)
 
 # kind, replayable, reused, same_tried, usable → action, budgeted
 TABLE = [

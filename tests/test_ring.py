@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stickyproxy.routing.ring import Member, Ring, fingerprint, moved_share
 
@@ -26,32 +27,36 @@ def test_owner_is_first_of_preference_list():
         assert sorted(pref) == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("members", [
-    [Member("a"), Member("b"), Member("c")],
-    [Member("app-1", 3), Member("app-2", 1), Member("app-3", 7), Member("x", 2)],
-    [Member("solo")],
-    [],
-])
+@pytest.mark.parametrize(
+    "members",
+    [
+        [Member("a"), Member("b"), Member("c")],
+        [Member("app-1", 3), Member("app-2", 1), Member("app-3", 7), Member("x", 2)],
+        [Member("solo")],
+        [],
+    ],
+)
 def test_owner_is_uhashrings_get_node_key_for_key(members):
     """The direct lookup computes exactly what uhashring's get_node returns (P2 rests on
     it), for plain, weighted, single and empty rings, and for non-ASCII keys."""
     from uhashring import HashRing
+
     r = Ring(members, 40)
-    ref = HashRing(nodes={m.id: {"weight": m.weight, "vnodes": 40} for m in members},
-                   vnodes=40)
+    ref = HashRing(nodes={m.id: {"weight": m.weight, "vnodes": 40} for m in members}, vnodes=40)
     for k in KEYS[:30_000] + ["", "ü-σ-用户", "x" * 300]:
         assert r.owner(k) == ref.get_node(k), k
 
 
 def test_owner_cache_is_bounded_and_never_changes_an_answer(monkeypatch):
     import stickyproxy.routing.ring as ring_module
+
     if not ring_module.__file__.endswith(".py"):
         pytest.skip("the compiled module reads its constant at build time")
     monkeypatch.setattr(ring_module, "OWNER_CACHE_SIZE", 100)
     r = ring("a", "b", "c")
     first = [r.owner(k) for k in KEYS[:1000]]
     assert len(r._cache) <= 100
-    assert [r.owner(k) for k in KEYS[:1000]] == first       # through a cache that refilled
+    assert [r.owner(k) for k in KEYS[:1000]] == first  # through a cache that refilled
     assert [r.owner(k) for k in KEYS[950:1000]] == first[950:]  # straight from the cache
 
 
@@ -67,7 +72,7 @@ def test_removing_one_backend_moves_only_its_keys():
             if before != "c":
                 moved_between_survivors += 1
     assert moved_between_survivors == 0
-    assert 0.12 < moved / len(KEYS) < 0.28      # ≈ 1/5
+    assert 0.12 < moved / len(KEYS) < 0.28  # ≈ 1/5
 
 
 def test_adding_one_backend_moves_about_one_over_n_plus_one_all_onto_it():
@@ -166,16 +171,23 @@ def test_mapping_is_the_same_under_different_hash_seeds():
     outs = set()
     for seed in ("0", "1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        out = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, check=True,
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", _SUBPROCESS],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         outs.add(out)
     assert len(outs) == 1
     r = Ring([Member("app-1"), Member("app-2", 2), Member("app-3")])
     assert json.loads(outs.pop()) == [r.owner(f"user-{i}") for i in range(5000)] + [r.fingerprint]
 
 
-ids = st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True), min_size=2, max_size=7,
-               unique=True)
+ids = st.lists(
+    st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True), min_size=2, max_size=7, unique=True
+)
 
 
 @settings(max_examples=25, deadline=None)

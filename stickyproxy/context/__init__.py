@@ -30,8 +30,8 @@ from .middleware_asgi import StickyContextMiddleware, metrics_app, sticky_contex
 from .ratelimit import Decision, Limit, RateLimiter, RateLimitMiddleware, rate_limit_middleware
 from .revocation import (
     MalformedToken,
-    Revocations,
     RevocationMiddleware,
+    Revocations,
     TooManyRevocations,
     UnknownToken,
     revocation_middleware,

@@ -91,13 +91,18 @@ class GuardedCache:
         clock: Clock = time.monotonic,
     ) -> None:
         problems = []
-        counts: tuple[tuple[str, int], ...] = (("max_entries", max_entries), ("breaker_failures", breaker_failures))
+        counts: tuple[tuple[str, int], ...] = (
+            ("max_entries", max_entries),
+            ("breaker_failures", breaker_failures),
+        )
         for name, count in counts:
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 problems.append(f"{name}: must be a positive integer, got {count!r}")
         durations: dict[str, float] = {}
         spans: tuple[tuple[str, float | str], ...] = (
-            ("ttl", ttl), ("origin_timeout", origin_timeout), ("breaker_reset", breaker_reset)
+            ("ttl", ttl),
+            ("origin_timeout", origin_timeout),
+            ("breaker_reset", breaker_reset),
         )
         for name, span in spans:
             try:
@@ -152,7 +157,11 @@ class GuardedCache:
             self._drop(slot)
             entry = None
         now = self._clock()
-        state = freshness(now - entry.loaded_at, self.ttl, self.stale_if_error) if entry is not None else "expired"
+        state = (
+            freshness(now - entry.loaded_at, self.ttl, self.stale_if_error)
+            if entry is not None
+            else "expired"
+        )
         if entry is not None and state == "fresh":
             self._entries.move_to_end(slot)
             self.metrics.lookups.labels("hit").inc()
@@ -167,7 +176,9 @@ class GuardedCache:
             if not allowed:
                 return self._fallback(stale, "origin circuit open")
             self.metrics.lookups.labels("miss").inc()
-            task = self._loads[slot] = asyncio.ensure_future(self._load(slot, load, self._epoch(user)))
+            task = self._loads[slot] = asyncio.ensure_future(
+                self._load(slot, load, self._epoch(user))
+            )
             task.add_done_callback(self._load_done(slot))
         try:
             return await asyncio.shield(task)
@@ -183,7 +194,9 @@ class GuardedCache:
 
         return done
 
-    async def _load(self, slot: tuple[str, Hashable], load: Callable[[], Awaitable[Any]], epoch: int | None) -> Any:
+    async def _load(
+        self, slot: tuple[str, Hashable], load: Callable[[], Awaitable[Any]], epoch: int | None
+    ) -> Any:
         try:
             async with asyncio.timeout(self.origin_timeout):
                 value = await load()
@@ -192,7 +205,9 @@ class GuardedCache:
             raise
         except TimeoutError as exc:
             self._failed("timeout")
-            raise OriginUnavailable(f"origin did not answer within {self.origin_timeout:g}s") from exc
+            raise OriginUnavailable(
+                f"origin did not answer within {self.origin_timeout:g}s"
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - any origin failure counts towards the breaker
             self._failed("error")
             raise OriginUnavailable(f"origin failed: {type(exc).__name__}: {exc}") from exc

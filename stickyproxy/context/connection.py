@@ -123,7 +123,9 @@ def parse_redis_url(url: str, *, cluster: bool = False) -> RedisTarget:
     segments = [unquote(s) for s in path.split("/") if s]
     if is_sentinel:
         if not segments:
-            raise ConfigError(f"redis url: {scheme} needs /service_name, e.g. {scheme}://h1:26379,h2:26379/mymaster")
+            raise ConfigError(
+                f"redis url: {scheme} needs /service_name, e.g. {scheme}://h1:26379,h2:26379/mymaster"
+            )
         service, db_parts = segments[0], segments[1:]
         if len(db_parts) > 1 or (db_parts and not db_parts[0].isdigit()):
             raise ConfigError(f"redis url: bad database in {url!r}")
@@ -168,7 +170,9 @@ class _NewestConfigSentinel(Sentinel):
     it promotes, so the highest epoch names the newest master."""
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
-        replies = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        replies = await asyncio.gather(
+            *(s.sentinel_masters() for s in self.sentinels), return_exceptions=True
+        )
         best: tuple[int, str, int] | None = None
         errors = []
         for sentinel, reply in zip(self.sentinels, replies, strict=True):
@@ -219,7 +223,9 @@ class _AskSafeCluster(RedisCluster):
     without it.
     """
 
-    def get_node(self, host: str | None = None, port: int | None = None, node_name: str | None = None) -> Any:
+    def get_node(
+        self, host: str | None = None, port: int | None = None, node_name: str | None = None
+    ) -> Any:
         node = super().get_node(host, port, node_name)
         if type(node) is ClusterNode:
             node.__class__ = _LastReleasedFirstNode
@@ -242,7 +248,9 @@ class RedisClients:
         self._timeout = timeout
         self._listener = listener
         # Cluster: the listener connects to one node at a time, moving on after each failure.
-        self._node_cycle: itertools.cycle[tuple[str, int]] = itertools.cycle(target.hosts or [("", 0)])
+        self._node_cycle: itertools.cycle[tuple[str, int]] = itertools.cycle(
+            target.hosts or [("", 0)]
+        )
         self._node_client: Redis | None = None
 
     async def drop_master_connections(self) -> None:
@@ -257,9 +265,13 @@ class RedisClients:
         ``on_switch(channel, text)`` for each about this service. Runs until cancelled."""
         if self.target.kind != "sentinel":
             return
-        await asyncio.gather(*(self._watch_one(host, port, on_switch) for host, port in self.target.hosts))
+        await asyncio.gather(
+            *(self._watch_one(host, port, on_switch) for host, port in self.target.hosts)
+        )
 
-    async def _watch_one(self, host: str, port: int, on_switch: Callable[[str, str], Awaitable[None]]) -> None:
+    async def _watch_one(
+        self, host: str, port: int, on_switch: Callable[[str, str], Awaitable[None]]
+    ) -> None:
         failures = 0
         kwargs: dict[str, Any] = {
             "socket_timeout": max(self._timeout, LISTENER_SOCKET_TIMEOUT),
@@ -290,14 +302,18 @@ class RedisClients:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("sentinel %s:%d watcher disconnected: %s", host, port, exc or type(exc).__name__)
+                log.warning(
+                    "sentinel %s:%d watcher disconnected: %s", host, port, exc or type(exc).__name__
+                )
             finally:
                 try:
                     await client.aclose()
                 except Exception:  # noqa: BLE001 - closing a broken connection
                     pass
             failures += 1
-            await asyncio.sleep(backoff_delay(failures, SENTINEL_BACKOFF_BASE, SENTINEL_BACKOFF_CAP))
+            await asyncio.sleep(
+                backoff_delay(failures, SENTINEL_BACKOFF_BASE, SENTINEL_BACKOFF_CAP)
+            )
 
     async def new_pubsub(self) -> PubSub:
         """A pub/sub object that will open its own connection on first use."""
@@ -310,7 +326,9 @@ class RedisClients:
         if self._node_client is not None:
             await self._node_client.aclose()
         host, port = next(self._node_cycle)
-        self._node_client = Redis(host=host, port=port, **_listener_kwargs(self.target, self._timeout))
+        self._node_client = Redis(
+            host=host, port=port, **_listener_kwargs(self.target, self._timeout)
+        )
         return self._node_client.pubsub(ignore_subscribe_messages=False)
 
     async def aclose(self) -> None:
@@ -407,7 +425,9 @@ def build_clients(target: RedisTarget, *, timeout: float, pool_size: int) -> Red
         )
         listener_kwargs = _listener_kwargs(target, timeout)
         listener_kwargs.pop("ssl", None)
-        listener = sentinel.master_for(target.service, db=target.db, ssl=target.ssl, **listener_kwargs)
+        listener = sentinel.master_for(
+            target.service, db=target.db, ssl=target.ssl, **listener_kwargs
+        )
         return RedisClients(target, command, timeout=timeout, listener=listener)
     common = _common_kwargs(target, timeout)
     common.pop("health_check_interval")

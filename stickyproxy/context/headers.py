@@ -9,7 +9,8 @@ from ..contract import HEADER_PREFIX, header_names
 
 # The proxy's defaults (``[headers] prefix``), from the module both sides share.
 DEFAULT_KEY_HEADER, DEFAULT_BACKEND_HEADER, DEFAULT_ROUTE_HEADER, DEFAULT_RING_HEADER = (
-    header_names(HEADER_PREFIX))
+    header_names(HEADER_PREFIX)
+)
 # Longest user key accepted from a request; a longer one is answered 400, never stored.
 MAX_USER_KEY_LENGTH = 1024
 

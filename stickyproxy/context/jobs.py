@@ -22,7 +22,14 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+)
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +107,9 @@ def _encoded(value: Any, what: str) -> Any:
 # -- pure record logic ---------------------------------------------------------------------
 
 
-def report(job_id: str, record: Mapping[str, Any], *, here: bool, now: float, max_runtime: float) -> dict[str, Any]:
+def report(
+    job_id: str, record: Mapping[str, Any], *, here: bool, now: float, max_runtime: float
+) -> dict[str, Any]:
     """What a status call answers for a stored record (``here``: this instance runs it)."""
     state = record.get("state", LOST)
     if state == RUNNING and not here and now - float(record.get("started", 0)) > max_runtime:
@@ -125,10 +134,14 @@ def pruned(records: Mapping[str, Any], now: float, retention: float) -> dict[str
     """Records without finished ones past ``retention``, at most ``MAX_RECORDS_PER_USER``
     (oldest finished dropped first; running ones are never dropped)."""
     keep = {
-        j: r for j, r in records.items()
-        if isinstance(r, dict) and not (r.get("state") in FINISHED and now - float(r.get("finished") or 0) > retention)
+        j: r
+        for j, r in records.items()
+        if isinstance(r, dict)
+        and not (r.get("state") in FINISHED and now - float(r.get("finished") or 0) > retention)
     }
-    finished = sorted((float(r.get("finished") or 0), j) for j, r in keep.items() if r.get("state") in FINISHED)
+    finished = sorted(
+        (float(r.get("finished") or 0), j) for j, r in keep.items() if r.get("state") in FINISHED
+    )
     while len(keep) > MAX_RECORDS_PER_USER and finished:
         del keep[finished.pop(0)[1]]
     return keep
@@ -156,8 +169,15 @@ class _Running:
 
     def record(self, node: str) -> dict[str, Any]:
         return {
-            "kind": self.kind, "state": self.state, "node": node, "run": self.run, "started": self.started,
-            "finished": self.finished, "checkpoint": self.checkpoint, "result": self.result, "error": self.error,
+            "kind": self.kind,
+            "state": self.state,
+            "node": node,
+            "run": self.run,
+            "started": self.started,
+            "finished": self.finished,
+            "checkpoint": self.checkpoint,
+            "result": self.result,
+            "error": self.error,
         }
 
 
@@ -181,7 +201,9 @@ class JobHandle:
         """The last checkpoint saved (by this run or, after :meth:`Jobs.resume`, an earlier one)."""
         return self._job.checkpoint
 
-    async def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+    async def progress(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
         """Publish progress to followers. No Redis command."""
         job = self._job
         async with job.changed:
@@ -215,7 +237,10 @@ class Jobs:
         registry: CollectorRegistry | None = None,
         clock: Clock = time.time,
     ) -> None:
-        for name, value in (("max_running", max_running), ("max_running_per_user", max_running_per_user)):
+        for name, value in (
+            ("max_running", max_running),
+            ("max_running_per_user", max_running_per_user),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
         self.store = store
@@ -252,8 +277,9 @@ class Jobs:
         """Start ``fn(handle)`` for ``user``; returns its status. The start is recorded
         through the store (one fenced write) or, given the user's ``context`` (a handler under
         the context middleware), in it (saved with the request)."""
-        return await self._launch(user, secrets.token_urlsafe(9), fn, kind=kind, run=1, checkpoint=None,
-                                  context=context)
+        return await self._launch(
+            user, secrets.token_urlsafe(9), fn, kind=kind, run=1, checkpoint=None, context=context
+        )
 
     async def resume(
         self, user: str, job_id: str, fn: JobFn, *, context: MutableMapping[str, Any] | None = None
@@ -263,12 +289,28 @@ class Jobs:
         replaced run are skipped from now on."""
         status = await self.status(user, job_id)
         if status["here"] or status["state"] in FINISHED:
-            raise JobNotResumable(f"job {job_id!r} is {status['state']}{' here' if status['here'] else ''}")
-        return await self._launch(user, job_id, fn, kind=str(status["kind"] or "job"), run=int(status["run"]) + 1,
-                                  checkpoint=status["checkpoint"], context=context)
+            raise JobNotResumable(
+                f"job {job_id!r} is {status['state']}{' here' if status['here'] else ''}"
+            )
+        return await self._launch(
+            user,
+            job_id,
+            fn,
+            kind=str(status["kind"] or "job"),
+            run=int(status["run"]) + 1,
+            checkpoint=status["checkpoint"],
+            context=context,
+        )
 
     async def _launch(
-        self, user: str, job_id: str, fn: JobFn, *, kind: str, run: int, checkpoint: Any,
+        self,
+        user: str,
+        job_id: str,
+        fn: JobFn,
+        *,
+        kind: str,
+        run: int,
+        checkpoint: Any,
         context: MutableMapping[str, Any] | None,
     ) -> dict[str, Any]:
         if len(self._running) >= self.max_running:
@@ -310,8 +352,14 @@ class Jobs:
     async def _save_final(self, job: _Running) -> None:
         for attempt in range(1, FINISH_ATTEMPTS + 1):
             try:
-                await self._save(job, state=job.state, finished=job.finished, result=job.result, error=job.error,
-                                 checkpoint=job.checkpoint)
+                await self._save(
+                    job,
+                    state=job.state,
+                    finished=job.finished,
+                    result=job.result,
+                    error=job.error,
+                    checkpoint=job.checkpoint,
+                )
                 return
             except StoreUnavailable as exc:
                 if attempt == FINISH_ATTEMPTS:
@@ -337,7 +385,9 @@ class Jobs:
 
         await self.store.update(job.user, apply)
 
-    def _put(self, ctx: MutableMapping[str, Any], job_id: str, record: dict[str, Any], run: int) -> None:
+    def _put(
+        self, ctx: MutableMapping[str, Any], job_id: str, record: dict[str, Any], run: int
+    ) -> None:
         records = ctx.get(JOBS_FIELD)
         records = dict(records) if isinstance(records, dict) else {}
         current = records.get(job_id)
@@ -349,7 +399,13 @@ class Jobs:
     # -- reading -------------------------------------------------------------------------
 
     def _report_local(self, job: _Running) -> dict[str, Any]:
-        status = report(job.id, job.record(self.node), here=True, now=self._clock(), max_runtime=self.max_runtime)
+        status = report(
+            job.id,
+            job.record(self.node),
+            here=True,
+            now=self._clock(),
+            max_runtime=self.max_runtime,
+        )
         status["progress"] = dict(job.progress) if job.progress else None
         return status
 
@@ -452,7 +508,9 @@ def job_id_problem(job_id: str) -> str | None:
     return None
 
 
-async def job_events_response(request: web.Request, jobs: Jobs, user: str, job_id: str) -> web.StreamResponse:
+async def job_events_response(
+    request: web.Request, jobs: Jobs, user: str, job_id: str
+) -> web.StreamResponse:
     """An aiohttp response streaming the job's events (``text/event-stream``); 404 for a job
     the user does not have, 400 for an unusable id, 503 if its record cannot be read."""
     problem = job_id_problem(job_id)
@@ -464,8 +522,12 @@ async def job_events_response(request: web.Request, jobs: Jobs, user: str, job_i
     except UnknownJob as exc:
         return web.Response(status=404, text=str(exc) + "\n")
     except StoreUnavailable:
-        return web.Response(status=503, text="job records unavailable\n", headers={"Retry-After": "1"})
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        return web.Response(
+            status=503, text="job records unavailable\n", headers={"Retry-After": "1"}
+        )
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     await response.prepare(request)
     try:
         await response.write(first)

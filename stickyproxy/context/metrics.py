@@ -10,7 +10,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ACQUIRE_REASONS = ("first", "takeover", "revalidate", "lost")
-DROP_REASONS = ("taken_over", "deleted", "record_lost", "own_later_acquire", "record_mismatch", "closed")
+DROP_REASONS = (
+    "taken_over",
+    "deleted",
+    "record_lost",
+    "own_later_acquire",
+    "record_mismatch",
+    "closed",
+)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -19,7 +26,9 @@ class ContextMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.local_hits = Counter(
-            "stickyctx_local_hits", "Context reads and edits served from local memory with no Redis call.", registry=r
+            "stickyctx_local_hits",
+            "Context reads and edits served from local memory with no Redis call.",
+            registry=r,
         )
         self.acquisitions = Counter(
             "stickyctx_acquisitions",
@@ -31,7 +40,9 @@ class ContextMetrics:
         )
         self.writes = Counter("stickyctx_writes", "Context changes committed to Redis.", registry=r)
         self.conflicts = Counter(
-            "stickyctx_conflicts", "Writes rejected by the epoch/owner fence (another owner took over).", registry=r
+            "stickyctx_conflicts",
+            "Writes rejected by the epoch/owner fence (another owner took over).",
+            registry=r,
         )
         self.takeovers_received = Counter(
             "stickyctx_takeovers_received",
@@ -39,10 +50,15 @@ class ContextMetrics:
             registry=r,
         )
         self.redis_errors = Counter(
-            "stickyctx_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r
+            "stickyctx_redis_errors",
+            "Redis calls that failed or timed out, by operation.",
+            ["op"],
+            registry=r,
         )
         self.breaker_rejections = Counter(
-            "stickyctx_breaker_rejections", "Calls refused without touching the network because the breaker was open.", registry=r
+            "stickyctx_breaker_rejections",
+            "Calls refused without touching the network because the breaker was open.",
+            registry=r,
         )
         self.fenced_flushes = Counter(
             "stickyctx_fenced_flushes",
@@ -62,20 +78,30 @@ class ContextMetrics:
             registry=r,
         )
         self.master_switches = Counter(
-            "stickyctx_master_switches", "Sentinel announcements of a new master that this store acted on.", registry=r
+            "stickyctx_master_switches",
+            "Sentinel announcements of a new master that this store acted on.",
+            registry=r,
         )
         self.listener_reconnects = Counter(
-            "stickyctx_listener_reconnects", "Times the takeover listener lost its connection.", registry=r
+            "stickyctx_listener_reconnects",
+            "Times the takeover listener lost its connection.",
+            registry=r,
         )
         self.entries = Gauge("stickyctx_entries", "Users held in local memory.", registry=r)
-        self.entry_bytes = Gauge("stickyctx_entry_bytes", "Bytes of context held in local memory.", registry=r)
+        self.entry_bytes = Gauge(
+            "stickyctx_entry_bytes", "Bytes of context held in local memory.", registry=r
+        )
         self.buffered_writes = Gauge(
             "stickyctx_buffered_writes", "Users whose latest change waits for Redis.", registry=r
         )
         self.breaker_state = Gauge(
-            "stickyctx_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", registry=r
+            "stickyctx_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            registry=r,
         )
-        self.listener_up = Gauge("stickyctx_listener_up", "1 while the takeover listener is subscribed.", registry=r)
+        self.listener_up = Gauge(
+            "stickyctx_listener_up", "1 while the takeover listener is subscribed.", registry=r
+        )
         for reason in ACQUIRE_REASONS:
             self.acquisitions.labels(reason)
         for reason in DROP_REASONS:
@@ -114,7 +140,9 @@ class RateLimitMetrics:
             ["op"],
             registry=r,
         )
-        self.buckets = Gauge("stickyctx_ratelimit_buckets", "Buckets (user, limit) held in memory.", registry=r)
+        self.buckets = Gauge(
+            "stickyctx_ratelimit_buckets", "Buckets (user, limit) held in memory.", registry=r
+        )
         for op in STATE_OPS:
             self.state_errors.labels(op)
 
@@ -132,7 +160,10 @@ class RevocationMetrics:
             registry=r,
         )
         self.revocations = Counter(
-            "stickyctx_revocation_revocations", "Revocations written, by kind: token, all.", ["kind"], registry=r
+            "stickyctx_revocation_revocations",
+            "Revocations written, by kind: token, all.",
+            ["kind"],
+            registry=r,
         )
         for outcome in ("ok", "revoked", "malformed", "unavailable"):
             self.checks.labels(outcome)
@@ -149,9 +180,13 @@ class JobMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = r
-        self.started = Counter("stickyctx_jobs_started", "Jobs started or resumed on this instance.", registry=r)
+        self.started = Counter(
+            "stickyctx_jobs_started", "Jobs started or resumed on this instance.", registry=r
+        )
         self.finished = Counter(
-            "stickyctx_jobs_finished", "Jobs ended on this instance, by outcome: done, failed, cancelled.", ["outcome"],
+            "stickyctx_jobs_finished",
+            "Jobs ended on this instance, by outcome: done, failed, cancelled.",
+            ["outcome"],
             registry=r,
         )
         self.unsaved = Counter(
@@ -182,12 +217,19 @@ class CacheMetrics:
             registry=r,
         )
         self.origin_loads = Counter(
-            "stickyctx_cache_origin_loads", "Origin loads, by outcome: ok, error, timeout.", ["outcome"], registry=r
+            "stickyctx_cache_origin_loads",
+            "Origin loads, by outcome: ok, error, timeout.",
+            ["outcome"],
+            registry=r,
         )
-        self.invalidations = Counter("stickyctx_cache_invalidations", "Entries dropped by invalidate().", registry=r)
+        self.invalidations = Counter(
+            "stickyctx_cache_invalidations", "Entries dropped by invalidate().", registry=r
+        )
         self.entries = Gauge("stickyctx_cache_entries", "Entries held.", registry=r)
         self.breaker_state = Gauge(
-            "stickyctx_cache_breaker_state", "Origin circuit breaker: 0 closed, 1 open, 2 half-open.", registry=r
+            "stickyctx_cache_breaker_state",
+            "Origin circuit breaker: 0 closed, 1 open, 2 half-open.",
+            registry=r,
         )
         for outcome in CACHE_LOOKUPS:
             self.lookups.labels(outcome)

@@ -10,7 +10,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .errors import ConflictError, MissingUserKey, RecordMismatch, StoreUnavailable
-from .headers import DEFAULT_HEADERS, DEFAULT_KEY_HEADER, StickyHeaders, StickyInfo, user_key_problem
+from .headers import (
+    DEFAULT_HEADERS,
+    DEFAULT_KEY_HEADER,
+    StickyHeaders,
+    StickyInfo,
+    user_key_problem,
+)
 from .metrics import CONTENT_TYPE
 from .retry import should_rerun_handler
 from .store import ContextStore

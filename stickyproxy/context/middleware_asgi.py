@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .errors import ConflictError, MissingUserKey, RecordMismatch, StoreUnavailable
-from .headers import DEFAULT_HEADERS, DEFAULT_KEY_HEADER, StickyHeaders, StickyInfo, user_key_problem
+from .headers import (
+    DEFAULT_HEADERS,
+    DEFAULT_KEY_HEADER,
+    StickyHeaders,
+    StickyInfo,
+    user_key_problem,
+)
 from .metrics import CONTENT_TYPE
 from .retry import should_rerun_handler
 from .store import ContextStore
@@ -47,7 +53,9 @@ def sticky_context(scope_or_request: Any) -> dict[str, Any]:
     return context
 
 
-async def _plain(send: Send, status: int, reason: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _plain(
+    send: Send, status: int, reason: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = (reason + "\n").encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
@@ -162,7 +170,9 @@ class StickyContextMiddleware:
             return
         await self._with_context(info.user, scope, _ReplayableReceive(receive), send)
 
-    async def _with_context(self, user: str, scope: Scope, request: _ReplayableReceive, send: Send) -> None:
+    async def _with_context(
+        self, user: str, scope: Scope, request: _ReplayableReceive, send: Send
+    ) -> None:
         method = str(scope.get("method", "GET"))
         attempt = 0
         while True:
@@ -175,10 +185,14 @@ class StickyContextMiddleware:
             except ConflictError:
                 if should_rerun_handler(method, attempt, self.max_attempts):
                     continue
-                await _plain(send, 409, "user context changed on another instance; retry the request")
+                await _plain(
+                    send, 409, "user context changed on another instance; retry the request"
+                )
                 return
             except StoreUnavailable:
-                await _plain(send, 503, "user context store unavailable", [(b"retry-after", RETRY_AFTER)])
+                await _plain(
+                    send, 503, "user context store unavailable", [(b"retry-after", RETRY_AFTER)]
+                )
                 return
             except RecordMismatch:
                 await _plain(send, 500, "user context record is inconsistent")
@@ -199,7 +213,10 @@ def metrics_app(store: ContextStore) -> ASGIApp:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", CONTENT_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -77,11 +77,20 @@ def limit_problems(name: str, limit: Any) -> list[str]:
         return [f"{where}: must be a Limit, got {type(limit).__name__}"]
     problems = []
     rate = limit.rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0 < rate <= MAX_RATE:
-        problems.append(f"{where}.rate: must be a positive number of tokens per second (at most {MAX_RATE:g}), got {rate!r}")
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not math.isfinite(rate)
+        or not 0 < rate <= MAX_RATE
+    ):
+        problems.append(
+            f"{where}.rate: must be a positive number of tokens per second (at most {MAX_RATE:g}), got {rate!r}"
+        )
     burst = limit.burst
     if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
-        problems.append(f"{where}.burst: must be a positive integer (at most {MAX_BURST}), got {burst!r}")
+        problems.append(
+            f"{where}.burst: must be a positive integer (at most {MAX_BURST}), got {burst!r}"
+        )
     return problems
 
 
@@ -105,7 +114,10 @@ def parse_snapshot(raw: Any) -> tuple[float, float] | None:
     if not isinstance(raw, (list, tuple)) or len(raw) != 2:
         return None
     tokens, at = raw
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (tokens, at)):
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in (tokens, at)
+    ):
         return None
     return max(0.0, float(tokens)), float(at)
 
@@ -200,13 +212,17 @@ class RateLimiter:
     def _limit(self, name: str) -> Limit:
         limit = self.limits.get(name)
         if limit is None:
-            raise KeyError(f"no rate limit named {name!r} (known: {', '.join(sorted(self.limits))})")
+            raise KeyError(
+                f"no rate limit named {name!r} (known: {', '.join(sorted(self.limits))})"
+            )
         return limit
 
     @staticmethod
     def _cost(cost: int, limit: Limit) -> int:
         if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= limit.burst:
-            raise ValueError(f"cost must be an integer from 1 to the limit's burst ({limit.burst}), got {cost!r}")
+            raise ValueError(
+                f"cost must be an integer from 1 to the limit's burst ({limit.burst}), got {cost!r}"
+            )
         return cost
 
     def _decide(
@@ -244,7 +260,12 @@ class RateLimiter:
         self.metrics.buckets.set(len(self._buckets))
 
     def check(
-        self, user: str, name: str = DEFAULT_LIMIT, cost: int = 1, *, context: MutableMapping[str, Any] | None = None
+        self,
+        user: str,
+        name: str = DEFAULT_LIMIT,
+        cost: int = 1,
+        *,
+        context: MutableMapping[str, Any] | None = None,
     ) -> Decision:
         """Decide from memory. With ``context`` (the user's mutable context, saved by the
         caller), the snapshot is read from it and, when it became too generous, rewritten."""
@@ -255,7 +276,10 @@ class RateLimiter:
         decision, snapshot = self._decide(user, name, cost, snapshots)
         if snapshot is not None and context is not None:
             stored = context.get(RATELIMIT_FIELD)
-            context[RATELIMIT_FIELD] = {**(stored if isinstance(stored, dict) else {}), name: snapshot}
+            context[RATELIMIT_FIELD] = {
+                **(stored if isinstance(stored, dict) else {}),
+                name: snapshot,
+            }
             self.metrics.persists.inc()
         return decision
 
@@ -278,7 +302,10 @@ class RateLimiter:
 
             def put(context: dict[str, Any]) -> None:
                 stored = context.get(RATELIMIT_FIELD)
-                context[RATELIMIT_FIELD] = {**(stored if isinstance(stored, dict) else {}), name: snapshot}
+                context[RATELIMIT_FIELD] = {
+                    **(stored if isinstance(stored, dict) else {}),
+                    name: snapshot,
+                }
 
             try:
                 await self.store.update(user, put)
@@ -323,7 +350,11 @@ def rate_limit_middleware(
     @web.middleware
     async def rate_limited(request: web.Request, handler: Handler) -> web.StreamResponse:
         user = request.headers.get(headers.key) or None
-        if user is None or user_key_problem(user) is not None or (skip is not None and skip(request)):
+        if (
+            user is None
+            or user_key_problem(user) is not None
+            or (skip is not None and skip(request))
+        ):
             return await handler(request)
         # The context middleware re-runs the handler (and so this) after a conflict: the
         # request was decided, and charged, on its first run.
@@ -340,7 +371,9 @@ def rate_limit_middleware(
             decided[name] = decision
         if not decision.allowed:
             return web.Response(
-                status=429, text=_refusal_text(decision), headers={"Retry-After": decision.retry_after_header}
+                status=429,
+                text=_refusal_text(decision),
+                headers={"Retry-After": decision.retry_after_header},
             )
         return await handler(request)
 
@@ -374,7 +407,12 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         user = next(
-            (bytes(v).decode("latin-1") for k, v in scope.get("headers", ()) if bytes(k).lower() == self._key), None
+            (
+                bytes(v).decode("latin-1")
+                for k, v in scope.get("headers", ())
+                if bytes(k).lower() == self._key
+            ),
+            None,
         )
         if not user or user_key_problem(user) is not None:
             await self.app(scope, receive, send)

@@ -52,7 +52,9 @@ def parse_acquire(reply: Any, user: str) -> Acquired:
         raise RecordMismatch(user, str(stored))
     payload = reply[3] if len(reply) > 3 else None
     previous = _text(reply[4]) if len(reply) > 4 else None
-    return Acquired(user=user, epoch=int(reply[2]), payload=payload or None, previous_owner=previous or None)
+    return Acquired(
+        user=user, epoch=int(reply[2]), payload=payload or None, previous_owner=previous or None
+    )
 
 
 class WriteOutcome(Enum):

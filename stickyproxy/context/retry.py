@@ -3,9 +3,9 @@ may be re-run after a conflict."""
 
 from __future__ import annotations
 
-from .. import contract
-
 from enum import StrEnum
+
+from .. import contract
 
 
 class Op(StrEnum):

@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry
 
 from .errors import ConfigError, ContextError, StoreUnavailable
 from .headers import DEFAULT_HEADERS, StickyHeaders, user_key_problem
-from .middleware_aiohttp import CONTEXT_KEY
 from .metrics import RevocationMetrics
+from .middleware_aiohttp import CONTEXT_KEY
 from .middleware_asgi import SCOPE_CONTEXT_KEY
 from .settings import parse_duration
 
@@ -102,7 +102,9 @@ def token_claims(claims: Mapping[str, Any]) -> TokenClaims:
 
 def check_jti(jti: Any) -> str:
     if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
-        raise MalformedToken(f"jti must be a non-empty string of at most {MAX_JTI_LENGTH} characters, got {jti!r}")
+        raise MalformedToken(
+            f"jti must be a non-empty string of at most {MAX_JTI_LENGTH} characters, got {jti!r}"
+        )
     return jti
 
 
@@ -148,7 +150,11 @@ class Revoked:
         clean = {}
         if isinstance(jtis, Mapping):
             for jti, exp in jtis.items():
-                if isinstance(jti, str) and isinstance(exp, (int, float)) and not isinstance(exp, bool):
+                if (
+                    isinstance(jti, str)
+                    and isinstance(exp, (int, float))
+                    and not isinstance(exp, bool)
+                ):
                     clean[jti] = float(exp)
         before = until = None
         cut = raw.get("before")
@@ -222,7 +228,9 @@ class Revocations:
             )
         self.store = store
         self.max_token_lifetime = lifetime
-        self.metrics = RevocationMetrics(registry if registry is not None else store.metrics.registry)
+        self.metrics = RevocationMetrics(
+            registry if registry is not None else store.metrics.registry
+        )
         self._clock = clock
 
     # -- on a context the caller holds --------------------------------------------------
@@ -259,11 +267,15 @@ class Revocations:
             raise TooManyRevocations(
                 f"{MAX_REVOKED_TOKENS} live revoked tokens already; revoke all of the user's tokens instead"
             )
-        context[REVOKED_FIELD] = Revoked({**revoked.jtis, jti: exp_at}, revoked.before, revoked.until).dump()
+        context[REVOKED_FIELD] = Revoked(
+            {**revoked.jtis, jti: exp_at}, revoked.before, revoked.until
+        ).dump()
         self.metrics.revocations.labels("token").inc()
         return True
 
-    def revoke_all_in(self, context: MutableMapping[str, Any], before: float | None = None) -> float:
+    def revoke_all_in(
+        self, context: MutableMapping[str, Any], before: float | None = None
+    ) -> float:
         """Revoke every token issued before ``before`` (default: now). Returns the cut-off.
         ``iat`` is usually whole seconds, so a token issued in the same second as the cut-off
         is revoked too unless ``before`` is given explicitly."""
@@ -339,7 +351,10 @@ def _unauthorized(summary: str, detail: str | None = None) -> Refusal:
 
 
 async def _decide(
-    revocations: Revocations, user: str, claims: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
+    revocations: Revocations,
+    user: str,
+    claims: Mapping[str, Any] | None,
+    context: Mapping[str, Any] | None,
     fail_open: bool,
 ) -> Refusal | None:
     m = revocations.metrics.checks
@@ -443,18 +458,27 @@ class RevocationMiddleware:
             return
         refusal: Refusal | None
         try:
-            found = self.claims(scope) if self.claims else _bearer_claims(self._header(scope, b"authorization"))
+            found = (
+                self.claims(scope)
+                if self.claims
+                else _bearer_claims(self._header(scope, b"authorization"))
+            )
         except MalformedToken as exc:
             self.revocations.metrics.checks.labels("malformed").inc()
             refusal = _unauthorized("malformed token", f"malformed token: {exc}")
         else:
-            refusal = await _decide(self.revocations, user, found, scope.get(SCOPE_CONTEXT_KEY), self.fail_open)
+            refusal = await _decide(
+                self.revocations, user, found, scope.get(SCOPE_CONTEXT_KEY), self.fail_open
+            )
         if refusal is None:
             await self.app(scope, receive, send)
             return
         status, text, extra = refusal
         body = text.encode()
-        head = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        head = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -43,6 +43,7 @@ WAIT_SHARE = 0.8
 # Re-acquire-and-rerun rounds of ``ContextStore.update`` before the conflict is raised.
 DEFAULT_UPDATE_ATTEMPTS = 3
 
+
 def parse_duration(value: float | int | str, *, name: str) -> float:
     """Seconds from a number of seconds (Python's convention) or a string such as
     ``"500ms"``, ``"2s"``, ``"1d"``, parsed as the proxy's configuration parses them
@@ -97,7 +98,9 @@ class StoreSettings:
         if self.mode not in ("write-through", "write-behind"):
             raise ConfigError(f"mode: must be 'write-through' or 'write-behind', got {self.mode!r}")
         if self.on_redis_down not in ("fail", "buffer"):
-            raise ConfigError(f"on_redis_down: must be 'fail' or 'buffer', got {self.on_redis_down!r}")
+            raise ConfigError(
+                f"on_redis_down: must be 'fail' or 'buffer', got {self.on_redis_down!r}"
+            )
         for name in ("max_entries", "max_bytes", "buffer_max", "breaker_failures", "pool_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -105,12 +108,22 @@ class StoreSettings:
         for name in ("idle_ttl", "flush_interval", "redis_timeout", "breaker_reset"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive")
-        if not isinstance(self.wait_replicas, int) or isinstance(self.wait_replicas, bool) or self.wait_replicas < 0:
-            raise ConfigError(f"wait_replicas: must be a non-negative integer, got {self.wait_replicas!r}")
+        if (
+            not isinstance(self.wait_replicas, int)
+            or isinstance(self.wait_replicas, bool)
+            or self.wait_replicas < 0
+        ):
+            raise ConfigError(
+                f"wait_replicas: must be a non-negative integer, got {self.wait_replicas!r}"
+            )
         if self.listener_liveness < MIN_LISTENER_LIVENESS:
-            raise ConfigError(f"listener_liveness: must be at least {MIN_LISTENER_LIVENESS * 1000:.0f}ms")
+            raise ConfigError(
+                f"listener_liveness: must be at least {MIN_LISTENER_LIVENESS * 1000:.0f}ms"
+            )
         if self.idle_ttl < 1.0:
-            raise ConfigError("idle_ttl: must be at least 1s (Redis expiry has millisecond, not finer, precision)")
+            raise ConfigError(
+                "idle_ttl: must be at least 1s (Redis expiry has millisecond, not finer, precision)"
+            )
 
     @property
     def wait_ms(self) -> int:

@@ -39,7 +39,13 @@ from redis.exceptions import (
 
 from .breaker import BreakerState, CircuitBreaker
 from .buffer import PendingWrite, PendingWrites
-from .connection import PROMOTING_CHANNEL, SWITCH_MASTER_CHANNEL, RedisClients, build_clients, parse_redis_url
+from .connection import (
+    PROMOTING_CHANNEL,
+    SWITCH_MASTER_CHANNEL,
+    RedisClients,
+    build_clients,
+    parse_redis_url,
+)
 from .errors import (
     BufferFull,
     ConfigError,
@@ -122,8 +128,22 @@ CLOSE_DEADLINE = 5.0
 LOST_REASON = "lost"
 _UNVERIFIED = -1
 # Replies meaning "Redis is there but cannot serve now": they count towards the breaker.
-_UNAVAILABLE_REPLIES = (BusyLoadingError, ReadOnlyError, ClusterDownError, MasterDownError, TryAgainError)
-_UNAVAILABLE_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS")
+_UNAVAILABLE_REPLIES = (
+    BusyLoadingError,
+    ReadOnlyError,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
+_UNAVAILABLE_PREFIXES = (
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+    "NOREPLICAS",
+)
 
 
 @dataclass
@@ -154,7 +174,11 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]], deadline: float) -> 
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=CANCEL_REPEAT)
     if pending:
-        log.error("background tasks did not stop within %gs: %s", deadline, ", ".join(t.get_name() for t in pending))
+        log.error(
+            "background tasks did not stop within %gs: %s",
+            deadline,
+            ", ".join(t.get_name() for t in pending),
+        )
 
 
 def _cancelling() -> bool:
@@ -325,9 +349,13 @@ class ContextStore:
         self._write_script = command.register_script(WRITE)
         self._delete_script = command.register_script(DELETE)
         self._listener_ready = asyncio.Event()
-        self._tasks.append(asyncio.create_task(self._listen(), name=f"stickyctx-listener-{self.node_id}"))
+        self._tasks.append(
+            asyncio.create_task(self._listen(), name=f"stickyctx-listener-{self.node_id}")
+        )
         if self.settings.buffers_writes:
-            self._tasks.append(asyncio.create_task(self._flush_loop(), name=f"stickyctx-flusher-{self.node_id}"))
+            self._tasks.append(
+                asyncio.create_task(self._flush_loop(), name=f"stickyctx-flusher-{self.node_id}")
+            )
         if self._target.kind == "sentinel":
             self._tasks.append(
                 asyncio.create_task(
@@ -357,7 +385,8 @@ class ContextStore:
                 self.metrics.dropped_changes.labels("closed").inc(lost)
                 log.error(
                     "closing with %d buffered context changes not in Redis (users %s); they are lost",
-                    lost, ", ".join(repr(u) for u in self._pending.users()[:10]),
+                    lost,
+                    ", ".join(repr(u) for u in self._pending.users()[:10]),
                 )
         assert self._clients is not None
         with suppress(Exception):
@@ -372,7 +401,10 @@ class ContextStore:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -417,7 +449,9 @@ class ContextStore:
     ) -> T: ...
 
     @overload
-    async def update(self, user: str, fn: Callable[[dict[str, Any]], T], *, attempts: int = ...) -> T: ...
+    async def update(
+        self, user: str, fn: Callable[[dict[str, Any]], T], *, attempts: int = ...
+    ) -> T: ...
 
     async def update(
         self,
@@ -499,10 +533,16 @@ class ContextStore:
         confirmed on the current subscription and the listener proved within
         ``listener_liveness`` that every takeover published before the proof reached us. Whether
         Redis is reachable, or the breaker open, plays no part."""
-        return entry.verified_gen == self._gen and now - self._proof_at <= self.settings.listener_liveness
+        return (
+            entry.verified_gen == self._gen
+            and now - self._proof_at <= self.settings.listener_liveness
+        )
 
     def _fresh(self, entry: _Entry, now: float) -> bool:
-        return self._verified(entry, now) and now - entry.refreshed_at < self.settings.idle_ttl * TOUCH_FRACTION
+        return (
+            self._verified(entry, now)
+            and now - entry.refreshed_at < self.settings.idle_ttl * TOUCH_FRACTION
+        )
 
     async def _load(self, user: str, slot: UserSlot) -> _Entry:
         entry = self._cache.get(user)
@@ -531,7 +571,9 @@ class ContextStore:
             Op.ACQUIRE,
             key,
             lambda: self._replicated(
-                self._acquire_script, [key], [self.node_id, user, self.settings.idle_ttl_ms, self._channel]
+                self._acquire_script,
+                [key],
+                [self.node_id, user, self.settings.idle_ttl_ms, self._channel],
             ),
         )
         acquired = parse_acquire(reply, user)
@@ -554,7 +596,11 @@ class ContextStore:
             if self._cache.peek(user) is not entry:
                 return await self._acquire(user, slot, reason="revalidate")
             gen = self._current_gen()
-            reply = await self._redis(Op.READ, key, lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA))
+            reply = await self._redis(
+                Op.READ,
+                key,
+                lambda: self._command.hmget(key, FIELD_UID, FIELD_EPOCH, FIELD_OWNER, FIELD_DATA),
+            )
         except StoreUnavailable:
             # Unverified and Redis unreachable from here: another instance may still reach it
             # and have taken the user over, so the copy is not served (C3 over C5).
@@ -584,7 +630,10 @@ class ContextStore:
         can restore it safely (a newer owner's copy may be lost too); the loss is made loud."""
         log.error(
             "redis lost acknowledged context of user %r: this instance held epoch %d, redis has %s; "
-            "continuing from what redis holds", user, held, "no record" if found is None else f"epoch {found}",
+            "continuing from what redis holds",
+            user,
+            held,
+            "no record" if found is None else f"epoch {found}",
         )
 
     async def _touch(self, user: str, slot: UserSlot, entry: _Entry) -> _Entry:
@@ -633,11 +682,16 @@ class ContextStore:
                 if self._pending.put(user, change):
                     self._install(user, slot, replace(entry, payload=payload))
                     self._update_gauges()
-                    log.warning("redis unavailable; change of user %r buffered (%d buffered)", user, len(self._pending))
+                    log.warning(
+                        "redis unavailable; change of user %r buffered (%d buffered)",
+                        user,
+                        len(self._pending),
+                    )
                     return
                 self._unsettled(user, entry, superseded)
                 raise BufferFull(
-                    f"redis unavailable and write buffer full ({self.settings.buffer_max} users)", op=exc.op
+                    f"redis unavailable and write buffer full ({self.settings.buffer_max} users)",
+                    op=exc.op,
                 ) from exc
             self._unsettled(user, entry, superseded)
             raise
@@ -704,8 +758,15 @@ class ContextStore:
                 started = time.monotonic()
                 outcome = await self._write(user, change)
                 if outcome is WriteOutcome.COMMITTED:
-                    self._install(user, slot, replace(fresh, payload=change.payload, refreshed_at=started))
-                    log.warning("buffered change of user %r re-written at epoch %d (%s)", user, change.epoch, outcome.value)
+                    self._install(
+                        user, slot, replace(fresh, payload=change.payload, refreshed_at=started)
+                    )
+                    log.warning(
+                        "buffered change of user %r re-written at epoch %d (%s)",
+                        user,
+                        change.epoch,
+                        outcome.value,
+                    )
         except (StoreUnavailable, asyncio.CancelledError):
             self._pending.restore(user, change)
             raise
@@ -737,7 +798,6 @@ class ContextStore:
     def _drop(self, user: str, reason: str, why: str) -> None:
         self.metrics.dropped_changes.labels(reason).inc()
         log.warning("buffered change of user %r dropped: %s", user, why)
-
 
     async def _flush_loop(self) -> None:
         while True:
@@ -813,7 +873,9 @@ class ContextStore:
             if isinstance(confirmed, BaseException):
                 raise confirmed
             if int(confirmed) < n:
-                raise NotReplicated(f"{confirmed} of {n} replicas confirmed within {self.settings.wait_ms}ms")
+                raise NotReplicated(
+                    f"{confirmed} of {n} replicas confirmed within {self.settings.wait_ms}ms"
+                )
             return reply
         raise NoScriptError("script not loaded after SCRIPT LOAD")
 
@@ -824,13 +886,17 @@ class ContextStore:
         if pause is not None:
             if time.monotonic() < pause:
                 self.metrics.redis_errors.labels(op.value).inc()
-                raise StoreUnavailable(f"redis failover in progress; {op.value} not attempted", op=op.value)
+                raise StoreUnavailable(
+                    f"redis failover in progress; {op.value} not attempted", op=op.value
+                )
             self._failover_pause_until = None
         breaker = self._breaker_for(key)
         if not breaker.allow(time.monotonic()):
             self.metrics.breaker_rejections.inc()
             self._update_gauges()
-            raise StoreUnavailable(f"redis unavailable (circuit open); {op.value} not attempted", op=op.value)
+            raise StoreUnavailable(
+                f"redis unavailable (circuit open); {op.value} not attempted", op=op.value
+            )
         deadline = time.monotonic() + self.settings.redis_timeout
         attempt = 0
         try:
@@ -843,12 +909,18 @@ class ContextStore:
                     if not _is_outage(exc):
                         breaker.record_success()
                         self.metrics.redis_errors.labels(op.value).inc()
-                        raise StoreUnavailable(f"redis rejected {op.value}: {exc}", op=op.value) from exc
+                        raise StoreUnavailable(
+                            f"redis rejected {op.value}: {exc}", op=op.value
+                        ) from exc
                     if should_retry_redis(op, attempt, deadline - time.monotonic()):
                         continue
                     breaker.record_failure(time.monotonic())
                     self.metrics.redis_errors.labels(op.value).inc()
-                    reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc or type(exc).__name__}"
+                    reason = (
+                        "timed out"
+                        if isinstance(exc, TimeoutError)
+                        else f"failed: {exc or type(exc).__name__}"
+                    )
                     raise StoreUnavailable(f"redis {op.value} {reason}", op=op.value) from exc
                 breaker.record_success()
                 return result
@@ -891,7 +963,10 @@ class ContextStore:
         assert self._clients is not None
         if channel == PROMOTING_CHANNEL:
             if self._failover_pause_until is None:
-                log.warning("redis failover: promotion of a replica imminent (%s); writes paused", announcement)
+                log.warning(
+                    "redis failover: promotion of a replica imminent (%s); writes paused",
+                    announcement,
+                )
             self._failover_pause_until = time.monotonic() + FAILOVER_PAUSE_MAX
             await self._clients.drop_master_connections()
             return
@@ -908,7 +983,10 @@ class ContextStore:
         self._proof_at = float("-inf")
         self._gen += 1
         self.metrics.master_switches.inc()
-        log.warning("redis master switched (%s): reconnecting, every cached copy is re-checked", announcement)
+        log.warning(
+            "redis master switched (%s): reconnecting, every cached copy is re-checked",
+            announcement,
+        )
         assert self._clients is not None
         await self._clients.drop_master_connections()
 
@@ -961,7 +1039,9 @@ class ContextStore:
                         async with asyncio.timeout(CLOSE_DEADLINE):
                             await pubsub.aclose()  # type: ignore[no-untyped-call]
             failures += 1
-            await asyncio.sleep(backoff_delay(failures, LISTENER_BACKOFF_BASE, LISTENER_BACKOFF_CAP))
+            await asyncio.sleep(
+                backoff_delay(failures, LISTENER_BACKOFF_BASE, LISTENER_BACKOFF_CAP)
+            )
 
     async def _pump(self, pubsub: Any) -> None:
         """Deliver takeover messages and keep the liveness proof fresh: one PING in flight at a
@@ -982,7 +1062,9 @@ class ContextStore:
                 ping_sent = now
             if ping_sent is not None:
                 if now - ping_sent > liveness:
-                    raise ConnectionError(f"takeover listener: no reply to PING within {liveness:g}s")
+                    raise ConnectionError(
+                        f"takeover listener: no reply to PING within {liveness:g}s"
+                    )
                 wait = ping_sent + liveness - now
             else:
                 wait = next_ping - now

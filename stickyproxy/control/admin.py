@@ -90,8 +90,9 @@ class Admin:
             return None
         got = request.headers.get("Authorization", "")
         scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
             resp = _json_error(401, "a valid bearer token is required")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="stickyproxy-admin"'
             return resp
@@ -103,8 +104,9 @@ class Admin:
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready, why = self.control.ready()
-        return web.Response(text=("ready\n" if ready else f"not ready: {why}\n"),
-                            status=200 if ready else 503)
+        return web.Response(
+            text=("ready\n" if ready else f"not ready: {why}\n"), status=200 if ready else 503
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(await self.control.metrics_registry())
@@ -131,8 +133,9 @@ class Admin:
         except ValueError:
             n = -1
         if not 1 <= n <= HOTKEYS_MAX_N:
-            return _json_error(400, f"n: expected an integer from 1 to {HOTKEYS_MAX_N}, "
-                                    f"got {raw!r}")
+            return _json_error(
+                400, f"n: expected an integer from 1 to {HOTKEYS_MAX_N}, got {raw!r}"
+            )
         control = self.control
         merged = getattr(control, "merged_hotkeys", None)
         if merged is not None:
@@ -141,8 +144,7 @@ class Admin:
         else:
             hot = control.table.hotkeys
             sketch, processes = (hot.view(time.monotonic()) if hot is not None else None), 1
-        return web.json_response(views.hotkeys_view(sketch, n, control.table.router,
-                                                    processes))
+        return web.json_response(views.hotkeys_view(sketch, n, control.table.router, processes))
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._drain(request, True)
@@ -165,9 +167,8 @@ class Admin:
             return denied
         ok, errors = await self.control.reload("admin API")
         if not ok:
-            return _json_error(400, "configuration rejected; the running one stays",
-                               errors=errors)
+            return _json_error(400, "configuration rejected; the running one stays", errors=errors)
         body: dict = {"reloaded": True, "ring": self.control.ring_view()["fingerprint"]}
         if errors:
-            body["workers_restarted"] = errors    # applied, but not by every worker in time
+            body["workers_restarted"] = errors  # applied, but not by every worker in time
         return web.json_response(body)

@@ -53,6 +53,7 @@ log = logging.getLogger("stickyproxy.control.health")
 @dataclass
 class ActiveState:
     """rise/fall hysteresis (HAProxy's server check model)."""
+
     up: bool = True
     successes: int = 0
     failures: int = 0
@@ -77,6 +78,7 @@ class ActiveState:
 @dataclass
 class PassiveState:
     """Consecutive-failure outlier detection (Envoy's consecutive_5xx model)."""
+
     consecutive: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
@@ -113,8 +115,14 @@ def check_ok(status: int | None, expect: tuple[int, int]) -> bool:
 class Health:
     """Runs active checks and applies passive events for one process's backends."""
 
-    def __init__(self, table: BackendTable, observer: ControlEvents, *, active: bool = True,
-                 resolver: HostResolver | None = None):
+    def __init__(
+        self,
+        table: BackendTable,
+        observer: ControlEvents,
+        *,
+        active: bool = True,
+        resolver: HostResolver | None = None,
+    ):
         self.table = table
         self.resolver = resolver
         self.client_contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
@@ -122,7 +130,7 @@ class Health:
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
         self.passive: dict[str, PassiveState] = {}
-        self.tracked: dict[str, BackendState] = {}   # the state object each history belongs to
+        self.tracked: dict[str, BackendState] = {}  # the state object each history belongs to
         self.tasks: dict[str, asyncio.Task] = {}
 
     @property
@@ -197,8 +205,9 @@ class Health:
             detail = ""
             try:
                 ctx, name = self._tls_for(bid)
-                status = await probe(st.host, st.port, cfg.path, cfg.timeout, self.resolver,
-                                     ctx, name)
+                status = await probe(
+                    st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name
+                )
             except ProbeFailed as e:
                 detail = str(e)
             ok = check_ok(status, cfg.expect)
@@ -219,9 +228,12 @@ class Health:
         if change is None:
             return
         why = f"status {status}" if status is not None else (detail or "no answer")
-        self.set_health(st, change == "up",
-                        f"{self.cfg.rise if change == 'up' else self.cfg.fall} "
-                        f"consecutive {'successful' if change == 'up' else 'failed'} checks ({why})")
+        self.set_health(
+            st,
+            change == "up",
+            f"{self.cfg.rise if change == 'up' else self.cfg.fall} "
+            f"consecutive {'successful' if change == 'up' else 'failed'} checks ({why})",
+        )
 
     def check_passed(self, st: BackendState) -> None:
         """A passing active check lifts a passive ejection and a connect-failure skip
@@ -256,9 +268,13 @@ class Health:
             delay, ramp = self.cfg.failback_delay, self.cfg.failback_ramp
             st.failback_until = now + delay if delay else 0.0
             st.ramp = Ramp(now + delay, ramp) if ramp > 0 else None
-            log.warning("backend %s is UP: %s%s%s", st.id, reason,
-                        f"; its users return after {delay:g}s" if delay else "",
-                        f"; gradually over {ramp:g}s" if ramp > 0 else "")
+            log.warning(
+                "backend %s is UP: %s%s%s",
+                st.id,
+                reason,
+                f"; its users return after {delay:g}s" if delay else "",
+                f"; gradually over {ramp:g}s" if ramp > 0 else "",
+            )
         else:
             st.failback_until = 0.0
             st.ramp = None
@@ -266,8 +282,9 @@ class Health:
         self.observer.backend_changed(st)
 
     @staticmethod
-    def ramp_state(st: BackendState, now: float, wall: float | None = None
-                   ) -> dict[str, float] | None:
+    def ramp_state(
+        st: BackendState, now: float, wall: float | None = None
+    ) -> dict[str, float] | None:
         """The backend's failback wait and ramp (JSON for workers), or None when its users
         are all back. Times are wall-clock (``time.time()``; ``now`` is the monotonic
         instant it corresponds to): a message that waits in a queue, as the first ones to a
@@ -276,10 +293,11 @@ class Health:
         if st.failback_until <= now and (ramp is None or not ramp.active(now)):
             return None
         wall = time.time() if wall is None else wall
-        return {"failback_until": wall + (st.failback_until - now)
-                if st.failback_until > now else 0.0,
-                "ramp_start": wall + (ramp.start - now) if ramp is not None else 0.0,
-                "ramp": ramp.duration if ramp is not None else 0.0}
+        return {
+            "failback_until": wall + (st.failback_until - now) if st.failback_until > now else 0.0,
+            "ramp_start": wall + (ramp.start - now) if ramp is not None else 0.0,
+            "ramp": ramp.duration if ramp is not None else 0.0,
+        }
 
     def follow_ramp(self, st: BackendState, data: dict[str, float] | None) -> None:
         """Take another process's ``ramp_state`` (None: nobody is waiting to return)."""
@@ -291,8 +309,11 @@ class Health:
         until = float(data.get("failback_until", 0.0))
         duration = float(data.get("ramp", 0.0))
         st.failback_until = now + (until - wall) if until > wall else 0.0
-        st.ramp = (Ramp(now + (float(data.get("ramp_start", wall)) - wall), duration)
-                   if duration > 0 else None)
+        st.ramp = (
+            Ramp(now + (float(data.get("ramp_start", wall)) - wall), duration)
+            if duration > 0
+            else None
+        )
 
     def passive_result(self, st: BackendState, ok: bool) -> None:
         cfg = self.pcfg
@@ -306,17 +327,22 @@ class Health:
             return
         states = self.table.states.values()
         ejected = sum(1 for s in states if now < s.ejected_until)
-        until = p.record(ok, now, cfg, may_eject(ejected, len(self.table.states),
-                                                  cfg.max_ejected_percent))
+        until = p.record(
+            ok, now, cfg, may_eject(ejected, len(self.table.states), cfg.max_ejected_percent)
+        )
         st.passive_clean = p.consecutive == 0
         if until is not None:
             st.ejected_until = until
             st.ejections = p.ejections
             st.reason = f"{cfg.consecutive_failures} consecutive failures"
             st.last_change = now
-            log.warning("backend %s ejected for %.1fs after %d consecutive failures "
-                        "(ejection #%d)", st.id, until - now, cfg.consecutive_failures,
-                        p.ejections)
+            log.warning(
+                "backend %s ejected for %.1fs after %d consecutive failures (ejection #%d)",
+                st.id,
+                until - now,
+                cfg.consecutive_failures,
+                p.ejections,
+            )
             self.observer.ejected(st)
 
     def connect_failed(self, st: BackendState) -> None:

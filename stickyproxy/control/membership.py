@@ -28,7 +28,8 @@ class Membership:
     def start(self) -> None:
         log.info("discovering backends: %s", self.source.describe())
         self.task = asyncio.get_running_loop().create_task(
-            self.source.watch(self.reloader.set_members))
+            self.source.watch(self.reloader.set_members)
+        )
 
     async def stop(self) -> None:
         if self.task is None:

@@ -12,8 +12,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 PREFIX = "stickyproxy_"
@@ -21,64 +20,133 @@ PREFIX = "stickyproxy_"
 # Upstream latency buckets (seconds): sub-millisecond to the default response timeout.
 # Typed as a variable-length tuple: compiled, a fixed-length tuple of floats would be
 # stored unboxed and re-boxed (15 new floats) on every bisect.
-LATENCY_BUCKETS: Final[tuple[float, ...]] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 # name → (kind, help, label names). Counters' exported names get "_total" from the family.
 DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "requests": ("counter", "Requests answered, by backend and status class",
-                 ("backend", "code_class")),
-    "request_duration_seconds": ("histogram", "Time from routing to the end of the response",
-                                 ("backend",)),
-    "route_decisions": ("counter", "Routing decisions by result (primary, failover, spill, "
-                        "no_key, panic, unavailable)", ("result",)),
-    "spills": ("counter", "Requests bounded load (routing.balance_factor) moved off a "
-               "backend above its bound, by that backend", ("backend",)),
-    "retries": ("counter", "Requests retried away from a backend, by reason",
-                ("backend", "reason")),
-    "retries_denied": ("counter", "Failed attempts not retried, by why not (budget, attempts, "
-                       "no-backend, not-replayable)", ("backend", "reason")),
-    "upstream_errors": ("counter", "Failures talking to a backend, by kind",
-                        ("backend", "kind")),
-    "rejected_requests": ("counter", "Requests the proxy refused itself, by status",
-                          ("status",)),
+    "requests": (
+        "counter",
+        "Requests answered, by backend and status class",
+        ("backend", "code_class"),
+    ),
+    "request_duration_seconds": (
+        "histogram",
+        "Time from routing to the end of the response",
+        ("backend",),
+    ),
+    "route_decisions": (
+        "counter",
+        "Routing decisions by result (primary, failover, spill, no_key, panic, unavailable)",
+        ("result",),
+    ),
+    "spills": (
+        "counter",
+        "Requests bounded load (routing.balance_factor) moved off a "
+        "backend above its bound, by that backend",
+        ("backend",),
+    ),
+    "retries": (
+        "counter",
+        "Requests retried away from a backend, by reason",
+        ("backend", "reason"),
+    ),
+    "retries_denied": (
+        "counter",
+        "Failed attempts not retried, by why not (budget, attempts, no-backend, not-replayable)",
+        ("backend", "reason"),
+    ),
+    "upstream_errors": ("counter", "Failures talking to a backend, by kind", ("backend", "kind")),
+    "rejected_requests": ("counter", "Requests the proxy refused itself, by status", ("status",)),
     "health_checks": ("counter", "Active health checks by result", ("backend", "result")),
     "ejections": ("counter", "Passive ejections of a backend", ("backend",)),
     "ring_changes": ("counter", "Reloads that changed the ring", ()),
     "reloads": ("counter", "Configuration reloads by result", ("result",)),
-    "worker_reload_failures": ("counter", "Workers that could not apply a reload in time "
-                               "(each was restarted with it)", ("worker",)),
+    "worker_reload_failures": (
+        "counter",
+        "Workers that could not apply a reload in time (each was restarted with it)",
+        ("worker",),
+    ),
     "backend_up": ("gauge", "1 if the backend is usable for routing", ("backend",)),
     "backend_inflight": ("gauge", "Requests in flight to the backend", ("backend",)),
-    "backend_key_share": ("gauge", "Share of the key space the backend owns on the ring",
-                          ("backend",)),
-    "backend_request_share": ("gauge", "Share of the requests answered since the previous "
-                              "scrape that went to the backend (compare with "
-                              "backend_key_share)", ("backend",)),
-    "backend_ramp_progress": ("gauge", "Share of the backend's users returned to it by its "
-                              "failback ramp (1 when not ramping)", ("backend",)),
-    "hotkeys_tracked": ("gauge", "User keys held by the hot-key counts (GET /hotkeys), "
-                        "summed over processes", ()),
-    "ring_info": ("gauge", "1, labelled with the ring's fingerprint: proxies that route alike "
-                  "show one fingerprint across a fleet (docs/fleet.md)", ("fingerprint",)),
+    "backend_key_share": (
+        "gauge",
+        "Share of the key space the backend owns on the ring",
+        ("backend",),
+    ),
+    "backend_request_share": (
+        "gauge",
+        "Share of the requests answered since the previous "
+        "scrape that went to the backend (compare with "
+        "backend_key_share)",
+        ("backend",),
+    ),
+    "backend_ramp_progress": (
+        "gauge",
+        "Share of the backend's users returned to it by its failback ramp (1 when not ramping)",
+        ("backend",),
+    ),
+    "hotkeys_tracked": (
+        "gauge",
+        "User keys held by the hot-key counts (GET /hotkeys), summed over processes",
+        (),
+    ),
+    "ring_info": (
+        "gauge",
+        "1, labelled with the ring's fingerprint: proxies that route alike "
+        "show one fingerprint across a fleet (docs/fleet.md)",
+        ("fingerprint",),
+    ),
     "ring_members": ("gauge", "Backends on the ring", ()),
     "discovery_rounds": ("counter", "Looks at the discovery source completed", ()),
-    "discovery_failures": ("counter", "Looks at the discovery source that failed (timeout, "
-                           "server error, unreadable file)", ()),
-    "discovery_refused": ("counter", "Discovered sets the membership guard refused (empty, "
-                          "or dropping more than max_drop_share)", ()),
+    "discovery_failures": (
+        "counter",
+        "Looks at the discovery source that failed (timeout, server error, unreadable file)",
+        (),
+    ),
+    "discovery_refused": (
+        "counter",
+        "Discovered sets the membership guard refused (empty, "
+        "or dropping more than max_drop_share)",
+        (),
+    ),
     "discovery_applied": ("counter", "Discovered sets applied through the reload path", ()),
     "discovery_refusing": ("gauge", "1 while the latest settled discovered set is refused", ()),
     "resolver_lookups": ("counter", "DNS lookups of backend host names", ()),
     "resolver_failures": ("counter", "DNS lookups of backend host names that failed", ()),
-    "resolver_stale_answers": ("counter", "Connections and checks given an expired address "
-                               "while its lookup was refreshed or failing", ()),
-    "tls_handshakes": ("counter", "TLS handshakes with clients, by result (completed, "
-                       "refused: over listen.tls.max_handshakes, stale: a resumed session "
-                       "from before the client CA changed)", ("result",)),
+    "resolver_stale_answers": (
+        "counter",
+        "Connections and checks given an expired address while its lookup was refreshed or failing",
+        (),
+    ),
+    "tls_handshakes": (
+        "counter",
+        "TLS handshakes with clients, by result (completed, "
+        "refused: over listen.tls.max_handshakes, stale: a resumed session "
+        "from before the client CA changed)",
+        ("result",),
+    ),
     "tls_handshakes_in_progress": ("gauge", "Client TLS handshakes begun and not finished", ()),
-    "tls_backend_sessions": ("counter", "TLS connections to backends that offered a saved "
-                             "session, by result (offered, resumed)", ("result",)),
+    "tls_backend_sessions": (
+        "counter",
+        "TLS connections to backends that offered a saved session, by result (offered, resumed)",
+        ("result",),
+    ),
     "client_connections": ("gauge", "Open client connections", ()),
     "websocket_tunnels": ("gauge", "Open WebSocket tunnels", ("backend",)),
 }
@@ -93,7 +161,7 @@ class Tally:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.labels = (backend,)   # the latency histogram's labels, made once
+        self.labels = (backend,)  # the latency histogram's labels, made once
         self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = self.other = self.aborted = 0
 
     def count(self, status: int) -> None:
@@ -115,8 +183,15 @@ class Tally:
     def fold(self, requests: dict[tuple, float]) -> None:
         """Add the counts to ``requests`` (the "requests" counter) and start again."""
         b = self.backend
-        for cls, n in (("1xx", self.c1), ("2xx", self.c2), ("3xx", self.c3), ("4xx", self.c4),
-                       ("5xx", self.c5), ("other", self.other), ("aborted", self.aborted)):
+        for cls, n in (
+            ("1xx", self.c1),
+            ("2xx", self.c2),
+            ("3xx", self.c3),
+            ("4xx", self.c4),
+            ("5xx", self.c5),
+            ("other", self.other),
+            ("aborted", self.aborted),
+        ):
             if n:
                 requests[(b, cls)] = requests.get((b, cls), 0) + n
         self.c1 = self.c2 = self.c3 = self.c4 = self.c5 = self.other = self.aborted = 0
@@ -153,11 +228,13 @@ class Stats:
 
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple, float]] = {
-            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "counter"}
+            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "counter"
+        }
         # histogram: labels → [bucket counts..., +Inf count, sum]
         self.hist: dict[tuple, list[float]] = {}
         self.gauges: dict[str, dict[tuple, float]] = {
-            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "gauge"}
+            n: {} for n, (k, _, _) in DEFINITIONS.items() if k == "gauge"
+        }
 
     def inc(self, name: str, labels: tuple = (), by: float = 1) -> None:
         c = self.counters[name]

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..dataplane.events import Events
+from ..routing.router import key_digest
 from .logs import access_record, format_access
 from .metrics import RequestShare, Stats, Tally, code_class
-from ..routing.router import key_digest
 
 if TYPE_CHECKING:
     from ..dataplane.exchange import Exchange
@@ -72,8 +72,9 @@ class ControlEvents:
         table = self.table
         now = time.monotonic()
         g = self.stats.gauges
-        g["backend_up"] = {(bid,): 1.0 if st.usable(now) else 0.0
-                           for bid, st in table.states.items()}
+        g["backend_up"] = {
+            (bid,): 1.0 if st.usable(now) else 0.0 for bid, st in table.states.items()
+        }
         g["backend_ramp_progress"] = {(bid,): p for bid, p in table.ramps(now).items()}
         hot = table.hotkeys
         g["hotkeys_tracked"] = {(): float(len(hot) if hot is not None else 0)}
@@ -83,8 +84,12 @@ class ControlEvents:
         d = self.discovery
         if d is not None:
             # the source's own monotonic counts, copied (not added) at each read
-            for name, n in (("discovery_rounds", d.rounds), ("discovery_failures", d.failures),
-                            ("discovery_refused", d.refused), ("discovery_applied", d.applied)):
+            for name, n in (
+                ("discovery_rounds", d.rounds),
+                ("discovery_failures", d.failures),
+                ("discovery_refused", d.refused),
+                ("discovery_applied", d.applied),
+            ):
                 c[name][()] = n
             g["discovery_refusing"] = {(): 1.0 if d.refusing else 0.0}
         r = self.resolver
@@ -93,10 +98,8 @@ class ControlEvents:
             c["resolver_failures"][()] = r.failures
             c["resolver_stale_answers"][()] = r.stale
         if shares:
-            g["backend_key_share"] = {(bid,): s for bid, s in
-                                      table.router.ring.key_share().items()}
-            g["backend_request_share"] = self.request_share.update(
-                self.stats.counters["requests"])
+            g["backend_key_share"] = {(bid,): s for bid, s in table.router.ring.key_share().items()}
+            g["backend_request_share"] = self.request_share.update(self.stats.counters["requests"])
         return self.stats
 
 
@@ -172,18 +175,27 @@ class Observer(Events):
                 stats.inc("spills", (ex.spilled_from,))
             if route == "panic" and now - self.panic_logged > PANIC_LOG_INTERVAL:
                 self.panic_logged = now
-                log.warning("panic mode: fewer than %d%% of backends usable; routing by the "
-                            "plain ring", ex.server.config.health.panic_threshold)
+                log.warning(
+                    "panic mode: fewer than %d%% of backends usable; routing by the plain ring",
+                    ex.server.config.health.panic_threshold,
+                )
         if ex.server.access_log:
             cfg = ex.server.config.logging
             key = ex.key
             if key is not None and cfg.access_key != "raw":
                 key = key_digest(key) if cfg.access_key == "hash" else None
-            rec = access_record(client=ex.client.peer_ip, method=ex.method,
-                                path=ex.target.decode("latin-1"), status=status,
-                                sent=ex.resp_bytes, duration=now - ex.started,
-                                backend=None if b is None else bid, route=ex.route,
-                                retries=ex.retries, key=key)
+            rec = access_record(
+                client=ex.client.peer_ip,
+                method=ex.method,
+                path=ex.target.decode("latin-1"),
+                status=status,
+                sent=ex.resp_bytes,
+                duration=now - ex.started,
+                backend=None if b is None else bid,
+                route=ex.route,
+                retries=ex.retries,
+                key=key,
+            )
             access_log.info(format_access(rec, cfg.access))
 
     def client_opened(self) -> None:
@@ -218,8 +230,13 @@ class Observer(Events):
                 routes[(kind,)] = routes.get((kind,), 0) + n
         self.routed_primary = self.routed_failover = 0
 
-    def current(self, inflight: dict[str, int], *, shares: bool = True,
-                extra: Callable[[Stats], None] | None = None) -> Stats:
+    def current(
+        self,
+        inflight: dict[str, int],
+        *,
+        shares: bool = True,
+        extra: Callable[[Stats], None] | None = None,
+    ) -> Stats:
         """Counters as recorded, plus gauges read from the live state (``inflight``: the
         data plane's per-backend in-flight counts; ``extra`` writes what the data plane
         counts itself, e.g. Proxy.tls_counts)."""
@@ -233,6 +250,7 @@ class Observer(Events):
         g["backend_inflight"] = {(bid,): float(n) for bid, n in inflight.items()}
         return stats
 
-    def snapshot(self, inflight: dict[str, int],
-                 extra: Callable[[Stats], None] | None = None) -> dict[str, Any]:
+    def snapshot(
+        self, inflight: dict[str, int], extra: Callable[[Stats], None] | None = None
+    ) -> dict[str, Any]:
         return self.current(inflight, shares=False, extra=extra).snapshot()

@@ -37,9 +37,15 @@ class _Head:
         self.done = True
 
 
-async def probe(host: str, port: int, path: str, timeout: float,
-                resolver: HostResolver | None = None, ssl: SSLContext | None = None,
-                server_hostname: str | None = None) -> int:
+async def probe(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    resolver: HostResolver | None = None,
+    ssl: SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> int:
     """The status of ``GET path`` on ``host:port``; ProbeFailed when there is none. A host
     name is looked up through ``resolver`` (cached; a slow DNS server then delays only the
     checks of hosts it has never answered for), inside the same deadline."""
@@ -49,13 +55,15 @@ async def probe(host: str, port: int, path: str, timeout: float,
             if resolver is not None:
                 address = (resolver.cached(host) or await resolver.resolve(host))[0]
             reader, writer = await asyncio.open_connection(
-                address, port, ssl=ssl, server_hostname=server_hostname if ssl else None)
+                address, port, ssl=ssl, server_hostname=server_hostname if ssl else None
+            )
             try:
                 authority = f"[{host}]" if ":" in host else host
-                writer.write(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\n"
-                             b"Connection: close\r\n\r\n" % (path.encode("ascii"),
-                                                             authority.encode("idna"), port,
-                                                             USER_AGENT))
+                writer.write(
+                    b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\n"
+                    b"Connection: close\r\n\r\n"
+                    % (path.encode("ascii"), authority.encode("idna"), port, USER_AGENT)
+                )
                 head = _Head()
                 parser = HttpResponseParser(head)
                 seen = 0
@@ -72,7 +80,7 @@ async def probe(host: str, port: int, path: str, timeout: float,
                 writer.transport.abort()
     except HttpParserError as e:
         raise ProbeFailed(f"malformed response: {e}") from None
-    except SSLError as e:           # before OSError, which it is
+    except SSLError as e:  # before OSError, which it is
         raise ProbeFailed(describe_verify_error(e)) from None
     except TimeoutError:
         raise ProbeFailed(f"no answer within {timeout:g}s") from None

@@ -36,8 +36,15 @@ def freeze_heap() -> None:
 class Process:
     __slots__ = ("role", "table", "control", "health", "observer", "proxy")
 
-    def __init__(self, table: BackendTable, control: ControlEvents, health: Health,
-                 observer: Observer | None, proxy: Proxy | None, role: Role):
+    def __init__(
+        self,
+        table: BackendTable,
+        control: ControlEvents,
+        health: Health,
+        observer: Observer | None,
+        proxy: Proxy | None,
+        role: Role,
+    ):
         self.role = role
         self.table = table
         self.control = control
@@ -78,6 +85,7 @@ def build_process(config: Config, role: Role, *, read_file: ReadFile = read_disk
     if role == "supervisor":
         return Process(table, control, health, None, None, role)
     from ..dataplane import Proxy
+
     observer = Observer(control, health)
     proxy = Proxy(table, events=observer, resolver=resolver, read_file=read_file)
     return Process(table, control, health, observer, proxy, role)

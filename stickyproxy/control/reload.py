@@ -42,23 +42,25 @@ class Pinned:
     text: str
     config: Config
     files: dict[str, str]
-    members: tuple[Backend, ...] | None = None   # discovered backends, in place of the file's
+    members: tuple[Backend, ...] | None = None  # discovered backends, in place of the file's
 
     def with_members(self, members: tuple[Backend, ...]) -> Pinned:
-        return Pinned(self.text, dataclasses.replace(self.config, backends=members),
-                      self.files, members)
+        return Pinned(
+            self.text, dataclasses.replace(self.config, backends=members), self.files, members
+        )
 
     def message(self) -> dict[str, Any]:
         """What a worker is sent to apply the same configuration (workers.py)."""
-        msg: dict[str, Any] = {"text": self.text, "path": self.config.source,
-                               "files": self.files}
+        msg: dict[str, Any] = {"text": self.text, "path": self.config.source, "files": self.files}
         if self.members is not None:
             msg["backends"] = [dataclasses.asdict(b) for b in self.members]
         return msg
 
 
-def from_message(msg: dict[str, Any], read: Callable[[str, str | None, dict[str, str]], Config],
-                 ) -> Config:
+def from_message(
+    msg: dict[str, Any],
+    read: Callable[[str, str | None, dict[str, str]], Config],
+) -> Config:
     """The configuration a worker applies from a ``Pinned.message``."""
     cfg = read(msg["text"], msg.get("path"), msg.get("files") or {})
     if "backends" in msg:
@@ -75,8 +77,13 @@ ApplyStep = Callable[[Pinned, str], Awaitable[tuple[TableDiff, list[str]]]]
 
 
 class Reloader:
-    def __init__(self, path: str | None, control: ControlEvents, apply: ApplyStep,
-                 current: Pinned | None = None):
+    def __init__(
+        self,
+        path: str | None,
+        control: ControlEvents,
+        apply: ApplyStep,
+        current: Pinned | None = None,
+    ):
         self.path = path
         self.control = control
         self.apply = apply
@@ -84,8 +91,10 @@ class Reloader:
         self.current = current
         self.members: tuple[Backend, ...] | None = None
 
-    def _signatures(self, everything: bool = True,
-                    ) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...]:
+    def _signatures(
+        self,
+        everything: bool = True,
+    ) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...]:
         """(path, (device, inode, size, mtime)) of the file and the key files it named, or
         (``everything`` false) of the TLS certificates, keys and CAs only; follows
         symlinks, so a Kubernetes ConfigMap's ``..data`` swap is a change."""
@@ -101,9 +110,13 @@ class Reloader:
                 out.append((path, None))
         return tuple(out)
 
-    async def watch_files(self, interval: float = WATCH_INTERVAL,
-                          watching: asyncio.Event | None = None, *,
-                          everything: bool = True) -> None:
+    async def watch_files(
+        self,
+        interval: float = WATCH_INTERVAL,
+        watching: asyncio.Event | None = None,
+        *,
+        everything: bool = True,
+    ) -> None:
         """Reload whenever the configuration file or a key file it names changes (or,
         ``everything`` false, a TLS certificate, key or CA: renewed certificates are
         served without a SIGHUP). A change that does not validate is logged and counted
@@ -140,11 +153,15 @@ class Reloader:
                 return False, ["no configuration file to reload"]
             try:
                 text, new, files = await asyncio.get_running_loop().run_in_executor(
-                    None, load_pinned, self.path)
+                    None, load_pinned, self.path
+                )
             except ConfigError as e:
                 self.control.reloaded(False)
-                log.error("reload (%s) rejected; keeping the running configuration: %s",
-                          source, "; ".join(e.errors))
+                log.error(
+                    "reload (%s) rejected; keeping the running configuration: %s",
+                    source,
+                    "; ".join(e.errors),
+                )
                 return False, e.errors
             pinned = Pinned(text, new, files)
             if new.discovery is not None and self.members is not None:
@@ -163,12 +180,22 @@ class Reloader:
         self.control.reloaded(True, ring_changed=diff.ring_changed)
         if problems:
             log.error("reload (%s): %s", source, "; ".join(problems))
-        moved = (sum(moved_share(before, self.control.table.router.ring).values())
-                 if diff.ring_changed else 0.0)
+        moved = (
+            sum(moved_share(before, self.control.table.router.ring).values())
+            if diff.ring_changed
+            else 0.0
+        )
         n = len(pinned.config.backends)
-        log.info("reload (%s) applied: ring %s -> %s, %d backend%s, %.1f%% of users move%s",
-                 source, diff.ring_before, diff.ring_after, n, "" if n == 1 else "s",
-                 moved * 100, describe(diff))
+        log.info(
+            "reload (%s) applied: ring %s -> %s, %d backend%s, %.1f%% of users move%s",
+            source,
+            diff.ring_before,
+            diff.ring_after,
+            n,
+            "" if n == 1 else "s",
+            moved * 100,
+            describe(diff),
+        )
         return True, problems
 
 
@@ -190,7 +217,14 @@ def watch_mode(config: Config, watch_config: bool) -> bool | None:
 
 
 def describe(diff: TableDiff) -> str:
-    parts = [f"{what} {', '.join(ids)}" for what, ids in
-             (("added", diff.added), ("removed", diff.removed),
-              ("readdressed", diff.readdressed), ("reweighted", diff.reweighted)) if ids]
+    parts = [
+        f"{what} {', '.join(ids)}"
+        for what, ids in (
+            ("added", diff.added),
+            ("removed", diff.removed),
+            ("readdressed", diff.readdressed),
+            ("reweighted", diff.reweighted),
+        )
+        if ids
+    ]
     return "; " + "; ".join(parts) if parts else ""

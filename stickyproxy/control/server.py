@@ -15,7 +15,6 @@ import signal
 import time
 from typing import Any
 
-
 from .. import compiled, tls
 from ..config import Config, FileCopies, ReadFile, read_disk
 from ..routing.table import TableDiff
@@ -23,7 +22,7 @@ from . import views
 from .logs import setup_logging
 from .membership import Membership
 from .process import build_process, freeze_heap
-from .reload import Pinned, ReloadRefused, Reloader, watch_mode
+from .reload import Pinned, Reloader, ReloadRefused, watch_mode
 from .signals import SignalLatch
 
 log = logging.getLogger("stickyproxy")
@@ -43,29 +42,40 @@ class Service:
     listener. ``worker``: its index under a supervisor, which then owns active health
     checks, the admin API and reloads (this process applies what it is sent)."""
 
-    def __init__(self, config: Config, path: str | None, *, worker: int = 0,
-                 workers: int = 1, admin: bool = True, watch_config: bool = False,
-                 read_file: ReadFile = read_disk):
+    def __init__(
+        self,
+        config: Config,
+        path: str | None,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        admin: bool = True,
+        watch_config: bool = False,
+        read_file: ReadFile = read_disk,
+    ):
         self.path = path
         self.worker = worker
         self.workers = workers
-        self.process = build_process(config, "worker" if workers > 1 else "single",
-                                     read_file=read_file)
+        self.process = build_process(
+            config, "worker" if workers > 1 else "single", read_file=read_file
+        )
         self.table = self.process.table
         self.health = self.process.health
         assert self.process.observer is not None and self.process.proxy is not None
         self.observer = self.process.observer
         self.proxy = self.process.proxy
-        self.reloader = Reloader(path, self.process.control, self._apply_pinned,
-                                 Pinned("", config, {}))
+        self.reloader = Reloader(
+            path, self.process.control, self._apply_pinned, Pinned("", config, {})
+        )
         # discovery runs where reloads are decided: here, unless a supervisor decides
-        self.membership = (Membership(self.reloader)
-                           if config.discovery is not None and workers <= 1 else None)
+        self.membership = (
+            Membership(self.reloader) if config.discovery is not None and workers <= 1 else None
+        )
         if self.membership is not None:
             self.process.control.discovery = self.membership.stats
         self.watch = watch_mode(config, watch_config) if path is not None else None
         self.watcher: asyncio.Task | None = None
-        self.watching = asyncio.Event()     # set once the watched files were first looked at
+        self.watching = asyncio.Event()  # set once the watched files were first looked at
         self.admin_enabled = admin and config.admin.enabled
         self.admin: Any = None
         self.stopped = asyncio.Event()
@@ -81,16 +91,25 @@ class Service:
             self.membership.start()
         if self.watch is not None and self.workers <= 1:
             self.watcher = asyncio.get_running_loop().create_task(
-                self.reloader.watch_files(watching=self.watching, everything=self.watch))
+                self.reloader.watch_files(watching=self.watching, everything=self.watch)
+            )
         if self.admin_enabled:
             from .admin import Admin
+
             self.admin = Admin(self)
             await self.admin.start()
         freeze_heap()
         n = len(self.config.backends)
-        log.info("listening on %s:%d (worker %d, ring %s, %d backend%s, %s data plane)",
-                 self.config.listen.host, self.proxy.port, self.worker,
-                 self.table.router.fingerprint, n, "" if n == 1 else "s", compiled.build())
+        log.info(
+            "listening on %s:%d (worker %d, ring %s, %d backend%s, %s data plane)",
+            self.config.listen.host,
+            self.proxy.port,
+            self.worker,
+            self.table.router.fingerprint,
+            n,
+            "" if n == 1 else "s",
+            compiled.build(),
+        )
 
     async def reload(self, source: str = "signal") -> tuple[bool, list[str]]:
         """Load the config file again; apply it only if valid. (ok, errors)"""
@@ -98,8 +117,9 @@ class Service:
 
     async def _apply_pinned(self, pinned: Pinned, source: str) -> tuple[TableDiff, list[str]]:
         try:
-            return await self.apply(pinned.config, FileCopies(pinned.files).read
-                                    if pinned.files else read_disk), []
+            return await self.apply(
+                pinned.config, FileCopies(pinned.files).read if pinned.files else read_disk
+            ), []
         except OSError as e:
             raise ReloadRefused(f"listen: cannot listen on the new address: {e}") from e
 
@@ -113,14 +133,25 @@ class Service:
         moved = (new.listen.host, new.listen.port) != (old.listen.host, old.listen.port)
         if moved or tls.needs_new_listener(old.listen.tls, new.listen.tls):
             if not moved and self.workers <= 1:
-                raise OSError(errno.EADDRINUSE, "switching TLS on or off, or changing "
-                              "listen.tls.handshake_timeout, on the same address needs a "
-                              "restart (or --workers)")
-            await self.proxy.rebind(new.listen.host, new.listen.port,
-                                    reuse_port=self.workers > 1, listen_tls=new.listen.tls,
-                                    read_file=read_file)
-            log.warning("reload: now listening on %s:%d%s", new.listen.host, self.proxy.port,
-                        " (TLS)" if new.listen.tls is not None else "")
+                raise OSError(
+                    errno.EADDRINUSE,
+                    "switching TLS on or off, or changing "
+                    "listen.tls.handshake_timeout, on the same address needs a "
+                    "restart (or --workers)",
+                )
+            await self.proxy.rebind(
+                new.listen.host,
+                new.listen.port,
+                reuse_port=self.workers > 1,
+                listen_tls=new.listen.tls,
+                read_file=read_file,
+            )
+            log.warning(
+                "reload: now listening on %s:%d%s",
+                new.listen.host,
+                self.proxy.port,
+                " (TLS)" if new.listen.tls is not None else "",
+            )
         return self.process.apply(new, read_file)
 
     # -- the admin API's view of this process --------------------------------------------
@@ -133,12 +164,15 @@ class Service:
 
     async def metrics_registry(self):
         from .metrics import registry_for
-        return registry_for(lambda: self.observer.current(self.proxy.inflight(),
-                                                          extra=self.proxy.tls_counts))
+
+        return registry_for(
+            lambda: self.observer.current(self.proxy.inflight(), extra=self.proxy.tls_counts)
+        )
 
     async def backends_view(self) -> list[dict]:
-        return views.backends_view(self.table.router, time.monotonic(),
-                                   self.proxy.inflight(), self.proxy.tunnels())
+        return views.backends_view(
+            self.table.router, time.monotonic(), self.proxy.inflight(), self.proxy.tunnels()
+        )
 
     def ring_view(self) -> dict:
         return views.ring_view(self.table.router)
@@ -150,8 +184,9 @@ class Service:
         return self.health.drain(bid, on)
 
     async def stop(self) -> None:
-        log.info("stopping: finishing in-flight requests (up to %.1fs)",
-                 self.config.timeouts.shutdown)
+        log.info(
+            "stopping: finishing in-flight requests (up to %.1fs)", self.config.timeouts.shutdown
+        )
         if self.admin is not None:
             await self.admin.stop()
         if self.watcher is not None:
@@ -161,8 +196,11 @@ class Service:
         await self.health.stop()
         cut = await self.proxy.stop()
         if cut:
-            log.warning("stopped: %d connection%s still busy at the deadline were closed",
-                        cut, "" if cut == 1 else "s")
+            log.warning(
+                "stopped: %d connection%s still busy at the deadline were closed",
+                cut,
+                "" if cut == 1 else "s",
+            )
         else:
             log.info("stopped: every in-flight request finished")
         self.stopped.set()
@@ -192,6 +230,7 @@ async def _run_service(config: Config, path: str | None, watch: bool = False) ->
 
 def _runtime_ok() -> bool:
     from .startup import check_runtime
+
     problems = check_runtime()
     for p in problems:
         log.error("start-up check failed: %s", p)
@@ -215,9 +254,8 @@ def serve(config: Config, path: str | None, workers: int = 1, watch: bool = Fals
         except KeyboardInterrupt:
             return 0
     from .workers import supervise
+
     setup_logging(config.logging)
     if not _runtime_ok():
         return 1
     return supervise(config, path, workers, watch)
-
-

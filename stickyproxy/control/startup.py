@@ -9,8 +9,8 @@ from importlib import metadata
 
 # Floors that matter for correctness or safety (pyproject.toml states the same).
 FLOORS = {
-    "aiohttp": (3, 14, 1),   # parser fixes the control plane relies on
-    "uhashring": (2, 5),     # 2.4 leaves ghost points after a weight change
+    "aiohttp": (3, 14, 1),  # parser fixes the control plane relies on
+    "uhashring": (2, 5),  # 2.4 leaves ghost points after a weight change
     "httptools": (0, 6, 4),  # llhttp 9 strict parsing
 }
 
@@ -40,8 +40,7 @@ def check_runtime() -> list[str]:
             problems.append(f"{dist} is not installed")
             continue
         if _version_tuple(have) < floor:
-            problems.append(f"{dist} {have} is below the required "
-                            f"{'.'.join(map(str, floor))}")
+            problems.append(f"{dist} {have} is below the required {'.'.join(map(str, floor))}")
     try:
         import httptools.parser.parser  # noqa: F401  (the C extension over llhttp)
     except ImportError:
@@ -50,15 +49,22 @@ def check_runtime() -> list[str]:
         try:
             import aiohttp._http_parser  # type: ignore[import-not-found]  # noqa: F401
         except ImportError:
-            problems.append("aiohttp's C HTTP parser is missing (pure-Python fallback); set "
-                            f"{ALLOW_PY_PARSER_ENV}=1 to run anyway")
+            problems.append(
+                "aiohttp's C HTTP parser is missing (pure-Python fallback); set "
+                f"{ALLOW_PY_PARSER_ENV}=1 to run anyway"
+            )
         if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
-            problems.append("AIOHTTP_NO_EXTENSIONS is set: aiohttp would use its pure-Python "
-                            f"parser; unset it or set {ALLOW_PY_PARSER_ENV}=1")
+            problems.append(
+                "AIOHTTP_NO_EXTENSIONS is set: aiohttp would use its pure-Python "
+                f"parser; unset it or set {ALLOW_PY_PARSER_ENV}=1"
+            )
     from ..compiled import build, stale_problem
+
     if build() == "mixed":
-        problems.append("the data plane is partly compiled (a broken build): reinstall "
-                        "stickyproxy, or set STICKYPROXY_COMPILE=0 for a pure-Python one")
+        problems.append(
+            "the data plane is partly compiled (a broken build): reinstall "
+            "stickyproxy, or set STICKYPROXY_COMPILE=0 for a pure-Python one"
+        )
     stale = stale_problem()
     if stale is not None:
         problems.append(stale)

@@ -10,32 +10,35 @@ from ..routing.ramp import POINT_SPACE, key_point
 from ..routing.router import Router, has_returned
 
 
-def backends_view(router: Router, now: float, inflight: dict[str, int],
-                  tunnels: dict[str, int]) -> list[dict[str, Any]]:
+def backends_view(
+    router: Router, now: float, inflight: dict[str, int], tunnels: dict[str, int]
+) -> list[dict[str, Any]]:
     share = router.ring.key_share()
     out = []
     for b in router.config.backends:
         st = router.backends[b.id]
-        out.append({
-            "id": b.id,
-            "url": b.url,
-            "weight": b.weight,
-            "state": st.state(now),
-            "usable": st.usable(now),
-            "healthy": st.healthy,
-            "drained": st.drained,
-            "ejected_for": round(max(0.0, st.ejected_until - now), 3),
-            "ejections": st.ejections,
-            "failback_in": round(max(0.0, st.failback_until - now), 3),
-            "inflight": inflight.get(b.id, 0),
-            "websocket_tunnels": tunnels.get(b.id, 0),
-            "key_share": round(share.get(b.id, 0.0), 6),
-            "reason": st.reason,
-            "since_change": round(now - st.last_change, 3) if st.last_change else None,
-        })
+        out.append(
+            {
+                "id": b.id,
+                "url": b.url,
+                "weight": b.weight,
+                "state": st.state(now),
+                "usable": st.usable(now),
+                "healthy": st.healthy,
+                "drained": st.drained,
+                "ejected_for": round(max(0.0, st.ejected_until - now), 3),
+                "ejections": st.ejections,
+                "failback_in": round(max(0.0, st.failback_until - now), 3),
+                "inflight": inflight.get(b.id, 0),
+                "websocket_tunnels": tunnels.get(b.id, 0),
+                "key_share": round(share.get(b.id, 0.0), 6),
+                "reason": st.reason,
+                "since_change": round(now - st.last_change, 3) if st.last_change else None,
+            }
+        )
         ramp = _ramp(st, now)
         if ramp is not None:
-            out[-1]["ramp"] = ramp   # only while its users are returning
+            out[-1]["ramp"] = ramp  # only while its users are returning
     return out
 
 
@@ -45,8 +48,10 @@ def ring_view(router: Router) -> dict[str, Any]:
         "fingerprint": router.fingerprint,
         "vnodes": router.ring.vnodes,
         "points": len(router.ring.points()),
-        "members": [{"id": m.id, "weight": m.weight, "key_share": round(share[m.id], 6)}
-                    for m in router.ring.members],
+        "members": [
+            {"id": m.id, "weight": m.weight, "key_share": round(share[m.id], 6)}
+            for m in router.ring.members
+        ],
     }
 
 
@@ -55,15 +60,18 @@ def _ramp(st: Any, now: float) -> dict[str, Any] | None:
     ramp = st.ramp
     if ramp is None or not ramp.active(now):
         return None
-    return {"progress": round(ramp.progress(now), 6), "duration": ramp.duration,
-            "starts_in": round(max(0.0, ramp.start - now), 3),
-            "ends_in": round(max(0.0, ramp.end - now), 3)}
+    return {
+        "progress": round(ramp.progress(now), 6),
+        "duration": ramp.duration,
+        "starts_in": round(max(0.0, ramp.start - now), 3),
+        "ends_in": round(max(0.0, ramp.end - now), 3),
+    }
 
 
 _WHY = {
     "primary": "the key's owner is usable",
     "failover": "the owner is not usable (or the key has not returned to it yet); first "
-                "usable backend along the preference list that the key may use",
+    "usable backend along the preference list that the key may use",
     "panic": "too few backends usable (panic mode): routing by the plain ring",
     "none": "no backend is usable",
 }
@@ -81,10 +89,12 @@ def route_view(router: Router, key: str, now: float) -> dict[str, Any]:
         if ramp is None or not ramp.active(now):
             continue
         at = ramp.return_time(point)
-        ramps[bid] = {"returned": has_returned(st, key, now),
-                      "returns_in": round(max(0.0, at - now), 3),
-                      "returns_at_progress": round(point / POINT_SPACE, 6),
-                      "progress": round(ramp.progress(now), 6)}
+        ramps[bid] = {
+            "returned": has_returned(st, key, now),
+            "returns_in": round(max(0.0, at - now), 3),
+            "returns_at_progress": round(point / POINT_SPACE, 6),
+            "progress": round(ramp.progress(now), 6),
+        }
     r = router.route(key, now)
     return {
         "key": key,
@@ -99,8 +109,9 @@ def route_view(router: Router, key: str, now: float) -> dict[str, Any]:
     }
 
 
-def hotkeys_view(sketch: HotKeys | None, n: int, router: Router,
-                 workers: int = 1) -> dict[str, Any]:
+def hotkeys_view(
+    sketch: HotKeys | None, n: int, router: Router, workers: int = 1
+) -> dict[str, Any]:
     """The ``n`` hottest user keys (hashed as in the access log unless the keys are raw)
     with their estimated requests, upper bound and share of all requests counted; a raw
     key also shows its owner on the ring."""
@@ -108,11 +119,21 @@ def hotkeys_view(sketch: HotKeys | None, n: int, router: Router,
         return {"enabled": False, "keys": []}
     keys = []
     for hk in sketch.top(n):
-        row: dict[str, Any] = {"key": hk.key, "requests": hk.requests, "upper": hk.upper,
-                               "share": round(hk.share, 6)}
+        row: dict[str, Any] = {
+            "key": hk.key,
+            "requests": hk.requests,
+            "upper": hk.upper,
+            "share": round(hk.share, 6),
+        }
         if sketch.raw:
             row["owner"] = router.ring.owner(hk.key)
         keys.append(row)
-    return {"enabled": True, "hashed": not sketch.raw, "requests": sketch.total,
-            "error_bound": sketch.offset, "sample_every": sketch.sample_every,
-            "processes": workers, "keys": keys}
+    return {
+        "enabled": True,
+        "hashed": not sketch.raw,
+        "requests": sketch.total,
+        "error_bound": sketch.offset,
+        "sample_every": sketch.sample_every,
+        "processes": workers,
+        "keys": keys,
+    }

@@ -28,12 +28,12 @@ from typing import Any, Final
 
 from ..config import Config, ConfigError, FileCopies, load_pinned, loads
 from ..routing.hotkeys import HotKeys
-from .metrics import RequestShare
 from ..routing.table import TableDiff
 from . import views
 from .logs import setup_logging
-from .process import build_process
 from .membership import Membership
+from .metrics import RequestShare
+from .process import build_process
 from .reload import Pinned, Reloader, from_message, watch_mode
 from .signals import SignalLatch
 
@@ -61,7 +61,7 @@ class WorkerHandle:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.failures = 0
-        self.ready = False           # the worker said it is listening
+        self.ready = False  # the worker said it is listening
         self.reader_task: asyncio.Task | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -90,6 +90,7 @@ class Supervisor:
             if ok and st.healthy:
                 # passive ejections are per worker: a passing check lifts them everywhere
                 self.broadcast({"op": "check_passed", "id": st.id})
+
         self.control.on_health_check = health_check
         self.handles = [WorkerHandle(i) for i in range(workers)]
         self.stopping = False
@@ -109,13 +110,21 @@ class Supervisor:
     # -- workers -------------------------------------------------------------------------
     async def spawn(self, h: WorkerHandle) -> None:
         parent, child = socket.socketpair()
-        cmd = [sys.executable, "-m", "stickyproxy.control.workers", "--index", str(h.index),
-               "--of", str(self.n), "--control-fd", str(child.fileno())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stickyproxy.control.workers",
+            "--index",
+            str(h.index),
+            "--of",
+            str(self.n),
+            "--control-fd",
+            str(child.fileno()),
+        ]
         h.ready = False
         h.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
         child.close()
-        h.reader, h.writer = await asyncio.open_unix_connection(sock=parent,
-                                                                limit=MAX_CONTROL_LINE)
+        h.reader, h.writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_CONTROL_LINE)
         assert self.reloader.current is not None
         h.send({"op": "config", **self.reloader.current.message()})
         for st in self.table.states.values():
@@ -166,8 +175,15 @@ class Supervisor:
             h.send(msg)
 
     def _broadcast_health(self, st) -> None:
-        self.broadcast({"op": "health", "id": st.id, "up": st.healthy, "reason": st.reason,
-                        "ramp": self.health.ramp_state(st, time.monotonic())})
+        self.broadcast(
+            {
+                "op": "health",
+                "id": st.id,
+                "up": st.healthy,
+                "reason": st.reason,
+                "ramp": self.health.ramp_state(st, time.monotonic()),
+            }
+        )
 
     def _ramps(self) -> dict[str, Any]:
         """Every backend's failback wait and ramp now in force, relative to now."""
@@ -179,8 +195,9 @@ class Supervisor:
                 out[bid] = state
         return out
 
-    async def _ask(self, h: WorkerHandle, msg: dict[str, Any],
-                   timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any] | None:
+    async def _ask(
+        self, h: WorkerHandle, msg: dict[str, Any], timeout: float = SNAPSHOT_TIMEOUT
+    ) -> dict[str, Any] | None:
         self.seq += 1
         seq = self.seq
         msg = dict(msg, seq=seq)
@@ -189,7 +206,7 @@ class Supervisor:
         h.send(msg)
         try:
             return await asyncio.wait_for(fut, timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             h.pending.pop(seq, None)
             return None
 
@@ -205,8 +222,7 @@ class Supervisor:
     def ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "shutting down"
-        if not any(h.ready and h.proc is not None and h.proc.poll() is None
-                   for h in self.handles):
+        if not any(h.ready and h.proc is not None and h.proc.poll() is None for h in self.handles):
             return False, "no worker listening yet"
         if not self.table.any_usable(time.monotonic()):
             return False, "no backend is usable"
@@ -214,16 +230,24 @@ class Supervisor:
 
     async def metrics_registry(self):
         from .metrics import merge, registry_for
+
         snaps = await self.snapshots()
         own = self.control.current()
         total = merge([s["stats"] for s in snaps])
         merge([own.snapshot()], into=total)
         # health-derived gauges are the supervisor's: it makes those decisions
-        for name in ("backend_up", "backend_key_share", "backend_ramp_progress", "ring_info",
-                     "ring_members", "discovery_refusing"):
+        for name in (
+            "backend_up",
+            "backend_key_share",
+            "backend_ramp_progress",
+            "ring_info",
+            "ring_members",
+            "discovery_refusing",
+        ):
             total.gauges[name] = dict(own.gauges[name])
         total.gauges["backend_request_share"] = self.request_share.update(
-            total.counters["requests"])
+            total.counters["requests"]
+        )
         return registry_for(lambda: total)
 
     async def merged_hotkeys(self) -> tuple[HotKeys | None, int]:
@@ -287,13 +311,16 @@ class Supervisor:
             if ack is not None and ack.get("ok"):
                 continue
             why = "no answer in time" if ack is None else ack.get("error", "refused")
-            problems.append(f"worker {h.index}: could not apply it ({why}); "
-                            f"restarted with the new configuration")
+            problems.append(
+                f"worker {h.index}: could not apply it ({why}); "
+                f"restarted with the new configuration"
+            )
             self.control.worker_reload_failed(h.index)
             if h.proc is not None and h.proc.poll() is None:
-                h.proc.terminate()    # it drains; watch() starts it again with the new one
-        log.info("reload (%s) applied by %d of %d workers", source,
-                 len(live) - len(problems), self.n)
+                h.proc.terminate()  # it drains; watch() starts it again with the new one
+        log.info(
+            "reload (%s) applied by %d of %d workers", source, len(live) - len(problems), self.n
+        )
         return diff, problems
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -311,10 +338,14 @@ class Supervisor:
         if self.membership is not None:
             self.membership.start()
         mode = watch_mode(self.config, self.watch_config) if self.path else None
-        files = (loop.create_task(self.reloader.watch_files(everything=mode))
-                 if mode is not None else None)
+        files = (
+            loop.create_task(self.reloader.watch_files(everything=mode))
+            if mode is not None
+            else None
+        )
         if self.config.admin.enabled:
             from .admin import Admin
+
             self.admin = Admin(self)
             try:
                 await self.admin.start()
@@ -324,8 +355,12 @@ class Supervisor:
                 return 1
         hup.arm()
         watcher = loop.create_task(self.watch())
-        log.info("supervisor running %d workers on %s:%d", self.n, self.config.listen.host,
-                 self.config.listen.port)
+        log.info(
+            "supervisor running %d workers on %s:%d",
+            self.n,
+            self.config.listen.host,
+            self.config.listen.port,
+        )
         await stop.wait()
         watcher.cancel()
         if files is not None:
@@ -357,6 +392,7 @@ class Supervisor:
 
 def supervise(config: Config, path: str | None, workers: int, watch: bool = False) -> int:
     from .server import install_uvloop
+
     install_uvloop()
     try:
         supervisor = Supervisor(config, path, workers, watch)
@@ -376,6 +412,7 @@ def _read_sent(text: str, path: str | None, files: dict[str, str]) -> Config:
 
 
 # -- worker side ---------------------------------------------------------------------------
+
 
 def follow_ramps(svc: Any, ramps: dict[str, Any]) -> None:
     """Take the supervisor's failback waits and ramps (backends not named have none)."""
@@ -419,16 +456,23 @@ async def handle(svc: Any, msg: dict[str, Any], writer: asyncio.StreamWriter) ->
     elif op == "snapshot":
         inflight = svc.proxy.inflight()
         hot = svc.table.hotkeys
-        reply = {"seq": msg.get("seq"),
-                 "stats": svc.observer.snapshot(inflight, extra=svc.proxy.tls_counts),
-                 "inflight": inflight, "tunnels": svc.proxy.tunnels(),
-                 "hotkeys": (hot.view(time.monotonic()).to_data()
-                             if hot is not None and msg.get("hotkeys") else None)}
+        reply = {
+            "seq": msg.get("seq"),
+            "stats": svc.observer.snapshot(inflight, extra=svc.proxy.tls_counts),
+            "inflight": inflight,
+            "tunnels": svc.proxy.tunnels(),
+            "hotkeys": (
+                hot.view(time.monotonic()).to_data()
+                if hot is not None and msg.get("hotkeys")
+                else None
+            ),
+        }
         writer.write(json.dumps(reply).encode() + b"\n")
 
 
-async def follow_control(svc: Any, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
+async def follow_control(
+    svc: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stop: asyncio.Event
+) -> None:
     """Apply the supervisor's messages; stop when the channel closes."""
     try:
         while True:
@@ -445,6 +489,7 @@ async def follow_control(svc: Any, reader: asyncio.StreamReader,
 
 async def _worker_main(index: int, of: int, fd: int) -> int:
     from .server import Service
+
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_CONTROL_LINE)
     first = json.loads(await reader.readline() or b"{}")
@@ -456,8 +501,14 @@ async def _worker_main(index: int, of: int, fd: int) -> int:
         print(e.render(), file=sys.stderr)
         return 2
     setup_logging(config.logging)
-    svc = Service(config, first.get("path"), worker=index, workers=of, admin=False,
-                  read_file=FileCopies(first.get("files") or {}).read)
+    svc = Service(
+        config,
+        first.get("path"),
+        worker=index,
+        workers=of,
+        admin=False,
+        read_file=FileCopies(first.get("files") or {}).read,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -497,6 +548,7 @@ def worker_entry(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     a = p.parse_args(argv)
     from .server import install_uvloop
+
     install_uvloop()
     return asyncio.run(_worker_main(a.index, a.of, a.control_fd))
 

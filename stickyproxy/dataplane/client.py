@@ -19,13 +19,25 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
-                       HttpRequestParser)
+from httptools import (
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
 
-from .exchange import DONE, PENDING, RESPONDING, Exchange, refused_exchange
-from .http import (FIELD_FORWARD, FIELD_SPECIAL, FORWARDED, HOP_BY_HOP, RequestError,
-                   error_response, STAND_IN_METHOD, rewrite_request_line)
 from . import proxy_protocol
+from .exchange import DONE, PENDING, RESPONDING, Exchange, refused_exchange
+from .http import (
+    FIELD_FORWARD,
+    FIELD_SPECIAL,
+    FORWARDED,
+    HOP_BY_HOP,
+    STAND_IN_METHOD,
+    RequestError,
+    error_response,
+    rewrite_request_line,
+)
 from .request import build_request
 
 if TYPE_CHECKING:
@@ -54,14 +66,51 @@ class ClientProtocol(asyncio.Protocol):
     PAUSE_UPGRADE = 8
     PAUSE_STOPPED = 16
 
-    __slots__ = ("server", "transport", "parser", "queue", "pauses", "stash", "deadline",
-                 "deadline_kind", "peer_ip", "trusted", "url", "headers", "head_bytes",
-                 "in_head", "receiving", "closing", "tunnel", "dead", "write_paused",
-                 "limit_error", "advancing", "requests", "feeding", "eof", "batch", "out", "fwd",
-                 "special", "peer_bytes", "limits", "valid_host", "idle_timeout", "head_pending",
-                 "start_pending", "max_header_bytes", "max_headers",
-                 "line_buf", "ext_method", "head_tail", "body_left", "body_mark", "scheme",
-                 "identity")
+    __slots__ = (
+        "server",
+        "transport",
+        "parser",
+        "queue",
+        "pauses",
+        "stash",
+        "deadline",
+        "deadline_kind",
+        "peer_ip",
+        "trusted",
+        "url",
+        "headers",
+        "head_bytes",
+        "in_head",
+        "receiving",
+        "closing",
+        "tunnel",
+        "dead",
+        "write_paused",
+        "limit_error",
+        "advancing",
+        "requests",
+        "feeding",
+        "eof",
+        "batch",
+        "out",
+        "fwd",
+        "special",
+        "peer_bytes",
+        "limits",
+        "valid_host",
+        "idle_timeout",
+        "head_pending",
+        "start_pending",
+        "max_header_bytes",
+        "max_headers",
+        "line_buf",
+        "ext_method",
+        "head_tail",
+        "body_left",
+        "body_mark",
+        "scheme",
+        "identity",
+    )
 
     def __init__(self, server: Proxy):
         self.server = server
@@ -79,8 +128,8 @@ class ClientProtocol(asyncio.Protocol):
         self.fwd: list[bytes] = []
         self.special: list[tuple[bytes, bytes]] = []
         self.peer_bytes = b""
-        self.scheme = b"http"          # b"https" on a [listen.tls] connection
-        self.identity: str | None = None   # its verified client certificate's identity
+        self.scheme = b"http"  # b"https" on a [listen.tls] connection
+        self.identity: str | None = None  # its verified client certificate's identity
         self.limits = server.config.limits
         self.max_header_bytes = self.limits.max_header_bytes
         self.max_headers = self.limits.max_headers
@@ -91,7 +140,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
-        self.closing = False          # no further request is read or answered
+        self.closing = False  # no further request is read or answered
         self.tunnel: Tunnel | None = None
         self.dead = False
         self.write_paused = False
@@ -102,9 +151,9 @@ class ClientProtocol(asyncio.Protocol):
         self.eof = False
         self.batch = 0
         self.out: list[bytes] = []
-        self.line_buf = b""           # the start of a request line llhttp must see whole
-        self.ext_method = ""          # the method to forward in place of llhttp's stand-in
-        self.head_tail = b""          # the last bytes fed of a head a read left incomplete
+        self.line_buf = b""  # the start of a request line llhttp must see whole
+        self.ext_method = ""  # the method to forward in place of llhttp's stand-in
+        self.head_tail = b""  # the last bytes fed of a head a read left incomplete
         # a slice that starts inside a Content-Length body: the body bytes still to come
         # (-1 when not known: a chunked body) and the requests parsed before that slice
         self.body_left = -1
@@ -149,8 +198,11 @@ class ClientProtocol(asyncio.Protocol):
         if self.closing:
             return
         if self.line_buf:
-            if data.find(b"\n") < 0 and len(self.line_buf) + len(data) <= self.limits.max_request_line:
-                self.line_buf += data   # still no whole line: nothing is parsed again
+            if (
+                data.find(b"\n") < 0
+                and len(self.line_buf) + len(data) <= self.limits.max_request_line
+            ):
+                self.line_buf += data  # still no whole line: nothing is parsed again
                 return
             data, self.line_buf = self.line_buf + data, b""
         if self.stash or self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
@@ -172,7 +224,7 @@ class ClientProtocol(asyncio.Protocol):
                         self._head_progress(len(data), data, mark)
                 except HttpParserUpgrade as e:
                     self.feeding = False
-                    self._after_upgrade_request(data[e.args[0]:])
+                    self._after_upgrade_request(data[e.args[0] :])
                 except HttpParserError as e:
                     self._parse_failed(e, data, b"", mark)
                 self.feeding = False
@@ -245,8 +297,11 @@ class ClientProtocol(asyncio.Protocol):
             if receiving is not None:
                 mark = -1
                 self.body_mark = self.requests
-                self.body_left = (receiving.content_length - receiving.body_seen
-                                  if receiving.framing == "cl" else -1)
+                self.body_left = (
+                    receiving.content_length - receiving.body_seen
+                    if receiving.framing == "cl"
+                    else -1
+                )
             else:
                 mark = -2 - self.requests if self.in_head else self.requests
             try:
@@ -254,7 +309,7 @@ class ClientProtocol(asyncio.Protocol):
                 if self.in_head:
                     self._head_progress(end - pos, chunk, mark)
             except HttpParserUpgrade as e:
-                rest = bytes(view[pos + e.args[0]:])
+                rest = bytes(view[pos + e.args[0] :])
                 self.feeding = False
                 if self.start_pending:
                     self._start_pending()
@@ -306,11 +361,15 @@ class ClientProtocol(asyncio.Protocol):
         """llhttp refused the slice ``fed`` (``more`` is the input after it; ``mark``: the
         requests parsed before it, or -1 if it did not start a message): go on with a
         fresh parser from a rewritten request line (``_retry_line``), or answer 400."""
-        if self.requests == 0 and self.server.config.listen.h2c and \
-                str(e) == "Pause on PRI/Upgrade":
+        if (
+            self.requests == 0
+            and self.server.config.listen.h2c
+            and str(e) == "Pause on PRI/Upgrade"
+        ):
             # listen.h2c: the connection began with the HTTP/2 preface (RFC 9113 §3.3;
             # llhttp stops at its request line): it is HTTP/2 from its first byte
             from .h2client import take_over
+
             take_over(self, fed + more)
             return
         line = self._retry_line(e, fed, mark)
@@ -361,13 +420,13 @@ class ClientProtocol(asyncio.Protocol):
                 return None
             self.line_buf = fed[start:]
             return b""
-        got = rewrite_request_line(fed[start:end + 1], unknown_method)
+        got = rewrite_request_line(fed[start : end + 1], unknown_method)
         if got is None:
             return None
         line, method = got
         if unknown_method:
             self.ext_method = method
-        return line + fed[end + 1:]
+        return line + fed[end + 1 :]
 
     def _start_after_head_in_progress(self, fed: bytes, parsed: int) -> int:
         """Where the message after ``parsed`` ones starts in ``fed``, which began inside the
@@ -463,7 +522,7 @@ class ClientProtocol(asyncio.Protocol):
                 ex = self.receiving
                 if ex.req_trailers is None:
                     ex.req_trailers = []
-                ex.req_trailers.append((name + b": " + value + b"\r\n"))
+                ex.req_trailers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -510,14 +569,36 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- request building ----------------------------------------------------------------
     def _build(self, method: str, version: str, keep_alive: bool) -> Exchange:
-        req = build_request(self.server, method, version, keep_alive, self.url, self.headers,
-                            self.special, self.fwd, self.parser.should_upgrade(), self.peer_ip,
-                            self.peer_bytes, self.trusted, self.valid_host, self.scheme,
-                            self.identity)
+        req = build_request(
+            self.server,
+            method,
+            version,
+            keep_alive,
+            self.url,
+            self.headers,
+            self.special,
+            self.fwd,
+            self.parser.should_upgrade(),
+            self.peer_ip,
+            self.peer_bytes,
+            self.trusted,
+            self.valid_host,
+            self.scheme,
+            self.identity,
+        )
         if req.host is not None:
             self.valid_host = req.host
-        ex = Exchange(self, req.method, req.target, req.version, req.head, req.framing,
-                      req.length, req.upgrade, req.key)
+        ex = Exchange(
+            self,
+            req.method,
+            req.target,
+            req.version,
+            req.head,
+            req.framing,
+            req.length,
+            req.upgrade,
+            req.key,
+        )
         if req.route_key is not None:
             ex.route_key = req.route_key
         if req.close_after:
@@ -566,8 +647,18 @@ class ClientProtocol(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
-        if not (queue or abort or ex.close_after or self.pauses or self.stash or self.dead
-                or self.closing or self.eof or self.advancing or self.server.stopping):
+        if not (
+            queue
+            or abort
+            or ex.close_after
+            or self.pauses
+            or self.stash
+            or self.dead
+            or self.closing
+            or self.eof
+            or self.advancing
+            or self.server.stopping
+        ):
             # the common case: a keep-alive connection with nothing else to do
             if not self.in_head and self.receiving is None:
                 self.deadline = time.monotonic() + self.idle_timeout
@@ -603,10 +694,16 @@ class ClientProtocol(asyncio.Protocol):
             return
         if not queue and not self.in_head and self.receiving is None:
             self._set_idle()
-        if self.pauses & self.PAUSE_PIPELINE and len(queue) < self.server.config.limits.max_pipeline:
+        if (
+            self.pauses & self.PAUSE_PIPELINE
+            and len(queue) < self.server.config.limits.max_pipeline
+        ):
             self.pauses &= ~self.PAUSE_PIPELINE
-        if self.stash and not self.feeding and not self.pauses & (
-                self.PAUSE_PIPELINE | self.PAUSE_UPGRADE):
+        if (
+            self.stash
+            and not self.feeding
+            and not self.pauses & (self.PAUSE_PIPELINE | self.PAUSE_UPGRADE)
+        ):
             data, self.stash = self.stash, b""
             self._feed(data)
         self._apply_pauses()
@@ -618,14 +715,16 @@ class ClientProtocol(asyncio.Protocol):
     def must_close_after(self, ex: Exchange) -> bool:
         return ex.close_after or self.server.stopping or (self.closing and len(self.queue) <= 1)
 
-    def respond_local(self, ex: Exchange, status: int, reason: str, close: bool,
-                      extra: bytes = b"") -> None:
+    def respond_local(
+        self, ex: Exchange, status: int, reason: str, close: bool, extra: bytes = b""
+    ) -> None:
         """Answer ``ex`` with a proxy-made response (only when it is at the queue head)."""
         close = close or self.must_close_after(ex)
         ex.status = status
         ex.close_after = close
-        data = error_response(status, reason, close=close, head_only=ex.method == "HEAD",
-                              extra=extra)
+        data = error_response(
+            status, reason, close=close, head_only=ex.method == "HEAD", extra=extra
+        )
         ex.resp_bytes = len(data) - data.index(b"\r\n\r\n") - 4
         self.write(data)
         if close:
@@ -756,7 +855,7 @@ def _message_start(data: bytes, parsed: int) -> int:
         end = data.find(b"\r\n\r\n", start)
         if end < 0:
             return -1
-        start = _past_body(data, data[start:end + 2].lower(), end + 4)
+        start = _past_body(data, data[start : end + 2].lower(), end + 4)
         if start < 0:
             return -1
         start = _skip_empty_lines(data, start)
@@ -774,8 +873,11 @@ def _past_body(data: bytes, head: bytes, pos: int) -> int:
     value and the framing cannot be read unambiguously)."""
     if head.count(b"content-length") + head.count(b"transfer-encoding") == 0:
         return pos
-    if _CHUNKED.search(head) is not None and head.count(b"transfer-encoding") == 1 \
-            and b"content-length" not in head:
+    if (
+        _CHUNKED.search(head) is not None
+        and head.count(b"transfer-encoding") == 1
+        and b"content-length" not in head
+    ):
         return _past_chunks(data, pos)
     m = _CONTENT_LENGTH.search(head)
     if m is None or head.count(b"content-length") != 1 or b"transfer-encoding" in head:
@@ -802,7 +904,7 @@ def _past_chunks(data: bytes, pos: int) -> int:
         pos += size + 2
         if pos > len(data):
             return -1
-    while True:                     # trailer fields, then the empty line
+    while True:  # trailer fields, then the empty line
         eol = data.find(b"\r\n", pos)
         if eol < 0:
             return -1
@@ -813,7 +915,7 @@ def _past_chunks(data: bytes, pos: int) -> int:
 
 def _skip_empty_lines(data: bytes, pos: int) -> int:
     """Past the empty lines a server ignores before a request line (RFC 9112 §2.2)."""
-    while data[pos:pos + 2] == b"\r\n":
+    while data[pos : pos + 2] == b"\r\n":
         pos += 2
     return pos
 
@@ -847,7 +949,8 @@ class ProxyHeaderProtocol(asyncio.Protocol):
             self._hand_over(None, b"")
             return
         self.timer = asyncio.get_running_loop().call_later(
-            self.server.config.timeouts.client_header, self._refuse, "no header in time")
+            self.server.config.timeouts.client_header, self._refuse, "no header in time"
+        )
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -858,7 +961,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
             self._refuse(result.reason)
             return
         source = result.source[0] if result.source is not None else None
-        self._hand_over(source, self.buf[result.consumed:])
+        self._hand_over(source, self.buf[result.consumed :])
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.timer is not None:

@@ -20,10 +20,16 @@ from typing import TYPE_CHECKING, Final
 
 from ..routing.spill import choose, within
 from ..tls import describe_verify_error
-from .http import (HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens,
-                   without_named)
-from .retry import (CONNECT_REFUSED, CONNECT_TIMEOUT, NO_RETRY, RESET, SAME_BACKEND, decide,
-                    retry_reason)
+from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens, without_named
+from .retry import (
+    CONNECT_REFUSED,
+    CONNECT_TIMEOUT,
+    NO_RETRY,
+    RESET,
+    SAME_BACKEND,
+    decide,
+    retry_reason,
+)
 from .tunnel import Tunnel
 from .upstream import Upstream, UpstreamProtocol
 
@@ -70,7 +76,7 @@ class Exchange:
     keeps creating one (once per request) cheap."""
 
     # request
-    framing = "none"               # "none" | "cl" | "chunked"
+    framing = "none"  # "none" | "cl" | "chunked"
     content_length = 0
     body_buf: list[bytes] | None = None
     body_buffered = 0
@@ -80,8 +86,8 @@ class Exchange:
     body_started = 0.0
     last_body_at = 0.0
     key: str | None = None
-    route_key: str | None = None   # the ring key of a keyless request routed by client IP
-    close_after = False            # the client connection closes after this response
+    route_key: str | None = None  # the ring key of a keyless request routed by client IP
+    close_after = False  # the client connection closes after this response
     local: tuple[int, str, bytes] | None = None
     local_close = False
     # routing
@@ -89,12 +95,12 @@ class Exchange:
     owner: str | None = None
     spilled_from: str | None = None  # bounded load moved this request off that backend
     backend: BackendState | None = None
-    slot: Upstream | None = None   # the data plane's side of ``backend``
+    slot: Upstream | None = None  # the data plane's side of ``backend``
     tried: tuple[str, ...] = ()
     attempts = 0
     retries = 0
-    same_tried = False             # a new connection to the failed backend was tried
-    budgeted = False               # counted in Proxy.retrying (the retry budget)
+    same_tried = False  # a new connection to the failed backend was tried
+    budgeted = False  # counted in Proxy.retrying (the retry budget)
     counted_inflight = False
     active_counted = False
     settled = False
@@ -111,8 +117,8 @@ class Exchange:
     resp_te: bytes | None = None
     resp_conn: list[bytes] | None = None
     resp_upgrade = b""
-    resp_framing = ""              # towards the client: "none" | "cl" | "chunked" | "close"
-    resp_in_framing = ""           # from the backend: "none" | "cl" | "chunked" | "close"
+    resp_framing = ""  # towards the client: "none" | "cl" | "chunked" | "close"
+    resp_in_framing = ""  # from the backend: "none" | "cl" | "chunked" | "close"
     resp_bytes = 0
     resp_trailers: list[tuple[bytes, bytes]] | None = None
     in_trailers = False
@@ -121,16 +127,25 @@ class Exchange:
     tunnel: Tunnel | None = None
     error_kind = ""
 
-    def __init__(self, client: ClientProtocol, method: str, target: bytes, version: str,
-                 head: bytes, framing: str = "none", content_length: int = 0,
-                 upgrade: bool = False, key: str | None = None):
+    def __init__(
+        self,
+        client: ClientProtocol,
+        method: str,
+        target: bytes,
+        version: str,
+        head: bytes,
+        framing: str = "none",
+        content_length: int = 0,
+        upgrade: bool = False,
+        key: str | None = None,
+    ):
         self.client = client
         server = self.server = client.server
         self.router: Router = server.router
         self.method = method
         self.target = target
         self.version = version
-        self.head = head                  # request line + forwarded fields, no framing
+        self.head = head  # request line + forwarded fields, no framing
         if framing != "none":
             self.framing = framing
             self.content_length = content_length
@@ -238,9 +253,13 @@ class Exchange:
                 resolver = self.server.resolver
                 addrs = resolver.cached(slot.host) or await resolver.resolve(slot.host)
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(slot, time.monotonic()), addrs[0], slot.port,
-                    ssl=slot.ssl, server_hostname=slot.server_hostname)
-        except ssl.SSLError as e:      # an OSError too: the backend answered, its TLS failed
+                    lambda: UpstreamProtocol(slot, time.monotonic()),
+                    addrs[0],
+                    slot.port,
+                    ssl=slot.ssl,
+                    server_hostname=slot.server_hostname,
+                )
+        except ssl.SSLError as e:  # an OSError too: the backend answered, its TLS failed
             if self.state == CONNECTING and self.slot is slot:
                 self.on_connect_failed(slot, "tls", e)
             return
@@ -262,14 +281,16 @@ class Exchange:
         events = self.server.events
         refused = kind == "connect"
         backend = slot.state
-        events.upstream_error(backend, kind if kind == "tls" else
-                              "connect" if refused else "timeout")
+        events.upstream_error(
+            backend, kind if kind == "tls" else "connect" if refused else "timeout"
+        )
         events.connect_failed(backend, kind)
         if kind == "tls":
             # nothing was sent: safe to try the next backend, but not a dead host (its
             # pool is kept); the reason says what was wrong with its certificate
-            self.retry(backend, CONNECT_TIMEOUT,
-                       f"backend {backend.id}: {describe_verify_error(exc)}", 502)
+            self.retry(
+                backend, CONNECT_TIMEOUT, f"backend {backend.id}: {describe_verify_error(exc)}", 502
+            )
             return
         if refused:
             moved = refused_backend(slot)
@@ -285,8 +306,9 @@ class Exchange:
         ``status`` with ``message``. A retry not made is counted with its reason."""
         now = time.monotonic()
         events = self.server.events
-        action, budgeted = decide(kind, self.replayable(), self.reused, self.same_tried,
-                                  failed.usable(now))
+        action, budgeted = decide(
+            kind, self.replayable(), self.reused, self.same_tried, failed.usable(now)
+        )
         if action == NO_RETRY:
             events.retry_denied(failed, "not-replayable")
             self.fail(status, message)
@@ -489,7 +511,8 @@ class Exchange:
         conn_values = self.resp_conn
         out = self.resp_out
         if conn_values is not None and not (
-                len(conn_values) == 1 and conn_values[0].lower() in _PLAIN_CONNECTION):
+            len(conn_values) == 1 and conn_values[0].lower() in _PLAIN_CONNECTION
+        ):
             out = without_named(out, connection_tokens(conn_values))
         if self.head_only or status in NO_BODY_STATUSES:
             self.resp_in_framing = out_framing = "none"
@@ -500,8 +523,9 @@ class Exchange:
             if b"chunked" in other:
                 # RFC 9112 §6.1: chunked is applied at most once, and last; a body coded
                 # otherwise has no length anyone can agree on
-                self.on_upstream_failure(self.upstream, "protocol",
-                                         "chunked transfer coding applied twice or not last")
+                self.on_upstream_failure(
+                    self.upstream, "protocol", "chunked transfer coding applied twice or not last"
+                )
                 return
             self.resp_in_framing = "chunked" if chunked_last else "close"
             if other:
@@ -523,8 +547,12 @@ class Exchange:
         client = self.client
         # a response that starts before the request body ended leaves the rest of that body
         # unread: the connection cannot carry another request, and the head says so
-        close = (self.close_after or out_framing == "close" or not self.body_done
-                 or client.must_close_after(self))
+        close = (
+            self.close_after
+            or out_framing == "close"
+            or not self.body_done
+            or client.must_close_after(self)
+        )
         self.resp_framing = out_framing
         self.close_after = close
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
@@ -559,8 +587,7 @@ class Exchange:
             return
         if self.version == "1.1":
             # 1xx responses are forwarded (RFC 9110 §15.2), e.g. 100 Continue, 103 Early Hints
-            self.client.writelines([b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-"), *out,
-                                    _CRLF])
+            self.client.writelines([b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-"), *out, _CRLF])
 
     def on_response_body(self, data: bytes) -> None:
         self.resp_bytes += len(data)
@@ -577,13 +604,15 @@ class Exchange:
             return None
         if self.resp_framing == "chunked":
             if self.resp_trailers:
-                trailers = [n + b": " + v + _CRLF for n, v in self.resp_trailers
-                            if n.lower() not in HOP_BY_HOP and n.lower() != b"content-length"]
+                trailers = [
+                    n + b": " + v + _CRLF
+                    for n, v in self.resp_trailers
+                    if n.lower() not in HOP_BY_HOP and n.lower() != b"content-length"
+                ]
                 self.client.write(b"0\r\n" + b"".join(trailers) + _CRLF)
             else:
                 self.client.write(_LAST_CHUNK)
-        reusable = (self.upstream_keep_alive and self.body_done
-                    and self.resp_in_framing != "close")
+        reusable = self.upstream_keep_alive and self.body_done and self.resp_in_framing != "close"
         self.upstream = None
         self.finish()
         return reusable
@@ -638,8 +667,12 @@ class Exchange:
             self.server.events.upstream_error(backend, kind)  # type: ignore[arg-type]
         timeout = kind == "timeout"
         status = 504 if timeout else 502
-        msg = (f"backend {backend.id} did not answer in time" if timeout  # type: ignore[union-attr]
-               else f"backend {backend.id} failed: {message}")  # type: ignore[union-attr]
+        bid = backend.id  # type: ignore[union-attr]
+        msg = (
+            f"backend {bid} did not answer in time"
+            if timeout
+            else f"backend {bid} failed: {message}"
+        )
         self.retry(backend, kind, msg, status)  # type: ignore[arg-type]
 
     def answer_locally(self, status: int, reason: str, extra: bytes = b"") -> None:
@@ -675,8 +708,12 @@ class Exchange:
 
     def replayable(self) -> bool:
         """Safe to send again: idempotent, no body streamed, nothing sent to the client."""
-        return (self.method in IDEMPOTENT_METHODS and self.framing == "none"
-                and self.state in (CONNECTING, SENT) and not self.upgrade)
+        return (
+            self.method in IDEMPOTENT_METHODS
+            and self.framing == "none"
+            and self.state in (CONNECTING, SENT)
+            and not self.upgrade
+        )
 
     def on_upstream_lost(self, conn: UpstreamProtocol, exc: BaseException | None) -> None:
         if self.tunnel is not None:
@@ -703,8 +740,11 @@ class Exchange:
                 self.client_failed(408, why)
         elif self.deadline_kind == "queue" and self.state == QUEUED:
             self.leave_queue()
-            self.fail(503, f"backend {self.backend.id} stayed at capacity",  # type: ignore[union-attr]
-                      retry_after=True)
+            self.fail(
+                503,
+                f"backend {self.backend.id} stayed at capacity",  # type: ignore[union-attr]
+                retry_after=True,
+            )
         elif self.deadline_kind == "response" and self.state == SENT:
             self.on_upstream_failure(self.upstream, "timeout", "no response in time")
         elif self.deadline_kind == "body" and self.state == RESPONDING:
@@ -757,8 +797,9 @@ class Exchange:
         self.server.events.request_done(self)
 
 
-def refused_exchange(client: ClientProtocol, status: int, reason: str,
-                     extra: bytes = b"") -> Exchange:
+def refused_exchange(
+    client: ClientProtocol, status: int, reason: str, extra: bytes = b""
+) -> Exchange:
     """An exchange the proxy answers itself (``status``, ``reason``, extra header lines)
     and after which the client connection closes; it never reaches a backend."""
     ex = Exchange(client, "-", b"", "1.1", b"", "none", 0, False, None)
@@ -791,4 +832,3 @@ def wake_waiter(backend: Upstream) -> None:
             ex.deadline = 0.0
             ex.take_slot(backend, now)
             return
-

@@ -93,8 +93,9 @@ MAX_MALFORMED: Final = 100
 
 # RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2 requests and never
 # sent in responses (TE is allowed with the value "trailers" only).
-CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                        b"transfer-encoding", b"upgrade"})
+CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 _RESPONSE_DROP: Final = CONNECTION_SPECIFIC | {b"te", b"http2-settings", b"trailer"}
 # RFC 9113 §8.3.1: the request pseudo-header fields (":protocol" only with
 # SETTINGS_ENABLE_CONNECT_PROTOCOL, which is not offered).
@@ -120,15 +121,21 @@ class H2Head:
 
     __slots__ = ("method", "path", "host", "fields", "content_length", "refusal")
 
-    def __init__(self, method: str, path: bytes, host: bytes | None,
-                 fields: list[tuple[bytes, bytes]], content_length: bool,
-                 refusal: RequestError | None = None):
+    def __init__(
+        self,
+        method: str,
+        path: bytes,
+        host: bytes | None,
+        fields: list[tuple[bytes, bytes]],
+        content_length: bool,
+        refusal: RequestError | None = None,
+    ):
         self.method = method
         self.path = path
-        self.host = host                  # :authority, else the Host field, else None
-        self.fields = fields              # the regular fields, Host left out
+        self.host = host  # :authority, else the Host field, else None
+        self.fields = fields  # the regular fields, Host left out
         self.content_length = content_length
-        self.refusal = refusal            # answered with this instead of being forwarded
+        self.refusal = refusal  # answered with this instead of being forwarded
 
 
 def _check_field(name: bytes, value: bytes) -> None:
@@ -141,7 +148,7 @@ def _check_field(name: bytes, value: bytes) -> None:
     if name in CONNECTION_SPECIFIC:
         raise Malformed(f"connection-specific field {name.decode('latin-1')}")
     if name == b"te" and value.lower() != b"trailers":
-        raise Malformed("te other than \"trailers\"")
+        raise Malformed('te other than "trailers"')
 
 
 def parse_request_head(headers: list[tuple[bytes, bytes]]) -> H2Head:
@@ -184,8 +191,14 @@ def parse_request_head(headers: list[tuple[bytes, bytes]]) -> H2Head:
         # RFC 9113 §8.5: :scheme and :path are omitted, :authority given
         if b":scheme" in pseudo or b":path" in pseudo or authority is None:
             raise Malformed("malformed CONNECT request")
-        return H2Head("CONNECT", b"", authority, fields, content_length,
-                      RequestError(405, "CONNECT is not supported"))
+        return H2Head(
+            "CONNECT",
+            b"",
+            authority,
+            fields,
+            content_length,
+            RequestError(405, "CONNECT is not supported"),
+        )
     path = pseudo.get(b":path")
     if b":scheme" not in pseudo or not path:
         raise Malformed("no :scheme or :path")
@@ -241,15 +254,15 @@ class Stream(asyncio.Transport):
         self.fields: list[tuple[bytes, bytes]] = []
         self.in_trailers = False
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.pending: deque[bytes] = deque()    # DATA waiting for window
+        self.pending: deque[bytes] = deque()  # DATA waiting for window
         self.pending_bytes = 0
-        self.end_pending = False    # the response is complete: END_STREAM once drained
-        self.ended = False          # END_STREAM sent (or the stream reset): done
-        self.remote_ended = False   # the client sent END_STREAM
-        self.paused = False         # its exchange is not taking request bytes
-        self.unacked = 0            # flow-controlled bytes taken but not yet credited
-        self.write_paused = False   # its ClientProtocol was told to pause_writing
-        self.stalled_since = 0.0    # data waits, without progress since then
+        self.end_pending = False  # the response is complete: END_STREAM once drained
+        self.ended = False  # END_STREAM sent (or the stream reset): done
+        self.remote_ended = False  # the client sent END_STREAM
+        self.paused = False  # its exchange is not taking request bytes
+        self.unacked = 0  # flow-controlled bytes taken but not yet credited
+        self.write_paused = False  # its ClientProtocol was told to pause_writing
+        self.stalled_since = 0.0  # data waits, without progress since then
 
     # -- the transport its ClientProtocol writes to -------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -257,7 +270,7 @@ class Stream(asyncio.Transport):
             return
         try:
             self.parser.feed_data(bytes(data))
-        except HttpParserError:   # the proxy's own HTTP/1.1 output: only a bug gets here
+        except HttpParserError:  # the proxy's own HTTP/1.1 output: only a bug gets here
             log.exception("HTTP/2 stream %d: cannot relay the response", self.id)
             self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
             return
@@ -317,8 +330,11 @@ class Stream(asyncio.Transport):
             if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 # a transfer coding (gzip, ...) besides chunked: HTTP/2 has no way to say
                 # so (RFC 9113 §8.2.2), and the bytes would be taken for the content
-                log.warning("HTTP/2 stream %d: backend response has transfer coding %r",
-                            self.id, value.decode("latin-1"))
+                log.warning(
+                    "HTTP/2 stream %d: backend response has transfer coding %r",
+                    self.id,
+                    value.decode("latin-1"),
+                )
                 conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
                 return
         if self.head_only or status in (204, 304):
@@ -347,7 +363,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.dead = False
         self.closing = False
-        self.draining = False         # GOAWAY sent: no new stream is taken
+        self.draining = False  # GOAWAY sent: no new stream is taken
         self.goaway_sent = False
         self.peer_goaway = False
         self.write_paused = False
@@ -357,40 +373,53 @@ class H2ClientProtocol(asyncio.Protocol):
         self.trusted = False
         self.scheme = b"http"
         self.identity: str | None = None
-        self.deadline = 0.0           # the preface and first request, then idle
-        self.window_start = 0.0       # counters below count since then
+        self.deadline = 0.0  # the preface and first request, then idle
+        self.window_start = 0.0  # counters below count since then
         self.resets = 0
         self.malformed = 0
         self.settings_frames = 0
         self.pings = 0
         self.conn_stalled_since = 0.0
-        self.progress_at = 0.0        # DATA last sent while more waited
+        self.progress_at = 0.0  # DATA last sent while more waited
         limits = server.config.limits
-        self.header_list = (limits.max_header_bytes + limits.max_request_line
-                            + FIELD_OVERHEAD * (limits.max_headers + len(REQUEST_PSEUDO)))
+        self.header_list = (
+            limits.max_header_bytes
+            + limits.max_request_line
+            + FIELD_OVERHEAD * (limits.max_headers + len(REQUEST_PSEUDO))
+        )
         # inbound fields are checked by parse_request_head (stream errors, not h2's
         # connection errors); outbound ones are made by response_fields from llhttp's
         # parse (lower-cased names, no connection-specific field, no CR/LF/NUL possible):
         # h2's own passes over them would only cost time
-        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                        validate_inbound_headers=False,
-                                        validate_outbound_headers=False,
-                                        normalize_outbound_headers=False)
+        cfg = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config=cfg)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.header_list,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-        })
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.header_list,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
+        )
         # enforced from the first header block, not only once the client acknowledged
         self.h2.decoder.max_header_list_size = self.header_list
         # h2 closes its side at the client's GOAWAY and then refuses every frame, so the
         # streams the client still expects answers on (RFC 9113 §6.8: up to its
         # last_stream_id, and all of ours) would fail: its state machine stays open
         sm = self.h2.state_machine
-        sm._transitions = {**sm._transitions, (h2.connection.ConnectionState.SERVER_OPEN,
-                                               h2.connection.ConnectionInputs.RECV_GOAWAY):
-                           (None, h2.connection.ConnectionState.SERVER_OPEN)}
+        sm._transitions = {
+            **sm._transitions,
+            (
+                h2.connection.ConnectionState.SERVER_OPEN,
+                h2.connection.ConnectionInputs.RECV_GOAWAY,
+            ): (None, h2.connection.ConnectionState.SERVER_OPEN),
+        }
 
     # -- start ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -419,7 +448,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.trusted, self.scheme, self.identity = client.trusted, client.scheme, client.identity
         clients = self.server.clients
         clients.discard(client)
-        clients.add(self)     # the same connection: counted by client_opened already
+        clients.add(self)  # the same connection: counted by client_opened already
         self._start(data)
 
     def _start(self, data: bytes) -> None:
@@ -499,7 +528,7 @@ class H2ClientProtocol(asyncio.Protocol):
             if self.settings_frames > MAX_SETTINGS:
                 self.calm("SETTINGS flood")
                 return
-            self.push_all()     # SETTINGS_INITIAL_WINDOW_SIZE may have opened windows
+            self.push_all()  # SETTINGS_INITIAL_WINDOW_SIZE may have opened windows
         elif isinstance(ev, h2.events.PingReceived):
             self.pings += 1
             if self.pings > MAX_PINGS:
@@ -583,7 +612,7 @@ class H2ClientProtocol(asyncio.Protocol):
         c = stream.client
         if c.receiving is not None:
             for name, value in fields:
-                c.on_header(name, value)     # kept on the exchange (client.py's rules)
+                c.on_header(name, value)  # kept on the exchange (client.py's rules)
 
     def _peer_reset(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)
@@ -591,7 +620,7 @@ class H2ClientProtocol(asyncio.Protocol):
             return
         stream.ended = True
         stream.pending.clear()
-        stream.client.connection_lost(None)     # the exchange is aborted
+        stream.client.connection_lost(None)  # the exchange is aborted
         self.resets += 1
         if self.resets > MAX_RESETS:
             self.calm("rapid reset")
@@ -604,8 +633,7 @@ class H2ClientProtocol(asyncio.Protocol):
                 self.flush()
 
     # -- output --------------------------------------------------------------------------
-    def send_headers(self, stream: Stream, headers: list[tuple[bytes, bytes]],
-                     end: bool) -> None:
+    def send_headers(self, stream: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
             self.h2.send_headers(stream.id, headers, end_stream=end)
         except (h2.exceptions.ProtocolError, ValueError, TypeError) as e:
@@ -619,7 +647,7 @@ class H2ClientProtocol(asyncio.Protocol):
         """Send what the windows allow of ``stream``'s response, then its end."""
         if stream.ended:
             if not self.in_read:
-                self.flush()      # what ended it (HEADERS with END_STREAM, a reset)
+                self.flush()  # what ended it (HEADERS with END_STREAM, a reset)
             return
         h2c = self.h2
         pending = stream.pending
@@ -639,14 +667,15 @@ class H2ClientProtocol(asyncio.Protocol):
                 stream.pending_bytes -= len(chunk)
                 sent = True
                 if not pending and stream.end_pending and not stream.trailers:
-                    h2c.send_data(stream.id, chunk, end_stream=True)   # one frame, not two
+                    h2c.send_data(stream.id, chunk, end_stream=True)  # one frame, not two
                     self._stream_done(stream)
                     break
                 h2c.send_data(stream.id, chunk)
             if not pending and stream.end_pending and not stream.ended:
                 if stream.trailers:
-                    h2c.send_headers(stream.id, response_fields_trailers(stream.trailers),
-                                     end_stream=True)
+                    h2c.send_headers(
+                        stream.id, response_fields_trailers(stream.trailers), end_stream=True
+                    )
                 else:
                     h2c.end_stream(stream.id)
                 self._stream_done(stream)
@@ -763,8 +792,9 @@ class H2ClientProtocol(asyncio.Protocol):
             return
         stall = self.server.config.timeouts.body_idle
         h2c = self.h2
-        conn_shut = (h2c.outbound_flow_control_window <= 0
-                     and any(s.pending for s in self.streams.values()))
+        conn_shut = h2c.outbound_flow_control_window <= 0 and any(
+            s.pending for s in self.streams.values()
+        )
         if conn_shut:
             # the connection's own window stays shut: the client's doing, not one stream's
             if not self.conn_stalled_since:
@@ -811,8 +841,7 @@ class H2ClientProtocol(asyncio.Protocol):
         """A GOAWAY that leaves h2's connection open, so that streams already taken still
         finish (h2's own close_connection refuses every frame after it)."""
         self.flush()
-        frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id,
-                            error_code=code)
+        frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=code)
         self.goaway_sent = True
         if self.transport is not None and not self.dead:
             self.transport.write(frame.serialize())

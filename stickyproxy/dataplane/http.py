@@ -20,20 +20,30 @@ IDEMPOTENT_METHODS: Final = contract.IDEMPOTENT_METHODS
 # RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies must drop
 # (Proxy-Connection, Keep-Alive) and HTTP/2 cleartext upgrade settings (never forwarded).
 # Transfer-Encoding is re-framed by the proxy on each hop (RFC 9112 §6.1).
-HOP_BY_HOP: Final = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
-    b"http2-settings",
-})
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"http2-settings",
+    }
+)
 
 # Fields the proxy sets itself on each forwarded request; client copies are dropped unless
 # the peer is a trusted proxy (X-Forwarded-*).
-FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                       b"forwarded"})
+FORWARDED: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
 
 # How a field is handled, by name (see Proxy.request_field and upstream.response_field).
-FIELD_FORWARD: Final = 0          # forwarded as received
-FIELD_SPECIAL: Final = 1          # looked at by the proxy, not forwarded as received
+FIELD_FORWARD: Final = 0  # forwarded as received
+FIELD_SPECIAL: Final = 1  # looked at by the proxy, not forwarded as received
 FIELD_SPECIAL_FORWARD: Final = 2  # looked at by the proxy and forwarded (Host)
 
 # Field names are classified once per spelling and remembered, since a keep-alive
@@ -45,13 +55,25 @@ FIELD_CACHE_SIZE: Final = 4096
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 REASONS = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-    413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
-    421: "Misdirected Request", 429: "Too Many Requests",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    421: "Misdirected Request",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -62,18 +84,21 @@ class RequestError(Exception):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
-        self.extra = extra          # header lines to add to the error response
+        self.extra = extra  # header lines to add to the error response
 
 
-def error_response(status: int, reason: str, *, close: bool, head_only: bool = False,
-                   extra: bytes = b"") -> bytes:
+def error_response(
+    status: int, reason: str, *, close: bool, head_only: bool = False, extra: bytes = b""
+) -> bytes:
     """A complete short plain-text response: "<status> <phrase>: <reason>\\n"."""
     phrase = REASONS.get(status, "Error")
     body = f"{status} {phrase}: {reason}\n".encode("utf-8", "replace")
-    head = (f"HTTP/1.1 {status} {phrase}\r\n"
-            f"Content-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"Cache-Control: no-store\r\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Cache-Control: no-store\r\n"
+    ).encode()
     if close:
         head += b"Connection: close\r\n"
     return head + extra + b"\r\n" + (b"" if head_only else body)
@@ -112,7 +137,8 @@ def normalise_target(method: str, target: bytes, host: bytes | None) -> bytes:
         if not parts.netloc or parts.username is not None or parts.password is not None:
             raise RequestError(400, "malformed absolute-form request target")
         if host is None or _authority(parts.netloc, parts.scheme) != _authority(
-                host.decode("latin-1"), parts.scheme):
+            host.decode("latin-1"), parts.scheme
+        ):
             raise RequestError(400, "absolute-form request target does not match Host")
         path = parts.path or "/"
         return (path + ("?" + parts.query if parts.query else "")).encode("ascii")
@@ -154,8 +180,7 @@ def _authority(value: str, scheme: str) -> str:
 # only (as NGINX does): methods are case-sensitive, and a backend that folds "get" into GET
 # would run what the proxy judged an unknown, never-retried method. The target is checked
 # by llhttp once the line is fed to it again.
-_REQUEST_LINE: Final = re.compile(
-    rb"([A-Z0-9_.\-]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
+_REQUEST_LINE: Final = re.compile(rb"([A-Z0-9_.\-]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
 
 # The method llhttp is shown in place of an extension method it does not know: one with no
 # special meaning to llhttp's request framing (unlike CONNECT), and rare, so that only a
@@ -179,7 +204,7 @@ def rewrite_request_line(line: bytes, unknown_method: bool) -> tuple[bytes, str]
     if major != b"1" or method == b"CONNECT":
         return None
     if not unknown_method and minor in (b"0", b"1"):
-        return None          # llhttp refused something else in this line
+        return None  # llhttp refused something else in this line
     shown = STAND_IN_METHOD if unknown_method else method
     version = b"1.0" if minor == b"0" else b"1.1"
     return shown + b" " + target + b" HTTP/" + version + b"\r\n", method.decode("ascii")
@@ -198,8 +223,9 @@ def is_chunked_only(values: list[bytes]) -> bool:
 # Connection values that name no field to remove, and fields that are end-to-end by
 # definition: a Connection field naming them is ignored for them (removing Host would
 # forward a request without one).
-_NEVER_HOP_BY_HOP: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host",
-                                      b"content-length"})
+_NEVER_HOP_BY_HOP: Final = frozenset(
+    {b"close", b"keep-alive", b"upgrade", b"host", b"content-length"}
+)
 
 
 def without_named(lines: list[bytes], tokens: set[bytes]) -> list[bytes]:

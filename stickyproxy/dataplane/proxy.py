@@ -16,8 +16,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import contract
-from .. import tls
+from .. import contract, tls
 from ..config import Config, ReadFile, read_disk
 from ..discovery.resolver import HostResolver
 from ..routing.router import BackendState, Router
@@ -40,8 +39,13 @@ TICK: Final = 0.1
 
 
 class Proxy:
-    def __init__(self, table: BackendTable, events: Events | None = None,
-                 resolver: HostResolver | None = None, read_file: ReadFile = read_disk):
+    def __init__(
+        self,
+        table: BackendTable,
+        events: Events | None = None,
+        resolver: HostResolver | None = None,
+        read_file: ReadFile = read_disk,
+    ):
         self.events = events or Events()
         self.table = table
         self.upstreams: dict[str, Upstream] = {}
@@ -51,8 +55,8 @@ class Proxy:
         self.clients: set[ClientProtocol | H2ClientProtocol] = set()
         self.server: asyncio.Server | None = None
         self.stopping = False
-        self.active = 0           # exchanges being answered
-        self.retrying = 0         # of which have been retried at least once
+        self.active = 0  # exchanges being answered
+        self.retrying = 0  # of which have been retried at least once
         self._ticker: asyncio.Task | None = None
         self.backend_headers: dict[str, bytes] = {}
         # backend host names: shared with the health checks (control/process.py); its
@@ -91,7 +95,7 @@ class Proxy:
                     ctx = tls.client_context(b.tls, read_file, f"backends[{b.id}].tls")
                 contexts[b.tls] = ctx
                 if up.ssl is not ctx:
-                    up.close_all()        # connections made with other TLS settings
+                    up.close_all()  # connections made with other TLS settings
                 up.ssl, up.server_hostname = ctx, tls.server_hostname(b.tls, b.host)
             elif up.ssl is not None:
                 up.close_all()
@@ -119,15 +123,19 @@ class Proxy:
         hdr = config.headers
         self.header_prefix_lower = hdr.prefix.lower().encode("ascii")
         self.key_header = hdr.key.encode("ascii")
-        self.ring_header = b"%s: %s\r\n" % (hdr.ring.encode("ascii"),
-                                            self.router.fingerprint.encode("ascii"))
+        self.ring_header = b"%s: %s\r\n" % (
+            hdr.ring.encode("ascii"),
+            self.router.fingerprint.encode("ascii"),
+        )
         self.backend_headers = {
             bid: b"%s: %s\r\n" % (hdr.backend.encode("ascii"), bid.encode("ascii"))
-            for bid in self.table.states}
+            for bid in self.table.states
+        }
         route = hdr.route.encode("ascii")
         self.route_headers = {
             True: b"%s: %s\r\n" % (route, contract.ROUTE_PRIMARY.encode("ascii")),
-            False: b"%s: %s\r\n" % (route, contract.ROUTE_FAILOVER.encode("ascii"))}
+            False: b"%s: %s\r\n" % (route, contract.ROUTE_FAILOVER.encode("ascii")),
+        }
         self.default_host = f"{config.listen.host}:{config.listen.port}".encode("ascii")
         self._trusted = config.listen.trusted_proxies
         self.forwarded = hdr.forwarded
@@ -158,8 +166,11 @@ class Proxy:
         if info is not None:
             return info
         ln = name.lower()
-        if (ln in self.request_watch or ln.startswith(self.header_prefix_lower)
-                or (not self.allow_underscores and ln.find(b"_") >= 0)):
+        if (
+            ln in self.request_watch
+            or ln.startswith(self.header_prefix_lower)
+            or (not self.allow_underscores and ln.find(b"_") >= 0)
+        ):
             kind = FIELD_SPECIAL_FORWARD if ln == b"host" else FIELD_SPECIAL
         else:
             kind = FIELD_FORWARD
@@ -177,7 +188,7 @@ class Proxy:
         new_tls = self.table.config.listen.tls
         if new_tls is not None and self.tls_store is not None:
             result = self.tls_store.apply(new_tls, read_file)
-            if result.errors:   # resolve() loaded the same bytes: only a bug gets here
+            if result.errors:  # resolve() loaded the same bytes: only a bug gets here
                 raise ValueError("; ".join(result.errors))
         self.router = self.table.router
         self._sync_upstreams(read_file)
@@ -191,7 +202,10 @@ class Proxy:
             gate = self.tls_store.gate
             c = stats.counters["tls_handshakes"]
             c[("completed",)], c[("refused",)], c[("stale",)] = (
-                gate.completed, gate.refused, gate.stale)
+                gate.completed,
+                gate.refused,
+                gate.stale,
+            )
             stats.gauges["tls_handshakes_in_progress"] = {(): float(gate.in_progress)}
         if self.client_contexts:
             caches = [tls.session_cache(ctx) for ctx in self.client_contexts.values()]
@@ -244,18 +258,28 @@ class Proxy:
         self.events.tunnel_closed(tunnel.slot.state)
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self, host: str | None = None, port: int | None = None, *,
-                    reuse_port: bool = False, sock=None) -> None:
+    async def start(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        reuse_port: bool = False,
+        sock=None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         if sock is not None:
-            self.server = await loop.create_server(self._protocol, sock=sock,
-                                                   backlog=1024, **self._tls_args())
+            self.server = await loop.create_server(
+                self._protocol, sock=sock, backlog=1024, **self._tls_args()
+            )
         else:
             self.server = await loop.create_server(
                 self._protocol,
                 host if host is not None else self.config.listen.host,
                 port if port is not None else self.config.listen.port,
-                reuse_port=reuse_port or None, backlog=1024, **self._tls_args())
+                reuse_port=reuse_port or None,
+                backlog=1024,
+                **self._tls_args(),
+            )
         self._ticker = loop.create_task(self._tick())
         # a request without Host (HTTP/1.0) is forwarded with the address it came in on
         self.default_host = f"{self.config.listen.host}:{self.port}".encode("ascii")
@@ -266,19 +290,28 @@ class Proxy:
             return ProxyHeaderProtocol(self)
         store = self.tls_store
         if store is not None and "h2" in store.settings.alpn:
-            return AlpnSwitch(self)   # HTTP/2 or HTTP/1.1, once ALPN has chosen
+            return AlpnSwitch(self)  # HTTP/2 or HTTP/1.1, once ALPN has chosen
         return ClientProtocol(self)
 
     def _tls_args(self) -> dict[str, Any]:
         store = self.tls_store
         if store is None:
             return {}
-        return {"ssl": store.context, "ssl_handshake_timeout": store.settings.handshake_timeout,
-                "ssl_shutdown_timeout": tls.SHUTDOWN_TIMEOUT}
+        return {
+            "ssl": store.context,
+            "ssl_handshake_timeout": store.settings.handshake_timeout,
+            "ssl_shutdown_timeout": tls.SHUTDOWN_TIMEOUT,
+        }
 
-    async def rebind(self, host: str, port: int, *, reuse_port: bool = False,
-                     listen_tls: tls.ListenTLS | None = None,
-                     read_file: ReadFile = read_disk) -> None:
+    async def rebind(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        listen_tls: tls.ListenTLS | None = None,
+        read_file: ReadFile = read_disk,
+    ) -> None:
         """Listen anew (another address, or TLS switched on, off or given a new handshake
         timeout: ``listen_tls``); connections accepted on the old listener carry on.
         OSError when the new one cannot listen, and then nothing changed."""
@@ -289,9 +322,14 @@ class Proxy:
         elif old_store is None or tls.needs_new_listener(old_store.settings, listen_tls):
             self.tls_store = tls.CertStore(listen_tls, read_file)
         try:
-            new = await loop.create_server(self._protocol, host, port,
-                                           reuse_port=reuse_port or None, backlog=1024,
-                                           **self._tls_args())
+            new = await loop.create_server(
+                self._protocol,
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=1024,
+                **self._tls_args(),
+            )
         except OSError:
             self.tls_store = old_store
             raise
@@ -322,12 +360,18 @@ class Proxy:
                 up.sweep(now)
                 st = up.state
                 if up.tunnels and st.drained and now - st.drained_since >= grace:
-                    log.warning("backend %s: closing %d WebSocket tunnels after drain timeout",
-                                up.id, up.close_tunnels())
+                    log.warning(
+                        "backend %s: closing %d WebSocket tunnels after drain timeout",
+                        up.id,
+                        up.close_tunnels(),
+                    )
             for up, since in list(self.retiring.items()):
                 if up.tunnels and now - since >= grace:
-                    log.warning("backend %s (removed): closing %d WebSocket tunnels after "
-                                "drain timeout", up.id, up.close_tunnels())
+                    log.warning(
+                        "backend %s (removed): closing %d WebSocket tunnels after drain timeout",
+                        up.id,
+                        up.close_tunnels(),
+                    )
                 if not up.tunnels:
                     del self.retiring[up]
 
@@ -362,6 +406,6 @@ class Proxy:
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
         return cut

@@ -115,11 +115,15 @@ _TLV_HEAD: Final = 3
 _PP2_TYPE_CRC32C: Final = 0x03
 
 # One v1 TCP line: exactly one space between fields; ports decimal, no leading zero (§2.1).
-_V1_TCP = re.compile(rb"PROXY (TCP[46]) ([0-9A-Fa-f:.]{1,45}) ([0-9A-Fa-f:.]{1,45}) "
-                     rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n")
+_V1_TCP = re.compile(
+    rb"PROXY (TCP[46]) ([0-9A-Fa-f:.]{1,45}) ([0-9A-Fa-f:.]{1,45}) "
+    rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n"
+)
 # IPv4 as four decimal numbers 0..255 without leading zeros (§2.1).
-_V1_IPV4 = re.compile(rb"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
-                      rb"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])")
+_V1_IPV4 = re.compile(
+    rb"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+    rb"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+)
 # IPv6 as hexadecimal groups and colons (§2.1), and, as inet_pton accepts and HAProxy's own
 # sender writes for a v4 client on a v6 connection, an IPv4-mapped tail (::ffff:1.2.3.4);
 # no zone. The count of groups and the single "::" are checked by ipaddress.
@@ -129,6 +133,7 @@ _V1_IPV6 = re.compile(rb"[0-9A-Fa-f:]{2,39}|[0-9A-Fa-f:]{2,33}(?:\.[0-9]{1,3}){3
 @dataclass(frozen=True, slots=True)
 class NeedMore:
     """No decision yet: call again with more bytes; the header is at most ``at_most`` bytes."""
+
     at_most: int
 
 
@@ -140,9 +145,10 @@ class Header:
     canonical text form (``ipaddress``), or None when the header carries no usable address
     (``local``, or ``family == "UNKNOWN"``): then the real peer address stands.
     """
+
     version: int
     local: bool
-    family: str                                   # "TCP4", "TCP6" or "UNKNOWN"
+    family: str  # "TCP4", "TCP6" or "UNKNOWN"
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
     consumed: int
@@ -152,6 +158,7 @@ class Header:
 @dataclass(frozen=True, slots=True)
 class Invalid:
     """Not a valid header: close the connection. ``reason`` is short and fixed."""
+
     reason: str
 
 
@@ -188,8 +195,8 @@ def parse(data: bytes) -> Result:
 
 
 def _parse_v1(data: bytes) -> Result:
-    head = data[:len(V1_PREFIX)]
-    if head != V1_PREFIX[:len(head)]:
+    head = data[: len(V1_PREFIX)]
+    if head != V1_PREFIX[: len(head)]:
         return Invalid("no PROXY protocol header")
     window = data[:MAX_V1_BYTES]
     end = window.find(b"\r\n")
@@ -202,7 +209,7 @@ def _parse_v1(data: bytes) -> Result:
         if len(data) >= MAX_V1_BYTES:
             return Invalid("v1: no CRLF within 107 bytes")
         return NeedMore(MAX_V1_BYTES)
-    line = window[:end + 2]
+    line = window[: end + 2]
     if line.startswith(b"PROXY UNKNOWN") and (len(line) == 15 or line[13:14] == b" "):
         # §2.1: "the receiver must ignore anything presented before the CRLF"
         return Header(1, False, "UNKNOWN", None, None, len(line))
@@ -217,8 +224,9 @@ def _parse_v1(data: bytes) -> Result:
     destination = _v1_address(dst, family)
     if source is None or destination is None:
         return Invalid("v1: malformed address")
-    return Header(1, False, family.decode("ascii"), (source, ports[0]),
-                  (destination, ports[1]), len(line))
+    return Header(
+        1, False, family.decode("ascii"), (source, ports[0]), (destination, ports[1]), len(line)
+    )
 
 
 def _v1_address(text: bytes, family: bytes) -> str | None:
@@ -289,18 +297,32 @@ def _parse_v2(data: bytes) -> Result:
         return Invalid(problem)
     if fam == _TCP4:
         src4, dst4, sport, dport = struct.unpack_from("!4s4sHH", body)
-        return Header(2, False, "TCP4", (str(ipaddress.IPv4Address(src4)), sport),
-                      (str(ipaddress.IPv4Address(dst4)), dport), total, tlvs)
+        return Header(
+            2,
+            False,
+            "TCP4",
+            (str(ipaddress.IPv4Address(src4)), sport),
+            (str(ipaddress.IPv4Address(dst4)), dport),
+            total,
+            tlvs,
+        )
     if fam == _TCP6:
         src6, dst6, sport, dport = struct.unpack_from("!16s16sHH", body)
-        return Header(2, False, "TCP6", (_v6_text(ipaddress.IPv6Address(src6)), sport),
-                      (_v6_text(ipaddress.IPv6Address(dst6)), dport), total, tlvs)
+        return Header(
+            2,
+            False,
+            "TCP6",
+            (_v6_text(ipaddress.IPv6Address(src6)), sport),
+            (_v6_text(ipaddress.IPv6Address(dst6)), dport),
+            total,
+            tlvs,
+        )
     # AF_UNIX: valid, but a path is no client address for X-Forwarded-For or routing
     return Header(2, False, "UNKNOWN", None, None, total, tlvs)
 
 
 def _check_crc(header: bytes, tlv_start: int, tlvs: tuple[tuple[int, bytes], ...]) -> str:
-    """"" when the header has no CRC32C TLV or a right one, else why not (§2.2.5: the
+    """ "" when the header has no CRC32C TLV or a right one, else why not (§2.2.5: the
     checksum covers the whole header with its own value zeroed, and a receiver that
     supports it "MUST" compare and drop the connection on a mismatch)."""
     crcs = [value for kind, value in tlvs if kind == _PP2_TYPE_CRC32C]
@@ -313,7 +335,7 @@ def _check_crc(header: bytes, tlv_start: int, tlvs: tuple[tuple[int, bytes], ...
     while header[i] != _PP2_TYPE_CRC32C:
         i += _TLV_HEAD + struct.unpack_from("!H", header, i + 1)[0]
     at = i + _TLV_HEAD
-    zeroed = header[:at] + b"\x00\x00\x00\x00" + header[at + 4:]
+    zeroed = header[:at] + b"\x00\x00\x00\x00" + header[at + 4 :]
     if crc32c(zeroed) != struct.unpack_from("!I", header, at)[0]:
         return "v2: CRC32C mismatch"
     return ""
@@ -324,7 +346,7 @@ def _crc32c_table() -> tuple[int, ...]:
     for n in range(256):
         c = n
         for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1     # Castagnoli, reflected
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
         table.append(c)
     return tuple(table)
 
@@ -353,6 +375,6 @@ def _tlvs(area: bytes) -> tuple[tuple[int, bytes], ...] | None:
         start = i + _TLV_HEAD
         if start + size > len(area):
             return None
-        out.append((kind, area[start:start + size]))
+        out.append((kind, area[start : start + size]))
         i = start + size
     return tuple(out)

@@ -16,8 +16,14 @@ import re
 from typing import TYPE_CHECKING, Final
 
 from ..routing.keys import KeyRejected
-from .http import (RequestError, connection_tokens, is_chunked_only, normalise_target,
-                   refuse_method, without_named)
+from .http import (
+    RequestError,
+    connection_tokens,
+    is_chunked_only,
+    normalise_target,
+    refuse_method,
+    without_named,
+)
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -29,30 +35,64 @@ HOST_RE: Final = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%
 class Request:
     """A request ready to queue. ``host``: its Host value as checked (None: none sent)."""
 
-    __slots__ = ("method", "target", "version", "head", "framing", "length", "upgrade",
-                 "key", "route_key", "close_after", "host")
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "head",
+        "framing",
+        "length",
+        "upgrade",
+        "key",
+        "route_key",
+        "close_after",
+        "host",
+    )
 
-    def __init__(self, method: str, target: bytes, version: str, head: bytes, framing: str,
-                 length: int, upgrade: bool, key: str | None, route_key: str | None,
-                 close_after: bool, host: bytes | None):
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        version: str,
+        head: bytes,
+        framing: str,
+        length: int,
+        upgrade: bool,
+        key: str | None,
+        route_key: str | None,
+        close_after: bool,
+        host: bytes | None,
+    ):
         self.method = method
         self.target = target
         self.version = version
-        self.head = head                  # request line + forwarded fields, no framing
-        self.framing = framing            # "none" | "cl" | "chunked"
+        self.head = head  # request line + forwarded fields, no framing
+        self.framing = framing  # "none" | "cl" | "chunked"
         self.length = length
-        self.upgrade = upgrade            # a WebSocket upgrade to forward
+        self.upgrade = upgrade  # a WebSocket upgrade to forward
         self.key = key
-        self.route_key = route_key        # the ring key of a keyless request under client-ip
+        self.route_key = route_key  # the ring key of a keyless request under client-ip
         self.close_after = close_after
         self.host = host
 
 
-def build_request(server: Proxy, method: str, version: str, keep_alive: bool, url: bytes,
-                  headers: list[tuple[bytes, bytes]], special: list[tuple[bytes, bytes]],
-                  fwd: list[bytes], upgrade_asked: bool, peer_ip: str | None,
-                  peer_bytes: bytes, trusted: bool, known_host: bytes | None,
-                  scheme: bytes = b"http", identity: str | None = None) -> Request:
+def build_request(
+    server: Proxy,
+    method: str,
+    version: str,
+    keep_alive: bool,
+    url: bytes,
+    headers: list[tuple[bytes, bytes]],
+    special: list[tuple[bytes, bytes]],
+    fwd: list[bytes],
+    upgrade_asked: bool,
+    peer_ip: str | None,
+    peer_bytes: bytes,
+    trusted: bool,
+    known_host: bytes | None,
+    scheme: bytes = b"http",
+    identity: str | None = None,
+) -> Request:
     """``headers``: every field as (lower-cased name, value); ``special``: those the proxy
     handles itself (``Proxy.request_field``); ``fwd``: the field lines forwarded as they
     came; ``upgrade_asked``: llhttp saw an upgrade (or CONNECT); ``trusted``: the peer is
@@ -157,8 +197,9 @@ def build_request(server: Proxy, method: str, version: str, keep_alive: bool, ur
             parts.append(b"X-Forwarded-Proto: " + (xfp or scheme) + b"\r\n")
             fwd_host = xfh or host
         else:
-            parts.append(b"X-Forwarded-For: " + peer_bytes + b"\r\nX-Forwarded-Proto: " +
-                         scheme + b"\r\n")
+            parts.append(
+                b"X-Forwarded-For: " + peer_bytes + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
+            )
             fwd_host = host
         if fwd_host:
             parts.append(b"X-Forwarded-Host: " + fwd_host + b"\r\n")
@@ -168,8 +209,19 @@ def build_request(server: Proxy, method: str, version: str, keep_alive: bool, ur
     if key is not None:
         parts.append(server.key_header + b": " + key.encode("utf-8") + b"\r\n")
     parts.append(server.ring_header)
-    return Request(method, target, version, b"".join(parts), framing, length, upgrade, key,
-                   route_key, not keep_alive, host)
+    return Request(
+        method,
+        target,
+        version,
+        b"".join(parts),
+        framing,
+        length,
+        upgrade,
+        key,
+        route_key,
+        not keep_alive,
+        host,
+    )
 
 
 def client_address(peer: str | None, xff: list[bytes], server: Proxy) -> str | None:

@@ -38,12 +38,13 @@ PROTOCOL: Final = "protocol"
 
 # actions
 NO_RETRY: Final = 0
-SAME_BACKEND: Final = 1     # a new connection to the backend that failed
-NEXT_BACKEND: Final = 2     # the next usable backend on the key's preference list
+SAME_BACKEND: Final = 1  # a new connection to the backend that failed
+NEXT_BACKEND: Final = 2  # the next usable backend on the key's preference list
 
 
-def decide(kind: str, replayable: bool, reused: bool, same_tried: bool,
-           usable: bool) -> tuple[int, bool]:
+def decide(
+    kind: str, replayable: bool, reused: bool, same_tried: bool, usable: bool
+) -> tuple[int, bool]:
     """(action, whether the retry counts against the budget) after an attempt failed.
 
     ``replayable``: the request may be sent again (idempotent, no body, nothing sent to
@@ -61,7 +62,7 @@ def decide(kind: str, replayable: bool, reused: bool, same_tried: bool,
         if reused and usable and not same_tried:
             return SAME_BACKEND, False
         return NEXT_BACKEND, False
-    return NEXT_BACKEND, True        # TIMEOUT, PROTOCOL
+    return NEXT_BACKEND, True  # TIMEOUT, PROTOCOL
 
 
 def retry_reason(kind: str, action: int) -> str:

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 class Tunnel:
     __slots__ = ("client", "upstream", "slot", "last_activity", "closed", "on_close")
 
-    def __init__(self, client: ClientProtocol, upstream: UpstreamProtocol,
-                 slot: Upstream, on_close):
+    def __init__(
+        self, client: ClientProtocol, upstream: UpstreamProtocol, slot: Upstream, on_close
+    ):
         self.client = client
         self.upstream = upstream
         self.slot = slot

@@ -40,6 +40,7 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
         _response_fields[name] = info
     return info
 
+
 if TYPE_CHECKING:
     from ..control.metrics import Tally
     from ..routing.router import BackendState
@@ -48,9 +49,22 @@ if TYPE_CHECKING:
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    __slots__ = ("backend", "transport", "parser", "exchange", "requests", "idle_since",
-                 "closed", "paused", "head_only", "head_done", "finished", "garbage",
-                 "created", "reason")
+    __slots__ = (
+        "backend",
+        "transport",
+        "parser",
+        "exchange",
+        "requests",
+        "idle_since",
+        "closed",
+        "paused",
+        "head_only",
+        "head_done",
+        "finished",
+        "garbage",
+        "created",
+        "reason",
+    )
 
     def __init__(self, backend: Upstream, now: float):
         self.backend = backend
@@ -63,10 +77,10 @@ class UpstreamProtocol(asyncio.Protocol):
         self.created = now
         self.closed = False
         self.paused = False
-        self.head_only = False       # the current request is HEAD: its response has no body
-        self.head_done = False       # ... and its head has been relayed
-        self.finished = 0            # set during a read: 1 reusable, 2 not reusable
-        self.garbage = False         # bytes beyond the end of the current response
+        self.head_only = False  # the current request is HEAD: its response has no body
+        self.head_done = False  # ... and its head has been relayed
+        self.finished = 0  # set during a read: 1 reusable, 2 not reusable
+        self.garbage = False  # bytes beyond the end of the current response
         self.reason = b""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -88,7 +102,7 @@ class UpstreamProtocol(asyncio.Protocol):
         except HttpParserUpgrade as e:
             ex = self.exchange
             if ex is not None:
-                ex.on_upstream_upgrade(data[e.args[0]:])
+                ex.on_upstream_upgrade(data[e.args[0] :])
             return
         except HttpParserError as e:
             ex = self.exchange
@@ -241,8 +255,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
 def _later_minor_version(data: bytes) -> bool:
     """``data`` starts with a status line of HTTP/1.2 to HTTP/1.9."""
-    return data[:7] == b"HTTP/1." and len(data) > 8 and 0x32 <= data[7] <= 0x39 \
-        and data[8] == 0x20
+    return data[:7] == b"HTTP/1." and len(data) > 8 and 0x32 <= data[7] <= 0x39 and data[8] == 0x20
 
 
 class Upstream:
@@ -252,12 +265,25 @@ class Upstream:
     Exchanges ask it (``acquire``/``release``/``connected``/``lost``, ``hold``/``free``)
     and do the I/O themselves. Routing's view of the backend is ``state``."""
 
-    __slots__ = ("state", "id", "host", "port", "max_idle", "max_requests", "idle_timeout",
-                 "idle", "open", "inflight", "waiters", "tunnels", "tally", "ssl",
-                 "server_hostname")
+    __slots__ = (
+        "state",
+        "id",
+        "host",
+        "port",
+        "max_idle",
+        "max_requests",
+        "idle_timeout",
+        "idle",
+        "open",
+        "inflight",
+        "waiters",
+        "tunnels",
+        "tally",
+        "ssl",
+        "server_hostname",
+    )
 
-    def __init__(self, state: BackendState, max_idle: int, max_requests: int,
-                 idle_timeout: float):
+    def __init__(self, state: BackendState, max_idle: int, max_requests: int, idle_timeout: float):
         self.state = state
         self.id = state.id
         self.host = state.host
@@ -268,9 +294,9 @@ class Upstream:
         self.idle: deque[UpstreamProtocol] = deque()
         self.open = 0
         self.inflight = 0
-        self.waiters: deque[Exchange] = deque()   # exchanges waiting for an in-flight slot
+        self.waiters: deque[Exchange] = deque()  # exchanges waiting for an in-flight slot
         self.tunnels: set[Tunnel] = set()
-        self.tally: Tally | None = None   # request counts, set by the Observer
+        self.tally: Tally | None = None  # request counts, set by the Observer
         # an https:// backend: the context and the name sent by SNI and verified
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
@@ -309,8 +335,7 @@ class Upstream:
 
     def release(self, conn: UpstreamProtocol, now: float) -> None:
         conn.exchange = None
-        if (conn.closed or conn.requests >= self.max_requests
-                or len(self.idle) >= self.max_idle):
+        if conn.closed or conn.requests >= self.max_requests or len(self.idle) >= self.max_idle:
             conn.close()
             return
         if conn.paused:

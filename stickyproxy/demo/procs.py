@@ -97,9 +97,16 @@ class Child:
     killed by the kernel if the demo dies first (``die_with_parent``). ``on_start`` is told
     each new process group (the watchdog's list)."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, *,
-                 env: dict[str, str] | None = None, cwd: Path | None = None,
-                 on_start: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -122,9 +129,16 @@ class Child:
     def start(self) -> None:
         self.close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held for the child's lifetime
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                     start_new_session=True, preexec_fn=die_with_parent())
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         if self.on_start is not None:
             self.on_start(self.proc.pid)
         self.stopped_on_purpose = False
@@ -217,8 +231,9 @@ async def wait_redis(child: Child, port: int, deadline: float) -> None:
         await asyncio.sleep(POLL_INTERVAL)
 
 
-async def wait_http_ok(child: Child, session: aiohttp.ClientSession, url: str,
-                       deadline: float) -> None:
+async def wait_http_ok(
+    child: Child, session: aiohttp.ClientSession, url: str, deadline: float
+) -> None:
     """Until ``url`` answers 200."""
     end = time.monotonic() + deadline
     while True:
@@ -239,6 +254,7 @@ def python_env() -> dict[str, str]:
     """The environment for the demo's Python children: they import this very copy of
     stickyproxy (a checkout's, when the demo runs from one), whatever their directory."""
     from .. import compiled
+
     env = dict(os.environ)
     if compiled.in_source_tree():
         root = str(compiled.PACKAGE_DIR.parent)
@@ -248,5 +264,14 @@ def python_env() -> dict[str, str]:
 
 
 def shop_argv(port: int, node_id: str, redis_url: str) -> list[str]:
-    return [sys.executable, "-m", "stickyproxy.demo.shop", "--port", str(port),
-            "--node-id", node_id, "--redis", redis_url]
+    return [
+        sys.executable,
+        "-m",
+        "stickyproxy.demo.shop",
+        "--port",
+        str(port),
+        "--node-id",
+        node_id,
+        "--redis",
+        redis_url,
+    ]

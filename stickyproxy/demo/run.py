@@ -72,11 +72,13 @@ REFRESH = 1.0
 # SIGTERM → SIGKILL for each child; the shop finishes in-flight requests within 2 s.
 CHILD_GRACE = 3.0
 PROXY_STOP_DEADLINE = 5.0
-INSTALL_REDIS = ("stickyproxy demo needs redis-server on the PATH. Install it with\n"
-                 "  apt-get install redis-server   (Debian, Ubuntu)\n"
-                 "  dnf install redis              (Fedora)\n"
-                 "  brew install redis             (macOS)\n"
-                 "and run the demo again.")
+INSTALL_REDIS = (
+    "stickyproxy demo needs redis-server on the PATH. Install it with\n"
+    "  apt-get install redis-server   (Debian, Ubuntu)\n"
+    "  dnf install redis              (Fedora)\n"
+    "  brew install redis             (macOS)\n"
+    "and run the demo again."
+)
 # How long a clean end waits for the watchdog to take its goodbye and exit.
 WATCHDOG_EXIT_DEADLINE = 2.0
 # The run's last line: key=value pairs, so a script can check it (.ci/package.sh does).
@@ -190,8 +192,11 @@ class Demo:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             if left:
                 # not dismissed: the watchdog kills their groups once this process exits
-                print("stickyproxy demo: still running after SIGKILL, left to the watchdog: "
-                      + ", ".join(f"{c.name} (pid {c.pid})" for c in left), file=sys.stderr)
+                print(
+                    "stickyproxy demo: still running after SIGKILL, left to the watchdog: "
+                    + ", ".join(f"{c.name} (pid {c.pid})" for c in left),
+                    file=sys.stderr,
+                )
             else:
                 await self._dismiss_watchdog()
                 print("stopped: everything the demo started has exited", flush=True)
@@ -199,15 +204,22 @@ class Demo:
                 print(f"stickyproxy demo: logs kept in {self.workdir}", file=sys.stderr)
             if self.summary is not None:
                 s = self.summary
-                print(SUMMARY_FORMAT.format(ok=s.ok, failed=s.failed, limited=s.limited, lost=s.lost),
-                      flush=True)
+                print(
+                    SUMMARY_FORMAT.format(ok=s.ok, failed=s.failed, limited=s.limited, lost=s.lost),
+                    flush=True,
+                )
 
     # -- the watchdog ----------------------------------------------------------------------
     def _start_watchdog(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "stickyproxy.demo.watchdog", str(self.workdir)],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "stickyproxy.demo.watchdog", str(self.workdir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
 
     def _tell_watchdog(self, line: str) -> None:
         pipe = self.watchdog.stdin
@@ -250,27 +262,58 @@ class Demo:
     # -- start-up --------------------------------------------------------------------------
     async def _start(self, session: aiohttp.ClientSession) -> None:
         redis_port = free_port()
-        self.redis = Child("redis", [self.redis_bin, "--port", str(redis_port), "--bind", HOST,
-                                     "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-                           self.workdir / "redis.log", cwd=self.workdir, on_start=self._watch_group)
+        self.redis = Child(
+            "redis",
+            [
+                self.redis_bin,
+                "--port",
+                str(redis_port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            self.workdir / "redis.log",
+            cwd=self.workdir,
+            on_start=self._watch_group,
+        )
         self.redis.start()
         await wait_redis(self.redis, redis_port, REDIS_START_DEADLINE)
         self.redis_url = f"redis://{HOST}:{redis_port}/0"
 
         for n in range(1, INSTANCES + 1):
             node, port = f"app-{n}", free_port()
-            child = Child(node, shop_argv(port, node, self.redis_url), self.workdir / f"{node}.log",
-                          env=self.env, cwd=self.workdir, on_start=self._watch_group)
+            child = Child(
+                node,
+                shop_argv(port, node, self.redis_url),
+                self.workdir / f"{node}.log",
+                env=self.env,
+                cwd=self.workdir,
+                on_start=self._watch_group,
+            )
             self.apps.append(App(str(n), node, port, child))
             child.start()
-        await asyncio.gather(*(wait_http_ok(a.child, session, a.url + "/healthz", APP_START_DEADLINE)
-                               for a in self.apps))
+        await asyncio.gather(
+            *(
+                wait_http_ok(a.child, session, a.url + "/healthz", APP_START_DEADLINE)
+                for a in self.apps
+            )
+        )
 
         from ..control.server import Service
+
         path = self.workdir / "stickyproxy.toml"
-        path.write_text(PROXY_TOML.format(
-            host=HOST, port=self.port,
-            backends="".join(BACKEND_TOML.format(id=a.id, url=a.url) for a in self.apps)))
+        path.write_text(
+            PROXY_TOML.format(
+                host=HOST,
+                port=self.port,
+                backends="".join(BACKEND_TOML.format(id=a.id, url=a.url) for a in self.apps),
+            )
+        )
         svc = self.svc = Service(load(str(path)), str(path))
         try:
             await svc.start()
@@ -291,9 +334,12 @@ class Demo:
             if self.ui:
                 sys.stdout.write(ENTER_SCREEN)
                 sys.stdout.flush()
-            tasks = [asyncio.create_task(traffic.run(), name="demo-traffic"),
-                     asyncio.create_task(self._refresh(session, traffic, started, commands_enabled),
-                                         name="demo-view")]
+            tasks = [
+                asyncio.create_task(traffic.run(), name="demo-traffic"),
+                asyncio.create_task(
+                    self._refresh(session, traffic, started, commands_enabled), name="demo-view"
+                ),
+            ]
             if self.duration > 0:
                 timer = asyncio.get_running_loop().call_later(self.duration, self.stopping.set)
             await self.stopping.wait()
@@ -312,43 +358,66 @@ class Demo:
             if self.ui:
                 sys.stdout.write(LEAVE_SCREEN)
             s = traffic.stats
-            print(f"stopping after {time.monotonic() - started:.0f}s: {s.ok} answers, {s.failed} failed, "
-                  f"{s.limited} rate-limited, {s.lost} lost updates", flush=True)
+            print(
+                f"stopping after {time.monotonic() - started:.0f}s: {s.ok} answers, {s.failed} failed, "
+                f"{s.limited} rate-limited, {s.lost} lost updates",
+                flush=True,
+            )
             for detail in traffic.lost_details[:EVENT_LINES]:
                 print(f"  lost: {detail}", flush=True)
             self.summary = s
 
     def _print_banner(self, commands_enabled: bool) -> None:
         assert self.redis is not None
-        lines = ["stickyproxy demo: Redis, three instances of the example shop, and the proxy in front of them",
-                 "",
-                 f"  proxy   {self.proxy_url}  (users keyed by the X-User-Id header, a uid cookie or ?user=)",
-                 f"  admin   {self.admin_url}  (GET /backends, /ring, /route?key=alice, /metrics)",
-                 f"  redis   {self.redis_url}  pid {self.redis.pid}"]
+        lines = [
+            "stickyproxy demo: Redis, three instances of the example shop, and the proxy in front of them",
+            "",
+            f"  proxy   {self.proxy_url}  (users keyed by the X-User-Id header, a uid cookie or ?user=)",
+            f"  admin   {self.admin_url}  (GET /backends, /ring, /route?key=alice, /metrics)",
+            f"  redis   {self.redis_url}  pid {self.redis.pid}",
+        ]
         lines += [f"  {a.id}   {a.url}  pid {a.child.pid}" for a in self.apps]
-        lines += [f"  logs    {self.workdir}", "", "try:", *self._tips(), "",
-                  "Stop the instance that served you (its number, or kill its pid) and ask for the cart",
-                  "again: another instance answers, with the same cart.",
-                  ("commands: 1, 2, 3 stop or start an instance; q quits" if commands_enabled
-                   else "commands: none (stdin is not a terminal); Ctrl-C or SIGTERM stops the demo"),
-                  ""]
+        lines += [
+            f"  logs    {self.workdir}",
+            "",
+            "try:",
+            *self._tips(),
+            "",
+            "Stop the instance that served you (its number, or kill its pid) and ask for the cart",
+            "again: another instance answers, with the same cart.",
+            (
+                "commands: 1, 2, 3 stop or start an instance; q quits"
+                if commands_enabled
+                else "commands: none (stdin is not a terminal); Ctrl-C or SIGTERM stops the demo"
+            ),
+            "",
+        ]
         print("\n".join(lines), flush=True)
 
     def _tips(self) -> list[str]:
-        return [f"  curl -si -X POST -H 'X-User-Id: you' -d '{{\"item\": \"apple\", \"qty\": 2}}' {self.proxy_url}/cart/items",
-                f"  curl -si -H 'X-User-Id: you' {self.proxy_url}/cart       # X-Served-By: the instance holding you",
-                f"  curl -s '{self.admin_url}/route?key=you'                  # your instance, and where you go if it fails"]
+        return [
+            f'  curl -si -X POST -H \'X-User-Id: you\' -d \'{{"item": "apple", "qty": 2}}\' {self.proxy_url}/cart/items',
+            f"  curl -si -H 'X-User-Id: you' {self.proxy_url}/cart       # X-Served-By: the instance holding you",
+            f"  curl -s '{self.admin_url}/route?key=you'                  # your instance, and where you go if it fails",
+        ]
 
     def _short_tips(self) -> list[str]:
         """The tips again, short enough for an 80-column live view."""
         proxy = self.proxy_url.removeprefix("http://")
         admin = self.admin_url.removeprefix("http://")
-        return [f"curl -H 'X-User-Id: you' -d '{{\"item\":\"tea\",\"qty\":1}}' {proxy}/cart/items",
-                f"curl -si -H 'X-User-Id: you' {proxy}/cart    # X-Served-By",
-                f"curl -s '{admin}/route?key=you'"]
+        return [
+            f'curl -H \'X-User-Id: you\' -d \'{{"item":"tea","qty":1}}\' {proxy}/cart/items',
+            f"curl -si -H 'X-User-Id: you' {proxy}/cart    # X-Served-By",
+            f"curl -s '{admin}/route?key=you'",
+        ]
 
-    async def _refresh(self, session: aiohttp.ClientSession, traffic: Traffic, started: float,
-                       commands_enabled: bool) -> None:
+    async def _refresh(
+        self,
+        session: aiohttp.ClientSession,
+        traffic: Traffic,
+        started: float,
+        commands_enabled: bool,
+    ) -> None:
         poller = Poller(session, self.admin_url)
         header = [f"proxy {self.proxy_url}  admin {self.admin_url}", f"redis {self.redis_url}"]
         tips = self._short_tips()
@@ -358,13 +427,29 @@ class Demo:
             rows = [Row(a.key, a.id, a.url, a.child.pid, a.process_state()) for a in self.apps]
             await poller.fill(rows)
             s = traffic.stats
-            snap = Snapshot(rows, time.monotonic() - started, s.ok, s.failed, s.limited, s.lost,
-                            traffic.placement())
+            snap = Snapshot(
+                rows,
+                time.monotonic() - started,
+                s.ok,
+                s.failed,
+                s.limited,
+                s.lost,
+                traffic.placement(),
+            )
             try:
                 if self.ui:
                     size = shutil.get_terminal_size((MIN_WIDTH, MIN_HEIGHT))
-                    sys.stdout.write(screen(snap, header, tips, list(self.events), commands_enabled,
-                                            max(size.columns, 20), max(size.lines, 4)))
+                    sys.stdout.write(
+                        screen(
+                            snap,
+                            header,
+                            tips,
+                            list(self.events),
+                            commands_enabled,
+                            max(size.columns, 20),
+                            max(size.lines, 4),
+                        )
+                    )
                     sys.stdout.flush()
                 else:
                     print(status_line(snap), flush=True)
@@ -398,13 +483,17 @@ class Demo:
             c = app.child
             if not c.running and not c.stopped_on_purpose and not c.exit_reported:
                 c.exit_reported = True
-                self._event(f"{app.id} exited (pid {c.pid}, {c.exit_status()}): "
-                            f"press {app.key} to start it again")
+                self._event(
+                    f"{app.id} exited (pid {c.pid}, {c.exit_status()}): "
+                    f"press {app.key} to start it again"
+                )
         r = self.redis
         if r is not None and not r.running and not r.exit_reported:
             r.exit_reported = True
-            self._event(f"redis exited ({r.exit_status()}): users held in memory are still "
-                        "served; changes are refused (503)")
+            self._event(
+                f"redis exited ({r.exit_status()}): users held in memory are still "
+                "served; changes are refused (503)"
+            )
 
     def _event(self, text: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {text}"
@@ -454,16 +543,21 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     problem = port_in_use(HOST, args.port)
     if problem is not None:
-        print(f"stickyproxy demo: cannot listen on {HOST}:{args.port}: {problem}; "
-              "choose another port with --port N", file=sys.stderr)
+        print(
+            f"stickyproxy demo: cannot listen on {HOST}:{args.port}: {problem}; "
+            "choose another port with --port N",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     from ..control.startup import check_runtime
+
     problems = check_runtime()
     if problems:
         for p in problems:
             print(f"stickyproxy demo: start-up check failed: {p}", file=sys.stderr)
         return EXIT_FAIL
     from ..control.server import install_uvloop
+
     install_uvloop()
     ui = not args.no_ui and sys.stdout.isatty()
     try:

@@ -22,8 +22,12 @@ ITEMS = ("apple", "bread", "coffee", "milk", "tea")
 # Fixed seed: the same run of actions every time.
 SEED = 6
 # (method, path, weight)
-ACTIONS = (("GET", "/cart", 4), ("POST", "/cart/items", 2), ("POST", "/counter", 3),
-           ("GET", "/counter", 1))
+ACTIONS = (
+    ("GET", "/cart", 4),
+    ("POST", "/cart/items", 2),
+    ("POST", "/counter", 3),
+    ("GET", "/counter", 1),
+)
 
 
 @dataclass
@@ -46,7 +50,9 @@ class TrafficStats:
 
 
 class Traffic:
-    def __init__(self, base_url: str, *, rate: float = RATE, users: tuple[str, ...] = USERS) -> None:
+    def __init__(
+        self, base_url: str, *, rate: float = RATE, users: tuple[str, ...] = USERS
+    ) -> None:
         self.base_url = base_url
         self.rate = rate
         self.users = users
@@ -78,8 +84,9 @@ class Traffic:
         if path == "/cart/items":
             body = {"item": self.rng.choice(ITEMS), "qty": 1}
         try:
-            async with session.request(method, self.base_url + path, json=body,
-                                       headers={"X-User-Id": user}) as r:
+            async with session.request(
+                method, self.base_url + path, json=body, headers={"X-User-Id": user}
+            ) as r:
                 self.stats.statuses[r.status] += 1
                 if r.status == 429:
                     self.stats.limited += 1

@@ -29,7 +29,7 @@ USER_LINES = 2
 MIN_WIDTH, MIN_HEIGHT = 80, 24
 
 CSI = "\x1b["
-ENTER_SCREEN = CSI + "?1049h" + CSI + "?25l"     # alternate screen, cursor hidden
+ENTER_SCREEN = CSI + "?1049h" + CSI + "?25l"  # alternate screen, cursor hidden
 LEAVE_SCREEN = CSI + "?25h" + CSI + "?1049l"
 HOME, CLEAR_EOL, CLEAR_BELOW = CSI + "H", CSI + "K", CSI + "J"
 BOLD, DIM, RESET = CSI + "1m", CSI + "2m", CSI + "0m"
@@ -79,14 +79,18 @@ class Poller:
 
     async def _text(self, url: str) -> str | None:
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT)) as r:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT)
+            ) as r:
                 return await r.text() if r.status == 200 else None
         except (aiohttp.ClientError, TimeoutError):
             return None
 
     async def _json(self, url: str) -> dict | None:
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT)) as r:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT)
+            ) as r:
                 return await r.json() if r.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
@@ -96,7 +100,8 @@ class Poller:
         backends, proxy_metrics, *app_metrics = await asyncio.gather(
             self._json(self.admin_url + "/backends"),
             self._text(self.admin_url + "/metrics"),
-            *(self._text(r.url + "/metrics") if r.process == "running" else _none() for r in rows))
+            *(self._text(r.url + "/metrics") if r.process == "running" else _none() for r in rows),
+        )
         health = {b["id"]: b["state"] for b in (backends or {}).get("backends", [])}
         now = time.monotonic()
         counts: dict[str, float] = {}
@@ -109,7 +114,9 @@ class Poller:
             entries = samples(text, "stickyctx_entries") if text else []
             row.users = int(entries[0][1]) if entries else None
             if last is not None and now > last[0]:
-                row.rate = max(0.0, counts.get(row.id, 0.0) - last[1].get(row.id, 0.0)) / (now - last[0])
+                row.rate = max(0.0, counts.get(row.id, 0.0) - last[1].get(row.id, 0.0)) / (
+                    now - last[0]
+                )
 
 
 async def _none() -> None:
@@ -117,7 +124,13 @@ async def _none() -> None:
 
 
 def _health_colour(state: str) -> str:
-    return GREEN if state == "up" else RED if state in ("down", "ejected", "connect-failed") else YELLOW
+    return (
+        GREEN
+        if state == "up"
+        else RED
+        if state in ("down", "ejected", "connect-failed")
+        else YELLOW
+    )
 
 
 def status_line(s: Snapshot) -> str:
@@ -128,8 +141,11 @@ def status_line(s: Snapshot) -> str:
         else:
             users = "-" if r.users is None else str(r.users)
             parts.append(f"{r.id} {r.health}, users {users}, {r.rate:.1f} req/s")
-    return (f"[{s.elapsed:5.0f}s] " + " | ".join(parts)
-            + f" | traffic {s.ok} ok {s.failed} failed {s.lost} lost")
+    return (
+        f"[{s.elapsed:5.0f}s] "
+        + " | ".join(parts)
+        + f" | traffic {s.ok} ok {s.failed} failed {s.lost} lost"
+    )
 
 
 def visible(text: str) -> str:
@@ -156,8 +172,15 @@ def fit(line: str, width: int) -> str:
     return "".join(out) + "~" + RESET
 
 
-def view_lines(s: Snapshot, header: list[str], tips: list[str], events: list[str],
-               keys_enabled: bool, width: int = MIN_WIDTH, height: int = MIN_HEIGHT) -> list[str]:
+def view_lines(
+    s: Snapshot,
+    header: list[str],
+    tips: list[str],
+    events: list[str],
+    keys_enabled: bool,
+    width: int = MIN_WIDTH,
+    height: int = MIN_HEIGHT,
+) -> list[str]:
     """The live view's lines for a ``width`` x ``height`` terminal: at most ``height - 1``
     lines, none wider than ``width``."""
     up = time.strftime("%H:%M:%S", time.gmtime(s.elapsed))
@@ -170,27 +193,42 @@ def view_lines(s: Snapshot, header: list[str], tips: list[str], events: list[str
         pid = str(r.pid) if r.pid and r.process == "running" else "-"
         users = "-" if r.users is None else str(r.users)
         proc_colour = GREEN if r.process == "running" else RED
-        top.append(f" [{r.key}]  {r.id:<8}  {pid:<7}  {proc_colour}{r.process:<8}{RESET}  "
-                   f"{_health_colour(r.health)}{r.health:<14}{RESET}  {users:>5}  {r.rate:5.1f}")
+        top.append(
+            f" [{r.key}]  {r.id:<8}  {pid:<7}  {proc_colour}{r.process:<8}{RESET}  "
+            f"{_health_colour(r.health)}{r.health:<14}{RESET}  {users:>5}  {r.rate:5.1f}"
+        )
     top.append("")
     placed = " ".join(f"{u}@{b}" for u, b in s.placement.items())
     top += textwrap.wrap(f"users: {placed}", width, subsequent_indent="       ")[:USER_LINES]
     lost_colour = GREEN if s.lost == 0 else RED
-    top.append(f"answers: {s.ok} ok, {s.failed} failed, {s.limited} rate-limited;  "
-               f"{lost_colour}lost updates: {s.lost}{RESET}")
+    top.append(
+        f"answers: {s.ok} ok, {s.failed} failed, {s.limited} rate-limited;  "
+        f"{lost_colour}lost updates: {s.lost}{RESET}"
+    )
     room = height - 1 - len(top)
     fitting_tips = [t for t in tips if len(t) <= width]
     bottom: list[str] = []
     if fitting_tips and room >= 2 + 1:
-        bottom += ["", "try:", *fitting_tips[:room - 2]]
+        bottom += ["", "try:", *fitting_tips[: room - 2]]
     left = room - len(bottom)
     if left >= 3:
-        bottom += ["", "events:", *events[-min(EVENT_LINES, left - 2):]] if events else ["", "events: none yet"]
-    return [fit(line, width) for line in (top + bottom)[:max(1, height - 1)]]
+        bottom += (
+            ["", "events:", *events[-min(EVENT_LINES, left - 2) :]]
+            if events
+            else ["", "events: none yet"]
+        )
+    return [fit(line, width) for line in (top + bottom)[: max(1, height - 1)]]
 
 
-def screen(s: Snapshot, header: list[str], tips: list[str], events: list[str],
-           keys_enabled: bool, width: int = MIN_WIDTH, height: int = MIN_HEIGHT) -> str:
+def screen(
+    s: Snapshot,
+    header: list[str],
+    tips: list[str],
+    events: list[str],
+    keys_enabled: bool,
+    width: int = MIN_WIDTH,
+    height: int = MIN_HEIGHT,
+) -> str:
     """The whole live view, drawn over the previous one."""
     lines = view_lines(s, header, tips, events, keys_enabled, width, height)
     return HOME + "".join(line + CLEAR_EOL + "\n" for line in lines) + CLEAR_BELOW

@@ -13,13 +13,19 @@ Wiring (all on the event loop that runs the proxy's control plane)::
 from __future__ import annotations
 
 from ..config import Backend
-from .guard import APPLY, REFUSE, UNCHANGED, WAIT, Decision, MembershipGuard
-from .settings import (DiscoverySettings, DnsSettings, FileSettings, ResolverSettings,
-                       parse_discovery, parse_resolver)
-from .source import DiscoveryStats, OnChange, Poll, Source
 from .dns_source import DnsSource
 from .file_source import FileSource, parse_backends
+from .guard import APPLY, REFUSE, UNCHANGED, WAIT, Decision, MembershipGuard
 from .resolver import HostResolver, ResolveError, ResolverStats
+from .settings import (
+    DiscoverySettings,
+    DnsSettings,
+    FileSettings,
+    ResolverSettings,
+    parse_discovery,
+    parse_resolver,
+)
+from .source import DiscoveryStats, OnChange, Poll, Source
 
 
 def make_source(settings: DiscoverySettings, current: tuple[Backend, ...] = ()) -> Source:
@@ -30,9 +36,27 @@ def make_source(settings: DiscoverySettings, current: tuple[Backend, ...] = ()) 
 
 
 __all__ = [
-    "APPLY", "REFUSE", "UNCHANGED", "WAIT", "Decision", "MembershipGuard",
-    "DiscoverySettings", "DnsSettings", "FileSettings", "ResolverSettings",
-    "parse_discovery", "parse_resolver", "DiscoveryStats", "OnChange", "Poll", "Source",
-    "DnsSource", "FileSource", "parse_backends", "HostResolver", "ResolveError",
-    "ResolverStats", "make_source",
+    "APPLY",
+    "REFUSE",
+    "UNCHANGED",
+    "WAIT",
+    "Decision",
+    "MembershipGuard",
+    "DiscoverySettings",
+    "DnsSettings",
+    "FileSettings",
+    "ResolverSettings",
+    "parse_discovery",
+    "parse_resolver",
+    "DiscoveryStats",
+    "OnChange",
+    "Poll",
+    "Source",
+    "DnsSource",
+    "FileSource",
+    "parse_backends",
+    "HostResolver",
+    "ResolveError",
+    "ResolverStats",
+    "make_source",
 ]

@@ -42,8 +42,9 @@ class LookupFailed(Exception):
     """A query that tells nothing: timeout, SERVFAIL, REFUSED, no server reachable."""
 
 
-def make_resolver(nameservers: Sequence[tuple[str, int]], timeout: float,
-                  resolv_conf: str = "/etc/resolv.conf") -> dns.asyncresolver.Resolver:
+def make_resolver(
+    nameservers: Sequence[tuple[str, int]], timeout: float, resolv_conf: str = "/etc/resolv.conf"
+) -> dns.asyncresolver.Resolver:
     """An async resolver asking ``nameservers`` (empty: those of /etc/resolv.conf, read
     here: call it off the event loop). LookupFailed when there are none."""
     if nameservers:
@@ -62,8 +63,13 @@ def make_resolver(nameservers: Sequence[tuple[str, int]], timeout: float,
     return r
 
 
-async def query(resolver: dns.asyncresolver.Resolver, name: str | dns.name.Name, rdtype: str,
-                timeout: float, search: bool = False) -> dns.resolver.Answer | None:
+async def query(
+    resolver: dns.asyncresolver.Resolver,
+    name: str | dns.name.Name,
+    rdtype: str,
+    timeout: float,
+    search: bool = False,
+) -> dns.resolver.Answer | None:
     """An answer, or None when the name or the type does not exist (NXDOMAIN, NODATA)."""
     try:
         return await resolver.resolve(name, rdtype, lifetime=timeout, search=search)
@@ -92,13 +98,18 @@ def addresses_in(response: dns.message.Message) -> dict[str, tuple[list[str], in
 class DnsSource(Source):
     kind = "dns"
 
-    def __init__(self, settings: DiscoverySettings, current: tuple[Backend, ...] = (), *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: DiscoverySettings,
+        current: tuple[Backend, ...] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(settings, current, clock=clock)
         assert settings.dns is not None
         self.dns: DnsSettings = settings.dns
         self._resolver: dns.asyncresolver.Resolver | None = None
-        self.qname = dns.name.from_text(self.dns.name)   # absolute: no search domains
+        self.qname = dns.name.from_text(self.dns.name)  # absolute: no search domains
 
     @property
     def min_delay(self) -> float:
@@ -119,7 +130,8 @@ class DnsSource(Source):
         try:
             if self._resolver is None:
                 self._resolver = await asyncio.to_thread(
-                    make_resolver, self.dns.nameservers, self.dns.timeout)
+                    make_resolver, self.dns.nameservers, self.dns.timeout
+                )
             async with asyncio.timeout(self.dns.timeout):
                 if self.dns.type == "SRV":
                     backends, problems, ttl = await self._srv()
@@ -128,8 +140,11 @@ class DnsSource(Source):
         except LookupFailed as e:
             return Poll(None, self.dns.interval_min, error=str(e))
         except TimeoutError:
-            return Poll(None, self.dns.interval_min,
-                        error=f"no complete answer within {self.dns.timeout:g}s")
+            return Poll(
+                None,
+                self.dns.interval_min,
+                error=f"no complete answer within {self.dns.timeout:g}s",
+            )
         return Poll(backends, self._delay(ttl), tuple(problems))
 
     async def _srv(self) -> tuple[tuple[Backend, ...], list[str], float]:
@@ -138,7 +153,9 @@ class DnsSource(Source):
         if answer is None or answer.rrset is None:
             return (), [], float(self.dns.interval_min)
         ttl = float(answer.rrset.ttl)
-        records = [SrvRecord(r.priority, r.weight, r.port, r.target.to_text()) for r in answer.rrset]
+        records = [
+            SrvRecord(r.priority, r.weight, r.port, r.target.to_text()) for r in answer.rrset
+        ]
         known = addresses_in(answer.response)
         addresses: dict[str, list[str]] = {}
         missing = []
@@ -154,8 +171,10 @@ class DnsSource(Source):
 
         async def look(name: str) -> tuple[str, list[str], float]:
             async with sem:
-                a4, a6 = await asyncio.gather(query(self.resolver, name + ".", "A", t),
-                                              query(self.resolver, name + ".", "AAAA", t))
+                a4, a6 = await asyncio.gather(
+                    query(self.resolver, name + ".", "A", t),
+                    query(self.resolver, name + ".", "AAAA", t),
+                )
             addrs: list[str] = []
             ttls = [ttl]
             for a in (a4, a6):
@@ -164,7 +183,9 @@ class DnsSource(Source):
                     ttls.append(float(a.rrset.ttl))
             return name, addrs, min(ttls)
 
-        for name, found, found_ttl in await asyncio.gather(*(look(n) for n in sorted(set(missing)))):
+        for name, found, found_ttl in await asyncio.gather(
+            *(look(n) for n in sorted(set(missing)))
+        ):
             addresses[name] = found
             ttl = min(ttl, found_ttl)
         backends, problems = srv_backends(records, addresses, self.dns)

@@ -16,10 +16,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import time
 import hashlib
 import json
 import os
+import time
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -78,11 +78,13 @@ def parse_backends(data: bytes, path: str) -> tuple[Backend, ...]:
 Signature = tuple[int, int, int, int]
 
 
-def read_if_changed(path: str, last: Signature | None,
-                    ) -> tuple[Signature, bytes | None]:
+def read_if_changed(
+    path: str,
+    last: Signature | None,
+) -> tuple[Signature, bytes | None]:
     """The file's signature, and its bytes when the signature differs from ``last``.
     OSError when it cannot be had; ValueError when it is too large."""
-    st = os.stat(path)                         # follows symlinks (ConfigMap ..data swaps)
+    st = os.stat(path)  # follows symlinks (ConfigMap ..data swaps)
     sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if sig == last:
         return sig, None
@@ -98,8 +100,13 @@ def read_if_changed(path: str, last: Signature | None,
 class FileSource(Source):
     kind = "file"
 
-    def __init__(self, settings: DiscoverySettings, current: tuple[Backend, ...] = (), *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: DiscoverySettings,
+        current: tuple[Backend, ...] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(settings, current, clock=clock)
         assert settings.file is not None
         self.file: FileSettings = settings.file

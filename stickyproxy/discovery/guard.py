@@ -30,13 +30,13 @@ UNCHANGED = "unchanged"
 
 @dataclass(frozen=True)
 class Decision:
-    action: str                                  # APPLY, WAIT, REFUSE or UNCHANGED
+    action: str  # APPLY, WAIT, REFUSE or UNCHANGED
     reason: str
-    backends: tuple[Backend, ...] = ()           # the candidate (sorted by id)
+    backends: tuple[Backend, ...] = ()  # the candidate (sorted by id)
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    first: bool = True                           # REFUSE: first refusal of this candidate
-    wait: float = 0.0                            # WAIT: seconds of settling left
+    first: bool = True  # REFUSE: first refusal of this candidate
+    wait: float = 0.0  # WAIT: seconds of settling left
 
 
 def canonical(backends: tuple[Backend, ...] | list[Backend]) -> tuple[Backend, ...]:
@@ -44,8 +44,9 @@ def canonical(backends: tuple[Backend, ...] | list[Backend]) -> tuple[Backend, .
 
 
 class MembershipGuard:
-    def __init__(self, settle: float, max_drop_share: float,
-                 current: tuple[Backend, ...] = ()) -> None:
+    def __init__(
+        self, settle: float, max_drop_share: float, current: tuple[Backend, ...] = ()
+    ) -> None:
         self.settle = settle
         self.max_drop_share = max_drop_share
         self.current = canonical(current)
@@ -59,8 +60,7 @@ class MembershipGuard:
             self._candidate = None
             first = self._refused != ()
             self._refused = ()
-            return Decision(REFUSE, "empty set: never applied, the current set stays",
-                            first=first)
+            return Decision(REFUSE, "empty set: never applied, the current set stays", first=first)
         if seen == self.current:
             self._candidate = None
             self._refused = None
@@ -78,15 +78,27 @@ class MembershipGuard:
                 self._refused = None
         held = now - self._since
         if held < self.settle:
-            return Decision(WAIT, f"settling: seen unchanged for {held:.3g}s of {self.settle:g}s",
-                            seen, added, removed, wait=self.settle - held)
+            return Decision(
+                WAIT,
+                f"settling: seen unchanged for {held:.3g}s of {self.settle:g}s",
+                seen,
+                added,
+                removed,
+                wait=self.settle - held,
+            )
         share = len(removed) / len(self.current)
         if share > self.max_drop_share:
             first = self._refused != seen
             self._refused = seen
-            return Decision(REFUSE, f"would remove {len(removed)} of {len(self.current)} members "
-                            f"({share:.0%}), more than max_drop_share {self.max_drop_share:.0%}",
-                            seen, added, removed, first=first)
+            return Decision(
+                REFUSE,
+                f"would remove {len(removed)} of {len(self.current)} members "
+                f"({share:.0%}), more than max_drop_share {self.max_drop_share:.0%}",
+                seen,
+                added,
+                removed,
+                first=first,
+            )
         return Decision(APPLY, f"settled for {held:.3g}s", seen, added, removed)
 
     def applied(self, backends: tuple[Backend, ...] | list[Backend]) -> None:

@@ -26,7 +26,7 @@ class SrvRecord:
     priority: int
     weight: int
     port: int
-    target: str          # as received; normalised by ``host_name``
+    target: str  # as received; normalised by ``host_name``
 
 
 def host_name(name: str) -> str:
@@ -42,8 +42,10 @@ def host_id(name: str, strip_suffix: str = "", port: int | None = None) -> str:
         name = name[: -len(strip_suffix)]
     bid = f"{name}-{port}" if port is not None else name
     if not BACKEND_ID_RE.match(bid):
-        raise ValueError(f"{bid!r} cannot be a backend id (1-64 letters, digits, '.', '_', '-'; "
-                         f"set strip_suffix to shorten host names)")
+        raise ValueError(
+            f"{bid!r} cannot be a backend id (1-64 letters, digits, '.', '_', '-'; "
+            f"set strip_suffix to shorten host names)"
+        )
     return bid
 
 
@@ -54,8 +56,7 @@ def url_of(scheme: str, address: str, port: int) -> str:
 
 def pick_address(addresses: Iterable[str]) -> str | None:
     """One address per member, the same in every proxy: IPv4 first, then the lowest."""
-    parsed = sorted({ipaddress.ip_address(a) for a in addresses},
-                    key=lambda a: (a.version, a))
+    parsed = sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a))
     return str(parsed[0]) if parsed else None
 
 
@@ -81,8 +82,9 @@ def normalise_weights(weights: Sequence[int]) -> list[int]:
     return ws
 
 
-def srv_backends(records: Sequence[SrvRecord], addresses: Mapping[str, Sequence[str]],
-                 s: DnsSettings) -> tuple[tuple[Backend, ...], list[str]]:
+def srv_backends(
+    records: Sequence[SrvRecord], addresses: Mapping[str, Sequence[str]], s: DnsSettings
+) -> tuple[tuple[Backend, ...], list[str]]:
     """Members from SRV records; ``addresses`` maps a target (``host_name``) to its
     addresses. Returns the backends and the problems with records that were left out."""
     problems: list[str] = []
@@ -102,8 +104,10 @@ def srv_backends(records: Sequence[SrvRecord], addresses: Mapping[str, Sequence[
             problems.append(f"SRV target {name}: {e}")
             continue
         if bid in chosen:
-            problems.append(f"SRV target {name} port {r.port}: same id {bid!r} as port "
-                            f"{chosen[bid][0].port}, left out (id = \"host-port\" keeps both)")
+            problems.append(
+                f"SRV target {name} port {r.port}: same id {bid!r} as port "
+                f'{chosen[bid][0].port}, left out (id = "host-port" keeps both)'
+            )
             continue
         addr = pick_address(addresses.get(name, ()))
         if addr is None:
@@ -115,14 +119,23 @@ def srv_backends(records: Sequence[SrvRecord], addresses: Mapping[str, Sequence[
         weights = normalise_weights([chosen[i][0].weight for i in ids])
     else:
         weights = [1] * len(ids)
-    out = tuple(Backend(id=i, url=url_of(s.scheme, chosen[i][1], chosen[i][0].port), weight=w,
-                        host=chosen[i][1], port=chosen[i][0].port)
-                for i, w in zip(ids, weights))
+    out = tuple(
+        Backend(
+            id=i,
+            url=url_of(s.scheme, chosen[i][1], chosen[i][0].port),
+            weight=w,
+            host=chosen[i][1],
+            port=chosen[i][0].port,
+        )
+        for i, w in zip(ids, weights)
+    )
     return out, problems
 
 
-def address_backends(names: Mapping[str, str | None], s: DnsSettings,
-                     ) -> tuple[tuple[Backend, ...], list[str]]:
+def address_backends(
+    names: Mapping[str, str | None],
+    s: DnsSettings,
+) -> tuple[tuple[Backend, ...], list[str]]:
     """Members from A/AAAA answers: ``names`` maps each address to its PTR name (None: it
     has none). An address without a name is left out: its id could only be the address,
     which changes when the member restarts elsewhere. Several addresses with one name (a
@@ -144,6 +157,9 @@ def address_backends(names: Mapping[str, str | None], s: DnsSettings,
     for bid in sorted(by_id):
         chosen = pick_address(by_id[bid])
         assert chosen is not None
-        out.append(Backend(id=bid, url=url_of(s.scheme, chosen, s.port), weight=1, host=chosen,
-                           port=s.port))
+        out.append(
+            Backend(
+                id=bid, url=url_of(s.scheme, chosen, s.port), weight=1, host=chosen, port=s.port
+            )
+        )
     return tuple(out), problems

@@ -50,7 +50,7 @@ class ResolveError(OSError):
 
 @dataclass
 class _Entry:
-    addresses: list[str]                 # [] for a remembered failure
+    addresses: list[str]  # [] for a remembered failure
     error: str
     fresh_until: float
     stale_until: float
@@ -58,12 +58,12 @@ class _Entry:
 
 @dataclass
 class ResolverStats:
-    hits: int = 0            # answered from a fresh entry
-    stale: int = 0           # answered from an expired entry while refreshing
-    lookups: int = 0         # questions sent (per host, A and AAAA together)
-    failures: int = 0        # lookups that failed (timeout, no address, server error)
-    waits: int = 0           # callers that had to wait for a lookup
-    hosts: dict[str, str] = field(default_factory=dict)   # host → last failure
+    hits: int = 0  # answered from a fresh entry
+    stale: int = 0  # answered from an expired entry while refreshing
+    lookups: int = 0  # questions sent (per host, A and AAAA together)
+    failures: int = 0  # lookups that failed (timeout, no address, server error)
+    waits: int = 0  # callers that had to wait for a lookup
+    hosts: dict[str, str] = field(default_factory=dict)  # host → last failure
 
 
 def parse_hosts(text: str) -> dict[str, list[str]]:
@@ -90,8 +90,13 @@ def order(addresses: list[str]) -> list[str]:
 
 
 class HostResolver:
-    def __init__(self, settings: ResolverSettings | None = None, *, hosts_file: str = HOSTS_FILE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: ResolverSettings | None = None,
+        *,
+        hosts_file: str = HOSTS_FILE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings or ResolverSettings()
         self.hosts_file = hosts_file
         self.clock = clock
@@ -174,7 +179,7 @@ class HostResolver:
             del self._inflight[key]
         if task.cancelled():
             return
-        if task.exception() is not None:   # retrieved: never "exception was never retrieved"
+        if task.exception() is not None:  # retrieved: never "exception was never retrieved"
             log.error("resolver: lookup of %s failed unexpectedly: %r", key, task.exception())
 
     async def _lookup(self, key: str) -> _Entry:
@@ -186,7 +191,7 @@ class HostResolver:
         error = ""
         hosts = await self._hosts_names()
         if key in hosts:
-            addresses, ttl = order(hosts[key]), s.min_ttl   # an edit is seen within min_ttl
+            addresses, ttl = order(hosts[key]), s.min_ttl  # an edit is seen within min_ttl
         elif key == "localhost" or key.endswith(".localhost"):
             addresses, ttl = ["127.0.0.1", "::1"], s.max_ttl
         else:
@@ -229,7 +234,8 @@ class HostResolver:
             a4, a6 = await asyncio.gather(
                 query(self._resolver, key, "A", s.timeout, search=True),
                 query(self._resolver, key, "AAAA", s.timeout, search=True),
-                return_exceptions=True)
+                return_exceptions=True,
+            )
         addrs: list[str] = []
         ttls: list[float] = []
         failed: list[BaseException] = []
@@ -278,15 +284,24 @@ class _AiohttpResolver(AbstractResolver):
     def __init__(self, resolver: HostResolver) -> None:
         self.resolver = resolver
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         out: list[ResolveResult] = []
         for addr in await self.resolver.resolve(host):
             fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
             if family not in (socket.AF_UNSPEC, fam):
                 continue
-            out.append(ResolveResult(hostname=host, host=addr, port=port, family=fam,
-                                     proto=0, flags=socket.AI_NUMERICHOST))
+            out.append(
+                ResolveResult(
+                    hostname=host,
+                    host=addr,
+                    port=port,
+                    family=fam,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            )
         if not out:
             raise ResolveError(f"{host}: no address of the family asked for")
         return out

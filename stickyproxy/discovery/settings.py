@@ -12,8 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import (ConfigError, k_choice, k_duration, k_float, k_port, k_str, spec,
-                      table_fields)
+from ..config import ConfigError, k_choice, k_duration, k_float, k_port, k_str, spec, table_fields
 
 RECORD_TYPES = ("SRV", "A", "AAAA", "A+AAAA")
 ID_MODES = ("host", "host-port")
@@ -41,7 +40,7 @@ def k_suffix(v: Any) -> str:
         return ""
     body = v.strip(".")
     if not body or not all(_LABEL.match(x) for x in body.split(".")):
-        raise ValueError(f"not a domain suffix such as \".app.ns.svc.cluster.local\": {v!r}")
+        raise ValueError(f'not a domain suffix such as ".app.ns.svc.cluster.local": {v!r}')
     return "." + body
 
 
@@ -69,7 +68,7 @@ def parse_nameserver(v: str) -> tuple[str, int]:
 
 def k_nameservers(v: Any) -> tuple[tuple[str, int], ...]:
     if not isinstance(v, list):
-        raise ValueError(f"expected a list such as [\"10.0.0.10\", \"127.0.0.1:8600\"], got {v!r}")
+        raise ValueError(f'expected a list such as ["10.0.0.10", "127.0.0.1:8600"], got {v!r}')
     if len(v) > MAX_NAMESERVERS:
         raise ValueError(f"at most {MAX_NAMESERVERS} nameservers, got {len(v)}")
     return tuple(parse_nameserver(k_str(x)) for x in v)
@@ -79,15 +78,26 @@ def k_nameservers(v: Any) -> tuple[tuple[str, int], ...]:
 class DnsSettings:
     name: str = spec("", k_dns_name, "the name queried, always as a fully qualified name")
     type: str = spec("SRV", k_choice(*RECORD_TYPES), "record type queried")
-    port: int = spec(0, k_port, "backend port for A/AAAA answers (required there; SRV carries its own)")
+    port: int = spec(
+        0, k_port, "backend port for A/AAAA answers (required there; SRV carries its own)"
+    )
     scheme: str = spec("http", k_choice(*SCHEMES), "scheme of the backend URLs made")
-    interval_min: float = spec(5.0, k_duration(0.1), "shortest time between two queries, whatever the TTL")
-    interval_max: float = spec(60.0, k_duration(0.1), "longest time between two queries, whatever the TTL")
-    timeout: float = spec(2.0, k_duration(0.01), "bound on one round of queries (all servers and retries)")
-    nameservers: tuple = spec((), k_nameservers,
-                              "servers asked, \"addr\" or \"addr:port\" ([] = /etc/resolv.conf)")
+    interval_min: float = spec(
+        5.0, k_duration(0.1), "shortest time between two queries, whatever the TTL"
+    )
+    interval_max: float = spec(
+        60.0, k_duration(0.1), "longest time between two queries, whatever the TTL"
+    )
+    timeout: float = spec(
+        2.0, k_duration(0.01), "bound on one round of queries (all servers and retries)"
+    )
+    nameservers: tuple = spec(
+        (), k_nameservers, 'servers asked, "addr" or "addr:port" ([] = /etc/resolv.conf)'
+    )
     strip_suffix: str = spec("", k_suffix, "domain suffix removed from host names to form ids")
-    id: str = spec("host", k_choice(*ID_MODES), "id of a member: its host name, or host name and port")
+    id: str = spec(
+        "host", k_choice(*ID_MODES), "id of a member: its host name, or host name and port"
+    )
     weights: str = spec("srv", k_choice(*WEIGHT_MODES), "weights from SRV records, or all equal")
 
 
@@ -99,9 +109,12 @@ class FileSettings:
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    settle: float = spec(10.0, k_duration(0.0), "a changed set must be seen unchanged this long before it is applied")
-    max_drop_share: float = spec(0.5, k_float(0.0, 1.0),
-                                 "largest share of members one step may remove (0..1)")
+    settle: float = spec(
+        10.0, k_duration(0.0), "a changed set must be seen unchanged this long before it is applied"
+    )
+    max_drop_share: float = spec(
+        0.5, k_float(0.0, 1.0), "largest share of members one step may remove (0..1)"
+    )
     dns: DnsSettings | None = None
     file: FileSettings | None = None
 
@@ -113,13 +126,20 @@ class DiscoverySettings:
 @dataclass(frozen=True)
 class ResolverSettings:
     """How backend host names are resolved for connections and health checks."""
-    nameservers: tuple = spec((), k_nameservers,
-                              "servers asked, \"addr\" or \"addr:port\" ([] = /etc/resolv.conf)")
+
+    nameservers: tuple = spec(
+        (), k_nameservers, 'servers asked, "addr" or "addr:port" ([] = /etc/resolv.conf)'
+    )
     timeout: float = spec(1.0, k_duration(0.01), "bound on one host's lookup")
     min_ttl: float = spec(1.0, k_duration(0.0), "an answer is kept at least this long")
-    max_ttl: float = spec(300.0, k_duration(0.0), "an answer is kept at most this long before it is asked again")
-    stale_for: float = spec(3600.0, k_duration(0.0),
-                            "how long an expired answer is still served while the server does not answer")
+    max_ttl: float = spec(
+        300.0, k_duration(0.0), "an answer is kept at most this long before it is asked again"
+    )
+    stale_for: float = spec(
+        3600.0,
+        k_duration(0.0),
+        "how long an expired answer is still served while the server does not answer",
+    )
 
 
 def _table(cls: type, raw: Any, path: str, errors: list[str], nested: tuple[str, ...] = ()) -> Any:
@@ -133,19 +153,29 @@ def _dns(raw: Any, path: str, errors: list[str]) -> DnsSettings:
     s: DnsSettings = _table(DnsSettings, raw, path, errors)
     given = raw if isinstance(raw, dict) else {}
     if "name" not in given:
-        errors.append(f"{path}.name: missing (the name to query, e.g. \"_http._tcp.app.ns.svc.cluster.local\")")
+        errors.append(
+            f'{path}.name: missing (the name to query, e.g. "_http._tcp.app.ns.svc.cluster.local")'
+        )
     if s.type == "SRV":
         if "port" in given:
-            errors.append(f"{path}.port: not used with type \"SRV\" (each SRV record carries its port)")
+            errors.append(
+                f'{path}.port: not used with type "SRV" (each SRV record carries its port)'
+            )
     else:
         if "port" in given and given["port"] == 0:
             errors.append(f"{path}.port: must be between 1 and 65535, got 0")
         elif "port" not in given:
-            errors.append(f"{path}.port: required when type is {s.type!r} (A/AAAA records carry no port)")
+            errors.append(
+                f"{path}.port: required when type is {s.type!r} (A/AAAA records carry no port)"
+            )
         if "id" in given and s.id != "host":
-            errors.append(f"{path}.id: \"host-port\" applies to SRV only (A/AAAA members share one port)")
+            errors.append(
+                f'{path}.id: "host-port" applies to SRV only (A/AAAA members share one port)'
+            )
         if "weights" in given and s.weights == "srv":
-            errors.append(f"{path}.weights: \"srv\" needs type \"SRV\" (A/AAAA records carry no weight)")
+            errors.append(
+                f'{path}.weights: "srv" needs type "SRV" (A/AAAA records carry no weight)'
+            )
     if s.type != "SRV":
         s = dataclasses.replace(s, weights="equal")
     if s.interval_min > s.interval_max:
@@ -165,8 +195,11 @@ def _file(raw: Any, path: str, errors: list[str]) -> FileSettings:
     return s
 
 
-def parse_discovery(raw: Any, path: str = "discovery", errors: list[str] | None = None,
-                    ) -> DiscoverySettings:
+def parse_discovery(
+    raw: Any,
+    path: str = "discovery",
+    errors: list[str] | None = None,
+) -> DiscoverySettings:
     """Validate a ``[discovery]`` table. Exactly one source: ``[discovery.dns]`` or
     ``[discovery.file]``. With ``errors`` given, problems are appended to it (and the
     returned settings are only meaningful when none were); otherwise ConfigError is raised."""
@@ -184,8 +217,11 @@ def parse_discovery(raw: Any, path: str = "discovery", errors: list[str] | None 
     return s
 
 
-def parse_resolver(raw: Any, path: str = "resolver", errors: list[str] | None = None,
-                   ) -> ResolverSettings:
+def parse_resolver(
+    raw: Any,
+    path: str = "resolver",
+    errors: list[str] | None = None,
+) -> ResolverSettings:
     """Validate a ``[resolver]`` table (absent: pass ``{}``); as ``parse_discovery``."""
     own: list[str] = [] if errors is None else errors
     start = len(own)
@@ -204,6 +240,7 @@ _SHOWN = {("discovery.dns", "port"): "(SRV: not used; A/AAAA: required)"}
 
 def _show(v: Any, kind: Any) -> str:
     from ..units import format_duration
+
     if getattr(kind, "__qualname__", "").startswith("k_duration"):
         return f'`"{format_duration(v)}"`'
     if isinstance(v, tuple):
@@ -217,15 +254,22 @@ def reference_tables() -> dict[str, str]:
     """Markdown table of each table's keys, from the fields that hold the defaults
     (docs/discovery.md contains each one verbatim; a test keeps them equal)."""
     out: dict[str, str] = {}
-    for table, cls in (("discovery", DiscoverySettings), ("discovery.dns", DnsSettings),
-                       ("discovery.file", FileSettings), ("resolver", ResolverSettings)):
+    for table, cls in (
+        ("discovery", DiscoverySettings),
+        ("discovery.dns", DnsSettings),
+        ("discovery.file", FileSettings),
+        ("resolver", ResolverSettings),
+    ):
         rows = ["| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             kind = f.metadata.get("kind")
             if kind is None:
                 continue
-            shown = "(required)" if (table, f.name) in _REQUIRED else \
-                _SHOWN.get((table, f.name)) or _show(f.default, kind)
+            shown = (
+                "(required)"
+                if (table, f.name) in _REQUIRED
+                else _SHOWN.get((table, f.name)) or _show(f.default, kind)
+            )
             doc = f.metadata.get("doc", "")
             choices = getattr(kind, "choices", None)
             if choices:

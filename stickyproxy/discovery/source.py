@@ -27,6 +27,7 @@ OnChange = Callable[[tuple[Backend, ...]], Awaitable[None]]
 class Poll:
     """One look at a source: the members seen (``None``: the look failed, nothing is known),
     what was left out and why, and how long to wait before the next look."""
+
     backends: tuple[Backend, ...] | None
     delay: float
     problems: tuple[str, ...] = ()
@@ -36,14 +37,15 @@ class Poll:
 @dataclass
 class DiscoveryStats:
     """Counters for metrics (monotonic) and the latest state, for the admin API."""
-    rounds: int = 0              # looks completed
-    failures: int = 0            # looks that failed (timeout, server error, unreadable file)
-    refused: int = 0             # distinct candidate sets refused by the guard
-    applied: int = 0             # steps taken by on_change
-    apply_failures: int = 0      # steps on_change raised on (tried again next round)
-    members: int = 0             # members in the current set
-    pending: bool = False        # a candidate is settling
-    refusing: bool = False       # the latest settled candidate was refused
+
+    rounds: int = 0  # looks completed
+    failures: int = 0  # looks that failed (timeout, server error, unreadable file)
+    refused: int = 0  # distinct candidate sets refused by the guard
+    applied: int = 0  # steps taken by on_change
+    apply_failures: int = 0  # steps on_change raised on (tried again next round)
+    members: int = 0  # members in the current set
+    pending: bool = False  # a candidate is settling
+    refusing: bool = False  # the latest settled candidate was refused
     last_error: str = ""
     last_decision: str = ""
     problems: tuple[str, ...] = field(default_factory=tuple)
@@ -54,8 +56,13 @@ class Source:
 
     kind = "source"
 
-    def __init__(self, settings: DiscoverySettings, current: tuple[Backend, ...] = (), *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: DiscoverySettings,
+        current: tuple[Backend, ...] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.guard = MembershipGuard(settings.settle, settings.max_drop_share, current)
         self.stats = DiscoveryStats(members=len(current))
@@ -99,8 +106,12 @@ class Source:
         if poll.backends is None:
             self.stats.failures += 1
             if poll.error != self.stats.last_error:
-                log.warning("discovery %s: %s; keeping the current %d members",
-                            self.describe(), poll.error, len(self.current))
+                log.warning(
+                    "discovery %s: %s; keeping the current %d members",
+                    self.describe(),
+                    poll.error,
+                    len(self.current),
+                )
             self.stats.last_error = poll.error
             return Decision(WAIT, poll.error), poll.delay
         if self.stats.last_error:
@@ -112,33 +123,55 @@ class Source:
         self.stats.refusing = d.action == REFUSE
         delay = poll.delay
         if d.action == WAIT:
-            log.info("discovery %s: change seen (+%s -%s), %s", self.describe(),
-                     ",".join(d.added) or "0", ",".join(d.removed) or "0", d.reason)
+            log.info(
+                "discovery %s: change seen (+%s -%s), %s",
+                self.describe(),
+                ",".join(d.added) or "0",
+                ",".join(d.removed) or "0",
+                d.reason,
+            )
             delay = min(delay, max(d.wait, self.min_delay))
         elif d.action == REFUSE and d.first:
             self.stats.refused += 1
-            log.warning("discovery %s: refused (+%s -%s): %s; keeping the current %d members, "
-                        "asking again", self.describe(), ",".join(d.added) or "0",
-                        ",".join(d.removed) or "0", d.reason, len(self.current))
+            log.warning(
+                "discovery %s: refused (+%s -%s): %s; keeping the current %d members, asking again",
+                self.describe(),
+                ",".join(d.added) or "0",
+                ",".join(d.removed) or "0",
+                d.reason,
+                len(self.current),
+            )
         elif d.action == APPLY:
             try:
                 await on_change(d.backends)
-            except ConfigError as e:       # refused by the reload path: said, not a bug
+            except ConfigError as e:  # refused by the reload path: said, not a bug
                 self.stats.apply_failures += 1
-                log.error("discovery %s: applying %d members was refused: %s; trying again",
-                          self.describe(), len(d.backends), e)
+                log.error(
+                    "discovery %s: applying %d members was refused: %s; trying again",
+                    self.describe(),
+                    len(d.backends),
+                    e,
+                )
                 return d, self.min_delay
             except Exception:
                 self.stats.apply_failures += 1
-                log.exception("discovery %s: applying %d members failed; trying again",
-                              self.describe(), len(d.backends))
+                log.exception(
+                    "discovery %s: applying %d members failed; trying again",
+                    self.describe(),
+                    len(d.backends),
+                )
                 return d, self.min_delay
             self.guard.applied(d.backends)
             self.stats.applied += 1
             self.stats.members = len(d.backends)
-            log.info("discovery %s: applied %d members (+%s -%s), %s", self.describe(),
-                     len(d.backends), ",".join(d.added) or "0", ",".join(d.removed) or "0",
-                     d.reason)
+            log.info(
+                "discovery %s: applied %d members (+%s -%s), %s",
+                self.describe(),
+                len(d.backends),
+                ",".join(d.added) or "0",
+                ",".join(d.removed) or "0",
+                d.reason,
+            )
         return d, delay
 
     async def watch(self, on_change: OnChange) -> None:

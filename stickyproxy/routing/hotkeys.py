@@ -62,26 +62,33 @@ def key_digest(key: str) -> str:
 
 
 class HotKey(NamedTuple):
-    key: str          # key_digest(key), or the raw key when configured
-    requests: int     # lower bound of its requests (sampled count x sample_every)
-    upper: int        # upper bound: requests + the sketch's offset
-    share: float      # requests / every request the sketch counted
+    key: str  # key_digest(key), or the raw key when configured
+    requests: int  # lower bound of its requests (sampled count x sample_every)
+    upper: int  # upper bound: requests + the sketch's offset
+    share: float  # requests / every request the sketch counted
 
 
 class HotKeys:
     """Frequent user keys of one process; ``merge`` combines processes' sketches."""
 
-    __slots__ = ("max_keys", "sample_every", "raw", "_counts", "_offset", "_total",
-                 "_countdown")
+    __slots__ = ("max_keys", "sample_every", "raw", "_counts", "_offset", "_total", "_countdown")
 
-    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS,
-                 sample_every: int = DEFAULT_SAMPLE_EVERY, raw: bool = False):
+    def __init__(
+        self,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+        raw: bool = False,
+    ):
         if not isinstance(max_keys, int) or not MIN_MAX_KEYS <= max_keys <= MAX_MAX_KEYS:
-            raise ValueError(f"max_keys must be an integer from {MIN_MAX_KEYS} to "
-                             f"{MAX_MAX_KEYS}, not {max_keys!r}")
+            raise ValueError(
+                f"max_keys must be an integer from {MIN_MAX_KEYS} to "
+                f"{MAX_MAX_KEYS}, not {max_keys!r}"
+            )
         if not isinstance(sample_every, int) or not 1 <= sample_every <= MAX_SAMPLE_EVERY:
-            raise ValueError(f"sample_every must be an integer from 1 to {MAX_SAMPLE_EVERY}, "
-                             f"not {sample_every!r}")
+            raise ValueError(
+                f"sample_every must be an integer from 1 to {MAX_SAMPLE_EVERY}, "
+                f"not {sample_every!r}"
+            )
         self.max_keys = max_keys
         self.sample_every = sample_every
         self.raw = raw
@@ -158,16 +165,22 @@ class HotKeys:
     def top(self, n: int) -> list[HotKey]:
         """The ``n`` hottest keys, hottest first (ties in key order)."""
         total = self._total
-        ranked = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max(n, 0)]
+        ranked = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(n, 0)]
         return [HotKey(k, c, c + self._offset, c / total if total else 0.0) for k, c in ranked]
 
     # -- across processes ------------------------------------------------------------------
 
     def to_data(self) -> dict[str, Any]:
         """JSON-able state: what a worker sends the supervisor to merge."""
-        return {"format": FORMAT, "max_keys": self.max_keys, "sample_every": self.sample_every,
-                "raw": self.raw, "total": self._total, "offset": self._offset,
-                "items": [[k, c] for k, c in self._counts.items()]}
+        return {
+            "format": FORMAT,
+            "max_keys": self.max_keys,
+            "sample_every": self.sample_every,
+            "raw": self.raw,
+            "total": self._total,
+            "offset": self._offset,
+            "items": [[k, c] for k, c in self._counts.items()],
+        }
 
     @classmethod
     def from_data(cls, data: Any, where: str = "hotkeys") -> HotKeys:
@@ -191,9 +204,15 @@ class HotKeys:
             raise ValueError(f"{where}.items: not a list of at most {sketch.max_keys} pairs")
         counts: dict[str, int] = {}
         for i, item in enumerate(items):
-            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                    or not isinstance(item[1], int) or isinstance(item[1], bool)
-                    or item[1] <= 0 or item[0] in counts):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], int)
+                or isinstance(item[1], bool)
+                or item[1] <= 0
+                or item[0] in counts
+            ):
                 raise ValueError(f"{where}.items[{i}]: not a new [key, positive count] pair")
             counts[item[0]] = item[1]
         if sum(counts.values()) > data["total"]:
@@ -213,8 +232,14 @@ class Recent:
 
     __slots__ = ("window", "sample_every", "raw", "current", "previous", "_countdown", "_end")
 
-    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS, sample_every: int = DEFAULT_SAMPLE_EVERY,
-                 raw: bool = False, window: float = DEFAULT_WINDOW, now: float = 0.0):
+    def __init__(
+        self,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+        raw: bool = False,
+        window: float = DEFAULT_WINDOW,
+        now: float = 0.0,
+    ):
         if not window > 0.0:
             raise ValueError(f"window must be > 0 seconds, not {window!r}")
         self.window = window
@@ -227,7 +252,11 @@ class Recent:
 
     def same_settings(self, max_keys: int, sample_every: int, raw: bool, window: float) -> bool:
         return (self.current.max_keys, self.sample_every, self.raw, self.window) == (
-            max_keys, sample_every, raw, window)
+            max_keys,
+            sample_every,
+            raw,
+            window,
+        )
 
     def offer(self, key: str, now: float) -> None:
         """The request path: a decrement and a compare, except on one request in

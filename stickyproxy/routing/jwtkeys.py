@@ -50,13 +50,13 @@ class JwtSettings:
     audience: str = ""
     leeway: float = 0.0
     require_exp: bool = True
-    on_invalid: str = "reject"     # or "anonymous": fall through to the next key source
+    on_invalid: str = "reject"  # or "anonymous": fall through to the next key source
 
 
 @dataclass
 class JwtVerifier:
     settings: JwtSettings
-    keys: dict[str | None, Any]                       # kid → key (None: the only key)
+    keys: dict[str | None, Any]  # kid → key (None: the only key)
     cache: OrderedDict = field(default_factory=OrderedDict)
 
     def verify(self, token: str, now: float | None = None) -> str:
@@ -85,7 +85,7 @@ class JwtVerifier:
         kid = header.get("kid")
         if kid is not None and kid in self.keys:
             key = self.keys[kid]
-        elif None in self.keys:          # a single configured key (secret or PEM)
+        elif None in self.keys:  # a single configured key (secret or PEM)
             key = self.keys[None]
         elif kid is None and len(self.keys) == 1:
             key = next(iter(self.keys.values()))
@@ -93,9 +93,15 @@ class JwtVerifier:
             raise InvalidToken("unknown signing key")
         options: jwt.types.Options = {"require": ["exp"] if s.require_exp else []}
         try:
-            claims = jwt.decode(token, key, algorithms=list(s.algorithms),
-                                audience=s.audience or None, issuer=s.issuer or None,
-                                leeway=s.leeway, options=options)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(s.algorithms),
+                audience=s.audience or None,
+                issuer=s.issuer or None,
+                leeway=s.leeway,
+                options=options,
+            )
         except jwt.ExpiredSignatureError:
             raise InvalidToken("token has expired") from None
         except jwt.ImmatureSignatureError:
@@ -114,8 +120,11 @@ class JwtVerifier:
         if not isinstance(value, str) or not value:
             raise InvalidToken(f"token has no usable {s.claim} claim")
         exp, nbf = claims.get("exp"), claims.get("nbf")
-        self.cache[token] = (value, exp if isinstance(exp, (int, float)) else None,
-                             nbf if isinstance(nbf, (int, float)) else None)
+        self.cache[token] = (
+            value,
+            exp if isinstance(exp, (int, float)) else None,
+            nbf if isinstance(nbf, (int, float)) else None,
+        )
         if len(self.cache) > CACHE_ENTRIES:
             self.cache.popitem(last=False)
         return value
@@ -160,8 +169,9 @@ def _check_settings(s: JwtSettings) -> bool:
             raise ValueError(f"algorithms: unknown algorithm {a!r}")
     hmac = [a for a in s.algorithms if a in HMAC_ALGORITHMS]
     if hmac and len(hmac) != len(s.algorithms):
-        raise ValueError("algorithms: do not mix HMAC (HS*) and public-key algorithms in "
-                         "one source")
+        raise ValueError(
+            "algorithms: do not mix HMAC (HS*) and public-key algorithms in one source"
+        )
     sources = [x for x in (s.secret_env, s.public_key_file, s.jwks_file) if x]
     if len(sources) != 1:
         raise ValueError("give exactly one of secret_env, public_key_file, jwks_file")
@@ -172,8 +182,11 @@ def _check_settings(s: JwtSettings) -> bool:
     return bool(hmac)
 
 
-def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = None,
-                  environ: Mapping[str, str] | None = None) -> JwtVerifier:
+def load_verifier(
+    s: JwtSettings,
+    read_file: Callable[[str], bytes] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> JwtVerifier:
     """Read the keys a source names (``environ``, default the process environment; a PEM
     or JWKS file read with ``read_file``, default from disk); ValueError on problems."""
     read = read_file or _read_disk
@@ -181,8 +194,7 @@ def load_verifier(s: JwtSettings, read_file: Callable[[str], bytes] | None = Non
     if _check_settings(s):
         secret = env.get(s.secret_env, "")
         if not secret:
-            raise ValueError(f"secret_env: environment variable {s.secret_env!r} is unset "
-                             "or empty")
+            raise ValueError(f"secret_env: environment variable {s.secret_env!r} is unset or empty")
         return JwtVerifier(s, {None: secret.encode()})
     if s.public_key_file:
         try:

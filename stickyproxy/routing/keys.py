@@ -16,7 +16,7 @@ Decisions where the RFCs leave room (each table-tested):
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
 from ..config import DEFAULT_MAX_KEY_LENGTH, KeySource
@@ -52,9 +52,12 @@ class Extracted:
 
 
 def _what(src: KeySource) -> str:
-    return {"header": f"header {src.name}", "cookie": f"cookie {src.name}",
-            "query": f"query parameter {src.name}",
-            "jwt": f"token claim in {src.name}"}.get(src.kind, "path")
+    return {
+        "header": f"header {src.name}",
+        "cookie": f"cookie {src.name}",
+        "query": f"query parameter {src.name}",
+        "jwt": f"token claim in {src.name}",
+    }.get(src.kind, "path")
 
 
 def _check(raw: bytes, max_length: int, src: KeySource) -> str:
@@ -110,11 +113,23 @@ class KeyExtractor:
     def __init__(self, sources: Sequence[KeySource], max_length: int = DEFAULT_MAX_KEY_LENGTH):
         self.sources = tuple(sources)
         self.max_length = max_length
-        self._plan = [(s, s.name.lower().encode("latin-1") if s.kind in ("header", "jwt")
-                       else s.name.encode("utf-8")) for s in self.sources]
+        self._plan = [
+            (
+                s,
+                s.name.lower().encode("latin-1")
+                if s.kind in ("header", "jwt")
+                else s.name.encode("utf-8"),
+            )
+            for s in self.sources
+        ]
 
-    def extract(self, headers: Sequence[tuple[bytes, bytes]], path: bytes,
-                query: bytes = b"", identity: str | None = None) -> Extracted | None:
+    def extract(
+        self,
+        headers: Sequence[tuple[bytes, bytes]],
+        path: bytes,
+        query: bytes = b"",
+        identity: str | None = None,
+    ) -> Extracted | None:
         """The request's user key, or None if no source yields one.
 
         ``headers`` are (lower-cased name, value) pairs as received; ``path`` is the
@@ -157,8 +172,9 @@ class KeyExtractor:
                 return Extracted(_check(raw, self.max_length, src), src)
         return None
 
-    def _jwt(self, src: KeySource, headers: Sequence[tuple[bytes, bytes]],
-             name: bytes) -> str | None:
+    def _jwt(
+        self, src: KeySource, headers: Sequence[tuple[bytes, bytes]], name: bytes
+    ) -> str | None:
         """The verified claim, None when there is no token (or an invalid one is allowed to
         fall through), KeyRejected(401) for an invalid token."""
         values = [v for n, v in headers if n == name]
@@ -169,8 +185,11 @@ class KeyExtractor:
             if verifier.settings.on_invalid == "anonymous":
                 return None
             raise KeyRejected(f"more than one {src.name} header", 401)
-        token = bearer_token(values[0]) if name == b"authorization" else \
-            values[0].strip().decode("ascii", "replace")
+        token = (
+            bearer_token(values[0])
+            if name == b"authorization"
+            else values[0].strip().decode("ascii", "replace")
+        )
         if not token:
             return None
         try:

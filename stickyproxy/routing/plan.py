@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from ..config import Config
 from .ring import Member, Ring, moved_share
@@ -21,12 +21,12 @@ def ring_of(cfg: Config) -> Ring:
 class Plan:
     old_fingerprint: str
     new_fingerprint: str
-    basis: str                                  # "key space" or "N keys"
-    moved: float                                # share of users that change backend
+    basis: str  # "key space" or "N keys"
+    moved: float  # share of users that change backend
     flows: dict[tuple[str, str], float] = field(default_factory=dict)
     old_share: dict[str, float] = field(default_factory=dict)
     new_share: dict[str, float] = field(default_factory=dict)
-    ideal: float = 0.0                          # what would move if shares matched weights
+    ideal: float = 0.0  # what would move if shares matched weights
 
     def as_dict(self) -> dict:
         return {
@@ -35,8 +35,10 @@ class Plan:
             "basis": self.basis,
             "moved": round(self.moved, 6),
             "ideal": round(self.ideal, 6),
-            "flows": [{"from": a, "to": b, "share": round(s, 6)}
-                      for (a, b), s in sorted(self.flows.items(), key=lambda kv: -kv[1])],
+            "flows": [
+                {"from": a, "to": b, "share": round(s, 6)}
+                for (a, b), s in sorted(self.flows.items(), key=lambda kv: -kv[1])
+            ],
             "old_share": {k: round(v, 6) for k, v in sorted(self.old_share.items())},
             "new_share": {k: round(v, 6) for k, v in sorted(self.new_share.items())},
         }
@@ -45,17 +47,27 @@ class Plan:
 def _ideal(old: Ring, new: Ring) -> float:
     """The share that would move if every backend's share matched its weight exactly:
     the total growth of the shares (users move only onto backends whose share grows)."""
+
     def shares(r: Ring) -> dict[str, float]:
         total = sum(m.weight for m in r.members) or 1
         return {m.id: m.weight / total for m in r.members}
+
     a, b = shares(old), shares(new)
     return sum(max(0.0, b.get(k, 0.0) - a.get(k, 0.0)) for k in set(a) | set(b))
 
 
 def exact(old: Ring, new: Ring) -> Plan:
     flows = moved_share(old, new)
-    return Plan(old.fingerprint, new.fingerprint, "key space", sum(flows.values()), flows,
-                old.key_share(), new.key_share(), _ideal(old, new))
+    return Plan(
+        old.fingerprint,
+        new.fingerprint,
+        "key space",
+        sum(flows.values()),
+        flows,
+        old.key_share(),
+        new.key_share(),
+        _ideal(old, new),
+    )
 
 
 def sampled(old: Ring, new: Ring, keys: Iterable[str]) -> Plan:
@@ -65,16 +77,23 @@ def sampled(old: Ring, new: Ring, keys: Iterable[str]) -> Plan:
     n = 0
     for key in keys:
         n += 1
-        a, b = old.owner(key) or "-", new.owner(key) or "-"   # "-": an empty ring
+        a, b = old.owner(key) or "-", new.owner(key) or "-"  # "-": an empty ring
         before[a] = before.get(a, 0) + 1
         after[b] = after.get(b, 0) + 1
         if a != b:
             counts[(a, b)] = counts.get((a, b), 0) + 1
     d = n or 1
     flows = {k: v / d for k, v in counts.items()}
-    return Plan(old.fingerprint, new.fingerprint, f"{n} keys", sum(flows.values()), flows,
-                {k: v / d for k, v in before.items()}, {k: v / d for k, v in after.items()},
-                _ideal(old, new))
+    return Plan(
+        old.fingerprint,
+        new.fingerprint,
+        f"{n} keys",
+        sum(flows.values()),
+        flows,
+        {k: v / d for k, v in before.items()},
+        {k: v / d for k, v in after.items()},
+        _ideal(old, new),
+    )
 
 
 def synthetic_keys(n: int) -> Iterable[str]:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 from bisect import bisect_right
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Final, Iterable
+from typing import Any, Final
 
 from uhashring import HashRing
 
@@ -54,6 +55,7 @@ class Member:
 @dataclass(frozen=True)
 class Pick:
     """The backend chosen for a key: ``backend`` is None when none is usable."""
+
     backend: str | None
     primary: bool
     owner: str | None
@@ -65,15 +67,24 @@ def fingerprint(members: Iterable[Member], vnodes: int) -> str:
     Independent of member order and of addresses: equal fingerprints mean equal rings.
     """
     text = f"v1;vnodes={vnodes};" + ";".join(
-        f"{m.id}={m.weight}" for m in sorted(members, key=lambda m: m.id))
+        f"{m.id}={m.weight}" for m in sorted(members, key=lambda m: m.id)
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class Ring:
     """An immutable ring over ``members``; build a new one to change membership."""
 
-    __slots__ = ("members", "vnodes", "fingerprint", "_ring", "_ids", "_points", "_owners",
-                 "_cache")
+    __slots__ = (
+        "members",
+        "vnodes",
+        "fingerprint",
+        "_ring",
+        "_ids",
+        "_points",
+        "_owners",
+        "_cache",
+    )
 
     def __init__(self, members: Iterable[Member], vnodes: int = 160):
         self.members: tuple[Member, ...] = tuple(sorted(members, key=lambda m: m.id))

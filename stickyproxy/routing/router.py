@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Collection, Iterator
+from collections.abc import Collection, Iterator
 
 from ..config import Backend, Config
 from .hotkeys import Recent
@@ -32,10 +32,25 @@ class BackendState:
     reads ``usable``; the health code (control/health.py) and the operator's drain write
     the rest; the data plane never writes here."""
 
-    __slots__ = ("id", "host", "port", "weight", "address", "drained", "drained_since",
-                 "healthy", "ejected_until", "connect_down_until", "failback_until",
-                 "ejections", "last_change", "reason",
-                 "passive_clean", "ramp", "__weakref__")
+    __slots__ = (
+        "id",
+        "host",
+        "port",
+        "weight",
+        "address",
+        "drained",
+        "drained_since",
+        "healthy",
+        "ejected_until",
+        "connect_down_until",
+        "failback_until",
+        "ejections",
+        "last_change",
+        "reason",
+        "passive_clean",
+        "ramp",
+        "__weakref__",
+    )
 
     def __init__(self, backend: Backend):
         self.id = backend.id
@@ -44,11 +59,11 @@ class BackendState:
         self.weight = backend.weight
         self.address = backend.address
         self.drained = False
-        self.drained_since = 0.0      # monotonic time of the drain (its tunnels' grace)
-        self.healthy = True           # active checks: starts up (HAProxy's default)
-        self.ejected_until = 0.0      # passive ejection
-        self.connect_down_until = 0.0 # a refused connect: skip for a short while
-        self.failback_until = 0.0     # recovered, but users stay on their fallback until then
+        self.drained_since = 0.0  # monotonic time of the drain (its tunnels' grace)
+        self.healthy = True  # active checks: starts up (HAProxy's default)
+        self.ejected_until = 0.0  # passive ejection
+        self.connect_down_until = 0.0  # a refused connect: skip for a short while
+        self.failback_until = 0.0  # recovered, but users stay on their fallback until then
         self.ejections = 0
         self.last_change = 0.0
         self.reason = "initial"
@@ -64,8 +79,13 @@ class BackendState:
         return ramp is not None and ramp.active(now)
 
     def usable(self, now: float) -> bool:
-        return (self.healthy and not self.drained and now >= self.ejected_until
-                and now >= self.connect_down_until and now >= self.failback_until)
+        return (
+            self.healthy
+            and not self.drained
+            and now >= self.ejected_until
+            and now >= self.connect_down_until
+            and now >= self.failback_until
+        )
 
     def state(self, now: float) -> str:
         if self.drained:
@@ -113,11 +133,23 @@ def has_returned(b: BackendState, key: str, now: float) -> bool:
 
 
 class Router:
-    __slots__ = ("config", "ring", "extractor", "fingerprint", "backends", "ordered",
-                 "_rr", "panic_threshold", "balance_pct", "hotkeys", "_hot_left")
+    __slots__ = (
+        "config",
+        "ring",
+        "extractor",
+        "fingerprint",
+        "backends",
+        "ordered",
+        "_rr",
+        "panic_threshold",
+        "balance_pct",
+        "hotkeys",
+        "_hot_left",
+    )
 
-    def __init__(self, config: Config, states: dict[str, BackendState],
-                 hotkeys: Recent | None = None):
+    def __init__(
+        self, config: Config, states: dict[str, BackendState], hotkeys: Recent | None = None
+    ):
         self.config = config
         self.ring = Ring([Member(b.id, b.weight) for b in config.backends], config.routing.vnodes)
         self.fingerprint = self.ring.fingerprint
@@ -195,8 +227,11 @@ class Router:
         out = [first]
         for bid in self.ring.preference(key):
             cand = self.backends[bid]
-            if cand is not first and cand.usable(now) and (
-                    cand.ramp is None or has_returned(cand, key, now)):
+            if (
+                cand is not first
+                and cand.usable(now)
+                and (cand.ramp is None or has_returned(cand, key, now))
+            ):
                 out.append(cand)
         return out
 
@@ -215,7 +250,9 @@ class Router:
                 return Route(b, "no_key", None)
         return Route(None, "none", None)
 
-    def alternatives(self, key: str | None, tried: Collection[str], now: float) -> Iterator[BackendState]:
+    def alternatives(
+        self, key: str | None, tried: Collection[str], now: float
+    ) -> Iterator[BackendState]:
         """Backends to retry on, in the key's preference order (P3), skipping tried ones;
         ramping backends the key has not returned to come last."""
         ids = self.ring.preference(key) if key is not None else [b.id for b in self.ordered]

@@ -37,7 +37,8 @@ weights in routing (BackendState), so both are passed as plain integers.
 
 from __future__ import annotations
 
-from typing import Final, Sequence
+from collections.abc import Sequence
+from typing import Final
 
 # HAProxy and Envoy both refuse a factor under 100 %: fewer slots than requests.
 MIN_PERCENT: Final = 100
@@ -52,11 +53,15 @@ def percent(factor: float) -> int:
     if not isinstance(factor, (int, float)) or isinstance(factor, bool):
         raise ValueError(f"balance factor must be a number, not {factor!r}")
     # NaN and infinities fail the range check before they reach round()
-    if not MIN_PERCENT - 1 < factor * 100 < MAX_PERCENT + 1 or \
-            not MIN_PERCENT <= (pct := round(factor * 100)) <= MAX_PERCENT:
-        raise ValueError(f"balance factor must be between {MIN_PERCENT / 100:g} and "
-                         f"{MAX_PERCENT / 100:g} (a ratio to the mean, 1.25 = 125 %), "
-                         f"not {factor!r}")
+    if (
+        not MIN_PERCENT - 1 < factor * 100 < MAX_PERCENT + 1
+        or not MIN_PERCENT <= (pct := round(factor * 100)) <= MAX_PERCENT
+    ):
+        raise ValueError(
+            f"balance factor must be between {MIN_PERCENT / 100:g} and "
+            f"{MAX_PERCENT / 100:g} (a ratio to the mean, 1.25 = 125 %), "
+            f"not {factor!r}"
+        )
     return pct
 
 
@@ -74,8 +79,9 @@ def within(inflight: int, weight: int, total_inflight: int, total_weight: int, p
     return inflight < capacity(weight, total_inflight, total_weight, pct)
 
 
-def choose(loads: Sequence[int], weights: Sequence[int], total_inflight: int,
-           total_weight: int, pct: int) -> int:
+def choose(
+    loads: Sequence[int], weights: Sequence[int], total_inflight: int, total_weight: int, pct: int
+) -> int:
     """Index of the backend for this request among the key's usable backends in preference
     order, given as their in-flight counts ``loads`` and ``weights`` (parallel): the first
     within the bound, else the least loaded relative to its capacity (earliest on a tie);

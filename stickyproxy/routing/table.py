@@ -93,8 +93,9 @@ class BackendTable:
         self.states = states
         self.hotkeys = self._hotkeys(config, now)
         router = Router(config, states, self.hotkeys)
-        return router, TableDiff(tuple(added), removed, tuple(readdressed),
-                                 tuple(reweighted), before, router.fingerprint)
+        return router, TableDiff(
+            tuple(added), removed, tuple(readdressed), tuple(reweighted), before, router.fingerprint
+        )
 
     def apply(self, config: Config) -> TableDiff:
         """Swap in a validated configuration; returns what changed."""
@@ -105,8 +106,10 @@ class BackendTable:
 
     def ramps(self, now: float) -> dict[str, float]:
         """Progress (0..1) of every backend's ramp, 1.0 for one not ramping."""
-        return {bid: st.ramp.progress(now) if st.ramp is not None else 1.0
-                for bid, st in self.states.items()}
+        return {
+            bid: st.ramp.progress(now) if st.ramp is not None else 1.0
+            for bid, st in self.states.items()
+        }
 
     def any_usable(self, now: float) -> bool:
         return any(st.usable(now) for st in self.states.values())

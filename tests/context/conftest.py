@@ -26,7 +26,16 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 START_DEADLINE = 10.0
 # Commands that are bookkeeping of the test itself, not of the store.
 BOOKKEEPING_COMMANDS = frozenset(
-    {"info", "ping", "hello", "client|setinfo", "client|kill", "client|pause", "client|unpause", "cluster|info"}
+    {
+        "info",
+        "ping",
+        "hello",
+        "client|setinfo",
+        "client|kill",
+        "client|pause",
+        "client|unpause",
+        "cluster|info",
+    }
 )
 
 
@@ -50,7 +59,9 @@ def free_port(*, with_bus: bool = False) -> int:
     raise RuntimeError("no free port")
 
 
-def wait_until(predicate: Callable[[], bool], *, deadline: float = START_DEADLINE, interval: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], bool], *, deadline: float = START_DEADLINE, interval: float = 0.02
+) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
@@ -62,7 +73,9 @@ def wait_until(predicate: Callable[[], bool], *, deadline: float = START_DEADLIN
     raise AssertionError(f"condition not met within {deadline}s")
 
 
-async def eventually(predicate: Callable[[], Any], *, deadline: float = 5.0, interval: float = 0.01) -> None:
+async def eventually(
+    predicate: Callable[[], Any], *, deadline: float = 5.0, interval: float = 0.01
+) -> None:
     """Poll ``predicate`` (sync or async) until truthy, failing after ``deadline`` seconds."""
     end = time.monotonic() + deadline
     while True:
@@ -84,7 +97,9 @@ def released(store: ContextStore, user: str) -> Callable[[], bool]:
 class RedisServer:
     """One redis-server process the test owns. ``kill``/``restart`` keep the port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = extra or []
@@ -97,22 +112,32 @@ class RedisServer:
     def args(self) -> list[str]:
         return [
             REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.workdir),
-            "--protected-mode", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "no",
             *self.extra,
         ]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_until(lambda: self.client().ping())
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2, **kwargs)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2, **kwargs
+        )
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -188,7 +213,9 @@ async def stores(make_store: Callable[..., ContextStore]) -> Callable[..., Any]:
 
 
 class SentinelSetup:
-    def __init__(self, master: RedisServer, sentinel_port: int, service: str, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, master: RedisServer, sentinel_port: int, service: str, proc: subprocess.Popen[bytes]
+    ) -> None:
         self.master = master
         self.sentinel_port = sentinel_port
         self.service = service
@@ -211,8 +238,13 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
         f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
         f"sentinel down-after-milliseconds {service} 1000\n"
     )
-    proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [REDIS_SERVER, str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def ready() -> bool:
             with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as c:
                 addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
@@ -244,15 +276,31 @@ def cluster_setup(tmp_path: Path) -> Iterator[ClusterSetup]:
             node = RedisServer(
                 node_dir,
                 port=free_port(with_bus=True),
-                extra=["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
-                       "--cluster-node-timeout", "2000"],
+                extra=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
             )
             node.start()
             nodes.append(node)
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+            [
+                REDIS_CLI,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
         )
 
         def formed() -> bool:
@@ -408,7 +456,9 @@ class SentinelHA:
         self.server_extra = list(server_extra or [])
         # Each server and sentinel logs into the test's temp dir (read them after a surprise).
         self.servers = [
-            RedisServer(workdir / "a", extra=[*self.server_extra, "--logfile", str(workdir / "a.log")]),
+            RedisServer(
+                workdir / "a", extra=[*self.server_extra, "--logfile", str(workdir / "a.log")]
+            ),
             RedisServer(workdir / "b"),
         ]
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -423,7 +473,12 @@ class SentinelHA:
         first, second = self.servers
         first.start()
         second.extra = [
-            *self.server_extra, "--logfile", str(self.workdir / "b.log"), "--replicaof", "127.0.0.1", str(first.port)
+            *self.server_extra,
+            "--logfile",
+            str(self.workdir / "b.log"),
+            "--replicaof",
+            "127.0.0.1",
+            str(first.port),
         ]
         second.start()
         wait_until(lambda: self._link_up(second))
@@ -437,7 +492,11 @@ class SentinelHA:
                 f"sentinel failover-timeout {self.SERVICE} 5000\n"
             )
             self.sentinel_procs.append(
-                subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [REDIS_SERVER, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
         # Every sentinel sees the master, the replica and the two other sentinels.
         wait_until(lambda: all(self._sentinel_ready(p) for p in self.sentinel_ports), deadline=20)
@@ -512,9 +571,18 @@ class ClusterHA:
                 RedisServer(
                     node_dir,
                     port=free_port(with_bus=True),
-                    extra=["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
-                           "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
-                           "--cluster-require-full-coverage", "no"],
+                    extra=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--cluster-require-full-coverage",
+                        "no",
+                    ],
                 )
             )
 
@@ -526,9 +594,19 @@ class ClusterHA:
         for node in self.nodes:
             node.start()
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+            [
+                REDIS_CLI,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
         )
         wait_until(self._formed, deadline=30)
 

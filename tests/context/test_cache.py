@@ -76,7 +76,8 @@ class Clock:
 
 
 @pytest.mark.parametrize(
-    ("age", "expected"), [(0.0, "fresh"), (9.99, "fresh"), (10.0, "stale"), (39.9, "stale"), (40.0, "expired")]
+    ("age", "expected"),
+    [(0.0, "fresh"), (9.99, "fresh"), (10.0, "stale"), (39.9, "stale"), (40.0, "expired")],
 )
 def test_freshness(age: float, expected: str) -> None:
     assert freshness(age, 10.0, 30.0) == expected
@@ -85,7 +86,9 @@ def test_freshness(age: float, expected: str) -> None:
 
 def test_bad_settings_all_reported() -> None:
     with pytest.raises(ConfigError) as caught:
-        GuardedCache(ttl=0, max_entries=0, breaker_failures=-1, stale_if_error=-5, origin_timeout="soon")
+        GuardedCache(
+            ttl=0, max_entries=0, breaker_failures=-1, stale_if_error=-5, origin_timeout="soon"
+        )
     text = str(caught.value)
     for name in ("ttl:", "max_entries:", "breaker_failures:", "stale_if_error:", "origin_timeout:"):
         assert name in text
@@ -94,7 +97,10 @@ def test_bad_settings_all_reported() -> None:
 async def test_concurrent_misses_are_one_origin_load(origin: Origin) -> None:
     cache = GuardedCache()
     origin.gate.clear()
-    waiters = [asyncio.create_task(cache.get("u", "profile", origin.loader("u", "profile"))) for _ in range(50)]
+    waiters = [
+        asyncio.create_task(cache.get("u", "profile", origin.loader("u", "profile")))
+        for _ in range(50)
+    ]
     other = asyncio.create_task(cache.get("v", "profile", origin.loader("v", "profile")))
     await eventually(lambda: origin.hits == 2)
     waiters[0].cancel()  # a waiter leaving does not cancel the load the others wait for
@@ -133,7 +139,9 @@ async def test_bounded(origin: Origin) -> None:
 
 async def test_breaker_opens_serves_stale_and_recovers(origin: Origin) -> None:
     clock = Clock()
-    cache = GuardedCache(ttl=10, stale_if_error=60, breaker_failures=3, breaker_reset=5, clock=clock)
+    cache = GuardedCache(
+        ttl=10, stale_if_error=60, breaker_failures=3, breaker_reset=5, clock=clock
+    )
     await cache.get("u", "a", origin.loader("u", "a"))
     clock.now += 11  # "a" is stale now
     origin.failing = True
@@ -179,7 +187,9 @@ async def test_a_move_invalidates_the_users_entries(stores: Stores, origin: Orig
     assert origin.hits == 2
 
 
-async def test_redis_outage_cache_keeps_answering(stores: Stores, redis_server: RedisServer, origin: Origin) -> None:
+async def test_redis_outage_cache_keeps_answering(
+    stores: Stores, redis_server: RedisServer, origin: Origin
+) -> None:
     store = await stores("A", listener_liveness="100ms", redis_timeout="100ms")
     cache = GuardedCache(store=store)
     await store.get("u")

@@ -62,7 +62,9 @@ async def cancel_at(point: str, proxy: TcpProxy, start: Callable[[], Awaitable[A
         proxy.reply_delay = 0.0
 
 
-async def relay_store(stores: Stores, proxy: TcpProxy, server: RedisServer, **kwargs: Any) -> ContextStore:
+async def relay_store(
+    stores: Stores, proxy: TcpProxy, server: RedisServer, **kwargs: Any
+) -> ContextStore:
     """A store reaching Redis through the relay. Its listener pings rarely and the scripts are
     loaded beforehand (no NOSCRIPT round), so the only traffic through the relay during a test
     step is the call under test."""
@@ -80,7 +82,11 @@ async def new_subscription(store: ContextStore, server: RedisServer) -> None:
     reconnects = store.metrics.listener_reconnects._value.get()
     with server.client() as c:
         c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    await eventually(lambda: store.metrics.listener_reconnects._value.get() > reconnects and store.listener_connected)
+    await eventually(
+        lambda: (
+            store.metrics.listener_reconnects._value.get() > reconnects and store.listener_connected
+        )
+    )
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -128,7 +134,14 @@ async def test_cancelled_flush_inside_a_request_keeps_the_change(
 ) -> None:
     # The buffered change is taken off the buffer by the flush that precedes a re-acquire,
     # inside another call that is cancelled.
-    a = await relay_store(stores, tcp_proxy, redis_server, on_redis_down="buffer", flush_interval="1h", redis_timeout="600ms")
+    a = await relay_store(
+        stores,
+        tcp_proxy,
+        redis_server,
+        on_redis_down="buffer",
+        flush_interval="1h",
+        redis_timeout="600ms",
+    )
     async with a.edit("u") as ctx:
         ctx["n"] = 1
     tcp_proxy.drop_requests = True
@@ -190,8 +203,14 @@ async def test_cancelled_acquire_and_revalidate_serve_redis_afterwards(
 async def test_close_cancelling_a_flush_mid_flight_still_writes_it(
     redis_server: RedisServer, tcp_proxy: TcpProxy, make_store: Callable[..., ContextStore]
 ) -> None:
-    a = make_store("A", url=tcp_proxy.url, mode="write-behind", flush_interval="20ms", redis_timeout="2s",
-                   listener_liveness="60s")
+    a = make_store(
+        "A",
+        url=tcp_proxy.url,
+        mode="write-behind",
+        flush_interval="20ms",
+        redis_timeout="2s",
+        listener_liveness="60s",
+    )
     await a.start()
     async with a.edit("u") as ctx:
         ctx["n"] = 1
@@ -201,7 +220,9 @@ async def test_close_cancelling_a_flush_mid_flight_still_writes_it(
     async with a.edit("u") as ctx:
         ctx["n"] = 2
     # The flusher takes the change off the buffer; its write is lost on the way and waits.
-    await eventually(lambda: tcp_proxy.requests_seen > seen and a._flushing == 1, deadline=3.0, interval=0.001)
+    await eventually(
+        lambda: tcp_proxy.requests_seen > seen and a._flushing == 1, deadline=3.0, interval=0.001
+    )
     tcp_proxy.drop_requests = False
     await a.close()  # cancels the flusher mid-flush, then flushes (bounded)
     assert stored(redis_server, "u") == {"n": 2}

@@ -11,8 +11,9 @@ import json
 import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,9 @@ def bump(ctx: dict[str, Any]) -> int:
     return int(ctx["n"])
 
 
-async def hammer(store: ContextStore, users: list[str], load: Load, stop: asyncio.Event, offset: int) -> None:
+async def hammer(
+    store: ContextStore, users: list[str], load: Load, stop: asyncio.Event, offset: int
+) -> None:
     i = offset
     while not stop.is_set():
         user = users[i % len(users)]
@@ -69,7 +72,9 @@ def stored(cluster: ClusterHA, user: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-async def test_slot_migration_of_a_busy_user_fails_no_write(cluster_ha: ClusterHA, stores: Stores) -> None:
+async def test_slot_migration_of_a_busy_user_fails_no_write(
+    cluster_ha: ClusterHA, stores: Stores
+) -> None:
     a: ContextStore = await stores("A", url=cluster_ha.url, redis_timeout=TIMEOUT)
     user = "migrant"
     key = record_key("t", user)
@@ -89,7 +94,9 @@ async def test_slot_migration_of_a_busy_user_fails_no_write(cluster_ha: ClusterH
             s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
             s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", key)
             before = len(load.acked[user])
-            await asyncio.sleep(ASK_HOLD)  # the key is on dst, the slot still src's: every call is ASKed
+            await asyncio.sleep(
+                ASK_HOLD
+            )  # the key is on dst, the slot still src's: every call is ASKed
             during = len(load.acked[user]) - before
             for master in cluster_ha.masters():
                 with master.client() as m:
@@ -100,8 +107,10 @@ async def test_slot_migration_of_a_busy_user_fails_no_write(cluster_ha: ClusterH
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-    print(f"\nslot migration: {len(load.acked[user])} writes acknowledged ({during} while ASKed), "
-          f"errors {dict(load.errors)} {load.samples}")
+    print(
+        f"\nslot migration: {len(load.acked[user])} writes acknowledged ({during} while ASKed), "
+        f"errors {dict(load.errors)} {load.samples}"
+    )
     assert sum(load.errors.values()) == 0, load.samples
     assert during > 0  # writes went on while the key was in the ASK state
     assert load.twice(user) == 0
@@ -138,7 +147,9 @@ async def test_master_killed_isolates_its_users(cluster_ha: ClusterHA, stores: S
         # master's users fail; everyone else's writes go on.
         acked_then = {u: len(load.acked[u]) for u in users}
         await eventually(
-            lambda: all(len(load.acked[u]) > acked_then[u] for u in doomed), deadline=30.0, interval=0.05
+            lambda: all(len(load.acked[u]) > acked_then[u] for u in doomed),
+            deadline=30.0,
+            interval=0.05,
         )
         recovered = time.monotonic() - killed_at
         await asyncio.sleep(0.5)
@@ -150,11 +161,13 @@ async def test_master_killed_isolates_its_users(cluster_ha: ClusterHA, stores: S
     healthy_acked = sum(len(load.acked[u]) - acked_then[u] for u in healthy)
     lost = sum(1 for u in doomed for n in set(load.acked[u]) if n > stored(cluster_ha, u))
     twice = sum(load.twice(u) for u in users)
-    print(f"\nkill -9 of a master: {len(doomed)} of {len(users)} users on it; their writes resumed after "
-          f"{recovered:.2f}s; errors: healthy-master users {healthy_errors} ({healthy_acked} writes "
-          f"acknowledged meanwhile), dead-master users {doomed_errors}; lost {lost}, acknowledged twice {twice} "
-          f"{load.samples[:2]}; stale-read probe: {probe.reads} reads, {len(probe.stale_ages)} stale, "
-          f"oldest {max(probe.stale_ages, default=0) * 1000:.0f} ms")
+    print(
+        f"\nkill -9 of a master: {len(doomed)} of {len(users)} users on it; their writes resumed after "
+        f"{recovered:.2f}s; errors: healthy-master users {healthy_errors} ({healthy_acked} writes "
+        f"acknowledged meanwhile), dead-master users {doomed_errors}; lost {lost}, acknowledged twice {twice} "
+        f"{load.samples[:2]}; stale-read probe: {probe.reads} reads, {len(probe.stale_ages)} stale, "
+        f"oldest {max(probe.stale_ages, default=0) * 1000:.0f} ms"
+    )
     healthy_messages: Counter[str] = Counter()
     for u in healthy:
         healthy_messages.update(load.messages[u])

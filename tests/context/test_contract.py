@@ -23,9 +23,17 @@ from stickyproxy.units import parse_duration as proxy_duration
 def test_the_library_reads_the_headers_the_proxy_sets_by_default():
     proxy = Headers()
     assert (proxy.key, proxy.backend, proxy.route, proxy.ring) == (
-        DEFAULT_HEADERS.key, DEFAULT_HEADERS.backend, DEFAULT_HEADERS.route, DEFAULT_HEADERS.ring)
-    assert contract.header_names("X-App-") == ("X-App-Key", "X-App-Backend", "X-App-Route",
-                                               "X-App-Ring")
+        DEFAULT_HEADERS.key,
+        DEFAULT_HEADERS.backend,
+        DEFAULT_HEADERS.route,
+        DEFAULT_HEADERS.ring,
+    )
+    assert contract.header_names("X-App-") == (
+        "X-App-Key",
+        "X-App-Backend",
+        "X-App-Route",
+        "X-App-Ring",
+    )
 
 
 def test_both_sides_replay_the_same_methods():
@@ -33,8 +41,9 @@ def test_both_sides_replay_the_same_methods():
     assert "TRACE" in LIBRARY_IDEMPOTENT and "POST" not in LIBRARY_IDEMPOTENT
 
 
-@pytest.mark.parametrize("text, seconds", [("250ms", 0.25), ("2s", 2.0), ("1.5m", 90.0),
-                                           ("1h", 3600.0), ("1d", 86400.0)])
+@pytest.mark.parametrize(
+    "text, seconds", [("250ms", 0.25), ("2s", 2.0), ("1.5m", 90.0), ("1h", 3600.0), ("1d", 86400.0)]
+)
 def test_a_duration_string_reads_the_same_on_both_sides(text, seconds):
     assert proxy_duration(text) == library_duration(text, name="x") == seconds
 

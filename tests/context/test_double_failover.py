@@ -35,8 +35,9 @@ import logging
 import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -96,7 +97,10 @@ class Timeline:
     @property
     def lost(self) -> int:
         """Acknowledged values the final counter never reached."""
-        return sum(sum(1 for n in {n for n, _ in v} if n > self.final.get(u, 0)) for u, v in self.acked.items())
+        return sum(
+            sum(1 for n in {n for n, _ in v} if n > self.final.get(u, 0))
+            for u, v in self.acked.items()
+        )
 
     @property
     def rolled_back(self) -> int:
@@ -119,7 +123,9 @@ class Timeline:
             f"  acknowledged twice {self.acknowledged_twice}, rolled back {self.rolled_back}, "
             f"lost (above the final counter) {self.lost}, final {self.final}"
         )
-        lines.append(f"  users the stores found lost by Redis (acquisitions reason 'lost'): {self.losses_detected}")
+        lines.append(
+            f"  users the stores found lost by Redis (acquisitions reason 'lost'): {self.losses_detected}"
+        )
         lines.append(f"  refusals: {dict(self.errors)}")
         return "\n".join(lines)
 
@@ -159,10 +165,14 @@ async def _fail_over_to(ha: SentinelHA, port: int) -> int:
             return attempts
         except AssertionError:
             continue
-    raise AssertionError(f"no failover to :{port} within {FAILOVER_DEADLINE}s ({attempts} attempts)")
+    raise AssertionError(
+        f"no failover to :{port} within {FAILOVER_DEADLINE}s ({attempts} attempts)"
+    )
 
 
-async def double_failover(ha: SentinelHA, stores: Stores, *, rejoin_unpromotable: bool = False) -> Timeline:
+async def double_failover(
+    ha: SentinelHA, stores: Stores, *, rejoin_unpromotable: bool = False
+) -> Timeline:
     """The sequence in the module docstring. With ``rejoin_unpromotable`` A restarts with
     ``replica-priority 0`` and gets its priority back only once its sync is done (the operating
     rule docs/context.md states): the second failover is refused mid-sync, then promotes A."""
@@ -209,16 +219,24 @@ async def double_failover(ha: SentinelHA, stores: Stores, *, rejoin_unpromotable
             a_node.extra = [*a_node.extra, "--replica-priority", "0"]
         a_node.start()
         how = "with its AOF" if ha.server_extra else "empty"
-        tl.mark("3 B master, A restarted", f"A restarted ({how}{', replica-priority 0' if rejoin_unpromotable else ''})")
+        tl.mark(
+            "3 B master, A restarted",
+            f"A restarted ({how}{', replica-priority 0' if rejoin_unpromotable else ''})",
+        )
         await eventually(
-            lambda: _role(a_node.port).get("role") == "slave" and _role(a_node.port).get("master_port") == b_node.port,
+            lambda: (
+                _role(a_node.port).get("role") == "slave"
+                and _role(a_node.port).get("master_port") == b_node.port
+            ),
             deadline=REJOIN_DEADLINE,
             interval=0.05,
         )
         # The sentinel refreshes a replica's INFO every 10 s: until it has seen A report the
         # replica role, it will not pick A.
         await eventually(
-            lambda: all(_sentinel_view(ha, a_node.port, i).get("role-reported") == "slave" for i in range(3)),
+            lambda: all(
+                _sentinel_view(ha, a_node.port, i).get("role-reported") == "slave" for i in range(3)
+            ),
             deadline=REJOIN_DEADLINE,
         )
         info = _role(a_node.port)
@@ -236,30 +254,46 @@ async def double_failover(ha: SentinelHA, stores: Stores, *, rejoin_unpromotable
             tl.mark(tl.phase, "SENTINEL FAILOVER refused: NOGOODSLAVE (A has replica-priority 0)")
             with b_node.client() as c:
                 c.config_set("repl-diskless-sync-delay", 0)
-            await eventually(lambda: _role(a_node.port).get("master_link_status") == "up", deadline=REJOIN_DEADLINE)
+            await eventually(
+                lambda: _role(a_node.port).get("master_link_status") == "up",
+                deadline=REJOIN_DEADLINE,
+            )
             tl.mark("3 B master, A synced", "A's first sync done (master_link_status up)")
             with a_node.client() as c:
                 c.config_set("replica-priority", 100)
             await eventually(
-                lambda: _sentinel_view(ha, a_node.port).get("slave-priority") == 100, deadline=REJOIN_DEADLINE
+                lambda: _sentinel_view(ha, a_node.port).get("slave-priority") == 100,
+                deadline=REJOIN_DEADLINE,
             )
             tl.mark(tl.phase, "A's replica-priority back to 100, seen by the sentinel")
-        tl.promoted_phase = "4 A master (promoted after its sync)" if rejoin_unpromotable else "4 A master (promoted mid-sync)"
+        tl.promoted_phase = (
+            "4 A master (promoted after its sync)"
+            if rejoin_unpromotable
+            else "4 A master (promoted mid-sync)"
+        )
         tl.mark(tl.phase, "SENTINEL FAILOVER")
         attempts = await _fail_over_to(ha, a_node.port)
         with a_node.client() as c:
             tl.keys_on_promotion = c.dbsize()
-        tl.mark(tl.promoted_phase, f"sentinels promoted A ({attempts} attempt(s)), holding {tl.keys_on_promotion} keys")
+        tl.mark(
+            tl.promoted_phase,
+            f"sentinels promoted A ({attempts} attempt(s)), holding {tl.keys_on_promotion} keys",
+        )
         await eventually(switches(2), deadline=10.0)
         tl.mark(tl.phase, "both stores switched to A")
         await eventually(lambda: tl.acked_in(tl.phase) > 0, deadline=REJOIN_DEADLINE, interval=0.05)
-        tl.mark(tl.phase, f"writes acknowledged again (B: {_role(b_node.port).get('role')}, "
-                f"link {_role(b_node.port).get('master_link_status')})")
+        tl.mark(
+            tl.phase,
+            f"writes acknowledged again (B: {_role(b_node.port).get('role')}, "
+            f"link {_role(b_node.port).get('master_link_status')})",
+        )
         await asyncio.sleep(AFTER)
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-    tl.losses_detected = int(sum(s.metrics.acquisitions.labels(LOST_REASON)._value.get() for s in (sa, sb)))
+    tl.losses_detected = int(
+        sum(s.metrics.acquisitions.labels(LOST_REASON)._value.get() for s in (sa, sb))
+    )
     with a_node.client() as c:
         for user in USERS:
             data = c.hget(record_key("t", user), "data")
@@ -336,7 +370,11 @@ async def test_a_record_redis_lost_is_reported_when_the_holder_rechecks_it(
         assert await a.get("older") == {"n": 7}
         assert await a.get("kept") == {"n": 2}
     assert a.metrics.acquisitions.labels(LOST_REASON)._value.get() == 2
-    lost = [r.getMessage() for r in caplog.records if "redis lost acknowledged context" in r.getMessage()]
+    lost = [
+        r.getMessage()
+        for r in caplog.records
+        if "redis lost acknowledged context" in r.getMessage()
+    ]
     assert len(lost) == 2
     assert "'gone': this instance held epoch 2, redis has no record" in lost[0]
     assert "'older': this instance held epoch 2, redis has epoch 1" in lost[1]
@@ -349,7 +387,10 @@ async def test_double_failover_with_an_empty_node_rejoining_unpromotable_loses_n
 ) -> None:
     # Inside it, without persistence: the empty node cannot be promoted until it has synced.
     tl = await double_failover(sentinel_ha, stores, rejoin_unpromotable=True)
-    print("\n" + tl.report("double failover, wait_replicas=1, empty node rejoins with replica-priority 0"))
+    print(
+        "\n"
+        + tl.report("double failover, wait_replicas=1, empty node rejoins with replica-priority 0")
+    )
     assert tl.acked_in("1 A master, B replica") > 0
     assert tl.acked_in("3 B master, A synced") > 0  # confirmed by A once it had synced
     assert tl.acked_in(tl.promoted_phase) > 0
@@ -373,6 +414,11 @@ async def test_a_write_finding_its_record_gone_reports_the_loss(
     with caplog.at_level(logging.ERROR, logger="stickyproxy.context"), pytest.raises(ConflictError):
         async with a.edit("u") as ctx:
             ctx["n"] = 2
-    assert any("redis lost acknowledged context of user 'u': this instance held epoch 1, redis has no record"
-               in r.getMessage() for r in caplog.records)
-    assert await a.update("u", lambda ctx: ctx.setdefault("n", 0)) == 0  # continues from Redis's state
+    assert any(
+        "redis lost acknowledged context of user 'u': this instance held epoch 1, redis has no record"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    assert (
+        await a.update("u", lambda ctx: ctx.setdefault("n", 0)) == 0
+    )  # continues from Redis's state

@@ -29,7 +29,9 @@ def counter(metric: Any) -> float:
 @pytest.fixture
 def durable_server(tmp_path: Path) -> Any:
     """A server whose data survives SIGKILL (AOF fsync on every write), to restart with data."""
-    server = RedisServer(tmp_path / "durable", extra=["--appendonly", "yes", "--appendfsync", "always"])
+    server = RedisServer(
+        tmp_path / "durable", extra=["--appendonly", "yes", "--appendfsync", "always"]
+    )
     server.start()
     yield server
     server.kill()
@@ -53,7 +55,11 @@ async def test_redis_killed_reads_continue_writes_fail_fast_then_recover(
     durable_server: RedisServer, stores: Stores
 ) -> None:
     a: ContextStore = await stores(
-        "A", url=durable_server.url, redis_timeout="200ms", breaker_failures=3, breaker_reset="300ms"
+        "A",
+        url=durable_server.url,
+        redis_timeout="200ms",
+        breaker_failures=3,
+        breaker_reset="300ms",
     )
     users = [f"u{i}" for i in range(5)]
     for i, user in enumerate(users):
@@ -94,18 +100,29 @@ async def test_redis_killed_reads_continue_writes_fail_fast_then_recover(
     await eventually(can_write, deadline=5.0, interval=0.1)
     assert a.breaker_state is BreakerState.CLOSED
     for i, user in enumerate(users):
-        assert (await a.get(user))["n"] == (100 if i == 0 else i)  # failed writes left nothing behind
+        assert (await a.get(user))["n"] == (
+            100 if i == 0 else i
+        )  # failed writes left nothing behind
     b: ContextStore = await stores("B", url=durable_server.url)
     assert (await b.get(users[0]))["n"] == 100
     assert (await b.get(users[1]))["n"] == 1
 
 
-async def test_buffered_writes_survive_outage_and_flush(durable_server: RedisServer, stores: Stores) -> None:
+async def test_buffered_writes_survive_outage_and_flush(
+    durable_server: RedisServer, stores: Stores
+) -> None:
     # Held users are served and edited from memory only within listener_liveness of the last
     # proof; this test allows 5 s for its outage.
     a: ContextStore = await stores(
-        "A", url=durable_server.url, on_redis_down="buffer", buffer_max=3, flush_interval="100ms",
-        redis_timeout="200ms", breaker_failures=2, breaker_reset="200ms", listener_liveness="5s",
+        "A",
+        url=durable_server.url,
+        on_redis_down="buffer",
+        buffer_max=3,
+        flush_interval="100ms",
+        redis_timeout="200ms",
+        breaker_failures=2,
+        breaker_reset="200ms",
+        listener_liveness="5s",
     )
     for user in ("x", "y", "z", "w"):
         async with a.edit(user) as ctx:
@@ -135,8 +152,13 @@ async def test_buffered_flush_after_takeover_is_fenced_off(
 ) -> None:
     # A reaches Redis through the relay (cut below); B reaches it directly.
     a: ContextStore = await stores(
-        "A", url=tcp_proxy.url, on_redis_down="buffer", flush_interval="50ms", redis_timeout="200ms",
-        breaker_failures=2, breaker_reset="100ms",
+        "A",
+        url=tcp_proxy.url,
+        on_redis_down="buffer",
+        flush_interval="50ms",
+        redis_timeout="200ms",
+        breaker_failures=2,
+        breaker_reset="100ms",
     )
     b: ContextStore = await stores("B")
     async with a.edit("u") as ctx:
@@ -156,7 +178,9 @@ async def test_buffered_flush_after_takeover_is_fenced_off(
     assert (await a.get("u"))["n"] == 11
 
 
-async def test_redis_restarted_empty_loses_only_what_redis_lost(redis_server: RedisServer, stores: Stores) -> None:
+async def test_redis_restarted_empty_loses_only_what_redis_lost(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A", redis_timeout="200ms", breaker_reset="100ms")
     async with a.edit("u") as ctx:
         ctx["n"] = 1
@@ -175,8 +199,12 @@ async def test_redis_restarted_empty_loses_only_what_redis_lost(redis_server: Re
 
 
 @pytest.mark.slow
-async def test_client_pause_bounds_calls_opens_breaker_and_recovers(redis_server: RedisServer, stores: Stores) -> None:
-    a: ContextStore = await stores("A", redis_timeout="200ms", breaker_failures=3, breaker_reset="500ms")
+async def test_client_pause_bounds_calls_opens_breaker_and_recovers(
+    redis_server: RedisServer, stores: Stores
+) -> None:
+    a: ContextStore = await stores(
+        "A", redis_timeout="200ms", breaker_failures=3, breaker_reset="500ms"
+    )
     async with a.edit("held") as ctx:
         ctx["n"] = 1
     redis_server.pause(3.0)
@@ -207,7 +235,9 @@ async def test_client_pause_bounds_calls_opens_breaker_and_recovers(redis_server
     assert a.metrics.redis_errors.labels("acquire")._value.get() >= 3
 
 
-async def test_listener_drop_revalidates_each_entry_once(redis_server: RedisServer, stores: Stores) -> None:
+async def test_listener_drop_revalidates_each_entry_once(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A")
     users = ["p", "q", "r"]
     for user in users:
@@ -230,7 +260,9 @@ async def test_listener_drop_revalidates_each_entry_once(redis_server: RedisServ
     assert redis_server.store_calls(before) == {}  # verified again: back to zero
 
 
-async def stale_window(a: ContextStore, user: str, stale: Any, started: float, *, until: float) -> float:
+async def stale_window(
+    a: ContextStore, user: str, stale: Any, started: float, *, until: float
+) -> float:
     """Read ``user`` from ``a`` in a loop until ``until`` seconds after ``started``; return how
     long after ``started`` the last read that returned ``stale`` happened (0 if none)."""
     last = 0.0
@@ -255,7 +287,11 @@ async def test_unreachable_redis_never_extends_the_stale_window(
     # check with Redis.
     liveness = 0.4
     a: ContextStore = await stores(
-        "A", url=tcp_proxy.url, redis_timeout="100ms", breaker_failures=10_000, listener_liveness=liveness
+        "A",
+        url=tcp_proxy.url,
+        redis_timeout="100ms",
+        breaker_failures=10_000,
+        listener_liveness=liveness,
     )
     b: ContextStore = await stores("B")
     async with a.edit("u") as ctx:
@@ -307,8 +343,13 @@ async def test_empty_redis_restart_rewrites_buffered_change_instead_of_blaming_a
     redis_server: RedisServer, stores: Stores, caplog: pytest.LogCaptureFixture
 ) -> None:
     a: ContextStore = await stores(
-        "A", on_redis_down="buffer", flush_interval="50ms", redis_timeout="200ms", breaker_failures=2,
-        breaker_reset="100ms", listener_liveness="5s",
+        "A",
+        on_redis_down="buffer",
+        flush_interval="50ms",
+        redis_timeout="200ms",
+        breaker_failures=2,
+        breaker_reset="100ms",
+        listener_liveness="5s",
     )
     async with a.edit("u") as ctx:
         ctx["n"] = 1
@@ -321,7 +362,10 @@ async def test_empty_redis_restart_rewrites_buffered_change_instead_of_blaming_a
     with redis_server.client() as c:
         assert c.hget(record_key("t", "u"), "data") == b'{"n":2}'
     assert counter(a.metrics.fenced_flushes) == 0
-    assert sum(a.metrics.dropped_changes.labels(r)._value.get() for r in ("taken_over", "record_lost")) == 0
+    assert (
+        sum(a.metrics.dropped_changes.labels(r)._value.get() for r in ("taken_over", "record_lost"))
+        == 0
+    )
     assert "taken over" not in caplog.text
     assert "re-written" in caplog.text
     b: ContextStore = await stores("B")

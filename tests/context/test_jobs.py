@@ -15,7 +15,14 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
-from stickyproxy.context import ConfigError, Jobs, JobsFull, StoreUnavailable, UnknownJob, job_events_response
+from stickyproxy.context import (
+    ConfigError,
+    Jobs,
+    JobsFull,
+    StoreUnavailable,
+    UnknownJob,
+    job_events_response,
+)
 from stickyproxy.context.jobs import (
     DONE,
     JOBS_FIELD,
@@ -60,18 +67,22 @@ class Gate:
 
 @pytest.mark.parametrize(
     ("record", "here", "now", "state"),
-    [({"state": RUNNING, "started": 100}, True, 10_000, RUNNING),
-     ({"state": RUNNING, "started": 100}, False, 200, RUNNING),
-     ({"state": RUNNING, "started": 100}, False, 10_000, LOST),
-     ({"state": DONE, "started": 100, "finished": 150}, False, 10_000, DONE),
-     ({}, False, 0, LOST)],
+    [
+        ({"state": RUNNING, "started": 100}, True, 10_000, RUNNING),
+        ({"state": RUNNING, "started": 100}, False, 200, RUNNING),
+        ({"state": RUNNING, "started": 100}, False, 10_000, LOST),
+        ({"state": DONE, "started": 100, "finished": 150}, False, 10_000, DONE),
+        ({}, False, 0, LOST),
+    ],
 )
 def test_report(record: dict[str, Any], here: bool, now: float, state: str) -> None:
     assert report("j", record, here=here, now=now, max_runtime=3600)["state"] == state
 
 
 def test_pruned_drops_old_and_excess_finished_never_running() -> None:
-    records = {f"d{i}": {"state": DONE, "finished": 1000 + i} for i in range(MAX_RECORDS_PER_USER + 5)}
+    records = {
+        f"d{i}": {"state": DONE, "finished": 1000 + i} for i in range(MAX_RECORDS_PER_USER + 5)
+    }
     records["old"] = {"state": DONE, "finished": 1}
     records["run"] = {"state": RUNNING, "started": 1}
     kept = pruned(records, now=2000, retention=1500)
@@ -159,7 +170,9 @@ async def test_outcome_reported_by_the_next_owner(stores: Stores) -> None:
     assert status["state"] == DONE and status["node"] == "A" and status["result"]["answer"] == 42
 
 
-async def test_crashed_owner_job_is_reported_then_lost_then_resumed_from_its_checkpoint(stores: Stores) -> None:
+async def test_crashed_owner_job_is_reported_then_lost_then_resumed_from_its_checkpoint(
+    stores: Stores,
+) -> None:
     a, b = await stores("A"), await stores("B")
     clock = [time.time()]
     on_a, on_b = Jobs(a), Jobs(b, max_runtime="1m", clock=lambda: clock[0])
@@ -171,7 +184,12 @@ async def test_crashed_owner_job_is_reported_then_lost_then_resumed_from_its_che
     assert gate_a.handles[0].checkpoint == 2
     # A stops answering (its runner hangs at step 3); the user is served by B from now on.
     status = await on_b.status("u", job["id"])
-    assert (status["state"], status["node"], status["here"], status["checkpoint"]) == (RUNNING, "A", False, 2)
+    assert (status["state"], status["node"], status["here"], status["checkpoint"]) == (
+        RUNNING,
+        "A",
+        False,
+        2,
+    )
     clock[0] += 61
     assert (await on_b.status("u", job["id"]))["state"] == LOST
     gate_b = Gate()
@@ -180,7 +198,11 @@ async def test_crashed_owner_job_is_reported_then_lost_then_resumed_from_its_che
     gate_b.step.set()
     await eventually(lambda: on_b.running() == 0)
     done = await on_b.status("u", job["id"])
-    assert done["state"] == DONE and done["result"] == {"answer": 42, "resumed_from": 2} and done["node"] == "B"
+    assert (
+        done["state"] == DONE
+        and done["result"] == {"answer": 42, "resumed_from": 2}
+        and done["node"] == "B"
+    )
     # The old runner finishes after all: its writes belong to run 1 and are skipped.
     gate_a.step.set()
     await eventually(lambda: on_a.running() == 0)
@@ -233,10 +255,14 @@ async def test_sse_follows_a_job_to_its_end(stores: Stores) -> None:
     gate = Gate(steps=2)
 
     async def start(request: web.Request) -> web.Response:
-        return web.json_response(await jobs.start(request.headers["X-Sticky-Key"], gate), status=202)
+        return web.json_response(
+            await jobs.start(request.headers["X-Sticky-Key"], gate), status=202
+        )
 
     async def events(request: web.Request) -> web.StreamResponse:
-        return await job_events_response(request, jobs, request.headers["X-Sticky-Key"], request.match_info["id"])
+        return await job_events_response(
+            request, jobs, request.headers["X-Sticky-Key"], request.match_info["id"]
+        )
 
     app = web.Application()
     app.router.add_post("/jobs", start)
@@ -259,9 +285,13 @@ async def test_sse_follows_a_job_to_its_end(stores: Stores) -> None:
                             gate.step.set()
                         elif line.startswith(b"data: "):
                             last = json.loads(line[6:])
-            async with http.get(server.make_url(f"/jobs/{job['id']}/events"), headers={"X-Sticky-Key": "bob"}) as r:
+            async with http.get(
+                server.make_url(f"/jobs/{job['id']}/events"), headers={"X-Sticky-Key": "bob"}
+            ) as r:
                 assert r.status == 404
-            async with http.get(server.make_url("/jobs/" + "x" * 65 + "/events"), headers=alice) as r:
+            async with http.get(
+                server.make_url("/jobs/" + "x" * 65 + "/events"), headers=alice
+            ) as r:
                 assert r.status == 400
     finally:
         await server.close()
@@ -298,7 +328,9 @@ async def test_sse_stream_under_starlette(stores: Stores) -> None:
         return StreamingResponse(body(), media_type="text/event-stream")
 
     app = Starlette(routes=[Route("/jobs/{id}/events", events)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
         async with asyncio.timeout(5):
             r = await client.get(f"/jobs/{job['id']}/events")
             missing = await client.get("/jobs/nope/events")

@@ -76,8 +76,13 @@ async def aiohttp_app(stores: Stores) -> AsyncIterator[tuple[str, ContextStore, 
     async def stream(request: web.Request) -> web.Response:
         return web.Response(text="none" if CONTEXT_KEY not in request else "context")
 
-    app = web.Application(middlewares=[context_middleware(
-        store, require=lambda r: r.path == "/required", skip=lambda r: r.path == "/stream")])
+    app = web.Application(
+        middlewares=[
+            context_middleware(
+                store, require=lambda r: r.path == "/required", skip=lambda r: r.path == "/stream"
+            )
+        ]
+    )
     app.router.add_route("*", "/count", count)
     app.router.add_get("/peek", peek)
     app.router.add_get("/anonymous", anonymous)
@@ -93,7 +98,9 @@ async def aiohttp_app(stores: Stores) -> AsyncIterator[tuple[str, ContextStore, 
         await server.close()
 
 
-async def test_aiohttp_loads_saves_and_exposes_headers(aiohttp_app: tuple[str, ContextStore, Scenario], stores: Stores) -> None:
+async def test_aiohttp_loads_saves_and_exposes_headers(
+    aiohttp_app: tuple[str, ContextStore, Scenario], stores: Stores
+) -> None:
     base, store, scenario = aiohttp_app
     async with ClientSession() as http:
         for expected in (1, 2, 3):
@@ -109,7 +116,9 @@ async def test_aiohttp_loads_saves_and_exposes_headers(aiohttp_app: tuple[str, C
     assert (await other.get("alice"))["n"] == 3  # acknowledged changes are in Redis
 
 
-async def test_aiohttp_skip_bypasses_the_middleware(aiohttp_app: tuple[str, ContextStore, Scenario]) -> None:
+async def test_aiohttp_skip_bypasses_the_middleware(
+    aiohttp_app: tuple[str, ContextStore, Scenario],
+) -> None:
     url, store, _ = aiohttp_app
     async with ClientSession() as http:
         # no context, and no per-user lock: a skipped (e.g. WebSocket) handler cannot hold
@@ -132,7 +141,9 @@ async def test_aiohttp_missing_key_is_400(aiohttp_app: tuple[str, ContextStore, 
             assert r.status == 400
 
 
-async def test_aiohttp_conflict_reruns_idempotent_and_409s_others(aiohttp_app: tuple[str, ContextStore, Scenario]) -> None:
+async def test_aiohttp_conflict_reruns_idempotent_and_409s_others(
+    aiohttp_app: tuple[str, ContextStore, Scenario],
+) -> None:
     base, store, scenario = aiohttp_app
     async with ClientSession() as http:
         async with http.get(f"{base}/count", headers=KEY) as r:
@@ -175,7 +186,9 @@ async def test_aiohttp_store_unavailable_is_503(
 
 # --- ASGI (Starlette) ----------------------------------------------------------------------
 @pytest.fixture
-async def asgi_client(stores: Stores) -> AsyncIterator[tuple[httpx.AsyncClient, ContextStore, Scenario]]:
+async def asgi_client(
+    stores: Stores,
+) -> AsyncIterator[tuple[httpx.AsyncClient, ContextStore, Scenario]]:
     store: ContextStore = await stores("A")
     scenario = Scenario(await stores("B"))
 
@@ -202,7 +215,9 @@ async def asgi_client(stores: Stores) -> AsyncIterator[tuple[httpx.AsyncClient, 
             Route("/fail", fail),
         ]
     )
-    wrapped = StickyContextMiddleware(app, store, require=lambda scope: scope["path"] == "/required")
+    wrapped = StickyContextMiddleware(
+        app, store, require=lambda scope: scope["path"] == "/required"
+    )
 
     async def root(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/metrics":
@@ -215,7 +230,9 @@ async def asgi_client(stores: Stores) -> AsyncIterator[tuple[httpx.AsyncClient, 
         yield client, store, scenario
 
 
-async def test_asgi_loads_saves_and_exposes_headers(asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario], stores: Stores) -> None:
+async def test_asgi_loads_saves_and_exposes_headers(
+    asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario], stores: Stores
+) -> None:
     client, store, _ = asgi_client
     for expected in (1, 2):
         r = await client.get("/count", headers={**KEY, "X-Sticky-Backend": "app-1"})
@@ -228,7 +245,9 @@ async def test_asgi_loads_saves_and_exposes_headers(asgi_client: tuple[httpx.Asy
     assert (await other.get("alice"))["n"] == 2
 
 
-async def test_asgi_missing_key_is_400(asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario]) -> None:
+async def test_asgi_missing_key_is_400(
+    asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario],
+) -> None:
     client, _, _ = asgi_client
     r = await client.get("/needs")
     assert (r.status_code, r.text) == (400, "missing X-Sticky-Key header\n")
@@ -236,7 +255,9 @@ async def test_asgi_missing_key_is_400(asgi_client: tuple[httpx.AsyncClient, Con
     assert (await client.get("/anonymous")).text == "hello"
 
 
-async def test_asgi_conflict_reruns_idempotent_and_409s_others(asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario]) -> None:
+async def test_asgi_conflict_reruns_idempotent_and_409s_others(
+    asgi_client: tuple[httpx.AsyncClient, ContextStore, Scenario],
+) -> None:
     client, store, scenario = asgi_client
     assert (await client.get("/count", headers=KEY)).status_code == 200
     scenario.sabotage, scenario.runs = 1, 0

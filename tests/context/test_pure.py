@@ -31,33 +31,82 @@ from stickyproxy.context.settings import StoreSettings, parse_duration
 # Each row: a script of (time, action) and the expected (allowed?, state) after each step.
 # Actions: "allow", "ok", "fail", "abandon".
 BREAKER_TABLE: list[tuple[str, list[tuple[float, str, Any]]]] = [
-    ("stays closed under threshold", [
-        (0, "fail", BreakerState.CLOSED), (0, "fail", BreakerState.CLOSED), (0, "allow", True),
-    ]),
-    ("opens at threshold and refuses", [
-        (0, "fail", BreakerState.CLOSED), (0, "fail", BreakerState.CLOSED), (0, "fail", BreakerState.OPEN),
-        (0.5, "allow", False), (0.99, "allow", False),
-    ]),
-    ("success resets the count", [
-        (0, "fail", BreakerState.CLOSED), (0, "fail", BreakerState.CLOSED), (0, "ok", BreakerState.CLOSED),
-        (0, "fail", BreakerState.CLOSED), (0, "fail", BreakerState.CLOSED), (0, "allow", True),
-    ]),
-    ("half-open admits exactly one probe", [
-        (0, "fail", None), (0, "fail", None), (0, "fail", BreakerState.OPEN),
-        (1.0, "allow", True), (1.0, "state", BreakerState.HALF_OPEN), (1.0, "allow", False), (1.1, "allow", False),
-    ]),
-    ("probe success closes", [
-        (0, "fail", None), (0, "fail", None), (0, "fail", None),
-        (1.0, "allow", True), (1.0, "ok", BreakerState.CLOSED), (1.0, "allow", True), (1.0, "allow", True),
-    ]),
-    ("probe failure reopens for another full delay", [
-        (0, "fail", None), (0, "fail", None), (0, "fail", None),
-        (1.0, "allow", True), (1.0, "fail", BreakerState.OPEN), (1.5, "allow", False), (2.0, "allow", True),
-    ]),
-    ("abandoned probe frees the slot", [
-        (0, "fail", None), (0, "fail", None), (0, "fail", None),
-        (1.0, "allow", True), (1.0, "abandon", BreakerState.HALF_OPEN), (1.0, "allow", True),
-    ]),
+    (
+        "stays closed under threshold",
+        [
+            (0, "fail", BreakerState.CLOSED),
+            (0, "fail", BreakerState.CLOSED),
+            (0, "allow", True),
+        ],
+    ),
+    (
+        "opens at threshold and refuses",
+        [
+            (0, "fail", BreakerState.CLOSED),
+            (0, "fail", BreakerState.CLOSED),
+            (0, "fail", BreakerState.OPEN),
+            (0.5, "allow", False),
+            (0.99, "allow", False),
+        ],
+    ),
+    (
+        "success resets the count",
+        [
+            (0, "fail", BreakerState.CLOSED),
+            (0, "fail", BreakerState.CLOSED),
+            (0, "ok", BreakerState.CLOSED),
+            (0, "fail", BreakerState.CLOSED),
+            (0, "fail", BreakerState.CLOSED),
+            (0, "allow", True),
+        ],
+    ),
+    (
+        "half-open admits exactly one probe",
+        [
+            (0, "fail", None),
+            (0, "fail", None),
+            (0, "fail", BreakerState.OPEN),
+            (1.0, "allow", True),
+            (1.0, "state", BreakerState.HALF_OPEN),
+            (1.0, "allow", False),
+            (1.1, "allow", False),
+        ],
+    ),
+    (
+        "probe success closes",
+        [
+            (0, "fail", None),
+            (0, "fail", None),
+            (0, "fail", None),
+            (1.0, "allow", True),
+            (1.0, "ok", BreakerState.CLOSED),
+            (1.0, "allow", True),
+            (1.0, "allow", True),
+        ],
+    ),
+    (
+        "probe failure reopens for another full delay",
+        [
+            (0, "fail", None),
+            (0, "fail", None),
+            (0, "fail", None),
+            (1.0, "allow", True),
+            (1.0, "fail", BreakerState.OPEN),
+            (1.5, "allow", False),
+            (2.0, "allow", True),
+        ],
+    ),
+    (
+        "abandoned probe frees the slot",
+        [
+            (0, "fail", None),
+            (0, "fail", None),
+            (0, "fail", None),
+            (1.0, "allow", True),
+            (1.0, "abandon", BreakerState.HALF_OPEN),
+            (1.0, "allow", True),
+        ],
+    ),
 ]
 
 
@@ -87,10 +136,37 @@ def test_breaker_rejects_bad_settings(threshold: int, reset: float) -> None:
 # --- LRU -----------------------------------------------------------------------------------
 # (max_entries, max_bytes, puts [(key, size)], gets, expected keys oldest→newest, evicted, bytes)
 LRU_TABLE = [
-    ("entry bound evicts oldest", 2, 1000, [("a", 1), ("b", 1), ("c", 1)], [], ["b", "c"], ["a"], 2),
+    (
+        "entry bound evicts oldest",
+        2,
+        1000,
+        [("a", 1), ("b", 1), ("c", 1)],
+        [],
+        ["b", "c"],
+        ["a"],
+        2,
+    ),
     ("get refreshes recency", 2, 1000, [("a", 1), ("b", 1)], ["a"], ["b", "a"], [], 2),
-    ("byte bound evicts until fits", 10, 10, [("a", 4), ("b", 4), ("c", 4)], [], ["b", "c"], ["a"], 8),
-    ("byte bound evicts several", 10, 10, [("a", 3), ("b", 3), ("c", 3), ("d", 9)], [], ["d"], ["a", "b", "c"], 9),
+    (
+        "byte bound evicts until fits",
+        10,
+        10,
+        [("a", 4), ("b", 4), ("c", 4)],
+        [],
+        ["b", "c"],
+        ["a"],
+        8,
+    ),
+    (
+        "byte bound evicts several",
+        10,
+        10,
+        [("a", 3), ("b", 3), ("c", 3), ("d", 9)],
+        [],
+        ["d"],
+        ["a", "b", "c"],
+        9,
+    ),
     ("oversize value is not stored", 10, 10, [("a", 3), ("big", 11)], [], ["a"], ["big"], 3),
     ("replace adjusts bytes", 10, 10, [("a", 3), ("a", 7)], [], ["a"], [], 7),
 ]
@@ -102,8 +178,14 @@ LRU_TABLE = [
     ids=[row[0] for row in LRU_TABLE],
 )
 def test_lru(
-    name: str, max_entries: int, max_bytes: int, puts: list[tuple[str, int]], gets: list[str],
-    expected: list[str], evicted: list[str], total: int,
+    name: str,
+    max_entries: int,
+    max_bytes: int,
+    puts: list[tuple[str, int]],
+    gets: list[str],
+    expected: list[str],
+    evicted: list[str],
+    total: int,
 ) -> None:
     cache: LruCache[str] = LruCache(max_entries, max_bytes)
     all_evicted: list[str] = []
@@ -144,9 +226,16 @@ def test_should_retry_redis(op: Op, attempt: int, remaining: float, expected: bo
 
 
 RERUN_TABLE = [
-    ("GET", 1, 3, True), ("get", 2, 3, True), ("GET", 3, 3, False), ("HEAD", 1, 3, True),
-    ("OPTIONS", 1, 3, True), ("PUT", 1, 3, True), ("DELETE", 1, 3, True),
-    ("POST", 1, 3, False), ("PATCH", 1, 3, False), ("GET", 1, 1, False),
+    ("GET", 1, 3, True),
+    ("get", 2, 3, True),
+    ("GET", 3, 3, False),
+    ("HEAD", 1, 3, True),
+    ("OPTIONS", 1, 3, True),
+    ("PUT", 1, 3, True),
+    ("DELETE", 1, 3, True),
+    ("POST", 1, 3, False),
+    ("PATCH", 1, 3, False),
+    ("GET", 1, 1, False),
 ]
 
 
@@ -156,7 +245,8 @@ def test_should_rerun_handler(method: str, attempt: int, max_attempts: int, expe
 
 
 @pytest.mark.parametrize(
-    ("attempt", "expected"), [(0, 0.0), (1, 0.05), (2, 0.1), (3, 0.2), (6, 1.6), (7, 2.0), (100, 2.0)]
+    ("attempt", "expected"),
+    [(0, 0.0), (1, 0.05), (2, 0.1), (3, 0.2), (6, 1.6), (7, 2.0), (100, 2.0)],
 )
 def test_backoff(attempt: int, expected: float) -> None:
     assert backoff_delay(attempt, 0.05, 2.0) == pytest.approx(expected)
@@ -188,12 +278,37 @@ URL_TABLE: list[tuple[str, bool, dict[str, Any]]] = [
     ("rediss://h:1/0", False, {"kind": "single", "ssl": True}),
     ("unix:///tmp/r.sock", False, {"kind": "single"}),
     ("redis://h1:7000", True, {"kind": "cluster", "hosts": (("h1", 7000),)}),
-    ("redis+cluster://a:1,b:2,c", False, {"kind": "cluster", "hosts": (("a", 1), ("b", 2), ("c", 6379))}),
-    ("rediss+cluster://u:p%40ss@a:1", False, {"kind": "cluster", "ssl": True, "username": "u", "password": "p@ss"}),
-    ("redis+sentinel://s1:5000,s2/mymaster", False,
-     {"kind": "sentinel", "hosts": (("s1", 5000), ("s2", 26379)), "service": "mymaster", "db": 0}),
-    ("redis+sentinel://:pw@s1:5000/svc/3?sentinel_password=x", False,
-     {"kind": "sentinel", "password": "pw", "username": None, "db": 3, "options": {"sentinel_password": "x"}}),
+    (
+        "redis+cluster://a:1,b:2,c",
+        False,
+        {"kind": "cluster", "hosts": (("a", 1), ("b", 2), ("c", 6379))},
+    ),
+    (
+        "rediss+cluster://u:p%40ss@a:1",
+        False,
+        {"kind": "cluster", "ssl": True, "username": "u", "password": "p@ss"},
+    ),
+    (
+        "redis+sentinel://s1:5000,s2/mymaster",
+        False,
+        {
+            "kind": "sentinel",
+            "hosts": (("s1", 5000), ("s2", 26379)),
+            "service": "mymaster",
+            "db": 0,
+        },
+    ),
+    (
+        "redis+sentinel://:pw@s1:5000/svc/3?sentinel_password=x",
+        False,
+        {
+            "kind": "sentinel",
+            "password": "pw",
+            "username": None,
+            "db": 3,
+            "options": {"sentinel_password": "x"},
+        },
+    ),
     ("redis+sentinel://[::1]:5000/svc", False, {"kind": "sentinel", "hosts": (("::1", 5000),)}),
 ]
 
@@ -207,8 +322,15 @@ def test_parse_redis_url(url: str, cluster: bool, expected: dict[str, Any]) -> N
 
 @pytest.mark.parametrize(
     "url",
-    ["h:1", "http://h", "redis+sentinel://s1:5000", "redis+sentinel://s1/svc/x", "redis+cluster://a:1/2",
-     "redis+cluster://a:99999", "redis+cluster://"],
+    [
+        "h:1",
+        "http://h",
+        "redis+sentinel://s1:5000",
+        "redis+sentinel://s1/svc/x",
+        "redis+cluster://a:1/2",
+        "redis+cluster://a:99999",
+        "redis+cluster://",
+    ],
 )
 def test_parse_redis_url_rejects(url: str) -> None:
     with pytest.raises(ConfigError):
@@ -290,7 +412,16 @@ def test_record_key_hash_tag() -> None:
 
 # --- settings and serializer ---------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("value", "seconds"), [("1d", 86400.0), ("250ms", 0.25), ("2s", 2.0), ("5m", 300.0), ("1h", 3600.0), (3, 3.0), (0.5, 0.5)]
+    ("value", "seconds"),
+    [
+        ("1d", 86400.0),
+        ("250ms", 0.25),
+        ("2s", 2.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        (3, 3.0),
+        (0.5, 0.5),
+    ],
 )
 def test_parse_duration(value: Any, seconds: float) -> None:
     assert parse_duration(value, name="x") == seconds
@@ -304,8 +435,16 @@ def test_parse_duration_rejects(value: Any) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"node_id": ""}, {"node_id": "a\nb"}, {"namespace": "a{b"}, {"mode": "later"}, {"on_redis_down": "ignore"},
-     {"max_entries": 0}, {"buffer_max": -1}, {"idle_ttl": 0.5}],
+    [
+        {"node_id": ""},
+        {"node_id": "a\nb"},
+        {"namespace": "a{b"},
+        {"mode": "later"},
+        {"on_redis_down": "ignore"},
+        {"max_entries": 0},
+        {"buffer_max": -1},
+        {"idle_ttl": 0.5},
+    ],
 )
 def test_settings_reject(overrides: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = {"redis_url": "redis://h", "node_id": "n", **overrides}
@@ -354,7 +493,11 @@ async def test_user_locks_serialise_and_do_not_leak() -> None:
     [
         ("+switch-master", "ctx 127.0.0.1 6379 127.0.0.1 6380", "ctx"),
         ("+switch-master", "garbage", None),
-        ("+failover-state-send-slaveof-noone", "slave 127.0.0.1:6380 127.0.0.1 6380 @ ctx 127.0.0.1 6379", "ctx"),
+        (
+            "+failover-state-send-slaveof-noone",
+            "slave 127.0.0.1:6380 127.0.0.1 6380 @ ctx 127.0.0.1 6379",
+            "ctx",
+        ),
         ("+failover-state-send-slaveof-noone", "slave 127.0.0.1:6380 127.0.0.1 6380 @", None),
         ("-failover-abort-no-good-slave", "master ctx 127.0.0.1 6379", "ctx"),
         ("+sdown", "master ctx 127.0.0.1 6379", None),
@@ -371,7 +514,9 @@ def test_wait_replicas_defaults_by_topology() -> None:
 
     assert ContextStore("redis://127.0.0.1:1/0").settings.wait_replicas == 0
     assert ContextStore("redis+sentinel://127.0.0.1:1/m").settings.wait_replicas == 0
-    assert ContextStore("redis+sentinel://127.0.0.1:1/m", wait_replicas=1).settings.wait_replicas == 1
+    assert (
+        ContextStore("redis+sentinel://127.0.0.1:1/m", wait_replicas=1).settings.wait_replicas == 1
+    )
     assert ContextStore("redis+cluster://127.0.0.1:1").settings.wait_replicas == 0
     with pytest.raises(ConfigError, match="wait_replicas"):
         ContextStore("redis+cluster://127.0.0.1:1", wait_replicas=1)

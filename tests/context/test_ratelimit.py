@@ -66,8 +66,13 @@ def test_refill(tokens: float, elapsed: float, expected: float) -> None:
 
 @pytest.mark.parametrize(
     ("tokens", "cost", "expected"),
-    [(3.0, 1, (True, 2.0, 0.0)), (1.0, 1, (True, 0.0, 0.0)), (0.0, 1, (False, 0.0, 1.0)),
-     (0.5, 1, (False, 0.5, 0.5)), (2.0, 4, (False, 2.0, 2.0))],
+    [
+        (3.0, 1, (True, 2.0, 0.0)),
+        (1.0, 1, (True, 0.0, 0.0)),
+        (0.0, 1, (False, 0.0, 1.0)),
+        (0.5, 1, (False, 0.5, 0.5)),
+        (2.0, 4, (False, 2.0, 2.0)),
+    ],
 )
 def test_take(tokens: float, cost: int, expected: tuple[bool, float, float]) -> None:
     assert take(tokens, cost, TEN) == expected
@@ -75,8 +80,16 @@ def test_take(tokens: float, cost: int, expected: tuple[bool, float, float]) -> 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [([3, 10.5], (3.0, 10.5)), ([-1, 2], (0.0, 2.0)), (None, None), ([1], None), ("x", None),
-     ([True, 1], None), ([1, float("nan")], None), ({"a": 1}, None)],
+    [
+        ([3, 10.5], (3.0, 10.5)),
+        ([-1, 2], (0.0, 2.0)),
+        (None, None),
+        ([1], None),
+        ("x", None),
+        ([True, 1], None),
+        ([1, float("nan")], None),
+        ({"a": 1}, None),
+    ],
 )
 def test_parse_snapshot(raw: Any, expected: Any) -> None:
     assert parse_snapshot(raw) == expected
@@ -112,7 +125,9 @@ def test_retry_after_is_whole_seconds_rounded_up(wait: float, header: int) -> No
     ],
 )
 def test_bad_limits_are_config_errors_naming_the_key(limits: Any, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")
+    ):
         RateLimiter(limits)
 
 
@@ -220,7 +235,9 @@ async def test_exhausted_user_stays_refused_after_a_move_and_back(stores: Stores
     assert sum([(await on_a.hit("u", "api")).allowed for _ in range(10)]) == 1
 
 
-async def test_steady_state_checks_cost_no_redis_command(stores: Stores, redis_server: RedisServer) -> None:
+async def test_steady_state_checks_cost_no_redis_command(
+    stores: Stores, redis_server: RedisServer
+) -> None:
     store = await stores("A")
     limiter = RateLimiter({"api": Limit(rate=1000.0, burst=1000)}, store=store)
     await limiter.hit("u", "api")
@@ -230,7 +247,9 @@ async def test_steady_state_checks_cost_no_redis_command(stores: Stores, redis_s
     assert redis_server.store_calls(before) == {}
 
 
-async def test_redis_outage_limits_still_enforced_from_memory(stores: Stores, redis_server: RedisServer) -> None:
+async def test_redis_outage_limits_still_enforced_from_memory(
+    stores: Stores, redis_server: RedisServer
+) -> None:
     clock = Clock()
     store = await stores("A", listener_liveness=0.1, redis_timeout=0.1)
     limiter = RateLimiter({"api": TEN}, store=store, clock=clock, wall=clock)
@@ -254,7 +273,9 @@ async def test_aiohttp_middleware_refuses_with_retry_after(stores: Stores) -> No
     async def handle(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application(middlewares=[context_middleware(store), rate_limit_middleware(limiter, "api")])
+    app = web.Application(
+        middlewares=[context_middleware(store), rate_limit_middleware(limiter, "api")]
+    )
     app.router.add_get("/", handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -285,7 +306,9 @@ async def test_asgi_middleware_refuses_with_retry_after(stores: Stores) -> None:
 
     inner = RateLimitMiddleware(Starlette(routes=[Route("/", hello)]), limiter, "api")
     app = StickyContextMiddleware(inner, store)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
         responses = [await client.get("/", headers={"X-Sticky-Key": "bob"}) for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 429]
     assert responses[-1].headers["retry-after"] == "4"
@@ -304,12 +327,17 @@ async def test_a_rerun_after_a_conflict_is_not_charged_twice(stores: Stores) -> 
             await rival.update("erin", lambda c: c.update(rival=True))
         return web.Response(text="ok")
 
-    app = web.Application(middlewares=[context_middleware(store), rate_limit_middleware(limiter, "api")])
+    app = web.Application(
+        middlewares=[context_middleware(store), rate_limit_middleware(limiter, "api")]
+    )
     app.router.add_get("/", handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
-        async with ClientSession() as http, http.get(server.make_url("/"), headers={"X-Sticky-Key": "erin"}) as r:
+        async with (
+            ClientSession() as http,
+            http.get(server.make_url("/"), headers={"X-Sticky-Key": "erin"}) as r,
+        ):
             status = r.status
     finally:
         await server.close()

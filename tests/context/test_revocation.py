@@ -24,8 +24,8 @@ from starlette.routing import Route
 from stickyproxy.context import (
     ConfigError,
     MalformedToken,
-    Revocations,
     RevocationMiddleware,
+    Revocations,
     StickyContextMiddleware,
     StoreUnavailable,
     UnknownToken,
@@ -74,9 +74,21 @@ LIST = Revoked({"a": 2000.0, "old": 900.0}, before=950.0, until=1500.0)
         (TokenClaims("a", 960.0, 2000.0), NOW, "token revoked"),
         (TokenClaims("b", 960.0, 2000.0), NOW, None),
         (TokenClaims("old", 960.0, 900.0), NOW, None),  # its revocation ended with it
-        (TokenClaims("b", 940.0, 2000.0), NOW, "token issued before the user's tokens were revoked"),
-        (TokenClaims(None, None, 2000.0), NOW, "token issued before the user's tokens were revoked"),
-        (TokenClaims("b", 940.0, 2000.0), 1600.0, None),  # the cut-off outlived every token it covered
+        (
+            TokenClaims("b", 940.0, 2000.0),
+            NOW,
+            "token issued before the user's tokens were revoked",
+        ),
+        (
+            TokenClaims(None, None, 2000.0),
+            NOW,
+            "token issued before the user's tokens were revoked",
+        ),
+        (
+            TokenClaims("b", 940.0, 2000.0),
+            1600.0,
+            None,
+        ),  # the cut-off outlived every token it covered
         (TokenClaims("a", 960.0, 2000.0), 2000.0, None),
     ],
 )
@@ -95,9 +107,14 @@ def test_parse_drops_malformed_parts_and_prune_drops_ended_entries() -> None:
 
 @pytest.mark.parametrize(
     ("claims", "message"),
-    [({"jti": 7}, "jti must be a non-empty string"), ({"jti": ""}, "jti"), ({"jti": "x" * 257}, "jti"),
-     ({"iat": "yesterday"}, "claim 'iat' must be a NumericDate"), ({"exp": True}, "claim 'exp'"),
-     ({"exp": float("inf")}, "claim 'exp'")],
+    [
+        ({"jti": 7}, "jti must be a non-empty string"),
+        ({"jti": ""}, "jti"),
+        ({"jti": "x" * 257}, "jti"),
+        ({"iat": "yesterday"}, "claim 'iat' must be a NumericDate"),
+        ({"exp": True}, "claim 'exp'"),
+        ({"exp": float("inf")}, "claim 'exp'"),
+    ],
 )
 def test_malformed_claims(claims: dict[str, Any], message: str) -> None:
     with pytest.raises(MalformedToken, match=message):
@@ -108,8 +125,12 @@ def test_unverified_claims() -> None:
     assert unverified_claims("Bearer " + token(sub="u", jti="j")) == {"sub": "u", "jti": "j"}
     assert unverified_claims("Basic dXNlcjpwdw==") is None
     body = base64.urlsafe_b64encode(json.dumps([1]).encode()).decode().rstrip("=")
-    for bad, message in [("Bearer abc", "not a JWS compact"), ("Bearer a.!!!.c", "base64url"),
-                         (f"Bearer a.{body}.c", "not a JSON object"), ("Bearer " + "a" * 9000, "longer than")]:
+    for bad, message in [
+        ("Bearer abc", "not a JWS compact"),
+        ("Bearer a.!!!.c", "base64url"),
+        (f"Bearer a.{body}.c", "not a JSON object"),
+        ("Bearer " + "a" * 9000, "longer than"),
+    ]:
         with pytest.raises(MalformedToken, match=message):
             unverified_claims(bad)
 
@@ -153,7 +174,9 @@ async def test_bad_revocations_are_clear_errors(stores: Stores) -> None:
 # -- through the store, one real redis-server ----------------------------------------------
 
 
-async def test_one_write_per_revocation_and_none_per_check(stores: Stores, redis_server: RedisServer) -> None:
+async def test_one_write_per_revocation_and_none_per_check(
+    stores: Stores, redis_server: RedisServer
+) -> None:
     store = await stores("A")
     revocations = Revocations(store, max_token_lifetime="1h")
     exp = time.time() + 600
@@ -175,7 +198,9 @@ async def test_revocations_survive_a_move_both_ways(stores: Stores) -> None:
     exp = time.time() + 600
     await on_a.revoke("u", "stolen", exp)
     # The user moves to B: B acquires the context and, with it, the revocation.
-    assert await on_b.check("u", {"jti": "stolen", "iat": time.time(), "exp": exp}) == "token revoked"
+    assert (
+        await on_b.check("u", {"jti": "stolen", "iat": time.time(), "exp": exp}) == "token revoked"
+    )
     cut = await on_b.revoke_all("u")
     # And back to A, once A has dropped its copy on B's takeover.
     await eventually(lambda: not a.holds("u"))
@@ -190,9 +215,15 @@ async def test_entries_expire_with_their_tokens(stores: Stores) -> None:
     revocations = Revocations(store, max_token_lifetime="1h", clock=clock)
     await revocations.revoke("u", "short", clock.now + 60)
     await revocations.revoke_all("u", before=clock.now - 10)
-    assert await revocations.check("u", {"jti": "short", "iat": clock.now, "exp": clock.now + 60}) == "token revoked"
+    assert (
+        await revocations.check("u", {"jti": "short", "iat": clock.now, "exp": clock.now + 60})
+        == "token revoked"
+    )
     clock.now += HOUR + 1
-    assert await revocations.check("u", {"jti": "short", "iat": clock.now - 20, "exp": clock.now + 60}) is None
+    assert (
+        await revocations.check("u", {"jti": "short", "iat": clock.now - 20, "exp": clock.now + 60})
+        is None
+    )
     await revocations.revoke("u", "later", clock.now + 60)
     assert (await store.get("u"))[REVOKED_FIELD] == {"jti": {"later": clock.now + 60}}
 
@@ -216,6 +247,7 @@ async def test_redis_outage(stores: Stores, redis_server: RedisServer) -> None:
     # ... a new revocation is not acknowledged (the caller must tell its user) ...
     with pytest.raises(StoreUnavailable):
         await revocations.revoke("u", "k", exp)
+
     # ... and once the window is over a check cannot be made: the helpers answer 503.
     async def unreadable() -> bool:
         try:
@@ -245,18 +277,29 @@ async def test_aiohttp_middleware_rejects_revoked_and_malformed_tokens(stores: S
         revocations.revoke_in(get_context(request), claims["jti"], claims["exp"])
         return web.Response(text="bye")
 
-    app = web.Application(middlewares=[context_middleware(store), revocation_middleware(revocations)])
+    app = web.Application(
+        middlewares=[context_middleware(store), revocation_middleware(revocations)]
+    )
     app.router.add_get("/", hello)
     app.router.add_post("/logout", logout)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    mine = {"X-Sticky-Key": "alice", "Authorization": "Bearer " + token(sub="alice", jti="t1", exp=exp)}
-    other = {"X-Sticky-Key": "alice", "Authorization": "Bearer " + token(sub="alice", jti="t2", exp=exp)}
+    mine = {
+        "X-Sticky-Key": "alice",
+        "Authorization": "Bearer " + token(sub="alice", jti="t1", exp=exp),
+    }
+    other = {
+        "X-Sticky-Key": "alice",
+        "Authorization": "Bearer " + token(sub="alice", jti="t2", exp=exp),
+    }
     results = []
     try:
         async with ClientSession() as http:
             for method, path, headers in [
-                ("GET", "/", mine), ("POST", "/logout", mine), ("GET", "/", mine), ("GET", "/", other),
+                ("GET", "/", mine),
+                ("POST", "/logout", mine),
+                ("GET", "/", mine),
+                ("GET", "/", other),
                 ("GET", "/", {"X-Sticky-Key": "alice", "Authorization": "Bearer x.y"}),
                 ("GET", "/", {"X-Sticky-Key": "alice"}),
             ]:
@@ -278,7 +321,10 @@ async def test_aiohttp_middleware_alone_503_when_unreadable_unless_fail_open(
     store = await stores("A", listener_liveness="100ms", redis_timeout="100ms")
     revocations = Revocations(store, max_token_lifetime="1h")
     exp = int(time.time()) + 600
-    headers = {"X-Sticky-Key": "bob", "Authorization": "Bearer " + token(sub="bob", jti="t", exp=exp)}
+    headers = {
+        "X-Sticky-Key": "bob",
+        "Authorization": "Bearer " + token(sub="bob", jti="t", exp=exp),
+    }
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -292,7 +338,10 @@ async def test_aiohttp_middleware_alone_503_when_unreadable_unless_fail_open(
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         try:
-            async with ClientSession() as http, http.get(server.make_url("/"), headers=headers) as r:
+            async with (
+                ClientSession() as http,
+                http.get(server.make_url("/"), headers=headers) as r,
+            ):
                 statuses[fail_open] = (r.status, r.headers.get("Retry-After"))
         finally:
             await server.close()
@@ -308,9 +357,25 @@ async def test_asgi_middleware_rejects_revoked_tokens(stores: Stores) -> None:
     async def hello(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    app = StickyContextMiddleware(RevocationMiddleware(Starlette(routes=[Route("/", hello)]), revocations), store)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        gone = await client.get("/", headers={"X-Sticky-Key": "carol", "Authorization": "Bearer " + token(jti="gone", exp=exp)})
-        fine = await client.get("/", headers={"X-Sticky-Key": "carol", "Authorization": "Bearer " + token(jti="ok", exp=exp)})
+    app = StickyContextMiddleware(
+        RevocationMiddleware(Starlette(routes=[Route("/", hello)]), revocations), store
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        gone = await client.get(
+            "/",
+            headers={
+                "X-Sticky-Key": "carol",
+                "Authorization": "Bearer " + token(jti="gone", exp=exp),
+            },
+        )
+        fine = await client.get(
+            "/",
+            headers={
+                "X-Sticky-Key": "carol",
+                "Authorization": "Bearer " + token(jti="ok", exp=exp),
+            },
+        )
     assert gone.status_code == 401 and "invalid_token" in gone.headers["www-authenticate"]
     assert fine.status_code == 200

@@ -18,8 +18,9 @@ import json
 import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -72,7 +73,9 @@ class Report:
     @property
     def lost(self) -> int:
         """Acknowledged values above the final counter: acknowledged, then gone."""
-        return sum(sum(1 for n in set(v) if n > self.final.get(u, 0)) for u, v in self.acked.items())
+        return sum(
+            sum(1 for n in set(v) if n > self.final.get(u, 0)) for u, v in self.acked.items()
+        )
 
     def line(self, label: str) -> str:
         return (
@@ -128,7 +131,10 @@ async def failover_under_load(
         trigger()
         await eventually(lambda: ha.master_port() not in (0, old), deadline=15.0, interval=0.05)
         await eventually(
-            lambda: a.metrics.master_switches._value.get() >= 1 and b.metrics.master_switches._value.get() >= 1,
+            lambda: (
+                a.metrics.master_switches._value.get() >= 1
+                and b.metrics.master_switches._value.get() >= 1
+            ),
             deadline=10.0,
         )
         switched.set()
@@ -136,7 +142,9 @@ async def failover_under_load(
             after_switch(old)
         # With wait_replicas=1 writes resume once the new master has a replica again: the old
         # master, when Sentinel reconfigures it (seconds later).
-        await eventually(lambda: report.acked_after_switch > 0, deadline=REJOIN_DEADLINE, interval=0.05)
+        await eventually(
+            lambda: report.acked_after_switch > 0, deadline=REJOIN_DEADLINE, interval=0.05
+        )
         await asyncio.sleep(AFTER)
     finally:
         stop.set()
@@ -167,7 +175,9 @@ def kill_master(ha: SentinelHA) -> Callable[[], None]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_graceful_failover_with_wait_loses_no_acknowledged_write(sentinel_ha: SentinelHA, stores: Stores) -> None:
+async def test_graceful_failover_with_wait_loses_no_acknowledged_write(
+    sentinel_ha: SentinelHA, stores: Stores
+) -> None:
     report = await failover_under_load(sentinel_ha, stores, graceful(sentinel_ha), wait_replicas=1)
     print("\n" + report.line("graceful failover, wait_replicas=1"))
     assert report.acknowledged_twice == 0
@@ -186,7 +196,11 @@ async def test_master_killed_with_wait_loses_no_acknowledged_write(
     # discard acknowledged writes (test_double_failover.py), which no client can prevent.
     ha = durable_sentinel_ha
     report = await failover_under_load(
-        ha, stores, kill_master(ha), after_switch=lambda old: ha.server(old).start(), wait_replicas=1,
+        ha,
+        stores,
+        kill_master(ha),
+        after_switch=lambda old: ha.server(old).start(),
+        wait_replicas=1,
     )
     print("\n" + report.line("kill -9 of the master, wait_replicas=1"))
     assert report.acknowledged_twice == 0
@@ -197,13 +211,19 @@ async def test_master_killed_with_wait_loses_no_acknowledged_write(
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_graceful_failover_by_default_loses_no_acknowledged_write(sentinel_ha: SentinelHA, stores: Stores) -> None:
+async def test_graceful_failover_by_default_loses_no_acknowledged_write(
+    sentinel_ha: SentinelHA, stores: Stores
+) -> None:
     # wait_replicas=0 (the default): acknowledged once on the master. The stores pause from the
     # leader's "promotion imminent" event to the switch announcement, so the old master
     # acknowledges nothing after its replica stopped following it.
     started = time.monotonic()
     report = await failover_under_load(sentinel_ha, stores, graceful(sentinel_ha))
-    print("\n" + report.line("graceful failover, wait_replicas=0") + f" in {time.monotonic() - started:.1f}s")
+    print(
+        "\n"
+        + report.line("graceful failover, wait_replicas=0")
+        + f" in {time.monotonic() - started:.1f}s"
+    )
     assert report.acked_after_switch > 0
     # See docs/context.md for what this relies on (the leader sentinel's event reaching us).
     assert report.acknowledged_twice == 0
@@ -213,7 +233,9 @@ async def test_graceful_failover_by_default_loses_no_acknowledged_write(sentinel
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_master_killed_without_wait_follows_the_new_master(sentinel_ha: SentinelHA, stores: Stores) -> None:
+async def test_master_killed_without_wait_follows_the_new_master(
+    sentinel_ha: SentinelHA, stores: Stores
+) -> None:
     # wait_replicas=0: what a kill -9 costs is the writes the replica had not received when the
     # master died (printed; on loopback usually none or a handful). The stores must follow the
     # new master as soon as it is announced, without waiting for the old one to come back.

@@ -27,7 +27,9 @@ def counter(metric: Any) -> float:
     return metric._value.get()
 
 
-async def test_steady_state_issues_zero_redis_calls(redis_server: RedisServer, stores: Stores) -> None:
+async def test_steady_state_issues_zero_redis_calls(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A")
     users = [f"user-{i}" for i in range(20)]
     for user in users:
@@ -52,7 +54,9 @@ async def test_steady_state_issues_zero_redis_calls(redis_server: RedisServer, s
     assert set(calls) <= WRITE_SCRIPT_COMMANDS, calls
 
 
-async def test_get_is_a_read_only_copy_and_failed_edit_saves_nothing(redis_server: RedisServer, stores: Stores) -> None:
+async def test_get_is_a_read_only_copy_and_failed_edit_saves_nothing(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A")
     async with a.edit("u") as ctx:
         ctx["items"] = [1]
@@ -149,10 +153,15 @@ async def test_two_instances_editing_one_user_lose_no_update(stores: Stores) -> 
     assert counter(a.metrics.conflicts) + counter(b.metrics.conflicts) > 0
 
 
-async def test_record_with_another_user_id_is_refused(redis_server: RedisServer, stores: Stores) -> None:
+async def test_record_with_another_user_id_is_refused(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A")
     with redis_server.client() as c:
-        c.hset(record_key("t", "alice"), mapping={"uid": "mallory", "epoch": 3, "owner": "X", "data": b'{"secret":1}'})
+        c.hset(
+            record_key("t", "alice"),
+            mapping={"uid": "mallory", "epoch": 3, "owner": "X", "data": b'{"secret":1}'},
+        )
     with pytest.raises(RecordMismatch):
         await a.get("alice")
     assert not a.holds("alice")
@@ -193,7 +202,9 @@ async def test_lru_bounded_by_bytes(stores: Stores) -> None:
 
 
 @pytest.mark.slow
-async def test_idle_ttl_expires_record_and_local_copy(redis_server: RedisServer, stores: Stores) -> None:
+async def test_idle_ttl_expires_record_and_local_copy(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A", idle_ttl="1s")
     async with a.edit("brief") as ctx:
         ctx["n"] = 1
@@ -208,7 +219,9 @@ async def test_idle_ttl_expires_record_and_local_copy(redis_server: RedisServer,
 
 
 @pytest.mark.slow
-async def test_reads_refresh_the_ttl_before_it_runs_out(redis_server: RedisServer, stores: Stores) -> None:
+async def test_reads_refresh_the_ttl_before_it_runs_out(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A", idle_ttl="1s")
     async with a.edit("kept") as ctx:
         ctx["n"] = 1
@@ -255,7 +268,9 @@ async def test_write_behind_flushes_and_late_flush_after_takeover_is_fenced(
         assert (await a.get("wb"))["n"] == 1
 
 
-async def test_write_behind_flusher_runs_on_its_interval(redis_server: RedisServer, stores: Stores) -> None:
+async def test_write_behind_flusher_runs_on_its_interval(
+    redis_server: RedisServer, stores: Stores
+) -> None:
     a: ContextStore = await stores("A", mode="write-behind", flush_interval="50ms")
     async with a.edit("wb2") as ctx:
         ctx["n"] = 7
@@ -280,9 +295,15 @@ async def test_stores_with_own_registries_do_not_collide(stores: Stores) -> None
     b: ContextStore = await stores("B")
     await a.get("x")
     text = a.metrics.render().decode()
-    for name in ("stickyctx_local_hits_total", 'stickyctx_acquisitions_total{reason="first"} 1.0',
-                 "stickyctx_writes_total", "stickyctx_conflicts_total", "stickyctx_takeovers_received_total",
-                 "stickyctx_entries 1.0", "stickyctx_breaker_state 0.0"):
+    for name in (
+        "stickyctx_local_hits_total",
+        'stickyctx_acquisitions_total{reason="first"} 1.0',
+        "stickyctx_writes_total",
+        "stickyctx_conflicts_total",
+        "stickyctx_takeovers_received_total",
+        "stickyctx_entries 1.0",
+        "stickyctx_breaker_state 0.0",
+    ):
         assert name in text, name
     assert 'stickyctx_acquisitions_total{reason="first"} 0.0' in b.metrics.render().decode()
 

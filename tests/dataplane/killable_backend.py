@@ -25,5 +25,4 @@ if __name__ == "__main__":
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     print(f"ready {os.getpid()}", flush=True)
-    web.run_app(app, host="127.0.0.1", port=PORT, print=None, access_log=None,
-                handle_signals=True)
+    web.run_app(app, host="127.0.0.1", port=PORT, print=None, access_log=None, handle_signals=True)

@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import pytest
+
 from support.backends import RawConn, respond_with
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -42,7 +43,7 @@ async def head_reader(conn: RawConn) -> None:
                     break
                 while len(buf) < size + 2:
                     buf += await conn.read_some()
-                buf = buf[size + 2:]
+                buf = buf[size + 2 :]
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 n = int(line.split(b":")[1])
@@ -68,17 +69,20 @@ async def lenient(raw_backend, proxy):
     return p, be
 
 
-@pytest.mark.parametrize("sent, forwarded", [
-    # RFC 9110 §9.1, §16.1: methods are extensible; a proxy forwards what it does not know
-    (b"BREW /pot HTTP/1.1", b"BREW /pot HTTP/1.1"),
-    (b"FOOBAR / HTTP/1.1", b"FOOBAR / HTTP/1.1"),
-    (b"X-CUSTOM.V2_ /a?b=c HTTP/1.1", b"X-CUSTOM.V2_ /a?b=c HTTP/1.1"),
-    # RFC 9110 §2.5: a later minor version is processed as the highest one known (1.1)
-    (b"GET /v HTTP/1.2", b"GET /v HTTP/1.1"),
-    (b"BREW /v HTTP/1.9", b"BREW /v HTTP/1.1"),
-    # RFC 3986 §3.2.3: an empty port is the scheme's default
-    (b"GET http://shop.example:/x HTTP/1.1", b"GET /x HTTP/1.1"),
-])
+@pytest.mark.parametrize(
+    "sent, forwarded",
+    [
+        # RFC 9110 §9.1, §16.1: methods are extensible; a proxy forwards what it does not know
+        (b"BREW /pot HTTP/1.1", b"BREW /pot HTTP/1.1"),
+        (b"FOOBAR / HTTP/1.1", b"FOOBAR / HTTP/1.1"),
+        (b"X-CUSTOM.V2_ /a?b=c HTTP/1.1", b"X-CUSTOM.V2_ /a?b=c HTTP/1.1"),
+        # RFC 9110 §2.5: a later minor version is processed as the highest one known (1.1)
+        (b"GET /v HTTP/1.2", b"GET /v HTTP/1.1"),
+        (b"BREW /v HTTP/1.9", b"BREW /v HTTP/1.1"),
+        # RFC 3986 §3.2.3: an empty port is the scheme's default
+        (b"GET http://shop.example:/x HTTP/1.1", b"GET /x HTTP/1.1"),
+    ],
+)
 async def test_valid_request_line_is_forwarded(lenient, sent, forwarded):
     p, be = lenient
     r = await p.exchange(sent + b"\r\n" + H + b"\r\n")
@@ -99,8 +103,10 @@ async def test_extension_methods_pipelined_and_split_across_reads(lenient):
     the same read, and when its request line arrives in pieces."""
     p, be = lenient
     c = await p.client()
-    c.send(b"GET /1 HTTP/1.1\r\n" + H + b"\r\n\r\nBREW /2 HTTP/1.1\r\n" + H + b"\r\n"
-           b"GET /3 HTTP/1.1\r\n" + H + b"\r\nPURR /4 HTTP/1.2\r\n" + H + b"\r\n")
+    c.send(
+        b"GET /1 HTTP/1.1\r\n" + H + b"\r\n\r\nBREW /2 HTTP/1.1\r\n" + H + b"\r\n"
+        b"GET /3 HTTP/1.1\r\n" + H + b"\r\nPURR /4 HTTP/1.2\r\n" + H + b"\r\n"
+    )
     for _ in range(4):
         assert (await c.response()).status == 200
     await c.send_drain(b"SCR")
@@ -110,16 +116,25 @@ async def test_extension_methods_pipelined_and_split_across_reads(lenient):
     c.send(b"TP/1.1\r\n" + H + b"\r\n")
     assert (await c.response()).status == 200
     c.close()
-    assert request_lines(be) == [b"GET /1 HTTP/1.1", b"BREW /2 HTTP/1.1", b"GET /3 HTTP/1.1",
-                                     b"PURR /4 HTTP/1.1", b"SCRATCH /5 HTTP/1.1"]
+    assert request_lines(be) == [
+        b"GET /1 HTTP/1.1",
+        b"BREW /2 HTTP/1.1",
+        b"GET /3 HTTP/1.1",
+        b"PURR /4 HTTP/1.1",
+        b"SCRATCH /5 HTTP/1.1",
+    ]
 
 
-@pytest.mark.parametrize("first", [
-    b"POST /1 HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n\r\n\r\n\r\n",
-    b"POST /1 HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n",
-    b"POST /1 HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
-    b"4;x=1\r\n\r\n\r\n\r\n0\r\nX-T: 1\r\n\r\n",
-], ids=["content-length", "content-length-0", "chunked"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"POST /1 HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n\r\n\r\n\r\n",
+        b"POST /1 HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n",
+        b"POST /1 HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+        b"4;x=1\r\n\r\n\r\n\r\n0\r\nX-T: 1\r\n\r\n",
+    ],
+    ids=["content-length", "content-length-0", "chunked"],
+)
 async def test_extension_method_behind_a_body_in_the_same_read_is_found_past_it(lenient, first):
     """The next request's start is found by stepping over the body by its own framing
     (here a body that looks like an empty line), never by searching it."""
@@ -132,15 +147,18 @@ async def test_extension_method_behind_a_body_in_the_same_read_is_found_past_it(
     assert request_lines(be) == [b"POST /1 HTTP/1.1", b"BREW /2 HTTP/1.1"]
 
 
-@pytest.mark.parametrize("line", [
-    b"BREW  / HTTP/1.1",          # two spaces
-    b"BR(EW / HTTP/1.1",          # not a token
-    b"brew / HTTP/1.1",           # a case variant: refused, like "get"
-    b"BREW! / HTTP/1.1",          # a token, but not a method name the proxy forwards
-    b"BREW / HTTP/2.1",           # another major version
-    b"BREW /a b HTTP/1.1",        # space in the target
-    b"BREW / http/1.1",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"BREW  / HTTP/1.1",  # two spaces
+        b"BR(EW / HTTP/1.1",  # not a token
+        b"brew / HTTP/1.1",  # a case variant: refused, like "get"
+        b"BREW! / HTTP/1.1",  # a token, but not a method name the proxy forwards
+        b"BREW / HTTP/2.1",  # another major version
+        b"BREW /a b HTTP/1.1",  # space in the target
+        b"BREW / http/1.1",
+    ],
+)
 async def test_invalid_request_line_with_an_unknown_method_is_refused(lenient, line):
     p, be = lenient
     c = await p.client()
@@ -179,19 +197,23 @@ async def test_partial_request_line_is_not_taken_for_http09(raw_backend, proxy):
 # ---------------------------------------------------------------------------------------
 # responses
 
-@pytest.mark.parametrize("te, status, relayed_te", [
-    (b"chunked", 200, b"chunked"),
-    (b"gzip, chunked", 200, b"gzip, chunked"),
-    (b"gzip, br, chunked", 200, b"gzip, br, chunked"),
-    # RFC 9112 §6.1: chunked once, and last; otherwise no two readers agree on the length
-    (b"chunked, gzip, chunked", 502, None),
-    (b"chunked, gzip", 502, None),
-    (b"chunked, chunked", 502, None),
-])
+
+@pytest.mark.parametrize(
+    "te, status, relayed_te",
+    [
+        (b"chunked", 200, b"chunked"),
+        (b"gzip, chunked", 200, b"gzip, chunked"),
+        (b"gzip, br, chunked", 200, b"gzip, br, chunked"),
+        # RFC 9112 §6.1: chunked once, and last; otherwise no two readers agree on the length
+        (b"chunked, gzip, chunked", 502, None),
+        (b"chunked, gzip", 502, None),
+        (b"chunked, chunked", 502, None),
+    ],
+)
 async def test_response_transfer_codings_are_relayed_in_order_or_refused(
-        raw_backend, proxy, te, status, relayed_te):
-    resp = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n")
+    raw_backend, proxy, te, status, relayed_te
+):
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     be = await raw_backend("a", respond_with(resp))
     p = await proxy([be])
     r = await p.exchange(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n")
@@ -201,10 +223,11 @@ async def test_response_transfer_codings_are_relayed_in_order_or_refused(
         assert r.body == b"hello"
 
 
-@pytest.mark.parametrize("status_line", [b"HTTP/1.1 099 Odd", b"HTTP/1.1 000 Zero",
-                                         b"HTTP/1.1 600 Beyond", b"HTTP/1.1 999 Beyond"])
-async def test_response_status_outside_100_to_599_is_a_bad_gateway(raw_backend, proxy,
-                                                                   status_line):
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 099 Odd", b"HTTP/1.1 000 Zero", b"HTTP/1.1 600 Beyond", b"HTTP/1.1 999 Beyond"],
+)
+async def test_response_status_outside_100_to_599_is_a_bad_gateway(raw_backend, proxy, status_line):
     """RFC 9110 §15: valid status codes are 100..599; "099" would be relayed as "99"."""
     be = await raw_backend("a", respond_with(status_line + b"\r\nContent-Length: 2\r\n\r\nok"))
     p = await proxy([be])
@@ -216,6 +239,6 @@ async def test_response_with_a_later_minor_version_is_relayed_as_http11(raw_back
     """RFC 9110 §2.5: `HTTP/1.2 200 OK` from a backend is processed as HTTP/1.1."""
     be = await raw_backend("a", respond_with(b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     p = await proxy([be])
-    for _ in range(2):                                   # and the connection is reused
+    for _ in range(2):  # and the connection is reused
         r = await p.exchange(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
         assert (r.status, r.body) == (200, b"ok")

@@ -9,11 +9,11 @@ import time
 
 import aiohttp
 import pytest
+
+from stickyproxy.routing.ring import Member, Ring
 from support.backends import DeadBackend, respond_with
 from support.http import IncompleteResponse, http_request
 from support.net import eventually
-
-from stickyproxy.routing.ring import Member, Ring
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -59,8 +59,11 @@ async def test_killing_one_of_three_backends_fails_no_get_and_moves_only_its_use
                 u = users[i % len(users)]
                 i += 7
                 try:
-                    async with s.get(f"http://127.0.0.1:{p.port}/", headers={"X-User-Id": u},
-                                     timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    async with s.get(
+                        f"http://127.0.0.1:{p.port}/",
+                        headers={"X-User-Id": u},
+                        timeout=aiohttp.ClientTimeout(total=5),
+                    ) as r:
                         body = await r.read()
                         if r.status != 200:
                             failures.append(f"{u}: {r.status} {body[:80]!r}")
@@ -72,26 +75,26 @@ async def test_killing_one_of_three_backends_fails_no_get_and_moves_only_its_use
     tasks = [asyncio.create_task(traffic(w)) for w in range(6)]
     await eventually(lambda: all(landed.values()), what="every user served once")
     before = {u: set(v) for u, v in landed.items()}
-    await victim.stop()                          # mid-traffic: connects are refused now
+    await victim.stop()  # mid-traffic: connects are refused now
     for u in users:
         landed[u] = set()
     await eventually(lambda: all(landed.values()), what="every user served after the kill")
     n_after = len(victim.requests)
-    for u in users:                              # and some more rounds
+    for u in users:  # and some more rounds
         landed[u] = set()
     await eventually(lambda: all(landed.values()), what="every user served again")
     stop.set()
     await asyncio.gather(*tasks)
 
     assert failures == []
-    assert len(victim.requests) == n_after       # nothing reached the dead backend later
+    assert len(victim.requests) == n_after  # nothing reached the dead backend later
     for u in users:
         pref = p.pref(u)
         assert before[u] == {pref[0]}
         if pref[0] == victim.id:
-            assert landed[u] == {pref[1]}, u     # its fallback: next on its preference list
+            assert landed[u] == {pref[1]}, u  # its fallback: next on its preference list
         else:
-            assert landed[u] == {pref[0]}, u     # users of other backends do not move
+            assert landed[u] == {pref[0]}, u  # users of other backends do not move
     moved = [u for u in users if p.pref(u)[0] == victim.id]
     assert moved, "the victim owned none of the users: the test proves nothing"
     for b in bs:
@@ -144,7 +147,7 @@ async def test_reset_after_request_sent_retries_get_but_not_post(raw_backend, ba
     r = await p.get("/write", user=u, method="POST", body=b"x=1")
     assert r.status == 502
     assert b"bad" in r.body
-    assert [rec.target for rec in good.requests] == ["/read"]     # not retried
+    assert [rec.target for rec in good.requests] == ["/read"]  # not retried
     assert [rec.target for rec in bad.requests] == ["/read", "/write"]
 
 
@@ -181,9 +184,9 @@ async def test_every_backend_refusing_gives_an_error_not_a_hang(proxy):
 
 async def test_no_usable_backend_gives_503_with_retry_after(proxy):
     p = await proxy([DeadBackend("a"), DeadBackend("b")], {"passive": {"connect_down": "30s"}})
-    first = await p.get("/", user="u")           # discovers that both refuse connects
+    first = await p.get("/", user="u")  # discovers that both refuse connects
     assert first.status in (502, 503)
-    r = await p.get("/", user="u")               # now no backend is usable
+    r = await p.get("/", user="u")  # now no backend is usable
     assert r.status == 503
     assert r.one("Retry-After").isdigit()
 
@@ -207,13 +210,14 @@ async def test_backend_dying_mid_response_aborts_the_client(raw_backend, proxy):
         conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         await conn.drain()
         conn.close()
+
     be = await raw_backend("a", script)
     p = await proxy([be])
     c = await p.client()
     c.send(http_request("GET", "/", headers={"X-User-Id": "u"}))
     with pytest.raises(IncompleteResponse):
         await c.response()
-    assert c.eof                                 # the proxy closed the client connection
+    assert c.eof  # the proxy closed the client connection
 
 
 async def test_backend_dying_mid_chunked_response_aborts_the_client(raw_backend, proxy):
@@ -222,6 +226,7 @@ async def test_backend_dying_mid_chunked_response_aborts_the_client(raw_backend,
         conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         await conn.drain()
         conn.close()
+
     be = await raw_backend("a", script)
     p = await proxy([be])
     c = await p.client()
@@ -237,17 +242,18 @@ async def test_refused_backend_is_skipped_for_connect_down(raw_backend, backends
     (u,) = keys_where(p, lambda pref: pref[0] == "flaky")
 
     t_fail = time.monotonic()
-    assert (await p.get("/1", user=u)).status == 200          # refused → failover
+    assert (await p.get("/1", user=u)).status == 200  # refused → failover
     # the backend comes back on the same port at once...
     revived = await raw_backend("flaky", respond_with(OK), port=dead.port)
     r = await p.get("/2", user=u)
     assert r.status == 200 and r.body != b"ok"
-    assert revived.connections == []            # ...but is not even tried for connect_down
+    assert revived.connections == []  # ...but is not even tried for connect_down
     assert [rec.target for rec in good.requests] == ["/1", "/2"]
 
     # after connect_down it is the user's backend again
     async def back_on_owner():
         return (await p.get("/3", user=u)).body == b"ok"
+
     await eventually(back_on_owner, deadline=3, interval=0.05, what="owner used again")
     assert time.monotonic() - t_fail >= 0.6
     assert revived.requests and revived.requests[0].one("X-Sticky-Route") == "primary"
@@ -268,8 +274,8 @@ async def test_client_ip_routing_fails_over_along_the_ip_preference_list(backend
     live = await backends(pref[1], pref[2])
     p = await proxy(live + [DeadBackend(pref[0])], {"routing": {"no_key": "client-ip"}})
     assert p.pref("127.0.0.1") == pref
-    first = await p.get("/")                     # the owner refuses: retried
-    second = await p.get("/")                    # the owner is now known down: routed
+    first = await p.get("/")  # the owner refuses: retried
+    second = await p.get("/")  # the owner is now known down: routed
     assert second.one("X-Backend") == pref[1]
     assert first.one("X-Backend") == pref[1]
 
@@ -312,6 +318,7 @@ def blackhole():
         b = Blackhole(bid)
         made.append(b)
         return b
+
     yield make
     for b in made:
         b.close()
@@ -328,7 +335,7 @@ async def test_connect_timeout_fails_over_even_for_post(backends, blackhole, pro
     assert r.status == 200 and r.body == b"once"
     assert 0.3 <= took < 0.3 + 0.7, took
     assert good.requests[0].one("X-Sticky-Route") == "failover"
-    t0 = time.monotonic()                        # now skipped: no second connect timeout
+    t0 = time.monotonic()  # now skipped: no second connect timeout
     assert (await p.get("/again", user=u)).status == 200
     assert time.monotonic() - t0 < 0.25
 
@@ -336,11 +343,16 @@ async def test_connect_timeout_fails_over_even_for_post(backends, blackhole, pro
 async def test_retry_budget_and_inflight_counts_are_given_back(raw_backend, backends, proxy):
     (good,) = await backends("good")
     bad = await raw_backend("bad", _close_after_request)
-    p = await proxy([good, bad], {"admin": {"enabled": True, "port": 0},
-                                  "passive": {"enabled": False},
-                                  "retries": {"budget_min": 2, "budget_percent": 0}})
+    p = await proxy(
+        [good, bad],
+        {
+            "admin": {"enabled": True, "port": 0},
+            "passive": {"enabled": False},
+            "retries": {"budget_min": 2, "budget_percent": 0},
+        },
+    )
     (u,) = keys_where(p, lambda pref: pref[0] == "bad")
-    for i in range(8):                           # 4× the budget, one at a time
+    for i in range(8):  # 4× the budget, one at a time
         r = await p.get(f"/{i}", user=u)
         assert r.status == 200, (i, r.body)
     assert len(good.requests) == 8

@@ -19,12 +19,12 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import h2.config
 import h2.connection
-import h2.exceptions
 import h2.events
+import h2.exceptions
 import h2.settings
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -32,21 +32,26 @@ from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
+
+from stickyproxy.dataplane import h2client
+from stickyproxy.dataplane.h2client import (
+    Malformed,
+    check_trailers,
+    parse_request_head,
+    response_fields,
+)
+from stickyproxy.dataplane.http import RequestError
 from support.backends import respond_with
 from support.http import http_request
 from support.metrics import Metrics
 from support.net import IO_TIMEOUT, eventually
-
-from stickyproxy.dataplane import h2client
-from stickyproxy.dataplane.h2client import (Malformed, check_trailers, parse_request_head,
-                                            response_fields)
-from stickyproxy.dataplane.http import RequestError
 
 H2C = {"listen": {"h2c": True}}
 
 
 # ---------------------------------------------------------------------------------------
 # a small HTTP/2 client over asyncio
+
 
 @dataclass
 class Reply:
@@ -71,8 +76,13 @@ class H2Client:
     """One HTTP/2 connection: requests by stream id, replies collected by a reader task.
     ``auto_credit=False`` leaves DATA unacknowledged (the client's windows stay shut)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 conn: h2.connection.H2Connection, auto_credit: bool):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: h2.connection.H2Connection,
+        auto_credit: bool,
+    ):
         self.reader, self.writer, self.conn = reader, writer, conn
         self.auto_credit = auto_credit
         self.replies: dict[int, Reply] = {}
@@ -83,24 +93,40 @@ class H2Client:
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def connect(cls, port: int, *, ctx: ssl.SSLContext | None = None,
-                      settings: dict[int, int] | None = None, auto_credit: bool = True,
-                      validate: bool = True) -> H2Client:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="localhost" if ctx else None),
-            IO_TIMEOUT)
+    async def connect(
+        cls,
+        port: int,
+        *,
+        ctx: ssl.SSLContext | None = None,
+        settings: dict[int, int] | None = None,
+        auto_credit: bool = True,
+        validate: bool = True,
+    ) -> H2Client:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost" if ctx else None
+            ),
+            IO_TIMEOUT,
+        )
         if ctx is not None:
             assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
-        cfg = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                        validate_outbound_headers=validate,
-                                        normalize_outbound_headers=validate)
+        cfg = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=validate,
+            normalize_outbound_headers=validate,
+        )
         conn = h2.connection.H2Connection(config=cfg)
         # h2 refuses every frame after a GOAWAY it receives or sends; RFC 9113 §6.8 lets
         # the streams already taken finish, which is what the GOAWAY tests read
         sm = conn.state_machine
-        sm._transitions = {**sm._transitions, **{
-            (ConnectionState.CLIENT_OPEN, goaway): (None, ConnectionState.CLIENT_OPEN)
-            for goaway in (ConnectionInputs.RECV_GOAWAY, ConnectionInputs.SEND_GOAWAY)}}
+        sm._transitions = {
+            **sm._transitions,
+            **{
+                (ConnectionState.CLIENT_OPEN, goaway): (None, ConnectionState.CLIENT_OPEN)
+                for goaway in (ConnectionInputs.RECV_GOAWAY, ConnectionInputs.SEND_GOAWAY)
+            },
+        }
         if settings:
             conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         conn.initiate_connection()
@@ -152,18 +178,31 @@ class H2Client:
         elif isinstance(ev, h2.events.PingAckReceived):
             self.pings_acked += 1
 
-    def request(self, path: str = "/", *, user: str | None = None, method: str = "GET",
-                body: bytes | None = None, extra: list[tuple[str, str]] | None = None,
-                end: bool = True, authority: str = "shop") -> int:
+    def request(
+        self,
+        path: str = "/",
+        *,
+        user: str | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+        extra: list[tuple[str, str]] | None = None,
+        end: bool = True,
+        authority: str = "shop",
+    ) -> int:
         sid = self.conn.get_next_available_stream_id()
-        headers = [(":method", method), (":scheme", "http"), (":authority", authority),
-                   (":path", path)]
+        headers = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", authority),
+            (":path", path),
+        ]
         if user is not None:
             headers.append(("x-user-id", user))
         headers += extra or []
         self.replies[sid] = Reply()
-        self.conn.send_headers(sid, [(k.encode(), v.encode()) for k, v in headers],
-                               end_stream=end and body is None)
+        self.conn.send_headers(
+            sid, [(k.encode(), v.encode()) for k, v in headers], end_stream=end and body is None
+        )
         if body is not None:
             self.send_body(sid, body, end=end)
         self.flush()
@@ -179,12 +218,13 @@ class H2Client:
         """Send ``body`` on ``sid`` as the server's windows open, then END_STREAM."""
         pos = 0
         while pos < len(body):
-            window = min(self.conn.local_flow_control_window(sid),
-                         self.conn.max_outbound_frame_size)
+            window = min(
+                self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size
+            )
             if window <= 0:
                 await asyncio.sleep(0.005)
                 continue
-            self.conn.send_data(sid, body[pos:pos + window])
+            self.conn.send_data(sid, body[pos : pos + window])
             pos += window
             self.flush()
             await self.writer.drain()
@@ -231,53 +271,80 @@ async def clients():
 # ---------------------------------------------------------------------------------------
 # the request head: pure (RFC 9113 §8.2, §8.3)
 
-BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"shop"),
-        (b":path", b"/a?b=1")]
+BASE = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"shop"),
+    (b":path", b"/a?b=1"),
+]
 
 
-@pytest.mark.parametrize("headers, why", [
-    (BASE + [(b"connection", b"keep-alive")], "connection-specific field connection"),
-    (BASE + [(b"transfer-encoding", b"chunked")], "connection-specific field transfer-encoding"),
-    (BASE + [(b"upgrade", b"h2c")], "connection-specific field upgrade"),
-    (BASE + [(b"keep-alive", b"5")], "connection-specific field keep-alive"),
-    (BASE + [(b"proxy-connection", b"x")], "connection-specific field proxy-connection"),
-    (BASE + [(b"te", b"gzip")], "te other than"),
-    (BASE + [(b"X-Upper", b"1")], "invalid field name"),
-    (BASE + [(b"a b", b"1")], "invalid field name"),
-    (BASE + [(b"x", b"a\r\nInjected: 1")], "control character"),
-    (BASE + [(b"x", b"a\x00")], "control character"),
-    (BASE + [(b"x", b" padded")], "whitespace"),
-    ([(b"x", b"1")] + BASE, "pseudo-header field after a regular field"),
-    (BASE + [(b"x", b"1"), (b":method", b"GET")], "pseudo-header field after"),
-    (BASE[:1] + BASE, "repeated pseudo-header field :method"),
-    (BASE + [(b":protocol", b"websocket")], "unknown pseudo-header field"),
-    ([(b":protocol", b"websocket")] + BASE, "unknown pseudo-header field"),
-    (BASE[1:], "no :method"),
-    ([(b":method", b"get")] + BASE[1:], "invalid :method"),
-    (BASE[:3], "no :scheme or :path"),
-    (BASE[:3] + [(b":path", b"")], "no :scheme or :path"),
-    (BASE[:3] + [(b":path", b"http://shop/")], "invalid :path"),
-    (BASE[:3] + [(b":path", b"/a b")], "invalid :path"),
-    ([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"u@shop"),
-      (b":path", b"/")], "userinfo"),
-    (BASE + [(b"host", b"other")], "Host and :authority differ"),
-    ([(b":method", b"CONNECT"), (b":authority", b"h:1"), (b":path", b"/")], "malformed CONNECT"),
-])
+@pytest.mark.parametrize(
+    "headers, why",
+    [
+        (BASE + [(b"connection", b"keep-alive")], "connection-specific field connection"),
+        (
+            BASE + [(b"transfer-encoding", b"chunked")],
+            "connection-specific field transfer-encoding",
+        ),
+        (BASE + [(b"upgrade", b"h2c")], "connection-specific field upgrade"),
+        (BASE + [(b"keep-alive", b"5")], "connection-specific field keep-alive"),
+        (BASE + [(b"proxy-connection", b"x")], "connection-specific field proxy-connection"),
+        (BASE + [(b"te", b"gzip")], "te other than"),
+        (BASE + [(b"X-Upper", b"1")], "invalid field name"),
+        (BASE + [(b"a b", b"1")], "invalid field name"),
+        (BASE + [(b"x", b"a\r\nInjected: 1")], "control character"),
+        (BASE + [(b"x", b"a\x00")], "control character"),
+        (BASE + [(b"x", b" padded")], "whitespace"),
+        ([(b"x", b"1")] + BASE, "pseudo-header field after a regular field"),
+        (BASE + [(b"x", b"1"), (b":method", b"GET")], "pseudo-header field after"),
+        (BASE[:1] + BASE, "repeated pseudo-header field :method"),
+        (BASE + [(b":protocol", b"websocket")], "unknown pseudo-header field"),
+        ([(b":protocol", b"websocket")] + BASE, "unknown pseudo-header field"),
+        (BASE[1:], "no :method"),
+        ([(b":method", b"get")] + BASE[1:], "invalid :method"),
+        (BASE[:3], "no :scheme or :path"),
+        (BASE[:3] + [(b":path", b"")], "no :scheme or :path"),
+        (BASE[:3] + [(b":path", b"http://shop/")], "invalid :path"),
+        (BASE[:3] + [(b":path", b"/a b")], "invalid :path"),
+        (
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"u@shop"),
+                (b":path", b"/"),
+            ],
+            "userinfo",
+        ),
+        (BASE + [(b"host", b"other")], "Host and :authority differ"),
+        (
+            [(b":method", b"CONNECT"), (b":authority", b"h:1"), (b":path", b"/")],
+            "malformed CONNECT",
+        ),
+    ],
+)
 def test_malformed_request_heads(headers, why):
     with pytest.raises(Malformed, match=why):
         parse_request_head(headers)
 
 
 def test_request_head_parts():
-    head = parse_request_head(BASE + [(b"te", b"trailers"), (b"host", b"SHOP"),
-                                      (b"content-length", b"3"), (b"x-user-id", b"u1")])
+    head = parse_request_head(
+        BASE
+        + [
+            (b"te", b"trailers"),
+            (b"host", b"SHOP"),
+            (b"content-length", b"3"),
+            (b"x-user-id", b"u1"),
+        ]
+    )
     assert (head.method, head.path, head.host) == ("GET", b"/a?b=1", b"shop")
-    assert head.fields == [(b"te", b"trailers"), (b"content-length", b"3"),
-                           (b"x-user-id", b"u1")]
+    assert head.fields == [(b"te", b"trailers"), (b"content-length", b"3"), (b"x-user-id", b"u1")]
     assert head.content_length and head.refusal is None
     # no :authority: the Host field names the target (RFC 9113 §8.3.1)
-    head = parse_request_head([(b":method", b"PURGE"), (b":scheme", b"http"),
-                               (b":path", b"*"), (b"host", b"h")])
+    head = parse_request_head(
+        [(b":method", b"PURGE"), (b":scheme", b"http"), (b":path", b"*"), (b"host", b"h")]
+    )
     assert (head.method, head.path, head.host, head.fields) == ("PURGE", b"*", b"h", [])
     # CONNECT is well-formed HTTP/2 but refused as over HTTP/1.1 (docs/design.md §7b)
     head = parse_request_head([(b":method", b"CONNECT"), (b":authority", b"h:443")])
@@ -290,10 +357,16 @@ def test_trailers_and_response_fields():
         check_trailers([(b":status", b"200")])
     with pytest.raises(Malformed):
         check_trailers([(b"connection", b"close")])
-    assert response_fields(200, [(b"Content-Type", b"t"), (b"Connection", b"close"),
-                                 (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"5"),
-                                 (b"Content-Length", b"3")]) == [
-        (b":status", b"200"), (b"content-type", b"t"), (b"content-length", b"3")]
+    assert response_fields(
+        200,
+        [
+            (b"Content-Type", b"t"),
+            (b"Connection", b"close"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Keep-Alive", b"5"),
+            (b"Content-Length", b"3"),
+        ],
+    ) == [(b":status", b"200"), (b"content-type", b"t"), (b"content-length", b"3")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +379,7 @@ async def test_streams_on_one_connection_route_like_http1(backends, proxy, clien
     bs = await backends("a", "b", "c")
     p = await proxy(bs, H2C)
     c = await clients(p.port)
-    sids = {u: c.request(f"/r/{u}", user=u) for u in USERS}   # all at once: concurrent
+    sids = {u: c.request(f"/r/{u}", user=u) for u in USERS}  # all at once: concurrent
     for u, sid in sids.items():
         r = await c.reply(sid)
         assert r.status == 200 and r.reset is None, (u, r)
@@ -333,16 +406,22 @@ async def test_streams_on_one_connection_route_like_http1(backends, proxy, clien
 async def test_streams_are_counted_and_logged_like_requests(backends, proxy, clients, caplog):
     caplog.set_level(logging.INFO, logger="stickyproxy.access")
     bs = await backends("a", "b")
-    p = await proxy(bs, {**H2C, "admin": {"enabled": True, "port": 0},
-                         "logging": {"access": "json", "access_key": "raw"}})
+    p = await proxy(
+        bs,
+        {
+            **H2C,
+            "admin": {"enabled": True, "port": 0},
+            "logging": {"access": "json", "access_key": "raw"},
+        },
+    )
     c = await clients(p.port)
     sids = [c.request(f"/m/{u}", user=u) for u in USERS[:7]]
     replies = [await c.reply(sid) for sid in sids]
-    lines = [json.loads(r.getMessage()) for r in caplog.records
-             if r.name == "stickyproxy.access"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "stickyproxy.access"]
     assert sorted(rec["key"] for rec in lines) == sorted(USERS[:7])
-    for rec, r in zip(sorted(lines, key=lambda x: x["path"]),
-                      sorted(replies, key=lambda x: bytes(x.body))):
+    for rec, r in zip(
+        sorted(lines, key=lambda x: x["path"]), sorted(replies, key=lambda x: bytes(x.body))
+    ):
         assert rec["status"] == 200 and rec["client"] == "127.0.0.1"
         assert rec["backend"] == p.pref(rec["key"])[0] and rec["route"] == "primary"
         assert rec["bytes"] == len(r.body)
@@ -350,7 +429,7 @@ async def test_streams_are_counted_and_logged_like_requests(backends, proxy, cli
         async with s.get(f"http://127.0.0.1:{p.svc.admin.port}/metrics") as resp:
             m = Metrics(await resp.text())
     assert m.total("stickyproxy_requests_total") == 7
-    assert m.value("stickyproxy_client_connections") == 1      # one connection, 7 streams
+    assert m.value("stickyproxy_client_connections") == 1  # one connection, 7 streams
 
 
 @pytest.mark.slow
@@ -368,11 +447,20 @@ async def test_key_sources_apply_to_streams(backends, proxy, clients):
     """Cookie crumbs (RFC 9113 §8.2.3) are joined before the cookie key source reads
     them; query and path sources read :path."""
     bs = await backends("a", "b", "c")
-    p = await proxy(bs, {**H2C, "routing": {"keys": [
-        {"from": "cookie", "name": "uid"},
-        {"from": "query", "name": "user"},
-        {"from": "path", "pattern": "^/u/(?P<key>[^/]+)"},
-    ], "no_key": "reject"}})
+    p = await proxy(
+        bs,
+        {
+            **H2C,
+            "routing": {
+                "keys": [
+                    {"from": "cookie", "name": "uid"},
+                    {"from": "query", "name": "user"},
+                    {"from": "path", "pattern": "^/u/(?P<key>[^/]+)"},
+                ],
+                "no_key": "reject",
+            },
+        },
+    )
     c = await clients(p.port)
     cases = {
         "k-cookie": c.request("/", extra=[("cookie", "a=1"), ("cookie", "uid=k-cookie")]),
@@ -405,10 +493,9 @@ async def test_request_body_with_and_without_length(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a], H2C)
     c = await clients(p.port)
-    s1 = c.request("/up", user="u1", method="POST", body=b"hello",
-                   extra=[("content-length", "5")])
+    s1 = c.request("/up", user="u1", method="POST", body=b"hello", extra=[("content-length", "5")])
     s2 = c.request("/up", user="u1", method="POST", body=b"chunked-body", end=False)
-    c.conn.send_headers(s2, [(b"x-sum", b"42")], end_stream=True)   # request trailers
+    c.conn.send_headers(s2, [(b"x-sum", b"42")], end_stream=True)  # request trailers
     c.flush()
     r1, r2 = await c.reply(s1), await c.reply(s2)
     assert (r1.status, bytes(r1.body)) == (200, b"hello")
@@ -426,6 +513,7 @@ async def test_head_and_no_content_responses_end_the_stream(backends, proxy, cli
         if rec.target == "/empty":
             return web.Response(status=204)
         return web.Response(body=b"x" * 100)
+
     a.handler = handler
     p = await proxy([a], H2C)
     c = await clients(p.port)
@@ -439,12 +527,17 @@ async def test_head_and_no_content_responses_end_the_stream(backends, proxy, cli
 async def test_backend_trailers_and_transfer_codings(raw_backend, proxy, clients):
     """Chunked trailers from the backend become a trailing HEADERS frame; a transfer coding
     HTTP/2 cannot carry (gzip applied as a transfer coding) resets the stream."""
+
     def answer(req):
         if req.target == "/gz":
-            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-                    b"3\r\nxyz\r\n0\r\n\r\n")
-        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n"
-                b"5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n")
+            return (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n"
+            )
+        return (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n"
+        )
+
     be = await raw_backend("a", respond_with(answer))
     p = await proxy([be], H2C)
     c = await clients(p.port)
@@ -460,8 +553,13 @@ async def test_expect_100_continue_is_relayed(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a], H2C)
     c = await clients(p.port)
-    sid = c.request("/up", user="u", method="POST", end=False,
-                    extra=[("expect", "100-continue"), ("content-length", "4")])
+    sid = c.request(
+        "/up",
+        user="u",
+        method="POST",
+        end=False,
+        extra=[("expect", "100-continue"), ("content-length", "4")],
+    )
     await eventually(lambda: c.replies[sid].informational, what="100 Continue")
     assert c.replies[sid].informational[0][0] == (b":status", b"100")
     c.send_body(sid, b"data", end=True)
@@ -473,14 +571,14 @@ async def test_proxy_errors_reach_the_stream(backends, proxy, clients):
     (a,) = await backends("a")
     p = await proxy([a], {**H2C, "routing": {"no_key": "reject"}})
     c = await clients(p.port, validate=False)
-    r = await c.reply(c.request("/"))                           # no user key
+    r = await c.reply(c.request("/"))  # no user key
     assert r.status == 400 and b"no user key" in r.body
     r = await c.reply(c.request("/", user="u", method="CONNECT"))
-    assert r.reset == ErrorCodes.PROTOCOL_ERROR     # CONNECT with :path is malformed
+    assert r.reset == ErrorCodes.PROTOCOL_ERROR  # CONNECT with :path is malformed
     await a.stop()
     r = await c.reply(c.request("/", user="u"))
     assert r.status in (502, 503)
-    assert not c.closed.is_set()                    # stream errors, not connection errors
+    assert not c.closed.is_set()  # stream errors, not connection errors
 
 
 async def test_connection_specific_field_is_a_stream_error(backends, proxy, clients):
@@ -516,12 +614,12 @@ async def test_header_limits(backends, proxy, clients):
 # ---------------------------------------------------------------------------------------
 # flow control, both ways
 
-CHUNK = bytes(range(256)) * 256          # 64 KiB
+CHUNK = bytes(range(256)) * 256  # 64 KiB
 
 
 async def _big_download(request, rec):
     n = int(rec.target.rsplit("/", 1)[1])
-    resp = web.StreamResponse()         # chunked from the backend
+    resp = web.StreamResponse()  # chunked from the backend
     await resp.prepare(request)
     for _ in range(n // len(CHUNK)):
         await resp.write(CHUNK)
@@ -546,18 +644,19 @@ async def test_large_bodies_flow_both_ways(backends, proxy, clients):
         if request.method == "GET":
             return await _big_download(request, rec)
         return await _digest_upload(request, rec)
+
     a.handler = handler
     p = await proxy([a], H2C)
     c = await clients(p.port)
     n = 4 << 20
     down = [c.request(f"/down/{n}", user=f"u{i}") for i in range(3)]
-    body = CHUNK * 48                              # 3 MiB, far beyond every window
+    body = CHUNK * 48  # 3 MiB, far beyond every window
     up = c.request("/up", user="u", method="PUT", end=False)
     await c.upload(up, body)
     for sid in down:
         r = await c.reply(sid, timeout=30)
         assert r.status == 200 and r.ended and len(r.body) == n
-        assert bytes(r.body[:len(CHUNK)]) == CHUNK
+        assert bytes(r.body[: len(CHUNK)]) == CHUNK
     r = await c.reply(up, timeout=30)
     assert r.body.decode() == f"{len(body)} {hashlib.sha256(body).hexdigest()}"
 
@@ -575,7 +674,7 @@ async def test_response_waits_for_the_clients_window(backends, proxy, clients):
     r = c.replies[sid]
     await eventually(lambda: len(r.body) >= 65535, what="the first window's worth")
     await asyncio.sleep(0.3)
-    assert len(r.body) == 65535                     # the stream window, not a byte more
+    assert len(r.body) == 65535  # the stream window, not a byte more
     c.auto_credit = True
     c.conn.acknowledge_received_data(len(r.body), sid)
     c.flush()
@@ -591,7 +690,7 @@ async def test_zero_window_stall_is_reset_at_the_deadline(backends, proxy, clien
     sid = c.request("/", user="u")
     r = await c.reply(sid, timeout=5)
     assert r.status == 200 and r.reset == ErrorCodes.CANCEL and not r.body
-    ok = c.request("/", user="u")   # the connection itself is fine
+    ok = c.request("/", user="u")  # the connection itself is fine
     c.conn.increment_flow_control_window(65535, ok)
     c.flush()
     assert (await c.reply(ok)).ended
@@ -604,12 +703,13 @@ async def test_connection_window_stall_closes_the_connection(backends, proxy, cl
     (a,) = await backends("a")
     a.handler = _big_download
     p = await proxy([a], {**H2C, "timeouts": {"body_idle": "1s"}})
-    c = await clients(p.port, auto_credit=False,
-                      settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    c = await clients(
+        p.port, auto_credit=False, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
+    )
     sids = [c.request(f"/down/{256 << 10}", user=f"u{i}") for i in range(2)]
     await asyncio.wait_for(c.closed.wait(), 5)
     assert c.goaway is not None and c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-    assert sum(len(c.replies[s].body) for s in sids) == 65535    # the connection window
+    assert sum(len(c.replies[s].body) for s in sids) == 65535  # the connection window
 
 
 @pytest.mark.slow
@@ -626,7 +726,7 @@ async def test_a_slow_moving_download_is_not_a_stall(backends, proxy, clients):
     deadline = asyncio.get_running_loop().time() + 15
     while not r.done.is_set():
         assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.1)              # the pace of the test: 640 KiB/s at most
+        await asyncio.sleep(0.1)  # the pace of the test: 640 KiB/s at most
         got = len(r.body) - credited
         if got:
             c.conn.acknowledge_received_data(got, sid)
@@ -637,6 +737,7 @@ async def test_a_slow_moving_download_is_not_a_stall(backends, proxy, clients):
 
 # ---------------------------------------------------------------------------------------
 # the known floods
+
 
 async def _slow(request, rec):
     await asyncio.sleep(2)
@@ -662,9 +763,10 @@ async def test_continuation_flood_closes_the_connection(backends, proxy, clients
     (a,) = await backends("a")
     p = await proxy([a], H2C)
     c = await clients(p.port)
-    block = Encoder().encode([(b":method", b"GET"), (b":scheme", b"http"),
-                              (b":authority", b"x"), (b":path", b"/")])
-    out = [HeadersFrame(1, data=block).serialize()]       # no END_HEADERS
+    block = Encoder().encode(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
+    )
+    out = [HeadersFrame(1, data=block).serialize()]  # no END_HEADERS
     junk = Encoder().encode([(b"x-pad", b"p" * 8000)])
     out += [ContinuationFrame(1, data=junk).serialize() for _ in range(40)]
     c.raw(b"".join(out))
@@ -673,11 +775,16 @@ async def test_continuation_flood_closes_the_connection(backends, proxy, clients
     assert not a.requests
 
 
-@pytest.mark.parametrize("frame", [
-    lambda i: PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize(),
-    lambda i: SettingsFrame(0, settings={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 4096 + i}
-                            ).serialize(),
-], ids=["ping", "settings"])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        lambda i: PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize(),
+        lambda i: SettingsFrame(
+            0, settings={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 4096 + i}
+        ).serialize(),
+    ],
+    ids=["ping", "settings"],
+)
 async def test_control_frame_floods_are_bounded(backends, proxy, clients, frame):
     (a,) = await backends("a")
     p = await proxy([a], H2C)
@@ -707,13 +814,17 @@ async def test_malformed_flood_closes_the_connection(backends, proxy, clients):
         # until the proxy resets it, and past SETTINGS_MAX_CONCURRENT_STREAMS in one read
         # it would close the connection itself (PROTOCOL_ERROR)
         batch = [c.request("/", user="u", extra=[("connection", "x")]) for _ in range(20)]
-        await eventually(lambda b=batch: c.closed.is_set() or all(
-            c.replies[sid].reset is not None for sid in b), what="streams refused")
+        await eventually(
+            lambda b=batch: c.closed.is_set() or all(c.replies[sid].reset is not None for sid in b),
+            what="streams refused",
+        )
         if c.closed.is_set():
             break
     await asyncio.wait_for(c.closed.wait(), IO_TIMEOUT)
     assert c.goaway is not None and c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM, (
-        c.goaway, p.svc.proxy.stopping)
+        c.goaway,
+        p.svc.proxy.stopping,
+    )
 
 
 async def test_oversized_header_list_is_refused(backends, proxy, clients):
@@ -730,13 +841,14 @@ async def test_oversized_header_list_is_refused(backends, proxy, clients):
 # ---------------------------------------------------------------------------------------
 # conformance cases h2 leaves to the server (RFC 9113)
 
+
 async def test_new_stream_beyond_the_limit_is_refused(backends, proxy, clients):
     (a,) = await backends("a")
     a.handler = _slow
     p = await proxy([a], H2C)
     # a client that ignores SETTINGS_MAX_CONCURRENT_STREAMS before acknowledging it
     c = await clients(p.port)
-    c.conn.remote_settings = h2.settings.Settings(client=False)   # the defaults: no limit
+    c.conn.remote_settings = h2.settings.Settings(client=False)  # the defaults: no limit
     sids = [c.request("/", user=f"u{i}") for i in range(h2client.MAX_CONCURRENT_STREAMS + 1)]
     last = await c.reply(sids[-1])
     assert last.reset == ErrorCodes.REFUSED_STREAM or c.goaway is not None
@@ -755,17 +867,19 @@ async def test_data_on_an_answered_stream_is_credited(backends, proxy, clients):
     body = b"x" * 60000
     try:
         for i in range(0, len(body), 15000):
-            c.send_body(sid, body[i:i + 15000], end=i + 15000 >= len(body))
+            c.send_body(sid, body[i : i + 15000], end=i + 15000 >= len(body))
     except h2.exceptions.StreamClosedError:
-        pass                                    # it was reset (NO_ERROR) already
+        pass  # it was reset (NO_ERROR) already
     ok = await c.reply(c.request("/", user="u"))
     assert ok.status == 400 or ok.status == 200
-    await eventually(lambda: c.conn.outbound_flow_control_window >= before,
-                     what="connection window given back")
+    await eventually(
+        lambda: c.conn.outbound_flow_control_window >= before, what="connection window given back"
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # graceful shutdown
+
 
 @pytest.mark.slow
 async def test_shutdown_sends_goaway_and_lets_streams_finish(backends, proxy, clients):
@@ -774,6 +888,7 @@ async def test_shutdown_sends_goaway_and_lets_streams_finish(backends, proxy, cl
     async def handler(request, rec):
         await asyncio.sleep(0.5)
         return web.Response(text="finished")
+
     a.handler = handler
     p = await proxy([a], H2C)
     c = await clients(p.port)
@@ -783,7 +898,7 @@ async def test_shutdown_sends_goaway_and_lets_streams_finish(backends, proxy, cl
     await eventually(lambda: c.goaway is not None, what="GOAWAY")
     assert c.goaway.error_code == ErrorCodes.NO_ERROR
     assert c.goaway.last_stream_id == sids[-1]
-    late = c.request("/", user="late")          # opened after the GOAWAY: refused, retryable
+    late = c.request("/", user="late")  # opened after the GOAWAY: refused, retryable
     assert (await c.reply(late)).reset == ErrorCodes.REFUSED_STREAM
     for sid in sids:
         r = await c.reply(sid)
@@ -802,6 +917,7 @@ async def test_streams_finish_after_the_clients_goaway(backends, proxy, clients)
     async def handler(request, rec):
         await asyncio.sleep(0.3)
         return web.Response(text="answered")
+
     a.handler = handler
     p = await proxy([a], H2C)
     c = await clients(p.port)
@@ -817,6 +933,7 @@ async def test_streams_finish_after_the_clients_goaway(backends, proxy, clients)
 
 # ---------------------------------------------------------------------------------------
 # over TLS, chosen by ALPN
+
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
@@ -848,7 +965,8 @@ async def test_h2_over_tls_by_alpn(backends, proxy, clients, ca, tmp_path):
     assert all(rec.one("X-Forwarded-Proto") == "https" for b in bs for rec in b.requests)
     # the same listener still speaks HTTP/1.1 to a client that asks for it
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", p.port, ssl=client_ctx(ca, ["http/1.1"]), server_hostname="localhost")
+        "127.0.0.1", p.port, ssl=client_ctx(ca, ["http/1.1"]), server_hostname="localhost"
+    )
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
     writer.write(http_request("GET", "/", headers={"X-User-Id": "u1", "Connection": "close"}))
     data = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
@@ -860,13 +978,15 @@ async def test_h2_not_offered_unless_configured(backends, proxy, ca, tmp_path):
     (a,) = await backends("a")
     p = await proxy([a], tls_overrides(ca, tmp_path, ["http/1.1"]))
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", p.port, ssl=client_ctx(ca, ["h2"]), server_hostname="localhost")
+        "127.0.0.1", p.port, ssl=client_ctx(ca, ["h2"]), server_hostname="localhost"
+    )
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
     writer.close()
 
 
 # ---------------------------------------------------------------------------------------
 # curl, as users run it
+
 
 def _curl_http2() -> bool:
     exe = shutil.which("curl")
@@ -881,8 +1001,14 @@ needs_curl = pytest.mark.skipif(not _curl_http2(), reason="curl without HTTP/2")
 
 async def _curl(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--max-time", "5", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 10)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -891,8 +1017,14 @@ async def _curl(*args: str) -> tuple[int, str, str]:
 async def test_curl_prior_knowledge(backends, proxy):
     bs = await backends("a", "b")
     p = await proxy(bs, H2C)
-    rc, out, err = await _curl("--http2-prior-knowledge", "-H", "X-User-Id: u7",
-                               "-w", "\n%{http_version}", f"http://127.0.0.1:{p.port}/c")
+    rc, out, err = await _curl(
+        "--http2-prior-knowledge",
+        "-H",
+        "X-User-Id: u7",
+        "-w",
+        "\n%{http_version}",
+        f"http://127.0.0.1:{p.port}/c",
+    )
     assert rc == 0, err
     body, version = out.rsplit("\n", 1)
     assert version == "2"
@@ -904,9 +1036,18 @@ async def test_curl_http2_over_tls(backends, proxy, ca, tmp_path):
     (a,) = await backends("a")
     p = await proxy([a], tls_overrides(ca, tmp_path, ["h2", "http/1.1"]))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    rc, out, err = await _curl("--http2", "--cacert", str(tmp_path / "ca.pem"),
-                               "-H", "X-User-Id: u7", "--data-binary", "posted",
-                               "-w", "\n%{http_version}", f"https://localhost:{p.port}/c")
+    rc, out, err = await _curl(
+        "--http2",
+        "--cacert",
+        str(tmp_path / "ca.pem"),
+        "-H",
+        "X-User-Id: u7",
+        "--data-binary",
+        "posted",
+        "-w",
+        "\n%{http_version}",
+        f"https://localhost:{p.port}/c",
+    )
     assert rc == 0, err
     body, version = out.rsplit("\n", 1)
     assert (body, version) == ("posted", "2")

@@ -5,6 +5,7 @@ forms a reverse proxy does not serve are refused without contacting a backend.""
 from __future__ import annotations
 
 from aiohttp import web
+
 from support.backends import respond_with
 from support.http import http_request
 
@@ -27,12 +28,13 @@ def _names(rec) -> set[str]:
 async def test_request_hop_by_hop_fields_are_not_forwarded(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
-    r = await p.exchange(http_request("GET", "/", headers=[("X-User-Id", "u")] + HOP_BY_HOP_REQUEST))
+    r = await p.exchange(
+        http_request("GET", "/", headers=[("X-User-Id", "u")] + HOP_BY_HOP_REQUEST)
+    )
     assert r.status == 200
     (rec,) = a.requests
     names = _names(rec)
-    for gone in ("x-foo", "keep-alive", "proxy-connection", "te", "trailer",
-                 "proxy-authorization"):
+    for gone in ("x-foo", "keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"):
         assert gone not in names, gone
     assert rec.one("X-Bar") == "passes"
     # the proxy's own hop to the backend is keep-alive: no "close" is passed on
@@ -45,8 +47,11 @@ async def test_connection_option_naming_host_does_not_strip_host(backends, proxy
     forwards it with its Host; it never sends a backend a request without one."""
     (a,) = await backends("a")
     p = await proxy([a])
-    r = await p.exchange(http_request("GET", "/", host="shop.example",
-                                      headers=[("X-User-Id", "u"), ("Connection", "Host")]))
+    r = await p.exchange(
+        http_request(
+            "GET", "/", host="shop.example", headers=[("X-User-Id", "u"), ("Connection", "Host")]
+        )
+    )
     if not a.requests:
         assert r.status == 400 and r.body.startswith(b"400 Bad Request: ")
         return
@@ -59,11 +64,20 @@ async def test_h2c_upgrade_is_never_forwarded_and_connection_keeps_parsing(backe
     (a,) = await backends("a")
     p = await proxy([a])
     c = await p.client()
-    c.send(http_request("GET", "/one", headers=[
-        ("X-User-Id", "u"), ("Connection", "Upgrade, HTTP2-Settings"),
-        ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA")]))
+    c.send(
+        http_request(
+            "GET",
+            "/one",
+            headers=[
+                ("X-User-Id", "u"),
+                ("Connection", "Upgrade, HTTP2-Settings"),
+                ("Upgrade", "h2c"),
+                ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ],
+        )
+    )
     r1 = await c.response()
-    assert r1.status == 200                     # answered as plain HTTP/1.1, no 101
+    assert r1.status == 200  # answered as plain HTTP/1.1, no 101
     c.send(http_request("GET", "/two", headers={"X-User-Id": "u"}))
     r2 = await c.response()
     assert r2.status == 200
@@ -79,29 +93,47 @@ async def test_response_hop_by_hop_fields_are_not_forwarded(backends, proxy):
     (a,) = await backends("a")
 
     async def handler(request, rec):
-        return web.Response(body=b"hello", headers=[
-            ("Connection", "X-Internal"), ("X-Internal", "secret"),
-            ("Keep-Alive", "timeout=99"), ("Proxy-Connection", "keep-alive"),
-            ("Proxy-Authenticate", "Basic realm=x"), ("Trailer", "X-Sum"),
-            ("Upgrade", "h2c"), ("X-Public", "yes")])
+        return web.Response(
+            body=b"hello",
+            headers=[
+                ("Connection", "X-Internal"),
+                ("X-Internal", "secret"),
+                ("Keep-Alive", "timeout=99"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Proxy-Authenticate", "Basic realm=x"),
+                ("Trailer", "X-Sum"),
+                ("Upgrade", "h2c"),
+                ("X-Public", "yes"),
+            ],
+        )
+
     a.handler = handler
     p = await proxy([a])
     r = await p.get("/", user="u")
     assert r.status == 200 and r.body == b"hello"
     names = {n.lower() for n, _ in r.headers}
-    for gone in ("x-internal", "keep-alive", "proxy-connection", "proxy-authenticate",
-                 "trailer", "upgrade"):
+    for gone in (
+        "x-internal",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "trailer",
+        "upgrade",
+    ):
         assert gone not in names, gone
     assert r.one("X-Public") == "yes"
 
 
 async def test_response_hop_by_hop_fields_are_matched_in_any_case(raw_backend, proxy):
     # names compared case-insensitively (RFC 9110 §5.1), whatever their first letter's case
-    fields = (b"kEEP-aLIVE: timeout=1\r\nTE: trailers\r\nhttp2-SETTINGS: AAA\r\n"
-              b"pROXY-authenticate: Basic\r\nuPGRADE: h2c\r\nCONNECTION: keep-alive\r\n"
-              b"Tee: stays\r\nHttp-Thing: stays\r\nupgraded: stays\r\n")
-    be = await raw_backend("a", respond_with(
-        b"HTTP/1.1 200 OK\r\n" + fields + b"content-LENGTH: 2\r\n\r\nok"))
+    fields = (
+        b"kEEP-aLIVE: timeout=1\r\nTE: trailers\r\nhttp2-SETTINGS: AAA\r\n"
+        b"pROXY-authenticate: Basic\r\nuPGRADE: h2c\r\nCONNECTION: keep-alive\r\n"
+        b"Tee: stays\r\nHttp-Thing: stays\r\nupgraded: stays\r\n"
+    )
+    be = await raw_backend(
+        "a", respond_with(b"HTTP/1.1 200 OK\r\n" + fields + b"content-LENGTH: 2\r\n\r\nok")
+    )
     p = await proxy([be])
     r = await p.get("/", user="u")
     assert r.status == 200 and r.body == b"ok"
@@ -115,8 +147,10 @@ async def test_response_hop_by_hop_fields_are_matched_in_any_case(raw_backend, p
 async def test_absolute_form_with_matching_host_is_rewritten_to_origin_form(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
-    raw = (b"GET http://Shop.Example:8080/cart/items?id=7&x=%20 HTTP/1.1\r\n"
-           b"Host: shop.example:8080\r\nX-User-Id: u\r\n\r\n")
+    raw = (
+        b"GET http://Shop.Example:8080/cart/items?id=7&x=%20 HTTP/1.1\r\n"
+        b"Host: shop.example:8080\r\nX-User-Id: u\r\n\r\n"
+    )
     r = await p.exchange(raw)
     assert r.status == 200
     (rec,) = a.requests
@@ -181,7 +215,8 @@ async def test_fragment_in_target_is_not_forwarded(raw_backend, proxy):
 async def test_absolute_form_with_default_port_matches_host_without_port(backends, proxy):
     (a,) = await backends("a")
     p = await proxy([a])
-    r = await p.exchange(b"GET http://shop.example:80/x HTTP/1.1\r\nHost: shop.example\r\n"
-                         b"X-User-Id: u\r\n\r\n")
+    r = await p.exchange(
+        b"GET http://shop.example:80/x HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: u\r\n\r\n"
+    )
     assert r.status == 200
     assert a.requests[0].target == "/x"

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from support.http import Client, http_request
 from support.net import LOCALHOST, free_port
 
@@ -26,8 +27,14 @@ CLIENTS = 24
 USERS = 500
 # the drill: load for LOAD_S seconds; one backend killed at KILL_AT, restarted at RESTART_AT
 LOAD_S, KILL_AT, RESTART_AT = 4.0, 1.0, 2.0
-HEALTH = {"enabled": True, "interval": "500ms", "fall": 2, "rise": 1, "timeout": "300ms",
-          "path": "/healthz"}
+HEALTH = {
+    "enabled": True,
+    "interval": "500ms",
+    "fall": 2,
+    "rise": 1,
+    "timeout": "300ms",
+    "path": "/healthz",
+}
 
 
 class BackendProcess:
@@ -40,9 +47,11 @@ class BackendProcess:
         return f"http://{LOCALHOST}:{self.port}"
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(APP), self.id, str(self.port),
-                                      str(self.log)], stdout=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APP), self.id, str(self.port), str(self.log)],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
         end = time.monotonic() + 20
         while True:
             try:
@@ -106,14 +115,17 @@ async def _load(port: int, method: str, stop_at: float, statuses: Counter, failu
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
 async def test_no_idempotent_request_fails_when_a_backend_is_killed_under_load(
-        fleet, proxy, method):
+    fleet, proxy, method
+):
     p = await proxy(fleet, {"health": HEALTH, "admin": {"enabled": True, "port": 0}})
     victim = fleet[1]
     statuses: Counter = Counter()
     failures: list[str] = []
     t0 = time.monotonic()
-    load = [asyncio.create_task(_load(p.port, method, t0 + LOAD_S, statuses, failures))
-            for _ in range(CLIENTS)]
+    load = [
+        asyncio.create_task(_load(p.port, method, t0 + LOAD_S, statuses, failures))
+        for _ in range(CLIENTS)
+    ]
     await asyncio.sleep(KILL_AT)
     inflight = p.svc.proxy.upstreams[victim.id].inflight
     pooled = len(p.svc.proxy.upstreams[victim.id].idle)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.net import IO_TIMEOUT, LOCALHOST, eventually, free_port
 
 from stickyproxy.dataplane.proxy_protocol import (
     MAX_HEADER_BYTES,
@@ -32,24 +31,35 @@ from stickyproxy.dataplane.proxy_protocol import (
     header_start,
     parse,
 )
+from support.net import IO_TIMEOUT, LOCALHOST, eventually, free_port
 
 SIG = V2_SIGNATURE
 assert SIG == bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
 
 
 def v2(ver_cmd: int, fam: int, body: bytes, length: int | None = None) -> bytes:
-    return SIG + bytes([ver_cmd, fam]) + struct.pack("!H", len(body) if length is None
-                                                     else length) + body
+    return (
+        SIG
+        + bytes([ver_cmd, fam])
+        + struct.pack("!H", len(body) if length is None else length)
+        + body
+    )
 
 
 def tcp4(src: str, dst: str, sport: int, dport: int) -> bytes:
-    return socket.inet_pton(socket.AF_INET, src) + socket.inet_pton(socket.AF_INET, dst) \
+    return (
+        socket.inet_pton(socket.AF_INET, src)
+        + socket.inet_pton(socket.AF_INET, dst)
         + struct.pack("!HH", sport, dport)
+    )
 
 
 def tcp6(src: str, dst: str, sport: int, dport: int) -> bytes:
-    return socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) \
+    return (
+        socket.inet_pton(socket.AF_INET6, src)
+        + socket.inet_pton(socket.AF_INET6, dst)
         + struct.pack("!HH", sport, dport)
+    )
 
 
 def tlv(kind: int, value: bytes) -> bytes:
@@ -61,27 +71,60 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
 # -- v1 ------------------------------------------------------------------------------------
 V1_VALID = [
     # (line, family, source, destination)
-    (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n", "TCP4",
-     ("192.168.0.1", 56324), ("192.168.0.11", 443)),
-    (b"PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n", "TCP4",
-     ("255.255.255.255", 65535), ("255.255.255.255", 65535)),
+    (
+        b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n",
+        "TCP4",
+        ("192.168.0.1", 56324),
+        ("192.168.0.11", 443),
+    ),
+    (
+        b"PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n",
+        "TCP4",
+        ("255.255.255.255", 65535),
+        ("255.255.255.255", 65535),
+    ),
     (b"PROXY TCP4 0.0.0.0 10.0.0.1 0 0\r\n", "TCP4", ("0.0.0.0", 0), ("10.0.0.1", 0)),
     (b"PROXY TCP6 ::1 2001:db8::1 1 65535\r\n", "TCP6", ("::1", 1), ("2001:db8::1", 65535)),
-    (b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:a00:1 80 8080\r\n", "TCP6",
-     ("2001:db8::1", 80), ("10.0.0.1", 8080)),
-    ((b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-     b" 65535 65535\r\n"), "TCP6", ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
-     ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535)),
+    (
+        b"PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:a00:1 80 8080\r\n",
+        "TCP6",
+        ("2001:db8::1", 80),
+        ("10.0.0.1", 8080),
+    ),
+    (
+        (
+            b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+            b" 65535 65535\r\n"
+        ),
+        "TCP6",
+        ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+        ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+    ),
     # IPv4-mapped, as HAProxy writes a v4 client on a v6 connection: given as the IPv4 client
-    (b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::2 5000 443\r\n", "TCP6",
-     ("192.0.2.7", 5000), ("2001:db8::2", 443)),
+    (
+        b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::2 5000 443\r\n",
+        "TCP6",
+        ("192.0.2.7", 5000),
+        ("2001:db8::2", 443),
+    ),
     (b"PROXY TCP6 ::FFFF:C000:0207 ::ffff:0:0 1 2\r\n", "TCP6", ("192.0.2.7", 1), ("0.0.0.0", 2)),
-    (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255 ::1 1 2\r\n", "TCP6",
-     ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1), ("::1", 2)),
+    (
+        b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255 ::1 1 2\r\n",
+        "TCP6",
+        ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1),
+        ("::1", 2),
+    ),
     (b"PROXY UNKNOWN\r\n", "UNKNOWN", None, None),
     # §2.1: after UNKNOWN "the receiver must ignore anything presented before the CRLF"
-    ((b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-     b":ffff 65535 65535\r\n"), "UNKNOWN", None, None),
+    (
+        (
+            b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+            b":ffff 65535 65535\r\n"
+        ),
+        "UNKNOWN",
+        None,
+        None,
+    ),
     (b"PROXY UNKNOWN whatever 1.2.3.4\r\n", "UNKNOWN", None, None),
 ]
 
@@ -146,7 +189,7 @@ V1_INVALID = [
     (b"proxy TCP4", "no PROXY protocol header"),
     (b"PROXYTCP4", "no PROXY protocol header"),
     (REQUEST, "no PROXY protocol header"),
-    (b"\x16\x03\x01\x02\x00", "no PROXY protocol header"),   # a TLS ClientHello
+    (b"\x16\x03\x01\x02\x00", "no PROXY protocol header"),  # a TLS ClientHello
 ]
 
 
@@ -159,7 +202,7 @@ def test_v1_line_of_108_bytes_is_refused_even_with_crlf():
     line = b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n"
     assert len(line) == 108
     assert parse(line) == Invalid("v1: no CRLF within 107 bytes")
-    assert isinstance(parse(line[:14] + line[15:]), Header)     # 107: the limit itself
+    assert isinstance(parse(line[:14] + line[15:]), Header)  # 107: the limit itself
 
 
 @pytest.mark.parametrize("line", [v[0] for v in V1_VALID])
@@ -173,41 +216,83 @@ def test_v1_every_prefix_needs_more(line):
 # -- v2 ------------------------------------------------------------------------------------
 V2_VALID = [
     # (bytes, expected header (consumed = len(bytes)))
-    (v2(0x21, 0x11, tcp4("192.168.0.1", "192.168.0.11", 56324, 443)),
-     Header(2, False, "TCP4", ("192.168.0.1", 56324), ("192.168.0.11", 443), 28)),
-    (v2(0x21, 0x21, tcp6("2001:db8::1", "::1", 65535, 0)),
-     Header(2, False, "TCP6", ("2001:db8::1", 65535), ("::1", 0), 52)),
-    (v2(0x21, 0x21, tcp6("::ffff:198.51.100.9", "2001:db8::1", 1, 2)),
-     Header(2, False, "TCP6", ("198.51.100.9", 1), ("2001:db8::1", 2), 52)),
+    (
+        v2(0x21, 0x11, tcp4("192.168.0.1", "192.168.0.11", 56324, 443)),
+        Header(2, False, "TCP4", ("192.168.0.1", 56324), ("192.168.0.11", 443), 28),
+    ),
+    (
+        v2(0x21, 0x21, tcp6("2001:db8::1", "::1", 65535, 0)),
+        Header(2, False, "TCP6", ("2001:db8::1", 65535), ("::1", 0), 52),
+    ),
+    (
+        v2(0x21, 0x21, tcp6("::ffff:198.51.100.9", "2001:db8::1", 1, 2)),
+        Header(2, False, "TCP6", ("198.51.100.9", 1), ("2001:db8::1", 2), 52),
+    ),
     # TLVs after the addresses, kept raw: ALPN (0x01), authority (0x02), NOOP padding (0x04),
     # an AWS VPC endpoint TLV (0xEA)
-    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x01, b"h2")
-        + tlv(0x02, b"example.com") + tlv(0x04, b"\x00" * 3)
-        + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9")),
-     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), 16 + 12 + 5 + 14 + 6 + 26,
-            ((0x01, b"h2"), (0x02, b"example.com"), (0x04, b"\x00" * 3),
-             (0xEA, b"\x01vpce-08d2bf15fac5001c9")))),
-    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x05, b"")),
-     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), 31, ((0x05, b""),))),
+    (
+        v2(
+            0x21,
+            0x11,
+            tcp4("10.0.0.1", "10.0.0.2", 1, 2)
+            + tlv(0x01, b"h2")
+            + tlv(0x02, b"example.com")
+            + tlv(0x04, b"\x00" * 3)
+            + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9"),
+        ),
+        Header(
+            2,
+            False,
+            "TCP4",
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 2),
+            16 + 12 + 5 + 14 + 6 + 26,
+            (
+                (0x01, b"h2"),
+                (0x02, b"example.com"),
+                (0x04, b"\x00" * 3),
+                (0xEA, b"\x01vpce-08d2bf15fac5001c9"),
+            ),
+        ),
+    ),
+    (
+        v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x05, b"")),
+        Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), 31, ((0x05, b""),)),
+    ),
     # LOCAL: a health check from the balancer; family ignored, length skipped (§2.2)
     (v2(0x20, 0x00, b""), Header(2, True, "UNKNOWN", None, None, 16)),
-    (v2(0x20, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)),
-     Header(2, True, "UNKNOWN", None, None, 28)),
+    (v2(0x20, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)), Header(2, True, "UNKNOWN", None, None, 28)),
     (v2(0x20, 0x12, b"\x00" * 5), Header(2, True, "UNKNOWN", None, None, 21)),
     (v2(0x20, 0xFF, b""), Header(2, True, "UNKNOWN", None, None, 16)),
     # PROXY with UNSPEC: addresses ignored whatever their length
     (v2(0x21, 0x00, b""), Header(2, False, "UNKNOWN", None, None, 16)),
     (v2(0x21, 0x00, b"\x01" * 40), Header(2, False, "UNKNOWN", None, None, 56)),
     # UNIX stream and datagram: valid, no client address
-    (v2(0x21, 0x31, b"/run/a".ljust(108, b"\x00") + b"/run/b".ljust(108, b"\x00")),
-     Header(2, False, "UNKNOWN", None, None, 232)),
-    (v2(0x21, 0x32, b"\x00" * 216 + tlv(0x01, b"x")),
-     Header(2, False, "UNKNOWN", None, None, 236, ((0x01, b"x"),))),
+    (
+        v2(0x21, 0x31, b"/run/a".ljust(108, b"\x00") + b"/run/b".ljust(108, b"\x00")),
+        Header(2, False, "UNKNOWN", None, None, 232),
+    ),
+    (
+        v2(0x21, 0x32, b"\x00" * 216 + tlv(0x01, b"x")),
+        Header(2, False, "UNKNOWN", None, None, 236, ((0x01, b"x"),)),
+    ),
     # the largest header accepted
-    (v2(0x21, 0x11, tcp4("10.0.0.1", "10.0.0.2", 1, 2)
-        + tlv(0x04, b"\x00" * (MAX_V2_LENGTH - 12 - 3))),
-     Header(2, False, "TCP4", ("10.0.0.1", 1), ("10.0.0.2", 2), MAX_V2_BYTES,
-            ((0x04, b"\x00" * (MAX_V2_LENGTH - 15)),))),
+    (
+        v2(
+            0x21,
+            0x11,
+            tcp4("10.0.0.1", "10.0.0.2", 1, 2) + tlv(0x04, b"\x00" * (MAX_V2_LENGTH - 12 - 3)),
+        ),
+        Header(
+            2,
+            False,
+            "TCP4",
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 2),
+            MAX_V2_BYTES,
+            ((0x04, b"\x00" * (MAX_V2_LENGTH - 15)),),
+        ),
+    ),
 ]
 
 
@@ -243,16 +328,20 @@ V2_INVALID = [
     (SIG + b"\x21\x10", "v2: unknown family or protocol"),
     (v2(0x21, 0x11, b"", MAX_V2_LENGTH + 1), "v2: header too long"),
     (v2(0x20, 0x00, b"", 0xFFFF), "v2: header too long"),
-    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)[:11]),
-     "v2: length shorter than its addresses"),
+    (
+        v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4)[:11]),
+        "v2: length shorter than its addresses",
+    ),
     (v2(0x21, 0x11, b"", 0), "v2: length shorter than its addresses"),
     (v2(0x21, 0x21, tcp4("1.1.1.1", "2.2.2.2", 3, 4)), "v2: length shorter than its addresses"),
     (v2(0x21, 0x31, b"\x00" * 215), "v2: length shorter than its addresses"),
     (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01"), "v2: malformed TLV"),
     (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01\x00"), "v2: malformed TLV"),
     (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + b"\x01\x00\x02x"), "v2: malformed TLV"),
-    (v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + tlv(1, b"ab") + b"\x02\x00\x05ab"),
-     "v2: malformed TLV"),
+    (
+        v2(0x21, 0x11, tcp4("1.1.1.1", "2.2.2.2", 3, 4) + tlv(1, b"ab") + b"\x02\x00\x05ab"),
+        "v2: malformed TLV",
+    ),
     (v2(0x21, 0x21, tcp6("::1", "::2", 3, 4) + b"\x00"), "v2: malformed TLV"),
 ]
 
@@ -271,7 +360,7 @@ def with_crc(header_without_crc_value: bytes) -> bytes:
 
 
 def test_crc32c_check_value():
-    assert crc32c(b"123456789") == 0xE3069283          # RFC 3720 / the CRC catalogue's check
+    assert crc32c(b"123456789") == 0xE3069283  # RFC 3720 / the CRC catalogue's check
     assert crc32c(b"") == 0
 
 
@@ -279,29 +368,38 @@ ADDR4 = tcp4("10.1.2.3", "10.4.5.6", 40000, 443)
 CRC_ZERO = tlv(0x03, b"\x00" * 4)
 
 
-@pytest.mark.parametrize("data,expected", [
-    (with_crc(v2(0x21, 0x11, ADDR4 + CRC_ZERO)),
-     Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 35)),
-    (with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x05, b"id") + CRC_ZERO)),
-     Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 40)),
-    (v2(0x21, 0x11, ADDR4 + CRC_ZERO), Invalid("v2: CRC32C mismatch")),
-    (v2(0x21, 0x11, ADDR4 + tlv(0x03, b"\x00" * 3)), Invalid("v2: malformed TLV")),
-    (with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x03, b"abcd") + CRC_ZERO)), Invalid("v2: malformed TLV")),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (
+            with_crc(v2(0x21, 0x11, ADDR4 + CRC_ZERO)),
+            Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 35),
+        ),
+        (
+            with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x05, b"id") + CRC_ZERO)),
+            Header(2, False, "TCP4", ("10.1.2.3", 40000), ("10.4.5.6", 443), 40),
+        ),
+        (v2(0x21, 0x11, ADDR4 + CRC_ZERO), Invalid("v2: CRC32C mismatch")),
+        (v2(0x21, 0x11, ADDR4 + tlv(0x03, b"\x00" * 3)), Invalid("v2: malformed TLV")),
+        (
+            with_crc(v2(0x21, 0x11, ADDR4 + tlv(0x03, b"abcd") + CRC_ZERO)),
+            Invalid("v2: malformed TLV"),
+        ),
+    ],
+)
 def test_v2_crc32c(data, expected):
     got = parse(data)
     if isinstance(expected, Header):
         assert isinstance(got, Header)
         assert got.tlvs[-1][0] == 0x03
-        got = Header(got.version, got.local, got.family, got.source, got.destination,
-                     got.consumed)
+        got = Header(got.version, got.local, got.family, got.source, got.destination, got.consumed)
     assert got == expected
 
 
 def test_v2_crc32c_covers_every_byte():
     good = with_crc(v2(0x21, 0x11, ADDR4 + CRC_ZERO))
-    crc_type = len(good) - 7        # flipping it makes another TLV: no CRC left to check
-    for i in range(16, len(good) - 4):          # past the signature, up to the CRC's value
+    crc_type = len(good) - 7  # flipping it makes another TLV: no CRC left to check
+    for i in range(16, len(good) - 4):  # past the signature, up to the CRC's value
         if i == crc_type:
             continue
         flipped = bytearray(good)
@@ -312,20 +410,31 @@ def test_v2_crc32c_covers_every_byte():
 # Headers HAProxy 2.6.12 sent to a recording server (test_headers_from_a_real_haproxy), kept
 # so that the parser meets a real sender's bytes in every run, HAProxy installed or not.
 RECORDED = [
-    (b"PROXY TCP4 127.0.0.1 127.0.0.1 41732 44135\r\n",
-     ("TCP4", False, ("127.0.0.1", 41732), ("127.0.0.1", 44135))),
-    (b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\xe6\xb2\xa7\xf3",
-     ("TCP4", False, ("127.0.0.1", 59058), ("127.0.0.1", 42995))),
-    (b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00#\x7f\x00\x00\x01\x7f\x00\x00\x01\xd3\xd2\xca\t"
-     b"\x03\x00\x04\xb4\r\x82\xd3\x05\x00\rreq-127.0.0.1",
-     ("TCP4", False, ("127.0.0.1", 54226), ("127.0.0.1", 51721))),
+    (
+        b"PROXY TCP4 127.0.0.1 127.0.0.1 41732 44135\r\n",
+        ("TCP4", False, ("127.0.0.1", 41732), ("127.0.0.1", 44135)),
+    ),
+    (
+        b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\xe6\xb2\xa7\xf3",
+        ("TCP4", False, ("127.0.0.1", 59058), ("127.0.0.1", 42995)),
+    ),
+    (
+        b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00#\x7f\x00\x00\x01\x7f\x00\x00\x01\xd3\xd2\xca\t"
+        b"\x03\x00\x04\xb4\r\x82\xd3\x05\x00\rreq-127.0.0.1",
+        ("TCP4", False, ("127.0.0.1", 54226), ("127.0.0.1", 51721)),
+    ),
     (b"PROXY UNKNOWN\r\n", ("UNKNOWN", False, None, None)),
     (b"\r\n\r\n\x00\r\nQUIT\n \x00\x00\x00", ("UNKNOWN", True, None, None)),
     (b"PROXY TCP6 ::1 ::1 60250 35631\r\n", ("TCP6", False, ("::1", 60250), ("::1", 35631))),
-    (b"PROXY TCP6 ::ffff:127.0.0.1 ::ffff:127.0.0.1 51374 18771\r\n",
-     ("TCP6", False, ("127.0.0.1", 51374), ("127.0.0.1", 18771))),
-    (b"\r\n\r\n\x00\r\nQUIT\n!!\x00$" + b"\x00" * 15 + b"\x01" + b"\x00" * 15 + b"\x01"
-     b"\x8c\xb0\x85\xc9", ("TCP6", False, ("::1", 36016), ("::1", 34249))),
+    (
+        b"PROXY TCP6 ::ffff:127.0.0.1 ::ffff:127.0.0.1 51374 18771\r\n",
+        ("TCP6", False, ("127.0.0.1", 51374), ("127.0.0.1", 18771)),
+    ),
+    (
+        b"\r\n\r\n\x00\r\nQUIT\n!!\x00$" + b"\x00" * 15 + b"\x01" + b"\x00" * 15 + b"\x01"
+        b"\x8c\xb0\x85\xc9",
+        ("TCP6", False, ("::1", 36016), ("::1", 34249)),
+    ),
 ]
 
 
@@ -359,14 +468,30 @@ def test_need_more_never_asks_past_the_bound():
 
 
 STARTS = [
-    (b"PROXY ", True), (b"PROXY TCP4 1.2.3.4", True), (b"PROXY UNKNOWN\r\n", True),
-    (SIG, True), (SIG + b"\x21", True),
-    (b"P", None), (b"PROXY", None), (b"\r", None), (b"\r\n", None), (b"\r\n\r\n\x00", None),
+    (b"PROXY ", True),
+    (b"PROXY TCP4 1.2.3.4", True),
+    (b"PROXY UNKNOWN\r\n", True),
+    (SIG, True),
+    (SIG + b"\x21", True),
+    (b"P", None),
+    (b"PROXY", None),
+    (b"\r", None),
+    (b"\r\n", None),
+    (b"\r\n\r\n\x00", None),
     (SIG[:-1], None),
-    (b"", None), (b"G", False), (b"GET / HTTP/1.1\r\n", False), (b"PRI * HTTP/2.0", False),
-    (b"PO", False), (b"POST /", False), (b"PUT /", False), (b"PATCH /", False),
-    (b"PROXY/", False), (b"PROXYTCP4", False), (b"\r\n\r\n\x01", False),
-    (b"\r\nGET", False), (b"\x16\x03\x01", False),
+    (b"", None),
+    (b"G", False),
+    (b"GET / HTTP/1.1\r\n", False),
+    (b"PRI * HTTP/2.0", False),
+    (b"PO", False),
+    (b"POST /", False),
+    (b"PUT /", False),
+    (b"PATCH /", False),
+    (b"PROXY/", False),
+    (b"PROXYTCP4", False),
+    (b"\r\n\r\n\x01", False),
+    (b"\r\nGET", False),
+    (b"\x16\x03\x01", False),
 ]
 
 
@@ -389,14 +514,19 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 ipv4s = st.ip_addresses(v=4)
 ipv6s = st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None)
 ports = st.integers(0, 0xFFFF)
-tlv_lists = st.lists(st.tuples(st.integers(0, 255).filter(lambda k: k != 0x03),
-                               st.binary(max_size=40)), max_size=5)
+tlv_lists = st.lists(
+    st.tuples(st.integers(0, 255).filter(lambda k: k != 0x03), st.binary(max_size=40)), max_size=5
+)
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=300),
-                 st.binary(max_size=300).map(lambda b: b"PROXY " + b),
-                 st.binary(max_size=300).map(lambda b: SIG + b)))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=300).map(lambda b: b"PROXY " + b),
+        st.binary(max_size=300).map(lambda b: SIG + b),
+    )
+)
 def test_any_bytes_get_a_decision_within_the_bound(data):
     got = parse(data)
     assert isinstance(got, NeedMore | Header | Invalid)
@@ -404,31 +534,46 @@ def test_any_bytes_get_a_decision_within_the_bound(data):
         assert len(data) < got.at_most <= MAX_HEADER_BYTES
     if isinstance(got, Header):
         assert 0 < got.consumed <= len(data)
-        assert parse(data[:got.consumed]) == got
+        assert parse(data[: got.consumed]) == got
 
 
 @FUZZ
-@given(st.one_of(st.tuples(st.just(0x11), ipv4s, ipv4s), st.tuples(st.just(0x21), ipv6s, ipv6s)),
-       ports, ports, tlv_lists)
+@given(
+    st.one_of(st.tuples(st.just(0x11), ipv4s, ipv4s), st.tuples(st.just(0x21), ipv6s, ipv6s)),
+    ports,
+    ports,
+    tlv_lists,
+)
 def test_v2_round_trip(addresses, sport, dport, tlvs):
     fam, src, dst = addresses
     body = src.packed + dst.packed + struct.pack("!HH", sport, dport)
     body += b"".join(tlv(kind, value) for kind, value in tlvs)
     data = v2(0x21, fam, body)
-    assert parse(data + REQUEST) == Header(2, False, "TCP4" if fam == 0x11 else "TCP6",
-                                           (str(src), sport), (str(dst), dport), len(data),
-                                           tuple(tlvs))
+    assert parse(data + REQUEST) == Header(
+        2,
+        False,
+        "TCP4" if fam == 0x11 else "TCP6",
+        (str(src), sport),
+        (str(dst), dport),
+        len(data),
+        tuple(tlvs),
+    )
 
 
 @FUZZ
-@given(st.one_of(st.tuples(st.just("TCP4"), ipv4s, ipv4s),
-                 st.tuples(st.just("TCP6"), ipv6s, ipv6s)), ports, ports, st.booleans())
+@given(
+    st.one_of(st.tuples(st.just("TCP4"), ipv4s, ipv4s), st.tuples(st.just("TCP6"), ipv6s, ipv6s)),
+    ports,
+    ports,
+    st.booleans(),
+)
 def test_v1_round_trip(addresses, sport, dport, exploded):
     family, src, dst = addresses
     text = (lambda a: a.exploded) if exploded else str
     line = f"PROXY {family} {text(src)} {text(dst)} {sport} {dport}\r\n".encode()
-    assert parse(line + REQUEST) == Header(1, False, family, (str(src), sport),
-                                           (str(dst), dport), len(line))
+    assert parse(line + REQUEST) == Header(
+        1, False, family, (str(src), sport), (str(dst), dport), len(line)
+    )
 
 
 # -- differential: what a real HAProxy sends ----------------------------------------------------
@@ -463,8 +608,15 @@ class Recorder:
 def _haproxy_config(fronts: dict[str, tuple[str, int]], backend_port: int, check_port: int) -> str:
     """One frontend per entry of ``fronts`` (a host and port, or a UNIX socket path and 0),
     each relaying to the recorder with the PROXY protocol its name starts with."""
-    lines = ["global", "  maxconn 64", "defaults", "  mode tcp", "  timeout connect 2s",
-             "  timeout client 5s", "  timeout server 5s"]
+    lines = [
+        "global",
+        "  maxconn 64",
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 2s",
+        "  timeout client 5s",
+        "  timeout server 5s",
+    ]
     for name, (host, port) in fronts.items():
         if port == 0:
             bind = f"unix@{host}"
@@ -477,9 +629,11 @@ def _haproxy_config(fronts: dict[str, tuple[str, int]], backend_port: int, check
             option += " proxy-v2-options unique-id,crc32c"
         lines += [f"backend b_{name}", f"  server s {LOCALHOST}:{backend_port} {option}"]
     # a v2 health check: HAProxy sends LOCAL (no addresses) on its own connections
-    lines += ["listen checked", f"  bind {LOCALHOST}:{free_port()}",
-              (f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy"
-               " inter 200ms")]
+    lines += [
+        "listen checked",
+        f"  bind {LOCALHOST}:{free_port()}",
+        (f"  server c {LOCALHOST}:{check_port} check send-proxy-v2 check-send-proxy inter 200ms"),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -492,8 +646,7 @@ async def _send_through(host: str, port: int) -> tuple[str, int] | None:
             if port == 0:
                 reader, writer = await asyncio.open_unix_connection(host)
             else:
-                reader, writer = await asyncio.open_connection(host.removeprefix("::ffff:"),
-                                                               port)
+                reader, writer = await asyncio.open_connection(host.removeprefix("::ffff:"), port)
             break
         except OSError:
             if loop.time() > end:
@@ -525,9 +678,13 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
     assert HAPROXY is not None
     recorder, checks = Recorder(), Recorder()
     backend_port, check_port = await recorder.start(), await checks.start()
-    fronts = {"v1": (LOCALHOST, free_port()), "v2": (LOCALHOST, free_port()),
-              "v2tlv": (LOCALHOST, free_port()),
-              "v1unix": (str(tmp_path / "v1.sock"), 0), "v2unix": (str(tmp_path / "v2.sock"), 0)}
+    fronts = {
+        "v1": (LOCALHOST, free_port()),
+        "v2": (LOCALHOST, free_port()),
+        "v2tlv": (LOCALHOST, free_port()),
+        "v1unix": (str(tmp_path / "v1.sock"), 0),
+        "v2unix": (str(tmp_path / "v2.sock"), 0),
+    }
     # IPv4 clients of an IPv6 socket: HAProxy writes IPv4-mapped addresses
     for name in ("v1map", "v2map"):
         fronts[name] = ("::ffff:127.0.0.1", free_port())
@@ -537,13 +694,19 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
             fronts[name] = ("::1", port)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(_haproxy_config(fronts, backend_port, check_port))
-    check = await asyncio.create_subprocess_exec(HAPROXY, "-c", "-q", "-f", str(cfg),
-                                                 stderr=asyncio.subprocess.PIPE)
+    check = await asyncio.create_subprocess_exec(
+        HAPROXY, "-c", "-q", "-f", str(cfg), stderr=asyncio.subprocess.PIPE
+    )
     _, err = await asyncio.wait_for(check.communicate(), IO_TIMEOUT)
     assert check.returncode == 0, err.decode()
-    proc = await asyncio.create_subprocess_exec(HAPROXY, "-db", "-f", str(cfg),
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        HAPROXY,
+        "-db",
+        "-f",
+        str(cfg),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         for name, (host, port) in fronts.items():
             before = len(recorder.conns)
@@ -556,7 +719,7 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
             data = bytes(recorder.conns[before])
             got = parse(data)
             assert isinstance(got, Header), (name, data)
-            assert data[got.consumed:] == REQUEST, name
+            assert data[got.consumed :] == REQUEST, name
             assert got.version == (1 if name.startswith("v1") else 2), name
             if port == 0:
                 # a UNIX client has no address to give: HAProxy sends v1 UNKNOWN, v2 LOCAL,
@@ -570,7 +733,7 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
                 assert got.destination == (host.removeprefix("::ffff:"), port), name
             tlv_kinds = {kind for kind, _ in got.tlvs}
             if name == "v2tlv":
-                assert tlv_kinds == {0x03, 0x05}, got.tlvs         # CRC32C, unique id
+                assert tlv_kinds == {0x03, 0x05}, got.tlvs  # CRC32C, unique id
                 assert client is not None
                 assert dict(got.tlvs)[0x05] == b"req-" + client[0].encode()
                 assert len(dict(got.tlvs)[0x03]) == 4
@@ -579,8 +742,7 @@ async def test_headers_from_a_real_haproxy(tmp_path: Path):
             # every strict prefix of what HAProxy sent is undecided
             for i in range(got.consumed):
                 assert isinstance(parse(data[:i]), NeedMore), (name, i)
-        await eventually(lambda: checks.conns and len(checks.conns[0]) >= 16,
-                         what="a health check")
+        await eventually(lambda: checks.conns and len(checks.conns[0]) >= 16, what="a health check")
         health = parse(bytes(checks.conns[0]))
         assert isinstance(health, Header) and health.local and health.source is None, health
     finally:

@@ -9,9 +9,9 @@ import socket
 import struct
 
 import pytest
-from support.net import IO_TIMEOUT
 
 from stickyproxy.dataplane.proxy_protocol import V2_SIGNATURE
+from support.net import IO_TIMEOUT
 
 TRUST = {"listen": {"trusted_proxies": ["127.0.0.1/32"], "proxy_protocol": True}}
 REQUEST = b"GET /x HTTP/1.1\r\nHost: shop\r\nX-User-Id: u1\r\nConnection: close\r\n\r\n"
@@ -35,10 +35,13 @@ async def exchange(port: int, data: bytes, *, local: str = "127.0.0.1") -> bytes
         writer.close()
 
 
-@pytest.mark.parametrize("header", [
-    b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n",
-    v2("203.0.113.7", "10.0.0.1", 51000, 80),
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n",
+        v2("203.0.113.7", "10.0.0.1", 51000, 80),
+    ],
+)
 async def test_a_trusted_balancers_header_names_the_client(backends, proxy, header):
     (b,) = await backends("app")
     p = await proxy([b], TRUST)
@@ -59,12 +62,15 @@ async def test_client_ip_routing_follows_the_headers_address(backends, proxy):
         assert len(got) == 1 and got[0].one("X-Sticky-Backend") == p.pref(ip)[0]
 
 
-@pytest.mark.parametrize("data", [
-    REQUEST,                                                    # no header at all
-    b"PROXY TCP4 203.0.113.7 10.0.0.1 051000 80\r\n" + REQUEST,  # a leading zero
-    b"PROXY TCP9 1 2 3 4\r\n" + REQUEST,
-    V2_SIGNATURE + b"\x21\x12\x00\x0c" + b"\x00" * 12 + REQUEST,  # UDP
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        REQUEST,  # no header at all
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 051000 80\r\n" + REQUEST,  # a leading zero
+        b"PROXY TCP9 1 2 3 4\r\n" + REQUEST,
+        V2_SIGNATURE + b"\x21\x12\x00\x0c" + b"\x00" * 12 + REQUEST,  # UDP
+    ],
+)
 async def test_a_trusted_peer_without_a_valid_header_is_closed_unanswered(backends, proxy, data):
     (b,) = await backends("app")
     p = await proxy([b], TRUST)
@@ -75,8 +81,9 @@ async def test_a_trusted_peer_without_a_valid_header_is_closed_unanswered(backen
 async def test_an_untrusted_peers_header_is_never_honoured(backends, proxy):
     (b,) = await backends("app")
     p = await proxy([b], TRUST)
-    reply = await exchange(p.port, b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n" + REQUEST,
-                           local="127.0.0.2")
+    reply = await exchange(
+        p.port, b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n" + REQUEST, local="127.0.0.2"
+    )
     assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
     assert b.requests == []
     # an untrusted peer's plain request is served, with its own address
@@ -85,8 +92,7 @@ async def test_an_untrusted_peers_header_is_never_honoured(backends, proxy):
     assert b.requests[-1].one("X-Forwarded-For") == "127.0.0.2"
 
 
-async def test_a_trusted_peer_that_says_nothing_is_closed_at_the_header_deadline(backends,
-                                                                                 proxy):
+async def test_a_trusted_peer_that_says_nothing_is_closed_at_the_header_deadline(backends, proxy):
     (b,) = await backends("app")
     p = await proxy([b], {**TRUST, "timeouts": {"client_header": "300ms"}})
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
@@ -98,6 +104,9 @@ async def test_a_trusted_peer_that_says_nothing_is_closed_at_the_header_deadline
 
 def test_proxy_protocol_needs_trusted_proxies():
     from stickyproxy.config import ConfigError, loads
+
     with pytest.raises(ConfigError, match="listen.proxy_protocol: needs listen.trusted_proxies"):
-        loads('[listen]\nproxy_protocol = true\n[admin]\nenabled = false\n'
-              '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n')
+        loads(
+            "[listen]\nproxy_protocol = true\n[admin]\nenabled = false\n"
+            '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
+        )

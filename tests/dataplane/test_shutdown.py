@@ -4,12 +4,12 @@ with ``--workers 2`` (no process left behind)."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import signal
 
+import pytest
 from aiohttp import web
+
 from support.http import Client, http_request
 from support.net import eventually
 from support.procs import alive, descendants
@@ -21,6 +21,7 @@ def slow_handler(delay: float):
             await asyncio.sleep(delay)
             return web.Response(body=b"slow done " + b"s" * 10000)
         return web.Response(text=f"fast {rec.backend}")
+
     return handler
 
 
@@ -47,8 +48,8 @@ async def test_service_stop_finishes_in_flight_and_refuses_new_connections(backe
 
     stopping = asyncio.create_task(p.svc.stop())
     await eventually(lambda: _refused(port), deadline=2, what="listener closed")
-    assert await idle.closed(timeout=1)          # an idle keep-alive connection is let go
-    assert not stopping.done()                   # ... while the slow one is still running
+    assert await idle.closed(timeout=1)  # an idle keep-alive connection is let go
+    assert not stopping.done()  # ... while the slow one is still running
     r = await busy.response(timeout=5)
     assert r.status == 200
     assert r.body == b"slow done " + b"s" * 10000
@@ -68,7 +69,7 @@ async def test_service_stop_gives_up_after_the_shutdown_grace(backends, proxy):
     t0 = loop.time()
     await asyncio.wait_for(p.svc.stop(), 5)
     assert loop.time() - t0 < 0.3 + 1.5
-    assert await c.closed()                      # cut, not answered after the grace
+    assert await c.closed()  # cut, not answered after the grace
 
 
 @pytest.mark.slow
@@ -97,10 +98,11 @@ async def test_two_workers_serve_and_sigterm_leaves_no_process_behind(backends, 
 
     async def workers_up():
         return len([q for q in descendants(pp.pid) if alive(q)]) >= 2
+
     await eventually(workers_up, deadline=15, interval=0.05, what="two worker processes")
     children = descendants(pp.pid)
 
-    for i in range(40):                          # fresh connections spread over both
+    for i in range(40):  # fresh connections spread over both
         c = await Client.connect(pp.port)
         c.send(http_request("GET", f"/{i}", headers={"X-User-Id": f"user-{i}"}))
         r = await c.response()
@@ -110,7 +112,8 @@ async def test_two_workers_serve_and_sigterm_leaves_no_process_behind(backends, 
 
     pp.signal(signal.SIGTERM)
     assert await pp.wait_exit(timeout=20) == 0, pp.output()
-    await eventually(lambda: not any(alive(q) for q in children), deadline=5,
-                     what="every worker exited")
+    await eventually(
+        lambda: not any(alive(q) for q in children), deadline=5, what="every worker exited"
+    )
     assert await _refused(pp.port)
     assert "Traceback" not in pp.output()

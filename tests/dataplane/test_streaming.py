@@ -8,11 +8,12 @@ import hashlib
 
 import pytest
 from aiohttp import web
+
 from support.http import http_request
 from support.net import eventually
 
 MB = 1 << 20
-CHUNK = b"0123456789abcdef" * 4096          # 64 KiB
+CHUNK = b"0123456789abcdef" * 4096  # 64 KiB
 
 
 def sized_download(request_target: str) -> int:
@@ -30,7 +31,7 @@ async def streaming_handler(request: web.Request, rec):
         await resp.prepare(request)
         sent = 0
         while sent < n:
-            piece = CHUNK[:min(len(CHUNK), n - sent)]
+            piece = CHUNK[: min(len(CHUNK), n - sent)]
             await resp.write(piece)
             sent += len(piece)
         return resp
@@ -86,7 +87,7 @@ async def test_download_to_a_client_that_does_not_read_is_not_buffered(backends,
     await eventually(lambda: p.svc.proxy.clients, what="connection accepted")
     (cp,) = p.svc.proxy.clients
     peak = 0
-    for _ in range(40):                          # 0.4 s of not reading at all
+    for _ in range(40):  # 0.4 s of not reading at all
         await asyncio.sleep(0.01)
         peak = max(peak, cp.transport.get_write_buffer_size())
     assert peak < 2 * MB, f"the proxy buffered {peak} bytes for a client that reads nothing"
@@ -101,8 +102,11 @@ async def test_upload_to_a_backend_that_does_not_read_is_not_buffered(backends, 
     p = await proxy([a])
     n = 32 * MB
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
-    writer.write(http_request("PUT", "/up", headers={"X-User-Id": "u", "X-Stall": "0.5",
-                                                     "Content-Length": str(n)}))
+    writer.write(
+        http_request(
+            "PUT", "/up", headers={"X-User-Id": "u", "X-Stall": "0.5", "Content-Length": str(n)}
+        )
+    )
     peak = 0
 
     async def sample():
@@ -114,6 +118,7 @@ async def test_upload_to_a_backend_that_does_not_read_is_not_buffered(backends, 
                 if up is not None and up.transport is not None:
                     peak = max(peak, up.transport.get_write_buffer_size())
             await asyncio.sleep(0.005)
+
     sampler = asyncio.create_task(sample())
     sent = 0
     try:
@@ -143,7 +148,7 @@ async def test_50mb_upload_and_download_keep_proxy_memory_bounded(backends, prox
     # download: the client does not read for a while (the proxy must stop reading upstream)
     reader, writer = await asyncio.open_connection("127.0.0.1", pp.port)
     writer.write(http_request("GET", f"/down/{n}", headers={"X-User-Id": "u"}))
-    await asyncio.sleep(1.0)                    # a deliberately stalled reader, not a sync
+    await asyncio.sleep(1.0)  # a deliberately stalled reader, not a sync
     head = await read_head(reader)
     assert b" 200 " in head.split(b"\r\n", 1)[0]
     assert await read_body_hash(reader, n) == expected_digest(n)
@@ -151,8 +156,11 @@ async def test_50mb_upload_and_download_keep_proxy_memory_bounded(backends, prox
 
     # upload: the backend does not read for a while (the proxy must stop reading the client)
     reader, writer = await asyncio.open_connection("127.0.0.1", pp.port)
-    writer.write(http_request("PUT", "/up", headers={"X-User-Id": "u", "X-Stall": "1.0",
-                                                     "Content-Length": str(n)}))
+    writer.write(
+        http_request(
+            "PUT", "/up", headers={"X-User-Id": "u", "X-Stall": "1.0", "Content-Length": str(n)}
+        )
+    )
     sent = 0
     while sent < n:
         writer.write(CHUNK)

@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 from aiohttp import WSMsgType, web
+
 from support.http import http_request
 from support.net import eventually
 
@@ -30,6 +31,7 @@ def ws_app(closed: list):
                 await ws.send_bytes(msg.data)
         closed.append((rec.backend, ws.close_code))
         return ws
+
     return handler
 
 
@@ -47,8 +49,9 @@ async def test_websocket_echo_routed_by_user_key(backends, proxy):
     users = [f"user-{i}" for i in range(12)]
     async with aiohttp.ClientSession() as s:
         for u in users:
-            async with s.ws_connect(f"http://127.0.0.1:{p.port}/ws",
-                                    headers={"X-User-Id": u}) as ws:
+            async with s.ws_connect(
+                f"http://127.0.0.1:{p.port}/ws", headers={"X-User-Id": u}
+            ) as ws:
                 for i in range(3):
                     await ws.send_str(f"m{i}")
                     msg = await asyncio.wait_for(ws.receive(), 5)
@@ -74,7 +77,7 @@ async def test_client_initiated_close_is_clean(backends, proxy):
         await ws.send_str("hi")
         assert (await asyncio.wait_for(ws.receive(), 5)).data == "a:hi"
         await asyncio.wait_for(ws.close(code=1000), 5)
-        assert ws.close_code == 1000             # the backend's close frame came back
+        assert ws.close_code == 1000  # the backend's close frame came back
     await eventually(lambda: closed == [("a", 1000)], what="backend saw the close")
     await eventually(lambda: not p.svc.proxy.clients, what="proxy released the tunnel")
 
@@ -91,7 +94,7 @@ async def test_server_initiated_close_is_clean(backends, proxy):
         await asyncio.wait_for(ws.close(), 5)
         assert ws.close_code == 4000
     await eventually(lambda: closed, what="backend handler ended")
-    assert closed[0][0] == "a" and closed[0][1] in (1000, 4000)   # the client's reply code
+    assert closed[0][0] == "a" and closed[0][1] in (1000, 4000)  # the client's reply code
     await eventually(lambda: not p.svc.proxy.clients, what="proxy released the tunnel")
 
 
@@ -99,9 +102,13 @@ async def test_idle_tunnel_is_closed_after_websocket_idle(backends, proxy):
     bs, closed = await ws_backends(backends, "a")
     p = await proxy(bs, {"timeouts": {"websocket_idle": "300ms"}})
     async with aiohttp.ClientSession() as s:
-        ws = await s.ws_connect(f"http://127.0.0.1:{p.port}/ws", headers={"X-User-Id": "u"},
-                                autoping=False, heartbeat=None)
-        for i in range(2):                       # activity keeps it open past the idle time
+        ws = await s.ws_connect(
+            f"http://127.0.0.1:{p.port}/ws",
+            headers={"X-User-Id": "u"},
+            autoping=False,
+            heartbeat=None,
+        )
+        for i in range(2):  # activity keeps it open past the idle time
             await asyncio.sleep(0.2)
             await ws.send_str(f"k{i}")
             assert (await asyncio.wait_for(ws.receive(), 5)).data == f"a:k{i}"
@@ -120,14 +127,23 @@ async def test_upgrade_answered_without_101_keeps_the_connection_http(backends, 
 
     async def refuse(request, rec):
         return web.Response(text="no websocket here")
+
     a.handler = refuse
     p = await proxy(bs)
-    upgrade = http_request("GET", "/ws", headers=[
-        ("X-User-Id", "u"), ("Connection", "Upgrade"), ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")])
+    upgrade = http_request(
+        "GET",
+        "/ws",
+        headers=[
+            ("X-User-Id", "u"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
     after = http_request("GET", "/after", headers={"X-User-Id": "u"})
 
-    c = await p.client()                         # the next request sent after the answer
+    c = await p.client()  # the next request sent after the answer
     c.send(upgrade)
     r = await c.response()
     assert r.status == 200 and r.body == b"no websocket here"
@@ -136,7 +152,7 @@ async def test_upgrade_answered_without_101_keeps_the_connection_http(backends, 
     assert r2.status == 200 and r2.body == b"no websocket here"
     c.close()
 
-    c = await p.client()                         # ... and pipelined right behind it
+    c = await p.client()  # ... and pipelined right behind it
     c.send(upgrade + after)
     assert (await c.response()).status == 200
     assert (await c.response()).status == 200
@@ -147,16 +163,24 @@ async def test_upgrade_answered_without_101_keeps_the_connection_http(backends, 
 async def test_tunnel_bytes_sent_with_the_101_reach_the_client(raw_backend, proxy):
     async def script(conn):
         await conn.request()
-        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                  b"Upgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\nEARLY")
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\nEARLY"
+        )
         data = await conn.read_some()
         conn.send(b"ECHO:" + data)
         await conn.drain()
+
     be = await raw_backend("a", script)
     p = await proxy([be])
     c = await p.client()
-    c.send(http_request("GET", "/ws", headers=[
-        ("X-User-Id", "u"), ("Connection", "Upgrade"), ("Upgrade", "websocket")]))
+    c.send(
+        http_request(
+            "GET",
+            "/ws",
+            headers=[("X-User-Id", "u"), ("Connection", "Upgrade"), ("Upgrade", "websocket")],
+        )
+    )
     r = await c.response()
     assert r.status == 101
     assert r.one("Upgrade").lower() == "websocket"
@@ -171,7 +195,9 @@ async def test_tunnel_bytes_sent_with_the_101_reach_the_client(raw_backend, prox
 
 async def _answer_101(conn):
     await conn.request()
-    conn.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    conn.send(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     await conn.drain()
     await conn.read_some()
 
@@ -184,5 +210,7 @@ async def test_unrequested_101_is_a_backend_error_not_a_tunnel(raw_backend, prox
     r = await c.response()
     assert r.status == 502
     c.close()
-    await eventually(lambda: all(conn.eof for conn in be.connections),
-                     what="the upstream connection that sent the 101 was closed")
+    await eventually(
+        lambda: all(conn.eof for conn in be.connections),
+        what="the upstream connection that sent the 101 was closed",
+    )

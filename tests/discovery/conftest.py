@@ -50,8 +50,9 @@ def free_port() -> int:
 
 
 def ask(port: int, name: str, rdtype: str, timeout: float = 0.5) -> dns.message.Message:
-    return dns.query.udp(dns.message.make_query(name, rdtype), LOCALHOST, port=port,
-                         timeout=timeout)
+    return dns.query.udp(
+        dns.message.make_query(name, rdtype), LOCALHOST, port=port, timeout=timeout
+    )
 
 
 class Dnsmasq:
@@ -63,8 +64,8 @@ class Dnsmasq:
         self.ttl = ttl
         self.conf = workdir / "dnsmasq.conf"
         self.hosts_file = workdir / "hosts"
-        self.srv: list[tuple[str, str, int, int, int]] = []   # (name, target, port, prio, weight)
-        self.hosts: list[tuple[str, str]] = []                # (address, name)
+        self.srv: list[tuple[str, str, int, int, int]] = []  # (name, target, port, prio, weight)
+        self.hosts: list[tuple[str, str]] = []  # (address, name)
         self.extra: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._conf_text = ""
@@ -74,8 +75,12 @@ class Dnsmasq:
         return f"{LOCALHOST}:{self.port}"
 
     def _write(self) -> str:
-        lines = ["local=/test/", "local=/127.in-addr.arpa/", f"local-ttl={self.ttl}",
-                 f"addn-hosts={self.hosts_file}"]
+        lines = [
+            "local=/test/",
+            "local=/127.in-addr.arpa/",
+            f"local-ttl={self.ttl}",
+            f"addn-hosts={self.hosts_file}",
+        ]
         lines += [f"srv-host={n},{t},{p},{pr},{w}" for n, t, p, pr, w in self.srv]
         lines += self.extra
         text = "\n".join(lines) + "\n"
@@ -88,10 +93,23 @@ class Dnsmasq:
         self._conf_text = self._write()
         self.conf.write_text(self._conf_text)
         self.proc = subprocess.Popen(
-            [DNSMASQ, "-k", f"--port={self.port}", f"--listen-address={LOCALHOST}",
-             "--bind-interfaces", "--no-resolv", "--no-hosts", f"--conf-file={self.conf}",
-             "--pid-file=", "--user=root", f"--log-facility={self.dir / 'log'}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                DNSMASQ,
+                "-k",
+                f"--port={self.port}",
+                f"--listen-address={LOCALHOST}",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                f"--conf-file={self.conf}",
+                "--pid-file=",
+                "--user=root",
+                f"--log-facility={self.dir / 'log'}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -181,7 +199,7 @@ class DelayingRelay(asyncio.DatagramProtocol):
                     answer = await loop.sock_recv(s, 65535)
             except TimeoutError:
                 return
-        await asyncio.sleep(delay)   # the slow server under test, not synchronisation
+        await asyncio.sleep(delay)  # the slow server under test, not synchronisation
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(answer, addr)
 
@@ -216,7 +234,7 @@ class Watching:
     async def on_change(self, backends: tuple[Backend, ...]) -> None:
         await self.applied.put(backends)
 
-    async def __aenter__(self) -> "Watching":
+    async def __aenter__(self) -> Watching:
         self.task = asyncio.get_running_loop().create_task(self.src.watch(self.on_change))
         return self
 

@@ -18,8 +18,15 @@ def entries(*ids: str) -> list[dict]:
 
 
 def source(path: Path, settle: str = "100ms", share: float = 0.5) -> FileSource:
-    return FileSource(parse_discovery({"settle": settle, "max_drop_share": share,
-                                       "file": {"path": str(path), "interval": "50ms"}}))
+    return FileSource(
+        parse_discovery(
+            {
+                "settle": settle,
+                "max_drop_share": share,
+                "file": {"path": str(path), "interval": "50ms"},
+            }
+        )
+    )
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -48,8 +55,9 @@ async def test_a_configmap_symlink_swap_is_seen(tmp_path):
     def version(name: str, ids: tuple[str, ...]) -> None:
         d = cm / name
         d.mkdir()
-        (d / "backends.toml").write_text("".join(
-            f'[[backends]]\nid = "{e["id"]}"\nurl = "{e["url"]}"\n' for e in entries(*ids)))
+        (d / "backends.toml").write_text(
+            "".join(f'[[backends]]\nid = "{e["id"]}"\nurl = "{e["url"]}"\n' for e in entries(*ids))
+        )
         os.symlink(name, cm / "..data_tmp")
         os.replace(cm / "..data_tmp", cm / "..data")
 
@@ -69,11 +77,13 @@ async def test_invalid_and_half_written_content_is_refused_and_the_set_kept(tmp_
     async with Watching(src) as w:
         assert await w.next() == ("a", "b")
         full = json.dumps(entries("a", "b", "c"))
-        path.write_text(full[: len(full) // 2])                 # a writer caught mid-write
+        path.write_text(full[: len(full) // 2])  # a writer caught mid-write
         await w.rounds(4)
         assert src.stats.failures >= 4 and [b.id for b in src.current] == ["a", "b"]
-        assert any(str(path) in r.getMessage() and "JSON syntax error" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            str(path) in r.getMessage() and "JSON syntax error" in r.getMessage()
+            for r in caplog.records
+        )
         path.write_text(json.dumps([{"id": "a", "url": "ftp://x"}]))
         await w.rounds(2)
         assert "backends[0].url: not an http:// or https:// URL" in caplog.text
@@ -107,7 +117,7 @@ async def test_an_empty_list_and_a_large_drop_are_refused(tmp_path):
         await w.rounds(4)
         assert src.stats.refusing and src.stats.refused == 1
         write_atomically(path, json.dumps(entries("a")))
-        await w.rounds(6)                                        # settled, then refused
+        await w.rounds(6)  # settled, then refused
         assert src.stats.refusing and src.stats.refused == 2
         assert [b.id for b in src.current] == ["a", "b", "c", "d"]
     assert w.applied.empty()

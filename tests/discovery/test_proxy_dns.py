@@ -69,9 +69,11 @@ async def spawn_proxy(tmp_path: Path, i: int, dns: str, ports: list[int]) -> sub
         port = free_port()
         cfg = tmp_path / f"p{i}.toml"
         cfg.write_text(proxy_toml(port, dns))
-        proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(cfg)],
-                                stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / f"p{i}-{attempt}.log", "wb"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"p{i}-{attempt}.log", "wb"),
+        )
         end = time.monotonic() + 15
         while time.monotonic() < end and proc.poll() is None:
             try:
@@ -94,8 +96,9 @@ async def owners(session: aiohttp.ClientSession, port: int) -> dict[str, str]:
     return out
 
 
-async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(backends, dnsmasq,
-                                                                       tmp_path: Path):
+async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(
+    backends, dnsmasq, tmp_path: Path
+):
     bs = await backends("app-0", "app-1", "app-2", "app-3")
     dnsmasq.start()
     serve_srv(dnsmasq, bs[:3])
@@ -105,13 +108,14 @@ async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(backends,
         procs.append(await spawn_proxy(tmp_path, i, dnsmasq.address, ports))
     try:
         async with aiohttp.ClientSession() as s:
+
             async def both_have(n: int) -> bool:
                 try:
                     got = [set((await owners(s, p)).values()) for p in ports]
                 except aiohttp.ClientError:
                     return False
-                return all(len(g) == n and not any(x.startswith("status") for x in g)
-                           for g in got)
+                return all(len(g) == n and not any(x.startswith("status") for x in g) for g in got)
+
             await wait_for(lambda: both_have(3), "both proxies route to three backends")
             first = [await owners(s, p) for p in ports]
             assert first[0] == first[1]
@@ -124,13 +128,13 @@ async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(backends,
                 while not stop.is_set() and i < 20000:
                     u = USERS[i % len(USERS)]
                     i += 1
-                    async with s.get(f"http://{LOCALHOST}:{port}/",
-                                     headers={"X-User-Id": u}) as r:
+                    async with s.get(f"http://{LOCALHOST}:{port}/", headers={"X-User-Id": u}) as r:
                         await r.read()
                         if r.status != 200:
                             failed.append(f"{port} {u} {r.status}")
+
             tasks = [asyncio.create_task(load(p)) for p in ports]
-            serve_srv(dnsmasq, bs)                                # scale up to four
+            serve_srv(dnsmasq, bs)  # scale up to four
             await wait_for(lambda: both_have(4), "both proxies route to four backends")
             stop.set()
             await asyncio.gather(*tasks)
@@ -147,8 +151,9 @@ async def test_two_processes_fed_one_srv_name_agree_through_a_scale_up(backends,
             p.wait(10)
 
 
-async def test_a_slow_dns_server_does_not_mark_healthy_backends_down(backends, dnsmasq,
-                                                                   delaying_relay, tmp_path):
+async def test_a_slow_dns_server_does_not_mark_healthy_backends_down(
+    backends, dnsmasq, delaying_relay, tmp_path
+):
     bs = await backends("app-0", "app-1")
     dnsmasq.hosts = [(LOCALHOST, f"{b.id}.test") for b in bs]
     dnsmasq.start()
@@ -169,27 +174,29 @@ min_ttl = "0s"
 max_ttl = "1s"
 [logging]
 level = "warning"
-""" + "".join(f'[[backends]]\nid = "{b.id}"\nurl = "http://{b.id}.test:{b.port}"\n'
-              for b in bs)
+""" + "".join(f'[[backends]]\nid = "{b.id}"\nurl = "http://{b.id}.test:{b.port}"\n' for b in bs)
     path = tmp_path / "proxy.toml"
     path.write_text(text)
     svc = Service(loads(text, str(path)), str(path))
     await svc.start()
     try:
         async with aiohttp.ClientSession() as s:
-            for b in bs:     # names answered while DNS is fast
-                async with s.get(f"http://{LOCALHOST}:{svc.proxy.port}/",
-                                 headers={"X-User-Id": b.id}) as r:
+            for b in bs:  # names answered while DNS is fast
+                async with s.get(
+                    f"http://{LOCALHOST}:{svc.proxy.port}/", headers={"X-User-Id": b.id}
+                ) as r:
                     assert r.status == 200
-            delaying_relay.delay = 2.0     # the DNS server now takes 2 s per answer
+            delaying_relay.delay = 2.0  # the DNS server now takes 2 s per answer
             end = time.monotonic() + 3.0
             while time.monotonic() < end:
-                assert all(st.healthy for st in svc.table.states.values()), \
-                    {bid: st.reason for bid, st in svc.table.states.items()}
-                async with s.get(f"http://{LOCALHOST}:{svc.proxy.port}/",
-                                 headers={"X-User-Id": "u"}) as r:
+                assert all(st.healthy for st in svc.table.states.values()), {
+                    bid: st.reason for bid, st in svc.table.states.items()
+                }
+                async with s.get(
+                    f"http://{LOCALHOST}:{svc.proxy.port}/", headers={"X-User-Id": "u"}
+                ) as r:
                     assert r.status == 200
-                await asyncio.sleep(0.05)   # pacing a bounded probe loop
-            assert svc.proxy.resolver.stats.stale > 0     # served while refreshing
+                await asyncio.sleep(0.05)  # pacing a bounded probe loop
+            assert svc.proxy.resolver.stats.stale > 0  # served while refreshing
     finally:
         await svc.stop()

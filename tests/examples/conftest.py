@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+
 from support.net import IO_TIMEOUT, eventually  # noqa: F401  (re-exported to test_shop.py)
 from support.redis import RedisServer
 
@@ -18,8 +19,8 @@ EXAMPLES = ROOT / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from shop.app import create_app
-from shop.settings import Settings
+from shop.app import create_app  # noqa: E402 (after the sys.path entry above)
+from shop.settings import Settings  # noqa: E402
 
 # Longest a test waits for a server it started to answer.
 START_DEADLINE = 10.0

@@ -27,8 +27,13 @@ async def test_profile_is_kept_in_the_users_context(redis_server):
             assert r.status_code == 400
             before = store.metrics.registry.get_sample_value("stickyctx_writes_total")
             r = await c.get("/me", headers=headers)
-            assert r.json() == {"user": "alice", "visits": 2, "theme": "dark",
-                                "served_by": "app-1", "route": "failover"}
+            assert r.json() == {
+                "user": "alice",
+                "visits": 2,
+                "theme": "dark",
+                "served_by": "app-1",
+                "route": "failover",
+            }
             assert store.metrics.registry.get_sample_value("stickyctx_writes_total") == before
             r = await c.get("/me", headers=as_user("bob"))
             assert r.json()["visits"] == 0

@@ -19,10 +19,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 from shop.metrics import ShopMetrics
 from shop.settings import parse_args
-from support.net import IO_TIMEOUT, free_port
 
-from stickyproxy.control import metrics as proxy_metrics
 from stickyproxy.context import ContextMetrics
+from stickyproxy.control import metrics as proxy_metrics
+from support.net import IO_TIMEOUT, free_port
 
 from .conftest import EXAMPLES, ShopFactory
 
@@ -36,17 +36,37 @@ METRIC_NAME = re.compile(r"\b(?:stickyproxy|stickyctx|shop)_[a-z0-9_]+\b")
 # What the dashboard must show: requests by backend, route decisions, retries, backend
 # health, rehydrations, and the library's Redis writes and errors.
 REQUIRED_METRICS = {
-    "stickyproxy_requests_total", "stickyproxy_route_decisions_total", "stickyproxy_retries_total",
-    "stickyproxy_backend_up", "stickyctx_acquisitions_total", "stickyctx_writes_total",
+    "stickyproxy_requests_total",
+    "stickyproxy_route_decisions_total",
+    "stickyproxy_retries_total",
+    "stickyproxy_backend_up",
+    "stickyctx_acquisitions_total",
+    "stickyctx_writes_total",
     "stickyctx_redis_errors_total",
 }
 # The Compose Specification's top-level elements. Compose 1.x reads a file without
 # `version:` in the legacy format, where every top-level key is a service: `name:` fails.
 TOP_LEVEL = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
 # The Compose Specification service attributes this file uses or may reasonably add.
-SERVICE_KEYS = {"build", "image", "command", "entrypoint", "environment", "env_file", "ports",
-                "volumes", "depends_on", "healthcheck", "restart", "stop_grace_period",
-                "stop_signal", "user", "read_only", "labels", "networks"}
+SERVICE_KEYS = {
+    "build",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "volumes",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "stop_grace_period",
+    "stop_signal",
+    "user",
+    "read_only",
+    "labels",
+    "networks",
+}
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
 # A project name as Compose v2 accepts it.
@@ -55,7 +75,9 @@ DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:us|ms|s|m|h))+$")
 PORT = re.compile(r"^(?:(?:\d{1,3}\.){3}\d{1,3}:)?\d{1,5}:\d{1,5}$")
 # Interpolation: $$ (a literal $), $VAR, ${VAR}, ${VAR:-default}, ${VAR-default},
 # ${VAR:?error}, ${VAR?error}, ${VAR:+alt}, ${VAR+alt}.
-INTERPOLATION = re.compile(r"\$(?:\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?+][^}]*)?\})")
+INTERPOLATION = re.compile(
+    r"\$(?:\$|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?+][^}]*)?\})"
+)
 
 
 def load_yaml(path: Path):
@@ -82,8 +104,10 @@ def exported_metric_names() -> set[str]:
             names.add(full)
         else:
             names |= {full + suffix for suffix in ("_bucket", "_sum", "_count")}
-    registries = (ContextMetrics().registry,
-                  ShopMetrics(CollectorRegistry(), node="n", mode="m").registry)
+    registries = (
+        ContextMetrics().registry,
+        ShopMetrics(CollectorRegistry(), node="n", mode="m").registry,
+    )
     for registry in registries:
         for family in registry.collect():
             if family.type == "counter":
@@ -124,7 +148,8 @@ def test_app_instances_proxy_config_and_prometheus_agree(compose):
         assert option(command, "--redis") == "redis://redis:6379/0"
         app_ports[app] = option(command, "--port")
     assert {b["id"]: b["url"] for b in proxy["backends"]} == {
-        app: f"http://{app}:{port}" for app, port in app_ports.items()}
+        app: f"http://{app}:{port}" for app, port in app_ports.items()
+    }
 
     sp = services["stickyproxy"]
     mounted = {v.split(":")[1]: v.split(":")[0] for v in sp["volumes"]}
@@ -136,7 +161,9 @@ def test_app_instances_proxy_config_and_prometheus_agree(compose):
     assert {str(proxy["listen"]["port"]), str(proxy["admin"]["port"])} <= published
 
     jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS)["scrape_configs"]}
-    targets = {job: [t for sc in cfg["static_configs"] for t in sc["targets"]] for job, cfg in jobs.items()}
+    targets = {
+        job: [t for sc in cfg["static_configs"] for t in sc["targets"]] for job, cfg in jobs.items()
+    }
     assert targets["stickyproxy"] == [f"stickyproxy:{proxy['admin']['port']}"]
     assert sorted(targets["shop"]) == sorted(f"{app}:{port}" for app, port in app_ports.items())
     for job in targets.values():
@@ -151,7 +178,9 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard(compose):
     datasource = load_yaml(PROVISIONING / "datasources" / "prometheus.yml")["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
     provider = load_yaml(PROVISIONING / "dashboards" / "stickyproxy.yml")["providers"][0]
-    dashboards = [src for dst, src in mounts.items() if dst.startswith(provider["options"]["path"] + "/")]
+    dashboards = [
+        src for dst, src in mounts.items() if dst.startswith(provider["options"]["path"] + "/")
+    ]
     assert [(EXAMPLES / src).resolve() for src in dashboards] == [DASHBOARD]
     dashboard = json.loads(DASHBOARD.read_text())
     for panel in dashboard["panels"]:
@@ -189,7 +218,7 @@ def strings(node):
 
 def test_the_file_says_and_is_compose_v2(compose):
     text = COMPOSE.read_text()
-    header = text[:text.index("\nname:")]
+    header = text[: text.index("\nname:")]
     assert "Compose v2" in header and "docker compose up" in header
     assert not re.search(r"docker-compose (up|build|run)", text), "the v1 command"
     assert "version" not in compose, "`version:` is obsolete in Compose v2"
@@ -208,7 +237,7 @@ def test_the_file_says_and_is_compose_v2(compose):
             for key in ("interval", "timeout", "start_period"):
                 assert key not in check or DURATION.match(check[key]), f"{name}: {key}"
         depends_on = service.get("depends_on", {})
-        if isinstance(depends_on, list):    # the short form: started, not healthy
+        if isinstance(depends_on, list):  # the short form: started, not healthy
             depends_on = dict.fromkeys(depends_on, "service_started")
         for dep, spec in depends_on.items():
             assert dep in services, f"{name} depends on unknown {dep}"
@@ -225,7 +254,7 @@ def test_the_admin_token_must_come_from_the_environment(compose):
     """`docker compose up` stops with a message, not a proxy without a token."""
     env = compose["services"]["stickyproxy"]["environment"]
     token_env = tomllib.loads(PROXY_TOML.read_text())["admin"]["token_env"]
-    assert re.fullmatch(r"\$\{%s:\?[^}]+\}" % token_env, env[token_env])
+    assert re.fullmatch(r"\$\{" + re.escape(token_env) + r":\?[^}]+\}", env[token_env])
 
 
 def test_every_app_command_is_one_the_shop_accepts(compose):
@@ -246,8 +275,12 @@ async def test_the_apps_health_check_passes_against_a_running_app(compose, shop:
         # A subprocess the event loop waits on: the app answers from this same loop.
         code = command.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{to_port}/")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-c",
+            code,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         return await asyncio.wait_for(proc.wait(), IO_TIMEOUT * 2)
 
     assert await run(client.port) == 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from support.net import IO_TIMEOUT, free_port
 from support.procs import alive, descendants
 
@@ -43,16 +44,34 @@ ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 class DemoProcess:
     """The demo as a subprocess in its own session; its stdout collected line by line."""
 
-    def __init__(self, port: int, *extra: str, cwd: Path, stdin=subprocess.DEVNULL, env=None) -> None:
+    def __init__(
+        self, port: int, *extra: str, cwd: Path, stdin=subprocess.DEVNULL, env=None
+    ) -> None:
         self.port = port
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stickyproxy.cli", "demo", "--no-ui", "--port", str(port), *extra],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "stickyproxy.cli",
+                "demo",
+                "--no-ui",
+                "--port",
+                str(port),
+                *extra,
+            ],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.errors: list[str] = []
-        self._threads = [threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
-                         threading.Thread(target=self._read, args=(self.proc.stderr, self.errors), daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.errors), daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -80,7 +99,9 @@ class DemoProcess:
                 m = rx.search(line)
                 if m:
                     return m
-            assert not exited, f"demo exited ({self.proc.returncode}) before {pattern!r}:\n{self.output()}"
+            assert not exited, (
+                f"demo exited ({self.proc.returncode}) before {pattern!r}:\n{self.output()}"
+            )
             assert time.monotonic() < end, f"no {pattern!r} within {deadline}s:\n{self.output()}"
             time.sleep(0.05)
 
@@ -102,8 +123,9 @@ class DemoProcess:
         try:
             return self.proc.wait(deadline)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"demo still running {deadline}s after being told to stop:\n"
-                                 f"{self.output()}") from None
+            raise AssertionError(
+                f"demo still running {deadline}s after being told to stop:\n{self.output()}"
+            ) from None
 
     def kill_all(self) -> None:
         for pid in self.descendants() | {self.proc.pid}:
@@ -132,8 +154,9 @@ def demo(tmp_path):
             d.kill_all()
 
 
-async def until_ok(session, method: str, url: str, user: str, deadline: float = IO_TIMEOUT,
-                   ok: int = 200, **kw):
+async def until_ok(
+    session, method: str, url: str, user: str, deadline: float = IO_TIMEOUT, ok: int = 200, **kw
+):
     """The first ``ok`` answer to a request repeated until ``deadline`` (bounded attempts)."""
     end = time.monotonic() + deadline
     while True:
@@ -177,8 +200,9 @@ async def test_sticky_traffic_survives_a_killed_instance_and_everything_stops(de
     home: dict[str, str] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT)) as s:
         for i, u in enumerate(users):
-            served, body = await until_ok(s, "POST", proxy + "/cart/items", u,
-                                          json={"item": "apple", "qty": 1 + i % 5})
+            served, body = await until_ok(
+                s, "POST", proxy + "/cart/items", u, json={"item": "apple", "qty": 1 + i % 5}
+            )
             carts[u] = {"apple": body["qty"]}
             home[u] = served
             for _ in range(3):
@@ -219,8 +243,9 @@ async def test_sticky_traffic_survives_a_killed_instance_and_everything_stops(de
     assert d.wait_exit(STOP_DEADLINE) == 0
     d.join_output()
     assert "stopped: everything the demo started has exited" in d.lines
-    assert re.search(r"stopping after \d+s: \d+ answers, \d+ failed, 0 rate-limited, 0 lost updates",
-                     d.output())
+    assert re.search(
+        r"stopping after \d+s: \d+ answers, \d+ failed, 0 rate-limited, 0 lost updates", d.output()
+    )
     summary = SUMMARY.match(d.lines[-1])
     assert summary is not None, d.output()
     assert int(summary.group(1)) > 0 and summary.group(3) == summary.group(4) == "0"
@@ -271,7 +296,7 @@ def test_a_killed_demo_leaves_no_process_and_no_directory_behind(demo, sig):
     workdir = Path(d.wait_line(r"^\s+logs\s+(\S+)$", 0).group(1))
     assert workdir.is_dir()
     everyone = d.descendants() | {pid for _, pid in procs.values()}
-    assert len(everyone) >= 5, everyone      # redis, three shops, the watchdog
+    assert len(everyone) >= 5, everyone  # redis, three shops, the watchdog
     os.kill(d.proc.pid, sig)
     assert d.proc.wait(STOP_DEADLINE) == -sig
     assert wait_gone(everyone, STOP_DEADLINE) == []
@@ -298,9 +323,22 @@ def test_the_live_view_fits_an_80x24_terminal():
     nothing scrolls) of at most 80 columns, and its first line is the title with the keys."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.cli", "demo", "--port", str(free_port()),
-                             "--duration", "60"], stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stickyproxy.cli",
+            "demo",
+            "--port",
+            str(free_port()),
+            "--duration",
+            "60",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     received = bytearray()
     try:

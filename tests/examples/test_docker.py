@@ -84,8 +84,11 @@ def ignored(path: str, patterns: list[str]) -> bool:
 
 
 def dockerignore_patterns() -> list[str]:
-    return [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_the_image_runs_the_container_config_from_the_documented_mount_path():
@@ -98,13 +101,12 @@ def test_the_image_runs_the_container_config_from_the_documented_mount_path():
     assert MOUNT_PATH in steps["HEALTHCHECK"] and "/healthz" in steps["HEALTHCHECK"]
     assert steps["USER"] != "root"
     readme = (ROOT / "README.md").read_text()
-    docker_section = readme[readme.index("\n## Docker\n"):readme.index("\n## More\n")]
+    docker_section = readme[readme.index("\n## Docker\n") : readme.index("\n## More\n")]
     for fact in (MOUNT_PATH, TOKEN_ENV, "/healthz", "docker compose"):
         assert fact in docker_section, fact
 
 
-def test_the_container_config_is_reachable_from_outside_and_takes_its_token_from_env(
-        monkeypatch):
+def test_the_container_config_is_reachable_from_outside_and_takes_its_token_from_env(monkeypatch):
     raw = tomllib.loads(CONTAINER_TOML.read_text())
     assert "token" not in raw["admin"], "the admin token must never be written in the file"
     assert raw["admin"]["token_env"] == TOKEN_ENV
@@ -122,6 +124,7 @@ def test_the_container_config_is_reachable_from_outside_and_takes_its_token_from
 def test_the_compose_config_stops_inside_compose_s_timeout():
     cfg = tomllib.loads((ROOT / "examples" / "compose" / "stickyproxy.toml").read_text())
     from stickyproxy.units import parse_duration
+
     assert parse_duration(cfg["timeouts"]["shutdown"]) < DOCKER_STOP_TIMEOUT
 
 
@@ -137,13 +140,25 @@ def test_what_a_dockerfile_copies_is_in_the_build_context(dockerfile):
 def test_dockerignore_keeps_build_output_of_the_checkout_out():
     """A stale in-place .so copied into the build would be what the image runs."""
     patterns = dockerignore_patterns()
-    for path in ("stickyproxy/router.cpython-311-x86_64-linux-gnu.so",
-                 "stickyproxy/dataplane/__pycache__/proxy.cpython-311.pyc",
-                 "stickyproxy/_build_stamp.json", "stickyproxy.egg-info/PKG-INFO", "build/lib",
-                 ".git/HEAD", "tests/conftest.py"):
+    for path in (
+        "stickyproxy/router.cpython-311-x86_64-linux-gnu.so",
+        "stickyproxy/dataplane/__pycache__/proxy.cpython-311.pyc",
+        "stickyproxy/_build_stamp.json",
+        "stickyproxy.egg-info/PKG-INFO",
+        "build/lib",
+        ".git/HEAD",
+        "tests/conftest.py",
+    ):
         assert ignored(path, patterns), path
-    for path in ("stickyproxy/routing/router.py", "pyproject.toml", "build_backend.py", "setup.py",
-                 "README.md", "config/container.toml", "examples/Dockerfile.app"):
+    for path in (
+        "stickyproxy/routing/router.py",
+        "pyproject.toml",
+        "build_backend.py",
+        "setup.py",
+        "README.md",
+        "config/container.toml",
+        "examples/Dockerfile.app",
+    ):
         assert not ignored(path, patterns), path
 
 
@@ -159,6 +174,7 @@ def test_the_app_image_runs_the_shop_from_the_package():
     steps = dict(final_stage(APP_DOCKERFILE))
     assert json.loads(steps["ENTRYPOINT"]) == ["python", "-m", "stickyproxy.demo.shop"]
     from stickyproxy.demo.shop.settings import parse_args
+
     settings = parse_args(json.loads(steps["CMD"]))
     assert settings.host == "0.0.0.0"
 

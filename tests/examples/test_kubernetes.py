@@ -46,9 +46,14 @@ def generated_config_maps() -> list[dict[str, Any]]:
     out = []
     for gen in kustomization().get("configMapGenerator", []):
         data = {Path(f).name: (BASE / f).read_text() for f in gen.get("files", [])}
-        out.append({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": gen["name"], "namespace": kustomization()["namespace"]},
-                    "data": data})
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": gen["name"], "namespace": kustomization()["namespace"]},
+                "data": data,
+            }
+        )
     return out
 
 
@@ -101,8 +106,10 @@ def test_every_manifest_is_valid_for_kubernetes(version):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{source}: {doc['kind']}/{doc['metadata']['name']} "
-                        f"(Kubernetes {version}): {e.message} at {list(e.path)}")
+            pytest.fail(
+                f"{source}: {doc['kind']}/{doc['metadata']['name']} "
+                f"(Kubernetes {version}): {e.message} at {list(e.path)}"
+            )
 
 
 def test_schema_validation_catches_a_mistake():
@@ -147,9 +154,10 @@ def test_kustomize_builds_and_the_build_validates():
     assert out.returncode == 0, out.stderr
     built = [d for d in yaml.safe_load_all(out.stdout) if d]
     (cm,) = [d for d in built if d["kind"] == "ConfigMap"]
-    assert cm["metadata"]["name"].startswith("stickyproxy-config-")      # content hash
-    (dep,) = [d for d in built if d["kind"] == "Deployment"
-              and d["metadata"]["name"] == "stickyproxy"]
+    assert cm["metadata"]["name"].startswith("stickyproxy-config-")  # content hash
+    (dep,) = [
+        d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == "stickyproxy"
+    ]
     volumes = dep["spec"]["template"]["spec"]["volumes"]
     assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in volumes
     for doc in built:
@@ -174,11 +182,11 @@ def test_ports_agree_between_config_deployment_and_service():
     c = container(dep, "stickyproxy")
     assert named_port(c, "http") == cfg.listen.port
     assert named_port(c, "admin") == cfg.admin.port
-    assert cfg.listen.host == cfg.admin.host == "0.0.0.0"    # probes and peers are off-pod
+    assert cfg.listen.host == cfg.admin.host == "0.0.0.0"  # probes and peers are off-pod
     svc = one("Service", "stickyproxy")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     for p in svc["spec"]["ports"]:
-        assert named_port(c, p["targetPort"]) == cfg.listen.port      # never the admin port
+        assert named_port(c, p["targetPort"]) == cfg.listen.port  # never the admin port
     mount = [m for m in c["volumeMounts"] if m["name"] == "config"][0]["mountPath"]
     assert c["args"] == ["run", "-c", f"{mount}/stickyproxy.toml"]
 
@@ -210,11 +218,12 @@ def test_grace_period_covers_prestop_and_drain():
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = float(command[1])
-    assert pre_stop >= 2          # long enough for the endpoint removal to reach kube-proxy
+    assert pre_stop >= 2  # long enough for the endpoint removal to reach kube-proxy
     grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= pre_stop + cfg.timeouts.shutdown + GRACE_MARGIN
     assert cfg.timeouts.shutdown == duration(
-        tomllib.loads((BASE / "stickyproxy.toml").read_text())["timeouts"]["shutdown"])
+        tomllib.loads((BASE / "stickyproxy.toml").read_text())["timeouts"]["shutdown"]
+    )
 
 
 def test_replicas_disruption_budget_and_rollout():
@@ -273,8 +282,10 @@ def test_shop_reaches_redis_by_its_service():
 
 
 # -- images and security -----------------------------------------------------------------------
-IMAGES = {"stickyproxy": ROOT / "Dockerfile",
-          "stickyproxy-shop": ROOT / "examples" / "Dockerfile.app"}
+IMAGES = {
+    "stickyproxy": ROOT / "Dockerfile",
+    "stickyproxy-shop": ROOT / "examples" / "Dockerfile.app",
+}
 
 
 def workloads() -> list[dict[str, Any]]:
@@ -325,8 +336,9 @@ def test_fleet_alert_rules_use_exported_metrics_and_labels():
     text = (ROOT / "docs" / "fleet.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
     rules = [r for b in blocks for g in yaml.safe_load(b)["groups"] for r in g["rules"]]
-    assert any(r["expr"] == "count(count by (fingerprint) (stickyproxy_ring_info)) > 1"
-               for r in rules)
+    assert any(
+        r["expr"] == "count(count by (fingerprint) (stickyproxy_ring_info)) > 1" for r in rules
+    )
     exprs = [r["expr"] for r in rules] + re.findall(r"```promql\n(.*?)```", text, re.S)
     for expr in exprs:
         for metric in re.findall(r"\bstickyproxy_\w+", expr):

@@ -53,7 +53,9 @@ async def test_cart_add_list_remove(shop, stateless):
 async def test_counter_only_goes_up(shop, stateless):
     c = await shop(stateless=stateless)
     assert await (await c.get("/counter", headers=as_user("u"))).json() == {"value": 0}
-    values = [(await (await c.post("/counter", headers=as_user("u"))).json())["value"] for _ in range(5)]
+    values = [
+        (await (await c.post("/counter", headers=as_user("u"))).json())["value"] for _ in range(5)
+    ]
     assert values == [1, 2, 3, 4, 5]
     assert await (await c.get("/counter", headers=as_user("u"))).json() == {"value": 5}
 
@@ -119,7 +121,10 @@ async def test_a_move_grants_less_than_half_a_burst(shop):
     """The sticky limiter's bucket goes into the user's context whenever the stored copy
     overstates it by half a burst, so the instance taking the user over starts from it:
     a user who spent the whole burst gets fewer than half of it again, not a fresh burst."""
-    a, b = await shop("app-1", rate_limit=10, rate_window=600), await shop("app-2", rate_limit=10, rate_window=600)
+    a, b = (
+        await shop("app-1", rate_limit=10, rate_window=600),
+        await shop("app-2", rate_limit=10, rate_window=600),
+    )
     statuses = [(await a.get("/counter", headers=as_user("busy"))).status for _ in range(11)]
     assert statuses == [200] * 10 + [429]
     await a.close()
@@ -127,7 +132,10 @@ async def test_a_move_grants_less_than_half_a_burst(shop):
     assert all(r.headers["X-Served-By"] == "app-2" for r in moved)
     assert sum(r.status == 200 for r in moved) < 10 // 2
     assert moved[-1].status == 429 and 1 <= int(moved[-1].headers["Retry-After"]) <= 60
-    assert await metric(b, "stickyctx_ratelimit_decisions_total", limit="requests", outcome="refused") >= 1
+    assert (
+        await metric(b, "stickyctx_ratelimit_decisions_total", limit="requests", outcome="refused")
+        >= 1
+    )
 
 
 @pytest.mark.parametrize("stateless", MODES)
@@ -163,7 +171,9 @@ async def test_finished_job_is_reported_by_the_next_instance(shop):
     job = await (await a.post("/jobs", headers=as_user("alice"))).json()
 
     async def done_on_a():
-        return (await (await a.get(f"/jobs/{job['id']}", headers=as_user("alice"))).json())["state"] == "done"
+        return (await (await a.get(f"/jobs/{job['id']}", headers=as_user("alice"))).json())[
+            "state"
+        ] == "done"
 
     await eventually(done_on_a, what="job done on app-1")
     await a.close()

@@ -22,6 +22,7 @@ from shop.settings import (
     Settings,
     parse_args,
 )
+
 from support.net import IO_TIMEOUT, eventually
 
 from .conftest import as_user
@@ -85,8 +86,13 @@ async def test_logout_revokes_the_token_everywhere_in_the_shop(shop, stateless):
     assert (await c.get("/counter", headers=auth)).status == 200
     r = await c.post("/logout", headers=auth)
     assert r.status == 200 and (await r.json())["revoked"] is True
-    for method, path in (("GET", "/counter"), ("POST", "/cart/items"), ("POST", "/jobs"), ("GET", "/prices/tea"),
-                         ("POST", "/logout")):
+    for method, path in (
+        ("GET", "/counter"),
+        ("POST", "/cart/items"),
+        ("POST", "/jobs"),
+        ("GET", "/prices/tea"),
+        ("POST", "/logout"),
+    ):
         r = await c.request(method, path, headers=auth, json={"item": "tea"})
         assert_revoked(r)
         assert "token revoked" in await r.text(), path
@@ -139,7 +145,10 @@ async def test_stateless_revocation_check_costs_a_round_trip_per_request(shop, r
     auth = bearer(token, "alice")
     before = redis_server.commandstats()
     assert (await c.get("/counter", headers=auth)).status == 200
-    assert redis_server.calls_since(before) == {"exists": 1, "get": 2}  # revocation: EXISTS + GET; counter: GET
+    assert redis_server.calls_since(before) == {
+        "exists": 1,
+        "get": 2,
+    }  # revocation: EXISTS + GET; counter: GET
     before = redis_server.commandstats()
     assert (await c.post("/logout", headers=auth)).status == 200
     assert redis_server.calls_since(before) == {"exists": 1, "get": 1, "set": 1}
@@ -196,7 +205,10 @@ async def test_bad_tokens_get_401_with_a_reason(shop, stateless):
         ("Bearer " + token("another-secret-of-at-least-thirty-two-bytes"), "signature"),
         ("Bearer " + token(iat=now - 120, exp=now - 60), "expired"),
         ("Bearer " + token(iat=now - 120, exp=now - 0.5), "expired"),  # no leeway past exp
-        ("Bearer " + token(exp=now + 2 * DEFAULT_TOKEN_LIFETIME), "lives longer"),  # could not be revoked
+        (
+            "Bearer " + token(exp=now + 2 * DEFAULT_TOKEN_LIFETIME),
+            "lives longer",
+        ),  # could not be revoked
         ("Bearer " + token(iat=True), "NumericDate"),
         ("Bearer " + token(sub="mallory"), "another user"),
         ("Bearer " + token(jti=None), "'jti'"),
@@ -287,7 +299,9 @@ async def test_concurrent_misses(shop, origin, stateless):
     that misses Redis loads it (the cold-start flood the guarded cache prevents)."""
     c = await shop(stateless=stateless, price_origin=origin.url)
     async with asyncio.timeout(IO_TIMEOUT):
-        replies = await asyncio.gather(*(c.get("/prices/tea", headers=as_user("alice")) for _ in range(20)))
+        replies = await asyncio.gather(
+            *(c.get("/prices/tea", headers=as_user("alice")) for _ in range(20))
+        )
     assert [r.status for r in replies] == [200] * 20
     if stateless:
         assert origin.book.lookups > 1
@@ -308,8 +322,13 @@ async def test_sticky_origin_outage_serves_cached_prices_and_opens_the_breaker(s
             assert r.status == 503 and r.headers["Retry-After"] == "5"
             assert "pricing unavailable" in (await r.json())["error"]
     # only the first BREAKER_FAILURES loads reached for the origin; then the breaker held them off
-    assert await metric(c, "stickyctx_cache_origin_loads_total", outcome="error") == BREAKER_FAILURES
-    assert await metric(c, "stickyctx_cache_lookups_total", outcome="unavailable") == 3 * BREAKER_FAILURES
+    assert (
+        await metric(c, "stickyctx_cache_origin_loads_total", outcome="error") == BREAKER_FAILURES
+    )
+    assert (
+        await metric(c, "stickyctx_cache_lookups_total", outcome="unavailable")
+        == 3 * BREAKER_FAILURES
+    )
     assert await metric(c, "stickyctx_cache_breaker_state") != 0
 
 
@@ -327,12 +346,17 @@ async def test_a_user_moving_back_never_sees_a_price_from_before_the_move(shop, 
     """alice's price is cached on app-1; it changes at the origin while she is served by
     app-2; back on app-1 (within the entry's 30 s ttl) she gets the new price, not the
     entry from before her move: the entry belonged to an older ownership epoch."""
-    a, b = await shop("app-1", price_origin=origin.url), await shop("app-2", price_origin=origin.url)
+    a, b = (
+        await shop("app-1", price_origin=origin.url),
+        await shop("app-2", price_origin=origin.url),
+    )
     alice = as_user("alice")
     old = (await (await a.get("/prices/apple", headers=alice)).json())["price"]
     # reprice alice's apples at the origin
-    async with aiohttp.ClientSession() as http, \
-            http.put(origin.server.make_url("/prices/alice/apple"), json={"price": old + 100}) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(origin.server.make_url("/prices/alice/apple"), json={"price": old + 100}) as r,
+    ):
         assert r.status == 200
     r = await b.get("/prices/apple", headers=alice)
     assert r.headers["X-Served-By"] == "app-2" and (await r.json())["price"] == old + 100
@@ -357,7 +381,9 @@ async def test_sticky_redis_outage_prices_keep_answering(shop, redis_server, ori
     async def context_unavailable():
         return (await c.get("/counter", headers=alice)).status == 503
 
-    await eventually(context_unavailable, deadline=IO_TIMEOUT, interval=0.1, what="context store 503")
+    await eventually(
+        context_unavailable, deadline=IO_TIMEOUT, interval=0.1, what="context store 503"
+    )
     loads = origin.book.lookups
     async with asyncio.timeout(IO_TIMEOUT):
         for _ in range(5):
@@ -392,17 +418,36 @@ async def test_price_lookups_refuse_unknown_products(shop, stateless):
 
 def test_settings_name_every_bad_option():
     with pytest.raises(ValueError) as e:
-        Settings(port=0, node_id="a", redis_url="redis://x", price_origin="ftp://origin", price_delay=-1,
-                 price_ttl=0, token_secret="short", token_lifetime=0)
-    for option in ("--price-origin", "--price-delay", "--price-ttl", "--token-secret", "--token-lifetime"):
+        Settings(
+            port=0,
+            node_id="a",
+            redis_url="redis://x",
+            price_origin="ftp://origin",
+            price_delay=-1,
+            price_ttl=0,
+            token_secret="short",
+            token_lifetime=0,
+        )
+    for option in (
+        "--price-origin",
+        "--price-delay",
+        "--price-ttl",
+        "--token-secret",
+        "--token-lifetime",
+    ):
         assert option in str(e.value)
     with pytest.raises(ValueError, match="idle TTL"):
         Settings(port=0, node_id="a", redis_url="redis://x", token_lifetime=10 * 86_400)
-    assert Settings(port=0, node_id="a", redis_url="redis://x").token_lifetime == DEFAULT_TOKEN_LIFETIME
+    assert (
+        Settings(port=0, node_id="a", redis_url="redis://x").token_lifetime
+        == DEFAULT_TOKEN_LIFETIME
+    )
 
 
 def test_command_line_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["--port", "1", "--node-id", "a", "--redis", "redis://x", "--price-origin", "nope"])
+        parse_args(
+            ["--port", "1", "--node-id", "a", "--redis", "redis://x", "--price-origin", "nope"]
+        )
     assert e.value.code == 2
     assert "--price-origin: not an http(s) URL: 'nope'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
+
 from support.net import IO_TIMEOUT, eventually, free_port
 
 from .conftest import START_DEADLINE
@@ -50,9 +51,22 @@ def shop_processes(redis_server, tmp_path) -> Iterator[list[ShopProcess]]:
         port = free_port()
         log = tmp_path / f"{node}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "stickyproxy.demo.shop", "--port", str(port),
-                                     "--node-id", node, "--redis", redis_server.url],
-                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stickyproxy.demo.shop",
+                    "--port",
+                    str(port),
+                    "--node-id",
+                    node,
+                    "--redis",
+                    redis_server.url,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         procs.append(ShopProcess(node, port, proc, log))
     try:
         yield procs
@@ -63,6 +77,7 @@ def shop_processes(redis_server, tmp_path) -> Iterator[list[ShopProcess]]:
 
 async def wait_ready(session: aiohttp.ClientSession, shops: list[ShopProcess]) -> None:
     for s in shops:
+
         async def up(s: ShopProcess = s) -> bool:
             assert s.proc.poll() is None, s.log.read_text(errors="replace")
             try:
@@ -81,10 +96,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_revoked_token_stays_refused_when_the_proxy_fails_the_user_over(
-        shop_processes, proxy, http, monkeypatch):
+    shop_processes, proxy, http, monkeypatch
+):
     monkeypatch.setenv(SECRET_ENV, SECRET)
-    keys = [{"from": "jwt", "claim": "sub", "algorithms": ["HS256"], "secret_env": SECRET_ENV},
-            {"from": "header", "name": "X-User-Id"}]
+    keys = [
+        {"from": "jwt", "claim": "sub", "algorithms": ["HS256"], "secret_env": SECRET_ENV},
+        {"from": "header", "name": "X-User-Id"},
+    ]
     p = await proxy(shop_processes, {"routing": {"keys": keys}})
     await wait_ready(http, shop_processes)
     base = f"http://127.0.0.1:{p.port}"
@@ -107,8 +125,11 @@ async def test_revoked_token_stays_refused_when_the_proxy_fails_the_user_over(
         assert "token revoked" in await r.text()
 
     # a forged token never reaches a shop: the proxy verifies the signature
-    forged = jwt.encode({"sub": "alice", "jti": "x", "iat": 1, "exp": 2**31},
-                        "another-secret-of-at-least-thirty-two-bytes", algorithm="HS256")
+    forged = jwt.encode(
+        {"sub": "alice", "jti": "x", "iat": 1, "exp": 2**31},
+        "another-secret-of-at-least-thirty-two-bytes",
+        algorithm="HS256",
+    )
     async with http.get(base + "/cart", headers={"Authorization": f"Bearer {forged}"}) as r:
         assert r.status == 401 and "X-Served-By" not in r.headers
 

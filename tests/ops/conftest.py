@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from support.admin import ADMIN, OpsProxy
 from support.config import merged
 from support.load import Load
@@ -26,8 +27,12 @@ async def ops_proxy(proxy):
     ephemeral loopback port (unless the overrides disable it)."""
     made: list[OpsProxy] = []
 
-    async def make(backend_list: list[Any], overrides: dict[str, dict[str, Any]] | None = None,
-                   *, name: str = "proxy.toml") -> OpsProxy:
+    async def make(
+        backend_list: list[Any],
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        name: str = "proxy.toml",
+    ) -> OpsProxy:
         ov = merged({"admin": ADMIN}, overrides)
         handle = await proxy(backend_list, ov, name=name)
         op = OpsProxy(handle, backend_list, ov)
@@ -45,8 +50,9 @@ def attach_log():
     (level INFO or lower for the test; removed and restored at teardown)."""
     added: list[tuple[logging.Logger, logging.Handler, int]] = []
 
-    def attach(name: str, probe: Callable[[], Any] = lambda: None,
-               level: int = logging.INFO) -> Snapshotting:
+    def attach(
+        name: str, probe: Callable[[], Any] = lambda: None, level: int = logging.INFO
+    ) -> Snapshotting:
         logger = logging.getLogger(name)
         h = Snapshotting(probe)
         added.append((logger, h, logger.level))

@@ -8,13 +8,24 @@ import logging
 import time
 
 import pytest
+
+from stickyproxy.routing.router import key_digest
 from support.backends import DeadBackend
 from support.config import keys_where
 
-from stickyproxy.routing.router import key_digest
-
-FIELDS = {"time", "client", "method", "path", "status", "bytes", "duration_ms", "backend",
-          "route", "retries", "key"}
+FIELDS = {
+    "time",
+    "client",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration_ms",
+    "backend",
+    "route",
+    "retries",
+    "key",
+}
 
 
 def access_lines(caplog) -> list[str]:
@@ -30,15 +41,16 @@ def access(caplog):
 async def test_json_access_log_one_object_per_request(backends, ops_proxy, access):
     a, b = await backends("a", "b")
     d = DeadBackend("d")
-    p = await ops_proxy([a, b, d], {"logging": {"access": "json"},
-                                    "passive": {"connect_down": "0s"}})
+    p = await ops_proxy(
+        [a, b, d], {"logging": {"access": "json"}, "passive": {"connect_down": "0s"}}
+    )
     t0 = time.time()
     alice = "alice"
     r1 = await p.get("/shop/cart?item=7", user=alice)
     r2 = await p.get("/upload", user=alice, method="POST", body=b"0123456789")
     (via_d,) = keys_where(p.pref, lambda pr: pr[0] == "d")
     r3 = await p.get("/retried", user=via_d)
-    r4 = await p.get("/anonymous")                       # no key: round-robin
+    r4 = await p.get("/anonymous")  # no key: round-robin
     assert [r.status for r in (r1, r2, r3, r4)] == [200, 200, 200, 200]
     lines = access_lines(access)
     assert len(lines) == 4, lines
@@ -66,7 +78,7 @@ async def test_raw_and_no_key_in_the_access_log(backends, ops_proxy, access):
     p = await ops_proxy(bs, {"logging": {"access": "json", "access_key": "raw"}})
     await p.get("/", user="bob@example.com")
     p.rewrite(bs, {"logging": {"access": "json", "access_key": "none"}})
-    assert (await p.admin("POST", "/reload")).status == 200     # applies to the next request
+    assert (await p.admin("POST", "/reload")).status == 200  # applies to the next request
     await p.get("/", user="bob@example.com")
     raw, none = (json.loads(line) for line in access_lines(access))
     assert raw["key"] == "bob@example.com"

@@ -4,12 +4,27 @@ bearer-token protection of the mutating endpoints."""
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
+
 from support.config import route_json
 from support.metrics import Metrics
 
-BACKEND_FIELDS = {"id", "url", "weight", "state", "usable", "healthy", "drained", "ejected_for",
-                  "ejections", "failback_in", "inflight", "websocket_tunnels", "key_share",
-                  "reason", "since_change"}
+BACKEND_FIELDS = {
+    "id",
+    "url",
+    "weight",
+    "state",
+    "usable",
+    "healthy",
+    "drained",
+    "ejected_for",
+    "ejections",
+    "failback_in",
+    "inflight",
+    "websocket_tunnels",
+    "key_share",
+    "reason",
+    "since_change",
+}
 
 
 async def test_read_endpoints_json_shapes(backends, ops_proxy):
@@ -22,7 +37,7 @@ async def test_read_endpoints_json_shapes(backends, ops_proxy):
     doc = r.json()
     assert list(doc) == ["backends"]
     rows = doc["backends"]
-    assert [row["id"] for row in rows] == ["a", "b", "c"]          # config order
+    assert [row["id"] for row in rows] == ["a", "b", "c"]  # config order
     for row, be in zip(rows, (a, b, c)):
         assert set(row) == BACKEND_FIELDS, set(row) ^ BACKEND_FIELDS
         assert row["url"] == be.url
@@ -34,7 +49,7 @@ async def test_read_endpoints_json_shapes(backends, ops_proxy):
         assert isinstance(row["reason"], str)
         assert 0 < row["key_share"] < 1
     assert abs(sum(row["key_share"] for row in rows) - 1) < 1e-5
-    assert rows[1]["key_share"] > rows[0]["key_share"]             # weight 2
+    assert rows[1]["key_share"] > rows[0]["key_share"]  # weight 2
 
     r = await p.admin("GET", "/ring")
     assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
@@ -45,17 +60,26 @@ async def test_read_endpoints_json_shapes(backends, ops_proxy):
     assert [m["id"] for m in ring["members"]] == ["a", "b", "c"]
     assert {m["id"]: m["weight"] for m in ring["members"]} == {"a": 1, "b": 2, "c": 1}
     assert {m["id"]: m["key_share"] for m in ring["members"]} == {
-        row["id"]: row["key_share"] for row in rows}
+        row["id"]: row["key_share"] for row in rows
+    }
 
     keys = ["alice", "bob", "user-17", "ü-ñ"]
-    cli = route_json(p.path, *keys)                    # `stickyproxy route --json` agrees
+    cli = route_json(p.path, *keys)  # `stickyproxy route --json` agrees
     for k in keys:
         s = await p.session()
         async with s.get(f"http://127.0.0.1:{p.admin_port}/route", params={"key": k}) as resp:
             assert resp.status == 200
             doc = await resp.json()
-        assert set(doc) == {"key", "owner", "preference", "chosen", "route", "why", "states",
-                            "ring"}
+        assert set(doc) == {
+            "key",
+            "owner",
+            "preference",
+            "chosen",
+            "route",
+            "why",
+            "states",
+            "ring",
+        }
         assert doc["key"] == k and doc["ring"] == p.fingerprint
         assert doc["preference"] == cli[k] == p.pref(k)
         assert doc["owner"] == doc["chosen"] == cli[k][0]
@@ -77,10 +101,23 @@ async def test_read_endpoints_json_shapes(backends, ops_proxy):
     ctype = r.headers["Content-Type"]
     assert ctype.startswith("text/plain") and "version=" in ctype, ctype
     fams = {f.name for f in text_string_to_metric_families(r.text)}
-    for name in ("requests", "request_duration_seconds", "route_decisions", "retries",
-                 "upstream_errors", "rejected_requests", "health_checks", "ejections",
-                 "ring_changes", "reloads", "backend_up", "backend_inflight",
-                 "backend_key_share", "client_connections", "websocket_tunnels"):
+    for name in (
+        "requests",
+        "request_duration_seconds",
+        "route_decisions",
+        "retries",
+        "upstream_errors",
+        "rejected_requests",
+        "health_checks",
+        "ejections",
+        "ring_changes",
+        "reloads",
+        "backend_up",
+        "backend_inflight",
+        "backend_key_share",
+        "client_connections",
+        "websocket_tunnels",
+    ):
         assert f"stickyproxy_{name}" in fams, name
     m = Metrics(r.text)
     assert m.types["stickyproxy_requests"] == "counter"
@@ -95,7 +132,7 @@ async def test_readyz_is_503_when_every_backend_is_drained(backends, ops_proxy):
     bs = await backends("a", "b")
     p = await ops_proxy(bs)
     assert (await p.admin("POST", "/backends/a/drain")).status == 200
-    assert (await p.admin("GET", "/readyz")).status == 200           # b is still usable
+    assert (await p.admin("GET", "/readyz")).status == 200  # b is still usable
     assert (await p.admin("POST", "/backends/b/drain")).status == 200
     r = await p.admin("GET", "/readyz")
     assert r.status == 503 and "no backend is usable" in r.text
@@ -127,19 +164,20 @@ async def test_mutating_endpoints_require_the_bearer_token(backends, ops_proxy):
     bs = await backends("a", "b")
     p = await ops_proxy(bs, {"admin": {"token": "s3cret-token"}})
     for path in ("/backends/a/drain", "/backends/a/undrain", "/reload", "/backends/nope/drain"):
-        await _assert_denied(p, "POST", path)                              # no header
-        await _assert_denied(p, "POST", path, token="wrong")               # wrong token
+        await _assert_denied(p, "POST", path)  # no header
+        await _assert_denied(p, "POST", path, token="wrong")  # wrong token
         await _assert_denied(p, "POST", path, token="s3cret-token-and-more")
         await _assert_denied(p, "POST", path, headers={"Authorization": "Basic czNjcmV0LXRva2Vu"})
         await _assert_denied(p, "POST", path, headers={"Authorization": "s3cret-token"})
-    assert (await p.backend_view())["a"]["drained"] is False              # nothing happened
+    assert (await p.backend_view())["a"]["drained"] is False  # nothing happened
     m = await p.metrics()
     assert m.value("stickyproxy_reloads_total", result="success") == 0
 
     r = await p.admin("POST", "/backends/a/drain", token="s3cret-token")
     assert r.status == 200 and r.json() == {"backend": "a", "drained": True}
-    r = await p.admin("POST", "/backends/a/undrain",
-                      headers={"Authorization": "bearer s3cret-token"})   # scheme is case-insensitive
+    r = await p.admin(
+        "POST", "/backends/a/undrain", headers={"Authorization": "bearer s3cret-token"}
+    )  # scheme is case-insensitive
     assert r.status == 200 and r.json()["drained"] is False
     r = await p.admin("POST", "/backends/nope/drain", token="s3cret-token")
     assert r.status == 404

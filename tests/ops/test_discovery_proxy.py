@@ -12,13 +12,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support.config import build_toml
-from support.net import eventually
 
 from stickyproxy.config import loads
 from stickyproxy.control.server import Service
 from stickyproxy.routing.plan import exact
 from stickyproxy.routing.ring import Member, Ring
+from support.config import build_toml
+from support.net import eventually
 
 USERS = [f"user-{i}" for i in range(200)]
 
@@ -30,8 +30,14 @@ def write_members(path: Path, backends) -> None:
     os.replace(tmp, path)
 
 
-async def start(tmp_path: Path, members: Path, *, name: str = "proxy.toml",
-                settle: str = "0s", max_drop_share: float = 0.5) -> Service:
+async def start(
+    tmp_path: Path,
+    members: Path,
+    *,
+    name: str = "proxy.toml",
+    settle: str = "0s",
+    max_drop_share: float = 0.5,
+) -> Service:
     text = build_toml([], {"discovery": {"settle": settle, "max_drop_share": max_drop_share}})
     text += f'\n[discovery.file]\npath = "{members}"\ninterval = "50ms"\n'
     path = tmp_path / name
@@ -46,8 +52,7 @@ async def owners(svc: Service, users=USERS) -> dict[str, str]:
     out = {}
     async with aiohttp.ClientSession() as s:
         for u in users:
-            async with s.get(f"http://127.0.0.1:{svc.proxy.port}/",
-                             headers={"X-User-Id": u}) as r:
+            async with s.get(f"http://127.0.0.1:{svc.proxy.port}/", headers={"X-User-Id": u}) as r:
                 assert r.status == 200, await r.text()
                 out[u] = r.headers["X-Backend"]
                 await r.read()
@@ -79,11 +84,13 @@ async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, t
                 while not stop.is_set() and i < 5000:
                     u = USERS[i % len(USERS)]
                     i += 1
-                    async with s.get(f"http://127.0.0.1:{svc.proxy.port}/",
-                                     headers={"X-User-Id": u}) as r:
+                    async with s.get(
+                        f"http://127.0.0.1:{svc.proxy.port}/", headers={"X-User-Id": u}
+                    ) as r:
                         if r.status != 200:
                             load_errors.append(f"{u}: {r.status}")
                         await r.read()
+
         task = asyncio.create_task(load())
         caplog.set_level(logging.INFO, logger="stickyproxy")
         write_members(members, bs)
@@ -91,8 +98,11 @@ async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, t
         after = Ring([Member(b.id, 1) for b in bs], svc.config.routing.vnodes)
         # the applied change is logged with the share of users `stickyproxy plan` predicts
         predicted = exact(before, after).moved
-        applied = [r.getMessage() for r in caplog.records
-                   if r.getMessage().startswith("reload (discovery) applied")]
+        applied = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("reload (discovery) applied")
+        ]
         assert applied and f"{predicted * 100:.1f}% of users move" in applied[-1], applied
         moved_users = {u for u in USERS if before.owner(u) != after.owner(u)}
         # every moved user now lands on the new member, the others stay
@@ -102,8 +112,10 @@ async def test_the_proxy_routes_by_the_discovered_set_and_follows_it(backends, t
         assert load_errors == []
         for b in bs:
             for rec in b.requests:
-                assert after.owner(rec.one("X-Sticky-Key")) == b.id or \
-                    before.owner(rec.one("X-Sticky-Key")) == b.id
+                assert (
+                    after.owner(rec.one("X-Sticky-Key")) == b.id
+                    or before.owner(rec.one("X-Sticky-Key")) == b.id
+                )
         # scale down: app-3's users go back to their old owners
         write_members(members, bs[:3])
         await eventually(lambda: ids(svc) == {"app-0", "app-1", "app-2"}, what="scaled down")
@@ -124,10 +136,10 @@ async def test_an_emptied_or_mostly_dropped_set_is_refused(backends, tmp_path):
         write_members(members, [])
         await eventually(lambda: source.stats.refused > refused, what="empty set refused")
         refused = source.stats.refused
-        write_members(members, bs[:1])                      # drops 3 of 4 > 0.5
+        write_members(members, bs[:1])  # drops 3 of 4 > 0.5
         await eventually(lambda: source.stats.refused > refused, what="large drop refused")
         assert len(ids(svc)) == 4
-        write_members(members, bs[:2])                      # drops 2 of 4: allowed
+        write_members(members, bs[:2])  # drops 2 of 4: allowed
         await eventually(lambda: ids(svc) == {"app-0", "app-1"}, what="two left")
     finally:
         await svc.stop()
@@ -150,21 +162,24 @@ async def test_two_proxies_fed_one_source_route_every_key_alike(backends, tmp_pa
 
 async def test_static_backends_and_discovery_together_are_a_config_error(tmp_path):
     from stickyproxy.config import ConfigError
-    text = build_toml([], {}) + ('\n[discovery.file]\npath = "m.json"\n'
-                                 '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n')
+
+    text = build_toml([], {}) + (
+        '\n[discovery.file]\npath = "m.json"\n[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
+    )
     with pytest.raises(ConfigError, match=r"backends: give \[\[backends\]\] or \[discovery\]"):
         loads(text)
 
 
 async def test_metrics_show_the_ring_fingerprint_and_the_discovery_counts(backends, tmp_path):
     from prometheus_client import generate_latest
+
     bs = await backends("app-0", "app-1")
     members = tmp_path / "members.json"
     write_members(members, bs)
     svc = await start(tmp_path, members)
     try:
         await eventually(lambda: len(ids(svc)) == 2, what="first set")
-        write_members(members, [])                              # refused: empty
+        write_members(members, [])  # refused: empty
         source = svc.membership.source
         await eventually(lambda: source.stats.refusing, what="refusing")
         text = generate_latest(await svc.metrics_registry()).decode()

@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 from aiohttp import WSMsgType, web
+
 from support.config import keys_where
 from support.health import user_requests
 from support.net import eventually
@@ -20,11 +21,13 @@ def _slow_on(path: str, release: asyncio.Event, inner):
         if request.path == path:
             await release.wait()
         return await inner(request, rec)
+
     return handler
 
 
-async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends, ops_proxy,
-                                                                       load_loops):
+async def test_drain_under_load_fails_nothing_and_moves_only_its_users(
+    backends, ops_proxy, load_loops
+):
     bs = await backends("a", "b", "c")
     a = bs[0]
     release = asyncio.Event()
@@ -46,7 +49,7 @@ async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends,
     load.phase = "drained"
     view = (await p.backend_view())["a"]
     assert view["state"] == "drained" and view["drained"] is True and view["usable"] is False
-    assert view["inflight"] >= 1                      # the slow one is still being answered
+    assert view["inflight"] >= 1  # the slow one is still being answered
     route = await p.route(slow_user)
     assert route["route"] == "failover" and route["chosen"] == p.pref(slow_user)[1]
     assert route["states"]["a"] == "drained"
@@ -54,7 +57,7 @@ async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends,
     await load.reached(350)
     release.set()
     resp = await slow
-    assert resp.status == 200 and resp.one("X-Backend") == "a"   # in flight: finished on a
+    assert resp.status == 200 and resp.one("X-Backend") == "a"  # in flight: finished on a
     # requests sent after the drain returned and answered before the undrain is called
     drained_phase = {o.rid for o in load.in_phase("drained")}
     r = await p.admin("POST", "/backends/a/undrain")
@@ -67,7 +70,7 @@ async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends,
     at_a = [rec for rec in user_requests(a) if rec.target == "/load"]
     leaked = [rec.one("X-Req-Id") for rec in at_a if int(rec.one("X-Req-Id")) in drained_phase]
     assert not leaked, f"requests sent after the drain returned reached a: {leaked}"
-    assert any(rec.one("X-Phase") == "undrained" for rec in at_a)   # used again after undrain
+    assert any(rec.one("X-Phase") == "undrained" for rec in at_a)  # used again after undrain
     for o in load.outcomes:
         owner = p.pref(o.user)[0]
         if o.rid in drained_phase:
@@ -76,8 +79,10 @@ async def test_drain_under_load_fails_nothing_and_moves_only_its_users(backends,
         elif o.phase == "undrained":
             assert o.backend == owner, (o.user, o.backend, owner)
     assert len(drained_phase) > 50 and len(load.in_phase("undrained")) > 50
-    await eventually(lambda: all(up.inflight == 0 for up in p.svc.proxy.upstreams.values()),
-                     what="nothing in flight")
+    await eventually(
+        lambda: all(up.inflight == 0 for up in p.svc.proxy.upstreams.values()),
+        what="nothing in flight",
+    )
     assert (await p.backend_view())["a"]["state"] == "up"
 
 
@@ -92,6 +97,7 @@ def _ws_handler(closed: list):
                 await ws.send_str(f"{rec.backend}:{msg.data}")
         closed.append(rec.backend)
         return ws
+
     return handler
 
 
@@ -124,8 +130,8 @@ async def test_drained_backends_websocket_tunnels_close_after_drain_timeout(back
         msg = await asyncio.wait_for(wa.receive(), 5)
         now = time.monotonic()
         assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), msg
-        assert now - asked_at >= 0.4, now - asked_at                # not before timeouts.drain
-        assert now - drained_at <= 0.4 + 1.0, now - drained_at      # and not much after
+        assert now - asked_at >= 0.4, now - asked_at  # not before timeouts.drain
+        assert now - drained_at <= 0.4 + 1.0, now - drained_at  # and not much after
         await eventually(lambda: "a" in closed, what="the backend side of the tunnel closed")
         m = await p.metrics()
         assert m.value("stickyproxy_websocket_tunnels", backend="a") == 0
@@ -148,7 +154,7 @@ async def test_drain_survives_a_reload(backends, ops_proxy):
     p = await ops_proxy(bs)
     users = keys_where(p.pref, lambda pr: pr[0] == "a", n=5)
     assert (await p.admin("POST", "/backends/a/drain")).status == 200
-    bs[1].weight = 2                                  # reweight b: a new ring
+    bs[1].weight = 2  # reweight b: a new ring
     p.rewrite(bs)
     old_fp = p.fingerprint
     r = await p.admin("POST", "/reload")
@@ -160,7 +166,7 @@ async def test_drain_survives_a_reload(backends, ops_proxy):
     for u in users:
         resp = await p.get("/x", user=u)
         assert resp.status == 200
-        if p.pref(u)[0] == "a":                       # still owned by a on the new ring
+        if p.pref(u)[0] == "a":  # still owned by a on the new ring
             assert resp.one("X-Backend") == p.pref(u)[1]
     assert len(user_requests(bs[0])) == before
     # also across Service.reload() (what SIGHUP runs) with an unchanged file

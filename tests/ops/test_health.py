@@ -7,6 +7,7 @@ import logging
 import time
 
 import pytest
+
 from support.config import keys_where
 from support.health import (
     HealthScript,
@@ -35,13 +36,17 @@ async def test_health_flaps_follow_rise_and_fall(backends, ops_proxy, attach_log
     seen = attach_log("stickyproxy.control.health", probe=lambda: hs.count)
     # 100 ms apart with a 100 ms timeout: a loaded machine's event-loop stalls must not turn
     # a check the backend answered into a timeout, or the exact counts below would be off
-    p = await ops_proxy(bs, {"health": health_cfg(rise=2, fall=3, interval="100ms",
-                                                  timeout="100ms")})
+    p = await ops_proxy(
+        bs, {"health": health_cfg(rise=2, fall=3, interval="100ms", timeout="100ms")}
+    )
     users = keys_where(p.pref, lambda pr: pr[0] == "a", n=4)
 
     def changes():
-        return [(n, "down" if "DOWN" in r.getMessage() else "up") for r, n in seen.records
-                if "backend a is" in r.getMessage()]
+        return [
+            (n, "down" if "DOWN" in r.getMessage() else "up")
+            for r, n in seen.records
+            if "backend a is" in r.getMessage()
+        ]
 
     # 1. flaps shorter than `fall` never take it down
     hs.script(500, 503, 200, 404, 500, 200, 500, 500, hold=200)
@@ -84,17 +89,24 @@ async def test_health_flaps_follow_rise_and_fall(backends, ops_proxy, attach_log
     failures = sum(1 for o in hs.served if o != 200)
     successes = len(hs.served) - failures
     assert m.value("stickyproxy_health_checks_total", backend="a", result="failure") == failures
-    assert m.value("stickyproxy_health_checks_total", backend="a",
-                   result="success") in (successes - 1, successes)
+    assert m.value("stickyproxy_health_checks_total", backend="a", result="success") in (
+        successes - 1,
+        successes,
+    )
     assert m.value("stickyproxy_health_checks_total", backend="b", result="failure") == 0
     assert m.value("stickyproxy_health_checks_total", backend="b", result="success") > 0
 
     # and the changes are in the health log (warning level, naming the backend and why)
     msgs = [r.getMessage() for r in caplog.records if r.name == "stickyproxy.control.health"]
     assert any("backend a is DOWN" in m and "3 consecutive failed checks" in m for m in msgs), msgs
-    assert any("backend a is UP" in m and "2 consecutive successful checks" in m for m in msgs), msgs
-    assert all(r.levelno == logging.WARNING for r in caplog.records
-               if r.name == "stickyproxy.control.health" and "backend a is" in r.getMessage())
+    assert any("backend a is UP" in m and "2 consecutive successful checks" in m for m in msgs), (
+        msgs
+    )
+    assert all(
+        r.levelno == logging.WARNING
+        for r in caplog.records
+        if r.name == "stickyproxy.control.health" and "backend a is" in r.getMessage()
+    )
 
 
 async def test_a_dropped_health_connection_counts_as_a_failure(backends, ops_proxy):
@@ -105,17 +117,18 @@ async def test_a_dropped_health_connection_counts_as_a_failure(backends, ops_pro
     view = (await p.backend_view())["a"]
     assert view["state"] == "down"
     assert view["reason"].startswith("2 consecutive failed checks (")
-    assert "status" not in view["reason"], view["reason"]   # no status: the connection dropped
+    assert "status" not in view["reason"], view["reason"]  # no status: the connection dropped
     assert all(o == "close" for o in hs.served)
 
 
 async def test_one_dropped_check_is_one_failure_not_a_retry(backends, ops_proxy):
     bs = await backends("a", "b")
     hs = with_health(bs[0], HealthScript(hold=200))
-    p = await ops_proxy(bs, {"health": health_cfg(rise=1, fall=3, interval="100ms",
-                                                  timeout="100ms")})
+    p = await ops_proxy(
+        bs, {"health": health_cfg(rise=1, fall=3, interval="100ms", timeout="100ms")}
+    )
     await eventually(lambda: hs.count >= 2, what="a couple of checks")
-    hs.script("close")                # the next probe is dropped, then everything answers 200
+    hs.script("close")  # the next probe is dropped, then everything answers 200
     mark = hs.count
     await eventually(lambda: hs.count >= mark + 3, what="more checks")
     # one probe per check: probes are an interval apart (the next is sent only after the
@@ -154,8 +167,9 @@ async def test_damped_failback_keeps_users_on_their_fallback(backends, ops_proxy
     assert await _landed(p, u) == fallback
 
     # then they return, and /route reports the same decision the data plane makes
-    back = await eventually(lambda: _route_is(p, u, "a"), deadline=3, interval=0.02,
-                            what="/route back on a")
+    back = await eventually(
+        lambda: _route_is(p, u, "a"), deadline=3, interval=0.02, what="/route back on a"
+    )
     assert back["route"] == "primary"
     returned = time.monotonic()
     assert returned - up_at >= 1.0 - 0.02, returned - up_at
@@ -179,18 +193,22 @@ async def test_panic_mode_routes_by_the_plain_ring(backends, ops_proxy):
     # three of four fail their checks (25% usable < 50%): panic
     for bid in ("b", "c", "d"):
         scripts[bid].script(hold=500)
-    await eventually(lambda: sum(st.healthy for st in p.svc.table.states.values()) == 1,
-                     what="b, c, d down")
+    await eventually(
+        lambda: sum(st.healthy for st in p.svc.table.states.values()) == 1, what="b, c, d down"
+    )
     before = await p.metrics()
     landed = {u: await _landed(p, u) for u in users}
     # users of the "down" backends are not piled onto "a": each stays on its ring owner
     assert landed == owners
     after = await p.metrics()
     panicked = sum(1 for u in users if owners[u] != "a")
-    assert (after.value("stickyproxy_route_decisions_total", result="panic")
-            - before.value("stickyproxy_route_decisions_total", result="panic")) == panicked
-    assert (after.value("stickyproxy_route_decisions_total", result="failover")
-            == before.value("stickyproxy_route_decisions_total", result="failover"))
+    assert (
+        after.value("stickyproxy_route_decisions_total", result="panic")
+        - before.value("stickyproxy_route_decisions_total", result="panic")
+    ) == panicked
+    assert after.value("stickyproxy_route_decisions_total", result="failover") == before.value(
+        "stickyproxy_route_decisions_total", result="failover"
+    )
     u_c = next(u for u in users if owners[u] == "c")
     r = await p.route(u_c)
     assert r["route"] == "panic" and r["chosen"] == "c" and "panic" in r["why"]

@@ -5,9 +5,9 @@ comes first with its requests and share, keys are hashed as in the access log un
 from __future__ import annotations
 
 import pytest
-from support.config import keys_where
 
 from stickyproxy.routing.hotkeys import key_digest
+from support.config import keys_where
 
 HOT, WARM, COLD = 40, 10, 1
 
@@ -25,8 +25,7 @@ async def _traffic(p, users: list[str]) -> int:
 @pytest.mark.parametrize("access_key", ["hash", "raw"])
 async def test_hotkeys_shows_the_hot_user_first_with_its_share(backends, ops_proxy, access_key):
     bs = await backends("a", "b", "c")
-    p = await ops_proxy(bs, {"hotkeys": {"sample_every": 1},
-                             "logging": {"access_key": access_key}})
+    p = await ops_proxy(bs, {"hotkeys": {"sample_every": 1}, "logging": {"access_key": access_key}})
     users = ["hot-user", "warm-user"] + [f"cold-{i}" for i in range(8)]
     sent = await _traffic(p, users)
     r = await p.admin("GET", "/hotkeys?n=2")
@@ -54,8 +53,9 @@ async def test_hotkeys_samples_by_default(backends, ops_proxy):
     doc = (await p.admin("GET", "/hotkeys")).json()
     # one in 16 counted, each weighing 16: the estimate is exact for a single user
     assert doc["sample_every"] == 16 and doc["requests"] == 64
-    assert doc["keys"] == [{"key": key_digest("only-user"), "requests": 64, "upper": 64,
-                            "share": 1.0}]
+    assert doc["keys"] == [
+        {"key": key_digest("only-user"), "requests": 64, "upper": 64, "share": 1.0}
+    ]
 
 
 @pytest.mark.parametrize("query", ["n=0", "n=1001", "n=x", "n="])

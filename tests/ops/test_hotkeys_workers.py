@@ -8,10 +8,10 @@ import json
 
 import aiohttp
 import pytest
-from support.net import eventually, free_port
-from support.procs import established_to, listening_on
 
 from stickyproxy.routing.hotkeys import key_digest
+from support.net import eventually, free_port
+from support.procs import established_to, listening_on
 
 from .test_workers import Admin, one_request, worker_pids
 
@@ -24,8 +24,9 @@ COLD_USERS = 40
 async def test_supervisor_merges_the_workers_hot_keys(backends, proxy_process):
     bs = await backends("a", "b", "c")
     aport = free_port()
-    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport},
-                            "hotkeys": {"sample_every": 1}}, workers=2)
+    pp = proxy_process(
+        bs, {"admin": {"enabled": True, "port": aport}, "hotkeys": {"sample_every": 1}}, workers=2
+    )
     await pp.wait_ready()
     admin = Admin(aport)
 
@@ -34,12 +35,19 @@ async def test_supervisor_merges_the_workers_hot_keys(backends, proxy_process):
             return (await admin.call("GET", "/readyz"))[0] == 200
         except aiohttp.ClientError:
             return False
+
     await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
-    await eventually(lambda: len(worker_pids(pp.pid)) == 2
-                     and all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
-                     deadline=20, interval=0.05, what="both workers listening")
+    await eventually(
+        lambda: (
+            len(worker_pids(pp.pid)) == 2
+            and all(listening_on(w, pp.port) for w in worker_pids(pp.pid))
+        ),
+        deadline=20,
+        interval=0.05,
+        what="both workers listening",
+    )
     for i in range(HOT):
-        status, _ = await one_request(pp.port, "hot-user")     # new connection each time
+        status, _ = await one_request(pp.port, "hot-user")  # new connection each time
         assert status == 200
         status, _ = await one_request(pp.port, f"cold-{i % COLD_USERS}")
         assert status == 200
@@ -51,12 +59,12 @@ async def test_supervisor_merges_the_workers_hot_keys(backends, proxy_process):
     assert status == 200, text
     doc = json.loads(text)
     assert doc["processes"] == 2 and doc["hashed"] is True
-    assert doc["requests"] >= 2 * HOT          # plus the readiness probes' requests
+    assert doc["requests"] >= 2 * HOT  # plus the readiness probes' requests
     top = doc["keys"][0]
     assert top["key"] == key_digest("hot-user") and top["requests"] == HOT
-    assert {k["key"] for k in doc["keys"][1:]} <= {key_digest(f"cold-{i}")
-                                                   for i in range(COLD_USERS)} | {
-        key_digest("ready")}
+    assert {k["key"] for k in doc["keys"][1:]} <= {
+        key_digest(f"cold-{i}") for i in range(COLD_USERS)
+    } | {key_digest("ready")}
     m = await admin.metrics()
     assert m.value("stickyproxy_hotkeys_tracked") >= COLD_USERS + 1
 

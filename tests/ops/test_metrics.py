@@ -9,6 +9,7 @@ from collections import Counter
 
 import aiohttp
 from aiohttp import WSMsgType, web
+
 from support.backends import DeadBackend, echo_handler
 from support.config import keys_where
 from support.http import Client, http_request
@@ -38,9 +39,10 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
     a.handler = b.handler = _with_404
     d1, d2 = DeadBackend("d1"), DeadBackend("d2")
     r = await raw_backend("r", reset_after_request)
-    p = await ops_proxy([a, b, d1, d2, r], {
-        "passive": {"enabled": False, "connect_down": "0s"},
-        "retries": {"attempts": 1}})
+    p = await ops_proxy(
+        [a, b, d1, d2, r],
+        {"passive": {"enabled": False, "connect_down": "0s"}, "retries": {"attempts": 1}},
+    )
     live = ("a", "b")
     ok_a = keys_where(p.pref, lambda pr: pr[0] == "a", n=6, prefix="ok-a")
     ok_b = keys_where(p.pref, lambda pr: pr[0] == "b", n=4, prefix="ok-b")
@@ -57,22 +59,22 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
         expect_requests[(p.pref(u)[0], "2xx")] += 1
     for u in missing:
         resp = await p.get("/missing", user=u)
-        assert resp.status == 404                       # the backend's 404, passed through
+        assert resp.status == 404  # the backend's 404, passed through
         expect_requests[("a", "4xx")] += 1
-    for u in fail_over:                                 # refused connect, retried: 200
+    for u in fail_over:  # refused connect, retried: 200
         resp = await p.get("/x", user=u)
         assert resp.status == 200 and resp.one("X-Backend") == p.pref(u)[1]
         expect_requests[(p.pref(u)[1], "2xx")] += 1
-    resp = await p.get("/x", user=dead_end)             # d1 refused, retried on d2: refused
+    resp = await p.get("/x", user=dead_end)  # d1 refused, retried on d2: refused
     assert resp.status == 502, (resp.status, resp.body)
     expect_requests[("d2", "5xx")] += 1
     resp = await p.get("/x", user=r_post, method="POST", body=b"payload")
-    assert resp.status == 502                           # reset after a POST: not retried
+    assert resp.status == 502  # reset after a POST: not retried
     expect_requests[("r", "5xx")] += 1
-    resp = await p.get("/x", user=r_get)                # reset after a GET: retried
+    resp = await p.get("/x", user=r_get)  # reset after a GET: retried
     assert resp.status == 200 and resp.one("X-Backend") == p.pref(r_get)[1]
     expect_requests[(p.pref(r_get)[1], "2xx")] += 1
-    c = await Client.connect(p.port)                    # malformed: the proxy answers 400
+    c = await Client.connect(p.port)  # malformed: the proxy answers 400
     c.send(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-User-Id: u\r\n\r\n")
     assert (await c.response()).status == 400
     c.close()
@@ -81,8 +83,10 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
 
     await eventually(lambda: p.svc.observer.clients == 0, what="client connections closed")
     m = await p.metrics()
-    got = {(dict(ls)["backend"], dict(ls)["code_class"]): v
-           for ls, v in m.series("stickyproxy_requests_total").items()}
+    got = {
+        (dict(ls)["backend"], dict(ls)["code_class"]): v
+        for ls, v in m.series("stickyproxy_requests_total").items()
+    }
     assert got == dict(expect_requests), (got, dict(expect_requests))
     assert m.total("stickyproxy_requests_total") == sent == 19
     for bid in ("a", "b", "d2", "r"):
@@ -90,18 +94,22 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
         assert m.value("stickyproxy_request_duration_seconds_count", backend=bid) == n, bid
         assert m.value("stickyproxy_request_duration_seconds_bucket", backend=bid, le="+Inf") == n
         assert m.value("stickyproxy_request_duration_seconds_sum", backend=bid) > 0
-    assert m.value("stickyproxy_request_duration_seconds_count", backend="none",
-                   default=None) is None        # nothing was forwarded for the 400
+    assert (
+        m.value("stickyproxy_request_duration_seconds_count", backend="none", default=None) is None
+    )  # nothing was forwarded for the 400
     assert m.by("stickyproxy_route_decisions_total", "result") == {
-        "primary": 6 + 4 + 3 + 1,                       # ok, 404s, the POST to r
-        "failover": 2 + 1 + 1}                          # retried ones count as failover
+        "primary": 6 + 4 + 3 + 1,  # ok, 404s, the POST to r
+        "failover": 2 + 1 + 1,
+    }  # retried ones count as failover
     assert m.series("stickyproxy_retries_total") == {
         frozenset({("backend", "d1"), ("reason", "connect")}): 3,
-        frozenset({("backend", "r"), ("reason", "reset")}): 1}
+        frozenset({("backend", "r"), ("reason", "reset")}): 1,
+    }
     assert m.series("stickyproxy_upstream_errors_total") == {
         frozenset({("backend", "d1"), ("kind", "connect")}): 3,
         frozenset({("backend", "d2"), ("kind", "connect")}): 1,
-        frozenset({("backend", "r"), ("kind", "reset")}): 2}
+        frozenset({("backend", "r"), ("kind", "reset")}): 2,
+    }
     assert m.by("stickyproxy_rejected_requests_total", "status") == {"400": 1}
     ids = ("a", "b", "d1", "d2", "r")
     assert m.by("stickyproxy_backend_up", "backend") == {bid: 1 for bid in ids}
@@ -110,7 +118,8 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
     assert set(shares) == set(ids) and abs(sum(shares.values()) - 1) < 1e-9
     ring = (await p.admin("GET", "/ring")).json()
     assert {mm["id"]: round(shares[mm["id"]], 6) for mm in ring["members"]} == {
-        mm["id"]: mm["key_share"] for mm in ring["members"]}
+        mm["id"]: mm["key_share"] for mm in ring["members"]
+    }
     assert m.value("stickyproxy_client_connections") == 0
     assert sum(m.by("stickyproxy_websocket_tunnels", "backend").values()) == 0
     assert m.value("stickyproxy_ejections_total", backend="d1", default=0) == 0
@@ -119,7 +128,7 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
     # gauges while things are open
     c = await Client.connect(p.port)
     c.send(http_request("GET", "/x", headers={"X-User-Id": ok_a[0]}))
-    assert (await c.response()).status == 200           # kept alive
+    assert (await c.response()).status == 200  # kept alive
     m = await p.metrics()
     assert m.value("stickyproxy_client_connections") == 1
     c.close()
@@ -127,15 +136,16 @@ async def test_metrics_after_known_traffic(backends, ops_proxy, raw_backend):
     assert (await p.metrics()).value("stickyproxy_client_connections") == 0
 
     async with aiohttp.ClientSession() as s:
-        ws = await s.ws_connect(f"http://127.0.0.1:{p.port}/ws",
-                                headers={"X-User-Id": ok_b[0]})
+        ws = await s.ws_connect(f"http://127.0.0.1:{p.port}/ws", headers={"X-User-Id": ok_b[0]})
         await ws.send_str("ping")
         assert (await asyncio.wait_for(ws.receive(), 5)).data == "ping"
         m = await p.metrics()
         assert m.value("stickyproxy_websocket_tunnels", backend="b") == 1
         assert m.value("stickyproxy_client_connections") == 1
         assert m.value("stickyproxy_requests_total", backend="b", code_class="1xx") == 1
-        assert m.value("stickyproxy_backend_inflight", backend="b") == 0   # a tunnel is not a request
+        assert (
+            m.value("stickyproxy_backend_inflight", backend="b") == 0
+        )  # a tunnel is not a request
         await ws.close()
     await eventually(lambda: p.svc.observer.clients == 0, what="tunnel closed")
     m = await p.metrics()
@@ -150,6 +160,7 @@ async def test_inflight_gauge_counts_requests_being_answered(backends, ops_proxy
     async def slow(request, rec):
         await release.wait()
         return await echo_handler(request, rec)
+
     a.handler = slow
     p = await ops_proxy([a])
     tasks = [asyncio.create_task(p.get("/slow", user=f"u{i}", timeout=10)) for i in range(3)]

@@ -30,13 +30,16 @@ async def serve(reply: bytes | None, *, close: bool = True, delay: float = 0.0):
     return server, server.sockets[0].getsockname()[1], seen
 
 
-@pytest.mark.parametrize("reply, status", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200),
-    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", 503),
-    (b"HTTP/1.0 204 No Content\r\n\r\n", 204),
-    # the body is never read: a huge or endless one does not matter
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 200),
-])
+@pytest.mark.parametrize(
+    "reply, status",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200),
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", 503),
+        (b"HTTP/1.0 204 No Content\r\n\r\n", 204),
+        # the body is never read: a huge or endless one does not matter
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 200),
+    ],
+)
 async def test_the_status_is_the_answer(reply, status):
     server, port, seen = await serve(reply, close=False)
     async with server:
@@ -47,12 +50,15 @@ async def test_the_status_is_the_answer(reply, status):
     assert b"\r\nUser-Agent: stickyproxy-health\r\n" in head
 
 
-@pytest.mark.parametrize("reply, why", [
-    (b"", "connection closed before a response"),
-    (b"HTTP/1.1 2000 Nope\r\n\r\n", "malformed response"),
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "malformed response"),
-    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", "response head too long"),
-])
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        (b"", "connection closed before a response"),
+        (b"HTTP/1.1 2000 Nope\r\n\r\n", "malformed response"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "malformed response"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", "response head too long"),
+    ],
+)
 async def test_no_usable_answer_fails_with_a_reason(reply, why):
     server, port, _ = await serve(reply)
     async with server:
@@ -71,7 +77,7 @@ async def test_silence_is_bounded_by_the_timeout():
 
 
 async def test_a_refused_connection_says_so():
-    with socket.socket() as s:          # a port nothing listens on
+    with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(ProbeFailed, match="connection refused"):

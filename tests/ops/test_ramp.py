@@ -9,15 +9,15 @@ import json
 import time
 
 import pytest
+
+from stickyproxy.control.health import Health
+from stickyproxy.routing.ramp import POINT_SPACE, key_point
 from support.config import keys_where
 from support.health import HealthScript, health_cfg, with_health
 from support.net import eventually
 
-from stickyproxy.control.health import Health
-from stickyproxy.routing.ramp import POINT_SPACE, key_point
-
-RAMP = 1.5          # seconds: long enough for several rounds of requests
-USERS = 60          # users owned by the recovering backend
+RAMP = 1.5  # seconds: long enough for several rounds of requests
+USERS = 60  # users owned by the recovering backend
 # a request's routing instant is known to within this (it is taken between two clock reads)
 EDGE = 0.02
 # checks a loaded machine does not fail spuriously (a flap of every backend restarts ramps)
@@ -35,15 +35,16 @@ async def _down_then_up(p, hs: HealthScript, bid: str = "a") -> None:
 async def test_a_recovered_backend_gets_its_users_back_gradually(backends, ops_proxy):
     bs = await backends("a", "b", "c")
     hs = with_health(bs[0], HealthScript(hold=200))
-    p = await ops_proxy(bs, {"health": health_cfg(rise=1, fall=2, **STEADY,
-                                                 failback_ramp=f"{int(RAMP * 1000)}ms")})
+    p = await ops_proxy(
+        bs, {"health": health_cfg(rise=1, fall=2, **STEADY, failback_ramp=f"{int(RAMP * 1000)}ms")}
+    )
     users = keys_where(p.pref, lambda pr: pr[0] == "a", n=USERS)
     await _down_then_up(p, hs)
     ramp = p.svc.table.states["a"].ramp
     assert ramp is not None and ramp.duration == RAMP
     returns = {u: ramp.return_time(key_point(u)) for u in users}
 
-    rounds: list[tuple[float, int]] = []       # (progress at the round's start, users on a)
+    rounds: list[tuple[float, int]] = []  # (progress at the round's start, users on a)
     first_on_a: dict[str, float] = {}
     while time.monotonic() < ramp.end + 0.1:
         start = time.monotonic()
@@ -81,11 +82,15 @@ async def test_two_proxies_agree_on_every_keys_side_of_the_ramp(backends, ops_pr
     p1 = await ops_proxy(bs, cfg, name="p1.toml")
     p2 = await ops_proxy(bs, cfg, name="p2.toml")
     hs.script(hold=500)
-    await eventually(lambda: not p1.svc.table.states["a"].healthy
-                     and not p2.svc.table.states["a"].healthy, what="a down in both")
+    await eventually(
+        lambda: not p1.svc.table.states["a"].healthy and not p2.svc.table.states["a"].healthy,
+        what="a down in both",
+    )
     hs.script(hold=200)
-    await eventually(lambda: p1.svc.table.states["a"].healthy
-                     and p2.svc.table.states["a"].healthy, what="a up in both")
+    await eventually(
+        lambda: p1.svc.table.states["a"].healthy and p2.svc.table.states["a"].healthy,
+        what="a up in both",
+    )
     a1, a2 = p1.svc.table.states["a"], p2.svc.table.states["a"]
     # each started its own ramp when its own check saw a back: within a check or two
     assert abs(a1.ramp.start - a2.ramp.start) < 0.3
@@ -102,12 +107,11 @@ async def test_two_proxies_agree_on_every_keys_side_of_the_ramp(backends, ops_pr
     sides = [(r1.route(k, now).backend.id, r2.route(k, now).backend.id) for k in owned]
     assert all(x == y for x, y in sides)
     back = sum(x == "a" for x, _ in sides)
-    assert 0.02 < back / len(owned) < 0.08, back       # 3 s of 60 s: about 5 %
+    assert 0.02 < back / len(owned) < 0.08, back  # 3 s of 60 s: about 5 %
 
     # and through the data plane: the same backend from both for keys clear of the edge
     now = time.monotonic()
-    clear = [k for k in owned[:200]
-             if abs(a1.ramp.return_time(key_point(k)) - now) > 1.0][:100]
+    clear = [k for k in owned[:200] if abs(a1.ramp.return_time(key_point(k)) - now) > 1.0][:100]
     for k in clear:
         x = (await p1.get("/x", user=k)).one("X-Backend")
         y = (await p2.get("/x", user=k)).one("X-Backend")

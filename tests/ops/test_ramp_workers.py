@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 import pytest
+
 from support.config import build_toml
 from support.health import HealthScript, health_cfg, with_health
 from support.net import eventually, free_port
@@ -35,10 +36,14 @@ async def test_workers_follow_the_supervisors_ramp(backends, proxy_process):
     bs = await backends("a", "b", "c")
     hs = with_health(bs[0], HealthScript(hold=200))
     aport = free_port()
-    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport},
-                            "health": health_cfg(rise=1, fall=2, failback_ramp=f"{RAMP}s",
-                                                 **STEADY)},
-                       workers=2)
+    pp = proxy_process(
+        bs,
+        {
+            "admin": {"enabled": True, "port": aport},
+            "health": health_cfg(rise=1, fall=2, failback_ramp=f"{RAMP}s", **STEADY),
+        },
+        workers=2,
+    )
     await pp.wait_ready()
     admin = Admin(aport)
 
@@ -47,6 +52,7 @@ async def test_workers_follow_the_supervisors_ramp(backends, proxy_process):
             return (await admin.call("GET", "/readyz"))[0] == 200
         except aiohttp.ClientError:
             return False
+
     await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
     await eventually(lambda: len(worker_pids(pp.pid)) == 2, what="two workers")
 
@@ -64,9 +70,16 @@ async def test_workers_follow_the_supervisors_ramp(backends, proxy_process):
     # a worker restarted now learns the ramp from the supervisor, not from its own start
     victim = worker_pids(pp.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    await eventually(lambda: len(worker_pids(pp.pid)) == 2 and victim not in worker_pids(pp.pid)
-                     and all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
-                     deadline=10, interval=0.05, what="the worker restarted and listening")
+    await eventually(
+        lambda: (
+            len(worker_pids(pp.pid)) == 2
+            and victim not in worker_pids(pp.pid)
+            and all(listening_on(w, pp.port) for w in worker_pids(pp.pid))
+        ),
+        deadline=10,
+        interval=0.05,
+        what="the worker restarted and listening",
+    )
 
     # when each user returns, by the supervisor's clock (the same monotonic clock)
     returns = {}
@@ -81,7 +94,7 @@ async def test_workers_follow_the_supervisors_ramp(backends, proxy_process):
     while time.monotonic() < end:
         for u in owned:
             before = time.monotonic()
-            status, got = await one_request(pp.port, u)     # a new connection: any worker
+            status, got = await one_request(pp.port, u)  # a new connection: any worker
             after = time.monotonic()
             assert status == 200
             at, fallback = returns[u]
@@ -106,11 +119,14 @@ async def _state(admin, bid: str, state: str) -> bool:
 
 
 async def test_workers_start_a_reloaded_backend_slowly_as_the_supervisor_says(
-        backends, proxy_process):
+    backends, proxy_process
+):
     a, b = await backends("a", "b")
     aport = free_port()
-    settings = {"admin": {"enabled": True, "port": aport},
-                "health": {"enabled": False, "failback_ramp": "8s"}}
+    settings = {
+        "admin": {"enabled": True, "port": aport},
+        "health": {"enabled": False, "failback_ramp": "8s"},
+    }
     pp = proxy_process([a, b], settings, workers=2)
     await pp.wait_ready()
     admin = Admin(aport)
@@ -120,14 +136,22 @@ async def test_workers_start_a_reloaded_backend_slowly_as_the_supervisor_says(
             return (await admin.call("GET", "/readyz"))[0] == 200
         except aiohttp.ClientError:
             return False
+
     await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
-    await eventually(lambda: len(worker_pids(pp.pid)) == 2
-                     and all(listening_on(w, pp.port) for w in worker_pids(pp.pid)),
-                     deadline=20, interval=0.05, what="both workers listening")
+    await eventually(
+        lambda: (
+            len(worker_pids(pp.pid)) == 2
+            and all(listening_on(w, pp.port) for w in worker_pids(pp.pid))
+        ),
+        deadline=20,
+        interval=0.05,
+        what="both workers listening",
+    )
 
     (c,) = await backends("c")
     pp.log.with_suffix(".toml").write_text(
-        build_toml([a, b, c], {**settings, "listen": {"port": pp.port}}))
+        build_toml([a, b, c], {**settings, "listen": {"port": pp.port}})
+    )
     status, body = await admin.call("POST", "/reload")
     assert status == 200, body
     assert await _state(admin, "c", "ramping")

@@ -9,16 +9,17 @@ import asyncio
 import signal
 
 import pytest
+
+from stickyproxy.config import loads
 from support.config import build_toml, keys_where, ring_of
 from support.health import HealthScript, health_cfg, user_requests, with_health
 from support.http import Client, http_request
 from support.net import eventually, free_port
 
-from stickyproxy.config import loads
-
 
 async def test_reload_under_load_adds_removes_and_reweights_without_failures(
-        backends, ops_proxy, load_loops):
+    backends, ops_proxy, load_loops
+):
     a, b, c, d = await backends("a", "b", "c", "d")
     p = await ops_proxy([a, b, c])
     fp0 = p.fingerprint
@@ -38,7 +39,7 @@ async def test_reload_under_load_adds_removes_and_reweights_without_failures(
 
     # 2. remove b and reweight c (Service.reload, what SIGHUP runs)
     await load.reached(400)
-    added_done = {o.rid for o in load.in_phase("added")}   # answered before the next reload
+    added_done = {o.rid for o in load.in_phase("added")}  # answered before the next reload
     c.weight = 3
     p.rewrite([a, c, d])
     ok, errors = await p.svc.reload("test")
@@ -53,7 +54,7 @@ async def test_reload_under_load_adds_removes_and_reweights_without_failures(
     assert len(load.outcomes) == 900
     for o in load.outcomes:
         owners = {r.preference(o.user)[0] for r in (ring0, ring1, ring2)}
-        if o.phase == "start":                # in flight during a reload: either ring
+        if o.phase == "start":  # in flight during a reload: either ring
             assert o.backend in owners, (o.user, o.backend)
         elif o.rid in added_done:
             assert o.backend == ring1.preference(o.user)[0], (o.user, o.backend)
@@ -86,7 +87,7 @@ async def test_reload_under_load_adds_removes_and_reweights_without_failures(
 async def test_reload_that_keeps_the_ring_counts_no_ring_change(backends, ops_proxy):
     bs = await backends("a", "b")
     p = await ops_proxy(bs)
-    p.rewrite(bs, {"timeouts": {"response": "4s"}})      # same ring, other settings
+    p.rewrite(bs, {"timeouts": {"response": "4s"}})  # same ring, other settings
     assert (await p.admin("POST", "/reload")).status == 200
     assert p.svc.config.timeouts.response == 4.0
     m = await p.metrics()
@@ -94,8 +95,9 @@ async def test_reload_that_keeps_the_ring_counts_no_ring_change(backends, ops_pr
     assert m.value("stickyproxy_ring_changes_total") == 0
 
 
-async def test_invalid_config_is_rejected_and_the_old_one_keeps_serving(backends, ops_proxy,
-                                                                       load_loops):
+async def test_invalid_config_is_rejected_and_the_old_one_keeps_serving(
+    backends, ops_proxy, load_loops
+):
     bs = await backends("a", "b")
     p = await ops_proxy(bs)
     fp = p.fingerprint
@@ -104,10 +106,11 @@ async def test_invalid_config_is_rejected_and_the_old_one_keeps_serving(backends
     await load.reached(50)
 
     good = p.path.read_text()
-    bad = good.replace(bs[1].url, "ftp://nowhere") + '\n[health]\nrise = 0\n'
+    bad = good.replace(bs[1].url, "ftp://nowhere") + "\n[health]\nrise = 0\n"
     # (the [health] table is also repeated: a TOML error, reported as such)
-    p.path.write_text(good.replace(bs[1].url, "ftp://nowhere").replace(
-        "[health]\n", "[health]\nrise = 0\n"))
+    p.path.write_text(
+        good.replace(bs[1].url, "ftp://nowhere").replace("[health]\n", "[health]\nrise = 0\n")
+    )
     r = await p.admin("POST", "/reload")
     assert r.status == 400, r.text
     body = r.json()
@@ -116,10 +119,10 @@ async def test_invalid_config_is_rejected_and_the_old_one_keeps_serving(backends
     assert any(e.startswith("backends[1].url:") for e in errors), errors
     assert any(e.startswith("health.rise:") for e in errors), errors
 
-    p.path.write_text(bad)                              # not even TOML
+    p.path.write_text(bad)  # not even TOML
     r = await p.admin("POST", "/reload")
     assert r.status == 400 and r.json()["errors"], r.text
-    ok, errors = await p.svc.reload("test")             # the SIGHUP path says the same
+    ok, errors = await p.svc.reload("test")  # the SIGHUP path says the same
     assert not ok and errors
 
     await load.finish()
@@ -143,6 +146,7 @@ async def test_reload_moves_the_listener_while_old_connections_finish(backends, 
         if request.path == "/slow":
             await release.wait()
         return await inner(request, rec)
+
     a.handler = handler
     p = await ops_proxy([a])
     old_port = p.port
@@ -176,7 +180,7 @@ async def test_reload_to_a_busy_port_is_rejected_and_the_old_listener_stays(back
     (a,) = await backends("a")
     p = await ops_proxy([a])
     old_port = p.port
-    p.rewrite([a], {"listen": {"port": a.port}})       # a port something already listens on
+    p.rewrite([a], {"listen": {"port": a.port}})  # a port something already listens on
     r = await p.admin("POST", "/reload")
     assert r.status == 400, r.text
     assert any(e.startswith("listen:") for e in r.json()["errors"]), r.text
@@ -194,8 +198,8 @@ async def test_health_state_follows_a_backend_whose_address_changed(backends, op
     p = await ops_proxy([a, b], {"health": health_cfg(rise=1, fall=1)})
     await eventually(lambda: not p.svc.table.states["a"].healthy, what="a down")
 
-    (a2,) = await backends("a")                         # "a" moves to a new address...
-    moved = with_health(a2, HealthScript(hold=500))     # ...that fails its checks too
+    (a2,) = await backends("a")  # "a" moves to a new address...
+    moved = with_health(a2, HealthScript(hold=500))  # ...that fails its checks too
     p.rewrite([a2, b])
     assert (await p.admin("POST", "/reload")).status == 200
     assert p.svc.config.backends[0].url == a2.url
@@ -244,8 +248,7 @@ async def test_a_changed_file_is_reloaded_when_watched_and_a_bad_one_is_not(back
     a, b = await backends("a", "b")
     p = await proxy([a])
     watching = asyncio.Event()
-    watcher = asyncio.get_running_loop().create_task(
-        p.svc.reloader.watch_files(0.02, watching))
+    watcher = asyncio.get_running_loop().create_task(p.svc.reloader.watch_files(0.02, watching))
     try:
         await asyncio.wait_for(watching.wait(), 5)
         p.path.write_text(build_toml([a, b]))
@@ -270,7 +273,7 @@ async def test_run_watch_config_with_workers_reloads_every_worker(backends, prox
     path.write_text(text)
 
     async def all_on_b() -> bool:
-        for i in range(20):                    # new connections: both workers answer some
+        for i in range(20):  # new connections: both workers answer some
             cl = await Client.connect(pp.port)
             try:
                 cl.send(http_request("GET", "/x", headers={"X-User-Id": f"u{i}"}))

@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+
 from support.http import Client, http_request
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import asyncio
 import json
 
 from aiohttp import web
+
 from support.config import keys_where
 from support.net import eventually
 
@@ -32,15 +33,15 @@ def held_on(backend) -> int:
     return sum(1 for r in backend.requests if r.target == "/hold")
 
 
-async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backends, ops_proxy,
-                                                                          attach_log):
+async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(
+    backends, ops_proxy, attach_log
+):
     bs = await backends("a", "b", "c")
     release = asyncio.Event()
     for b in bs:
         holding(b, release)
     log = attach_log("stickyproxy.access")
-    p = await ops_proxy(bs, {"routing": {"balance_factor": 1.25},
-                             "logging": {"access": "json"}})
+    p = await ops_proxy(bs, {"routing": {"balance_factor": 1.25}, "logging": {"access": "json"}})
     user = keys_where(p.pref, lambda pr: pr[0] == "a")[0]
     first, second, third = p.pref(user)
     by_id = {b.id: b for b in bs}
@@ -59,7 +60,7 @@ async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backen
         r = await p.get("/who", user=user)
         assert r.status == 200 and r.one("X-Backend") == third
         rec = [q for q in by_id[third].requests if q.target == "/who"][-1]
-        assert rec.one("X-Sticky-Route") == "failover"     # not the owner (DESIGN.md §4)
+        assert rec.one("X-Sticky-Route") == "failover"  # not the owner (DESIGN.md §4)
     finally:
         release.set()
         done = await asyncio.gather(*held)
@@ -67,8 +68,9 @@ async def test_a_hot_user_held_in_flight_spills_along_its_preference_list(backen
 
     # the access log names each request's route: 4 spills, 3 on the owner
     routes = [(rec["route"], rec["backend"]) for rec in map(json.loads, log.messages())]
-    assert sorted(routes) == sorted([("primary", first)] * 3 + [("spill", second)] * 3
-                                    + [("spill", third)])
+    assert sorted(routes) == sorted(
+        [("primary", first)] * 3 + [("spill", second)] * 3 + [("spill", third)]
+    )
     m = await p.metrics()
     assert m.value("stickyproxy_spills_total", backend=first) == 4
     assert m.value("stickyproxy_route_decisions_total", result="spill") == 4

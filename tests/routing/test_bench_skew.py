@@ -41,7 +41,7 @@ def test_ramp_spreads_the_rehydrations_of_a_recovered_backend(result):
     no_ramp, with_ramp = fb["per_second"]["no_ramp"], fb["per_second"]["ramp"]
     first = int(fb["recovery_at"])
     assert sum(no_ramp[:first]) == sum(with_ramp[:first]) == 0
-    assert no_ramp[first] == max(no_ramp)          # all at once, the moment it is back
+    assert no_ramp[first] == max(no_ramp)  # all at once, the moment it is back
     assert with_ramp[first] < no_ramp[first] / 5
     assert max(with_ramp) < max(no_ramp)
     assert fb["summary"]["ramp"]["first_5_seconds"] < fb["summary"]["no_ramp"]["first_5_seconds"]
@@ -49,12 +49,14 @@ def test_ramp_spreads_the_rehydrations_of_a_recovered_backend(result):
 
 def test_report_renders_the_skew_section_from_its_results(result, tmp_path):
     from bench import document
+
     doc = tmp_path / "benchmarks.md"
     text = document.skew_section(result, {}, doc.parent)
     assert text.startswith("## 7. Skewed users")
     # one row per balance factor, the off row first, shares as the results say
-    rows = [ln for ln in text.splitlines() if ln.startswith("| ")][1:1 + len(
-        result["balance"]["runs"])]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")][
+        1 : 1 + len(result["balance"]["runs"])
+    ]
     assert [r.split(" | ")[0] for r in rows] == ["| off", "| 2", "| 1.5", "| 1.25"]
     first = result["balance"]["runs"][0]["share"]["app-1"]
     assert f"{first * 100:.1f}%" in rows[0]
@@ -66,9 +68,11 @@ def test_report_renders_the_skew_section_from_its_results(result, tmp_path):
 
 # -- measured through the real proxy -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     import shutil
+
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed")
     return skew.run(True, lambda _msg: None, tmp_path_factory.mktemp("skew-real"))
@@ -126,6 +130,7 @@ def test_measured_ramp_spreads_the_rehydrations_of_a_recovered_backend(measured)
 @pytest.mark.slow
 def test_report_renders_the_measured_part(measured, tmp_path):
     from bench import document
+
     text = document.skew_section(measured, {}, tmp_path)
     assert "### Measured through the proxy" in text
     off = measured["real"]["balance"]["runs"][0]

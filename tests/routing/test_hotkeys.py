@@ -28,16 +28,19 @@ def sketch_of(keys, max_keys=1024, sample_every=1, raw=True):
 def test_the_stream_is_skewed_with_a_clear_top_10():
     counts = [c for _, c in TRUTH.most_common(11)]
     assert counts[0] > 0.05 * len(STREAM)
-    assert counts[9] > counts[10]   # a well-defined top 10
+    assert counts[9] > counts[10]  # a well-defined top 10
 
 
-@pytest.mark.parametrize("adds, expected_counts, offset", [
-    # max_keys 4: the fifth distinct key triggers a purge of the median count
-    ([("a", 5), ("b", 3), ("c", 2), ("d", 1)], {"a": 5, "b": 3, "c": 2, "d": 1}, 0),
-    ([("a", 5), ("b", 3), ("c", 2), ("d", 1), ("e", 1)], {"a": 3, "b": 1}, 2),
-    ([("a", 5), ("b", 3), ("c", 2), ("d", 1), ("e", 4)], {"a": 2, "e": 1}, 3),
-    ([("a", 1), ("a", 1), ("b", 1)], {"a": 2, "b": 1}, 0),
-])
+@pytest.mark.parametrize(
+    "adds, expected_counts, offset",
+    [
+        # max_keys 4: the fifth distinct key triggers a purge of the median count
+        ([("a", 5), ("b", 3), ("c", 2), ("d", 1)], {"a": 5, "b": 3, "c": 2, "d": 1}, 0),
+        ([("a", 5), ("b", 3), ("c", 2), ("d", 1), ("e", 1)], {"a": 3, "b": 1}, 2),
+        ([("a", 5), ("b", 3), ("c", 2), ("d", 1), ("e", 4)], {"a": 2, "e": 1}, 3),
+        ([("a", 1), ("a", 1), ("b", 1)], {"a": 2, "b": 1}, 0),
+    ],
+)
 def test_purge_subtracts_the_median_and_drops_what_reaches_zero(adds, expected_counts, offset):
     h = HotKeys(4, 1, raw=True)
     for label, weight in adds:
@@ -50,7 +53,7 @@ def test_purge_subtracts_the_median_and_drops_what_reaches_zero(adds, expected_c
 def test_true_top_10_is_found_in_order_on_a_zipf_stream():
     h = sketch_of(STREAM)
     assert [e.key for e in h.top(10)] == TRUE_TOP10
-    assert h.offset > 0                  # purges happened: the test exercises them
+    assert h.offset > 0  # purges happened: the test exercises them
 
 
 def test_counts_are_bounded_by_the_offset_and_the_offset_by_total():
@@ -68,17 +71,20 @@ def test_counts_are_bounded_by_the_offset_and_the_offset_by_total():
 def test_size_never_exceeds_max_keys():
     h = HotKeys(64, 1, raw=True)
     for i in range(20_000):
-        h.offer(f"once-{i}")         # every key new: the worst case for the sketch
+        h.offer(f"once-{i}")  # every key new: the worst case for the sketch
         assert len(h) <= 64
     assert h.total == 20_000
 
 
-@pytest.mark.parametrize("sample_every, offered, sampled_positions", [
-    (1, 3, [1, 2, 3]),
-    (4, 10, [4, 8]),
-    (16, 15, []),
-    (16, 32, [16, 32]),
-])
+@pytest.mark.parametrize(
+    "sample_every, offered, sampled_positions",
+    [
+        (1, 3, [1, 2, 3]),
+        (4, 10, [4, 8]),
+        (16, 15, []),
+        (16, 32, [16, 32]),
+    ],
+)
 def test_offer_samples_one_request_in_n_by_a_counter(sample_every, offered, sampled_positions):
     h = HotKeys(1024, sample_every, raw=True)
     for i in range(1, offered + 1):
@@ -118,7 +124,7 @@ def test_keys_are_hashed_unless_raw():
 
 def test_merge_of_worker_sketches_matches_one_sketch_over_all_requests():
     workers = [HotKeys(1024, 1) for _ in range(3)]
-    for i, k in enumerate(STREAM):       # round robin, as connections land on workers
+    for i, k in enumerate(STREAM):  # round robin, as connections land on workers
         workers[i % 3].offer(k)
     merged = HotKeys(1024, 1)
     for w in workers:
@@ -130,7 +136,7 @@ def test_merge_of_worker_sketches_matches_one_sketch_over_all_requests():
     by_label = {key_digest(k): c for k, c in TRUTH.items()}
     for e in merged.top(1024):
         assert e.requests <= by_label[e.key] <= e.upper
-    assert workers[0].total == len(STREAM[0::3])   # merge leaves the others alone
+    assert workers[0].total == len(STREAM[0::3])  # merge leaves the others alone
 
 
 def test_merge_adds_counts_and_offsets_exactly():
@@ -154,8 +160,13 @@ def test_serialised_sketch_round_trips_through_json():
     data = json.loads(json.dumps(h.to_data()))
     back = HotKeys.from_data(data)
     assert back.top(128) == h.top(128)
-    assert (back.total, back.offset, back.sample_every, back.max_keys, back.raw) == \
-        (h.total, h.offset, 4, 128, False)
+    assert (back.total, back.offset, back.sample_every, back.max_keys, back.raw) == (
+        h.total,
+        h.offset,
+        4,
+        128,
+        False,
+    )
     assert data["format"] == FORMAT
     merged = HotKeys(128, 4)
     merged.merge(HotKeys.from_data(data))
@@ -163,24 +174,34 @@ def test_serialised_sketch_round_trips_through_json():
 
 
 def _good():
-    return {"format": FORMAT, "max_keys": 8, "sample_every": 2, "raw": False, "total": 10,
-            "offset": 1, "items": [["aa", 4], ["bb", 2]]}
+    return {
+        "format": FORMAT,
+        "max_keys": 8,
+        "sample_every": 2,
+        "raw": False,
+        "total": 10,
+        "offset": 1,
+        "items": [["aa", 4], ["bb", 2]],
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"format": "other/1"}, r"w\.format: expected"),
-    ({"max_keys": -1}, r"w\.max_keys: not a non-negative integer"),
-    ({"max_keys": 2}, r"w: max_keys must be an integer from 4"),
-    ({"sample_every": True}, r"w\.sample_every: not a non-negative integer"),
-    ({"total": "10"}, r"w\.total: not a non-negative integer"),
-    ({"raw": "no"}, r"w\.raw: not a boolean"),
-    ({"items": {"aa": 4}}, r"w\.items: not a list of at most 8 pairs"),
-    ({"items": [["k", 1]] * 9}, r"w\.items: not a list of at most 8 pairs"),
-    ({"items": [["aa", 4], ["aa", 2]]}, r"w\.items\[1\]: not a new"),
-    ({"items": [["aa", 0]]}, r"w\.items\[0\]: not a new"),
-    ({"items": [[1, 2]]}, r"w\.items\[0\]: not a new"),
-    ({"items": [["aa", 11]]}, r"w\.total: less than the sum"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format": "other/1"}, r"w\.format: expected"),
+        ({"max_keys": -1}, r"w\.max_keys: not a non-negative integer"),
+        ({"max_keys": 2}, r"w: max_keys must be an integer from 4"),
+        ({"sample_every": True}, r"w\.sample_every: not a non-negative integer"),
+        ({"total": "10"}, r"w\.total: not a non-negative integer"),
+        ({"raw": "no"}, r"w\.raw: not a boolean"),
+        ({"items": {"aa": 4}}, r"w\.items: not a list of at most 8 pairs"),
+        ({"items": [["k", 1]] * 9}, r"w\.items: not a list of at most 8 pairs"),
+        ({"items": [["aa", 4], ["aa", 2]]}, r"w\.items\[1\]: not a new"),
+        ({"items": [["aa", 0]]}, r"w\.items\[0\]: not a new"),
+        ({"items": [[1, 2]]}, r"w\.items\[0\]: not a new"),
+        ({"items": [["aa", 11]]}, r"w\.total: less than the sum"),
+    ],
+)
 def test_bad_serialised_sketch_names_the_field(change, message):
     data = {**_good(), **change}
     with pytest.raises(ValueError, match=message):
@@ -202,8 +223,11 @@ def test_top_is_ordered_and_ties_break_by_key():
     h = HotKeys(16, 1, raw=True)
     for label, w in [("b", 2), ("a", 2), ("c", 5)]:
         h.add(label, w)
-    assert h.top(3) == [HotKey("c", 5, 5, 5 / 9), HotKey("a", 2, 2, 2 / 9),
-                        HotKey("b", 2, 2, 2 / 9)]
+    assert h.top(3) == [
+        HotKey("c", 5, 5, 5 / 9),
+        HotKey("a", 2, 2, 2 / 9),
+        HotKey("b", 2, 2, 2 / 9),
+    ]
     assert h.top(0) == [] and h.top(-1) == []
     h.clear()
     assert h.top(3) == [] and h.total == 0 and len(h) == 0

@@ -20,32 +20,38 @@ HALF = POINT_SPACE // 2
 SHARE_TOLERANCE = 0.018
 
 
-@pytest.mark.parametrize("start, duration, now, expected", [
-    (100.0, 30.0, 100.0, 0.0),     # at the start
-    (100.0, 30.0, 50.0, 0.0),      # before it (a clock behind the one that started it)
-    (100.0, 30.0, 115.0, 0.5),
-    (100.0, 30.0, 106.0, 0.2),
-    (100.0, 30.0, 130.0, 1.0),     # at the end
-    (100.0, 30.0, 1e9, 1.0),       # long after
-    (100.0, 0.0, 100.0, 1.0),      # no ramp
-    (100.0, 0.0, 0.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "start, duration, now, expected",
+    [
+        (100.0, 30.0, 100.0, 0.0),  # at the start
+        (100.0, 30.0, 50.0, 0.0),  # before it (a clock behind the one that started it)
+        (100.0, 30.0, 115.0, 0.5),
+        (100.0, 30.0, 106.0, 0.2),
+        (100.0, 30.0, 130.0, 1.0),  # at the end
+        (100.0, 30.0, 1e9, 1.0),  # long after
+        (100.0, 0.0, 100.0, 1.0),  # no ramp
+        (100.0, 0.0, 0.0, 1.0),
+    ],
+)
 def test_progress_is_linear_and_clamped(start, duration, now, expected):
     assert progress(start, duration, now) == pytest.approx(expected)
     assert Ramp(start, duration).progress(now) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("point, now, expected", [
-    (0, 100.0, False),                  # nobody at the start, not even the lowest point
-    (0, 100.001, True),                 # the lowest point returns first
-    (POINT_SPACE - 1, 129.999, False),  # the highest point returns last
-    (POINT_SPACE - 1, 130.0, True),     # everybody at the end
-    (HALF - 1, 115.0, True),            # below the threshold at half way
-    (HALF, 115.0, False),               # on the threshold: not yet (strictly below)
-    (HALF, 115.001, True),
-    (HALF, 99.0, False),                # before the start
-    (HALF, 1e9, True),
-])
+@pytest.mark.parametrize(
+    "point, now, expected",
+    [
+        (0, 100.0, False),  # nobody at the start, not even the lowest point
+        (0, 100.001, True),  # the lowest point returns first
+        (POINT_SPACE - 1, 129.999, False),  # the highest point returns last
+        (POINT_SPACE - 1, 130.0, True),  # everybody at the end
+        (HALF - 1, 115.0, True),  # below the threshold at half way
+        (HALF, 115.0, False),  # on the threshold: not yet (strictly below)
+        (HALF, 115.001, True),
+        (HALF, 99.0, False),  # before the start
+        (HALF, 1e9, True),
+    ],
+)
 def test_a_key_returns_once_progress_passes_its_point(point, now, expected):
     r = Ramp(100.0, 30.0)
     assert returned(point, 100.0, 30.0, now) is expected
@@ -129,13 +135,21 @@ print(json.dumps([[k for k in keys if r.returned(key_point(k), t)] for t in inst
 def test_two_proxies_agree_on_every_key_at_the_same_instant():
     """A second process with another hash seed, as another proxy of the fleet would be."""
     keys = KEYS[:5000]
-    start, duration, instants = 1_700_000_000.0, 30.0, [1_700_000_000.0, 1_700_000_004.25,
-                                                          1_700_000_015.0, 1_700_000_029.9,
-                                                          1_700_000_030.0]
+    start, duration, instants = (
+        1_700_000_000.0,
+        30.0,
+        [1_700_000_000.0, 1_700_000_004.25, 1_700_000_015.0, 1_700_000_029.9, 1_700_000_030.0],
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", _OTHER_PROCESS], env=env, check=True,
-                         input=json.dumps([keys, start, duration, instants]),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", _OTHER_PROCESS],
+        env=env,
+        check=True,
+        input=json.dumps([keys, start, duration, instants]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     theirs = json.loads(out.stdout)
     r = Ramp(start, duration)
     ours = [[k for k in keys if r.returned(key_point(k), t)] for t in instants]
@@ -147,5 +161,6 @@ def test_two_proxies_agree_on_every_key_at_the_same_instant():
 def test_module_functions_and_the_class_agree():
     r = Ramp(3.0, 9.0)
     for now in (2.0, 3.0, 4.5, 7.0, 11.9, 12.0):
-        assert [r.returned(p, now) for p in POINTS[:500]] == \
-            [ramp.returned(p, 3.0, 9.0, now) for p in POINTS[:500]]
+        assert [r.returned(p, now) for p in POINTS[:500]] == [
+            ramp.returned(p, 3.0, 9.0, now) for p in POINTS[:500]
+        ]

@@ -23,8 +23,14 @@ def config(ids=("a", "b", "c"), **sections) -> str:
     out = []
     for name, values in sections.items():
         out.append(f"[{name}]")
-        out += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower()}"
-                if isinstance(v, bool) else f"{k} = {v}" for k, v in values.items()]
+        out += [
+            f"{k} = {v!r}"
+            if isinstance(v, str)
+            else f"{k} = {str(v).lower()}"
+            if isinstance(v, bool)
+            else f"{k} = {v}"
+            for k, v in values.items()
+        ]
     for i, bid in enumerate(ids):
         out += ["[[backends]]", f'id = "{bid}"', f'url = "http://127.0.0.1:{1000 + i}"']
     return "\n".join(out) + "\n"
@@ -39,6 +45,7 @@ def share(point: int) -> float:
 
 
 # -- the owner ramping -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("progress", [0.0, 0.1, 0.5, 0.9])
 def test_a_ramping_owner_gets_exactly_the_keys_whose_point_is_below_the_progress(progress):
@@ -80,14 +87,14 @@ def test_a_returned_key_stays_returned_and_the_ramp_is_dropped_when_it_ends():
         for k in owned:
             on_a = r.route(k, now).backend.id == "a"
             if k in seen:
-                assert on_a, (k, now)               # monotone: never bounces back
+                assert on_a, (k, now)  # monotone: never bounces back
             elif on_a:
                 seen[k] = now
     # by 9.9 s every key whose point is below 0.99, each within 0.1 s of its return time
     assert set(seen) == {k for k in owned if share(key_point(k)) < 0.99}
     assert all(0 <= t - 10.0 * share(key_point(k)) <= 0.1 + 1e-9 for k, t in seen.items())
     assert st.ramp is not None
-    assert r.route(owned[0], 10.0).kind == "primary" and st.ramp is None   # ended: cleared
+    assert r.route(owned[0], 10.0).kind == "primary" and st.ramp is None  # ended: cleared
     assert st.state(10.0) == "up"
 
 
@@ -105,7 +112,8 @@ def test_a_ramping_failover_target_takes_a_key_only_once_it_has_returned():
         assert (got.backend.id, got.kind) == (want, "failover"), k
         # retries: the ramping backend the key has not returned to comes last
         assert [b.id for b in r.alternatives(k, (), 5.0)] == (
-            pref[1:] if want == pref[1] else [pref[2], pref[3], pref[1]])
+            pref[1:] if want == pref[1] else [pref[2], pref[3], pref[1]]
+        )
         second.ramp = None
 
 
@@ -127,7 +135,7 @@ def test_a_ramp_waits_for_failback_delay_then_runs():
     h.set_health(st, True, "test")
     ramp = st.ramp
     assert ramp is not None and ramp.duration == 10.0
-    assert abs(ramp.start - st.failback_until) < 1e-9    # the delay first, then the ramp
+    assert abs(ramp.start - st.failback_until) < 1e-9  # the delay first, then the ramp
     assert st.state(ramp.start - 0.5) == "failback-wait"
     assert st.state(ramp.start + 0.5) == "ramping"
     h.set_health(st, False, "test")
@@ -143,6 +151,7 @@ def test_a_ramp_reaches_another_process_relative_to_the_message():
     h1.set_health(a1, False, "x")
     h1.set_health(a1, True, "x")
     import time
+
     now = time.monotonic()
     data = h1.ramp_state(a1, now)
     assert data is not None and data["ramp"] == 30.0
@@ -166,10 +175,11 @@ def test_no_ramp_without_failback_ramp():
 
 # -- slow start on reload ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ramp,expect", [("0s", False), ("20s", True)])
 def test_a_backend_added_by_a_reload_ramps_only_when_configured(ramp, expect):
     t = table(("a", "b"), health={"failback_ramp": ramp})
-    assert all(st.ramp is None for st in t.states.values())     # first config: no ramp
+    assert all(st.ramp is None for st in t.states.values())  # first config: no ramp
     diff = t.apply(loads(config(("a", "b", "c"), health={"failback_ramp": ramp})))
     assert diff.added == ("c",)
     assert (t.states["c"].ramp is not None) is expect
@@ -181,6 +191,7 @@ def test_a_backend_added_by_a_reload_ramps_only_when_configured(ramp, expect):
 
 # -- bounded load's candidates ---------------------------------------------------------------
 
+
 def test_spill_order_is_the_preference_list_without_unusable_or_unreturned_backends():
     t = table(("a", "b", "c", "d"))
     r = t.router
@@ -189,7 +200,7 @@ def test_spill_order_is_the_preference_list_without_unusable_or_unreturned_backe
     first = t.states[pref[0]]
     assert [b.id for b in r.spill_order(k, first, 0.0)] == pref
     t.states[pref[1]].healthy = False
-    t.states[pref[2]].ramp = Ramp(0.0, 10.0)       # k has not returned at 1.0
+    t.states[pref[2]].ramp = Ramp(0.0, 10.0)  # k has not returned at 1.0
     assert [b.id for b in r.spill_order(k, first, 1.0)] == [pref[0], pref[3]]
     # a failover target first: it leads, the others follow in preference order
     assert [b.id for b in r.spill_order(k, t.states[pref[3]], 1.0)] == [pref[3], pref[0]]
@@ -207,12 +218,15 @@ def test_a_bad_balance_factor_is_refused_with_its_key_path(bad):
     assert "routing.balance_factor:" in e.value.render()
 
 
-@pytest.mark.parametrize("section,bad", [
-    ({"max_keys": 2}, "hotkeys.max_keys:"),
-    ({"sample_every": 0}, "hotkeys.sample_every:"),
-    ({"window": "10ms"}, "hotkeys.window:"),
-    ({"windows": "1m"}, "hotkeys.windows: unknown key"),
-])
+@pytest.mark.parametrize(
+    "section,bad",
+    [
+        ({"max_keys": 2}, "hotkeys.max_keys:"),
+        ({"sample_every": 0}, "hotkeys.sample_every:"),
+        ({"window": "10ms"}, "hotkeys.window:"),
+        ({"windows": "1m"}, "hotkeys.windows: unknown key"),
+    ],
+)
 def test_bad_hotkeys_settings_are_refused_with_their_key_path(section, bad):
     with pytest.raises(ConfigError) as e:
         loads(config(hotkeys=section))
@@ -220,6 +234,7 @@ def test_bad_hotkeys_settings_are_refused_with_their_key_path(section, bad):
 
 
 # -- hot keys ----------------------------------------------------------------------------------
+
 
 def test_the_table_keeps_its_hot_keys_across_reloads_unless_their_settings_change():
     t = table()
@@ -235,12 +250,15 @@ def test_the_table_keeps_its_hot_keys_across_reloads_unless_their_settings_chang
 
 # (now, expected keys with their counts in the view) after offers at 0..9 s of "x" and at
 # 10..14 s of "y" (those up to ``now``), windows of 10 s, sampling every request
-@pytest.mark.parametrize("now,expect", [
-    (9.5, {"x": 10}),
-    (14.5, {"x": 10, "y": 5}),       # previous window (x) and the current one (y)
-    (25.0, {"y": 5}),                # x's window is two windows old
-    (40.0, {}),                      # nothing for more than a window: both dropped
-])
+@pytest.mark.parametrize(
+    "now,expect",
+    [
+        (9.5, {"x": 10}),
+        (14.5, {"x": 10, "y": 5}),  # previous window (x) and the current one (y)
+        (25.0, {"y": 5}),  # x's window is two windows old
+        (40.0, {}),  # nothing for more than a window: both dropped
+    ],
+)
 def test_hot_keys_are_counted_over_the_last_one_to_two_windows(now, expect):
     rec = Recent(max_keys=8, sample_every=1, raw=True, window=10.0, now=0.0)
     for s in range(15):
@@ -265,23 +283,36 @@ def test_the_hot_keys_view_ranks_and_names_owners_of_raw_keys():
         sketch.add(key, n)
     doc = views.hotkeys_view(sketch, 1, t.router)
     assert doc["hashed"] is False and doc["requests"] == 40
-    assert doc["keys"] == [{"key": "hot", "requests": 30, "upper": 30, "share": 0.75,
-                            "owner": t.router.ring.owner("hot")}]
+    assert doc["keys"] == [
+        {
+            "key": "hot",
+            "requests": 30,
+            "upper": 30,
+            "share": 0.75,
+            "owner": t.router.ring.owner("hot"),
+        }
+    ]
     assert views.hotkeys_view(None, 5, t.router) == {"enabled": False, "keys": []}
 
 
 # -- request share -----------------------------------------------------------------------------
 
+
 def test_request_share_is_over_the_requests_since_the_previous_read():
     rs = RequestShare()
     assert rs.update({("a", "2xx"): 30, ("b", "2xx"): 10, ("none", "5xx"): 5}) == {
-        ("a",): 0.75, ("b",): 0.25}
+        ("a",): 0.75,
+        ("b",): 0.25,
+    }
     assert rs.update({("a", "2xx"): 30, ("b", "2xx"): 20, ("b", "5xx"): 10}) == {
-        ("a",): 0.0, ("b",): 1.0}
+        ("a",): 0.0,
+        ("b",): 1.0,
+    }
     assert rs.update({("a", "2xx"): 30, ("b", "2xx"): 20, ("b", "5xx"): 10}) == {}
 
 
 # -- the views ---------------------------------------------------------------------------------
+
 
 def test_route_view_says_whether_and_when_a_key_returns():
     t = table(health={"failback_ramp": "10s"})
@@ -297,16 +328,18 @@ def test_route_view_says_whether_and_when_a_key_returns():
     assert ramp["returns_in"] == pytest.approx(10.0 * share(key_point(late)) - 3.0, abs=1e-3)
     later = views.route_view(r, late, 100.0 + 10.0 * share(key_point(late)) + 0.01)
     assert later["route"] == "primary" and later["ramps"]["a"]["returned"] is True
-    assert "ramps" not in views.route_view(r, late, 111.0)    # ended
+    assert "ramps" not in views.route_view(r, late, 111.0)  # ended
     assert has_returned(st, late, 111.0) and st.ramp is None
 
 
 def test_route_command_says_when_a_key_returns(tmp_path, capsys):
     from stickyproxy import cli
+
     path = tmp_path / "p.toml"
     path.write_text(config(health={"failback_delay": "2s", "failback_ramp": "30s"}))
     assert cli.main(["route", "-c", str(path), "--json", "alice"]) == 0
     import json
+
     doc = json.loads(capsys.readouterr().out)
     at = share(key_point("alice"))
     assert doc["returns"] == {"at_progress": round(at, 6), "after": round(2 + 30 * at, 3)}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+
 from support.redis import RedisServer
 from support.redis import installed as redis_installed
 
@@ -29,15 +30,16 @@ def pytest_asyncio_loop_factories(config, item):
     path = Path(str(item.path))
     if _HERE in path.parents and path.name not in _ASYNCIO_MODULES:
         return {"uvloop": uvloop.new_event_loop}
-    return None          # the next implementation (tests/conftest.py) decides
+    return None  # the next implementation (tests/conftest.py) decides
 
 
 @pytest.fixture
 async def rig(raw_backend, proxy):
     """A Rig with a strict backend and one pooled upstream connection (warmed)."""
     be = await raw_backend("a", strict_responder())
-    p = await proxy([be], {"limits": {"max_body": 1 << 20},
-                           "timeouts": {"response": "1s", "body_idle": "1s"}})
+    p = await proxy(
+        [be], {"limits": {"max_body": 1 << 20}, "timeouts": {"response": "1s", "body_idle": "1s"}}
+    )
     r = Rig(p, be)
     await r.warm()
     return r

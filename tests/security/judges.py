@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
+
 from support.backends import RawBackend, RawConn
 from support.http import Client, IncompleteResponse, Response
 from support.metrics import Metrics
@@ -40,6 +41,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 # ---------------------------------------------------------------------------------------
 # what a backend received, re-parsed
+
 
 @dataclass
 class Forwarded:
@@ -72,18 +74,31 @@ def parse_forwarded(raw: bytes) -> tuple[list[Forwarded], bool]:
     try:
         col.parser.feed_data(raw)
     except httptools.HttpParserUpgrade:
-        raise AssertionError(f"the forwarded bytes ask for a protocol switch: {raw[:400]!r}") from None
+        raise AssertionError(
+            f"the forwarded bytes ask for a protocol switch: {raw[:400]!r}"
+        ) from None
     except httptools.HttpParserError as e:
-        raise AssertionError(f"a backend received bytes that are not valid HTTP/1.1 ({e}): "
-                             f"{raw[:400]!r}") from None
+        raise AssertionError(
+            f"a backend received bytes that are not valid HTTP/1.1 ({e}): {raw[:400]!r}"
+        ) from None
     return [Forwarded.of(m) for m in col.done], col.cur is not None
 
 
 # Fields that are never forwarded (RFC 9110 §7.6.1 and the de-facto ones); Transfer-Encoding
 # is checked separately: the proxy re-frames and may send exactly "chunked".
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"upgrade", b"http2-settings", b"proxy-authorization",
-                        b"proxy-authenticate"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"http2-settings",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
 PROXY_SET = ("x-sticky-key", "x-sticky-backend", "x-sticky-route", "x-sticky-ring")
 
 
@@ -110,12 +125,16 @@ def assert_normalised(req: Forwarded, body: bytes, *, keyed: bool = True) -> Non
         want = 1 if keyed or name in ("x-sticky-backend", "x-sticky-ring") else 0
         assert names.count(name.encode()) == want, f"{name}: {req.values(name)!r}"
     trailer_names = {n.lower() for n, _ in req.trailers}
-    assert not trailer_names & (HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"host"}
-                                | {n.encode() for n in PROXY_SET}), req.trailers
+    assert not trailer_names & (
+        HOP_BY_HOP
+        | {b"content-length", b"transfer-encoding", b"host"}
+        | {n.encode() for n in PROXY_SET}
+    ), req.trailers
 
 
 # ---------------------------------------------------------------------------------------
 # backends
+
 
 async def _fed(conn: RawConn, col: StrictCollector) -> AsyncIterator[None]:
     """Feeds each read of ``conn`` (recorded in ``conn.raw``) to ``col``'s parser and yields
@@ -136,6 +155,7 @@ async def _fed(conn: RawConn, col: StrictCollector) -> AsyncIterator[None]:
 def strict_responder(reply: bytes = OK):
     """Answers ``reply`` to every complete request, parsing with strict llhttp; on bytes it
     cannot parse it records the error (``backend.errors``) and closes the connection."""
+
     async def script(conn: RawConn) -> None:
         col = StrictCollector(httptools.HttpRequestParser)
         try:
@@ -147,6 +167,7 @@ def strict_responder(reply: bytes = OK):
             conn.backend.__dict__.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
             conn.abort()
             conn.eof = True
+
     return script
 
 
@@ -154,6 +175,7 @@ def early_responder(conn: RawConn) -> Any:
     """A backend that answers each request as soon as its head has arrived, before reading
     its body (many applications do for a 401, 404 or redirect). Responses name the target;
     every request head it saw is kept in ``backend.heads`` as (target, body it then read)."""
+
     class _Early(StrictCollector):
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
@@ -171,14 +193,15 @@ def early_responder(conn: RawConn) -> Any:
                 pass
         except httptools.HttpParserError as e:
             conn.backend.__dict__.setdefault("errors", []).append(str(e))
-            conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                      b"Connection: close\r\n\r\n")
+            conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             conn.close()
+
     return run()
 
 
 # ---------------------------------------------------------------------------------------
 # the rig: a proxy with one pooled upstream connection to a raw backend
+
 
 @dataclass
 class Rig:
@@ -198,7 +221,7 @@ class Rig:
 
     def new_bytes(self) -> list[tuple[RawConn, bytes]]:
         """Per backend connection, the bytes received since ``mark``."""
-        return [(c, bytes(c.raw[self.offsets.get(id(c), 0):])) for c in self.be.connections]
+        return [(c, bytes(c.raw[self.offsets.get(id(c), 0) :])) for c in self.be.connections]
 
     def all_new(self) -> bytes:
         return b"".join(b for _, b in self.new_bytes())
@@ -213,8 +236,13 @@ class Rig:
         return reqs, partial
 
 
-async def expect_rejected(rig: Rig, raw: bytes, *, statuses: frozenset[int] | range = range(400, 500),
-                          timeout: float = 3.0) -> Response:
+async def expect_rejected(
+    rig: Rig,
+    raw: bytes,
+    *,
+    statuses: frozenset[int] | range = range(400, 500),
+    timeout: float = 3.0,
+) -> Response:
     """Outcome (a): the proxy answers a 4xx with a reason itself, closes the connection, and
     no byte of this connection's input reaches a backend."""
     c = await rig.p.client()
@@ -233,8 +261,9 @@ async def expect_rejected(rig: Rig, raw: bytes, *, statuses: frozenset[int] | ra
     return r
 
 
-async def expect_forwarded(rig: Rig, raw: bytes, bodies: list[bytes], *,
-                           timeout: float = 3.0) -> list[Forwarded]:
+async def expect_forwarded(
+    rig: Rig, raw: bytes, bodies: list[bytes], *, timeout: float = 3.0
+) -> list[Forwarded]:
     """Outcome (b): one normalised request reaches the backend per client request, each
     with the body the client meant, and the client gets each backend answer."""
     c = await rig.p.client()
@@ -255,7 +284,8 @@ async def expect_forwarded(rig: Rig, raw: bytes, bodies: list[bytes], *,
     reqs, partial = rig.new_requests()
     assert len(reqs) == len(bodies) and not partial, (
         f"{len(reqs)} requests (+partial={partial}) reached the backend for {len(bodies)} "
-        f"sent: {rig.all_new()[:600]!r}")
+        f"sent: {rig.all_new()[:600]!r}"
+    )
     assert sorted(r.body for r in reqs) == sorted(bodies)
     for req in reqs:
         assert_normalised(req, req.body)
@@ -283,11 +313,12 @@ async def expect_rejected_midbody(rig: Rig, raw: bytes, *, timeout: float = 3.0)
         c.close()
     deadline = time.monotonic() + IO_TIMEOUT
     while not all(conn.eof for conn, data in rig.new_bytes() if data):
-        assert time.monotonic() < deadline, "an upstream connection carrying a broken body stayed open"
+        assert time.monotonic() < deadline, (
+            "an upstream connection carrying a broken body stayed open"
+        )
         await asyncio.sleep(0.01)
     reqs, _ = rig.new_requests()
     assert reqs == [], f"a complete request reached the backend: {rig.all_new()[:500]!r}"
-
 
 
 async def metric(admin_port: int, name: str, **labels: str) -> float:

@@ -38,24 +38,30 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 def missing() -> list[str]:
     """The peer programs that are not installed."""
-    return [name for name, path in (("nginx", NGINX), ("haproxy", HAPROXY))
-            if not os.access(path, os.X_OK)]
+    return [
+        name
+        for name, path in (("nginx", NGINX), ("haproxy", HAPROXY))
+        if not os.access(path, os.X_OK)
+    ]
 
 
 # ---------------------------------------------------------------------------------------
 # configurations (pure)
 
+
 def nginx_config(prefix: Path, port: int, backend_port: int) -> str:
     hash_var = "$http_" + USER_HEADER.lower().replace("-", "_")
-    temp = "\n".join(f"    {kind}_temp_path {prefix / kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     # workers of a master started as root would run as "nobody" and could not use the
     # test's private directory
     user = "user root;\n" if os.geteuid() == 0 else ""
     t = f"{PEER_TIMEOUT_S}s"
     return f"""{user}worker_processes 1;
-pid {prefix / 'nginx.pid'};
-error_log {prefix / 'error.log'} info;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} info;
 
 events {{
     worker_connections 256;
@@ -96,7 +102,7 @@ def haproxy_config(prefix: Path, port: int, backend_port: int) -> str:
     return f"""global
     nbthread 1
     maxconn 256
-    pidfile {prefix / 'haproxy.pid'}
+    pidfile {prefix / "haproxy.pid"}
 
 defaults
     mode http
@@ -121,6 +127,7 @@ backend apps
 
 # ---------------------------------------------------------------------------------------
 # processes
+
 
 @dataclass
 class Peer:
@@ -154,8 +161,17 @@ class Peer:
 
 def _argv(name: str, prefix: Path, conf: Path) -> list[str]:
     if name == "nginx":
-        return [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf),
-                "-g", "daemon off;"]
+        return [
+            NGINX,
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off;",
+        ]
     return [HAPROXY, "-f", str(conf), "-db"]
 
 
@@ -179,9 +195,13 @@ def _start_once(name: str, prefix: Path, backend_port: int) -> Peer:
     conf.write_text(render(prefix, port, backend_port))
     peer = Peer(name, port, prefix)
     with open(peer.log, "wb") as out:
-        peer.proc = subprocess.Popen(_argv(name, prefix, conf), stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        peer.proc = subprocess.Popen(
+            _argv(name, prefix, conf),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     end = time.monotonic() + START_DEADLINE
     while True:
         if peer.proc.poll() is not None:

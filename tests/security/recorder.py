@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import httptools
+
 from support.wire import Message, StrictCollector
 
 LOOPBACK = "127.0.0.1"
@@ -61,6 +62,7 @@ def codings(values: list[bytes]) -> list[bytes]:
 
 # ---------------------------------------------------------------------------------------
 # the lenient reader
+
 
 def _line(buf: bytes, pos: int) -> tuple[bytes, int] | None:
     """The next line (CR LF or a bare LF), without its end; None when incomplete."""
@@ -104,7 +106,7 @@ def _content_length(values: list[bytes]) -> int | None:
     parts = [p.strip(_WS) for v in values for p in v.split(b",")]
     if not all(_DIGITS.match(p) for p in parts):
         raise Malformed(f"Content-Length {values!r}")
-    return int(parts[0])        # the first one, where several disagree
+    return int(parts[0])  # the first one, where several disagree
 
 
 def _chunked(buf: bytes, pos: int) -> tuple[bytes, list[tuple[bytes, bytes]], int] | None:
@@ -126,11 +128,11 @@ def _chunked(buf: bytes, pos: int) -> tuple[bytes, list[tuple[bytes, bytes]], in
             return bytes(body), trailers, pos
         if len(buf) < pos + size + 1:
             return None
-        body += buf[pos:pos + size]
+        body += buf[pos : pos + size]
         pos += size
-        if buf[pos:pos + 2] == b"\r\n":
+        if buf[pos : pos + 2] == b"\r\n":
             pos += 2
-        elif buf[pos:pos + 1] == b"\n":
+        elif buf[pos : pos + 1] == b"\n":
             pos += 1
         elif len(buf) < pos + 2:
             return None
@@ -140,8 +142,8 @@ def _chunked(buf: bytes, pos: int) -> tuple[bytes, list[tuple[bytes, bytes]], in
 
 def request_head(buf: bytes, pos: int = 0) -> tuple[Message, int] | None:
     """A request head from ``pos`` (framing decided, body not read), or None if incomplete."""
-    while buf[pos:pos + 2] == b"\r\n" or buf[pos:pos + 1] == b"\n":
-        pos += 2 if buf[pos:pos + 1] == b"\r" else 1   # empty lines first (RFC 9112 §2.2)
+    while buf[pos : pos + 2] == b"\r\n" or buf[pos : pos + 1] == b"\n":
+        pos += 2 if buf[pos : pos + 1] == b"\r" else 1  # empty lines first (RFC 9112 §2.2)
     start = pos
     got = _line(buf, pos)
     if got is None:
@@ -150,7 +152,7 @@ def request_head(buf: bytes, pos: int = 0) -> tuple[Message, int] | None:
         return None
     line, pos = got
     parts = line.split()
-    if len(parts) == 2:                       # HTTP/0.9: a request line and nothing else
+    if len(parts) == 2:  # HTTP/0.9: a request line and nothing else
         return Message(line, parts[0], parts[1], b"", framing="none", start=start), pos
     if len(parts) < 3:
         raise Malformed(f"request line {line[:80]!r}")
@@ -180,7 +182,7 @@ def lenient_request(buf: bytes, pos: int = 0) -> tuple[Message, int] | None:
         n = msg.length
         if len(buf) < pos + n:
             return None
-        msg.body = buf[pos:pos + n]
+        msg.body = buf[pos : pos + n]
         pos += n
     elif msg.framing == "chunked":
         got2 = _chunked(buf, pos)
@@ -191,8 +193,9 @@ def lenient_request(buf: bytes, pos: int = 0) -> tuple[Message, int] | None:
     return msg, pos
 
 
-def _every(read: Callable[[bytes, int], tuple[Message, int] | None],
-           buf: bytes) -> tuple[list[Message], bytes, str]:
+def _every(
+    read: Callable[[bytes, int], tuple[Message, int] | None], buf: bytes
+) -> tuple[list[Message], bytes, str]:
     """Every message ``read`` frames in ``buf``, one after another: (complete ones, the
     unread rest, an error or "")."""
     out: list[Message] = []
@@ -214,17 +217,19 @@ def lenient_requests(buf: bytes) -> tuple[list[Message], bytes, str]:
     return _every(lenient_request, buf)
 
 
-def lenient_response(buf: bytes, pos: int = 0, *, head: bool = False,
-                     eof: bool = False) -> tuple[Message, int] | None:
+def lenient_response(
+    buf: bytes, pos: int = 0, *, head: bool = False, eof: bool = False
+) -> tuple[Message, int] | None:
     """One response (1xx included); None when incomplete (a close-delimited body is
     complete only at ``eof``)."""
     start = pos
-    if not buf[pos:pos + 5].upper().startswith(b"HTTP/"):
+    if not buf[pos : pos + 5].upper().startswith(b"HTTP/"):
         # no status line: an HTTP/0.9-style answer, the rest of the connection
         if not eof:
             return None
-        return Message(b"", status=b"", body=buf[pos:], framing="close", start=start,
-                       end=len(buf)), len(buf)
+        return Message(
+            b"", status=b"", body=buf[pos:], framing="close", start=start, end=len(buf)
+        ), len(buf)
     got = _line(buf, pos)
     if got is None:
         return None
@@ -258,7 +263,7 @@ def lenient_response(buf: bytes, pos: int = 0, *, head: bool = False,
             msg.framing = "length"
             if len(buf) < pos + n:
                 return None
-            msg.body = buf[pos:pos + n]
+            msg.body = buf[pos : pos + n]
             pos += n
     if msg.framing == "close":
         if not eof:
@@ -269,8 +274,9 @@ def lenient_response(buf: bytes, pos: int = 0, *, head: bool = False,
     return msg, pos
 
 
-def lenient_responses(buf: bytes, *, head: bool = False,
-                      eof: bool = False) -> tuple[list[Message], bytes, str]:
+def lenient_responses(
+    buf: bytes, *, head: bool = False, eof: bool = False
+) -> tuple[list[Message], bytes, str]:
     """Every response in ``buf`` (1xx included): (complete ones, the unread rest, an error
     or "")."""
     return _every(lambda b, pos: lenient_response(b, pos, head=head, eof=eof), buf)
@@ -299,12 +305,12 @@ def _failed_at(buf: bytes) -> tuple[list[Message], int]:
     after = 0
     for i in range(len(buf)):
         try:
-            col.parser.feed_data(buf[i:i + 1])
+            col.parser.feed_data(buf[i : i + 1])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             break
         if col.cur is None:
             after = i + 1
-    while buf[after:after + 2] == b"\r\n":
+    while buf[after : after + 2] == b"\r\n":
         after += 2
     return col.done, after
 
@@ -329,10 +335,10 @@ def strict_requests(buf: bytes) -> tuple[list[Message], bool, str]:
         except httptools.HttpParserInvalidMethodError as e:
             done, start = _failed_at(buf[pos:])
             out += done
-            method = buf[pos + start:].split(b" ", 1)[0]
+            method = buf[pos + start :].split(b" ", 1)[0]
             if not _TOKEN.match(method) or method == STAND_IN_METHOD:
                 return out, True, f"{type(e).__name__}: {e}"
-            rest, partial, err = strict_requests(STAND_IN_METHOD + buf[pos + start + len(method):])
+            rest, partial, err = strict_requests(STAND_IN_METHOD + buf[pos + start + len(method) :])
             if rest:
                 rest[0].method = method
             elif partial:
@@ -356,15 +362,21 @@ def strict_responses(buf: bytes, *, eof: bool) -> tuple[list[Message], bool, str
     except httptools.HttpParserUpgrade:
         return col.done, False, ""
     cur = col.cur
-    if cur is not None and not col.in_head and eof and not cur.values("content-length") \
-            and b"chunked" not in codings(cur.values("transfer-encoding")):
-        col.done.append(cur)      # close-delimited, complete at EOF
+    if (
+        cur is not None
+        and not col.in_head
+        and eof
+        and not cur.values("content-length")
+        and b"chunked" not in codings(cur.values("transfer-encoding"))
+    ):
+        col.done.append(cur)  # close-delimited, complete at EOF
         cur = None
     return col.done, cur is not None, ""
 
 
 # ---------------------------------------------------------------------------------------
 # the recording backend
+
 
 def echo_body(msg: Message) -> bytes:
     rid = (msg.values("x-req-id") or [b"-"])[0]
@@ -373,8 +385,11 @@ def echo_body(msg: Message) -> bytes:
 
 def echo_response(msg: Message, *, close: bool = False) -> bytes:
     body = echo_body(msg)
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (len(body), b"Connection: close\r\n" if close else b"", body))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        len(body),
+        b"Connection: close\r\n" if close else b"",
+        body,
+    )
 
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -392,8 +407,9 @@ def switching_protocols(msg: Message) -> bytes:
     return out + b"\r\n"
 
 
-BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\n"
-               b"bad request")
+BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\nbad request"
+)
 CONNECT_OK = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 # What a tunnel answers to any bytes: if a proxy lets another client's request into a
 # tunnel, that client reads this instead of its own answer.
@@ -407,12 +423,12 @@ class RecConn:
         self.listener = listener
         self.sock = sock
         self.raw = bytearray()
-        self.heads: list[Message] = []     # every request head seen, in order
+        self.heads: list[Message] = []  # every request head seen, in order
         self.errors: list[str] = []
         self.tunnel = False
         self.tunnel_at: int | None = None  # offset in raw where tunnel data starts
-        self.closed = False               # the recorder's side is closed
-        self.peer_eof = False             # the proxy closed (or reset) its side
+        self.closed = False  # the recorder's side is closed
+        self.peer_eof = False  # the proxy closed (or reset) its side
 
     def data(self) -> bytes:
         return bytes(self.raw)
@@ -421,8 +437,8 @@ class RecConn:
 class Recorder:
     def __init__(self) -> None:
         self.mode = ECHO
-        self.raw_response: bytes | None = None    # answer to targets under /resp/
-        self.raw_close = False                    # close after sending raw_response
+        self.raw_response: bytes | None = None  # answer to targets under /resp/
+        self.raw_close = False  # close after sending raw_response
         self.ports: dict[str, int] = {}
         self.conns: list[RecConn] = []
         self._lock = threading.Lock()
@@ -481,7 +497,7 @@ class Recorder:
         while not self._stop.is_set():
             try:
                 sock, _ = s.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -503,8 +519,11 @@ class Recorder:
             self._send(conn, CONNECT_OK)
             conn.tunnel = True
             return True
-        if self.mode == UPGRADE_101 and msg.values("upgrade") and \
-                b"upgrade" in codings(msg.values("connection")):
+        if (
+            self.mode == UPGRADE_101
+            and msg.values("upgrade")
+            and b"upgrade" in codings(msg.values("connection"))
+        ):
             self._send(conn, switching_protocols(msg))
             conn.tunnel = True
             return True
@@ -520,13 +539,13 @@ class Recorder:
     def _serve(self, conn: RecConn) -> None:
         buf = b""
         pos = 0
-        answered_at = -1          # start offset of the request answered at its head
-        seen_at = -1              # start offset of the last head recorded
+        answered_at = -1  # start offset of the request answered at its head
+        seen_at = -1  # start offset of the last head recorded
         try:
             while not self._stop.is_set() and not conn.closed:
                 try:
                     data = conn.sock.recv(65536)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     continue
                 except OSError:
                     conn.peer_eof = not conn.closed
@@ -552,15 +571,16 @@ class Recorder:
                                 # answered before any of its body is read, then closed
                                 self._send(conn, echo_response(msg, close=True))
                                 return
-                            if self.mode == EARLY or (self.mode == CONNECT_2XX
-                                                      and msg.method == b"CONNECT"):
+                            if self.mode == EARLY or (
+                                self.mode == CONNECT_2XX and msg.method == b"CONNECT"
+                            ):
                                 # answered before any of its body is read
                                 answered_at = msg.start
                                 if not self._answer(conn, msg):
                                     return
                                 if conn.tunnel:
                                     conn.tunnel_at = head[1]
-                                    if buf[head[1]:]:
+                                    if buf[head[1] :]:
                                         self._send(conn, TUNNEL_REPLY)
                                     break
                         got = lenient_request(buf, pos)
@@ -579,7 +599,7 @@ class Recorder:
                             self._send(conn, TUNNEL_REPLY)
                         break
                     if not msg.version:
-                        return                    # HTTP/0.9: one request per connection
+                        return  # HTTP/0.9: one request per connection
         finally:
             _close(conn)
 

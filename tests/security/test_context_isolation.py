@@ -30,8 +30,6 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
-from support.net import free_port
-from support.redis import RedisServer
 
 from stickyproxy.context import (
     ContextStore,
@@ -43,6 +41,8 @@ from stickyproxy.context import (
 )
 from stickyproxy.context.errors import ContextError
 from stickyproxy.context.scripts import record_key
+from support.net import free_port
+from support.redis import RedisServer
 
 NS = "sec"
 SECRET = "alice-private-data-7f3a"
@@ -79,7 +79,7 @@ class App:
                 self.crossed.append((user, dict(ctx)))
                 return web.Response(status=500, text="CROSSED")
             ctx["owner"] = user
-            await asyncio.sleep(random.random() * 0.005)      # let requests interleave
+            await asyncio.sleep(random.random() * 0.005)  # let requests interleave
             if ctx.get("owner") != user:
                 self.crossed.append((user, dict(ctx)))
                 return web.Response(status=500, text="CROSSED")
@@ -118,15 +118,24 @@ def _plant_foreign_record(server: RedisServer, user: str) -> None:
     """A record at ``user``'s key that holds another user's id and data (what a reply
     served to the wrong caller, or a key collision, would look like)."""
     with server.client() as c:
-        c.hset(record_key(NS, user), mapping={
-            "uid": "alice", "epoch": 7, "owner": "elsewhere",
-            "data": json.dumps({"owner": "alice", "secret": SECRET}).encode()})
+        c.hset(
+            record_key(NS, user),
+            mapping={
+                "uid": "alice",
+                "epoch": 7,
+                "owner": "elsewhere",
+                "data": json.dumps({"owner": "alice", "secret": SECRET}).encode(),
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # a record holding another user's id, seen through the middlewares
 
-async def test_foreign_record_through_the_aiohttp_middleware_is_500_without_its_data(redis_server, cleanup):
+
+async def test_foreign_record_through_the_aiohttp_middleware_is_500_without_its_data(
+    redis_server, cleanup
+):
     store = await _store(redis_server.url, "A")
     cleanup.append(store)
     app = await App("A", store).start()
@@ -139,20 +148,28 @@ async def test_foreign_record_through_the_aiohttp_middleware_is_500_without_its_
                 assert r.status == 500, (method, r.status, body)
                 assert SECRET not in body and "alice" not in body
     assert not store.holds("bob")
-    with redis_server.client() as c:          # and nothing was written over it
+    with redis_server.client() as c:  # and nothing was written over it
         assert c.hget(record_key(NS, "bob"), "uid") == b"alice"
 
 
-async def test_foreign_record_through_the_asgi_middleware_is_500_without_its_data(redis_server, cleanup):
+async def test_foreign_record_through_the_asgi_middleware_is_500_without_its_data(
+    redis_server, cleanup
+):
     store = await _store(redis_server.url, "A")
     cleanup.append(store)
 
     async def inner(scope, receive, send):
         ctx = sticky_context(scope)
         body = json.dumps(dict(ctx)).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
+
     app = StickyContextMiddleware(inner, store)
     _plant_foreign_record(redis_server, "bob")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -161,7 +178,9 @@ async def test_foreign_record_through_the_asgi_middleware_is_500_without_its_dat
     assert SECRET not in r.text and "alice" not in r.text
 
 
-async def test_record_replaced_under_a_cached_user_is_refused_on_revalidation(redis_server, cleanup):
+async def test_record_replaced_under_a_cached_user_is_refused_on_revalidation(
+    redis_server, cleanup
+):
     """The cached copy is revalidated after another instance took the user; a record
     that comes back holding another user's id is refused, not served."""
     a = await _store(redis_server.url, "A")
@@ -169,10 +188,10 @@ async def test_record_replaced_under_a_cached_user_is_refused_on_revalidation(re
     cleanup += [a, b]
     async with a.edit("bob") as ctx:
         ctx["mine"] = "bob"
-    async with b.edit("bob") as ctx:           # B takes bob over: A drops its copy
+    async with b.edit("bob") as ctx:  # B takes bob over: A drops its copy
         ctx["mine"] = "bob"
     deadline = asyncio.get_running_loop().time() + 5
-    while a.holds("bob"):                       # once the takeover message has arrived
+    while a.holds("bob"):  # once the takeover message has arrived
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.01)
     _plant_foreign_record(redis_server, "bob")
@@ -184,7 +203,10 @@ async def test_record_replaced_under_a_cached_user_is_refused_on_revalidation(re
 # ---------------------------------------------------------------------------------------
 # many users at once through two app instances that keep taking users from each other
 
-async def test_concurrent_users_across_two_instances_never_see_each_others_context(redis_server, cleanup):
+
+async def test_concurrent_users_across_two_instances_never_see_each_others_context(
+    redis_server, cleanup
+):
     apps = []
     for node in ("A", "B"):
         store = await _store(redis_server.url, node)
@@ -208,7 +230,7 @@ async def test_concurrent_users_across_two_instances_never_see_each_others_conte
                 assert doc["user"] == user and doc["ctx"]["owner"] == user, doc
                 assert all(x.startswith(user + ".") for x in doc["ctx"]["log"]), doc
                 ok[user].append(f"{user}.{rid}")
-            else:       # a conflict or an unavailable store, told as one: never a crossing
+            else:  # a conflict or an unavailable store, told as one: never a crossing
                 assert r.status in (409, 503), (r.status, await r.text())
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
@@ -225,7 +247,9 @@ async def test_concurrent_users_across_two_instances_never_see_each_others_conte
             assert sorted(ctx["log"]) == sorted(ok[u]), u
 
 
-async def test_end_to_end_through_the_proxy_each_user_sees_only_their_context(redis_server, cleanup, proxy):
+async def test_end_to_end_through_the_proxy_each_user_sees_only_their_context(
+    redis_server, cleanup, proxy
+):
     apps = []
     for node in ("app-1", "app-2", "app-3"):
         store = await _store(redis_server.url, node)
@@ -240,10 +264,12 @@ async def test_end_to_end_through_the_proxy_each_user_sees_only_their_context(re
 
     async def one(s: aiohttp.ClientSession, user: str, rid: int) -> None:
         # the client also sends a forged X-Sticky-Key: the proxy replaces it
-        async with s.put(f"http://127.0.0.1:{p.port}/touch/{user}.{rid}",
-                         headers={"X-User-Id": user, "X-Sticky-Key": "e2e-0"}) as r:
+        async with s.put(
+            f"http://127.0.0.1:{p.port}/touch/{user}.{rid}",
+            headers={"X-User-Id": user, "X-Sticky-Key": "e2e-0"},
+        ) as r:
             statuses.append(r.status)
-            if r.status == 503:                  # store unavailable, told as one
+            if r.status == 503:  # store unavailable, told as one
                 return
             assert r.status == 200, await r.text()
             doc = await r.json()
@@ -255,12 +281,13 @@ async def test_end_to_end_through_the_proxy_each_user_sees_only_their_context(re
         await asyncio.gather(*(one(s, u, rid) for rid in range(6) for u in users))
     assert statuses.count(200) >= len(statuses) * 0.9, statuses.count(503)
     for u in users:
-        assert seen[u] <= {p.pref(u)[0]}, (u, seen[u])        # sticky: one instance per user
+        assert seen[u] <= {p.pref(u)[0]}, (u, seen[u])  # sticky: one instance per user
     assert not any(a.crossed for a in apps)
 
 
 # ---------------------------------------------------------------------------------------
 # random cancellation of many concurrent calls sharing two connections
+
 
 class DelayRelay:
     """A TCP relay in front of Redis that holds every reply back ``delay`` seconds, so a
@@ -290,6 +317,7 @@ class DelayRelay:
                 await asyncio.sleep(self.delay)
                 cw.write(data)
                 await cw.drain()
+
         tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
         self.tasks.update(tasks)
         try:
@@ -320,8 +348,13 @@ async def test_random_cancellation_never_hands_one_users_reply_to_another(redis_
     cleanup.append(relay)
     readers = []
     for node in ("R1", "R2"):
-        s = await _store(f"redis://127.0.0.1:{relay.port}/0", node, pool_size=2,
-                         redis_timeout="2s", breaker_failures=1000)
+        s = await _store(
+            f"redis://127.0.0.1:{relay.port}/0",
+            node,
+            pool_size=2,
+            redis_timeout="2s",
+            breaker_failures=1000,
+        )
         cleanup.append(s)
         readers.append(s)
     rng = random.Random(4)
@@ -330,14 +363,16 @@ async def test_random_cancellation_never_hands_one_users_reply_to_another(redis_
     async def one(i: int) -> None:
         store = readers[i % 2]
         user = rng.choice(users)
-        store._cache.pop(user)          # always through Redis (as tests/context does)
+        store._cache.pop(user)  # always through Redis (as tests/context does)
         try:
             if i % 3 == 0:
+
                 async def edit():
                     async with store.edit(user) as ctx:
                         assert ctx.get("owner") == user, (user, dict(ctx))
                         ctx.setdefault("n", 0)
                         ctx["n"] += 1
+
                 await asyncio.wait_for(edit(), rng.uniform(0.005, 0.25))
             else:
                 ctx = await asyncio.wait_for(store.get(user), rng.uniform(0.005, 0.25))
@@ -348,12 +383,12 @@ async def test_random_cancellation_never_hands_one_users_reply_to_another(redis_
         except RecordMismatch:
             results["mismatch"] += 1
         except ContextError:
-            results["other"] += 1                       # conflicts, unavailability: not crossings
+            results["other"] += 1  # conflicts, unavailability: not crossings
 
     for round_ in range(8):
         await asyncio.gather(*(one(round_ * 40 + i) for i in range(40)))
     print("cancellation mix:", results)
-    assert results["mismatch"] == 0, results            # a crossed reply would show as one
+    assert results["mismatch"] == 0, results  # a crossed reply would show as one
     # both happened often: calls completed and calls cancelled with replies in flight
     assert results["ok"] >= 40 and results["cancelled"] >= 40, results
     with redis_server.client() as c:
@@ -364,6 +399,7 @@ async def test_random_cancellation_never_hands_one_users_reply_to_another(redis_
 
 # ---------------------------------------------------------------------------------------
 # the key is only as trustworthy as its source
+
 
 async def _alice_has_a_secret(app: App) -> None:
     async with app.store.edit("alice") as ctx:
@@ -382,29 +418,50 @@ async def test_unverified_key_source_lets_a_client_name_another_user(redis_serve
     cleanup.append(app)
     await _alice_has_a_secret(app)
     p = await proxy([app])
-    async with aiohttp.ClientSession() as s, \
-            s.get(f"http://127.0.0.1:{p.port}/peek", headers={"X-User-Id": "alice"}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{p.port}/peek", headers={"X-User-Id": "alice"}) as r,
+    ):
         assert r.status == 200
-        assert (await r.json())["secret"] == SECRET              # mallory, claiming "alice"
+        assert (await r.json())["secret"] == SECRET  # mallory, claiming "alice"
 
 
-async def test_verified_jwt_key_keeps_a_client_to_its_own_context(redis_server, cleanup, proxy, monkeypatch):
+async def test_verified_jwt_key_keeps_a_client_to_its_own_context(
+    redis_server, cleanup, proxy, monkeypatch
+):
     import time
 
     import jwt
+
     monkeypatch.setenv("SP_SEC_CTX_JWT", "ctx-secret-0123456789abcdef0123456789abcdef")
     store = await _store(redis_server.url, "app-1")
     cleanup.append(store)
     app = await App("app-1", store).start()
     cleanup.append(app)
     await _alice_has_a_secret(app)
-    p = await proxy([app], {
-        "routing": {"keys": [{"from": "jwt", "header": "Authorization", "claim": "sub",
-                              "algorithms": ["HS256"], "secret_env": "SP_SEC_CTX_JWT"}],
-                    "no_key": "reject"},
-        "headers": {"strip": ["X-User-Id"]}})
-    mallory = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 600},
-                         "ctx-secret-0123456789abcdef0123456789abcdef", algorithm="HS256")
+    p = await proxy(
+        [app],
+        {
+            "routing": {
+                "keys": [
+                    {
+                        "from": "jwt",
+                        "header": "Authorization",
+                        "claim": "sub",
+                        "algorithms": ["HS256"],
+                        "secret_env": "SP_SEC_CTX_JWT",
+                    }
+                ],
+                "no_key": "reject",
+            },
+            "headers": {"strip": ["X-User-Id"]},
+        },
+    )
+    mallory = jwt.encode(
+        {"sub": "mallory", "exp": int(time.time()) + 600},
+        "ctx-secret-0123456789abcdef0123456789abcdef",
+        algorithm="HS256",
+    )
     url = f"http://127.0.0.1:{p.port}/peek"
     forged = {"X-User-Id": "alice", "X-Sticky-Key": "alice", "x_sticky_key": "alice"}
     async with aiohttp.ClientSession() as s:
@@ -412,5 +469,5 @@ async def test_verified_jwt_key_keeps_a_client_to_its_own_context(redis_server, 
             assert r.status == 200
             body = await r.text()
             assert SECRET not in body and json.loads(body).get("owner") in (None, "mallory")
-        async with s.get(url, headers=forged) as r:                  # no token at all
+        async with s.get(url, headers=forged) as r:  # no token at all
             assert r.status == 400 and SECRET not in await r.text()

@@ -102,6 +102,7 @@ _STICKY_RESP: dict[str, RespRun] = {}
 # ---------------------------------------------------------------------------------------
 # fixtures
 
+
 @pytest.fixture(scope="module")
 def recorder():
     rec = Recorder()
@@ -131,8 +132,9 @@ def peers(recorder, tmp_path_factory):
 
 def _need_peers(peers) -> None:
     if peers is None:
-        pytest.skip(f"differential part needs nginx and haproxy; missing: "
-                    f"{', '.join(peer_procs.missing())}")
+        pytest.skip(
+            f"differential part needs nginx and haproxy; missing: {', '.join(peer_procs.missing())}"
+        )
 
 
 @dataclass
@@ -144,13 +146,16 @@ class _Backend:
 
 async def _stickyproxy(proxy, recorder) -> int:
     port = recorder.ports["stickyproxy"]
-    p = await proxy([_Backend("app", f"http://{LOOPBACK}:{port}")],
-                    {"timeouts": {"response": "2s", "connect": "1s"}})
+    p = await proxy(
+        [_Backend("app", f"http://{LOOPBACK}:{port}")],
+        {"timeouts": {"response": "2s", "connect": "1s"}},
+    )
     return p.port
 
 
 # ---------------------------------------------------------------------------------------
 # one client connection, read leniently with a deadline
+
 
 class Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -158,7 +163,7 @@ class Conn:
         self.writer = writer
         self.raw = b""
         self.eof = False
-        self.first_at: float | None = None     # when the first byte (or the close) came
+        self.first_at: float | None = None  # when the first byte (or the close) came
         self.t0 = time.monotonic()
 
     @classmethod
@@ -209,8 +214,10 @@ class Conn:
 
 
 def victim_request(nonce: str) -> bytes:
-    return (f"GET /account?victim={nonce} HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: victim\r\n"
-            f"X-Req-Id: {nonce}\r\nCookie: session=VICTIM\r\n\r\n").encode()
+    return (
+        f"GET /account?victim={nonce} HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: victim\r\n"
+        f"X-Req-Id: {nonce}\r\nCookie: session=VICTIM\r\n\r\n"
+    ).encode()
 
 
 def victim_body(nonce: str) -> bytes:
@@ -222,8 +229,10 @@ async def _warm(port: int, nonce: str) -> None:
     connection. Retried: a peer may still hold a connection the backend just closed."""
     for _ in range(3):
         c = await Conn.open(port)
-        c.send(f"GET /warm/{nonce} HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: attacker\r\n"
-               f"X-Req-Id: {nonce}\r\n\r\n".encode())
+        c.send(
+            f"GET /warm/{nonce} HTTP/1.1\r\nHost: shop.example\r\nX-User-Id: attacker\r\n"
+            f"X-Req-Id: {nonce}\r\n\r\n".encode()
+        )
         await c.read(1, VICTIM_WAIT)
         c.close()
         f = c.finals()
@@ -257,6 +266,7 @@ async def _release(recorder: Recorder, listener: str, module_scoped: bool) -> No
 # ---------------------------------------------------------------------------------------
 # running a request vector through one proxy
 
+
 @dataclass
 class Run:
     proxy: str
@@ -264,11 +274,11 @@ class Run:
     nonce: str
     attacker: Conn
     victim: Conn
-    upstream: list[bytes]                   # per upstream connection, everything received
-    upstream_closed: list[bool]             # ... and whether the proxy closed it
+    upstream: list[bytes]  # per upstream connection, everything received
+    upstream_closed: list[bool]  # ... and whether the proxy closed it
     attacker_msgs: list[Message] = field(default_factory=list)
-    touched: list[int] = field(default_factory=list)   # indices of connections with its bytes
-    tunnels: int = 0                        # upstream connections switched to a tunnel
+    touched: list[int] = field(default_factory=list)  # indices of connections with its bytes
+    tunnels: int = 0  # upstream connections switched to a tunnel
 
     @property
     def forwarded(self) -> bool:
@@ -279,11 +289,14 @@ class Run:
         finals = self.attacker.finals()
         v = self.victim.finals()
         return {
-            "vector": self.vec.name, "proxy": self.proxy,
-            "forwarded": len(self.attacker_msgs), "touched": bool(self.touched),
+            "vector": self.vec.name,
+            "proxy": self.proxy,
+            "forwarded": len(self.attacker_msgs),
+            "touched": bool(self.touched),
             "answer": [m.status.decode("latin-1") for m in finals],
             "closed": self.attacker.eof,
-            "first_answer_s": None if self.attacker.first_at is None
+            "first_answer_s": None
+            if self.attacker.first_at is None
             else round(self.attacker.first_at, 3),
             "victim_ok": bool(v) and v[0].status == b"200" and v[0].body == victim_body(self.nonce),
             "upstream": [d[:1000].decode("latin-1") for d in self.upstream],
@@ -305,8 +318,9 @@ def _attribute(run: Run) -> None:
             run.touched.append(i)
 
 
-async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recorder, *,
-                      module_scoped: bool) -> Run:
+async def run_request(
+    port: int, proxy: str, vec: RequestVector, recorder: Recorder, *, module_scoped: bool
+) -> Run:
     recorder.mode = vec.backend
     recorder.raw_response = None
     nonce = secrets.token_hex(6)
@@ -319,7 +333,7 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
             for seg in vec.segments:
                 attacker.send(seg)
                 await attacker.writer.drain()
-                await asyncio.sleep(SPLIT_GAP)      # the input's shape: separate reads
+                await asyncio.sleep(SPLIT_GAP)  # the input's shape: separate reads
             await attacker.read(1, wait, head=head)
         else:
             attacker.send(vec.segments[0])
@@ -329,9 +343,12 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
                 await attacker.read(len(attacker.finals(head=head)) + 1, wait, head=head)
         if vec.forwards > 1:
             await attacker.read(vec.forwards, wait)
-        if proxy == "stickyproxy" and (vec.expect == REFUSE or vec.expect == EITHER and any(
-                m.status.startswith(b"4") for m in attacker.finals(head=head))):
-            await attacker.read_to_eof(ANSWER_WAIT)     # a refusal closes the connection
+        if proxy == "stickyproxy" and (
+            vec.expect == REFUSE
+            or vec.expect == EITHER
+            and any(m.status.startswith(b"4") for m in attacker.finals(head=head))
+        ):
+            await attacker.read_to_eof(ANSWER_WAIT)  # a refusal closes the connection
         victim = await Conn.open(port)
         victim.send(victim_request(nonce))
         await victim.read(1, VICTIM_WAIT)
@@ -340,10 +357,15 @@ async def run_request(port: int, proxy: str, vec: RequestVector, recorder: Recor
         await _quiet(recorder, proxy)
         conns = recorder.connections(proxy)
         # bytes after a switch (101, CONNECT 2xx) are tunnel data, not requests
-        run = Run(proxy, vec, nonce, attacker, victim,
-                  [c.data()[:c.tunnel_at] if c.tunnel_at is not None else c.data()
-                   for c in conns],
-                  [c.peer_eof or c.closed for c in conns])
+        run = Run(
+            proxy,
+            vec,
+            nonce,
+            attacker,
+            victim,
+            [c.data()[: c.tunnel_at] if c.tunnel_at is not None else c.data() for c in conns],
+            [c.peer_eof or c.closed for c in conns],
+        )
         run.tunnels = sum(c.tunnel_at is not None for c in conns)
         _attribute(run)
         if not run.forwarded:
@@ -370,13 +392,16 @@ def _report(line: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # judging
 
+
 def assert_victim_served(run: Run) -> None:
     got = run.victim.finals()
-    assert got, (f"{run.proxy}: the victim got no answer after {run.vec.name!r}: "
-                 f"{run.victim.raw[:300]!r}")
+    assert got, (
+        f"{run.proxy}: the victim got no answer after {run.vec.name!r}: {run.victim.raw[:300]!r}"
+    )
     assert got[0].status == b"200" and got[0].body == victim_body(run.nonce), (
         f"{run.proxy}: the victim got someone else's answer after {run.vec.name!r}: "
-        f"{run.victim.raw[:300]!r}; upstream: {run.upstream!r}"[:2000])
+        f"{run.victim.raw[:300]!r}; upstream: {run.upstream!r}"[:2000]
+    )
 
 
 def assert_unambiguous(run: Run) -> None:
@@ -386,13 +411,17 @@ def assert_unambiguous(run: Run) -> None:
         strict, strict_partial, err = strict_requests(data)
         assert not err, f"{run.proxy} sent bytes strict llhttp refuses ({err}): {data[:600]!r}"
         lenient, rest, lerr = lenient_requests(data)
-        assert not lerr, f"{run.proxy} sent bytes the lenient reader refuses ({lerr}): {data[:600]!r}"
+        assert not lerr, (
+            f"{run.proxy} sent bytes the lenient reader refuses ({lerr}): {data[:600]!r}"
+        )
         assert [m.key() for m in strict] == [m.key() for m in lenient], (
             f"{run.proxy}: strict and lenient readers disagree on {data[:800]!r}:\n"
-            f"strict  {[m.key() for m in strict]!r}\nlenient {[m.key() for m in lenient]!r}")
+            f"strict  {[m.key() for m in strict]!r}\nlenient {[m.key() for m in lenient]!r}"
+        )
         assert strict_partial == bool(rest.strip(b"\r\n")), (
             f"{run.proxy}: readers disagree on whether a request is left incomplete "
-            f"(strict {strict_partial}, lenient rest {rest[:200]!r})")
+            f"(strict {strict_partial}, lenient rest {rest[:200]!r})"
+        )
         for m in lenient:
             cls, tes = m.values("content-length"), m.values("transfer-encoding")
             assert not (cls and tes) and len(cls) <= 1 and len(tes) <= 1, m.fields
@@ -408,26 +437,32 @@ def assert_expectation(run: Run) -> None:
     vec = run.vec
     finals = run.attacker.finals(head=vec.raw.startswith(b"HEAD "))
     statuses = [int(m.status) for m in finals if m.status.isdigit()]
-    where = f"{vec.name} through {run.proxy}: answer {run.attacker.raw[:300]!r}, " \
-            f"upstream {[d[:300] for d in run.upstream]!r}"
+    where = (
+        f"{vec.name} through {run.proxy}: answer {run.attacker.raw[:300]!r}, "
+        f"upstream {[d[:300] for d in run.upstream]!r}"
+    )
     if vec.expect == FORWARD:
         assert len(run.attacker_msgs) == vec.forwards, f"not forwarded as {vec.forwards}: {where}"
         assert statuses[:1] == [vec.answer], f"the backend's answer was not relayed: {where}"
         return
     if vec.expect == REFUSE:
         assert not run.touched, f"refused vector reached the backend: {where}"
-        assert statuses[:1] and statuses[0] in vec.statuses or (not finals and run.attacker.eof), \
+        assert statuses[:1] and statuses[0] in vec.statuses or (not finals and run.attacker.eof), (
             f"not refused: {where}"
+        )
         assert len(finals) <= 1, f"answered more than the refusal: {where}"
         assert run.attacker.eof, f"refused, but the connection stays open: {where}"
         if vec.prompt:
             t = run.attacker.first_at
-            assert t is not None and t <= PROMPT_S, \
+            assert t is not None and t <= PROMPT_S, (
                 f"not refused at once (first answer after {t}s, limit {PROMPT_S}s): {where}"
+            )
         return
     if vec.expect == NO_REQUEST:
         assert not run.forwarded, f"a complete request reached the backend: {where}"
-        assert _closed_where_touched(run), f"a connection holding a partial request stays open: {where}"
+        assert _closed_where_touched(run), (
+            f"a connection holding a partial request stays open: {where}"
+        )
         return
     assert vec.expect == EITHER
     if run.forwarded:
@@ -435,17 +470,23 @@ def assert_expectation(run: Run) -> None:
         # refusal, and the connection closed
         n = len(run.attacker_msgs)
         assert n == vec.forwards or (
-            n < vec.forwards and len(statuses) == n + 1 and statuses[-1] in vec.statuses
-            and run.attacker.eof), where
+            n < vec.forwards
+            and len(statuses) == n + 1
+            and statuses[-1] in vec.statuses
+            and run.attacker.eof
+        ), where
     else:
-        assert _closed_where_touched(run), f"a connection holding a partial request stays open: {where}"
+        assert _closed_where_touched(run), (
+            f"a connection holding a partial request stays open: {where}"
+        )
 
 
 async def _sticky_run(vec: RequestVector, proxy, recorder) -> Run:
     if vec.name not in _STICKY_RUNS:
         port = await _stickyproxy(proxy, recorder)
-        _STICKY_RUNS[vec.name] = await run_request(port, "stickyproxy", vec, recorder,
-                                                   module_scoped=False)
+        _STICKY_RUNS[vec.name] = await run_request(
+            port, "stickyproxy", vec, recorder, module_scoped=False
+        )
     return _STICKY_RUNS[vec.name]
 
 
@@ -467,17 +508,21 @@ async def test_request_vector_through_stickyproxy(vec: RequestVector, proxy, rec
 async def test_request_vector_against_nginx_and_haproxy(vec: RequestVector, proxy, recorder, peers):
     _need_peers(peers)
     sticky = await _sticky_run(vec, proxy, recorder)
-    runs = {name: await run_request(p.port, name, vec, recorder, module_scoped=True)
-            for name, p in peers.items()}
+    runs = {
+        name: await run_request(p.port, name, vec, recorder, module_scoped=True)
+        for name, p in peers.items()
+    }
     both_refuse = not any(r.forwarded for r in runs.values())
     both_forward = all(r.forwarded for r in runs.values())
     detail = {name: r.summary() for name, r in [("stickyproxy", sticky), *runs.items()]}
     assert not (both_refuse and sticky.forwarded), (
-        f"stickyproxy forwards {vec.name!r}, which NGINX and HAProxy both refuse: {detail}")
+        f"stickyproxy forwards {vec.name!r}, which NGINX and HAProxy both refuse: {detail}"
+    )
     if not any(r.touched for r in runs.values()):
         assert not sticky.touched, (
             f"stickyproxy sends a backend bytes of {vec.name!r}, of which NGINX and HAProxy "
-            f"send none: {detail}")
+            f"send none: {detail}"
+        )
     # stricter: stickyproxy forwards fewer of the vector's requests than either peer does
     # (none of one, or the second of two pipelined ones)
     counts = {name: len(r.attacker_msgs) for name, r in [("stickyproxy", sticky), *runs.items()]}
@@ -485,7 +530,8 @@ async def test_request_vector_against_nginx_and_haproxy(vec: RequestVector, prox
     listed = vec.name in KNOWN_STRICTER
     assert stricter == listed, (
         f"KNOWN_STRICTER is out of date for {vec.name!r}: complete requests forwarded "
-        f"{counts}; {'add it with the reason' if stricter else 'remove it'}: {detail}")
+        f"{counts}; {'add it with the reason' if stricter else 'remove it'}: {detail}"
+    )
 
 
 async def test_the_victim_reuses_the_pooled_upstream_connection(proxy, recorder, peers):
@@ -523,6 +569,7 @@ def test_corpus_is_well_formed():
 # ---------------------------------------------------------------------------------------
 # response vectors
 
+
 @dataclass
 class RespRun:
     proxy: str
@@ -534,16 +581,21 @@ class RespRun:
     def summary(self) -> dict:
         head = self.vec.method == "HEAD"
         f = self.client.finals(head=head)
-        return {"response": self.vec.name, "proxy": self.proxy,
-                "status_line": f[0].start_line.decode("latin-1") if f else None,
-                "te": [b.decode("latin-1") for b in f[0].values("transfer-encoding")] if f else None,
-                "cl": [b.decode("latin-1") for b in f[0].values("content-length")] if f else None,
-                "body": f[0].body[:60].decode("latin-1") if f else None,
-                "closed": self.client.eof, "raw": self.client.raw[:300].decode("latin-1")}
+        return {
+            "response": self.vec.name,
+            "proxy": self.proxy,
+            "status_line": f[0].start_line.decode("latin-1") if f else None,
+            "te": [b.decode("latin-1") for b in f[0].values("transfer-encoding")] if f else None,
+            "cl": [b.decode("latin-1") for b in f[0].values("content-length")] if f else None,
+            "body": f[0].body[:60].decode("latin-1") if f else None,
+            "closed": self.client.eof,
+            "raw": self.client.raw[:300].decode("latin-1"),
+        }
 
 
-async def run_response(port: int, proxy: str, vec: ResponseVector, recorder: Recorder, *,
-                       module_scoped: bool) -> RespRun:
+async def run_response(
+    port: int, proxy: str, vec: ResponseVector, recorder: Recorder, *, module_scoped: bool
+) -> RespRun:
     recorder.mode = "echo"
     recorder.raw_response = None
     nonce = secrets.token_hex(6)
@@ -552,8 +604,10 @@ async def run_response(port: int, proxy: str, vec: ResponseVector, recorder: Rec
         recorder.raw_response = vec.raw
         recorder.raw_close = vec.close
         client = await Conn.open(port)
-        client.send(f"{vec.method} /resp/{vec.name} HTTP/1.1\r\nHost: shop.example\r\n"
-                    f"X-User-Id: attacker\r\n\r\n".encode())
+        client.send(
+            f"{vec.method} /resp/{vec.name} HTTP/1.1\r\nHost: shop.example\r\n"
+            f"X-User-Id: attacker\r\n\r\n".encode()
+        )
         await client.read(1, VICTIM_WAIT, head=vec.method == "HEAD")
         victim = await Conn.open(port)
         victim.send(victim_request(nonce))
@@ -605,9 +659,10 @@ def assert_response_relayed_correctly(run: RespRun) -> None:
     if not head:
         assert not err, f"strict llhttp refuses what the client received ({err}): {where}"
         strict_finals = [m for m in strict if not (m.status[:1] == b"1" and m.status != b"101")]
-        assert [(m.status, m.body) for m in strict_finals[:1]] == [(first.status, first.body)], \
+        assert [(m.status, m.body) for m in strict_finals[:1]] == [(first.status, first.body)], (
             f"strict and lenient readers disagree: {where}"
-    m = _STATUS_LINE.match(raw[first.start:])
+        )
+    m = _STATUS_LINE.match(raw[first.start :])
     assert m, f"status line is not HTTP/1.x SP 3DIGIT SP reason: {where}"
     if refused:
         return
@@ -615,8 +670,8 @@ def assert_response_relayed_correctly(run: RespRun) -> None:
     # what the backend sent, read the forgiving way, is what "correct" is measured against
     sent = final_responses(lenient_responses(vec.raw, head=head, eof=True)[0])[0]
     assert _payload(first) == _payload(sent), (
-        f"codings or content changed: relayed {_payload(first)!r}, sent {_payload(sent)!r}: "
-        f"{where}")
+        f"codings or content changed: relayed {_payload(first)!r}, sent {_payload(sent)!r}: {where}"
+    )
     cls, tes = first.values("content-length"), first.values("transfer-encoding")
     assert not (cls and tes) and len(cls) <= 1, f"ambiguous framing: {where}"
 
@@ -624,8 +679,9 @@ def assert_response_relayed_correctly(run: RespRun) -> None:
 async def _sticky_resp(vec: ResponseVector, proxy, recorder) -> RespRun:
     if vec.name not in _STICKY_RESP:
         port = await _stickyproxy(proxy, recorder)
-        _STICKY_RESP[vec.name] = await run_response(port, "stickyproxy", vec, recorder,
-                                                    module_scoped=False)
+        _STICKY_RESP[vec.name] = await run_response(
+            port, "stickyproxy", vec, recorder, module_scoped=False
+        )
     return _STICKY_RESP[vec.name]
 
 
@@ -636,86 +692,124 @@ async def test_response_vector_through_stickyproxy(vec: ResponseVector, proxy, r
     run = await _sticky_resp(vec, proxy, recorder)
     got = run.victim.finals()
     assert got and got[0].status == b"200" and got[0].body == victim_body(run.nonce), (
-        f"the next client got someone else's answer after {vec.name!r}: {run.victim.raw[:300]!r}")
+        f"the next client got someone else's answer after {vec.name!r}: {run.victim.raw[:300]!r}"
+    )
     assert_response_relayed_correctly(run)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vec", RESPONSE_VECTORS, ids=[v.name for v in RESPONSE_VECTORS])
-async def test_response_vector_against_nginx_and_haproxy(vec: ResponseVector, proxy, recorder,
-                                                         peers):
+async def test_response_vector_against_nginx_and_haproxy(
+    vec: ResponseVector, proxy, recorder, peers
+):
     """A response neither NGINX nor HAProxy relays (each answers 502 or cuts the client
     off), stickyproxy does not relay either. What each relays is in the report
     (STICKYPROXY_DIFF_REPORT); stickyproxy's own relay is judged by the test above."""
     _need_peers(peers)
     sticky = await _sticky_resp(vec, proxy, recorder)
-    runs = {name: await run_response(p.port, name, vec, recorder, module_scoped=True)
-            for name, p in peers.items()}
+    runs = {
+        name: await run_response(p.port, name, vec, recorder, module_scoped=True)
+        for name, p in peers.items()
+    }
     head = vec.method == "HEAD"
 
     def relayed(r: RespRun) -> bool:
         f = r.client.finals(head=head)
         return bool(f) and f[0].status not in (b"502", b"503", b"504")
+
     if not any(relayed(r) for r in runs.values()):
         assert not relayed(sticky), (
             f"stickyproxy relays {vec.name!r}, which NGINX and HAProxy both refuse: "
-            f"{[r.summary() for r in (sticky, *runs.values())]}")
+            f"{[r.summary() for r in (sticky, *runs.values())]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # the readers themselves (pure)
 
-@pytest.mark.parametrize("raw, agree", [
-    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", True),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\n\r\n", True),
-    # the lenient reader sees chunked, strict llhttp refuses the pair: ambiguous
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"0\r\n\r\n", False),
-    # "xchunked" is not chunked for either; strict llhttp refuses it next to Content-Length
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\nContent-Length: 1\r\n\r\nx", False),
-    # bare LF: lenient reads a request, strict refuses
-    (b"GET / HTTP/1.1\nHost: a\n\n", False),
-    # whitespace before the colon: lenient reads Content-Length 5
-    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello", False),
-    # CONNECT with a body: llhttp ends it at its head, lenient reads the body
-    (b"CONNECT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", False),
-    # extension methods (which llhttp does not know) are read through a stand-in
-    (b"FOOBAR / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokPURGE-X /y HTTP/1.1\r\n"
-     b"Host: a\r\n\r\n", True),
-    # a method that is not a token is not
-    (b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", False),
-])
+
+@pytest.mark.parametrize(
+    "raw, agree",
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", True),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\n\r\n",
+            True,
+        ),
+        # the lenient reader sees chunked, strict llhttp refuses the pair: ambiguous
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\n",
+            False,
+        ),
+        # "xchunked" is not chunked for either; strict llhttp refuses it next to Content-Length
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\nContent-Length: 1\r\n\r\nx",
+            False,
+        ),
+        # bare LF: lenient reads a request, strict refuses
+        (b"GET / HTTP/1.1\nHost: a\n\n", False),
+        # whitespace before the colon: lenient reads Content-Length 5
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello", False),
+        # CONNECT with a body: llhttp ends it at its head, lenient reads the body
+        (b"CONNECT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello", False),
+        # extension methods (which llhttp does not know) are read through a stand-in
+        (
+            b"FOOBAR / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokPURGE-X /y HTTP/1.1\r\n"
+            b"Host: a\r\n\r\n",
+            True,
+        ),
+        # a method that is not a token is not
+        (b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", False),
+    ],
+)
 def test_strict_and_lenient_readers(raw, agree):
     strict, partial, err = strict_requests(raw)
     lenient, rest, lerr = lenient_requests(raw)
-    same = (not err and not lerr and [m.key() for m in strict] == [m.key() for m in lenient]
-            and partial == bool(rest))
+    same = (
+        not err
+        and not lerr
+        and [m.key() for m in strict] == [m.key() for m in lenient]
+        and partial == bool(rest)
+    )
     assert same == agree, (strict, partial, err, lenient, rest, lerr)
 
 
 def test_lenient_reader_frames_like_a_forgiving_server():
-    msg, end = lenient_request(b"\r\nPOST  /x  HTTP/1.1\nHost: a\nX-A: 1\n 2\n"
-                               b"Transfer-Encoding: gzip, CHUNKED\n\n5 ;e\nhello\n0\n\nrest")
+    msg, end = lenient_request(
+        b"\r\nPOST  /x  HTTP/1.1\nHost: a\nX-A: 1\n 2\n"
+        b"Transfer-Encoding: gzip, CHUNKED\n\n5 ;e\nhello\n0\n\nrest"
+    )
     assert (msg.method, msg.target, msg.body) == (b"POST", b"/x", b"hello")
     assert msg.values("x-a") == [b"1 2"]
     msg2, _ = lenient_request(b"GET /\r\n")
     assert msg2.version == b"" and msg2.target == b"/"
     assert lenient_request(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel") is None
-    r, _ = lenient_response(b"HTTP/1.1 099 X\r\nTransfer-Encoding: chunked, gzip\r\n\r\nab",
-                            eof=True)
+    r, _ = lenient_response(
+        b"HTTP/1.1 099 X\r\nTransfer-Encoding: chunked, gzip\r\n\r\nab", eof=True
+    )
     assert (r.status, r.framing, r.body) == (b"099", "close", b"ab")
     assert lenient_response(b"HTTP/1.1 200 OK\r\n\r\nab", eof=False) is None
 
 
 def test_peer_configurations_are_what_an_operator_would_write(tmp_path: Path):
     ng = peer_procs.nginx_config(tmp_path, 8080, 9090)
-    for line in ("hash $http_x_user_id consistent;", "keepalive 16;", "proxy_http_version 1.1;",
-                 'proxy_set_header Connection "";', f"server {LOOPBACK}:9090;"):
+    for line in (
+        "hash $http_x_user_id consistent;",
+        "keepalive 16;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        f"server {LOOPBACK}:9090;",
+    ):
         assert line in ng, line
     ha = peer_procs.haproxy_config(tmp_path, 8080, 9090)
-    for line in ("balance hdr(X-User-Id)", "hash-type consistent", "http-reuse always",
-                 f"server app {LOOPBACK}:9090"):
+    for line in (
+        "balance hdr(X-User-Id)",
+        "hash-type consistent",
+        "http-reuse always",
+        f"server app {LOOPBACK}:9090",
+    ):
         assert line in ha, line
 
 
@@ -745,7 +839,7 @@ def test_recorder_answers_as_each_mode_says():
         port = rec.listen("t")
         head = b"POST /x HTTP/1.1\r\nHost: a\r\nX-Req-Id: r1\r\nContent-Length: 10\r\n\r\n"
         rec.mode = "echo"
-        assert _exchange(port, head, b"echo", timeout=0.3) == b""        # waits for the body
+        assert _exchange(port, head, b"echo", timeout=0.3) == b""  # waits for the body
         assert _exchange(port, head + b"0123456789", b"echo").endswith(b"echo POST /x r1")
         rec.mode = "early"
         assert _exchange(port, head, b"echo").endswith(b"echo POST /x r1")
@@ -759,9 +853,11 @@ def test_recorder_answers_as_each_mode_says():
         rec.mode = "echo"
         rec.raw_response = b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n"
         assert _exchange(port, b"GET /resp/x HTTP/1.1\r\nHost: a\r\n\r\n", b"Odd").startswith(
-            b"HTTP/1.1 099 Odd")
+            b"HTTP/1.1 099 Odd"
+        )
         assert b"CONNECT /t HTTP/1.1\r\nHost: a\r\n\r\nanything" in b"".join(
-            c.data() for c in rec.connections("t"))
+            c.data() for c in rec.connections("t")
+        )
     finally:
         rec.stop()
 
@@ -773,8 +869,8 @@ def test_released_upstream_connections_are_seen_in_proc_net_tcp():
         port = srv.getsockname()[1]
         cli = socket.create_connection((LOOPBACK, port))
         acc, _ = srv.accept()
-        assert "01" in sockets_to(port)                     # ESTABLISHED, towards port
+        assert "01" in sockets_to(port)  # ESTABLISHED, towards port
         acc.close()
-        assert not wait_released(port, deadline=0.2)        # the other end still holds it
+        assert not wait_released(port, deadline=0.2)  # the other end still holds it
         cli.close()
         assert wait_released(port, deadline=2.0)

@@ -30,7 +30,9 @@ async def _metrics_text(port: int) -> str:
 
 
 def _series(text: str) -> set[str]:
-    return {line.rpartition(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rpartition(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
 
 
 async def _flood(p, rng: random.Random, n: int, tag: str) -> list[str]:
@@ -41,15 +43,23 @@ async def _flood(p, rng: random.Random, n: int, tag: str) -> list[str]:
         path = f"/{tag}-path-{rng.getrandbits(40):x}?q={rng.getrandbits(20)}"
         method = METHODS[i % len(METHODS)]
         marks += [key, path.split("?")[0]]
-        headers = {"X-User-Id": key, "X-Sticky-Backend": f"{tag}-evil-{i}",
-                   "X-Sticky-Route": f"{tag}-route-{i}"}
+        headers = {
+            "X-User-Id": key,
+            "X-Sticky-Backend": f"{tag}-evil-{i}",
+            "X-Sticky-Route": f"{tag}-route-{i}",
+        }
         kind = i % 5
-        if kind == 4:      # refused by the proxy: ambiguous key
-            raw = (f"GET {path} HTTP/1.1\r\nHost: h\r\nX-User-Id: {key}\r\n"
-                   f"X-User-Id: {key}-2\r\n\r\n").encode()
+        if kind == 4:  # refused by the proxy: ambiguous key
+            raw = (
+                f"GET {path} HTTP/1.1\r\nHost: h\r\nX-User-Id: {key}\r\nX-User-Id: {key}-2\r\n\r\n"
+            ).encode()
         else:
-            raw = http_request(method, path, headers=headers,
-                               body=b"x" if method in ("POST", "PUT", "PATCH") else None)
+            raw = http_request(
+                method,
+                path,
+                headers=headers,
+                body=b"x" if method in ("POST", "PUT", "PATCH") else None,
+            )
         c = await p.client()
         c.send(raw)
         await c.response(head=method == "HEAD")
@@ -72,8 +82,16 @@ async def test_user_input_adds_no_metric_series(raw_backend, proxy):
         assert m not in text
     labels = set(re.findall(r'(\w+)="', text))
     # fingerprint: the ring's, from configuration (stickyproxy_ring_info)
-    assert labels <= {"backend", "code_class", "result", "reason", "kind", "status", "le",
-                      "fingerprint"}, labels
+    assert labels <= {
+        "backend",
+        "code_class",
+        "result",
+        "reason",
+        "kind",
+        "status",
+        "le",
+        "fingerprint",
+    }, labels
 
 
 async def test_access_log_shows_a_hash_of_the_key_by_default(raw_backend, proxy, caplog):

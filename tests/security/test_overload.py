@@ -17,13 +17,14 @@ import resource
 import time
 
 import pytest
+
 from support.config import ring_of
 from support.http import Client, http_request
 
 from .judges import metric, strict_responder
 
-TICK = 0.1           # the proxy checks deadlines on this period (dataplane/proxy.py TICK)
-SLACK = 0.5          # scheduling noise on top of a deadline + one tick
+TICK = 0.1  # the proxy checks deadlines on this period (dataplane/proxy.py TICK)
+SLACK = 0.5  # scheduling noise on top of a deadline + one tick
 # exchange.py: a slow body is judged only after BODY_RATE_GRACE, every BODY_RATE_CHECK
 BODY_RATE_GRACE, BODY_RATE_CHECK = 2.0, 1.0
 PARTIAL_HEAD = b"GET / HTTP/1.1\r\nHost: h\r\nX-User-Id: u\r\n"
@@ -49,11 +50,13 @@ async def _trickle(conns: list[Client], stop: asyncio.Event, every: float) -> No
 # ---------------------------------------------------------------------------------------
 # slowloris against the connection cap
 
+
 @pytest.mark.slow
 async def test_slowloris_cannot_hold_the_connection_cap(raw_backend, proxy):
     be = await raw_backend("a", strict_responder())
-    p = await proxy([be], {"limits": {"max_client_connections": 20},
-                           "timeouts": {"client_header": "1s"}})
+    p = await proxy(
+        [be], {"limits": {"max_client_connections": 20}, "timeouts": {"client_header": "1s"}}
+    )
     slow = []
     t0 = time.monotonic()
     for _ in range(20):
@@ -81,29 +84,33 @@ async def test_slowloris_cannot_hold_the_connection_cap(raw_backend, proxy):
         await task
     ok = await p.get("/", user="u")
     assert ok.status == 200
-    assert be.raw.count(b"GET / HTTP/1.1") == 1          # only the real request got through
+    assert be.raw.count(b"GET / HTTP/1.1") == 1  # only the real request got through
 
 
 # ---------------------------------------------------------------------------------------
 # limits.min_body_rate
 
+
 @pytest.mark.slow
 async def test_body_slower_than_min_body_rate_gets_408_in_bounded_time(raw_backend, proxy):
     be = await raw_backend("a", strict_responder())
-    p = await proxy([be], {"limits": {"min_body_rate": 1000},
-                           "timeouts": {"body_idle": "10s", "response": "10s"}})
+    p = await proxy(
+        [be],
+        {"limits": {"min_body_rate": 1000}, "timeouts": {"body_idle": "10s", "response": "10s"}},
+    )
     c = await p.client()
     t0 = time.monotonic()
     c.send(b"POST /up HTTP/1.1\r\nHost: h\r\nX-User-Id: u\r\nContent-Length: 100000\r\n\r\n")
     stop = asyncio.Event()
 
-    async def trickle():                       # 100 bytes every 250 ms = 400 B/s
+    async def trickle():  # 100 bytes every 250 ms = 400 B/s
         while not stop.is_set():
             try:
                 c.send(b"x" * 100)
             except (ConnectionError, RuntimeError):
                 return
             await asyncio.sleep(0.25)
+
     task = asyncio.create_task(trickle())
     try:
         r = await c.response(timeout=6)
@@ -126,10 +133,12 @@ async def test_body_slower_than_min_body_rate_gets_408_in_bounded_time(raw_backe
 @pytest.mark.slow
 async def test_body_at_the_min_body_rate_is_not_cut(raw_backend, proxy):
     be = await raw_backend("a", strict_responder())
-    p = await proxy([be], {"limits": {"min_body_rate": 1000},
-                           "timeouts": {"body_idle": "10s", "response": "10s"}})
+    p = await proxy(
+        [be],
+        {"limits": {"min_body_rate": 1000}, "timeouts": {"body_idle": "10s", "response": "10s"}},
+    )
     c = await p.client()
-    total = 4 * 1000 * 4                         # 4 s at 4,000 B/s: 4× the minimum
+    total = 4 * 1000 * 4  # 4 s at 4,000 B/s: 4× the minimum
     c.send(b"POST /up HTTP/1.1\r\nHost: h\r\nX-User-Id: u\r\nContent-Length: %d\r\n\r\n" % total)
     for _ in range(16):
         c.send(b"y" * 1000)
@@ -141,6 +150,7 @@ async def test_body_at_the_min_body_rate_is_not_cut(raw_backend, proxy):
 
 # ---------------------------------------------------------------------------------------
 # 1,000 slow connections against a real proxy process
+
 
 def _raise_nofile(want: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -157,18 +167,23 @@ def _fds(pid: int) -> int:
 
 
 N_SLOW = 1000
-RSS_BOUND_KB = 50 * 1024        # the stated bound: < 50 MB of growth for 1,000 slow heads
+RSS_BOUND_KB = 50 * 1024  # the stated bound: < 50 MB of growth for 1,000 slow heads
 HEADER_DEADLINE = 4.0
 
 
 @pytest.mark.slow
 async def test_thousand_slow_connections_bounded_memory_and_all_closed(backends, proxy_process):
-    _raise_nofile(N_SLOW * 2 + 512)             # our 1,000 ends + the proxy's (its own limit
-    (a,) = await backends("a")                  # is inherited from this process)
-    pp = proxy_process([a], {"timeouts": {"client_header": f"{HEADER_DEADLINE:g}s"},
-                             "limits": {"max_client_connections": N_SLOW + 100}})
+    _raise_nofile(N_SLOW * 2 + 512)  # our 1,000 ends + the proxy's (its own limit
+    (a,) = await backends("a")  # is inherited from this process)
+    pp = proxy_process(
+        [a],
+        {
+            "timeouts": {"client_header": f"{HEADER_DEADLINE:g}s"},
+            "limits": {"max_client_connections": N_SLOW + 100},
+        },
+    )
     await pp.wait_ready()
-    for i in range(50):                          # warm: pools, caches, the allocator
+    for i in range(50):  # warm: pools, caches, the allocator
         c = await Client.connect(pp.port)
         c.send(http_request("GET", f"/w{i}", headers={"X-User-Id": f"u{i}"}))
         assert (await c.response()).status == 200
@@ -198,6 +213,7 @@ async def test_thousand_slow_connections_bounded_memory_and_all_closed(backends,
         finally:
             closed_at[i] = time.monotonic()
             c.close()
+
     watchers = [asyncio.create_task(watch(i, c)) for i, c in enumerate(conns)]
     try:
         # while they are all open: the proxy holds them and still serves others
@@ -221,14 +237,16 @@ async def test_thousand_slow_connections_bounded_memory_and_all_closed(backends,
         for w in watchers:
             w.cancel()
     growth = peak - rss0
-    print(f"\n{N_SLOW} slow connections: VmRSS {rss0} kB -> peak {peak} kB "
-          f"(+{growth} kB, {growth * 1024 / N_SLOW:.0f} B per connection)")
+    print(
+        f"\n{N_SLOW} slow connections: VmRSS {rss0} kB -> peak {peak} kB "
+        f"(+{growth} kB, {growth * 1024 / N_SLOW:.0f} B per connection)"
+    )
     assert growth < RSS_BOUND_KB, f"RSS grew by {growth} kB for {N_SLOW} slow connections"
     # every one was answered 408 and closed by the header deadline (+ a tick + load slack)
     worst = max(closed_at[i] - opened[i] for i in range(N_SLOW))
     assert worst <= HEADER_DEADLINE + TICK + 1.5, worst
     deadline = time.monotonic() + 5
-    while _fds(pp.pid) > fds0 + 10:              # the proxy's ends are gone too
+    while _fds(pp.pid) > fds0 + 10:  # the proxy's ends are gone too
         assert time.monotonic() < deadline, (fds0, _fds(pp.pid))
         await asyncio.sleep(0.05)
     assert pp.proc.poll() is None
@@ -236,6 +254,7 @@ async def test_thousand_slow_connections_bounded_memory_and_all_closed(backends,
 
 # ---------------------------------------------------------------------------------------
 # a crowd against one backend's in-flight cap
+
 
 async def test_crowd_never_exceeds_the_backend_cap_and_overflow_is_refused_fast(raw_backend, proxy):
     release = asyncio.Event()
@@ -247,12 +266,20 @@ async def test_crowd_never_exceeds_the_backend_cap_and_overflow_is_refused_fast(
             state["max"] = max(state["max"], state["now"])
             await release.wait()
             state["now"] -= 1
-            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                      % (len(req.target), req.target.encode()))
+            conn.send(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(req.target), req.target.encode())
+            )
+
     be = await raw_backend("a", held)
     cap, queue = 3, 5
-    p = await proxy([be], {"limits": {"max_inflight_per_backend": cap, "queue_per_backend": queue},
-                           "timeouts": {"queue": "3s"}})
+    p = await proxy(
+        [be],
+        {
+            "limits": {"max_inflight_per_backend": cap, "queue_per_backend": queue},
+            "timeouts": {"queue": "3s"},
+        },
+    )
     clients = []
     for i in range(30):
         c = await p.client()
@@ -267,6 +294,7 @@ async def test_crowd_never_exceeds_the_backend_cap_and_overflow_is_refused_fast(
         if r.status == 503:
             assert r.has("Retry-After")
             assert time.monotonic() - t0 < 1.0, "an overflow request was left waiting"
+
     readers = [asyncio.create_task(read(i, c)) for i, c in enumerate(clients)]
     while sum(1 for s in results.values() if s == 503) < 30 - cap - queue:
         assert time.monotonic() - t0 < 2, results
@@ -285,11 +313,12 @@ async def test_crowd_never_exceeds_the_backend_cap_and_overflow_is_refused_fast(
 # the retry budget: it limits retries after timeouts (what an overloaded backend does), and
 # leaves failover from a dead backend alone (dataplane/retry.py)
 
+
 async def _budget_rig(raw_backend, proxy, bad_script, n, budget_min, budget_percent):
     arrived = {"good_now": 0, "good_max": 0, "good": 0}
     release = asyncio.Event()
 
-    async def holder(conn):                      # the retry target holds what it gets
+    async def holder(conn):  # the retry target holds what it gets
         while await conn.request(timeout=10) is not None:
             arrived["good"] += 1
             arrived["good_now"] += 1
@@ -297,16 +326,24 @@ async def _budget_rig(raw_backend, proxy, bad_script, n, budget_min, budget_perc
             await release.wait()
             arrived["good_now"] -= 1
             conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
     bad = await raw_backend("bad", bad_script)
     good = await raw_backend("good", holder)
-    p = await proxy([bad, good], {"admin": {"enabled": True, "port": 0},
-                                  "passive": {"enabled": False},
-                                  "timeouts": {"response": "300ms"},
-                                  "retries": {"attempts": 2, "budget_min": budget_min,
-                                              "budget_percent": budget_percent}})
+    p = await proxy(
+        [bad, good],
+        {
+            "admin": {"enabled": True, "port": 0},
+            "passive": {"enabled": False},
+            "timeouts": {"response": "300ms"},
+            "retries": {"attempts": 2, "budget_min": budget_min, "budget_percent": budget_percent},
+        },
+    )
     ring = ring_of(p.config)
-    users = list(itertools.islice((u for u in (f"user-{i}" for i in range(5000))
-                                   if ring.preference(u)[0] == "bad"), n))
+    users = list(
+        itertools.islice(
+            (u for u in (f"user-{i}" for i in range(5000)) if ring.preference(u)[0] == "bad"), n
+        )
+    )
     assert len(users) == n
     clients = []
     for u in users:
@@ -318,6 +355,7 @@ async def _budget_rig(raw_backend, proxy, bad_script, n, budget_min, budget_perc
     async def read(c):
         r = await c.response(timeout=8)
         statuses.append(r.status)
+
     readers = [asyncio.create_task(read(c)) for c in clients]
     # every request failed on "bad": each one was either answered or is held at "good"
     t0 = time.monotonic()
@@ -341,8 +379,10 @@ async def test_retry_budget_bounds_retries_after_timeouts(raw_backend, proxy):
     async def silent(conn):
         await conn.request(timeout=10)
         await asyncio.sleep(10)
-    p, statuses, arrived, held = await _budget_rig(raw_backend, proxy, silent, n,
-                                                   budget_min, budget_percent)
+
+    p, statuses, arrived, held = await _budget_rig(
+        raw_backend, proxy, silent, n, budget_min, budget_percent
+    )
     allowed = max(budget_min, n * budget_percent // 100)
     assert 1 <= held <= allowed, (held, allowed)
     assert arrived["good_max"] <= allowed
@@ -350,8 +390,10 @@ async def test_retry_budget_bounds_retries_after_timeouts(raw_backend, proxy):
     assert statuses.count(504) == n - held
     admin = p.svc.admin.port
     assert await metric(admin, "stickyproxy_retries_total", backend="bad", reason="timeout") == held
-    assert await metric(admin, "stickyproxy_retries_denied_total", backend="bad",
-                        reason="budget") == n - held
+    assert (
+        await metric(admin, "stickyproxy_retries_denied_total", backend="bad", reason="budget")
+        == n - held
+    )
 
 
 async def test_requests_reset_by_a_dead_backend_are_all_retried(raw_backend, proxy):
@@ -362,12 +404,14 @@ async def test_requests_reset_by_a_dead_backend_are_all_retried(raw_backend, pro
     async def resetter(conn):
         if await conn.request(timeout=10) is not None:
             conn.abort()
+
     p, statuses, arrived, held = await _budget_rig(raw_backend, proxy, resetter, n, 2, 10)
     assert statuses == [200] * n
     admin = p.svc.admin.port
     assert await metric(admin, "stickyproxy_retries_total", backend="bad", reason="reset") == n
-    assert await metric(admin, "stickyproxy_retries_denied_total", backend="bad",
-                        reason="budget") == 0
+    assert (
+        await metric(admin, "stickyproxy_retries_denied_total", backend="bad", reason="budget") == 0
+    )
 
 
 @pytest.mark.slow
@@ -401,11 +445,14 @@ async def test_stale_connection_retries_are_free_of_the_budget_and_of_blame(raw_
         conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         if await conn.request(timeout=10) is not None:
             conn.abort()
+
     be = await raw_backend("a", first_only)
-    p = await proxy([be], {"passive": {"consecutive_failures": 2},
-                           "retries": {"budget_min": 1, "budget_percent": 0}})
+    p = await proxy(
+        [be],
+        {"passive": {"consecutive_failures": 2}, "retries": {"budget_min": 1, "budget_percent": 0}},
+    )
     warm = []
-    for i in range(n):                              # n pooled upstream connections
+    for i in range(n):  # n pooled upstream connections
         c = await p.client()
         c.send(http_request("GET", "/warm", headers={"X-User-Id": "u"}))
         warm.append(c)
@@ -414,7 +461,7 @@ async def test_stale_connection_retries_are_free_of_the_budget_and_of_blame(raw_
         c.close()
     assert len(be.connections) == n
     clients = []
-    for i in range(n):                              # each reuses one, which resets
+    for i in range(n):  # each reuses one, which resets
         c = await p.client()
         c.send(http_request("GET", f"/r{i}", headers={"X-User-Id": "u"}))
         clients.append(c)

@@ -31,8 +31,9 @@ class AdminReply:
 class OpsProxy:
     """A ProxyHandle plus what operating it needs: admin calls, metrics, config rewrites."""
 
-    def __init__(self, handle: ProxyHandle, backends: list[Any],
-                 overrides: dict[str, dict[str, Any]]):
+    def __init__(
+        self, handle: ProxyHandle, backends: list[Any], overrides: dict[str, dict[str, Any]]
+    ):
         self.h = handle
         self.svc = handle.svc
         self.path = handle.path
@@ -72,14 +73,19 @@ class OpsProxy:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         return self._session
 
-    async def admin(self, method: str, path: str, *, token: str | None = None,
-                    headers: dict[str, str] | None = None) -> AdminReply:
+    async def admin(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> AdminReply:
         h = dict(headers or {})
         if token is not None:
             h["Authorization"] = f"Bearer {token}"
         s = await self.session()
-        async with s.request(method, f"http://{LOCALHOST}:{self.admin_port}{path}",
-                             headers=h) as r:
+        async with s.request(method, f"http://{LOCALHOST}:{self.admin_port}{path}", headers=h) as r:
             return AdminReply(r.status, r.headers, await r.text())
 
     async def metrics(self) -> Metrics:
@@ -98,8 +104,9 @@ class OpsProxy:
         return r.json()
 
     # the configuration file
-    def rewrite(self, backends: list[Any] | None = None,
-                overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    def rewrite(
+        self, backends: list[Any] | None = None, overrides: dict[str, dict[str, Any]] | None = None
+    ) -> str:
         """Write a new config to the file the proxy was started from (not applied yet)."""
         if backends is not None:
             self.backends = list(backends)

@@ -27,13 +27,14 @@ from support.wire import StrictCollector
 # ---------------------------------------------------------------------------------------
 # what a backend received
 
+
 @dataclass
 class Recorded(HeaderFields):
     backend: str
     method: str
-    target: str                       # raw path + query, as received
+    target: str  # raw path + query, as received
     version: str
-    headers: list[tuple[str, str]]    # in order, case and duplicates preserved
+    headers: list[tuple[str, str]]  # in order, case and duplicates preserved
     body: bytes = b""
     trailers: list[tuple[str, str]] = field(default_factory=list)
     peer: tuple[str, int] | None = None  # the proxy's end of the TCP connection
@@ -63,7 +64,7 @@ class AioBackend:
         self.id = bid
         self.requests: list[Recorded] = []
         self.handler: Handler = echo_handler
-        self.read_body = True           # read the whole body before calling the handler
+        self.read_body = True  # read the whole body before calling the handler
         self.port = 0
         self.runner: web.AppRunner | None = None
         self.running = False
@@ -75,10 +76,13 @@ class AioBackend:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         rec = Recorded(
-            backend=self.id, method=request.method, target=request.raw_path,
+            backend=self.id,
+            method=request.method,
+            target=request.raw_path,
             version=f"{request.version.major}.{request.version.minor}",
             headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers],
-            peer=tuple(peer[:2]) if peer else None)
+            peer=tuple(peer[:2]) if peer else None,
+        )
         self.requests.append(rec)
         if self.read_body and "upgrade" not in request.headers.get("Connection", "").lower():
             rec.body = await request.read()
@@ -87,8 +91,9 @@ class AioBackend:
     async def start(self, port: int = 0) -> AioBackend:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=0.5)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self.runner.setup()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -115,8 +120,9 @@ class AioBackend:
 class RawConn:
     """One accepted connection of a RawBackend: raw bytes in, scripted bytes out."""
 
-    def __init__(self, backend: RawBackend, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter):
+    def __init__(
+        self, backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
         self.backend = backend
         self.reader = reader
         self.writer = writer
@@ -136,9 +142,16 @@ class RawConn:
             pass
         finally:
             for m in self._llhttp.done:
-                rec = Recorded(self.backend.id, m.method.decode(), m.target.decode("latin-1"),
-                               m.version.decode(), _text(m.fields), m.body, _text(m.trailers),
-                               self.peer)
+                rec = Recorded(
+                    self.backend.id,
+                    m.method.decode(),
+                    m.target.decode("latin-1"),
+                    m.version.decode(),
+                    _text(m.fields),
+                    m.body,
+                    _text(m.trailers),
+                    self.peer,
+                )
                 self._done.append(rec)
                 self.requests.append(rec)
                 self.backend.requests.append(rec)
@@ -187,6 +200,7 @@ Script = Callable[[RawConn], Awaitable[None]]
 
 def respond_with(make: bytes | Callable[[Recorded], bytes], *, close: bool = False) -> Script:
     """A script answering every request with ``make`` (bytes, or a function of the request)."""
+
     async def script(conn: RawConn) -> None:
         while True:
             req = await conn.request()
@@ -197,6 +211,7 @@ def respond_with(make: bytes | Callable[[Recorded], bytes], *, close: bool = Fal
             if close:
                 conn.close()
                 return
+
     return script
 
 
@@ -236,8 +251,9 @@ class RawBackend:
                 self._tasks.discard(task)
 
     async def start(self, port: int = 0) -> RawBackend:
-        self.server = await asyncio.start_server(self._handle, LOCALHOST, port or self.port,
-                                                 reuse_address=True)
+        self.server = await asyncio.start_server(
+            self._handle, LOCALHOST, port or self.port, reuse_address=True
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

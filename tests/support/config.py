@@ -31,7 +31,7 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)          # a JSON string is a valid TOML basic string
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -39,8 +39,12 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def build_toml(backends: list[Any], overrides: dict[str, dict[str, Any]] | None = None,
-               *, base: dict[str, dict[str, Any]] | None = None) -> str:
+def build_toml(
+    backends: list[Any],
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    base: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """A config: BASE_CONFIG (or ``base``) with ``overrides`` merged per section."""
     sections = {k: dict(v) for k, v in (BASE_CONFIG if base is None else base).items()}
     for name, values in (overrides or {}).items():
@@ -64,9 +68,23 @@ def ring_of(config: Config) -> Ring:
 
 def route_json(config_path: str | os.PathLike, *keys: str) -> dict[str, list[str]]:
     """``stickyproxy route -c FILE --json KEY...`` in a subprocess: {key: preference list}."""
-    out = subprocess.run([sys.executable, "-m", "stickyproxy.cli", "route", "-c",
-                          str(config_path), "--json", "--", *keys],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stickyproxy.cli",
+            "route",
+            "-c",
+            str(config_path),
+            "--json",
+            "--",
+            *keys,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     result = {}
     for line in out.stdout.splitlines():
@@ -91,8 +109,12 @@ def merged(*layers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any
 KEY_SEARCH_LIMIT = 200_000
 
 
-def keys_where(pref: Callable[[str], list[str]], pred: Callable[[list[str]], bool],
-               n: int = 1, prefix: str = "user") -> list[str]:
+def keys_where(
+    pref: Callable[[str], list[str]],
+    pred: Callable[[list[str]], bool],
+    n: int = 1,
+    prefix: str = "user",
+) -> list[str]:
     """The first ``n`` keys ``prefix-0, prefix-1, ...`` whose preference list satisfies ``pred``."""
     out = []
     for i in range(KEY_SEARCH_LIMIT):

@@ -15,8 +15,15 @@ from support.backends import Recorded
 
 def health_cfg(**kw: Any) -> dict[str, Any]:
     """[health] for fast, deterministic checks: 50 ms apart, no jitter."""
-    base = {"enabled": True, "path": "/healthz", "interval": "50ms", "timeout": "50ms",
-            "rise": 2, "fall": 3, "jitter": 0.0}
+    base = {
+        "enabled": True,
+        "path": "/healthz",
+        "interval": "50ms",
+        "timeout": "50ms",
+        "rise": 2,
+        "fall": 3,
+        "jitter": 0.0,
+    }
     base.update(kw)
     return base
 
@@ -34,7 +41,7 @@ class HealthScript:
         self.queue: deque[int | str] = deque()
         self.hold: int | str = hold
         self.served: list[int | str] = []
-        self.times: list[float] = []          # when each check arrived (monotonic)
+        self.times: list[float] = []  # when each check arrived (monotonic)
 
     def script(self, *outcomes: int | str, hold: int | str | None = None) -> None:
         self.queue.extend(outcomes)
@@ -75,9 +82,12 @@ def user_requests(backend: Any, path: str = "/healthz") -> list[Recorded]:
     return [r for r in backend.requests if not r.target.startswith(path)]
 
 
-def simulate_rise_fall(served: list[int | str], rise: int, fall: int,
-                       ok: Callable[[int | str], bool] = lambda o: o == 200
-                       ) -> list[tuple[int, str]]:
+def simulate_rise_fall(
+    served: list[int | str],
+    rise: int,
+    fall: int,
+    ok: Callable[[int | str], bool] = lambda o: o == 200,
+) -> list[tuple[int, str]]:
     """(1-based check number, "up"/"down") at which HAProxy-style rise/fall flips state,
     starting up."""
     up, succ, fail, out = True, 0, 0, []

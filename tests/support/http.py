@@ -62,13 +62,14 @@ class Response(HeaderFields):
     body: bytes = b""
     trailers: list[tuple[str, str]] = field(default_factory=list)
     informational: list[Response] = field(default_factory=list)
-    framing: str = ""                 # "none" | "length" | "chunked" | "close"
+    framing: str = ""  # "none" | "length" | "chunked" | "close"
     raw: bytes = b""
 
     @property
     def wants_close(self) -> bool:
-        return any("close" in [t.strip().lower() for t in v.split(",")]
-                   for v in self.values("Connection"))
+        return any(
+            "close" in [t.strip().lower() for t in v.split(",")] for v in self.values("Connection")
+        )
 
 
 class Client:
@@ -80,7 +81,7 @@ class Client:
         self.buf = bytearray()
         self.eof = False
         self.reset = False
-        self.received = bytearray()       # everything ever read, for diagnostics
+        self.received = bytearray()  # everything ever read, for diagnostics
 
     @classmethod
     async def connect(cls, port: int, *, timeout: float = IO_TIMEOUT) -> Client:
@@ -129,21 +130,23 @@ class Client:
     async def _need(self, n: int, timeout: float, what: str) -> None:
         while len(self.buf) < n:
             if not await self._fill(timeout):
-                raise IncompleteResponse(f"connection ended during {what}", bytes(self.buf),
-                                         self.reset)
+                raise IncompleteResponse(
+                    f"connection ended during {what}", bytes(self.buf), self.reset
+                )
 
     async def _line(self, timeout: float, what: str, limit: int = 1 << 16) -> bytes:
         while True:
             i = self.buf.find(b"\r\n")
             if i >= 0:
                 line = bytes(self.buf[:i])
-                del self.buf[:i + 2]
+                del self.buf[: i + 2]
                 assert b"\n" not in line and b"\r" not in line, f"bare CR/LF in {line!r}"
                 return line
             assert len(self.buf) < limit, f"{what}: line longer than {limit}"
             if not await self._fill(timeout):
-                raise IncompleteResponse(f"connection ended during {what}", bytes(self.buf),
-                                         self.reset)
+                raise IncompleteResponse(
+                    f"connection ended during {what}", bytes(self.buf), self.reset
+                )
 
     async def _fields(self, timeout: float, what: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -170,11 +173,15 @@ class Client:
             m = _STATUS_LINE.match(line)
             assert m, f"malformed status line {line!r}"
             status = int(m.group(3))
-            resp = Response(f"{m.group(1).decode()}.{m.group(2).decode()}", status,
-                            m.group(4).decode("latin-1"), await self._fields(timeout, "the head"))
+            resp = Response(
+                f"{m.group(1).decode()}.{m.group(2).decode()}",
+                status,
+                m.group(4).decode("latin-1"),
+                await self._fields(timeout, "the head"),
+            )
             if 100 <= status < 200 and status != 101:
                 resp.framing = "none"
-                resp.raw = bytes(self.received[start:len(self.received) - len(self.buf)])
+                resp.raw = bytes(self.received[start : len(self.received) - len(self.buf)])
                 infos.append(resp)
                 continue
             resp.informational = infos
@@ -192,7 +199,9 @@ class Client:
                 resp.framing = "close"
                 resp.body = await self._until_close(timeout)
         elif cls:
-            assert len(set(cls)) == 1 and re.fullmatch(r"\d+", cls[0]), f"bad Content-Length {cls!r}"
+            assert len(set(cls)) == 1 and re.fullmatch(r"\d+", cls[0]), (
+                f"bad Content-Length {cls!r}"
+            )
             n = int(cls[0])
             await self._need(n, timeout, f"a {n}-byte body")
             resp.body = bytes(self.buf[:n])
@@ -201,7 +210,7 @@ class Client:
         else:
             resp.framing = "close"
             resp.body = await self._until_close(timeout)
-        resp.raw = bytes(self.received[start:len(self.received) - len(self.buf)])
+        resp.raw = bytes(self.received[start : len(self.received) - len(self.buf)])
         return resp
 
     async def interim(self, *, timeout: float = IO_TIMEOUT) -> Response:
@@ -209,9 +218,13 @@ class Client:
         line = await self._line(timeout, "the status line")
         m = _STATUS_LINE.match(line)
         assert m, f"malformed status line {line!r}"
-        resp = Response(f"{m.group(1).decode()}.{m.group(2).decode()}", int(m.group(3)),
-                        m.group(4).decode("latin-1"), await self._fields(timeout, "the head"),
-                        framing="none")
+        resp = Response(
+            f"{m.group(1).decode()}.{m.group(2).decode()}",
+            int(m.group(3)),
+            m.group(4).decode("latin-1"),
+            await self._fields(timeout, "the head"),
+            framing="none",
+        )
         assert 100 <= resp.status < 200, f"expected an interim response, got {resp.status}"
         return resp
 
@@ -227,8 +240,8 @@ class Client:
                 return bytes(body), trailers
             await self._need(size + 2, timeout, "chunk data")
             body += self.buf[:size]
-            assert self.buf[size:size + 2] == b"\r\n", "chunk data not followed by CRLF"
-            del self.buf[:size + 2]
+            assert self.buf[size : size + 2] == b"\r\n", "chunk data not followed by CRLF"
+            del self.buf[: size + 2]
 
     async def _until_close(self, timeout: float) -> bytes:
         data = await self.read_until_close(timeout)
@@ -258,16 +271,23 @@ class Client:
         return False
 
 
-def http_request(method: str = "GET", target: str = "/", *, host: str = "proxy.test",
-                 headers: list[tuple[str, str]] | dict[str, str] | None = None,
-                 body: bytes | None = None, version: str = "1.1") -> bytes:
+def http_request(
+    method: str = "GET",
+    target: str = "/",
+    *,
+    host: str = "proxy.test",
+    headers: list[tuple[str, str]] | dict[str, str] | None = None,
+    body: bytes | None = None,
+    version: str = "1.1",
+) -> bytes:
     """A well-formed request (Content-Length added when there is a body)."""
     lines = [f"{method} {target} HTTP/{version}"]
     if host is not None:
         lines.append(f"Host: {host}")
     items = headers.items() if isinstance(headers, dict) else (headers or [])
     lines += [f"{n}: {v}" for n, v in items]
-    if body is not None and not any(n.lower() in ("content-length", "transfer-encoding")
-                                    for n, _ in items):
+    if body is not None and not any(
+        n.lower() in ("content-length", "transfer-encoding") for n, _ in items
+    ):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")

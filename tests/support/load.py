@@ -16,13 +16,13 @@ from support.net import LOCALHOST, eventually
 class Outcome:
     user: str
     method: str
-    status: int | None         # None: the request failed at the HTTP level
-    backend: str | None        # the backend that answered (its X-Backend)
-    phase: str                 # the test's phase when the request was sent
+    status: int | None  # None: the request failed at the HTTP level
+    backend: str | None  # the backend that answered (its X-Backend)
+    phase: str  # the test's phase when the request was sent
     sent: float
     done: float
     error: str = ""
-    rid: int = -1              # the request's X-Req-Id
+    rid: int = -1  # the request's X-Req-Id
 
 
 class Load:
@@ -31,8 +31,17 @@ class Load:
     backend's record tells when the request was sent. Every third request is a POST with a
     body (not retryable after it was sent), the rest GETs."""
 
-    def __init__(self, port: int, users: list[str], *, total: int = 600, concurrency: int = 8,
-                 post_every: int = 3, timeout: float = 5.0, new_connections: bool = False):
+    def __init__(
+        self,
+        port: int,
+        users: list[str],
+        *,
+        total: int = 600,
+        concurrency: int = 8,
+        post_every: int = 3,
+        timeout: float = 5.0,
+        new_connections: bool = False,
+    ):
         self.port = port
         self.users = users
         self.total = total
@@ -69,21 +78,29 @@ class Load:
             try:
                 async with session.request(method, url, headers=headers, data=body) as r:
                     payload = await r.read()
-                    out = Outcome(user, method, r.status, r.headers.get("X-Backend"), phase,
-                                  t0, time.monotonic(), rid=i)
+                    out = Outcome(
+                        user,
+                        method,
+                        r.status,
+                        r.headers.get("X-Backend"),
+                        phase,
+                        t0,
+                        time.monotonic(),
+                        rid=i,
+                    )
                     if r.status != 200:
                         out.error = payload[:200].decode("latin-1")
                     elif post and payload != body:
                         out.status, out.error = None, f"wrong body {payload[:80]!r}"
             except (aiohttp.ClientError, TimeoutError) as e:
-                out = Outcome(user, method, None, None, phase, t0, time.monotonic(), repr(e),
-                              rid=i)
+                out = Outcome(user, method, None, None, phase, t0, time.monotonic(), repr(e), rid=i)
             self.outcomes.append(out)
 
     async def run(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.concurrency, force_close=self.new_connections)
         async with aiohttp.ClientSession(
-                connector=conn, timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
+            connector=conn, timeout=aiohttp.ClientTimeout(total=self.timeout)
+        ) as s:
             await asyncio.gather(*(self._worker(s) for _ in range(self.concurrency)))
 
     def start(self) -> Load:
@@ -91,8 +108,11 @@ class Load:
         return self
 
     async def reached(self, n: int, deadline: float = 10.0) -> None:
-        await eventually(lambda: len(self.outcomes) >= n or (self.task and self.task.done()),
-                         deadline=deadline, what=f"{n} requests answered")
+        await eventually(
+            lambda: len(self.outcomes) >= n or (self.task and self.task.done()),
+            deadline=deadline,
+            what=f"{n} requests answered",
+        )
         assert len(self.outcomes) >= n, "the load ended early"
 
     async def finish(self, deadline: float = 30.0) -> None:
@@ -103,4 +123,5 @@ class Load:
     def describe_failures(self, limit: int = 5) -> str:
         f = self.failures
         return f"{len(f)} failed: " + "; ".join(
-            f"{o.method} {o.user} -> {o.status} {o.error}" for o in f[:limit])
+            f"{o.method} {o.user} -> {o.status} {o.error}" for o in f[:limit]
+        )

@@ -20,8 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def eventually(predicate: Callable[[], Any], *, deadline: float = IO_TIMEOUT,
-                     interval: float = 0.01, what: str = "condition") -> Any:
+async def eventually(
+    predicate: Callable[[], Any],
+    *,
+    deadline: float = IO_TIMEOUT,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` (sync or async) until truthy; fail after ``deadline`` seconds."""
     end = time.monotonic() + deadline
     while True:

@@ -57,24 +57,32 @@ def _tcp_rows():
         next(f)
         for line in f:
             parts = line.split()
-            yield parts[1], parts[2], parts[3], parts[9]      # local, remote, state, inode
+            yield parts[1], parts[2], parts[3], parts[9]  # local, remote, state, inode
 
 
 def listening_on(pid: int, port: int) -> bool:
     """Whether process ``pid`` holds a listening TCP socket on ``port``."""
     inodes = socket_inodes(pid)
-    return any(state == "0A" and inode in inodes and int(local.split(":")[1], 16) == port
-               for local, _, state, inode in _tcp_rows())
+    return any(
+        state == "0A" and inode in inodes and int(local.split(":")[1], 16) == port
+        for local, _, state, inode in _tcp_rows()
+    )
 
 
 def listeners(port: int) -> int:
     """Listening TCP sockets on ``port`` (SO_REUSEPORT: one per worker)."""
-    return sum(1 for local, _, state, _ in _tcp_rows()
-               if state == "0A" and int(local.split(":")[1], 16) == port)
+    return sum(
+        1
+        for local, _, state, _ in _tcp_rows()
+        if state == "0A" and int(local.split(":")[1], 16) == port
+    )
 
 
 def established_to(pid: int, ports: set[int]) -> int:
     """TCP connections process ``pid`` holds to 127.0.0.1 on one of ``ports``."""
     inodes = socket_inodes(pid)
-    return sum(1 for _, remote, state, inode in _tcp_rows()
-               if state == "01" and inode in inodes and int(remote.split(":")[1], 16) in ports)
+    return sum(
+        1
+        for _, remote, state, inode in _tcp_rows()
+        if state == "01" and inode in inodes and int(remote.split(":")[1], 16) in ports
+    )

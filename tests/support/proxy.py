@@ -29,6 +29,7 @@ from support.net import IO_TIMEOUT, free_port
 # ---------------------------------------------------------------------------------------
 # in process
 
+
 @dataclass
 class ProxyHandle:
     svc: Service
@@ -53,8 +54,9 @@ class ProxyHandle:
     async def client(self) -> Client:
         return await Client.connect(self.port)
 
-    async def exchange(self, raw: bytes, *, head: bool = False,
-                       timeout: float = IO_TIMEOUT) -> Response:
+    async def exchange(
+        self, raw: bytes, *, head: bool = False, timeout: float = IO_TIMEOUT
+    ) -> Response:
         """Send ``raw`` on a new connection, read one response, close."""
         c = await self.client()
         try:
@@ -63,14 +65,24 @@ class ProxyHandle:
         finally:
             c.close()
 
-    async def get(self, target: str = "/", *, user: str | None = None,
-                  headers: dict[str, str] | None = None, method: str = "GET",
-                  body: bytes | None = None, timeout: float = IO_TIMEOUT) -> Response:
+    async def get(
+        self,
+        target: str = "/",
+        *,
+        user: str | None = None,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+        timeout: float = IO_TIMEOUT,
+    ) -> Response:
         h = dict(headers or {})
         if user is not None:
             h["X-User-Id"] = user
-        return await self.exchange(http_request(method, target, headers=h, body=body),
-                                   head=method == "HEAD", timeout=timeout)
+        return await self.exchange(
+            http_request(method, target, headers=h, body=body),
+            head=method == "HEAD",
+            timeout=timeout,
+        )
 
 
 class InProcess:
@@ -80,9 +92,13 @@ class InProcess:
         self.directory = directory
         self.started: list[Service] = []
 
-    async def start(self, backend_list: list[Any],
-                    overrides: dict[str, dict[str, Any]] | None = None,
-                    *, name: str = "proxy.toml") -> ProxyHandle:
+    async def start(
+        self,
+        backend_list: list[Any],
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        name: str = "proxy.toml",
+    ) -> ProxyHandle:
         text = build_toml(backend_list, overrides)
         path = self.directory / name
         path.write_text(text)
@@ -99,6 +115,7 @@ class InProcess:
 
 # ---------------------------------------------------------------------------------------
 # as a subprocess
+
 
 class ProxyProcess:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path):
@@ -163,8 +180,14 @@ class Processes:
         self.directory = directory
         self.procs: list[ProxyProcess] = []
 
-    def spawn(self, backend_list: list[Any], overrides: dict[str, dict[str, Any]] | None = None,
-              *, workers: int = 1, args: tuple[str, ...] = ()) -> ProxyProcess:
+    def spawn(
+        self,
+        backend_list: list[Any],
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        workers: int = 1,
+        args: tuple[str, ...] = (),
+    ) -> ProxyProcess:
         port = free_port()
         ov = {k: dict(v) for k, v in (overrides or {}).items()}
         ov.setdefault("listen", {})["port"] = port
@@ -175,9 +198,21 @@ class Processes:
         log = self.directory / f"proxy-{n}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(path),
-                 "--workers", str(workers), *args],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "stickyproxy.cli",
+                    "run",
+                    "-c",
+                    str(path),
+                    "--workers",
+                    str(workers),
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         p = ProxyProcess(proc, port, log)
         self.procs.append(p)
         return p

@@ -41,9 +41,24 @@ class RedisServer:
             self.port = free_port()
             assert self.port != 6379
             self.proc = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", LOCALHOST, "--save", "",
-                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    REDIS_SERVER,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    LOCALHOST,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--protected-mode",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             end = time.monotonic() + START_DEADLINE
             while self.proc.poll() is None:
                 try:
@@ -54,12 +69,13 @@ class RedisServer:
                     pass
                 assert time.monotonic() < end, "redis-server did not answer in time"
                 time.sleep(0.02)
-            self.stop()                 # exited at start: most likely the port was taken
+            self.stop()  # exited at start: most likely the port was taken
         raise AssertionError(f"redis-server did not start on any of {PORT_TRIES} ports")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=LOCALHOST, port=self.port, socket_timeout=2,
-                           socket_connect_timeout=2)
+        return redis.Redis(
+            host=LOCALHOST, port=self.port, socket_timeout=2, socket_connect_timeout=2
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -75,5 +91,8 @@ class RedisServer:
     def calls_since(self, before: dict[str, int]) -> dict[str, int]:
         """Commands the apps sent since ``before`` (the test's own bookkeeping left out)."""
         after = self.commandstats()
-        return {n: c - before.get(n, 0) for n, c in after.items()
-                if c != before.get(n, 0) and n not in BOOKKEEPING}
+        return {
+            n: c - before.get(n, 0)
+            for n, c in after.items()
+            if c != before.get(n, 0) and n not in BOOKKEEPING
+        }

@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 @dataclass
 class Message:
     """One request or response as a reader framed it."""
+
     start_line: bytes
-    method: bytes = b""             # requests
+    method: bytes = b""  # requests
     target: bytes = b""
-    version: bytes = b""            # b"" for an HTTP/0.9 request
-    status: bytes = b""             # responses: the status digits as sent
+    version: bytes = b""  # b"" for an HTTP/0.9 request
+    status: bytes = b""  # responses: the status digits as sent
     fields: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
-    framing: str = ""               # "none" | "length" | "chunked" | "close" | "upgrade"
-    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)   # the strict reader's
-    length: int = 0                 # the Content-Length a request head announced
+    framing: str = ""  # "none" | "length" | "chunked" | "close" | "upgrade"
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the strict reader's
+    length: int = 0  # the Content-Length a request head announced
     start: int = 0
     end: int = 0
 

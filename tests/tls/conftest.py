@@ -99,9 +99,13 @@ async def listen(settings: tls.ListenTLS, store: tls.CertStore | None = None) ->
     store = store or tls.CertStore(settings)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: Echo(settings.identity), "127.0.0.1", 0, ssl=store.context,
+        lambda: Echo(settings.identity),
+        "127.0.0.1",
+        0,
+        ssl=store.context,
         ssl_handshake_timeout=settings.handshake_timeout,
-        ssl_shutdown_timeout=tls.SHUTDOWN_TIMEOUT)
+        ssl_shutdown_timeout=tls.SHUTDOWN_TIMEOUT,
+    )
     port = server.sockets[0].getsockname()[1]
     return Listener(store, server, port)
 
@@ -123,8 +127,9 @@ async def serve() -> AsyncIterator:
 async def ask(port: int, ctx: ssl.SSLContext, server_hostname: str | None = "localhost"):
     """Open a TLS connection, send one line, return (answer, peer certificate, writer)."""
     async with asyncio.timeout(IO_TIMEOUT):
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                             server_hostname=server_hostname)
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname=server_hostname
+        )
         w.write(b"?\n")
         answer = await r.readline()
     return answer.decode(), w.get_extra_info("peercert"), (r, w)

@@ -59,8 +59,12 @@ async def connect(port: int, settings: tls.BackendTLS, url_host: str = "localhos
 
     async with asyncio.timeout(IO_TIMEOUT):
         transport, _ = await loop.create_connection(
-            Up, "127.0.0.1", port, ssl=tls.client_context(settings),
-            server_hostname=tls.server_hostname(settings, url_host))
+            Up,
+            "127.0.0.1",
+            port,
+            ssl=tls.client_context(settings),
+            server_hostname=tls.server_hostname(settings, url_host),
+        )
         assert transport.get_extra_info("ssl_object").selected_alpn_protocol() in (None, "http/1.1")
         transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
@@ -83,28 +87,34 @@ async def test_verified_backend(ca, tmp_path):
 async def test_server_name_override_and_ip_address_names(ca, tmp_path):
     port = await backend(ca.issue_cert("api.internal", "127.0.0.1"))
     assert await connect(port, trusting(ca, tmp_path, server_name="api.internal"), "localhost")
-    assert await connect(port, trusting(ca, tmp_path), "127.0.0.1")   # the IP SAN
+    assert await connect(port, trusting(ca, tmp_path), "127.0.0.1")  # the IP SAN
 
 
 PAST = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
 FUTURE = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("expired", "TLS: certificate has expired"),
-    ("not_yet_valid", "TLS: certificate is not yet valid"),
-    ("wrong_host", "TLS: certificate is not valid for 'localhost'"),
-    ("wrong_ip", "TLS: certificate is not valid for '127.0.0.1'"),
-    ("untrusted", "TLS: certificate not trusted (issuer unknown)"),
-    ("system_store", "TLS: certificate not trusted (issuer unknown)"),
-    ("plain_http", "TLS: not a TLS server (plain HTTP?)"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("expired", "TLS: certificate has expired"),
+        ("not_yet_valid", "TLS: certificate is not yet valid"),
+        ("wrong_host", "TLS: certificate is not valid for 'localhost'"),
+        ("wrong_ip", "TLS: certificate is not valid for '127.0.0.1'"),
+        ("untrusted", "TLS: certificate not trusted (issuer unknown)"),
+        ("system_store", "TLS: certificate not trusted (issuer unknown)"),
+        ("plain_http", "TLS: not a TLS server (plain HTTP?)"),
+    ],
+)
 async def test_refused_backend_certificates_have_a_clear_reason(ca, tmp_path, case, reason):
     settings = trusting(ca, tmp_path)
     host = "localhost"
     if case == "expired":
-        port = await backend(ca.issue_cert("localhost", not_before=PAST - datetime.timedelta(days=30),
-                                           not_after=PAST))
+        port = await backend(
+            ca.issue_cert(
+                "localhost", not_before=PAST - datetime.timedelta(days=30), not_after=PAST
+            )
+        )
     elif case == "not_yet_valid":
         port = await backend(ca.issue_cert("localhost", not_before=FUTURE))
     elif case == "wrong_host":
@@ -116,7 +126,7 @@ async def test_refused_backend_certificates_have_a_clear_reason(ca, tmp_path, ca
         port = await backend(trustme.CA().issue_cert("localhost"))
     elif case == "system_store":
         port = await backend(ca.issue_cert("localhost"))
-        settings = tls.BackendTLS()             # verify against the system store
+        settings = tls.BackendTLS()  # verify against the system store
     else:
         port = await backend(None)
     with pytest.raises((ssl.SSLError, ConnectionError)) as e:
@@ -133,7 +143,9 @@ async def test_verify_false_accepts_any_certificate(tmp_path):
 
 async def test_client_certificate_to_the_backend(ca, tmp_path):
     clients = trustme.CA()
-    me = write_leaf(clients.issue_cert("proxy@edge", common_name="stickyproxy-edge"), tmp_path, "me")
+    me = write_leaf(
+        clients.issue_cert("proxy@edge", common_name="stickyproxy-edge"), tmp_path, "me"
+    )
     port = await backend(ca.issue_cert("localhost"), client_ca=clients)
     Backend.seen.clear()
     assert await connect(port, trusting(ca, tmp_path, cert=me.cert, key=me.key))
@@ -184,9 +196,10 @@ async def test_pool_connections_resume_the_session(ca, tmp_path, version, keep_f
                         self.got.set_result(data)
 
             transport, _ = await loop.create_connection(
-                Up, "127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+                Up, "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
             transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            await got        # a TLS 1.3 ticket arrives after the handshake
+            await got  # a TLS 1.3 ticket arrives after the handshake
             obj = transport.get_extra_info("ssl_object")
             reused.append(obj.session_reused)
             assert obj.version() == ("TLSv1.2" if version == ssl.TLSVersion.TLSv1_2 else "TLSv1.3")
@@ -206,6 +219,7 @@ async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
     from aiohttp import web
 
     app = web.Application()
+
     async def health(request):
         return web.Response(text="ok")
 
@@ -222,13 +236,18 @@ async def test_health_checks_through_aiohttp_use_the_same_context(ca, tmp_path):
         wrong = "TLS: certificate is not valid for '127.0.0.1'"
         for settings, expect in ((good, "ok"), (trusting(ca, tmp_path), wrong)):
             ctx = tls.client_context(settings)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True)
+            ) as s:
                 try:
-                    async with s.get(f"https://127.0.0.1:{port}/health", ssl=ctx,
-                                     server_hostname=tls.server_hostname(settings, "127.0.0.1"),
-                                     timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT)) as resp:
+                    async with s.get(
+                        f"https://127.0.0.1:{port}/health",
+                        ssl=ctx,
+                        server_hostname=tls.server_hostname(settings, "127.0.0.1"),
+                        timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT),
+                    ) as resp:
                         got = await resp.text()
-                except aiohttp.ClientSSLError as e:   # wraps the ssl error
+                except aiohttp.ClientSSLError as e:  # wraps the ssl error
                     got = tls.describe_verify_error(e)
             assert got == expect
     finally:

@@ -37,9 +37,14 @@ def settings(certs, **kw) -> tls.ListenTLS:
 
 
 def with_sni(certs, **kw) -> tls.ListenTLS:
-    return settings(certs, sni=(
-        tls.SniCert(("a.example.com",), certs["exact"].cert, certs["exact"].key),
-        tls.SniCert(("*.wild.example.com",), certs["wild"].cert, certs["wild"].key)), **kw)
+    return settings(
+        certs,
+        sni=(
+            tls.SniCert(("a.example.com",), certs["exact"].cert, certs["exact"].key),
+            tls.SniCert(("*.wild.example.com",), certs["wild"].cert, certs["wild"].key),
+        ),
+        **kw,
+    )
 
 
 async def test_handshake_modern_defaults(ca, certs, serve):
@@ -48,7 +53,7 @@ async def test_handshake_modern_defaults(ca, certs, serve):
     assert answer == "localhost:-\n"
     obj = w.get_extra_info("ssl_object")
     assert obj.version() in ("TLSv1.2", "TLSv1.3")
-    assert obj.selected_alpn_protocol() is None     # the client offered none
+    assert obj.selected_alpn_protocol() is None  # the client offered none
     assert obj.compression() is None
     assert "localhost" in sans(peer)
     w.close()
@@ -62,11 +67,14 @@ async def test_handshake_modern_defaults(ca, certs, serve):
     assert lst.store.gate.completed == 2 and lst.store.gate.in_progress == 0
 
 
-@pytest.mark.parametrize("server_name, expected_san", [
-    ("a.example.com", "a.example.com"),
-    ("x.wild.example.com", "*.wild.example.com"),
-    ("localhost", "localhost"),
-])
+@pytest.mark.parametrize(
+    "server_name, expected_san",
+    [
+        ("a.example.com", "a.example.com"),
+        ("x.wild.example.com", "*.wild.example.com"),
+        ("localhost", "localhost"),
+    ],
+)
 async def test_sni_picks_the_certificate(ca, certs, serve, server_name, expected_san):
     lst = await serve(with_sni(certs))
     answer, peer, (_, w) = await ask(lst.port, client_ctx(ca), server_name)
@@ -92,6 +100,7 @@ async def test_reload_swaps_the_certificate_and_keeps_open_connections(ca, certs
     new = ca.issue_cert("localhost", "127.0.0.1", "renewed.example.com")
     staged = write_leaf(new, tmp_path, "staged")
     import os
+
     os.replace(staged.cert, certs["default"].cert)
     os.replace(staged.key, certs["default"].key)
     assert lst.store.files_changed()
@@ -118,7 +127,8 @@ async def test_failed_reload_keeps_the_old_certificate(ca, certs, serve):
     _, before, (_, w) = await ask(lst.port, client_ctx(ca))
     w.close()
     Path(certs["default"].key).write_bytes(
-        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n"
+    )
     result = lst.store.reload()
     assert not result.changed
     assert result.errors and result.errors[0].startswith("listen.tls.key: ")
@@ -179,7 +189,7 @@ async def test_plain_http_on_the_tls_port_is_closed(certs, serve):
         w.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         rest = await r.read()
     assert b"HTTP/1.1 200" not in rest
-    assert time.monotonic() - t0 < 1.0    # at once, not at the handshake timeout
+    assert time.monotonic() - t0 < 1.0  # at once, not at the handshake timeout
     assert Echo.made == made
     w.close()
     assert lst.store.gate.in_progress == 0
@@ -245,17 +255,16 @@ async def test_mtls_require(ca, certs, serve, tmp_path):
 
 async def test_mtls_request(ca, certs, serve, tmp_path):
     client = ca.issue_cert("svc@shop.example", common_name="svc-orders")
-    s = settings(certs, client_auth="request", client_ca=str(tmp_path / "ca.pem"),
-                 identity="email")
+    s = settings(certs, client_auth="request", client_ca=str(tmp_path / "ca.pem"), identity="email")
     lst = await serve(s)
     answer, _, (_, w) = await ask(lst.port, client_ctx(ca, client=client))
     assert answer == "localhost:svc@shop.example\n"
     w.close()
     answer, _, (_, w) = await ask(lst.port, client_ctx(ca))
-    assert answer == "localhost:-\n"     # no certificate: served, no identity
+    assert answer == "localhost:-\n"  # no certificate: served, no identity
     w.close()
     other = trustme.CA().issue_cert("x@y", common_name="intruder")
-    assert await refused(lst.port, client_ctx(ca, client=other))   # a certificate sent must verify
+    assert await refused(lst.port, client_ctx(ca, client=other))  # a certificate sent must verify
 
 
 async def test_reload_replaces_the_client_ca(ca, certs, serve, tmp_path):
@@ -269,24 +278,29 @@ async def test_reload_replaces_the_client_ca(ca, certs, serve, tmp_path):
     new_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     assert lst.store.reload().changed
     assert await refused(lst.port, client_ctx(ca, client=client))
-    answer, _, (_, w) = await ask(lst.port, client_ctx(ca, client=new_ca.issue_cert(
-        "c@d", common_name="new-ca-client")))
+    answer, _, (_, w) = await ask(
+        lst.port, client_ctx(ca, client=new_ca.issue_cert("c@d", common_name="new-ca-client"))
+    )
     assert answer == "localhost:new-ca-client\n"
     w.close()
 
 
-@pytest.mark.parametrize("damage, path, words", [
-    ("garbage_key", "listen.tls.key", "no PEM private key found"),
-    ("bad_key_pem", "listen.tls.key", "not a private key OpenSSL can read"),
-    ("other_key", "listen.tls.key", "does not belong to the certificate"),
-    ("encrypted_key", "listen.tls.key", "encrypted"),
-    ("garbage_cert", "listen.tls.cert", "no PEM certificate found"),
-    ("missing_key", "listen.tls.key", "cannot read"),
-    ("unreadable_key", "listen.tls.key", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "damage, path, words",
+    [
+        ("garbage_key", "listen.tls.key", "no PEM private key found"),
+        ("bad_key_pem", "listen.tls.key", "not a private key OpenSSL can read"),
+        ("other_key", "listen.tls.key", "does not belong to the certificate"),
+        ("encrypted_key", "listen.tls.key", "encrypted"),
+        ("garbage_cert", "listen.tls.cert", "no PEM certificate found"),
+        ("missing_key", "listen.tls.key", "cannot read"),
+        ("unreadable_key", "listen.tls.key", "cannot read"),
+    ],
+)
 def test_bad_files_are_config_errors_naming_the_key(ca, certs, tmp_path, damage, path, words):
     d = certs["default"]
     import os
+
     if damage == "garbage_key":
         Path(d.key).write_bytes(b"not a key\n")
     elif damage == "bad_key_pem":
@@ -296,10 +310,15 @@ def test_bad_files_are_config_errors_naming_the_key(ca, certs, tmp_path, damage,
     elif damage == "encrypted_key":
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
+
         k = ec.generate_private_key(ec.SECP256R1())
-        Path(d.key).write_bytes(k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"secret")))
+        Path(d.key).write_bytes(
+            k.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
     elif damage == "garbage_cert":
         Path(d.cert).write_bytes(b"hello\n")
     elif damage == "missing_key":
@@ -358,7 +377,7 @@ async def test_resumed_session_cannot_outlive_a_client_ca_change(ca, certs, serv
     answer, _, (_, w) = await ask(lst.port, ctx)
     assert answer == "localhost:svc\n" and w.get_extra_info("ssl_object").session_reused
     w.close()
-    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))   # the old CA removed
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))  # the old CA removed
     assert lst.store.reload().changed
     assert await refused(lst.port, ctx)
     assert lst.store.gate.stale == 1
@@ -375,9 +394,10 @@ async def test_no_tickets_while_client_certificates_are_verified(ca, certs, serv
         answer, _, (_, w) = await ask(lst.port, ctx)
         w.close()
         await asyncio.sleep(0)
-    assert w.get_extra_info("ssl_object").session_reused    # tickets while "none"
-    assert lst.store.apply(settings(certs, client_auth="require",
-                                    client_ca=str(tmp_path / "ca.pem"))).changed
+    assert w.get_extra_info("ssl_object").session_reused  # tickets while "none"
+    assert lst.store.apply(
+        settings(certs, client_auth="require", client_ca=str(tmp_path / "ca.pem"))
+    ).changed
     # the ticket from before is not honoured: a full handshake, the certificate verified
     answer, _, (_, w) = await ask(lst.port, ctx)
     assert answer == "localhost:svc\n"
@@ -398,8 +418,11 @@ async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
     """Clients keep handshaking while the certificate is swapped back and forth: every
     handshake succeeds, and both certificates are served."""
     import os
+
     lst = await serve(settings(certs))
-    other = write_leaf(ca.issue_cert("localhost", "127.0.0.1", "second.example.com"), tmp_path, "second")
+    other = write_leaf(
+        ca.issue_cert("localhost", "127.0.0.1", "second.example.com"), tmp_path, "second"
+    )
     first = write_leaf(ca.issue_cert("localhost", "127.0.0.1"), tmp_path, "first")
     swaps = [first, other] * 5
     seen: set[str] = set()
@@ -414,7 +437,7 @@ async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
                 assert answer == "localhost:-\n"
                 seen.add(peer["serialNumber"])
                 w.close()
-            except Exception as e:   # noqa: BLE001 - every failure is the test's finding
+            except Exception as e:  # noqa: BLE001 - every failure is the test's finding
                 failures.append(e)
 
     gate = lst.store.gate
@@ -428,7 +451,7 @@ async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
 
     tasks = [asyncio.create_task(client()) for _ in range(8)]
     for files in swaps:
-        await handshakes(16)   # at most 8 were in flight at the swap
+        await handshakes(16)  # at most 8 were in flight at the swap
         for src, dst in ((files.cert, certs["default"].cert), (files.key, certs["default"].key)):
             staged = dst + ".new"
             Path(staged).write_bytes(Path(src).read_bytes())
@@ -438,7 +461,7 @@ async def test_reload_under_load_fails_no_handshake(ca, certs, serve, tmp_path):
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
     assert failures == []
-    assert len(seen) == 3          # the original, then both swapped in
+    assert len(seen) == 3  # the original, then both swapped in
     assert lst.store.reloads == 10
 
 
@@ -448,6 +471,7 @@ async def test_contexts_built_from_pinned_bytes(ca, certs, serve, tmp_path):
     import os
 
     from stickyproxy.config import FileCopies
+
     s = with_sni(certs)
     copies = FileCopies()
     for p in s.files():

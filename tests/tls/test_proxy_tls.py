@@ -52,15 +52,28 @@ def plain_backends(bs) -> str:
     return "".join(f'[[backends]]\nid = "{b.id}"\nurl = "{b.url}"\n' for b in bs)
 
 
-async def get(port: int, ctx: ssl.SSLContext | None, *, user: str = "u1",
-              server_hostname: str = "localhost", headers: dict | None = None):
+async def get(
+    port: int,
+    ctx: ssl.SSLContext | None,
+    *,
+    user: str = "u1",
+    server_hostname: str = "localhost",
+    headers: dict | None = None,
+):
     """One HTTP/1.1 GET over a new (TLS) connection: (status, headers, body, peer cert)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(
-        LOCAL, port, ssl=ctx, server_hostname=server_hostname if ctx else None), IO_TIMEOUT)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            LOCAL, port, ssl=ctx, server_hostname=server_hostname if ctx else None
+        ),
+        IO_TIMEOUT,
+    )
     try:
         h = {"Host": "shop", "X-User-Id": user, "Connection": "close", **(headers or {})}
-        writer.write(b"GET / HTTP/1.1\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in
-                                                      h.items()) + b"\r\n")
+        writer.write(
+            b"GET / HTTP/1.1\r\n"
+            + b"".join(f"{k}: {v}\r\n".encode() for k, v in h.items())
+            + b"\r\n"
+        )
         data = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
         peer = writer.get_extra_info("peercert")
     finally:
@@ -80,12 +93,18 @@ def sans(peer) -> set[str]:
 
 # -- the listener ---------------------------------------------------------------------------
 
+
 async def test_https_clients_are_served_and_backends_told_so(backends, certs, ca, tmp_path):
     (b,) = await backends("app")
-    svc = await start(tmp_path, toml(
-        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n'
-        f'[[listen.tls.sni]]\nnames = ["a.example.com"]\ncert = "{certs["exact"].cert}"\n'
-        f'key = "{certs["exact"].key}"\n', plain_backends([b])))
+    svc = await start(
+        tmp_path,
+        toml(
+            f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n'
+            f'[[listen.tls.sni]]\nnames = ["a.example.com"]\ncert = "{certs["exact"].cert}"\n'
+            f'key = "{certs["exact"].key}"\n',
+            plain_backends([b]),
+        ),
+    )
     try:
         status, fields, _, peer = await get(svc.proxy.port, client_ctx(ca))
         assert status == 200 and fields["x-backend"] == "app"
@@ -102,12 +121,13 @@ async def test_https_clients_are_served_and_backends_told_so(backends, certs, ca
         writer.close()
         # TLS 1.1 is refused
         old = client_ctx(ca)
-        old.minimum_version = ssl.TLSVersion.TLSv1_1   # noqa: the version under test
+        old.minimum_version = ssl.TLSVersion.TLSv1_1  # noqa: the version under test
         old.maximum_version = ssl.TLSVersion.TLSv1_1
         old.set_ciphers("DEFAULT:@SECLEVEL=0")
         with pytest.raises((ssl.SSLError, ConnectionError)):
             await get(svc.proxy.port, old)
         from prometheus_client import generate_latest
+
         text = generate_latest(await svc.metrics_registry()).decode()
         assert 'stickyproxy_tls_handshakes_total{result="completed"} 2.0' in text, text
         assert "stickyproxy_tls_handshakes_in_progress 0.0" in text
@@ -116,10 +136,13 @@ async def test_https_clients_are_served_and_backends_told_so(backends, certs, ca
 
 
 async def test_a_reload_swaps_the_certificate_without_dropping_connections_or_requests(
-        backends, certs, ca, tmp_path):
+    backends, certs, ca, tmp_path
+):
     (b,) = await backends("app")
-    text = toml(f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
-                plain_backends([b]))
+    text = toml(
+        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
+        plain_backends([b]),
+    )
     svc = await start(tmp_path, text)
     try:
         port = svc.proxy.port
@@ -131,11 +154,13 @@ async def test_a_reload_swaps_the_certificate_without_dropping_connections_or_re
             n = 0
             while not stop.is_set() and n < 3000:
                 n += 1
-                async with session.get(f"https://localhost:{port}/",
-                                       headers={"X-User-Id": f"u{n % 50}"}) as r:
+                async with session.get(
+                    f"https://localhost:{port}/", headers={"X-User-Id": f"u{n % 50}"}
+                ) as r:
                     if r.status != 200:
                         failures.append(str(r.status))
                     await r.read()
+
         task = asyncio.create_task(load())
         newer = ca.issue_cert("localhost", "127.0.0.1", common_name="renewed")
         files = write_leaf(newer, tmp_path, "renewed")
@@ -156,25 +181,34 @@ async def test_a_reload_swaps_the_certificate_without_dropping_connections_or_re
 
 async def test_mtls_identity_is_the_key_and_reaches_the_backend(backends, certs, ca, tmp_path):
     bs = await backends("app-a", "app-b", "app-c")
-    svc = await start(tmp_path, toml(
-        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n'
-        f'client_auth = "require"\nclient_ca = "{tmp_path / "ca.pem"}"\nidentity = "cn"\n',
-        plain_backends(bs), '[routing]\nkeys = [{ from = "client-cert" }]\n'))
+    svc = await start(
+        tmp_path,
+        toml(
+            f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n'
+            f'client_auth = "require"\nclient_ca = "{tmp_path / "ca.pem"}"\nidentity = "cn"\n',
+            plain_backends(bs),
+            '[routing]\nkeys = [{ from = "client-cert" }]\n',
+        ),
+    )
     try:
         seen = {}
         for name in ("svc-orders", "svc-billing", "svc-search", "svc-orders"):
             leaf = ca.issue_cert(f"{name}.internal", common_name=name)
             status, fields, _, _ = await get(
-                svc.proxy.port, client_ctx(ca, client=leaf),
-                headers={"X-Sticky-Client-Cert": "forged", "X-User-Id": "ignored"})
+                svc.proxy.port,
+                client_ctx(ca, client=leaf),
+                headers={"X-Sticky-Client-Cert": "forged", "X-User-Id": "ignored"},
+            )
             assert status == 200
             seen.setdefault(name, set()).add(fields["x-backend"])
-        assert all(len(v) == 1 for v in seen.values())     # one identity, one backend
+        assert all(len(v) == 1 for v in seen.values())  # one identity, one backend
         recs = [r for b in bs for r in b.requests]
-        assert {r.one("X-Sticky-Client-Cert") for r in recs} == {"svc-orders", "svc-billing",
-                                                                 "svc-search"}
-        assert {r.one("X-Sticky-Key") for r in recs} == {"svc-orders", "svc-billing",
-                                                         "svc-search"}
+        assert {r.one("X-Sticky-Client-Cert") for r in recs} == {
+            "svc-orders",
+            "svc-billing",
+            "svc-search",
+        }
+        assert {r.one("X-Sticky-Key") for r in recs} == {"svc-orders", "svc-billing", "svc-search"}
         # no client certificate: the handshake is refused
         with pytest.raises((ssl.SSLError, ConnectionError)):
             status, *_ = await get(svc.proxy.port, client_ctx(ca))
@@ -185,15 +219,22 @@ async def test_mtls_identity_is_the_key_and_reaches_the_backend(backends, certs,
 
 def test_client_cert_keys_need_client_certificates(tmp_path):
     from stickyproxy.config import ConfigError
+
     with pytest.raises(ConfigError, match=r'routing.keys\[0\].from: "client-cert" needs'):
-        loads(toml(backends='[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n',
-                   extra='[routing]\nkeys = [{ from = "client-cert" }]\n'))
+        loads(
+            toml(
+                backends='[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n',
+                extra='[routing]\nkeys = [{ from = "client-cert" }]\n',
+            )
+        )
 
 
 # -- https:// backends -----------------------------------------------------------------------
 
+
 async def tls_backend(leaf: trustme.LeafCert, name: str):
     """An aiohttp app over TLS with ``leaf``: echoes its name; /ws is a WebSocket echo."""
+
     async def hello(request):
         return web.Response(text=name, headers={"X-Backend": name})
 
@@ -203,6 +244,7 @@ async def tls_backend(leaf: trustme.LeafCert, name: str):
         async for msg in sock:
             await sock.send_str(f"{name}:{msg.data}")
         return sock
+
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_get("/ws", ws)
@@ -218,14 +260,16 @@ async def tls_backend(leaf: trustme.LeafCert, name: str):
 
 async def test_https_backends_are_verified_and_refusals_say_why(ca, tmp_path):
     good, good_port = await tls_backend(ca.issue_cert("localhost", "127.0.0.1"), "good")
-    other = trustme.CA()       # a CA the proxy does not trust
+    other = trustme.CA()  # a CA the proxy does not trust
     bad, bad_port = await tls_backend(other.issue_cert("localhost", "127.0.0.1"), "bad")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    backends = (f'[[backends]]\nid = "good"\nurl = "https://localhost:{good_port}"\n'
-                f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
-                f'[[backends]]\nid = "bad"\nurl = "https://localhost:{bad_port}"\n'
-                f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n')
-    svc = await start(tmp_path, toml(backends=backends, extra='[retries]\nattempts = 0\n'))
+    backends = (
+        f'[[backends]]\nid = "good"\nurl = "https://localhost:{good_port}"\n'
+        f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+        f'[[backends]]\nid = "bad"\nurl = "https://localhost:{bad_port}"\n'
+        f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+    )
+    svc = await start(tmp_path, toml(backends=backends, extra="[retries]\nattempts = 0\n"))
     try:
         ring = svc.table.router.ring
         to_good = next(u for u in (f"u{i}" for i in range(500)) if ring.owner(u) == "good")
@@ -246,14 +290,21 @@ async def test_https_backends_are_verified_and_refusals_say_why(ca, tmp_path):
 async def test_websocket_over_tls_on_both_sides(ca, certs, tmp_path):
     runner, port = await tls_backend(ca.issue_cert("localhost", "127.0.0.1"), "ws-app")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    svc = await start(tmp_path, toml(
-        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
-        f'[[backends]]\nid = "ws-app"\nurl = "https://localhost:{port}"\n'
-        f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'))
+    svc = await start(
+        tmp_path,
+        toml(
+            f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
+            f'[[backends]]\nid = "ws-app"\nurl = "https://localhost:{port}"\n'
+            f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n',
+        ),
+    )
     try:
         async with aiohttp.ClientSession() as s:
-            async with s.ws_connect(f"wss://localhost:{svc.proxy.port}/ws",
-                                    headers={"X-User-Id": "u1"}, ssl=client_ctx(ca)) as ws:
+            async with s.ws_connect(
+                f"wss://localhost:{svc.proxy.port}/ws",
+                headers={"X-User-Id": "u1"},
+                ssl=client_ctx(ca),
+            ) as ws:
                 for i in range(3):
                     await ws.send_str(f"m{i}")
                     msg = await asyncio.wait_for(ws.receive(), IO_TIMEOUT)
@@ -266,10 +317,14 @@ async def test_websocket_over_tls_on_both_sides(ca, certs, tmp_path):
 async def test_health_checks_use_the_backends_tls_settings(ca, tmp_path):
     runner, port = await tls_backend(ca.issue_cert("localhost", "127.0.0.1"), "app")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    text = toml(backends=f'[[backends]]\nid = "app"\nurl = "https://localhost:{port}"\n'
-                         f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n')
-    text = text.replace("[health]\nenabled = false", '[health]\ninterval = "100ms"\n'
-                        'timeout = "100ms"\nrise = 1\nfall = 1')
+    text = toml(
+        backends=f'[[backends]]\nid = "app"\nurl = "https://localhost:{port}"\n'
+        f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+    )
+    text = text.replace(
+        "[health]\nenabled = false",
+        '[health]\ninterval = "100ms"\ntimeout = "100ms"\nrise = 1\nfall = 1',
+    )
     svc = await start(tmp_path, text)
     try:
         checks = svc.process.control.stats.counters["health_checks"]
@@ -283,19 +338,28 @@ async def test_health_checks_use_the_backends_tls_settings(ca, tmp_path):
         await runner.cleanup()
 
 
-async def test_a_renewed_certificate_is_served_without_a_reload_signal(backends, certs, ca,
-                                                                      tmp_path):
+async def test_a_renewed_certificate_is_served_without_a_reload_signal(
+    backends, certs, ca, tmp_path
+):
     (b,) = await backends("app")
-    svc = await start(tmp_path, toml(
-        f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
-        plain_backends([b])))
+    svc = await start(
+        tmp_path,
+        toml(
+            f'[listen.tls]\ncert = "{certs["default"].cert}"\nkey = "{certs["default"].key}"\n',
+            plain_backends([b]),
+        ),
+    )
     try:
-        assert svc.watcher is not None            # certificates are always followed
+        assert svc.watcher is not None  # certificates are always followed
         await asyncio.wait_for(svc.watching.wait(), IO_TIMEOUT)
-        renewed = write_leaf(ca.issue_cert("localhost", "127.0.0.1", common_name="renewed"),
-                             tmp_path, "renewed")
+        renewed = write_leaf(
+            ca.issue_cert("localhost", "127.0.0.1", common_name="renewed"), tmp_path, "renewed"
+        )
         # a renewal tool writes new files and renames them into place
-        for src, dst in ((renewed.cert, certs["default"].cert), (renewed.key, certs["default"].key)):
+        for src, dst in (
+            (renewed.cert, certs["default"].cert),
+            (renewed.key, certs["default"].key),
+        ):
             tmp = Path(dst + ".new")
             tmp.write_bytes(Path(src).read_bytes())
             tmp.replace(dst)

@@ -20,12 +20,19 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 SCAN_TIMEOUT = 10.0
 
 
-async def s_client(port: int, *args: str, stdin: bytes | None = None,
-                   pause: float = 0.0) -> str:
+async def s_client(port: int, *args: str, stdin: bytes | None = None, pause: float = 0.0) -> str:
     proc = await asyncio.create_subprocess_exec(
-        "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
-        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-servername",
+        "localhost",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     try:
         async with asyncio.timeout(SCAN_TIMEOUT):
@@ -36,9 +43,9 @@ async def s_client(port: int, *args: str, stdin: bytes | None = None,
                         proc.stdin.write(line)
                         await proc.stdin.drain()
                     except (ConnectionError, RuntimeError):
-                        break      # s_client already gave up
+                        break  # s_client already gave up
                 await asyncio.sleep(pause)
-            proc.stdin.close()     # s_client ends its session at the end of its input
+            proc.stdin.close()  # s_client ends its session at the end of its input
             out = await proc.stdout.read()
             await proc.wait()
     finally:
@@ -72,7 +79,7 @@ async def test_scanner_is_refused_old_versions(certs, serve, flag):
     out = await s_client(lst.port, flag, "-cipher", "DEFAULT:@SECLEVEL=0")
     assert re.search(r"^New, \(NONE\), Cipher is \(NONE\)", out, re.MULTILINE), out
     written = re.search(r"handshake has read 0 bytes and written (\d+) bytes", out)
-    assert written and int(written.group(1)) > 0, out     # a ClientHello was sent
+    assert written and int(written.group(1)) > 0, out  # a ClientHello was sent
     assert lst.store.gate.admitted == 1 and lst.store.gate.completed == 0
 
 

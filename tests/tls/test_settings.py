@@ -30,32 +30,95 @@ def test_defaults_and_paths_joined_to_the_config_directory():
     assert parse(None) == (None, [])
 
 
-@pytest.mark.parametrize("raw, error", [
-    ({"key": "k"}, "listen.tls.cert: required"),
-    ({"cert": "c"}, "listen.tls.key: required"),
-    ({"cert": "c", "key": "k", "min_version": "1.1"}, "listen.tls.min_version: must be one of '1.2', '1.3'"),
-    ({"cert": "c", "key": "k", "alpn": ["spdy/3"]}, "listen.tls.alpn: unknown protocol 'spdy/3'"),
-    ({"cert": "c", "key": "k", "alpn": ["h2", "h2"]}, "listen.tls.alpn: lists a protocol twice"),
-    ({"cert": "c", "key": "k", "alpn": []}, "listen.tls.alpn: expected a non-empty list"),
-    ({"cert": "c", "key": "k", "client_auth": "require"}, "listen.tls.client_ca: required when client_auth is 'require'"),
-    ({"cert": "c", "key": "k", "client_auth": "optional"}, "listen.tls.client_auth: must be one of"),
-    ({"cert": "c", "key": "k", "client_ca": "ca.pem"}, "listen.tls.client_ca: set, but client_auth is \"none\""),
-    ({"cert": "c", "key": "k", "handshake_timeout": 10}, "listen.tls.handshake_timeout: expected a duration"),
-    ({"cert": "c", "key": "k", "max_handshakes": -1}, "listen.tls.max_handshakes: must be between 0"),
-    ({"cert": "c", "key": "k", "identity": "serial"}, "listen.tls.identity: must be one of 'cn', 'dns', 'uri', 'email'"),
-    ({"cert": "c", "key": "k", "identity_header": "X Bad"}, "listen.tls.identity_header: not a valid header name"),
-    ({"cert": "c", "key": "k", "certificate": "x"}, "listen.tls.certificate: unknown key"),
-    ({"cert": "c", "key": "k", "sni": {"names": ["a"]}}, "listen.tls.sni: expected an array of tables"),
-    ({"cert": "c", "key": "k", "sni": [{"cert": "c", "key": "k"}]}, "listen.tls.sni[0].names: expected a non-empty list"),
-    ({"cert": "c", "key": "k", "sni": [{"names": ["a.b"], "key": "k"}]}, "listen.tls.sni[0].cert: required"),
-    ({"cert": "c", "key": "k", "sni": [{"names": ["a..b"], "cert": "c", "key": "k"}]}, "listen.tls.sni[0].names[0]: not a DNS name"),
-    ({"cert": "c", "key": "k", "sni": [{"names": ["a.*.b"], "cert": "c", "key": "k"}]}, "listen.tls.sni[0].names[0]: not a DNS name"),
-    ({"cert": "c", "key": "k", "sni": [{"names": ["a.b"], "cert": "c", "key": "k"},
-                                       {"names": ["A.B."], "cert": "c", "key": "k"}]},
-     "listen.tls.sni[1].names[0]: 'a.b' already listed in listen.tls.sni[0]"),
-    ({"cert": "c", "key": "k", "sni": [{"names": ["a.b"], "cert": "c", "key": "k", "alpn": []}]}, "listen.tls.sni[0].alpn: unknown key"),
-    ("on", "listen.tls: expected a table"),
-])
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        ({"key": "k"}, "listen.tls.cert: required"),
+        ({"cert": "c"}, "listen.tls.key: required"),
+        (
+            {"cert": "c", "key": "k", "min_version": "1.1"},
+            "listen.tls.min_version: must be one of '1.2', '1.3'",
+        ),
+        (
+            {"cert": "c", "key": "k", "alpn": ["spdy/3"]},
+            "listen.tls.alpn: unknown protocol 'spdy/3'",
+        ),
+        (
+            {"cert": "c", "key": "k", "alpn": ["h2", "h2"]},
+            "listen.tls.alpn: lists a protocol twice",
+        ),
+        ({"cert": "c", "key": "k", "alpn": []}, "listen.tls.alpn: expected a non-empty list"),
+        (
+            {"cert": "c", "key": "k", "client_auth": "require"},
+            "listen.tls.client_ca: required when client_auth is 'require'",
+        ),
+        (
+            {"cert": "c", "key": "k", "client_auth": "optional"},
+            "listen.tls.client_auth: must be one of",
+        ),
+        (
+            {"cert": "c", "key": "k", "client_ca": "ca.pem"},
+            'listen.tls.client_ca: set, but client_auth is "none"',
+        ),
+        (
+            {"cert": "c", "key": "k", "handshake_timeout": 10},
+            "listen.tls.handshake_timeout: expected a duration",
+        ),
+        (
+            {"cert": "c", "key": "k", "max_handshakes": -1},
+            "listen.tls.max_handshakes: must be between 0",
+        ),
+        (
+            {"cert": "c", "key": "k", "identity": "serial"},
+            "listen.tls.identity: must be one of 'cn', 'dns', 'uri', 'email'",
+        ),
+        (
+            {"cert": "c", "key": "k", "identity_header": "X Bad"},
+            "listen.tls.identity_header: not a valid header name",
+        ),
+        ({"cert": "c", "key": "k", "certificate": "x"}, "listen.tls.certificate: unknown key"),
+        (
+            {"cert": "c", "key": "k", "sni": {"names": ["a"]}},
+            "listen.tls.sni: expected an array of tables",
+        ),
+        (
+            {"cert": "c", "key": "k", "sni": [{"cert": "c", "key": "k"}]},
+            "listen.tls.sni[0].names: expected a non-empty list",
+        ),
+        (
+            {"cert": "c", "key": "k", "sni": [{"names": ["a.b"], "key": "k"}]},
+            "listen.tls.sni[0].cert: required",
+        ),
+        (
+            {"cert": "c", "key": "k", "sni": [{"names": ["a..b"], "cert": "c", "key": "k"}]},
+            "listen.tls.sni[0].names[0]: not a DNS name",
+        ),
+        (
+            {"cert": "c", "key": "k", "sni": [{"names": ["a.*.b"], "cert": "c", "key": "k"}]},
+            "listen.tls.sni[0].names[0]: not a DNS name",
+        ),
+        (
+            {
+                "cert": "c",
+                "key": "k",
+                "sni": [
+                    {"names": ["a.b"], "cert": "c", "key": "k"},
+                    {"names": ["A.B."], "cert": "c", "key": "k"},
+                ],
+            },
+            "listen.tls.sni[1].names[0]: 'a.b' already listed in listen.tls.sni[0]",
+        ),
+        (
+            {
+                "cert": "c",
+                "key": "k",
+                "sni": [{"names": ["a.b"], "cert": "c", "key": "k", "alpn": []}],
+            },
+            "listen.tls.sni[0].alpn: unknown key",
+        ),
+        ("on", "listen.tls: expected a table"),
+    ],
+)
 def test_listen_errors_name_the_key_path(raw, error):
     s, errors = parse(raw)
     assert s is None
@@ -65,32 +128,68 @@ def test_listen_errors_name_the_key_path(raw, error):
 def test_every_error_is_reported_at_once():
     _, errors = parse({"min_version": "1.0", "alpn": ["x"], "sni": [{"names": []}]})
     paths = {e.split(":")[0] for e in errors}
-    assert {"listen.tls.cert", "listen.tls.key", "listen.tls.min_version", "listen.tls.alpn",
-            "listen.tls.sni[0].names", "listen.tls.sni[0].cert", "listen.tls.sni[0].key"} <= paths
+    assert {
+        "listen.tls.cert",
+        "listen.tls.key",
+        "listen.tls.min_version",
+        "listen.tls.alpn",
+        "listen.tls.sni[0].names",
+        "listen.tls.sni[0].cert",
+        "listen.tls.sni[0].key",
+    } <= paths
 
 
 def test_sni_entries_are_normalised():
-    s, errors = parse({"cert": "c", "key": "k", "min_version": "1.3", "client_auth": "request",
-                       "client_ca": "ca.pem", "handshake_timeout": "3s", "max_handshakes": 0,
-                       "sni": [{"names": ["API.Example.com.", "*.example.com"],
-                                "cert": "api.crt", "key": "/abs/api.key"}]})
+    s, errors = parse(
+        {
+            "cert": "c",
+            "key": "k",
+            "min_version": "1.3",
+            "client_auth": "request",
+            "client_ca": "ca.pem",
+            "handshake_timeout": "3s",
+            "max_handshakes": 0,
+            "sni": [
+                {
+                    "names": ["API.Example.com.", "*.example.com"],
+                    "cert": "api.crt",
+                    "key": "/abs/api.key",
+                }
+            ],
+        }
+    )
     assert errors == []
-    assert s.sni == (tls.SniCert(("api.example.com", "*.example.com"), "/etc/sp/api.crt", "/abs/api.key"),)
+    assert s.sni == (
+        tls.SniCert(("api.example.com", "*.example.com"), "/etc/sp/api.crt", "/abs/api.key"),
+    )
     assert (s.min_version, s.client_ca, s.handshake_timeout, s.max_handshakes) == (
-        "1.3", "/etc/sp/ca.pem", 3.0, 0)
-    assert s.files() == ("/etc/sp/c", "/etc/sp/k", "/etc/sp/api.crt", "/abs/api.key", "/etc/sp/ca.pem")
+        "1.3",
+        "/etc/sp/ca.pem",
+        3.0,
+        0,
+    )
+    assert s.files() == (
+        "/etc/sp/c",
+        "/etc/sp/k",
+        "/etc/sp/api.crt",
+        "/abs/api.key",
+        "/etc/sp/ca.pem",
+    )
 
 
-@pytest.mark.parametrize("raw, error", [
-    ({"cert": "c"}, "b.tls.key: cert and key go together"),
-    ({"key": "k"}, "b.tls.cert: cert and key go together"),
-    ({"server_name": "*.x.com"}, "b.tls.server_name: a wildcard cannot be sent"),
-    ({"server_name": "bad name"}, "b.tls.server_name: not a DNS name"),
-    ({"verify": False, "ca_file": "ca"}, "b.tls.ca_file: set, but verify is false"),
-    ({"verify": "yes"}, "b.tls.verify: expected true or false"),
-    ({"sni": "x"}, "b.tls.sni: unknown key"),
-    ({"min_version": "1.0"}, "b.tls.min_version: must be one of"),
-])
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        ({"cert": "c"}, "b.tls.key: cert and key go together"),
+        ({"key": "k"}, "b.tls.cert: cert and key go together"),
+        ({"server_name": "*.x.com"}, "b.tls.server_name: a wildcard cannot be sent"),
+        ({"server_name": "bad name"}, "b.tls.server_name: not a DNS name"),
+        ({"verify": False, "ca_file": "ca"}, "b.tls.ca_file: set, but verify is false"),
+        ({"verify": "yes"}, "b.tls.verify: expected true or false"),
+        ({"sni": "x"}, "b.tls.sni: unknown key"),
+        ({"min_version": "1.0"}, "b.tls.min_version: must be one of"),
+    ],
+)
 def test_backend_errors_name_the_key_path(raw, error):
     errors: list[str] = []
     tls.parse_backend_tls(raw, errors, "b.tls", "/etc/sp")
@@ -100,11 +199,16 @@ def test_backend_errors_name_the_key_path(raw, error):
 def test_backend_defaults_verify_against_the_system_store():
     errors: list[str] = []
     assert tls.parse_backend_tls(None, errors, "b.tls") == tls.BackendTLS()
-    b = tls.parse_backend_tls({"ca_file": "ca.pem", "server_name": "Api.Internal",
-                               "cert": "c", "key": "k"}, errors, "b.tls", "/etc/sp")
+    b = tls.parse_backend_tls(
+        {"ca_file": "ca.pem", "server_name": "Api.Internal", "cert": "c", "key": "k"},
+        errors,
+        "b.tls",
+        "/etc/sp",
+    )
     assert errors == []
-    assert b == tls.BackendTLS(ca_file="/etc/sp/ca.pem", server_name="api.internal",
-                               cert="/etc/sp/c", key="/etc/sp/k")
+    assert b == tls.BackendTLS(
+        ca_file="/etc/sp/ca.pem", server_name="api.internal", cert="/etc/sp/c", key="/etc/sp/k"
+    )
     assert tls.BackendTLS().verify is True
     assert tls.server_hostname(tls.BackendTLS(), "10.0.0.5") == "10.0.0.5"
     assert tls.server_hostname(tls.BackendTLS(), "[::1]") == "::1"
@@ -115,46 +219,63 @@ EXACT = {"a.example.com": "A", "example.com": "APEX"}
 WILD = {"example.com": "WILD", "wild.test": "W2"}
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("a.example.com", "A"),          # exact wins over the wildcard
-    ("A.Example.COM.", "A"),         # case and a trailing dot do not matter
-    ("b.example.com", "WILD"),       # *.example.com: one label
-    ("x.y.example.com", "DEFAULT"),  # a wildcard matches exactly one label (RFC 6125 §6.4.3)
-    ("example.com", "APEX"),         # ... and not the apex
-    ("q.wild.test", "W2"),
-    ("wild.test", "DEFAULT"),
-    ("other.org", "DEFAULT"),
-    ("", "DEFAULT"),
-    (None, "DEFAULT"),               # no SNI extension
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("a.example.com", "A"),  # exact wins over the wildcard
+        ("A.Example.COM.", "A"),  # case and a trailing dot do not matter
+        ("b.example.com", "WILD"),  # *.example.com: one label
+        ("x.y.example.com", "DEFAULT"),  # a wildcard matches exactly one label (RFC 6125 §6.4.3)
+        ("example.com", "APEX"),  # ... and not the apex
+        ("q.wild.test", "W2"),
+        ("wild.test", "DEFAULT"),
+        ("other.org", "DEFAULT"),
+        ("", "DEFAULT"),
+        (None, "DEFAULT"),  # no SNI extension
+    ],
+)
 def test_select_context(name, expected):
     assert tls.select_context(name, EXACT, WILD, "DEFAULT") == expected
 
 
 CERT = {
-    "subject": ((("countryName", "DE"),), (("organizationName", "Shop"),),
-                (("commonName", "svc-orders"),)),
-    "subjectAltName": (("DNS", "orders.internal"), ("DNS", "orders2.internal"),
-                       ("URI", "spiffe://shop/orders"), ("email", "orders@shop.example")),
+    "subject": (
+        (("countryName", "DE"),),
+        (("organizationName", "Shop"),),
+        (("commonName", "svc-orders"),),
+    ),
+    "subjectAltName": (
+        ("DNS", "orders.internal"),
+        ("DNS", "orders2.internal"),
+        ("URI", "spiffe://shop/orders"),
+        ("email", "orders@shop.example"),
+    ),
 }
 
 
-@pytest.mark.parametrize("cert, kind, expected", [
-    (CERT, "cn", "svc-orders"),
-    (CERT, "dns", "orders.internal"),            # the first SAN of the type
-    (CERT, "uri", "spiffe://shop/orders"),
-    (CERT, "email", "orders@shop.example"),
-    ({"subject": CERT["subject"]}, "dns", None),  # no SAN of that type
-    ({"subject": ((("commonName", "outer"),), (("commonName", "inner"),))}, "cn", "inner"),
-    ({"subjectAltName": (("DNS", "x"),)}, "cn", None),
-    ({}, "cn", None),                             # unverified: getpeercert() is {}
-    (None, "cn", None),
-    ({"subject": ((("commonName", "evil\r\nX-Sticky-Key: 1"),),)}, "cn", None),  # no header injection
-    ({"subject": ((("commonName", "Jürgen"),),)}, "cn", None),    # not forwarded altered
-    ({"subject": ((("commonName", " padded"),),)}, "cn", None),
-    ({"subject": ((("commonName", "x" * (tls.MAX_IDENTITY + 1)),),)}, "cn", None),
-    ({"subject": ((("commonName", "CN with spaces"),),)}, "cn", "CN with spaces"),
-])
+@pytest.mark.parametrize(
+    "cert, kind, expected",
+    [
+        (CERT, "cn", "svc-orders"),
+        (CERT, "dns", "orders.internal"),  # the first SAN of the type
+        (CERT, "uri", "spiffe://shop/orders"),
+        (CERT, "email", "orders@shop.example"),
+        ({"subject": CERT["subject"]}, "dns", None),  # no SAN of that type
+        ({"subject": ((("commonName", "outer"),), (("commonName", "inner"),))}, "cn", "inner"),
+        ({"subjectAltName": (("DNS", "x"),)}, "cn", None),
+        ({}, "cn", None),  # unverified: getpeercert() is {}
+        (None, "cn", None),
+        (
+            {"subject": ((("commonName", "evil\r\nX-Sticky-Key: 1"),),)},
+            "cn",
+            None,
+        ),  # no header injection
+        ({"subject": ((("commonName", "Jürgen"),),)}, "cn", None),  # not forwarded altered
+        ({"subject": ((("commonName", " padded"),),)}, "cn", None),
+        ({"subject": ((("commonName", "x" * (tls.MAX_IDENTITY + 1)),),)}, "cn", None),
+        ({"subject": ((("commonName", "CN with spaces"),),)}, "cn", "CN with spaces"),
+    ],
+)
 def test_identity_from_cert(cert, kind, expected):
     assert tls.identity_from_cert(cert, kind) == expected
 
@@ -178,7 +299,7 @@ def test_gate_caps_and_releases():
     assert a is not None and b is not None and gate.in_progress == 2
     assert gate._admit() is None and gate.refused == 1
     gate._finish(a, True)
-    gate._finish(a, True)   # idempotent
+    gate._finish(a, True)  # idempotent
     assert gate.in_progress == 1 and gate.completed == 1
     c = gate._admit()
     assert c is not None and gate.in_progress == 2
@@ -216,20 +337,23 @@ def test_file_watch_sees_rewrite_and_rename(tmp_path):
     p.write_bytes(b"one")
     w = tls.FileWatch((str(p), str(p)))
     assert not w.changed()
-    p.write_bytes(b"three")                 # size
+    p.write_bytes(b"three")  # size
     assert w.changed()
     w.mark()
     new = tmp_path / "new.pem"
     new.write_bytes(b"three")
-    os.replace(new, p)                      # how certbot and secret mounts swap files: inode
+    os.replace(new, p)  # how certbot and secret mounts swap files: inode
     assert w.changed()
     w.mark()
     p.unlink()
-    assert w.changed()                      # gone counts as changed (the reload reports it)
+    assert w.changed()  # gone counts as changed (the reload reports it)
 
 
 def test_describe_non_tls_failures():
-    assert tls.describe_verify_error(ConnectionResetError()) == "TLS: connection closed during the handshake"
+    assert (
+        tls.describe_verify_error(ConnectionResetError())
+        == "TLS: connection closed during the handshake"
+    )
     assert tls.describe_verify_error(TimeoutError()) == "TLS: handshake timed out"
 
 

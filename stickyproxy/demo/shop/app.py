@@ -53,8 +53,13 @@ SERVED_BY = "X-Served-By"
 
 def stateless_redis(url: str) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0))
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_TIMEOUT,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -65,12 +70,17 @@ def create_app(settings: Settings) -> web.Application:
     origin = make_origin(settings.price_origin, settings.price_delay)
     if settings.stateless:
         client = stateless_redis(settings.redis_url)
-        shop = Shop(settings, metrics, RedisState(client, NAMESPACE),
-                    RedisRateLimiter(client, NAMESPACE, settings.rate_limit, settings.rate_window)
-                    if settings.rate_limit else None,
-                    RedisJobs(client, NAMESPACE, settings.job_steps, settings.job_step_seconds),
-                    RedisRevocations(client, NAMESPACE, settings.token_lifetime),
-                    RedisPrices(client, NAMESPACE, origin, settings.price_ttl))
+        shop = Shop(
+            settings,
+            metrics,
+            RedisState(client, NAMESPACE),
+            RedisRateLimiter(client, NAMESPACE, settings.rate_limit, settings.rate_window)
+            if settings.rate_limit
+            else None,
+            RedisJobs(client, NAMESPACE, settings.job_steps, settings.job_step_seconds),
+            RedisRevocations(client, NAMESPACE, settings.token_lifetime),
+            RedisPrices(client, NAMESPACE, origin, settings.price_ttl),
+        )
         middlewares.append(shop.revocations.middleware())
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -80,17 +90,33 @@ def create_app(settings: Settings) -> web.Application:
             await client.aclose()
     else:
         # Unique per process: a restarted instance is a new owner in Redis's fencing.
-        store = ContextStore(settings.redis_url, namespace=NAMESPACE, registry=registry,
-                             node_id=f"{settings.node_id}-{os.getpid()}-{secrets.token_hex(3)}")
-        limiter = StickyRateLimiter(store, settings.rate_limit, settings.rate_window) if settings.rate_limit else None
-        shop = Shop(settings, metrics, ContextState(), limiter,
-                    StickyJobs(store, settings.job_steps, settings.job_step_seconds),
-                    StickyRevocations(store, settings.token_lifetime),
-                    StickyPrices(store, origin, settings.price_ttl))
+        store = ContextStore(
+            settings.redis_url,
+            namespace=NAMESPACE,
+            registry=registry,
+            node_id=f"{settings.node_id}-{os.getpid()}-{secrets.token_hex(3)}",
+        )
+        limiter = (
+            StickyRateLimiter(store, settings.rate_limit, settings.rate_window)
+            if settings.rate_limit
+            else None
+        )
+        shop = Shop(
+            settings,
+            metrics,
+            ContextState(),
+            limiter,
+            StickyJobs(store, settings.job_steps, settings.job_step_seconds),
+            StickyRevocations(store, settings.token_lifetime),
+            StickyPrices(store, origin, settings.price_ttl),
+        )
         metrics.rate_limit_users.set_function(lambda: len(limiter) if limiter is not None else 0)
         # The revocation check inside the context middleware: on its paths it reads the loaded
         # context; elsewhere (jobs, prices) it reads the store (memory, for a held user).
-        middlewares += [only_under(CONTEXT_PATHS, context_middleware(store)), shop.revocations.middleware()]
+        middlewares += [
+            only_under(CONTEXT_PATHS, context_middleware(store)),
+            shop.revocations.middleware(),
+        ]
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
             await store.start()
@@ -121,8 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None,
-                print=lambda _: log.info("%s (%s) listening on http://%s:%d", settings.node_id,
-                                         settings.mode, settings.host, settings.port))
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        access_log=None,
+        print=lambda _: log.info(
+            "%s (%s) listening on http://%s:%d",
+            settings.node_id,
+            settings.mode,
+            settings.host,
+            settings.port,
+        ),
+    )
     return 0

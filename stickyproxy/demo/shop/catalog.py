@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
-PRODUCTS = frozenset({
-    "apple", "banana", "bread", "butter", "cheese", "coffee", "eggs", "flour", "honey", "jam",
-    "milk", "oats", "pasta", "pepper", "rice", "salt", "sugar", "tea", "tomato", "yogurt",
-})
+PRODUCTS = frozenset(
+    {
+        "apple",
+        "banana",
+        "bread",
+        "butter",
+        "cheese",
+        "coffee",
+        "eggs",
+        "flour",
+        "honey",
+        "jam",
+        "milk",
+        "oats",
+        "pasta",
+        "pepper",
+        "rice",
+        "salt",
+        "sugar",
+        "tea",
+        "tomato",
+        "yogurt",
+    }
+)
 # Most units of one product added by one request.
 MAX_QTY_PER_ADD = 99
 

@@ -66,12 +66,23 @@ class StickyJobs:
     user's context, so the instance that takes the user over reports a finished job as
     done (and an interrupted one as running elsewhere, then lost) instead of unknown."""
 
-    def __init__(self, store: ContextStore, steps: int, step_seconds: float, *, max_jobs: int = MAX_JOBS,
-                 retention: float = JOB_RETENTION) -> None:
+    def __init__(
+        self,
+        store: ContextStore,
+        steps: int,
+        step_seconds: float,
+        *,
+        max_jobs: int = MAX_JOBS,
+        retention: float = JOB_RETENTION,
+    ) -> None:
         self.steps = steps
         self.step_seconds = step_seconds
-        self.jobs = Jobs(store, max_running=max_jobs, retention=retention,
-                         max_runtime=max(1.0, steps * step_seconds * STALL_FACTOR))
+        self.jobs = Jobs(
+            store,
+            max_running=max_jobs,
+            retention=retention,
+            max_runtime=max(1.0, steps * step_seconds * STALL_FACTOR),
+        )
 
     def running(self) -> int:
         return self.jobs.running()
@@ -114,8 +125,16 @@ def job_key(namespace: str, job_id: str) -> str:
 
 
 class RedisJobs:
-    def __init__(self, redis: Any, namespace: str, steps: int, step_seconds: float, *,
-                 max_jobs: int = MAX_JOBS, retention: float = JOB_RETENTION) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        namespace: str,
+        steps: int,
+        step_seconds: float,
+        *,
+        max_jobs: int = MAX_JOBS,
+        retention: float = JOB_RETENTION,
+    ) -> None:
         self.redis = redis
         self.namespace = namespace
         self.steps = steps
@@ -153,8 +172,12 @@ class RedisJobs:
         raw = await self.redis.hgetall(job_key(self.namespace, job_id))
         if not raw or raw.get(b"user", b"").decode() != user:
             return None
-        return {"id": job_id, "step": int(raw[b"step"]), "steps": int(raw[b"steps"]),
-                "state": raw[b"state"].decode()}
+        return {
+            "id": job_id,
+            "step": int(raw[b"step"]),
+            "steps": int(raw[b"steps"]),
+            "state": raw[b"state"].decode(),
+        }
 
     async def follow(self, user: str, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """Polls Redis once per step interval; yields each change until the job is done, or

@@ -46,8 +46,9 @@ async def redis_outage(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except (redis.RedisError, StoreUnavailable):
-        return web.json_response({"error": "state store unavailable"}, status=503,
-                                 headers={"Retry-After": RETRY_AFTER})
+        return web.json_response(
+            {"error": "state store unavailable"}, status=503, headers={"Retry-After": RETRY_AFTER}
+        )
 
 
 @web.middleware
@@ -60,9 +61,14 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
             shop.metrics.rate_limited.inc()
             seconds = max(1, int(wait + 0.999))
             return web.json_response(
-                {"error": f"rate limit: {shop.settings.rate_limit} requests per "
-                          f"{shop.settings.rate_window:g}s", "retry_after": seconds},
-                status=429, headers={"Retry-After": str(seconds)})
+                {
+                    "error": f"rate limit: {shop.settings.rate_limit} requests per "
+                    f"{shop.settings.rate_window:g}s",
+                    "retry_after": seconds,
+                },
+                status=429,
+                headers={"Retry-After": str(seconds)},
+            )
     return await handler(request)
 
 
@@ -79,8 +85,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if user is None:
         return await handler(request)
     try:
-        request[CLAIMS_KEY] = verify(authorization, user, shop.settings.token_secret,
-                                     shop.settings.token_lifetime)
+        request[CLAIMS_KEY] = verify(
+            authorization, user, shop.settings.token_secret, shop.settings.token_lifetime
+        )
     except TokenRejected as exc:
         return unauthorized("invalid token", str(exc))
     return await handler(request)

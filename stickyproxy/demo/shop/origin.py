@@ -86,7 +86,9 @@ def create_origin_app(delay: float = DEFAULT_PRICE_DELAY) -> web.Application:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stickyproxy.demo.shop.origin", description=(__doc__ or "").split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m stickyproxy.demo.shop.origin", description=(__doc__ or "").split("\n")[0]
+    )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--delay", type=float, default=DEFAULT_PRICE_DELAY, help="seconds per lookup")

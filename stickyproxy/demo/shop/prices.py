@@ -40,10 +40,26 @@ from stickyproxy.context import (
 
 # Undiscounted prices in cents, one per product in the catalog.
 BASE_PRICES = {
-    "apple": 45, "banana": 30, "bread": 250, "butter": 320, "cheese": 640, "coffee": 890,
-    "eggs": 310, "flour": 120, "honey": 560, "jam": 340, "milk": 110, "oats": 190,
-    "pasta": 150, "pepper": 280, "rice": 210, "salt": 60, "sugar": 130, "tea": 420,
-    "tomato": 70, "yogurt": 95,
+    "apple": 45,
+    "banana": 30,
+    "bread": 250,
+    "butter": 320,
+    "cheese": 640,
+    "coffee": 890,
+    "eggs": 310,
+    "flour": 120,
+    "honey": 560,
+    "jam": 340,
+    "milk": 110,
+    "oats": 190,
+    "pasta": 150,
+    "pepper": 280,
+    "rice": 210,
+    "salt": 60,
+    "sugar": 130,
+    "tea": 420,
+    "tomato": 70,
+    "yogurt": 95,
 }
 # A user's discount is 0..MAX_DISCOUNT_PERCENT %, fixed by the user's id.
 MAX_DISCOUNT_PERCENT = 20
@@ -103,7 +119,9 @@ class HttpOrigin:
 
     async def price(self, user: str, item: str) -> int:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ORIGIN_TIMEOUT))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=ORIGIN_TIMEOUT)
+            )
         url = f"{self.base}/prices/{quote(user, safe='')}/{quote(item, safe='')}"
         async with self._session.get(url) as r:
             if r.status != 200:
@@ -114,7 +132,9 @@ class HttpOrigin:
         except (ValueError, TypeError, KeyError):
             raise PriceUnavailable("pricing origin's reply has no price") from None
         if isinstance(price, bool) or not isinstance(price, int) or price < 0:
-            raise PriceUnavailable(f"pricing origin's price is not a whole number of cents: {price!r}")
+            raise PriceUnavailable(
+                f"pricing origin's price is not a whole number of cents: {price!r}"
+            )
         return price
 
     async def close(self) -> None:
@@ -136,9 +156,15 @@ class StickyPrices:
     def __init__(self, store: ContextStore, origin: Origin, ttl: float) -> None:
         self.store = store
         self.origin = origin
-        self.cache = GuardedCache(store=store, ttl=ttl, stale_if_error=STALE_IF_ERROR, max_entries=MAX_ENTRIES,
-                                  origin_timeout=ORIGIN_TIMEOUT, breaker_failures=BREAKER_FAILURES,
-                                  breaker_reset=BREAKER_RESET)
+        self.cache = GuardedCache(
+            store=store,
+            ttl=ttl,
+            stale_if_error=STALE_IF_ERROR,
+            max_entries=MAX_ENTRIES,
+            origin_timeout=ORIGIN_TIMEOUT,
+            breaker_failures=BREAKER_FAILURES,
+            breaker_reset=BREAKER_RESET,
+        )
 
     def __len__(self) -> int:
         return len(self.cache)

@@ -106,7 +106,9 @@ class RedisRevocations:
 
     def middleware(self) -> Middleware:
         @web.middleware
-        async def redis_revocation_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        async def redis_revocation_check(
+            request: web.Request, handler: Handler
+        ) -> web.StreamResponse:
             claims = _claims(request)
             user = user_of(request, stateless=True)
             if claims is None or user is None:
@@ -115,7 +117,9 @@ class RedisRevocations:
                 pipe.exists(revoked_key(self.namespace, user, claims["jti"]))
                 pipe.get(revoked_before_key(self.namespace, user))
                 exists, before = await pipe.execute()
-            reason = stateless_verdict(bool(exists), None if before is None else float(before), float(claims["iat"]))
+            reason = stateless_verdict(
+                bool(exists), None if before is None else float(before), float(claims["iat"])
+            )
             if reason is not None:
                 return unauthorized("token revoked", reason)
             return await handler(request)
@@ -131,5 +135,7 @@ class RedisRevocations:
 
     async def revoke_all(self, request: web.Request, user: str) -> float:
         cut = time.time()
-        await self.redis.set(revoked_before_key(self.namespace, user), repr(cut), px=self.lifetime_ms)
+        await self.redis.set(
+            revoked_before_key(self.namespace, user), repr(cut), px=self.lifetime_ms
+        )
         return cut

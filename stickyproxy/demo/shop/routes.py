@@ -1,20 +1,20 @@
 """The HTTP API (JSON everywhere but /metrics and /healthz).
 
-    GET    /                    this instance: node id, mode, endpoints
-    GET    /cart                the user's cart
-    POST   /cart/items          {"item": "apple", "qty": 2} -> the item's new quantity
-    DELETE /cart/items/{item}   remove a product from the cart
-    GET    /counter             the user's counter
-    POST   /counter             increment it -> the new value (never goes backwards)
-    POST   /jobs                start a job -> 202 {"id", ...}
-    GET    /jobs/{id}           its progress
-    GET    /jobs/{id}/ws        WebSocket: one message per step until the job is done
-    POST   /login               a bearer token for the user -> {"token", "jti", "iat", "exp"}
-    POST   /logout              revoke the presented token (401 on every later use)
-    POST   /logout-everywhere   revoke every token of the user issued until now
-    GET    /prices/{item}       the user's price in cents, through the guarded cache
-    DELETE /prices              forget the user's cached prices
-    GET    /healthz, /metrics
+GET    /                    this instance: node id, mode, endpoints
+GET    /cart                the user's cart
+POST   /cart/items          {"item": "apple", "qty": 2} -> the item's new quantity
+DELETE /cart/items/{item}   remove a product from the cart
+GET    /counter             the user's counter
+POST   /counter             increment it -> the new value (never goes backwards)
+POST   /jobs                start a job -> 202 {"id", ...}
+GET    /jobs/{id}           its progress
+GET    /jobs/{id}/ws        WebSocket: one message per step until the job is done
+POST   /login               a bearer token for the user -> {"token", "jti", "iat", "exp"}
+POST   /logout              revoke the presented token (401 on every later use)
+POST   /logout-everywhere   revoke every token of the user issued until now
+GET    /prices/{item}       the user's price in cents, through the guarded cache
+DELETE /prices              forget the user's cached prices
+GET    /healthz, /metrics
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ PRICE_RETRY_AFTER = str(math.ceil(BREAKER_RESET))
 
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict, 503: web.HTTPServiceUnavailable,
+    400: web.HTTPBadRequest,
+    404: web.HTTPNotFound,
+    409: web.HTTPConflict,
+    503: web.HTTPServiceUnavailable,
 }
 
 
@@ -86,7 +89,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[SHOP_KEY].metrics.registry
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def get_cart(request: web.Request) -> web.Response:
@@ -102,7 +107,9 @@ async def add_item(request: web.Request) -> web.Response:
     problem = check_item(item) or check_qty(qty)
     if problem:
         raise _error(400, problem)
-    return web.json_response({"item": item, "qty": await shop.state.add(request, user, str(item), qty)})
+    return web.json_response(
+        {"item": item, "qty": await shop.state.add(request, user, str(item), qty)}
+    )
 
 
 async def remove_item(request: web.Request) -> web.Response:
@@ -111,7 +118,9 @@ async def remove_item(request: web.Request) -> web.Response:
     problem = check_item(item)
     if problem:
         raise _error(404, problem)
-    return web.json_response({"item": item, "removed": await shop.state.remove(request, user, item)})
+    return web.json_response(
+        {"item": item, "removed": await shop.state.remove(request, user, item)}
+    )
 
 
 async def get_counter(request: web.Request) -> web.Response:
@@ -180,8 +189,10 @@ def _claims(request: web.Request) -> Any:
     claims = request.get(CLAIMS_KEY)
     if claims is None:
         # RFC 6750 §3.1: a request without a token gets the challenge without an error code.
-        raise web.HTTPUnauthorized(text="no token: send it as 'Authorization: Bearer <token>'\n",
-                                   headers={"WWW-Authenticate": "Bearer"})
+        raise web.HTTPUnauthorized(
+            text="no token: send it as 'Authorization: Bearer <token>'\n",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return claims
 
 
@@ -210,9 +221,11 @@ async def get_price(request: web.Request) -> web.Response:
     try:
         price = await shop.prices.price(user, item)
     except PriceUnavailable as exc:
-        raise web.HTTPServiceUnavailable(text=json.dumps({"error": f"pricing unavailable: {exc}"}),
-                                         content_type="application/json",
-                                         headers={"Retry-After": PRICE_RETRY_AFTER}) from None
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error": f"pricing unavailable: {exc}"}),
+            content_type="application/json",
+            headers={"Retry-After": PRICE_RETRY_AFTER},
+        ) from None
     return web.json_response({"item": item, "price": price})
 
 

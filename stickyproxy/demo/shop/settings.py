@@ -65,12 +65,18 @@ class Settings:
         if self.rate_limit < 0 or self.rate_window <= 0:
             out.append("--rate-limit: must be >= 0 (0 = off) and --rate-window positive")
         if self.job_steps < 1 or self.job_step_seconds <= 0:
-            out.append("--job-steps/--job-step-seconds: jobs need at least one step of positive length")
+            out.append(
+                "--job-steps/--job-step-seconds: jobs need at least one step of positive length"
+            )
         if len(self.token_secret.encode()) < MIN_TOKEN_SECRET_BYTES:
-            out.append(f"--token-secret: at least {MIN_TOKEN_SECRET_BYTES} bytes for HS256 (RFC 7518 §3.2)")
+            out.append(
+                f"--token-secret: at least {MIN_TOKEN_SECRET_BYTES} bytes for HS256 (RFC 7518 §3.2)"
+            )
         if not 0 < self.token_lifetime <= DEFAULT_IDLE_TTL:
-            out.append(f"--token-lifetime: must be positive and at most the context's idle TTL "
-                       f"({DEFAULT_IDLE_TTL:g}s), got {self.token_lifetime:g}")
+            out.append(
+                f"--token-lifetime: must be positive and at most the context's idle TTL "
+                f"({DEFAULT_IDLE_TTL:g}s), got {self.token_lifetime:g}"
+            )
         if self.price_origin is not None:
             url = urlsplit(self.price_origin)
             if url.scheme not in ("http", "https") or not url.hostname:
@@ -92,32 +98,72 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--node-id", required=True, help="this instance's name (X-Served-By)")
     p.add_argument("--redis", required=True, metavar="URL", help="e.g. redis://127.0.0.1:6379/0")
-    p.add_argument("--stateless", action="store_true",
-                   help="keep all state in Redis on every request (the design being replaced)")
-    p.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT,
-                   help=f"requests per user per window, 0 = off (default {DEFAULT_RATE_LIMIT})")
-    p.add_argument("--rate-window", type=float, default=DEFAULT_RATE_WINDOW,
-                   help=f"rate-limit window in seconds (default {DEFAULT_RATE_WINDOW:g})")
+    p.add_argument(
+        "--stateless",
+        action="store_true",
+        help="keep all state in Redis on every request (the design being replaced)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=DEFAULT_RATE_LIMIT,
+        help=f"requests per user per window, 0 = off (default {DEFAULT_RATE_LIMIT})",
+    )
+    p.add_argument(
+        "--rate-window",
+        type=float,
+        default=DEFAULT_RATE_WINDOW,
+        help=f"rate-limit window in seconds (default {DEFAULT_RATE_WINDOW:g})",
+    )
     p.add_argument("--job-steps", type=int, default=DEFAULT_JOB_STEPS)
     p.add_argument("--job-step-seconds", type=float, default=DEFAULT_JOB_STEP_SECONDS)
-    p.add_argument("--token-secret", default=os.environ.get(TOKEN_SECRET_ENV, DEMO_TOKEN_SECRET),
-                   help=f"HS256 key of the tokens /login issues, the same on every instance "
-                        f"(default ${TOKEN_SECRET_ENV}, else a demo key)")
-    p.add_argument("--token-lifetime", type=float, default=DEFAULT_TOKEN_LIFETIME,
-                   help=f"seconds a token from /login is valid (default {DEFAULT_TOKEN_LIFETIME:g})")
-    p.add_argument("--price-origin", metavar="URL",
-                   help="pricing service answering GET URL/prices/{user}/{item} "
-                        "(default: a built-in one, see --price-delay)")
-    p.add_argument("--price-delay", type=float, default=DEFAULT_PRICE_DELAY,
-                   help=f"seconds the built-in pricing origin takes per lookup (default {DEFAULT_PRICE_DELAY:g})")
-    p.add_argument("--price-ttl", type=float, default=DEFAULT_PRICE_TTL,
-                   help=f"seconds a cached price stays fresh (default {DEFAULT_PRICE_TTL:g})")
+    p.add_argument(
+        "--token-secret",
+        default=os.environ.get(TOKEN_SECRET_ENV, DEMO_TOKEN_SECRET),
+        help=f"HS256 key of the tokens /login issues, the same on every instance "
+        f"(default ${TOKEN_SECRET_ENV}, else a demo key)",
+    )
+    p.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=DEFAULT_TOKEN_LIFETIME,
+        help=f"seconds a token from /login is valid (default {DEFAULT_TOKEN_LIFETIME:g})",
+    )
+    p.add_argument(
+        "--price-origin",
+        metavar="URL",
+        help="pricing service answering GET URL/prices/{user}/{item} "
+        "(default: a built-in one, see --price-delay)",
+    )
+    p.add_argument(
+        "--price-delay",
+        type=float,
+        default=DEFAULT_PRICE_DELAY,
+        help=f"seconds the built-in pricing origin takes per lookup (default {DEFAULT_PRICE_DELAY:g})",
+    )
+    p.add_argument(
+        "--price-ttl",
+        type=float,
+        default=DEFAULT_PRICE_TTL,
+        help=f"seconds a cached price stays fresh (default {DEFAULT_PRICE_TTL:g})",
+    )
     a = p.parse_args(argv)
     try:
-        return Settings(port=a.port, host=a.host, node_id=a.node_id, redis_url=a.redis,
-                        stateless=a.stateless, rate_limit=a.rate_limit, rate_window=a.rate_window,
-                        job_steps=a.job_steps, job_step_seconds=a.job_step_seconds,
-                        token_secret=a.token_secret, token_lifetime=a.token_lifetime,
-                        price_origin=a.price_origin, price_delay=a.price_delay, price_ttl=a.price_ttl)
+        return Settings(
+            port=a.port,
+            host=a.host,
+            node_id=a.node_id,
+            redis_url=a.redis,
+            stateless=a.stateless,
+            rate_limit=a.rate_limit,
+            rate_window=a.rate_window,
+            job_steps=a.job_steps,
+            job_step_seconds=a.job_step_seconds,
+            token_secret=a.token_secret,
+            token_lifetime=a.token_lifetime,
+            price_origin=a.price_origin,
+            price_delay=a.price_delay,
+            price_ttl=a.price_ttl,
+        )
     except ValueError as e:
         p.error(str(e))

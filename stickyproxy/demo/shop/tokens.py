@@ -35,8 +35,16 @@ class TokenRejected(Exception):
 def issue(user: str, secret: str, lifetime: float, *, now: float | None = None) -> dict[str, Any]:
     """A new token for ``user``: ``{"token", "jti", "iat", "exp"}``."""
     issued = time.time() if now is None else now
-    claims = {"sub": user, "jti": secrets.token_urlsafe(12), "iat": issued, "exp": int(issued + lifetime)}
-    return {"token": jwt.encode(claims, secret, algorithm=ALGORITHM), **{k: claims[k] for k in ("jti", "iat", "exp")}}
+    claims = {
+        "sub": user,
+        "jti": secrets.token_urlsafe(12),
+        "iat": issued,
+        "exp": int(issued + lifetime),
+    }
+    return {
+        "token": jwt.encode(claims, secret, algorithm=ALGORITHM),
+        **{k: claims[k] for k in ("jti", "iat", "exp")},
+    }
 
 
 def bearer(authorization: str) -> str:
@@ -59,8 +67,13 @@ def verify(authorization: str, user: str, secret: str, max_lifetime: float) -> M
     live at most ``max_lifetime`` (longer ones could not be revoked for their whole life)."""
     token = bearer(authorization)
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], leeway=LEEWAY,
-                            options={"require": list(REQUIRED_CLAIMS)})
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            leeway=LEEWAY,
+            options={"require": list(REQUIRED_CLAIMS)},
+        )
     except jwt.ExpiredSignatureError:
         raise TokenRejected("token expired") from None
     except jwt.InvalidSignatureError:
@@ -77,5 +90,7 @@ def verify(authorization: str, user: str, secret: str, max_lifetime: float) -> M
     if not isinstance(jti, str) or not jti:
         raise TokenRejected("token's jti must be a non-empty string")
     if _numeric_date(claims, "exp") - _numeric_date(claims, "iat") > max_lifetime:
-        raise TokenRejected(f"token lives longer than the shop's token lifetime ({max_lifetime:g}s)")
+        raise TokenRejected(
+            f"token lives longer than the shop's token lifetime ({max_lifetime:g}s)"
+        )
     return claims
