@@ -76,7 +76,8 @@ cd "$OUT"
 where=$("$VENV/bin/python" -c 'import stickyproxy; print(stickyproxy.__file__)')
 echo "stickyproxy.__file__ = $where"
 case "$where" in "$VENV"/*) ;; *) fail "stickyproxy imported from $where, not the venv" ;; esac
-"$VENV/bin/python" -c 'from stickyproxy import compiled, startup
+"$VENV/bin/python" -c 'from stickyproxy import compiled
+from stickyproxy.control import startup
 assert compiled.build() == "compiled", compiled.build()
 problems = startup.check_runtime()
 assert not problems, problems

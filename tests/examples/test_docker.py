@@ -141,7 +141,7 @@ def test_dockerignore_keeps_build_output_of_the_checkout_out():
     """A stale in-place .so copied into the build would be what the image runs."""
     patterns = dockerignore_patterns()
     for path in (
-        "stickyproxy/router.cpython-311-x86_64-linux-gnu.so",
+        "stickyproxy/routing/router.cpython-311-x86_64-linux-gnu.so",
         "stickyproxy/dataplane/__pycache__/proxy.cpython-311.pyc",
         "stickyproxy/_build_stamp.json",
         "stickyproxy.egg-info/PKG-INFO",
