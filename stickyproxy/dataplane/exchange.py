@@ -284,14 +284,15 @@ class Exchange:
         events.upstream_error(
             backend, kind if kind == "tls" else "connect" if refused else "timeout"
         )
-        events.connect_failed(backend, kind)
         if kind == "tls":
-            # nothing was sent: safe to try the next backend, but not a dead host (its
-            # pool is kept); the reason says what was wrong with its certificate
+            # Nothing was sent: safe to try the next backend. But the host answered: it is
+            # not a dead host (its pool is kept) nor one to skip (no connect_down), so a
+            # last 502 keeps its reason: what was wrong with the certificate.
             self.retry(
                 backend, CONNECT_TIMEOUT, f"backend {backend.id}: {describe_verify_error(exc)}", 502
             )
             return
+        events.connect_failed(backend, kind)
         if refused:
             moved = refused_backend(slot)
             self.retry(backend, CONNECT_REFUSED, f"backend {backend.id} unreachable", 502)

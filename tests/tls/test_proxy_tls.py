@@ -372,3 +372,38 @@ async def test_a_renewed_certificate_is_served_without_a_reload_signal(
             await asyncio.sleep(0.1)
     finally:
         await svc.stop()
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("expired", b"TLS: certificate has expired"),
+        ("wrong host", b"TLS: certificate is not valid for 'localhost'"),
+    ],
+)
+async def test_a_refused_backend_certificate_is_a_502_that_says_why(ca, tmp_path, case, reason):
+    import datetime
+
+    if case == "expired":
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=60)
+        leaf = ca.issue_cert(
+            "localhost", not_before=past - datetime.timedelta(days=30), not_after=past
+        )
+    else:
+        leaf = ca.issue_cert("elsewhere.example")
+    runner, port = await tls_backend(leaf, "app")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    svc = await start(
+        tmp_path,
+        toml(
+            backends=f'[[backends]]\nid = "app"\nurl = "https://localhost:{port}"\n'
+            f'[backends.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+        ),
+    )
+    try:
+        status, _, body, _ = await get(svc.proxy.port, None)
+        assert status == 502
+        assert reason in body, body
+    finally:
+        await svc.stop()
+        await runner.cleanup()
