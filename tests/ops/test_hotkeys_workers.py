@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 
-import aiohttp
 import pytest
 
 from stickyproxy.routing.hotkeys import key_digest
-from support.net import eventually, free_port
-from support.procs import established_to, listening_on
+from support.procs import established_to
 
-from .test_workers import Admin, one_request, worker_pids
+from .test_workers import one_request, start_supervised, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -23,29 +21,7 @@ COLD_USERS = 40
 
 async def test_supervisor_merges_the_workers_hot_keys(backends, proxy_process):
     bs = await backends("a", "b", "c")
-    aport = free_port()
-    pp = proxy_process(
-        bs, {"admin": {"enabled": True, "port": aport}, "hotkeys": {"sample_every": 1}}, workers=2
-    )
-    await pp.wait_ready()
-    admin = Admin(aport)
-
-    async def admin_up():
-        try:
-            return (await admin.call("GET", "/readyz"))[0] == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
-    await eventually(
-        lambda: (
-            len(worker_pids(pp.pid)) == 2
-            and all(listening_on(w, pp.port) for w in worker_pids(pp.pid))
-        ),
-        deadline=20,
-        interval=0.05,
-        what="both workers listening",
-    )
+    pp, admin = await start_supervised(bs, proxy_process, {"hotkeys": {"sample_every": 1}})
     for i in range(HOT):
         status, _ = await one_request(pp.port, "hot-user")  # new connection each time
         assert status == 200

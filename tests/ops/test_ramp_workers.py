@@ -10,15 +10,14 @@ import os
 import signal
 import time
 
-import aiohttp
 import pytest
 
 from support.config import build_toml
 from support.health import HealthScript, health_cfg, with_health
-from support.net import eventually, free_port
+from support.net import eventually
 from support.procs import established_to, listening_on
 
-from .test_workers import Admin, one_request, worker_pids
+from .test_workers import one_request, start_supervised, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +34,11 @@ STEADY = {"interval": "500ms", "timeout": "500ms"}
 async def test_workers_follow_the_supervisors_ramp(backends, proxy_process):
     bs = await backends("a", "b", "c")
     hs = with_health(bs[0], HealthScript(hold=200))
-    aport = free_port()
-    pp = proxy_process(
+    pp, admin = await start_supervised(
         bs,
-        {
-            "admin": {"enabled": True, "port": aport},
-            "health": health_cfg(rise=1, fall=2, failback_ramp=f"{RAMP}s", **STEADY),
-        },
-        workers=2,
+        proxy_process,
+        {"health": health_cfg(rise=1, fall=2, failback_ramp=f"{RAMP}s", **STEADY)},
     )
-    await pp.wait_ready()
-    admin = Admin(aport)
-
-    async def admin_up():
-        try:
-            return (await admin.call("GET", "/readyz"))[0] == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
-    await eventually(lambda: len(worker_pids(pp.pid)) == 2, what="two workers")
 
     async def view(key: str) -> dict:
         status, text = await admin.call("GET", f"/route?key={key}")
@@ -122,35 +106,19 @@ async def test_workers_start_a_reloaded_backend_slowly_as_the_supervisor_says(
     backends, proxy_process
 ):
     a, b = await backends("a", "b")
-    aport = free_port()
-    settings = {
-        "admin": {"enabled": True, "port": aport},
-        "health": {"enabled": False, "failback_ramp": "8s"},
-    }
-    pp = proxy_process([a, b], settings, workers=2)
-    await pp.wait_ready()
-    admin = Admin(aport)
-
-    async def admin_up():
-        try:
-            return (await admin.call("GET", "/readyz"))[0] == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(admin_up, deadline=20, interval=0.05, what="admin API ready")
-    await eventually(
-        lambda: (
-            len(worker_pids(pp.pid)) == 2
-            and all(listening_on(w, pp.port) for w in worker_pids(pp.pid))
-        ),
-        deadline=20,
-        interval=0.05,
-        what="both workers listening",
-    )
+    settings = {"health": {"enabled": False, "failback_ramp": "8s"}}
+    pp, admin = await start_supervised([a, b], proxy_process, settings)
 
     (c,) = await backends("c")
     pp.log.with_suffix(".toml").write_text(
-        build_toml([a, b, c], {**settings, "listen": {"port": pp.port}})
+        build_toml(
+            [a, b, c],
+            {
+                **settings,
+                "admin": {"enabled": True, "port": admin.port},
+                "listen": {"port": pp.port},
+            },
+        )
     )
     status, body = await admin.call("POST", "/reload")
     assert status == 200, body

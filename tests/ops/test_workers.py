@@ -36,6 +36,7 @@ def worker_pids(supervisor: int) -> list[int]:
 
 class Admin:
     def __init__(self, port: int):
+        self.port = port
         self.base = f"http://127.0.0.1:{port}"
 
     async def call(self, method: str, path: str) -> tuple[int, str]:
@@ -62,10 +63,13 @@ async def one_request(port: int, user: str) -> tuple[int, str | None]:
         c.close()
 
 
-async def start(backends, proxy_process, ids=("a", "b", "c")):
-    bs = await backends(*ids)
+async def start_supervised(bs, proxy_process, settings=None):
+    """``stickyproxy run --workers 2`` in front of ``bs`` with its admin API (``settings``:
+    more config sections), once the admin API answers and both workers listen."""
     aport = free_port()
-    pp = proxy_process(bs, {"admin": {"enabled": True, "port": aport}}, workers=2)
+    pp = proxy_process(
+        bs, {"admin": {"enabled": True, "port": aport}, **(settings or {})}, workers=2
+    )
     await pp.wait_ready()
     admin = Admin(aport)
 
@@ -83,6 +87,12 @@ async def start(backends, proxy_process, ids=("a", "b", "c")):
         interval=0.05,
         what="both workers listening",
     )
+    return pp, admin
+
+
+async def start(backends, proxy_process, ids=("a", "b", "c")):
+    bs = await backends(*ids)
+    pp, admin = await start_supervised(bs, proxy_process)
     return bs, pp, admin
 
 
