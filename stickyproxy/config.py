@@ -15,7 +15,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .contract import HEADER_PREFIX, header_names
@@ -311,6 +311,11 @@ class Headers:
         return header_names(self.prefix)[3]
 
 
+# What the proxy speaks to a backend: HTTP/1.1, or HTTP/2 (docs/http2.md) by prior
+# knowledge on an http:// URL (RFC 9113 §3.3) or by ALPN "h2" on an https:// one (§3.2).
+BACKEND_PROTOCOLS: Final = ("http/1.1", "h2")
+
+
 @dataclass(frozen=True)
 class Backend:
     id: str
@@ -319,6 +324,7 @@ class Backend:
     host: str = ""
     port: int = 80
     tls: Any = None  # tls.BackendTLS for an https:// URL, None for http://
+    protocol: str = "http/1.1"  # one of BACKEND_PROTOCOLS
 
     @property
     def address(self) -> str:
@@ -668,8 +674,8 @@ def _backends(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[Backend
             errors.append(f"{p}: expected a table")
             continue
         for k in item:
-            if k not in ("id", "url", "weight", "tls"):
-                errors.append(f"{p}.{k}: unknown key (known: id, tls, url, weight)")
+            if k not in ("id", "url", "weight", "tls", "protocol"):
+                errors.append(f"{p}.{k}: unknown key (known: id, protocol, tls, url, weight)")
         ok = True
         bid = item.get("id")
         if bid is None:
@@ -714,8 +720,20 @@ def _backends(raw: Any, errors: list[str], base_dir: str = ".") -> tuple[Backend
         elif "tls" in item and ok:
             errors.append(f"{p}.tls: set, but the url is http:// (use https:// for TLS)")
             ok = False
+        protocol = item.get("protocol", "http/1.1")
+        if protocol not in BACKEND_PROTOCOLS:
+            errors.append(
+                f"{p}.protocol: must be one of "
+                + ", ".join(f'"{x}"' for x in BACKEND_PROTOCOLS)
+                + f", got {protocol!r}"
+            )
+            ok = False
         if ok and bid is not None and url is not None:
-            out.append(Backend(id=bid, url=url, weight=weight, host=host, port=port, tls=tls))
+            out.append(
+                Backend(
+                    id=bid, url=url, weight=weight, host=host, port=port, tls=tls, protocol=protocol
+                )
+            )
     return tuple(out)
 
 
@@ -1114,8 +1132,12 @@ def reference_markdown() -> str:
         "| key | default | meaning |",
         "|---|---|---|",
         "| `id` | (required) | name on the ring, in metrics and headers: 1-64 of `A-Za-z0-9._-` |",
-        "| `url` | (required) | `http://host[:port]`, no path |",
+        "| `url` | (required) | `http://host[:port]` or `https://host[:port]`, no path |",
         f"| `weight` | `1` | integer 1-{MAX_WEIGHT}; scales the backend's share of users |",
+        '| `protocol` | `"http/1.1"` | what the proxy speaks to it: `"http/1.1"`, or `"h2"` '
+        "(HTTP/2: by prior knowledge on http://, by ALPN on https://; needed for gRPC; "
+        "docs/http2.md) |",
+        "| `tls` | (none) | [backends.tls] for an https:// backend: docs/tls.md |",
         "",
     ]
     out += [

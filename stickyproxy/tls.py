@@ -889,7 +889,10 @@ class SessionCache:
 
 
 def client_context(
-    settings: BackendTLS, read_file: ReadFile = read_disk, path: str = "backends.tls"
+    settings: BackendTLS,
+    read_file: ReadFile = read_disk,
+    path: str = "backends.tls",
+    alpn: str = "http/1.1",
 ) -> ssl.SSLContext:
     """The context for TLS connections to a backend: certificate and host name verified
     (RFC 6125) against ``ca_file`` or the system store unless ``verify`` is false; a client
@@ -902,7 +905,8 @@ def client_context(
     setattr(ctx, "stickyproxy_sessions", cache)  # noqa: B010
     ctx.minimum_version = MIN_VERSIONS[settings.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    # ``alpn``: the one protocol offered, the backend's ``protocol`` ("h2" or "http/1.1")
+    ctx.set_alpn_protocols([alpn])
     errors: list[str] = []
     if settings.verify:
         ctx.check_hostname = True
@@ -955,6 +959,7 @@ _VERIFY_CODES: Final = {
     26: "certificate not valid for this purpose",
 }
 _ALERT_REASONS: Final = {
+    "NO_H2_ALPN": "the backend did not choose HTTP/2 (h2) by ALPN",
     "WRONG_VERSION_NUMBER": "not a TLS server (plain HTTP?)",
     "RECORD_LAYER_FAILURE": "not a TLS server (plain HTTP?)",
     "PACKET_LENGTH_TOO_LONG": "not a TLS server (plain HTTP?)",

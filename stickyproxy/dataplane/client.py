@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from httptools import (
@@ -110,6 +111,7 @@ class ClientProtocol(asyncio.Protocol):
         "body_mark",
         "scheme",
         "identity",
+        "local_answer",
     )
 
     def __init__(self, server: Proxy):
@@ -130,6 +132,9 @@ class ClientProtocol(asyncio.Protocol):
         self.peer_bytes = b""
         self.scheme = b"http"  # b"https" on a [listen.tls] connection
         self.identity: str | None = None  # its verified client certificate's identity
+        # answers a proxy-made error in the client's protocol instead of as text/plain
+        # (a gRPC call on an HTTP/2 stream: h2client.py); None: error_response
+        self.local_answer: Callable[[int, str], None] | None = None
         self.limits = server.config.limits
         self.max_header_bytes = self.limits.max_header_bytes
         self.max_headers = self.limits.max_headers
@@ -722,11 +727,15 @@ class ClientProtocol(asyncio.Protocol):
         close = close or self.must_close_after(ex)
         ex.status = status
         ex.close_after = close
-        data = error_response(
-            status, reason, close=close, head_only=ex.method == "HEAD", extra=extra
-        )
-        ex.resp_bytes = len(data) - data.index(b"\r\n\r\n") - 4
-        self.write(data)
+        answer = self.local_answer
+        if answer is not None:
+            answer(status, reason)
+        else:
+            data = error_response(
+                status, reason, close=close, head_only=ex.method == "HEAD", extra=extra
+            )
+            ex.resp_bytes = len(data) - data.index(b"\r\n\r\n") - 4
+            self.write(data)
         if close:
             self.closing = True
         ex.finish()

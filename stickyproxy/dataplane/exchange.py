@@ -251,14 +251,19 @@ class Exchange:
                 # names are resolved by the proxy's cache (discovery/resolver.py), never by
                 # a blocking lookup per connection; a failed lookup is an OSError
                 resolver = self.server.resolver
-                addrs = resolver.cached(slot.host) or await resolver.resolve(slot.host)
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(slot, time.monotonic()),
-                    addrs[0],
-                    slot.port,
-                    ssl=slot.ssl,
-                    server_hostname=slot.server_hostname,
-                )
+                if slot.h2pool is not None:
+                    # HTTP/2: a stream, on a new connection only if none has room
+                    conn = await slot.h2pool.connect(resolver)
+                else:
+                    addrs = resolver.cached(slot.host) or await resolver.resolve(slot.host)
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamProtocol(slot, time.monotonic()),
+                        addrs[0],
+                        slot.port,
+                        ssl=slot.ssl,
+                        server_hostname=slot.server_hostname,
+                    )
+                    slot.connected()
         except ssl.SSLError as e:  # an OSError too: the backend answered, its TLS failed
             if self.state == CONNECTING and self.slot is slot:
                 self.on_connect_failed(slot, "tls", e)
@@ -268,7 +273,6 @@ class Exchange:
             if self.state == CONNECTING and self.slot is slot:
                 self.on_connect_failed(slot, kind, e)
             return
-        slot.connected()
         if self.state != CONNECTING or self.slot is not slot:
             # the client went away while we connected: keep the connection for others
             slot.release(conn, time.monotonic())

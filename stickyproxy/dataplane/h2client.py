@@ -46,6 +46,7 @@ from h2.errors import ErrorCodes
 from httptools import HttpParserError, HttpResponseParser
 from hyperframe.frame import GoAwayFrame
 
+from . import grpc
 from .client import ClientProtocol
 from .exchange import refused_exchange
 from .http import RequestError
@@ -90,6 +91,9 @@ MAX_PINGS: Final = 50
 # Requests refused as malformed per RESET_WINDOW before the connection is closed: each is
 # decoded and answered for nothing (the same flood as a rapid reset, by another frame).
 MAX_MALFORMED: Final = 100
+# DATA frames without data nor END_STREAM per RESET_WINDOW (CVE-2019-9518): each costs a
+# frame's processing and carries nothing; a client has no reason to send many.
+MAX_EMPTY_DATA: Final = 100
 
 # RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2 requests and never
 # sent in responses (TE is allowed with the value "trailers" only).
@@ -263,6 +267,7 @@ class Stream(asyncio.Transport):
         self.unacked = 0  # flow-controlled bytes taken but not yet credited
         self.write_paused = False  # its ClientProtocol was told to pause_writing
         self.stalled_since = 0.0  # data waits, without progress since then
+        self.grpc = False  # a gRPC call: errors are gRPC statuses (dataplane/grpc.py)
 
     # -- the transport its ClientProtocol writes to -------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -299,9 +304,34 @@ class Stream(asyncio.Transport):
 
     def abort(self) -> None:
         # a response cut short (a backend failed mid-body): never passed off as complete
-        if not self.ended:
-            self.pending.clear()
-            self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
+        if self.ended:
+            return
+        if self.grpc and not self.end_pending:
+            # a gRPC call ends with a status: what arrived is sent, then UNAVAILABLE
+            if self.status < 200:
+                self.grpc_error(502, "the call failed before its response")
+                return
+            self.in_trailers = False
+            self.trailers = grpc.cut_short_trailers("the backend failed during the call")
+            self.end_pending = True
+            self.conn.push(self)
+            return
+        self.pending.clear()
+        self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
+
+    def grpc_error(self, status: int, reason: str) -> None:
+        """A proxy-made error for a gRPC call (``ClientProtocol.local_answer``): a
+        trailers-only response with the gRPC status for ``status`` (dataplane/grpc.py)."""
+        if self.ended or self.end_pending:
+            return
+        if self.status >= 200:
+            self.trailers = grpc.cut_short_trailers(reason)
+            self.end_pending = True
+            self.conn.push(self)
+            return
+        self.status = 200
+        self.end_pending = True
+        self.conn.send_headers(self, grpc.error_fields(status, reason), True)
 
     def is_closing(self) -> bool:
         return self.ended
@@ -379,6 +409,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.malformed = 0
         self.settings_frames = 0
         self.pings = 0
+        self.empty_data = 0
         self.conn_stalled_since = 0.0
         self.progress_at = 0.0  # DATA last sent while more waited
         limits = server.config.limits
@@ -560,6 +591,12 @@ class H2ClientProtocol(asyncio.Protocol):
         self.deadline = 0.0
         stream = Stream(self, sid, head.method == "HEAD")
         self.streams[sid] = stream
+        for name, value in head.fields:
+            if name == b"content-type":
+                if grpc.is_grpc(value):
+                    stream.grpc = True
+                    stream.client.local_answer = stream.grpc_error
+                break
         ended = bool(ev.stream_ended)
         stream.remote_ended = ended
         c = stream.client
@@ -594,7 +631,17 @@ class H2ClientProtocol(asyncio.Protocol):
             # a stream already answered or refused: its bytes are dropped and credited
             self.credit(sid, size)
             return
-        stream.client.on_body(ev.data)  # type: ignore[arg-type]
+        data: bytes = ev.data  # type: ignore[assignment]
+        if not data:
+            # an empty DATA frame (END_STREAM alone, or padding only) carries no body
+            # bytes; given on, it would be an empty chunk, which ends an HTTP/1.1 body
+            self.credit(sid, size)
+            if not ev.stream_ended:
+                self.empty_data += 1
+                if self.empty_data > MAX_EMPTY_DATA:
+                    self.calm("empty DATA frame flood")
+            return
+        stream.client.on_body(data)
         if stream.paused:
             stream.unacked += size
         else:
@@ -786,6 +833,7 @@ class H2ClientProtocol(asyncio.Protocol):
         if now - self.window_start > min(RESET_WINDOW, CONTROL_WINDOW):
             self.window_start = now
             self.resets = self.malformed = self.settings_frames = self.pings = 0
+            self.empty_data = 0
         if not self.streams:
             if self.deadline and now > self.deadline:
                 self._close()

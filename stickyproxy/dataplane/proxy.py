@@ -24,6 +24,7 @@ from ..routing.table import BackendTable
 from .client import REQUEST_WATCH, ClientProtocol, ProxyHeaderProtocol
 from .events import Events
 from .h2client import AlpnSwitch
+from .h2upstream import H2Pool
 from .http import FIELD_CACHE_SIZE, FIELD_FORWARD, FIELD_SPECIAL, FIELD_SPECIAL_FORWARD
 from .upstream import Upstream
 
@@ -69,7 +70,7 @@ class Proxy:
         # distinct settings (their session caches make reconnections cheap)
         listen_tls = table.config.listen.tls
         self.tls_store = tls.CertStore(listen_tls, read_file) if listen_tls is not None else None
-        self.client_contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
+        self.client_contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
         self._sync_upstreams(read_file)
         self._set_config(table.config)
 
@@ -80,20 +81,24 @@ class Proxy:
         connections closed. Each gets its backend's TLS context (None: plain HTTP)."""
         cfg = self.table.config
         lim, tmo = cfg.limits, cfg.timeouts
-        contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
+        contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
         ups: dict[str, Upstream] = {}
         for b in cfg.backends:
             st = self.table.states[b.id]
             up = self.upstreams.get(b.id)
-            if up is None or up.state is not st:
+            h2 = b.protocol == "h2"
+            if up is None or up.state is not st or (up.h2pool is not None) != h2:
                 up = Upstream(st, lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
+                if h2:
+                    up.h2pool = H2Pool(up)
             else:
                 up.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
             if b.tls is not None:
-                ctx = contexts.get(b.tls) or self.client_contexts.get(b.tls)
+                ck = (b.tls, b.protocol)
+                ctx = contexts.get(ck) or self.client_contexts.get(ck)
                 if ctx is None:
-                    ctx = tls.client_context(b.tls, read_file, f"backends[{b.id}].tls")
-                contexts[b.tls] = ctx
+                    ctx = tls.client_context(b.tls, read_file, f"backends[{b.id}].tls", b.protocol)
+                contexts[ck] = ctx
                 if up.ssl is not ctx:
                     up.close_all()  # connections made with other TLS settings
                 up.ssl, up.server_hostname = ctx, tls.server_hostname(b.tls, b.host)
@@ -115,8 +120,14 @@ class Proxy:
         if up is not None and up.state is st:
             return up
         # Routed by a router that a reload has replaced since, to a backend that is gone
-        # or moved: a one-off whose connection is not kept (max_idle 0).
-        return Upstream(st, 0, 1, 0.0)
+        # or moved: a one-off whose connection is not kept (max_idle 0), speaking what the
+        # backend of that id speaks now.
+        one = Upstream(st, 0, 1, 0.0)
+        if up is not None:
+            one.ssl, one.server_hostname = up.ssl, up.server_hostname
+            if up.h2pool is not None:
+                one.h2pool = H2Pool(one)
+        return one
 
     def _set_config(self, config: Config) -> None:
         self.config = config

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ..control.metrics import Tally
     from ..routing.router import BackendState
     from .exchange import Exchange
+    from .h2upstream import H2Pool
     from .tunnel import Tunnel
 
 
@@ -281,6 +282,7 @@ class Upstream:
         "tally",
         "ssl",
         "server_hostname",
+        "h2pool",
     )
 
     def __init__(self, state: BackendState, max_idle: int, max_requests: int, idle_timeout: float):
@@ -300,6 +302,9 @@ class Upstream:
         # an https:// backend: the context and the name sent by SNI and verified
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
+        # a protocol = "h2" backend: its HTTP/2 connections (h2upstream.py), whose streams
+        # stand in for this pool's connections; None for HTTP/1.1
+        self.h2pool: H2Pool | None = None
 
     # -- in-flight slots ---------------------------------------------------------------
     def has_slot(self, cap: int) -> bool:
@@ -317,15 +322,21 @@ class Upstream:
         self.open += 1
 
     def lost(self, conn: UpstreamProtocol) -> None:
+        if self.h2pool is not None:
+            return  # an HTTP/2 stream: its connection is counted by the H2Pool
         self.discard(conn)
         self.open -= 1
 
     def configure(self, max_idle: int, max_requests: int, idle_timeout: float) -> None:
         self.max_idle, self.max_requests, self.idle_timeout = max_idle, max_requests, idle_timeout
+        if self.h2pool is not None:
+            self.h2pool.configure(max_requests, idle_timeout)
         while len(self.idle) > self.max_idle:
             self.idle.popleft().close()
 
     def acquire(self) -> UpstreamProtocol | None:
+        if self.h2pool is not None:
+            return self.h2pool.acquire()
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -335,6 +346,9 @@ class Upstream:
 
     def release(self, conn: UpstreamProtocol, now: float) -> None:
         conn.exchange = None
+        if self.h2pool is not None:
+            conn.close()  # its stream is done; the next request opens another
+            return
         if conn.closed or conn.requests >= self.max_requests or len(self.idle) >= self.max_idle:
             conn.close()
             return
@@ -351,11 +365,15 @@ class Upstream:
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than the idle timeout (oldest are at the left)."""
+        if self.h2pool is not None:
+            self.h2pool.sweep(now)
         idle = self.idle
         while idle and now - idle[0].idle_since > self.idle_timeout:
             idle.popleft().close()
 
     def close_all(self) -> None:
+        if self.h2pool is not None:
+            self.h2pool.close_all()
         while self.idle:
             self.idle.pop().close()
 
