@@ -314,6 +314,8 @@ class Headers:
 # What the proxy speaks to a backend: HTTP/1.1, or HTTP/2 (docs/http2.md) by prior
 # knowledge on an http:// URL (RFC 9113 §3.3) or by ALPN "h2" on an https:// one (§3.2).
 BACKEND_PROTOCOLS: Final = ("http/1.1", "h2")
+# health.kind: an HTTP GET of health.path, or the gRPC health-checking protocol.
+HEALTH_KINDS: Final = ("http", "grpc")
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,16 @@ class Health:
     )
     panic_threshold: int = spec(
         50, k_int(0, 100), "below this % of usable backends, route by the plain ring"
+    )
+    kind: str = spec(
+        "http",
+        k_choice(*HEALTH_KINDS),
+        'what a check asks: "http" GETs path (over HTTP/2 for protocol = "h2" backends); '
+        '"grpc" calls grpc.health.v1.Health/Check (every backend protocol = "h2"; '
+        "expect and path unused; docs/http2.md)",
+    )
+    grpc_service: str = spec(
+        "", k_str, 'the service named in the gRPC health check ("" = the server as a whole)'
     )
 
 
@@ -808,6 +820,16 @@ def parse(raw: dict[str, Any], source: str | None = None) -> Config:
         backends: tuple[Backend, ...] = ()
     else:
         backends = _backends(raw.get("backends"), errors, base_dir)
+    if sections["health"].kind == "grpc":
+        # the gRPC health check is an HTTP/2 call: an HTTP/1.1 backend cannot answer it
+        for i, b in enumerate(backends):
+            if b.protocol != "h2":
+                errors.append(
+                    f'health.kind: "grpc" needs backends[{i}] ({b.id}) to have protocol = "h2"'
+                )
+        if discovery is not None and discovery.dns is not None:
+            if discovery.dns.protocol != "h2":
+                errors.append('health.kind: "grpc" needs discovery.dns.protocol = "h2"')
     lt = sections["listen"].tls
     lis = sections["listen"]
     if lis.proxy_protocol and not lis.trusted_proxies:

@@ -39,7 +39,7 @@ from .. import tls
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
 from ..routing.ramp import Ramp
-from .probe import ProbeFailed, probe
+from .probe import ProbeFailed, probe, probe_h2
 
 if TYPE_CHECKING:
     from ..discovery.resolver import HostResolver
@@ -125,7 +125,7 @@ class Health:
     ):
         self.table = table
         self.resolver = resolver
-        self.client_contexts: dict[tls.BackendTLS, ssl.SSLContext] = {}
+        self.client_contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
         self.observer = observer
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
@@ -188,10 +188,17 @@ class Health:
             return None, None
         if b.tls is None:
             return None, None
-        ctx = self.client_contexts.get(b.tls)
+        key = (b.tls, b.protocol)
+        ctx = self.client_contexts.get(key)
         if ctx is None:
-            ctx = self.client_contexts[b.tls] = tls.client_context(b.tls)
+            ctx = self.client_contexts[key] = tls.client_context(b.tls, alpn=b.protocol)
         return ctx, tls.server_hostname(b.tls, b.host)
+
+    def _speaks_h2(self, bid: str) -> bool:
+        try:
+            return self.table.config.backend(bid).protocol == "h2"
+        except KeyError:
+            return False
 
     async def _checker(self, bid: str) -> None:
         # spread the first checks so N backends are not probed in lockstep
@@ -205,9 +212,15 @@ class Health:
             detail = ""
             try:
                 ctx, name = self._tls_for(bid)
-                status = await probe(
-                    st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name
-                )
+                if self._speaks_h2(bid):
+                    service = cfg.grpc_service if cfg.kind == "grpc" else None
+                    status = await probe_h2(
+                        st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name, service
+                    )
+                else:
+                    status = await probe(
+                        st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name
+                    )
             except ProbeFailed as e:
                 detail = str(e)
             ok = check_ok(status, cfg.expect)

@@ -31,7 +31,7 @@ from .retry import (
     retry_reason,
 )
 from .tunnel import Tunnel
-from .upstream import Upstream, UpstreamProtocol
+from .upstream import Upstream, UpstreamGone, UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..routing.router import BackendState, Router
@@ -733,7 +733,12 @@ class Exchange:
             return
         if self.state in (SENT, RESPONDING):
             self.upstream = conn
-            self.on_upstream_failure(conn, "reset", "connection closed before the response ended")
+            why = (
+                str(exc)
+                if isinstance(exc, UpstreamGone)
+                else "connection closed before the response ended"
+            )
+            self.on_upstream_failure(conn, "reset", why)
 
     def on_deadline(self, now: float) -> None:
         if self.deadline_kind == "request-body":

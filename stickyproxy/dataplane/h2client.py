@@ -332,6 +332,7 @@ class Stream(asyncio.Transport):
         self.status = 200
         self.end_pending = True
         self.conn.send_headers(self, grpc.error_fields(status, reason), True)
+        self.conn.push(self)  # flushes (this may run outside a read: a timer's deadline)
 
     def is_closing(self) -> bool:
         return self.ended

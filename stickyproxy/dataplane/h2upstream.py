@@ -44,7 +44,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from .upstream import UpstreamProtocol
+from .upstream import UpstreamGone, UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..discovery.resolver import HostResolver
@@ -314,7 +314,7 @@ class H2Stream(asyncio.Transport):
         head, self.head = self.head, None
         assert head is not None
         if not self.conn.send_head(self, head, end) and not self.closed:
-            self._lost(ConnectionResetError("the HTTP/2 connection to the backend closed"))
+            self._lost(UpstreamGone("the HTTP/2 connection to the backend closed"))
 
     # -- the response, from H2Conn -------------------------------------------------------
     def on_response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -323,7 +323,7 @@ class H2Stream(asyncio.Transport):
             try:
                 self.cl_left = int(dict(headers)[b"content-length"])
             except ValueError:
-                self._lost(ConnectionResetError("invalid content-length from the backend"))
+                self._lost(UpstreamGone("invalid content-length from the backend"))
                 return
         self.framing = framing
         if framing == "none":
@@ -341,7 +341,7 @@ class H2Stream(asyncio.Transport):
         elif self.framing == "cl":
             self.cl_left -= len(data)
             if self.cl_left < 0:
-                self._lost(ConnectionResetError("response body longer than its content-length"))
+                self._lost(UpstreamGone("response body longer than its content-length"))
                 return
             self._feed(data)
         if self.closed:
@@ -369,11 +369,11 @@ class H2Stream(asyncio.Transport):
             self._feed(b"0\r\n\r\n")
         elif self.framing == "cl":
             if self.cl_left:
-                self._lost(ConnectionResetError("response body shorter than its content-length"))
+                self._lost(UpstreamGone("response body shorter than its content-length"))
             else:
                 self.resp_done = True
         elif not self.framing:
-            self._lost(ConnectionResetError("stream ended without a response"))
+            self._lost(UpstreamGone("stream ended without a response"))
 
     def _feed(self, data: bytes) -> None:
         if not self.closed:
@@ -465,7 +465,7 @@ class H2Conn(asyncio.Protocol):
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as e:
                 log.warning("HTTP/2 backend %s: protocol error: %s", self.pool.slot.id, e)
-                self._fail(ConnectionResetError(f"HTTP/2 protocol error: {e}"))
+                self._fail(UpstreamGone(f"HTTP/2 protocol error: {e}"))
                 return
             for ev in events:
                 self._event(ev)
@@ -504,7 +504,7 @@ class H2Conn(asyncio.Protocol):
                     # is not wanted (NO_ERROR): the exchange ends as it would have
                     self.streams.pop(sid, None)
                     return
-                stream._lost(ConnectionResetError(f"stream reset by the backend ({name})"))
+                stream._lost(UpstreamGone(f"stream reset by the backend ({name})"))
         elif isinstance(ev, h2.events.WindowUpdated):
             if sid:
                 if stream is not None:
@@ -522,13 +522,13 @@ class H2Conn(asyncio.Protocol):
         self.goaway = True
         for sid, stream in list(self.streams.items()):
             if sid > last:
-                stream._lost(ConnectionResetError("stream refused by the backend's GOAWAY"))
+                stream._lost(UpstreamGone("stream refused by the backend's GOAWAY"))
         if not self.streams:
             self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
-        self._fail(exc or ConnectionResetError("the backend closed the HTTP/2 connection"))
+        self._fail(exc or UpstreamGone("the backend closed the HTTP/2 connection"))
 
     def _fail(self, exc: BaseException, abort: bool = True) -> None:
         """The connection is over: its open streams fail with ``exc``."""
@@ -605,7 +605,7 @@ class H2Conn(asyncio.Protocol):
                 stream.local_ended = True
         except (h2.exceptions.ProtocolError, ValueError) as e:
             log.debug("HTTP/2 backend %s stream %d: %s", self.pool.slot.id, stream.id, e)
-            stream._lost(ConnectionResetError(f"HTTP/2 stream failed: {e}"))
+            stream._lost(UpstreamGone(f"HTTP/2 stream failed: {e}"))
             return
         proto = stream.proto
         if stream.pending_bytes > SEND_BUFFER_HIGH:
@@ -677,7 +677,7 @@ class H2Conn(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             pass
         self.flush()
-        self._fail(ConnectionResetError("the HTTP/2 connection to the backend was closed"), False)
+        self._fail(UpstreamGone("the HTTP/2 connection to the backend was closed"), False)
 
     def retire(self) -> None:
         """No new stream here; close once the open ones are done."""

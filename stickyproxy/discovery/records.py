@@ -126,6 +126,7 @@ def srv_backends(
             weight=w,
             host=chosen[i][1],
             port=chosen[i][0].port,
+            protocol=s.protocol,
         )
         for i, w in zip(ids, weights)
     )
@@ -159,7 +160,12 @@ def address_backends(
         assert chosen is not None
         out.append(
             Backend(
-                id=bid, url=url_of(s.scheme, chosen, s.port), weight=1, host=chosen, port=s.port
+                id=bid,
+                url=url_of(s.scheme, chosen, s.port),
+                weight=1,
+                host=chosen,
+                port=s.port,
+                protocol=s.protocol,
             )
         )
     return tuple(out), problems

@@ -12,7 +12,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, k_choice, k_duration, k_float, k_port, k_str, spec, table_fields
+from ..config import (
+    BACKEND_PROTOCOLS,
+    ConfigError,
+    k_choice,
+    k_duration,
+    k_float,
+    k_port,
+    k_str,
+    spec,
+    table_fields,
+)
 
 RECORD_TYPES = ("SRV", "A", "AAAA", "A+AAAA")
 ID_MODES = ("host", "host-port")
@@ -82,6 +92,11 @@ class DnsSettings:
         0, k_port, "backend port for A/AAAA answers (required there; SRV carries its own)"
     )
     scheme: str = spec("http", k_choice(*SCHEMES), "scheme of the backend URLs made")
+    protocol: str = spec(
+        "http/1.1",
+        k_choice(*BACKEND_PROTOCOLS),
+        "what the proxy speaks to the members (backends' protocol; docs/http2.md)",
+    )
     interval_min: float = spec(
         5.0, k_duration(0.1), "shortest time between two queries, whatever the TTL"
     )

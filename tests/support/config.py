@@ -58,6 +58,8 @@ def build_toml(
         lines += ["[[backends]]", f"id = {toml_value(b.id)}", f"url = {toml_value(b.url)}"]
         if getattr(b, "weight", None):
             lines.append(f"weight = {b.weight}")
+        if getattr(b, "protocol", "http/1.1") != "http/1.1":
+            lines.append(f"protocol = {toml_value(b.protocol)}")
         lines.append("")
     return "\n".join(lines)
 
