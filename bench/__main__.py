@@ -3,7 +3,7 @@
     python -m bench [--smoke] [--install] [--only NAMES] [--report-only]
 
 Benchmarks, in the order they run: ring, dataplane, streams, shop, failover, killdrill,
-owners, profile, skew, tls. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
+owners, profile, skew, tls, grpc. Raw results go to bench/results/NAME.json, the report to docs/benchmarks.md
 with its charts in docs/benchmarks/. ``--smoke`` runs each with tiny counts (about two minutes) to check
 the harness works, writes under bench/results/smoke/ and leaves docs/ alone; where nginx,
 haproxy, wrk or py-spy are missing it skips what needs them (or uses the Python load client)
@@ -48,6 +48,7 @@ SCENARIOS = (
     "profile",
     "skew",
     "tls",
+    "grpc",
 )
 PROXY_TOOLS = ("nginx", "haproxy", "wrk")
 DRILL_TOOLS = ("nginx", "haproxy")
@@ -136,6 +137,8 @@ def required_tools(scenarios: Sequence[str]) -> list[str]:
         tools.append("wrk")
     if "tls" in scenarios:
         tools += ["nginx", "wrk", "openssl"]
+    if "grpc" in scenarios:
+        tools.append("nginx")  # and h2load (nghttp2-client) and grpcio, checked by bench/grpc.py
     return list(dict.fromkeys(tools))
 
 
@@ -272,6 +275,7 @@ RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "profile": run_profile,
     "skew": lambda s: __import__("bench.skew").skew.run_suite(s),
     "tls": lambda s: __import__("bench.tls").tls.run_suite(s, SkipScenario),
+    "grpc": lambda s: __import__("bench.grpc").grpc.run_suite(s, SkipScenario),
 }
 
 
