@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -676,6 +677,7 @@ def run(
     """The benchmark: rows by measure and target (every round), comparisons, skips."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.monotonic()
+    loadavg_before = os.getloadavg()
     skipped = [] if with_nginx else ["nginx is missing: stickyproxy alone, Python backends"]
     rows: dict[str, dict[str, Any]] = {}
     with (
@@ -717,6 +719,9 @@ def run(
         "benchmark": "grpc",
         "started_at": started,
         "seconds": round(time.monotonic() - t0, 1),
+        # the machine is shared: how busy it was (1, 5, 15 minutes) as the run began and ended
+        "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(),
         "settings": {
             "duration_s": plan.duration,
             "rounds": plan.rounds,
