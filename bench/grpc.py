@@ -34,7 +34,8 @@ instead (interpreted build only).
 Printed, and written as JSON: req/s per target (median of the rounds), stickyproxy / NGINX
 (median of the per-round ratios, and the ratio of the medians), and the proxy's CPU per
 request (its process tree's CPU time from /proc over the run, divided by the requests
-completed). Not pass/fail on speed. When NGINX cannot load a configuration (``nginx -t``;
+completed), beside the backends' (all three together; for gRPC divided by the calls they
+answered), which shows when the backends rather than the proxy set the pace. Not pass/fail on speed. When NGINX cannot load a configuration (``nginx -t``;
 e.g. no grpc module), that part runs stickyproxy alone and says why.
 """
 
@@ -197,7 +198,9 @@ def backend_argv(port: int, name: str) -> list[str]:
     return [sys.executable, "-m", "bench.grpc", "--serve-backend", str(port), name]
 
 
-def start_grpc_backends(workdir: Path, stack: contextlib.ExitStack) -> list[int]:
+def start_grpc_backends(
+    workdir: Path, stack: contextlib.ExitStack
+) -> tuple[list[int], list[Server]]:
     ports = free_ports(len(BACKEND_IDS))
     servers = [
         spawn_server(f"grpc-{name}", backend_argv(port, name), workdir, stack, python_env())
@@ -205,7 +208,7 @@ def start_grpc_backends(workdir: Path, stack: contextlib.ExitStack) -> list[int]
     ]
     for server, port in zip(servers, ports):
         wait_until_accepting(server, [port], START_TIMEOUT)
-    return ports
+    return ports, servers
 
 
 def call(channel: Any, path: str, user: str | None = None) -> bytes:
@@ -493,20 +496,36 @@ class Endpoint:
 @dataclass
 class Bench:
     """What a run needs beside the endpoints: the request body, the URI lists, the gRPC
-    backends (asked for their counts)."""
+    backends (asked for their counts), each measure's backend processes (for their CPU)."""
 
     data: Path
     uris: dict[str, Path]
     grpc_ports: list[int]
+    backend_pids: dict[str, list[int]]
+
+
+def backend_cpu_us(meters: Sequence[CpuMeter], requests: int) -> float | None:
+    """CPU of the backends' processes (all of them) per request, from `meters` started
+    before the run."""
+    total = sum(m.stop().total_s for m in meters)
+    return total * 1e6 / requests if requests > 0 and total > 0 else None
 
 
 def measure(ep: Endpoint, bench: Bench, plan: Plan, duration: float) -> dict[str, Any]:
+    meters = [CpuMeter(pid) for pid in bench.backend_pids.get(ep.measure, ())]
     if ep.measure == H2:
-        return run_h2loads([h2_h2load_argv(bench.uris[ep.target], duration)], duration, ep.server)
+        for m in meters:
+            m.start()
+        r = run_h2loads([h2_h2load_argv(bench.uris[ep.target], duration)], duration, ep.server)
+        r["backend_cpu_us"] = backend_cpu_us(meters, r["count"])
+        return r
     before = served_counts(bench.grpc_ports)
     argvs = [grpc_h2load_argv(ep.port, u, bench.data, duration, plan) for u in ep.users]
+    for m in meters:
+        m.start()
     r = run_h2loads(argvs, duration, ep.server)
     r["backend_served"] = served_counts(bench.grpc_ports) - before
+    r["backend_cpu_us"] = backend_cpu_us(meters, r["backend_served"])
     if r["backend_served"] < r["succeeded"]:
         raise RuntimeError(
             f"{ep.target}: h2load counted {r['succeeded']} successful calls, the backends "
@@ -518,11 +537,16 @@ def measure(ep: Endpoint, bench: Bench, plan: Plan, duration: float) -> dict[str
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
-    cpus = [r["cpu_us"] for r in runs if r.get("cpu_us") is not None]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
     return {
         "rate": statistics.median(r["rate"] for r in runs),
         "rounds": [r["rate"] for r in runs],
-        "cpu_us": statistics.median(cpus) if cpus else None,
+        "cpu_us": median("cpu_us"),
+        "backend_cpu_us": median("backend_cpu_us"),
         "count": sum(r["count"] for r in runs),
         "failed": sum(r["failed"] for r in runs),
         "non_2xx": sum(r["non_2xx"] for r in runs),
@@ -542,6 +566,8 @@ def compare(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def _describe(r: dict[str, Any], unit: str) -> str:
     text = f"{r['rate']:10,.0f} {unit}"
     text += f", {r['cpu_us']:.0f} us CPU each" if r.get("cpu_us") else ", cpu n/a"
+    if r.get("backend_cpu_us"):
+        text += f" (backends {r['backend_cpu_us']:.0f})"
     if "backend_served" in r:
         text += f", backends answered {r['backend_served']:,} >= {r['succeeded']:,} succeeded"
     if r["failed"] or r["non_2xx"]:
@@ -565,9 +591,9 @@ def start_endpoints(
     what the runs need, the proxies' configurations and what was skipped (and why)."""
     skipped: list[str] = []
     configs: dict[str, str] = {}
-    grpc_ports = start_grpc_backends(workdir, stack)
+    grpc_ports, grpc_servers = start_grpc_backends(workdir, stack)
     progress(f"gRPC backends (grpc.aio) on {', '.join(map(str, grpc_ports))}")
-    http_ports, _, _ = start_backends(
+    http_ports, _, http_server = start_backends(
         workdir, stack, NGINX_BACKENDS if with_nginx else PYTHON_BACKENDS
     )
     sp_grpc, sp_h2, ng_grpc, ng_h2 = free_ports(4)
@@ -616,7 +642,8 @@ def start_endpoints(
             uris[ep.target].write_text(
                 "".join(f"http://{LOOPBACK}:{ep.port}/?user=u{i}\n" for i in range(H2_USERS))
             )
-    return spawned, Bench(data, uris, grpc_ports), configs, skipped
+    pids = {GRPC: [s.proc.pid for s in grpc_servers], H2: [http_server.proc.pid]}
+    return spawned, Bench(data, uris, grpc_ports, pids), configs, skipped
 
 
 def _git(*args: str) -> str:
@@ -766,6 +793,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     for row in result["rows"]:
         s = row["summary"]
         cpu = f"{s['cpu_us']:.0f} us CPU/req" if s["cpu_us"] else "cpu n/a"
+        if s.get("backend_cpu_us"):
+            cpu += f" (backends {s['backend_cpu_us']:.0f})"
         lines.append(
             f"{row['measure']:4} {row['target']:11} median {s['rate']:,.0f} "
             f"{UNITS[row['measure']]}, {cpu}"

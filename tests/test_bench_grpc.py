@@ -169,7 +169,9 @@ def test_grpc_errors_answered_200_fail_the_probe_and_the_count_check(tmp_path: P
         data.write_bytes(bench_grpc.grpc_message(bench_grpc.REQUEST_PAYLOAD))
         ep = bench_grpc.Endpoint("stickyproxy", bench_grpc.GRPC, server, port, ["u1"])
         with pytest.raises(RuntimeError, match="backends answered 0: some 200s were gRPC errors"):
-            bench_grpc.measure(ep, bench_grpc.Bench(data, {}, []), bench_grpc.make_plan(True), 0.5)
+            bench_grpc.measure(
+                ep, bench_grpc.Bench(data, {}, [], {}), bench_grpc.make_plan(True), 0.5
+            )
 
 
 @pytest.mark.slow
@@ -181,7 +183,7 @@ def test_the_smoke_run_fills_every_row_without_errors():
     assert set(rows) == {(m, t) for m in bench_grpc.MEASURES for t in bench_grpc.TARGETS}
     for key, row in rows.items():
         s = row["summary"]
-        assert s["count"] > 0 and s["cpu_us"] > 0, key
+        assert s["count"] > 0 and s["cpu_us"] > 0 and s["backend_cpu_us"] > 0, key
         assert s["failed"] == 0 and s["non_2xx"] == 0, key
         for r in row["runs"]:
             if key[0] == bench_grpc.GRPC:
