@@ -314,7 +314,10 @@ class H2Stream(asyncio.Transport):
         head, self.head = self.head, None
         assert head is not None
         if not self.conn.send_head(self, head, end) and not self.closed:
-            self._lost(UpstreamGone("the HTTP/2 connection to the backend closed"))
+            # reported after the write returns: the exchange is still inside ``attach``
+            asyncio.get_running_loop().call_soon(
+                self._lost, UpstreamGone("the HTTP/2 connection to the backend closed")
+            )
 
     # -- the response, from H2Conn -------------------------------------------------------
     def on_response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:

@@ -100,6 +100,17 @@ async def test_concurrent_requests_share_one_connection(h2_backends, proxy):
     assert b.connections == 1  # streams, not connections
 
 
+async def test_connections_retire_after_max_requests_and_close_when_idle(h2_backends, proxy):
+    (b,) = await h2_backends("h")
+    p = await proxy(
+        [b], {"limits": {"pool_max_requests": 3}, "timeouts": {"upstream_idle": "0.3s"}}
+    )
+    for i in range(7):  # one at a time: streams 1-3, 4-6 and 7 on three connections
+        assert (await p.get(f"/{i}", user="a")).status == 200
+    assert b.connections == 3
+    await eventually(lambda: not b.live, what="idle connections closed")
+
+
 async def test_trailers_only_response_reaches_grpc_client_as_its_status(h2_backends, proxy):
     import grpc
 
