@@ -94,6 +94,10 @@ MAX_MALFORMED: Final = 100
 # DATA frames without data nor END_STREAM per RESET_WINDOW (CVE-2019-9518): each costs a
 # frame's processing and carries nothing; a client has no reason to send many.
 MAX_EMPTY_DATA: Final = 100
+# WINDOW_UPDATE frames per RESET_WINDOW beyond two per DATA frame sent (a client credits a
+# stream and the connection for what it receives): more open no window that is needed,
+# and each is processed and may wake every stream.
+MAX_SPARE_WINDOW_UPDATES: Final = 100
 
 # RFC 9113 §8.2.2: connection-specific fields are malformed in HTTP/2 requests and never
 # sent in responses (TE is allowed with the value "trailers" only).
@@ -411,6 +415,8 @@ class H2ClientProtocol(asyncio.Protocol):
         self.settings_frames = 0
         self.pings = 0
         self.empty_data = 0
+        self.window_updates = 0
+        self.data_frames = 0  # DATA frames sent in the current window
         self.conn_stalled_since = 0.0
         self.progress_at = 0.0  # DATA last sent while more waited
         limits = server.config.limits
@@ -547,6 +553,10 @@ class H2ClientProtocol(asyncio.Protocol):
         elif isinstance(ev, h2.events.TrailersReceived):
             self._trailers(ev)
         elif isinstance(ev, h2.events.WindowUpdated):
+            self.window_updates += 1
+            if self.window_updates > MAX_SPARE_WINDOW_UPDATES + 2 * self.data_frames:
+                self.calm("WINDOW_UPDATE flood")
+                return
             if ev.stream_id:
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
@@ -714,6 +724,7 @@ class H2ClientProtocol(asyncio.Protocol):
                     chunk = pending.popleft()
                 stream.pending_bytes -= len(chunk)
                 sent = True
+                self.data_frames += 1
                 if not pending and stream.end_pending and not stream.trailers:
                     h2c.send_data(stream.id, chunk, end_stream=True)  # one frame, not two
                     self._stream_done(stream)
@@ -834,7 +845,7 @@ class H2ClientProtocol(asyncio.Protocol):
         if now - self.window_start > min(RESET_WINDOW, CONTROL_WINDOW):
             self.window_start = now
             self.resets = self.malformed = self.settings_frames = self.pings = 0
-            self.empty_data = 0
+            self.empty_data = self.window_updates = self.data_frames = 0
         if not self.streams:
             if self.deadline and now > self.deadline:
                 self._close()

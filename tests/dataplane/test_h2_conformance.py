@@ -361,3 +361,15 @@ def test_setting_codes_used_here_are_the_rfc_ones():
     # the raw SETTINGS payloads above name these identifiers (RFC 9113 §6.5.2)
     assert (SettingCodes.ENABLE_PUSH, SettingCodes.INITIAL_WINDOW_SIZE) == (0x2, 0x4)
     assert SettingCodes.MAX_FRAME_SIZE == 0x5
+
+
+async def test_window_update_flood_is_answered_with_enhance_your_calm(backends, proxy):
+    (a,) = await backends("a")
+    p = await proxy([a], H2C)
+    peer = await Peer.open(p.port)
+    try:
+        frame = WindowUpdateFrame(0, window_increment=1).serialize()
+        peer.send(frame * (h2client.MAX_SPARE_WINDOW_UPDATES + 10))
+        assert await peer.outcome() == ("goaway", ErrorCodes.ENHANCE_YOUR_CALM)
+    finally:
+        peer.close()
