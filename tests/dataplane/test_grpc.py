@@ -10,6 +10,7 @@ import asyncio
 
 import grpc
 import pytest
+import trustme
 
 from support.grpcbackend import SERVICE, GrpcBackend, GrpcProcess, channel, user
 from support.net import eventually, free_port
@@ -195,3 +196,23 @@ async def test_grpc_health_check_marks_a_not_serving_backend_down(grpc_backends,
         )
     bs[1].set_serving(True)
     await eventually(lambda: states["g1"].healthy, what="g1 back up")
+
+
+async def test_calls_over_tls_by_alpn(grpc_backends, proxy, tmp_path):
+    """gRPC's usual deployment: TLS to the proxy (ALPN h2), h2c to the backends."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "leaf.crt", tmp_path / "leaf.key"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    bs = await grpc_backends(2)
+    tls = {"cert": str(cert), "key": str(key), "alpn": ["h2", "http/1.1"]}
+    p = await proxy(bs, {"listen.tls": tls})
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{p.port}", creds, options=(("grpc.ssl_target_name_override", "localhost"),)
+    ) as ch:
+        for u in USERS[:6]:
+            owner = p.pref(u)[0].encode()
+            got = await method(ch, "unary_unary", "Unary")(b"t", metadata=user(u), timeout=5)
+            assert got == owner + b":t"
