@@ -7,6 +7,7 @@ fills every row without errors."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from stickyproxy import config
 
 needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx")
 needs_load = pytest.mark.skipif(
-    shutil.which("h2load") is None or shutil.which("nginx") is None,
-    reason="needs h2load (nghttp2-client) and nginx",
+    shutil.which("h2load") is None
+    or shutil.which("nginx") is None
+    or importlib.util.find_spec("grpc") is None,
+    reason="needs h2load (nghttp2-client), nginx and grpcio",
 )
 
 
