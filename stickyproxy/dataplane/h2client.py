@@ -403,6 +403,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.peer_goaway = False
         self.write_paused = False
         self.in_read = False
+        self.flush_pending = False  # a flush_now is scheduled
         self.peer_ip: str | None = None
         self.peer_bytes = b""
         self.trusted = False
@@ -497,7 +498,7 @@ class H2ClientProtocol(asyncio.Protocol):
         if data:
             self.data_received(data)
         else:
-            self.flush()
+            self.flush_now()
 
     def new_stream_client(self, stream: Stream) -> ClientProtocol:
         """The ``ClientProtocol`` one stream's exchange answers through."""
@@ -530,7 +531,7 @@ class H2ClientProtocol(asyncio.Protocol):
                 self._event(ev)
         finally:
             self.in_read = False
-            self.flush()
+            self.flush_now()
 
     def _header_block_too_large(self) -> bool:
         """A header block still waiting for END_HEADERS (CONTINUATION frames, RFC 9113
@@ -809,6 +810,14 @@ class H2ClientProtocol(asyncio.Protocol):
                 self.deadline = time.monotonic() + self.server.config.timeouts.client_idle
 
     def flush(self) -> None:
+        """Write h2's output soon: once per loop turn, however many streams added to it (a
+        read's worth of responses is one send, not one per stream)."""
+        if not self.flush_pending and not self.dead:
+            self.flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self.flush_pending = False
         data = self.h2.data_to_send()
         t = self.transport
         if data and t is not None and not self.dead:
@@ -900,7 +909,7 @@ class H2ClientProtocol(asyncio.Protocol):
     def _goaway(self, code: ErrorCodes) -> None:
         """A GOAWAY that leaves h2's connection open, so that streams already taken still
         finish (h2's own close_connection refuses every frame after it)."""
-        self.flush()
+        self.flush_now()
         frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=code)
         self.goaway_sent = True
         if self.transport is not None and not self.dead:
@@ -919,7 +928,7 @@ class H2ClientProtocol(asyncio.Protocol):
             return
         if not self.goaway_sent:
             self._goaway(ErrorCodes.NO_ERROR)
-        self.flush()
+        self.flush_now()
         t.close()
 
 

@@ -411,6 +411,7 @@ class H2Conn(asyncio.Protocol):
         self.goaway = False  # no new stream (the backend's GOAWAY, or retiring)
         self.write_paused = False
         self.in_read = False
+        self.flush_pending = False  # a flush_now is scheduled
         self.idle_since = time.monotonic()
         cfg = h2.config.H2Configuration(
             client_side=True,
@@ -457,7 +458,7 @@ class H2Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.flush()
+        self.flush_now()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -474,7 +475,7 @@ class H2Conn(asyncio.Protocol):
                 self._event(ev)
         finally:
             self.in_read = False
-            self.flush()
+            self.flush_now()
 
     def _event(self, ev: h2.events.Event) -> None:
         sid = getattr(ev, "stream_id", 0)
@@ -664,6 +665,14 @@ class H2Conn(asyncio.Protocol):
                 self.flush()
 
     def flush(self) -> None:
+        """Write h2's output soon: once per loop turn, however many streams added to it
+        (the requests of one client read go out in one send, not one or more each)."""
+        if not self.flush_pending and self.transport is not None:
+            self.flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self.flush_pending = False
         t = self.transport
         if t is None:
             return
@@ -679,7 +688,7 @@ class H2Conn(asyncio.Protocol):
             self.h2.close_connection()
         except h2.exceptions.ProtocolError:
             pass
-        self.flush()
+        self.flush_now()
         self._fail(UpstreamGone("the HTTP/2 connection to the backend was closed"), False)
 
     def retire(self) -> None:
