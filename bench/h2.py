@@ -141,10 +141,10 @@ def run(duration: float, rounds: int, warmup: float) -> dict[str, Any]:
                 r = h2load(protocol, port, uris, duration)
                 r.update(per_request_us(meter.stop(), r["done"]))
                 runs[protocol].append({"round": round_no, **r})
-                cpu = f"{r['cpu_us']:.0f} us/req" if r["cpu_us"] else "cpu n/a"
+                cpu_text = f"{r['cpu_us']:.0f} us/req" if r["cpu_us"] else "cpu n/a"
                 progress(
                     f"round {round_no}/{rounds} {protocol:9} {r['rps']:10.0f} req/s  "
-                    f"{cpu}  failed {r['failed'] + r['errored'] + r['timeout']}  "
+                    f"{cpu_text}  failed {r['failed'] + r['errored'] + r['timeout']}  "
                     f"non-2xx {r['non_2xx']}"
                 )
             if not server.running:
