@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..routing.spill import choose, within
 from ..tls import describe_verify_error
+from .h2upstream import UpstreamGone
 from .http import HOP_BY_HOP, IDEMPOTENT_METHODS, NO_BODY_STATUSES, connection_tokens, without_named
 from .retry import (
     CONNECT_REFUSED,
@@ -31,7 +32,7 @@ from .retry import (
     retry_reason,
 )
 from .tunnel import Tunnel
-from .upstream import Upstream, UpstreamGone, UpstreamProtocol
+from .upstream import Upstream, UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..routing.router import BackendState, Router

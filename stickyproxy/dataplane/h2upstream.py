@@ -44,13 +44,20 @@ import h2.settings
 from h2.errors import ErrorCodes
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from .upstream import UpstreamGone, UpstreamProtocol
+from .upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..discovery.resolver import HostResolver
     from .upstream import Upstream
 
 log = logging.getLogger("stickyproxy")
+
+
+class UpstreamGone(ConnectionResetError):
+    """An HTTP/2 stream (or its connection) lost for a reason the proxy knows and says in
+    its 502: "stream reset by the backend (REFUSED_STREAM)". Not in upstream.py: mypyc
+    cannot compile a subclass of a built-in exception."""
+
 
 # Streams opened on one connection at most, whatever the backend allows: bounds what one
 # connection's loss costs and what its connection window is shared by.

@@ -41,11 +41,6 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
     return info
 
 
-class UpstreamGone(ConnectionResetError):
-    """A backend connection (or HTTP/2 stream) lost for a reason the proxy knows and says in
-    its 502: "stream reset by the backend (REFUSED_STREAM)"."""
-
-
 if TYPE_CHECKING:
     from ..control.metrics import Tally
     from ..routing.router import BackendState
