@@ -39,7 +39,7 @@ from .. import tls
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
 from ..routing.ramp import Ramp
-from .probe import ProbeFailed, probe, probe_h2
+from .probe import ProbeFailed, probe
 
 if TYPE_CHECKING:
     from ..discovery.resolver import HostResolver
@@ -212,15 +212,17 @@ class Health:
             detail = ""
             try:
                 ctx, name = self._tls_for(bid)
-                if self._speaks_h2(bid):
-                    service = cfg.grpc_service if cfg.kind == "grpc" else None
-                    status = await probe_h2(
-                        st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name, service
-                    )
-                else:
-                    status = await probe(
-                        st.host, st.port, cfg.path, cfg.timeout, self.resolver, ctx, name
-                    )
+                status = await probe(
+                    st.host,
+                    st.port,
+                    cfg.path,
+                    cfg.timeout,
+                    self.resolver,
+                    ctx,
+                    name,
+                    http2=self._speaks_h2(bid),
+                    grpc_service=cfg.grpc_service if cfg.kind == "grpc" else None,
+                )
             except ProbeFailed as e:
                 detail = str(e)
             ok = check_ok(status, cfg.expect)

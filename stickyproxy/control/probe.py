@@ -1,5 +1,5 @@
 """One active health check: an HTTP/1.1 GET on a new connection, its status read, closed;
-for a ``protocol = "h2"`` backend the same GET over HTTP/2 (``probe_h2``), or the gRPC
+for a ``protocol = "h2"`` backend the same GET over HTTP/2 (``http2=True``), or the gRPC
 health check (grpc.health.v1.Health/Check) when ``health.kind = "grpc"``.
 
 Exactly one attempt per check (a client library that re-sends an idempotent request whose
@@ -58,10 +58,15 @@ async def probe(
     resolver: HostResolver | None = None,
     ssl: SSLContext | None = None,
     server_hostname: str | None = None,
+    *,
+    http2: bool = False,
+    grpc_service: str | None = None,
 ) -> int:
     """The status of ``GET path`` on ``host:port``; ProbeFailed when there is none. A host
     name is looked up through ``resolver`` (cached; a slow DNS server then delays only the
-    checks of hosts it has never answered for), inside the same deadline."""
+    checks of hosts it has never answered for), inside the same deadline. ``http2``: over
+    HTTP/2 (prior knowledge, or ALPN "h2" with ``ssl``), and with ``grpc_service`` (None:
+    not gRPC) the gRPC health check of that service instead, 200 when it is SERVING."""
     try:
         async with asyncio.timeout(timeout):
             address = host
@@ -71,28 +76,19 @@ async def probe(
                 address, port, ssl=ssl, server_hostname=server_hostname if ssl else None
             )
             try:
-                authority = f"[{host}]" if ":" in host else host
-                writer.write(
-                    b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\n"
-                    b"Connection: close\r\n\r\n"
-                    % (path.encode("ascii"), authority.encode("idna"), port, USER_AGENT)
-                )
-                head = _Head()
-                parser = HttpResponseParser(head)
-                seen = 0
-                while not head.done:
-                    data = await reader.read(16384)
-                    if not data:
-                        raise ProbeFailed("connection closed before a response")
-                    seen += len(data)
-                    if seen > MAX_HEAD:
-                        raise ProbeFailed("response head too long")
-                    parser.feed_data(data)
-                return parser.get_status_code()
+                if not http2:
+                    return await _http1_exchange(reader, writer, host, port, path)
+                if ssl is not None:
+                    obj = writer.get_extra_info("ssl_object")
+                    if obj is None or obj.selected_alpn_protocol() != "h2":
+                        raise ProbeFailed("the backend did not choose HTTP/2 (h2) by ALPN")
+                return await _h2_exchange(reader, writer, host, port, path, ssl, grpc_service)
             finally:
                 writer.transport.abort()
     except HttpParserError as e:
         raise ProbeFailed(f"malformed response: {e}") from None
+    except (h2.exceptions.ProtocolError, ValueError) as e:
+        raise ProbeFailed(f"HTTP/2: {e}") from None
     except SSLError as e:  # before OSError, which it is
         raise ProbeFailed(describe_verify_error(e)) from None
     except TimeoutError:
@@ -101,6 +97,28 @@ async def probe(
         raise ProbeFailed("connection refused") from None
     except OSError as e:
         raise ProbeFailed(e.strerror or type(e).__name__) from None
+
+
+async def _http1_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str
+) -> int:
+    authority = f"[{host}]" if ":" in host else host
+    writer.write(
+        b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\nConnection: close\r\n\r\n"
+        % (path.encode("ascii"), authority.encode("idna"), port, USER_AGENT)
+    )
+    head = _Head()
+    parser = HttpResponseParser(head)
+    seen = 0
+    while not head.done:
+        data = await reader.read(16384)
+        if not data:
+            raise ProbeFailed("connection closed before a response")
+        seen += len(data)
+        if seen > MAX_HEAD:
+            raise ProbeFailed("response head too long")
+        parser.feed_data(data)
+    return parser.get_status_code()
 
 
 def grpc_health_request(service: str) -> bytes:
@@ -149,47 +167,6 @@ def grpc_serving_status(data: bytes) -> int:
         else:
             raise ValueError(f"unexpected protobuf tag {tag:#x}")
     return status
-
-
-async def probe_h2(
-    host: str,
-    port: int,
-    path: str,
-    timeout: float,
-    resolver: HostResolver | None = None,
-    ssl: SSLContext | None = None,
-    server_hostname: str | None = None,
-    grpc_service: str | None = None,
-) -> int:
-    """``probe`` over HTTP/2 (prior knowledge, or ALPN "h2" with ``ssl``): the status of
-    ``GET path``; or, with ``grpc_service`` (None: not gRPC), the gRPC health check of
-    that service, 200 when it is SERVING and ProbeFailed otherwise."""
-    try:
-        async with asyncio.timeout(timeout):
-            address = host
-            if resolver is not None:
-                address = (resolver.cached(host) or await resolver.resolve(host))[0]
-            reader, writer = await asyncio.open_connection(
-                address, port, ssl=ssl, server_hostname=server_hostname if ssl else None
-            )
-            try:
-                if ssl is not None:
-                    obj = writer.get_extra_info("ssl_object")
-                    if obj is None or obj.selected_alpn_protocol() != "h2":
-                        raise ProbeFailed("the backend did not choose HTTP/2 (h2) by ALPN")
-                return await _h2_exchange(reader, writer, host, port, path, ssl, grpc_service)
-            finally:
-                writer.transport.abort()
-    except (h2.exceptions.ProtocolError, ValueError) as e:
-        raise ProbeFailed(f"HTTP/2: {e}") from None
-    except SSLError as e:
-        raise ProbeFailed(describe_verify_error(e)) from None
-    except TimeoutError:
-        raise ProbeFailed(f"no answer within {timeout:g}s") from None
-    except ConnectionRefusedError:
-        raise ProbeFailed("connection refused") from None
-    except OSError as e:
-        raise ProbeFailed(e.strerror or type(e).__name__) from None
 
 
 async def _h2_exchange(
