@@ -179,6 +179,7 @@ def summary_section(results: dict[str, dict[str, Any]]) -> str:
         + killdrill_verdicts(results.get("killdrill"))
         + owners_verdicts(results.get("owners"))
         + tls_verdicts(results.get("tls"))
+        + grpc_verdicts(results.get("grpc"))
     )
     rows = [
         (v.target, v.measured + (f" ({v.note})" if v.note else ""), v.verdict) for v in verdicts
@@ -2211,6 +2212,216 @@ def tls_section(
     return "\n\n".join(parts)
 
 
+# -- gRPC and HTTP/2 (bench/grpc.py) ---------------------------------------------------------
+GRPC_MEASURES = (  # measure, its name, its unit, what one of them is
+    ("grpc", "gRPC unary calls", "calls/s", "call"),
+    ("h2", "HTTP/2 streams", "req/s", "request"),
+)
+GRPC_TARGETS = (("nginx", "NGINX"), ("stickyproxy", "stickyproxy"))
+# DESIGN.md §8 asks for HTTP/2 and gRPC "measured against NGINX the same way" as TLS, whose
+# bar (like plain HTTP's) is 0.5x: the verdict says which side of it they are, not met/missed.
+GRPC_REFERENCE_RATIO = 0.5
+
+
+def _grpc_rows(g: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["measure"], r["target"]): r for r in g["rows"] if r.get("summary")}
+
+
+def _grpc_comparison(g: dict[str, Any], measure: str) -> dict[str, Any] | None:
+    return next((c for c in g["comparisons"] if c["measure"] == measure), None)
+
+
+def _cores(summary: dict[str, Any], key: str) -> float | None:
+    """CPU time over the run's length: rate x CPU seconds per request (`key`: the proxy's
+    `cpu_us` or the backends' `backend_cpu_us`)."""
+    cpu = summary.get(key)
+    return None if cpu is None else summary["rate"] * cpu / 1e6
+
+
+def grpc_verdicts(g: dict[str, Any] | None) -> list[Verdict]:
+    names = {
+        "grpc": "gRPC unary calls/s against NGINX (grpc_pass, 1 worker)",
+        "h2": "HTTP/2 streams, req/s against NGINX (h2c, 1 worker)",
+    }
+    out = []
+    for measure, _, _, _ in GRPC_MEASURES:
+        c = _grpc_comparison(g, measure) if g else None
+        if c is None or c["rate_ratio"] is None:
+            out.append(Verdict(names[measure], "-", NOT_MEASURED))
+            continue
+        per_cpu = 1 / c["cpu_ratio"] if c.get("cpu_ratio") else None
+        side = "below" if c["rate_ratio"] < GRPC_REFERENCE_RATIO else "at or above"
+        out.append(
+            Verdict(
+                names[measure],
+                ratio(c["rate_ratio"]),
+                f"measured, {side} {GRPC_REFERENCE_RATIO:g}×",
+                "rounds "
+                + ", ".join(ratio(r) for r in c["round_ratios"])
+                + (f"; per CPU-second {ratio(per_cpu)}" if per_cpu else ""),
+            )
+        )
+    return out
+
+
+def _grpc_pace(
+    label: str,
+    one: str,
+    ng: dict[str, Any] | None,
+    sp: dict[str, Any] | None,
+    c: dict[str, Any] | None,
+) -> str | None:
+    """What each proxy and its backends used of the CPUs in one measure, and which figure
+    compares the proxies: the CPU per call when NGINX's backends, not NGINX, set its rate."""
+    if not ng or not sp or not c or not c.get("cpu_ratio"):
+        return None
+    used = [u for x in (ng, sp) for k in ("cpu_us", "backend_cpu_us") if (u := _cores(x, k))]
+    if len(used) < 4:
+        return None
+    ng_proxy, ng_backends, sp_proxy, sp_backends = used
+    text = (
+        f"- **{label}**: NGINX used {ng_proxy:.2f} of a core, its backends {ng_backends:.2f} "
+        f"together; stickyproxy {sp_proxy:.2f}, its backends {sp_backends:.2f}. "
+    )
+    if ng_backends > ng_proxy:
+        text += (
+            f"NGINX's rate was set by its backends, not by NGINX, so the rate ratio "
+            f"({ratio(c['rate_ratio'])}) understates the gap between the proxies; the fairer "
+            f"figure is the CPU per {one}: "
+        )
+    else:
+        text += f"Per {one}, "
+    return text + (
+        f"stickyproxy spent {ratio(c['cpu_ratio'])} NGINX's CPU ({ratio(1 / c['cpu_ratio'])} "
+        f"of its {one}s per CPU-second)."
+    )
+
+
+def grpc_section(g: dict[str, Any]) -> str:
+    """gRPC and HTTP/2 (bench/grpc.py): stickyproxy and NGINX, 1 worker each, h2load on
+    both, back to back in interleaved rounds of one run."""
+    s, rows, tools = g["settings"], _grpc_rows(g), g["tools"]
+    source = g.get("source") or {}
+    measured = f"from {source.get('from', 'this checkout')} at `{source.get('commit', '-')}`"
+    if source.get("uncommitted"):
+        measured += " with uncommitted changes to " + ", ".join(source["uncommitted"])
+    parts = [
+        "## 9. gRPC and HTTP/2",
+        (
+            f"stickyproxy (1 worker, `listen.h2c = true`) beside NGINX (`worker_processes 1`, "
+            f"`listen PORT http2`: HTTP/2 with prior knowledge), both loaded by "
+            f"{tools.get('h2load', 'h2load')}. **gRPC**: unary calls (`{s['grpc_request']}`, "
+            f"`content-type: application/grpc`, `te: trailers`), the user in the `x-user-id` "
+            f"metadata, {s['grpc']} (h2load sends the same fields on every request, so one "
+            f"user per process, the users spread over the backends), to three grpcio {tools.get('grpcio', '')} "
+            f"servers (grpc.aio, a process each); stickyproxy speaks HTTP/2 to them "
+            f'(`protocol = "h2"`), NGINX `grpc_pass` with `hash $http_x_user_id consistent`. '
+            f"h2load counts a gRPC error (HTTP 200 with a `grpc-status` trailer) as a success, "
+            f"so each proxy was first probed with the grpcio client (status OK, every user on "
+            f"one backend) and after every run the backends' own count of calls answered had "
+            f"to reach h2load's successes. **HTTP/2**: GETs, {s['h2']} (`?user=uN`), to the "
+            f"data-plane benchmark's HTTP/1.1 backends, which both proxies reach over HTTP/1.1 "
+            f"keep-alive (NGINX: `proxy_pass`, `hash $arg_user consistent`). "
+            f"{s['rounds']} interleaved round{'' if s['rounds'] == 1 else 's'} of "
+            f"{s['duration_s']:g} s after a {s['warmup_s']:g} s warm-up per listener, the two "
+            f"proxies back to back in each (which goes first alternates); each `÷ NGINX` is "
+            f"the median of the rounds' ratios. CPU per call or request: the proxy's process "
+            f"tree's CPU time over the run divided by the requests completed; the backends': "
+            f"their processes' CPU together divided by the calls they answered (gRPC) or the "
+            f"requests (HTTP/2); `cores`: CPU time over the run's length. stickyproxy "
+            f"{tools.get('stickyproxy', '-')} {measured}; "
+            f"{tools.get('nginx', 'nginx').removeprefix('nginx version: ')}."
+        ),
+    ]
+    notes = []
+    for measure, label, unit, one in GRPC_MEASURES:
+        ng, sp = rows.get((measure, "nginx")), rows.get((measure, "stickyproxy"))
+        if not ng and not sp:
+            continue
+        table_rows = []
+        for target, name in GRPC_TARGETS:
+            x = (rows.get((measure, target)) or {}).get("summary")
+            if not x:
+                continue
+            table_rows.append(
+                (
+                    name,
+                    dash(x["rate"], ",.0f"),
+                    " / ".join(f"{r:,.0f}" for r in x["rounds"]),
+                    dash(x.get("cpu_us"), ".0f"),
+                    dash(_cores(x, "cpu_us"), ".2f"),
+                    dash(x.get("backend_cpu_us"), ".0f"),
+                    dash(_cores(x, "backend_cpu_us"), ".2f"),
+                    x.get("failed", 0) + x.get("non_2xx", 0),
+                )
+            )
+        c = _grpc_comparison(g, measure)
+        if c is not None:
+            table_rows.append(
+                (
+                    "stickyproxy ÷ NGINX",
+                    ratio(c["rate_ratio"]),
+                    " / ".join(ratio(r) for r in c["round_ratios"]),
+                    ratio(c["cpu_ratio"]),
+                    "",
+                    "",
+                    "",
+                    "",
+                )
+            )
+        parts.append(
+            f"**{label}** ({unit})\n\n"
+            + table(
+                (
+                    "",
+                    unit,
+                    "per round",
+                    f"CPU µs/{one}",
+                    "cores",
+                    f"backends' CPU µs/{one}",
+                    "backends' cores",
+                    "errors",
+                ),
+                table_rows,
+            )
+        )
+        note = _grpc_pace(label, one, (ng or {}).get("summary"), (sp or {}).get("summary"), c)
+        if note:
+            notes.append(note)
+    proxies = [
+        (busy, label, name)
+        for measure, label, _, _ in GRPC_MEASURES
+        for target, name in GRPC_TARGETS
+        if (busy := _cores((rows.get((measure, target)) or {}).get("summary") or {}, "cpu_us"))
+        is not None
+    ]
+    before, after = g.get("loadavg_before"), g.get("loadavg_after")
+    text = "- **The machine was shared**"
+    if before and after:
+        text += (
+            f" (load average over 1 minute: {before[0]:.2f} as the run began, {after[0]:.2f} "
+            f"as it ended)"
+        )
+    text += (
+        ": the h2load processes (one thread each; their CPU is not measured), the backends "
+        "and the proxy under test compete for the same CPUs"
+    )
+    if proxies:
+        most, label, name = max(proxies)
+        if most < TLS_SATURATED_CORE:
+            text += f", and neither proxy had a core to itself (at most {most:.2f} of one)"
+        else:
+            text += f"; {name} used {most:.2f} of a core ({label}), its own limit there"
+    notes.append(
+        text + ". Rates and their ratios measure the machine as much as the proxies; the CPU "
+        "per call or request is the comparison that holds."
+    )
+    if g.get("skipped"):
+        notes.append("- Not measured: " + "; ".join(g["skipped"]) + ".")
+    parts.append("\n".join(notes))
+    return "\n\n".join(parts)
+
+
 def run_header(meta: dict[str, Any]) -> str:
     rows = [
         (
@@ -2283,6 +2494,8 @@ def render(
         parts.append(skew_section(results["skew"], images, doc_dir))
     if "tls" in results:
         parts.append(tls_section(results["tls"], results.get("dataplane"), images, doc_dir))
+    if "grpc" in results:
+        parts.append(grpc_section(results["grpc"]))
     parts.append("## Reproducing\n\n" + REPRODUCE)
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
@@ -2300,6 +2513,7 @@ SECTION_HEADINGS = (
     ("owners", "## 6. Owner-local features"),
     ("skew", "## 7. Skewed users"),
     ("tls", "## 8. TLS termination"),
+    ("grpc", "## 9. gRPC and HTTP/2"),
 )
 VERDICT_PREFIXES = (
     ("dataplane", ("proxy throughput", "p99 added latency")),
@@ -2309,6 +2523,7 @@ VERDICT_PREFIXES = (
     ("failover", ("kill one of three",)),
     ("owners", ("owner-local features",)),
     ("tls", ("TLS keep-alive",)),
+    ("grpc", ("gRPC unary calls", "HTTP/2 streams")),
 )
 SUMMARY_HEADING = "## DESIGN.md §8"
 HEADER_TABLE = "| benchmark | started |"
@@ -2438,9 +2653,9 @@ def _merge_summary(new: str, old: str, carried: set[str]) -> str:
 REPRODUCE = """```sh
 pip install -e '.[bench]'
 python -m bench --install        # apt-get installs nginx, haproxy, wrk, redis-server if missing
-python -m bench                  # everything, about 13 minutes; rewrites this file
+python -m bench                  # everything, about 25 minutes; rewrites this file
 python -m bench --only shop      # one benchmark (dataplane, streams, shop, failover, killdrill,
-                                 # owners, ring, profile, skew, tls)
+                                 # owners, ring, profile, skew, tls, grpc)
 python -m bench --smoke          # tiny counts, about two minutes: checks the harness, not the speed
 ```
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench import __main__ as suite
+from bench import document
 from bench import grpc as bench_grpc
 from bench.procs import LOOPBACK, free_ports, start_server
 from stickyproxy import config
@@ -152,6 +153,97 @@ def test_source_runs_stickyproxy_from_a_revision_not_the_checkout(tmp_path: Path
     assert len(state["commit"]) >= 7 and state["commit"] != "HEAD"
     with pytest.raises(bench_grpc.Skip, match="no stickyproxy sources at no-such-rev"):
         bench_grpc.sources_at(tmp_path / "x", "no-such-rev")
+
+
+# -- the report (bench/document.py) ---------------------------------------------------------------
+
+META = {
+    "command": "python -m bench --only grpc",
+    "started_at": "2026-12-05 00:18 UTC",
+    "cpus": 2,
+    "platform": "Linux",
+    "tools": {"nginx": "1.22"},
+    "scenarios": {"grpc": {"status": "ok", "seconds": 212.0}},
+}
+
+
+def results() -> dict[str, Any]:
+    rows = []
+    for measure, target, rates, cpu, backend_cpu in (
+        ("grpc", "nginx", [3000, 4000], 70, 400),  # its backends 1.20 cores, NGINX 0.21
+        ("grpc", "stickyproxy", [750, 1000], 800, 500),
+        ("h2", "nginx", [15000, 20000], 30, 15),
+        ("h2", "stickyproxy", [3000, 3000], 300, 30),
+    ):
+        runs = [{**run(i + 1, r, cpu), "backend_cpu_us": backend_cpu} for i, r in enumerate(rates)]
+        summary = bench_grpc.summarize(runs)
+        rows.append({"measure": measure, "target": target, "runs": runs, "summary": summary})
+    by_key = {f"{r['measure']}/{r['target']}": r for r in rows}
+    return {
+        "loadavg_before": [3.5, 3.0, 2.5],
+        "loadavg_after": [4.25, 3.5, 3.0],
+        "settings": {
+            "duration_s": 10.0,
+            "rounds": 2,
+            "warmup_s": 2.0,
+            "grpc": "3 h2load processes (one user each) x 2 connections x 16 streams",
+            "grpc_request": "POST /bench.Echo/Unary, 22-byte body",
+            "h2": "4 connections x 16 streams, 1000 users",
+        },
+        "source": {"commit": "abc1234", "from": "git archive HEAD", "uncommitted": []},
+        "tools": {
+            "stickyproxy": "0.1.0 (interpreted)",
+            "nginx": "nginx version: nginx/1.22.1",
+            "h2load": "h2load nghttp2/1.52.0",
+            "grpcio": "1.85.3",
+        },
+        "rows": rows,
+        "comparisons": bench_grpc.compare(by_key),
+        "skipped": [],
+    }
+
+
+def test_verdicts_give_each_ratio_and_which_side_of_half_it_is():
+    grpc, h2 = document.grpc_verdicts(results())
+    assert grpc.target.startswith("gRPC unary calls/s against NGINX")
+    assert (grpc.measured, grpc.verdict) == ("0.25x", "measured, below 0.5×")
+    assert grpc.note == "rounds 0.25x, 0.25x; per CPU-second 0.09x"
+    assert h2.target.startswith("HTTP/2 streams") and h2.measured == "0.17x"
+    assert [v.verdict for v in document.grpc_verdicts(None)] == [document.NOT_MEASURED] * 2
+
+
+def test_section_has_a_table_per_measure_and_says_what_set_the_pace():
+    text = document.grpc_section(results())
+    assert text.startswith("## 9. gRPC and HTTP/2")
+    assert "2 interleaved rounds of 10 s after a 2 s warm-up" in text
+    assert "from git archive HEAD at `abc1234`; nginx/1.22.1." in text
+    assert "| NGINX | 3,500 | 3,000 / 4,000 | 70 | 0.24 | 400 | 1.40 | 0 |" in text
+    assert "| stickyproxy | 875 | 750 / 1,000 | 800 | 0.70 | 500 | 0.44 | 0 |" in text
+    assert "| stickyproxy ÷ NGINX | 0.25x | 0.25x / 0.25x | 11.43x |" in text
+    assert "| stickyproxy ÷ NGINX | 0.17x | 0.20x / 0.15x | 10.00x |" in text
+    # gRPC: NGINX's backends, not NGINX, were the busier; HTTP/2: NGINX was
+    grpc_note = next(ln for ln in text.splitlines() if ln.startswith("- **gRPC unary calls**"))
+    assert "NGINX's rate was set by its backends, not by NGINX" in grpc_note
+    assert "the rate ratio (0.25x) understates the gap" in grpc_note
+    h2_note = next(ln for ln in text.splitlines() if ln.startswith("- **HTTP/2 streams**"))
+    assert "set by its backends" not in h2_note
+    assert "Per request, stickyproxy spent 10.00x NGINX's CPU (0.10x" in h2_note
+    assert "3.50 as the run began, 4.25 as it ended" in text
+    # stickyproxy's HTTP/2 line is the busiest: 3,000 req/s x 300 µs
+    assert "; stickyproxy used 0.90 of a core (HTTP/2 streams), its own limit there." in text
+
+
+def test_report_has_the_section_and_carry_over_keeps_it_when_not_run(tmp_path: Path):
+    doc = tmp_path / "benchmarks.md"
+    with_grpc = document.render({"grpc": results()}, {}, doc, META)
+    summary = with_grpc[with_grpc.index("## DESIGN") : with_grpc.index("## 9.")]
+    assert "| gRPC unary calls/s against NGINX (grpc_pass, 1 worker) | 0.25x" in summary
+    assert "| HTTP/2 streams, req/s against NGINX (h2c, 1 worker) | 0.17x" in summary
+    other = {**META, "command": "python -m bench --only ring", "scenarios": {"ring": {}}}
+    kept = document.carry_over(document.render({}, {}, doc, other), with_grpc, {"ring"})
+    assert kept.index("## 9. gRPC and HTTP/2") < kept.index("## Reproducing")
+    rows = [ln for ln in kept.splitlines() if ln.startswith(("| gRPC unary", "| HTTP/2 streams"))]
+    assert len(rows) == 2 and not any(document.NOT_MEASURED in r for r in rows)
 
 
 # -- for real ---------------------------------------------------------------------------------
