@@ -737,7 +737,7 @@ class Exchange:
             if why is None:
                 self._request_body_deadline(now)
             else:
-                self.client.closing = True
+                self.client.to_closing()
                 self.client_failed(408, why)
         elif self.deadline_kind == "queue" and self.state == QUEUED:
             self.leave_queue()

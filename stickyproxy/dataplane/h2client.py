@@ -582,7 +582,7 @@ class H2ClientProtocol(asyncio.Protocol):
             c.in_head = False
             ex = refused_exchange(c, err.status, err.reason, err.extra)
             self.server.events.request_rejected(err.status)
-            c.closing = True
+            c.to_closing()
         c.receiving = None if ended else ex
         c._enqueue(ex)
 
@@ -894,8 +894,7 @@ def take_over(client: ClientProtocol, data: bytes) -> None:
     preface (``data``: from its first byte, as far as read). From here it is HTTP/2."""
     transport = client.transport
     assert transport is not None
-    client.dead = client.closing = True
-    client.deadline = 0.0
+    client.handed_over()
     proto = H2ClientProtocol(client.server)
     transport.set_protocol(proto)
     proto.adopt(client, data if data.startswith(PREFACE[:16]) else PREFACE[:16] + data)
