@@ -112,11 +112,11 @@ class Exchange:
     tried: tuple[str, ...] = ()
     attempts = 0
     retries = 0
-    same_tried = False  # a new connection to the failed backend was tried
     held = 0  # HELD_* bits: the counters this exchange adds to, until given back
+    same_tried = False  # a new connection to the failed backend was tried
     # upstream
-    upstream: UpstreamProtocol | None = None
     reused = False
+    upstream: UpstreamProtocol | None = None
     state = PENDING
     deadline = 0.0
     deadline_kind = ""
