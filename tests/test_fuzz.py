@@ -15,7 +15,7 @@ from memory import Sink, pooled_upstreams
 
 from stickyproxy.config import ConfigError, KeySource, parse
 from stickyproxy.control.process import build_process
-from stickyproxy.dataplane.client import ClientProtocol
+from stickyproxy.dataplane.client import OPEN, ClientProtocol
 from stickyproxy.dataplane.http import RequestError, normalise_target
 from stickyproxy.routing.keys import KeyExtractor, KeyRejected
 
@@ -188,7 +188,7 @@ def test_request_path_never_raises_and_forwards_only_clean_heads(requests, split
         data = b"".join(requests)
         for i in range(0, len(data), split):
             client.data_received(data[i : i + split])
-            if client.closing:
+            if client.conn_state != OPEN:
                 break
         for t in upstream.values():
             _heads(t.data)

@@ -8,6 +8,9 @@ Invariants:
   malformed is answered 4xx and the connection closed without contacting a backend.
 - Reading stops for as long as any reason holds (a full queue, a full upstream buffer, a
   body waiting for its connection, a pending upgrade): reasons are bits, not a flag.
+- A connection's life is one state that only moves forward, OPEN → CLOSING → DEAD
+  (``conn_state``; ``to_closing``, ``connection_lost``, ``handed_over``): once CLOSING no
+  request is parsed or forwarded any more, once DEAD nothing is written.
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ FEED_SLICE: Final = 16 * 1024
 # Output pieces totalling at most this are joined into one buffer before sending.
 FLUSH_JOIN_LIMIT: Final = 16 * 1024
 
+# ClientProtocol.conn_state, in the only order a connection passes them (never back):
+# OPEN     requests are parsed, forwarded and answered;
+# CLOSING  no further request is parsed or forwarded: the ones already queued are answered
+#          (or aborted) in order, then the transport closes;
+# DEAD     the transport is gone (connection_lost), or belongs to HTTP/2 now (handed_over):
+#          nothing is written, no exchange starts.
+OPEN: Final = 0
+CLOSING: Final = 1
+DEAD: Final = 2
+
 
 class ClientProtocol(asyncio.Protocol):
     PAUSE_PIPELINE = 1
@@ -83,9 +96,8 @@ class ClientProtocol(asyncio.Protocol):
         "head_bytes",
         "in_head",
         "receiving",
-        "closing",
+        "conn_state",
         "tunnel",
-        "dead",
         "write_paused",
         "limit_error",
         "advancing",
@@ -145,9 +157,8 @@ class ClientProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.in_head = False
         self.receiving: Exchange | None = None
-        self.closing = False  # no further request is read or answered
+        self.conn_state = OPEN
         self.tunnel: Tunnel | None = None
-        self.dead = False
         self.write_paused = False
         self.limit_error: RequestError | None = None
         self.advancing = False
@@ -180,7 +191,7 @@ class ClientProtocol(asyncio.Protocol):
             self.scheme = b"https"
             self.identity = server.client_identity(ssl_object)
         if not server.client_opened(self):
-            self.closing = True
+            self.to_closing()
             transport.write(error_response(503, "too many connections", close=True))  # type: ignore[attr-defined]
             transport.close()
             return
@@ -200,7 +211,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
-        if self.closing:
+        if self.conn_state != OPEN:
             return
         if self.line_buf:
             if (
@@ -251,10 +262,9 @@ class ClientProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self.dead:
+        if self.conn_state == DEAD:
             return
-        self.dead = True
-        self.closing = True
+        self.conn_state = DEAD
         self.deadline = 0.0
         if self.tunnel is not None:
             self.tunnel.close()
@@ -323,7 +333,7 @@ class ClientProtocol(asyncio.Protocol):
             except HttpParserError as e:
                 self._parse_failed(e, bytes(chunk), bytes(view[end:]), mark)
                 return
-            if self.closing:
+            if self.conn_state != OPEN:
                 return
             if self.line_buf:
                 # a request line held back whole (_head_progress) continues in the next slice
@@ -464,7 +474,7 @@ class ClientProtocol(asyncio.Protocol):
             self.stash = rest
             self.pause_reading(self.PAUSE_UPGRADE)
             return
-        if rest and not self.closing:
+        if rest and self.conn_state == OPEN:
             self._feed(rest)
 
     def _parse_error(self, e: Exception) -> None:
@@ -479,11 +489,11 @@ class ClientProtocol(asyncio.Protocol):
         if receiving is not None and receiving.local is None:
             # the body of a request already routed is malformed: that request is the one
             # answered (or cut short); the backend did nothing wrong
-            self.closing = True
+            self.to_closing()
             receiving.client_failed(err.status, err.reason)
             return
         self._enqueue(refused_exchange(self, err.status, err.reason))
-        self.closing = True
+        self.to_closing()
 
     # -- llhttp callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -533,7 +543,7 @@ class ClientProtocol(asyncio.Protocol):
         self.in_head = False
         self.deadline = 0.0
         self.deadline_kind = ""
-        if self.closing:
+        if self.conn_state != OPEN:
             # a request pipelined behind one that closes the connection is never answered,
             # so it is never forwarded either
             self.receiving = None
@@ -614,7 +624,19 @@ class ClientProtocol(asyncio.Protocol):
         """Stop reading: the request that just parsed will be answered and the connection
         closed, so nothing after it may be parsed or forwarded."""
         self.pause_reading(self.PAUSE_STOPPED)
-        self.closing = True
+        self.to_closing()
+
+    def to_closing(self) -> None:
+        """OPEN → CLOSING: no further request is parsed or forwarded (those queued are still
+        answered). Past OPEN it changes nothing: a connection never moves back."""
+        if self.conn_state == OPEN:
+            self.conn_state = CLOSING
+
+    def handed_over(self) -> None:
+        """→ DEAD without connection_lost's clean-up: the connection now belongs to another
+        protocol (HTTP/2 took it over, h2client.take_over), which is counted in its place."""
+        self.conn_state = DEAD
+        self.deadline = 0.0
 
     def _body_too_large(self, ex: Exchange) -> None:
         self.closing_after_parse()
@@ -645,7 +667,7 @@ class ClientProtocol(asyncio.Protocol):
     def _start_pending(self) -> None:
         self.start_pending = False
         queue = self.queue
-        if queue and not self.dead and queue[0].state == PENDING:
+        if queue and self.conn_state != DEAD and queue[0].state == PENDING:
             queue[0].begin()
 
     def exchange_done(self, ex: Exchange, abort: bool = False) -> None:
@@ -658,8 +680,7 @@ class ClientProtocol(asyncio.Protocol):
             or ex.close_after
             or self.pauses
             or self.stash
-            or self.dead
-            or self.closing
+            or self.conn_state != OPEN
             or self.eof
             or self.advancing
             or self.server.stopping
@@ -669,12 +690,16 @@ class ClientProtocol(asyncio.Protocol):
                 self.deadline = time.monotonic() + self.idle_timeout
                 self.deadline_kind = "idle"
             return
-        if self.dead:
+        if self.conn_state == DEAD:
             return
         if abort:
             self._close(abort=True)
             return
-        if ex.close_after or (self.closing or self.eof or self.server.stopping) and not queue:
+        if (
+            ex.close_after
+            or (self.conn_state != OPEN or self.eof or self.server.stopping)
+            and not queue
+        ):
             self._close()
             return
         if ex.upgrade and self.pauses & self.PAUSE_UPGRADE:
@@ -684,7 +709,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.advancing = True
         try:
-            while queue and not self.dead:
+            while queue and self.conn_state != DEAD:
                 head = queue[0]
                 if head.state != PENDING:
                     break
@@ -693,7 +718,7 @@ class ClientProtocol(asyncio.Protocol):
                     break
         finally:
             self.advancing = False
-        if self.dead or self.closing:
+        if self.conn_state != OPEN:
             if not queue:
                 self._close()
             return
@@ -718,7 +743,11 @@ class ClientProtocol(asyncio.Protocol):
         self.deadline_kind = "idle"
 
     def must_close_after(self, ex: Exchange) -> bool:
-        return ex.close_after or self.server.stopping or (self.closing and len(self.queue) <= 1)
+        return (
+            ex.close_after
+            or self.server.stopping
+            or (self.conn_state != OPEN and len(self.queue) <= 1)
+        )
 
     def respond_local(
         self, ex: Exchange, status: int, reason: str, close: bool, extra: bytes = b""
@@ -737,7 +766,7 @@ class ClientProtocol(asyncio.Protocol):
             ex.resp_bytes = len(data) - data.index(b"\r\n\r\n") - 4
             self.write(data)
         if close:
-            self.closing = True
+            self.to_closing()
         ex.finish()
 
     def start_tunnel(self, tunnel: Tunnel) -> None:
@@ -755,7 +784,7 @@ class ClientProtocol(asyncio.Protocol):
     def pause_reading(self, reason: int) -> None:
         before = self.pauses
         self.pauses |= reason
-        if not before and self.transport is not None and not self.dead:
+        if not before and self.transport is not None and self.conn_state != DEAD:
             self.transport.pause_reading()
 
     def resume_reading(self, reason: int) -> None:
@@ -766,7 +795,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _apply_pauses(self) -> None:
         t = self.transport
-        if t is None or self.dead:
+        if t is None or self.conn_state == DEAD:
             return
         if self.pauses:
             t.pause_reading()
@@ -776,7 +805,7 @@ class ClientProtocol(asyncio.Protocol):
     # Output is batched while a read is processed (a response head and its body usually
     # arrive in one read): one send per read instead of one per piece.
     def write(self, data: bytes) -> None:
-        if self.dead or self.transport is None:
+        if self.conn_state == DEAD or self.transport is None:
             return
         if self.batch:
             self.out.append(data)
@@ -784,7 +813,7 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        if self.dead or self.transport is None:
+        if self.conn_state == DEAD or self.transport is None:
             return
         if self.batch:
             self.out.extend(parts)
@@ -793,7 +822,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def flush(self) -> None:
         out, self.out = self.out, []
-        if out and not self.dead and self.transport is not None:
+        if out and self.conn_state != DEAD and self.transport is not None:
             if len(out) == 1:
                 self.transport.write(out[0])
             else:
@@ -829,15 +858,15 @@ class ClientProtocol(asyncio.Protocol):
                 self._close()
 
     def _reply_and_close(self, status: int, reason: str) -> None:
-        self.closing = True
+        self.to_closing()
         self.write(error_response(status, reason, close=True))
         self._close()
 
     def _close(self, abort: bool = False) -> None:
-        self.closing = True
+        self.to_closing()
         self.deadline = 0.0
         t = self.transport
-        if t is None or self.dead:
+        if t is None or self.conn_state == DEAD:
             return
         if abort:
             self.out = []
@@ -992,7 +1021,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
         client = ClientProtocol(self.server)
         transport.set_protocol(client)
         client.connection_made(transport)
-        if source is not None and not client.closing:
+        if source is not None and client.conn_state == OPEN:
             client.proxied(source)
-        if rest and not client.closing:
+        if rest and client.conn_state == OPEN:
             client.data_received(rest)

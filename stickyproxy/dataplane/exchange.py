@@ -9,6 +9,14 @@ which failure goes where, and which ones the retry budget limits: dataplane/retr
   byte of the response reached the client; otherwise 502 (reset) or 504 (timeout);
 - a failure after the response head reached the client aborts the client connection:
   a truncated body is never passed off as complete.
+
+Counters: every shared counter an exchange adds to (its backend's in-flight slots,
+``Proxy.active``, ``Proxy.retrying``) is given back exactly once. ``Exchange.held`` has one
+bit per counter (HELD_*): set where it is added to, cleared where it is given back, and
+nothing is given back whose bit is clear. A retry that moves to another backend frees its
+slot (``_release_slot``); ``_settle``, as the exchange becomes DONE (nothing is taken after
+that), gives back whatever is still held, whichever of the paths that end an exchange
+calls it and however often.
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ SENT: Final = 2
 RESPONDING: Final = 3
 DONE: Final = 4
 QUEUED: Final = 5
+
+# Bits of Exchange.held, one per counter the exchange adds to (module docstring):
+HELD_SLOT: Final = 1  # an in-flight slot of ``slot``'s backend (Upstream.hold/free)
+HELD_ACTIVE: Final = 2  # one of Proxy.active, the requests being worked on
+HELD_RETRY: Final = 4  # one of Proxy.retrying, the retry budget's count
 
 
 # A slow request body is judged against limits.min_body_rate only after this long
@@ -100,14 +113,11 @@ class Exchange:
     tried: tuple[str, ...] = ()
     attempts = 0
     retries = 0
+    held = 0  # HELD_* bits: the counters this exchange adds to, until given back
     same_tried = False  # a new connection to the failed backend was tried
-    budgeted = False  # counted in Proxy.retrying (the retry budget)
-    counted_inflight = False
-    active_counted = False
-    settled = False
     # upstream
-    upstream: UpstreamProtocol | None = None
     reused = False
+    upstream: UpstreamProtocol | None = None
     state = PENDING
     deadline = 0.0
     deadline_kind = ""
@@ -169,7 +179,7 @@ class Exchange:
             return
         now = time.monotonic()
         self.server.active += 1
-        self.active_counted = True
+        self.held |= HELD_ACTIVE
         router = self.router
         key = self.key
         if key is not None:
@@ -221,7 +231,7 @@ class Exchange:
     def take_slot(self, slot: Upstream, now: float) -> None:
         """Count this exchange in flight on ``slot``'s backend and send, or wait for a slot
         when it is at ``limits.max_inflight_per_backend`` (503 past the queue bound)."""
-        if not self.counted_inflight:
+        if not self.held & HELD_SLOT:
             if not slot.has_slot(self.server.max_inflight):
                 if len(slot.waiters) >= self.server.config.limits.queue_per_backend:
                     self.fail(503, f"backend {slot.id} is at capacity", retry_after=True)
@@ -232,7 +242,7 @@ class Exchange:
                 self.deadline_kind = "queue"
                 return
             slot.hold()
-            self.counted_inflight = True
+            self.held |= HELD_SLOT
         conn = slot.acquire()
         if conn is not None:
             self.attach(conn, reused=True)
@@ -319,12 +329,12 @@ class Exchange:
             events.retry_denied(failed, "not-replayable")
             self.fail(status, message)
             return
-        if budgeted and not self.budgeted:
+        if budgeted and not self.held & HELD_RETRY:
             if not self.server.retry_allowed():
                 events.retry_denied(failed, "budget")
                 self.fail(status, message)
                 return
-            self.budgeted = True
+            self.held |= HELD_RETRY
             self.server.retrying += 1
         if action == SAME_BACKEND:
             self.same_tried = True
@@ -360,22 +370,32 @@ class Exchange:
                 pass
 
     def _settle(self) -> None:
-        """Give back the counters this exchange holds (in-flight, active, retrying); once."""
-        if self.settled:
+        """Give back every counter still held (``held``; module docstring). Called as the
+        exchange becomes DONE; a second call finds nothing held."""
+        held = self.held
+        if not held:
             return
-        self.settled = True
-        self._release_slot()
-        if self.budgeted:
+        # cleared first: giving back a slot starts a waiting exchange, which may end others
+        self.held = 0
+        if held & HELD_SLOT:
+            self._free_slot()
+        if held & HELD_RETRY:
             self.server.retrying -= 1
-        if self.active_counted:
+        if held & HELD_ACTIVE:
             self.server.active -= 1
 
     def _release_slot(self) -> None:
-        """Stop counting in flight on the current backend; a waiter there may take the slot."""
+        """Stop counting in flight on the current backend, if this exchange does."""
+        if self.held & HELD_SLOT:
+            self.held &= ~HELD_SLOT
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        """The slot on ``slot``'s backend is free (its HELD_SLOT bit already cleared): the
+        longest waiter there may take it."""
         b = self.slot
-        if b is not None and self.counted_inflight:
+        if b is not None:
             b.free()
-            self.counted_inflight = False
             if b.waiters:
                 wake_waiter(b)
 
@@ -747,7 +767,7 @@ class Exchange:
             if why is None:
                 self._request_body_deadline(now)
             else:
-                self.client.closing = True
+                self.client.to_closing()
                 self.client_failed(408, why)
         elif self.deadline_kind == "queue" and self.state == QUEUED:
             self.leave_queue()

@@ -47,7 +47,7 @@ from httptools import HttpParserError, HttpResponseParser
 from hyperframe.frame import GoAwayFrame
 
 from . import grpc
-from .client import ClientProtocol
+from .client import CLOSING, DEAD, OPEN, ClientProtocol
 from .exchange import refused_exchange
 from .http import RequestError
 
@@ -275,7 +275,7 @@ class Stream(asyncio.Transport):
 
     # -- the transport its ClientProtocol writes to -------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.ended or self.end_pending or self.conn.dead:
+        if self.ended or self.end_pending or self.conn.conn_state == DEAD:
             return
         try:
             self.parser.feed_data(bytes(data))
@@ -396,11 +396,13 @@ class H2ClientProtocol(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
-        self.dead = False
-        self.closing = False
-        self.draining = False  # GOAWAY sent: no new stream is taken
-        self.goaway_sent = False
-        self.peer_goaway = False
+        # OPEN → CLOSING → DEAD, as a ClientProtocol's (client.py): CLOSING once the
+        # connection is being closed (no frame is read any more), DEAD once it is gone
+        self.conn_state = OPEN
+        # GOAWAY facts, not states: the streams already taken go on finishing in OPEN
+        self.draining = False  # shutdown sent GOAWAY: no new stream is taken
+        self.goaway_sent = False  # a GOAWAY went out (shutdown, or a connection error)
+        self.peer_goaway = False  # the client sent GOAWAY
         self.write_paused = False
         self.in_read = False
         self.flush_pending = False  # a flush_now is scheduled
@@ -474,7 +476,7 @@ class H2ClientProtocol(asyncio.Protocol):
             self.scheme = b"https"
             self.identity = server.client_identity(ssl_object)
         if not server.client_opened(self):
-            self.dead = True
+            self.conn_state = DEAD  # never counted open: connection_lost has nothing to undo
             transport.close()
             return
         self._start(b"")
@@ -510,7 +512,7 @@ class H2ClientProtocol(asyncio.Protocol):
 
     # -- input ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.dead or self.closing:
+        if self.conn_state != OPEN:
             return
         self.in_read = True
         try:
@@ -526,7 +528,7 @@ class H2ClientProtocol(asyncio.Protocol):
                 self.calm("header block too large")
                 return
             for ev in events:
-                if self.closing:
+                if self.conn_state != OPEN:
                     break
                 self._event(ev)
         finally:
@@ -631,7 +633,7 @@ class H2ClientProtocol(asyncio.Protocol):
             c.in_head = False
             ex = refused_exchange(c, err.status, err.reason, err.extra)
             self.server.events.request_rejected(err.status)
-            c.closing = True
+            c.to_closing()
         c.receiving = None if ended else ex
         c._enqueue(ex)
 
@@ -686,7 +688,7 @@ class H2ClientProtocol(asyncio.Protocol):
 
     def credit(self, sid: int, size: int) -> None:
         """Give ``size`` received bytes back to the client's windows (RFC 9113 §6.9)."""
-        if size and not self.dead:
+        if size and self.conn_state != DEAD:
             self.h2.acknowledge_received_data(size, sid)
             if not self.in_read:
                 self.flush()
@@ -806,13 +808,13 @@ class H2ClientProtocol(asyncio.Protocol):
         if not self.streams:
             if self.draining or self.peer_goaway:
                 self._close()
-            elif not self.closing:
+            elif self.conn_state == OPEN:
                 self.deadline = time.monotonic() + self.server.config.timeouts.client_idle
 
     def flush(self) -> None:
         """Write h2's output soon: once per loop turn, however many streams added to it (a
         read's worth of responses is one send, not one per stream)."""
-        if not self.flush_pending and not self.dead:
+        if not self.flush_pending and self.conn_state != DEAD:
             self.flush_pending = True
             asyncio.get_running_loop().call_soon(self.flush_now)
 
@@ -820,7 +822,7 @@ class H2ClientProtocol(asyncio.Protocol):
         self.flush_pending = False
         data = self.h2.data_to_send()
         t = self.transport
-        if data and t is not None and not self.dead:
+        if data and t is not None and self.conn_state != DEAD:
             t.write(data)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -835,10 +837,9 @@ class H2ClientProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self.dead:
+        if self.conn_state == DEAD:
             return
-        self.dead = True
-        self.closing = True
+        self.conn_state = DEAD
         self.deadline = 0.0
         streams = list(self.streams.values())
         self.streams.clear()
@@ -849,7 +850,7 @@ class H2ClientProtocol(asyncio.Protocol):
 
     # -- time and shutdown ---------------------------------------------------------------
     def on_tick(self, now: float) -> None:
-        if self.dead or self.closing:
+        if self.conn_state != OPEN:
             return
         if now - self.window_start > min(RESET_WINDOW, CONTROL_WINDOW):
             self.window_start = now
@@ -884,7 +885,7 @@ class H2ClientProtocol(asyncio.Protocol):
     def calm(self, why: str) -> None:
         """Close the connection with GOAWAY ENHANCE_YOUR_CALM (RFC 9113 §7): the client
         abuses the protocol (``why``)."""
-        if self.closing or self.dead:
+        if self.conn_state != OPEN:
             return
         log.warning("HTTP/2 connection from %s closed: %s", self.peer_ip, why)
         self.server.events.request_rejected(429)
@@ -898,7 +899,7 @@ class H2ClientProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: GOAWAY naming the last stream taken (RFC 9113 §6.8); streams up
         to it finish; the connection closes when none is left."""
-        if self.dead or self.closing:
+        if self.conn_state != OPEN:
             return
         if not self.draining:
             self.draining = True
@@ -912,13 +913,13 @@ class H2ClientProtocol(asyncio.Protocol):
         self.flush_now()
         frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=code)
         self.goaway_sent = True
-        if self.transport is not None and not self.dead:
+        if self.transport is not None and self.conn_state != DEAD:
             self.transport.write(frame.serialize())
 
     def _close(self, abort: bool = False) -> None:
-        if self.dead:
+        if self.conn_state == DEAD:
             return
-        self.closing = True
+        self.conn_state = CLOSING
         self.deadline = 0.0
         t = self.transport
         if t is None:
@@ -963,8 +964,7 @@ def take_over(client: ClientProtocol, data: bytes) -> None:
     preface (``data``: from its first byte, as far as read). From here it is HTTP/2."""
     transport = client.transport
     assert transport is not None
-    client.dead = client.closing = True
-    client.deadline = 0.0
+    client.handed_over()
     proto = H2ClientProtocol(client.server)
     transport.set_protocol(proto)
     proto.adopt(client, data if data.startswith(PREFACE[:16]) else PREFACE[:16] + data)

@@ -7,6 +7,14 @@ Invariants:
   request was sent completely, and both sides allow keep-alive; anything else closes it.
 - Bytes that arrive on an idle pooled connection mean the backend is out of step with us:
   the connection is closed, never handed to the next request.
+
+A connection's flags are not one lifecycle in disguise. ``closed`` is its whole life (open,
+then closing or closed for good: two states, one flag). ``paused`` (reading held back for a
+client that does not keep up) and ``head_only`` (the request is HEAD) hold independently
+at any point of it. ``finished``, ``head_done`` and ``garbage`` describe the read being
+parsed, and are acted on once it has been: a response ended in it (RESPONSE_REUSABLE or
+RESPONSE_CLOSE), that response was a HEAD one's (the parser is replaced), bytes followed it
+(the connection is not reused).
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ def response_field(name: bytes) -> tuple[bytes, bool, bytes]:
             _response_fields.clear()
         _response_fields[name] = info
     return info
+
+
+# UpstreamProtocol.finished: a response ended during the read being parsed (0: none did).
+RESPONSE_REUSABLE: Final = 1  # cleanly, and both sides allow keep-alive
+RESPONSE_CLOSE: Final = 2  # the connection may not carry another request
 
 
 if TYPE_CHECKING:
@@ -80,7 +93,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.paused = False
         self.head_only = False  # the current request is HEAD: its response has no body
         self.head_done = False  # ... and its head has been relayed
-        self.finished = 0  # set during a read: 1 reusable, 2 not reusable
+        self.finished = 0  # set during a read: RESPONSE_REUSABLE or RESPONSE_CLOSE
         self.garbage = False  # bytes beyond the end of the current response
         self.reason = b""
 
@@ -128,7 +141,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.finished:
             # The pool gets the connection back only after the whole read was parsed, so a
             # byte past the end of a response can never be read as the next one's.
-            reusable = self.finished == 1 and not self.garbage and not self.closed
+            reusable = self.finished == RESPONSE_REUSABLE and not self.garbage and not self.closed
             self.finished = 0
             if reusable:
                 self.backend.release(self, time.monotonic())
@@ -213,7 +226,7 @@ class UpstreamProtocol(asyncio.Protocol):
             # connection gets a fresh parser once this read is processed.
             self.head_done = True
             self.exchange = None
-            self.finished = 1 if ex.on_response_complete(self) else 2
+            self.finished = RESPONSE_REUSABLE if ex.on_response_complete(self) else RESPONSE_CLOSE
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
@@ -229,7 +242,7 @@ class UpstreamProtocol(asyncio.Protocol):
         done = ex.on_response_complete(self)
         if done is not None:
             self.exchange = None
-            self.finished = 1 if done else 2
+            self.finished = RESPONSE_REUSABLE if done else RESPONSE_CLOSE
 
     # -- control -------------------------------------------------------------------------
     def pause_reading(self) -> None:
