@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -79,6 +78,7 @@ from .targets import (
     Launch,
     _nginx_launch,
     _nginx_main,
+    extract_sources,
     python_env,
     stickyproxy_launch,
     stickyproxy_version,
@@ -667,17 +667,7 @@ def sources_at(workdir: Path, revision: str) -> Path:
     tree = workdir / "source"
     tree.mkdir(parents=True)
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", revision, "stickyproxy"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse odd members
-                tar.extractall(tree, filter="data")
-            else:
-                tar.extractall(tree)  # this repository's own sources
+        extract_sources(revision, tree)
     except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:
         raise Skip(f"no stickyproxy sources at {revision} ({type(e).__name__}: {e})") from None
     return tree

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,6 +387,23 @@ rise = {DRILL_HEALTH_RISE}
     conf = workdir / "stickyproxy-drill.toml"
     argv = [sys.executable, "-m", "stickyproxy.cli", "run", "-c", str(conf)]
     return Launch("stickyproxy run", argv, conf, config, python_env())
+
+
+def extract_sources(revision: str, tree: Path) -> None:
+    """The stickyproxy package at ``revision`` (``git archive``) extracted under ``tree``,
+    to be put first on a proxy's PYTHONPATH (interpreted: no compiled modules come with
+    it). Raises OSError, subprocess.SubprocessError or tarfile.TarError."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", revision, "stickyproxy"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse odd members
+            tar.extractall(tree, filter="data")
+        else:
+            tar.extractall(tree)  # this repository's own sources
 
 
 def python_env(*extra_paths: Path) -> dict[str, str]:

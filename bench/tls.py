@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import http.client
-import io
 import json
 import re
 import shutil
@@ -58,12 +57,12 @@ from .targets import (
     BACKEND_HEADER,
     BODY,
     KEEPALIVE_REQUESTS,
-    REPO_ROOT,
     UPSTREAM_KEEPALIVE,
     USER_HEADER,
     Launch,
     _nginx_launch,
     _nginx_main,
+    extract_sources,
     stickyproxy_launch,
     stickyproxy_version,
 )
@@ -245,17 +244,7 @@ def pre_tls_tree(workdir: Path) -> tuple[Path | None, str]:
     tree = workdir / "pre-tls"
     tree.mkdir()
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", PRE_TLS_COMMIT, "stickyproxy"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse odd members
-                tar.extractall(tree, filter="data")
-            else:
-                tar.extractall(tree)  # this repository's own sources
+        extract_sources(PRE_TLS_COMMIT, tree)
     except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:
         return None, f"no {PRE_TLS_COMMIT} sources ({type(e).__name__}: {e})"
     return tree, ""

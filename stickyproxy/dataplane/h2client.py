@@ -34,8 +34,7 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import h2.config
 import h2.connection
@@ -49,6 +48,7 @@ from hyperframe.frame import GoAwayFrame
 from . import grpc
 from .client import CLOSING, DEAD, OPEN, ClientProtocol
 from .exchange import refused_exchange
+from .h2flow import StreamTransport, send_pending
 from .http import RequestError
 
 if TYPE_CHECKING:
@@ -245,14 +245,14 @@ def response_fields(status: int, fields: list[tuple[bytes, bytes]]) -> list[tupl
     return out
 
 
-class Stream(asyncio.Transport):
+class Stream(StreamTransport):
     """One HTTP/2 stream, seen by its ``ClientProtocol`` as that protocol's transport: the
     HTTP/1.1 response written to it is parsed (llhttp) into HEADERS, DATA and trailers;
     pausing it holds back the stream's flow-control credit; closing or aborting it ends or
     resets the stream."""
 
     def __init__(self, conn: H2ClientProtocol, sid: int, head_only: bool):
-        super().__init__()
+        super().__init__(conn)
         self.conn = conn
         self.id = sid
         self.head_only = head_only
@@ -262,14 +262,9 @@ class Stream(asyncio.Transport):
         self.fields: list[tuple[bytes, bytes]] = []
         self.in_trailers = False
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.pending: deque[bytes] = deque()  # DATA waiting for window
-        self.pending_bytes = 0
         self.end_pending = False  # the response is complete: END_STREAM once drained
         self.ended = False  # END_STREAM sent (or the stream reset): done
         self.remote_ended = False  # the client sent END_STREAM
-        self.paused = False  # its exchange is not taking request bytes
-        self.unacked = 0  # flow-controlled bytes taken but not yet credited
-        self.write_paused = False  # its ClientProtocol was told to pause_writing
         self.stalled_since = 0.0  # data waits, without progress since then
         self.grpc = False  # a gRPC call: errors are gRPC statuses (dataplane/grpc.py)
 
@@ -284,21 +279,6 @@ class Stream(asyncio.Transport):
             self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
             return
         self.conn.push(self)
-
-    def writelines(self, parts: Any) -> None:
-        self.write(b"".join(parts))
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-        if self.unacked:
-            n, self.unacked = self.unacked, 0
-            self.conn.credit(self.id, n)
-
-    def is_reading(self) -> bool:
-        return not self.paused
 
     def close(self) -> None:
         # the response was written whole (END_STREAM follows once the window allows),
@@ -340,10 +320,6 @@ class Stream(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.ended
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        t = self.conn.transport
-        return t.get_extra_info(name, default) if t is not None else default
 
     # -- llhttp callbacks (the HTTP/1.1 response this stream's exchange relays) ----------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -656,10 +632,7 @@ class H2ClientProtocol(asyncio.Protocol):
                     self.calm("empty DATA frame flood")
             return
         stream.client.on_body(data)
-        if stream.paused:
-            stream.unacked += size
-        else:
-            self.credit(sid, size)
+        stream.received(size)
 
     def _trailers(self, ev: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(ev.stream_id)  # type: ignore[arg-type]
@@ -710,41 +683,21 @@ class H2ClientProtocol(asyncio.Protocol):
             if not self.in_read:
                 self.flush()  # what ended it (HEADERS with END_STREAM, a reset)
             return
-        h2c = self.h2
         pending = stream.pending
-        sent = False
+        trailers = response_fields_trailers(stream.trailers) if stream.trailers else None
         try:
-            while pending and not self.write_paused:
-                window = h2c.local_flow_control_window(stream.id)
-                if window <= 0:
-                    break
-                size = min(window, h2c.max_outbound_frame_size)
-                data = pending[0]
-                if len(data) > size:
-                    chunk = data[:size]
-                    pending[0] = data[size:]
-                else:
-                    chunk = pending.popleft()
-                stream.pending_bytes -= len(chunk)
-                sent = True
-                self.data_frames += 1
-                if not pending and stream.end_pending and not stream.trailers:
-                    h2c.send_data(stream.id, chunk, end_stream=True)  # one frame, not two
-                    self._stream_done(stream)
-                    break
-                h2c.send_data(stream.id, chunk)
-            if not pending and stream.end_pending and not stream.ended:
-                if stream.trailers:
-                    h2c.send_headers(
-                        stream.id, response_fields_trailers(stream.trailers), end_stream=True
-                    )
-                else:
-                    h2c.end_stream(stream.id)
-                self._stream_done(stream)
+            n, frames, ended = send_pending(
+                self.h2, stream.id, pending, not self.write_paused, stream.end_pending, trailers
+            )
         except (h2.exceptions.ProtocolError, ValueError) as e:
             log.debug("HTTP/2 stream %d: %s", stream.id, e)
             self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
             return
+        stream.pending_bytes -= n
+        self.data_frames += frames
+        sent = frames > 0
+        if ended:
+            self._stream_done(stream)
         if not pending:
             stream.stalled_since = 0.0
         elif sent or not stream.stalled_since:

@@ -32,7 +32,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,6 +43,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from .h2flow import StreamTransport, send_pending
 from .upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -176,30 +176,24 @@ def response_head(
     return b"".join(head), "chunked"
 
 
-class H2Stream(asyncio.Transport):
+class H2Stream(StreamTransport):
     """One request/response on an ``H2Conn``, seen by its ``UpstreamProtocol`` as that
     protocol's transport (see the module's docstring)."""
 
     def __init__(self, conn: H2Conn, proto: UpstreamProtocol):
-        super().__init__()
+        super().__init__(conn)
         self.conn = conn
         self.proto = proto
         self.parser = HttpRequestParser(self)
-        self.id = 0
         self.target = b""
         self.fields: list[tuple[bytes, bytes]] = []
         self.head: list[tuple[bytes, bytes]] | None = None  # built, not yet sent
         self.in_trailers = False
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.pending: deque[bytes] = deque()  # request DATA waiting for window
-        self.pending_bytes = 0
         self.end_pending = False  # the request is complete: END_STREAM once drained
         self.local_ended = False
         self.remote_ended = False
         self.closed = False
-        self.write_paused = False  # its protocol was told to pause_writing
-        self.paused = False  # its protocol holds the response: credit is held back
-        self.unacked = 0
         self.framing = ""  # the response body on the HTTP/1.1 hop: "", "chunked", "cl", "none"
         self.cl_left = 0
         self.resp_done = False
@@ -223,23 +217,8 @@ class H2Stream(asyncio.Transport):
             self._send_head(end=False)
         self.conn.push(self)
 
-    def writelines(self, parts: Any) -> None:
-        self.write(b"".join(parts))
-
     def can_write_eof(self) -> bool:
         return False
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-        if self.unacked:
-            n, self.unacked = self.unacked, 0
-            self.conn.credit(self.id, n)
-
-    def is_reading(self) -> bool:
-        return not self.paused
 
     def close(self) -> None:
         self._end(ErrorCodes.CANCEL)
@@ -249,10 +228,6 @@ class H2Stream(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        t = self.conn.transport
-        return t.get_extra_info(name, default) if t is not None else default
 
     def get_write_buffer_size(self) -> int:
         return self.pending_bytes
@@ -356,10 +331,8 @@ class H2Stream(asyncio.Transport):
             self._feed(data)
         if self.closed:
             self.conn.credit(self.id, flow)
-        elif self.paused:
-            self.unacked += flow
         else:
-            self.conn.credit(self.id, flow)
+            self.received(flow)
 
     def on_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self.framing != "chunked":
@@ -589,35 +562,22 @@ class H2Conn(asyncio.Protocol):
         """Send what the windows allow of ``stream``'s request body, then its end."""
         if stream.closed or not stream.id:
             return
-        h2c = self.h2
-        pending = stream.pending
         try:
-            while pending and not self.write_paused:
-                window = h2c.local_flow_control_window(stream.id)
-                if window <= 0:
-                    break
-                size = min(window, h2c.max_outbound_frame_size)
-                data = pending[0]
-                if len(data) > size:
-                    chunk = data[:size]
-                    pending[0] = data[size:]
-                else:
-                    chunk = pending.popleft()
-                stream.pending_bytes -= len(chunk)
-                end = not pending and stream.end_pending and not stream.trailers
-                h2c.send_data(stream.id, chunk, end_stream=end)
-                if end:
-                    stream.local_ended = True
-            if not pending and stream.end_pending and not stream.local_ended:
-                if stream.trailers:
-                    h2c.send_headers(stream.id, stream.trailers, end_stream=True)
-                else:
-                    h2c.end_stream(stream.id)
-                stream.local_ended = True
+            n, _, ended = send_pending(
+                self.h2,
+                stream.id,
+                stream.pending,
+                not self.write_paused,
+                stream.end_pending and not stream.local_ended,
+                stream.trailers or None,
+            )
         except (h2.exceptions.ProtocolError, ValueError) as e:
             log.debug("HTTP/2 backend %s stream %d: %s", self.pool.slot.id, stream.id, e)
             stream._lost(UpstreamGone(f"HTTP/2 stream failed: {e}"))
             return
+        stream.pending_bytes -= n
+        if ended:
+            stream.local_ended = True
         proto = stream.proto
         if stream.pending_bytes > SEND_BUFFER_HIGH:
             if not stream.write_paused:
