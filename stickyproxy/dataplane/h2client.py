@@ -704,14 +704,7 @@ class H2ClientProtocol(asyncio.Protocol):
             # data waits (for a window, or for the socket): the stall clock runs from the
             # last progress, so a slow but moving download is never taken for a stall
             stream.stalled_since = self.progress_at = time.monotonic()
-        c = stream.client
-        if stream.pending_bytes > STREAM_BUFFER_HIGH:
-            if not stream.write_paused:
-                stream.write_paused = True
-                c.pause_writing()
-        elif stream.write_paused and stream.pending_bytes < STREAM_BUFFER_LOW:
-            stream.write_paused = False
-            c.resume_writing()
+        stream.backpressure(stream.client, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW)
         if not self.in_read:
             self.flush()
 

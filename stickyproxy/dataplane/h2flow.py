@@ -60,6 +60,17 @@ class StreamTransport(asyncio.Transport):
         else:
             self.flow.credit(self.id, size)
 
+    def backpressure(self, proto: asyncio.BaseProtocol, high: int, low: int) -> None:
+        """Tell ``proto`` to stop writing once more than ``high`` bytes wait for window,
+        and to go on once fewer than ``low`` do."""
+        if self.pending_bytes > high:
+            if not self.write_paused:
+                self.write_paused = True
+                proto.pause_writing()
+        elif self.write_paused and self.pending_bytes < low:
+            self.write_paused = False
+            proto.resume_writing()
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         t = self.flow.transport
         return t.get_extra_info(name, default) if t is not None else default

@@ -578,14 +578,7 @@ class H2Conn(asyncio.Protocol):
         stream.pending_bytes -= n
         if ended:
             stream.local_ended = True
-        proto = stream.proto
-        if stream.pending_bytes > SEND_BUFFER_HIGH:
-            if not stream.write_paused:
-                stream.write_paused = True
-                proto.pause_writing()
-        elif stream.write_paused and stream.pending_bytes < SEND_BUFFER_LOW:
-            stream.write_paused = False
-            proto.resume_writing()
+        stream.backpressure(stream.proto, SEND_BUFFER_HIGH, SEND_BUFFER_LOW)
         if stream.local_ended:
             self._maybe_done(stream)
         if not self.in_read:
