@@ -21,6 +21,7 @@ def backends_view(
             {
                 "id": b.id,
                 "url": b.url,
+                "protocol": b.protocol,
                 "weight": b.weight,
                 "state": st.state(now),
                 "usable": st.usable(now),

@@ -11,6 +11,7 @@ from support.metrics import Metrics
 BACKEND_FIELDS = {
     "id",
     "url",
+    "protocol",
     "weight",
     "state",
     "usable",
@@ -40,7 +41,7 @@ async def test_read_endpoints_json_shapes(backends, ops_proxy):
     assert [row["id"] for row in rows] == ["a", "b", "c"]  # config order
     for row, be in zip(rows, (a, b, c)):
         assert set(row) == BACKEND_FIELDS, set(row) ^ BACKEND_FIELDS
-        assert row["url"] == be.url
+        assert row["url"] == be.url and row["protocol"] == "http/1.1"
         assert row["weight"] == (2 if be is b else 1)
         assert row["state"] == "up" and row["usable"] is True and row["healthy"] is True
         assert row["drained"] is False and row["ejections"] == 0
