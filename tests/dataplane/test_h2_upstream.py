@@ -92,6 +92,20 @@ async def test_request_body_and_trailers_reach_h2_backend(h2_backends, proxy):
     assert bytes(b.requests[0].body) == b"hello world"
 
 
+async def test_head_response_ends_at_its_head(h2_backends, proxy):
+    (b,) = await h2_backends("h")
+    p = await proxy([b])
+    c = await p.client()
+    try:
+        for _ in range(2):  # and the client connection stays in step for the next one
+            c.send(http_request("HEAD", "/", headers={"X-User-Id": "a"}))
+            r = await c.response(head=True)
+            assert r.status == 200 and r.body == b""
+    finally:
+        c.close()
+    assert [s.field(b":method") for s in b.requests] == [b"HEAD", b"HEAD"]
+
+
 async def test_concurrent_requests_share_one_connection(h2_backends, proxy):
     (b,) = await h2_backends("h")
     p = await proxy([b])

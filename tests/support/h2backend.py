@@ -119,7 +119,12 @@ class _Conn(asyncio.Protocol):
     def respond(self, sid: int) -> None:
         b = self.backend
         s = self.seen[sid]
-        if b.mode == "echo":
+        if b.mode == "echo" and s.field(b":method") == b"HEAD":
+            # RFC 9110 §9.3.2: the head of the GET response, no content (h2 holds us to it)
+            self.h2.send_headers(
+                sid, [(b":status", b"200"), (b"content-type", b"application/json")], end_stream=True
+            )
+        elif b.mode == "echo":
             body = json.dumps(
                 {
                     "backend": b.id,
