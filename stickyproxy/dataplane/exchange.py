@@ -559,7 +559,7 @@ class Exchange:
                 # applied, re-chunked for this hop (RFC 9112 §6.1, §7); an HTTP/1.0 client
                 # cannot receive any transfer coding
                 if self.version != "1.1":
-                    self._cannot_relay("a transfer-coded response cannot reach an HTTP/1.0 client")
+                    self.cannot_relay("a transfer-coded response cannot reach an HTTP/1.0 client")
                     return
                 te_line = b"Transfer-Encoding: " + b", ".join(other) + b", chunked\r\n"
                 out_framing = "chunked"
@@ -707,8 +707,12 @@ class Exchange:
         self.local = (status, reason, extra)
         self.local_close = True
 
-    def _cannot_relay(self, reason: str) -> None:
-        """A valid response this client cannot be given: 502, the connection dropped."""
+    def cannot_relay(self, reason: str) -> None:
+        """A valid response (or a request, h2upstream.py) this backend connection cannot
+        carry for this client: 502, the connection dropped, the backend not blamed. Once:
+        a finished exchange is left alone."""
+        if self.state == DONE:
+            return
         self._drop_upstream()
         self.fail(502, reason)
 

@@ -290,15 +290,9 @@ class Stream(StreamTransport):
         # a response cut short (a backend failed mid-body): never passed off as complete
         if self.ended:
             return
-        if self.grpc and not self.end_pending:
+        if self.grpc:
             # a gRPC call ends with a status: what arrived is sent, then UNAVAILABLE
-            if self.status < 200:
-                self.grpc_error(502, "the call failed before its response")
-                return
-            self.in_trailers = False
-            self.trailers = grpc.cut_short_trailers("the backend failed during the call")
-            self.end_pending = True
-            self.conn.push(self)
+            self.grpc_error(502, "the backend failed during the call")
             return
         self.pending.clear()
         self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
@@ -309,6 +303,8 @@ class Stream(StreamTransport):
         if self.ended or self.end_pending:
             return
         if self.status >= 200:
+            # the response began: its trailers carry the status, after what was relayed
+            self.in_trailers = False
             self.trailers = grpc.cut_short_trailers(reason)
             self.end_pending = True
             self.conn.push(self)

@@ -33,7 +33,7 @@ import logging
 import ssl
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import h2.config
 import h2.connection
@@ -194,8 +194,9 @@ class H2Stream(StreamTransport):
         self.local_ended = False
         self.remote_ended = False
         self.closed = False
-        self.framing = ""  # the response body on the HTTP/1.1 hop: "", "chunked", "cl", "none"
-        self.cl_left = 0
+        # the response body on the HTTP/1.1 hop: "", "chunked", "cl", "none"; h2 holds a
+        # "cl" body to its content-length (RFC 9113 §8.1.1) before any byte reaches us
+        self.framing = ""
         self.resp_done = False
         self.upgrade = False
 
@@ -249,7 +250,7 @@ class H2Stream(StreamTransport):
         self.closed = True
         self.conn.stream_closed(self, ErrorCodes.CANCEL)
         if ex is not None:
-            asyncio.get_running_loop().call_soon(_cannot_relay, ex, why)
+            asyncio.get_running_loop().call_soon(ex.cannot_relay, why)
 
     # -- llhttp callbacks (the HTTP/1.1 request its exchange sends) ----------------------
     def on_message_begin(self) -> None:
@@ -304,12 +305,6 @@ class H2Stream(StreamTransport):
     # -- the response, from H2Conn -------------------------------------------------------
     def on_response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         data, framing = response_head(headers, ended, self.proto.head_only)
-        if framing == "cl":
-            try:
-                self.cl_left = int(dict(headers)[b"content-length"])
-            except ValueError:
-                self._lost(UpstreamGone("invalid content-length from the backend"))
-                return
         self.framing = framing
         if framing == "none":
             self.resp_done = True
@@ -324,10 +319,6 @@ class H2Stream(StreamTransport):
             if data:
                 self._feed(b"%x\r\n%s\r\n" % (len(data), data))
         elif self.framing == "cl":
-            self.cl_left -= len(data)
-            if self.cl_left < 0:
-                self._lost(UpstreamGone("response body longer than its content-length"))
-                return
             self._feed(data)
         if self.closed:
             self.conn.credit(self.id, flow)
@@ -351,10 +342,7 @@ class H2Stream(StreamTransport):
             self.resp_done = True
             self._feed(b"0\r\n\r\n")
         elif self.framing == "cl":
-            if self.cl_left:
-                self._lost(UpstreamGone("response body shorter than its content-length"))
-            else:
-                self.resp_done = True
+            self.resp_done = True
         elif not self.framing:
             self._lost(UpstreamGone("stream ended without a response"))
 
@@ -371,11 +359,6 @@ class H2Stream(StreamTransport):
         self.pending.clear()
         self.conn.stream_closed(self, ErrorCodes.CANCEL)
         self.proto.connection_lost(exc)
-
-
-def _cannot_relay(ex: Any, why: str) -> None:
-    if ex.upstream is not None:
-        ex._cannot_relay(why)
 
 
 class H2Conn(asyncio.Protocol):
@@ -498,9 +481,9 @@ class H2Conn(asyncio.Protocol):
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             self.push_all()  # SETTINGS_INITIAL_WINDOW_SIZE may have opened windows
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._goaway(ev.last_stream_id or 0, ev.error_code)  # type: ignore[arg-type]
+            self._goaway(ev.last_stream_id or 0)  # type: ignore[arg-type]
 
-    def _goaway(self, last: int, code: Any) -> None:
+    def _goaway(self, last: int) -> None:
         """The backend's GOAWAY (RFC 9113 §6.8): streams above ``last`` were not processed
         and fail; the others may still finish; no new stream is opened here."""
         self.goaway = True
