@@ -220,7 +220,9 @@ class Health:
                     self.resolver,
                     ctx,
                     name,
-                    http2=self._speaks_h2(bid),
+                    # a gRPC check is an HTTP/2 call whatever the member says it speaks
+                    # (a file-discovered HTTP/1.1 member then fails it, with the reason)
+                    http2=cfg.kind == "grpc" or self._speaks_h2(bid),
                     grpc_service=cfg.grpc_service if cfg.kind == "grpc" else None,
                 )
             except ProbeFailed as e:

@@ -75,14 +75,15 @@ async def probe(
             reader, writer = await asyncio.open_connection(
                 address, port, ssl=ssl, server_hostname=server_hostname if ssl else None
             )
+            authority = (f"[{host}]" if ":" in host else host).encode("idna") + b":%d" % port
             try:
                 if not http2:
-                    return await _http1_exchange(reader, writer, host, port, path)
+                    return await _http1_exchange(reader, writer, authority, path)
                 if ssl is not None:
                     obj = writer.get_extra_info("ssl_object")
                     if obj is None or obj.selected_alpn_protocol() != "h2":
                         raise ProbeFailed("the backend did not choose HTTP/2 (h2) by ALPN")
-                return await _h2_exchange(reader, writer, host, port, path, ssl, grpc_service)
+                return await _h2_exchange(reader, writer, authority, path, ssl, grpc_service)
             finally:
                 writer.transport.abort()
     except HttpParserError as e:
@@ -100,12 +101,11 @@ async def probe(
 
 
 async def _http1_exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: bytes, path: str
 ) -> int:
-    authority = f"[{host}]" if ":" in host else host
     writer.write(
-        b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: %s\r\nConnection: close\r\n\r\n"
-        % (path.encode("ascii"), authority.encode("idna"), port, USER_AGENT)
+        b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: close\r\n\r\n"
+        % (path.encode("ascii"), authority, USER_AGENT)
     )
     head = _Head()
     parser = HttpResponseParser(head)
@@ -172,8 +172,7 @@ def grpc_serving_status(data: bytes) -> int:
 async def _h2_exchange(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    host: str,
-    port: int,
+    authority: bytes,
     path: str,
     ssl: SSLContext | None,
     grpc_service: str | None,
@@ -182,7 +181,6 @@ async def _h2_exchange(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
     )
     conn.initiate_connection()
-    authority = (f"[{host}]" if ":" in host else host).encode("idna") + b":%d" % port
     scheme = b"https" if ssl is not None else b"http"
     grpc = grpc_service is not None
     head = [
