@@ -163,6 +163,17 @@ async def test_goaway_before_processing_moves_the_request(h2_backends, proxy):
     assert r.status == 200 and json.loads(r.body)["backend"] == "ok"
 
 
+async def test_streams_up_to_the_goaways_last_id_still_finish(h2_backends, proxy):
+    (b,) = await h2_backends("h")
+    b.mode = "drain"  # GOAWAY naming the stream in progress, then its answer
+    p = await proxy([b])
+    for i in range(2):
+        r = await p.get(f"/{i}", user="a")
+        assert r.status == 200 and json.loads(r.body)["path"] == f"/{i}"
+    # the stream named by the GOAWAY was answered; the next request took a new connection
+    assert b.connections == 2
+
+
 async def test_body_shorter_than_its_content_length_is_a_502(h2_backends, proxy):
     (b,) = await h2_backends("h")
     b.mode = "short"  # content-length 10, 3 bytes: h2 refuses it before the head is relayed

@@ -5,6 +5,8 @@ Modes (``H2Backend.mode``, changeable between requests):
 - "echo": 200, JSON of the request head and body size, plus trailer ``x-trailer: done``
 - "refuse": RST_STREAM REFUSED_STREAM to every request (RFC 9113 §8.7)
 - "goaway": GOAWAY with last_stream_id 0 and the connection closed (nothing processed)
+- "drain": GOAWAY naming this stream as the last (RFC 9113 §6.8: it is still answered,
+  as "echo"), then the answer; the connection stays open
 - "short": 200 with content-length 10 and 3 bytes, then END_STREAM (malformed)
 - "reset-mid": 200, some DATA, then RST_STREAM INTERNAL_ERROR
 - "big": 200 and ``big_size`` bytes of body (flow-controlled by the proxy's windows)
@@ -26,6 +28,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 _FILL = b"x" * 65536  # body bytes of mode "big" (a frame is at most this long here)
 
@@ -93,6 +96,14 @@ class _Conn(asyncio.Protocol):
                 self.flush()
                 assert self.transport is not None
                 self.transport.close()
+            elif b.mode == "drain":
+                # written beside h2's output: h2's own GOAWAY would refuse the answer after it
+                self.flush()
+                assert self.transport is not None
+                self.transport.write(GoAwayFrame(0, last_stream_id=sid).serialize())
+                if ev.stream_ended:
+                    s.ended = True
+                    self.respond(sid)
             elif ev.stream_ended:
                 s.ended = True
                 self.respond(sid)
@@ -119,12 +130,12 @@ class _Conn(asyncio.Protocol):
     def respond(self, sid: int) -> None:
         b = self.backend
         s = self.seen[sid]
-        if b.mode == "echo" and s.field(b":method") == b"HEAD":
+        if b.mode in ("echo", "drain") and s.field(b":method") == b"HEAD":
             # RFC 9110 §9.3.2: the head of the GET response, no content (h2 holds us to it)
             self.h2.send_headers(
                 sid, [(b":status", b"200"), (b"content-type", b"application/json")], end_stream=True
             )
-        elif b.mode == "echo":
+        elif b.mode in ("echo", "drain"):
             body = json.dumps(
                 {
                     "backend": b.id,
