@@ -888,6 +888,20 @@ class SessionCache:
         return ResumingSSLObject
 
 
+def context_key(settings: BackendTLS, alpn: str, read_file: ReadFile = read_disk) -> tuple:
+    """What a backend's client context is built from: its settings, the ALPN protocol and
+    the bytes of its files. Contexts cached under it are rebuilt when a file is renewed in
+    place (the same path, new bytes) and the configuration reloaded. A file that cannot be
+    read gives a key no context has: ``client_context`` then says why, by key path."""
+    digests: list[bytes | None] = []
+    for f in settings.files():
+        try:
+            digests.append(hashlib.sha256(read_file(f)).digest())
+        except OSError:
+            digests.append(None)
+    return (settings, alpn, tuple(digests))
+
+
 def client_context(
     settings: BackendTLS,
     read_file: ReadFile = read_disk,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import tls
+from ..config import ConfigError
 from ..config import Health as HealthConfig
 from ..config import Passive as PassiveConfig
 from ..routing.ramp import Ramp
@@ -125,7 +126,9 @@ class Health:
     ):
         self.table = table
         self.resolver = resolver
-        self.client_contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
+        self.client_contexts: dict[
+            tuple[tls.BackendTLS, str], ssl.SSLContext
+        ] = {}  # reloads clear it
         self.observer = observer
         self.run_active = active
         self.active: dict[str, ActiveState] = {}
@@ -146,7 +149,10 @@ class Health:
         self.reconfigure()
 
     def reconfigure(self) -> None:
-        """(Re)start checkers to match the current backend set."""
+        """(Re)start checkers to match the current backend set. TLS contexts are made
+        again from the files as they are now (a CA or client certificate renewed in place
+        is used from the reload on, as by the data plane)."""
+        self.client_contexts.clear()
         states = self.table.states
         for bid in list(self.tasks):
             if bid not in states or not (self.run_active and self.cfg.enabled):
@@ -227,6 +233,9 @@ class Health:
                 )
             except ProbeFailed as e:
                 detail = str(e)
+            except ConfigError as e:
+                # its TLS files cannot be read now: the check fails, the checker goes on
+                detail = "; ".join(e.errors)
             ok = check_ok(status, cfg.expect)
             self.observer.health_check(st, ok)
             self.record_check(bid, ok, status, detail)

@@ -70,7 +70,7 @@ class Proxy:
         # distinct settings (their session caches make reconnections cheap)
         listen_tls = table.config.listen.tls
         self.tls_store = tls.CertStore(listen_tls, read_file) if listen_tls is not None else None
-        self.client_contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
+        self.client_contexts: dict[tuple, ssl.SSLContext] = {}
         self._sync_upstreams(read_file)
         self._set_config(table.config)
 
@@ -81,7 +81,7 @@ class Proxy:
         connections closed. Each gets its backend's TLS context (None: plain HTTP)."""
         cfg = self.table.config
         lim, tmo = cfg.limits, cfg.timeouts
-        contexts: dict[tuple[tls.BackendTLS, str], ssl.SSLContext] = {}
+        contexts: dict[tuple, ssl.SSLContext] = {}
         ups: dict[str, Upstream] = {}
         for b in cfg.backends:
             st = self.table.states[b.id]
@@ -94,7 +94,9 @@ class Proxy:
             else:
                 up.configure(lim.pool_max_idle, lim.pool_max_requests, tmo.upstream_idle)
             if b.tls is not None:
-                ck = (b.tls, b.protocol)
+                # keyed by the files' bytes too: a CA or client certificate renewed in
+                # place is taken by the reload that follows
+                ck = tls.context_key(b.tls, b.protocol, read_file)
                 ctx = contexts.get(ck) or self.client_contexts.get(ck)
                 if ctx is None:
                     ctx = tls.client_context(b.tls, read_file, f"backends[{b.id}].tls", b.protocol)

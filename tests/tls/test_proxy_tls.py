@@ -407,3 +407,28 @@ async def test_a_refused_backend_certificate_is_a_502_that_says_why(ca, tmp_path
     finally:
         await svc.stop()
         await runner.cleanup()
+
+
+async def test_a_backend_ca_renewed_in_place_is_taken_by_the_next_reload(ca, tmp_path):
+    """The backend moves to a certificate of a new CA; the operator writes that CA over
+    the same ca_file and reloads: the proxy (and its health checks) trust it from then."""
+    new_ca = trustme.CA()
+    runner, port = await tls_backend(new_ca.issue_cert("localhost", "127.0.0.1"), "renewed")
+    ca_file = tmp_path / "backend-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))  # the old CA: the backend's certificate fails
+    backends = (
+        f'[[backends]]\nid = "renewed"\nurl = "https://localhost:{port}"\n'
+        f'[backends.tls]\nca_file = "{ca_file}"\n'
+    )
+    svc = await start(tmp_path, toml(backends=backends, extra="[retries]\nattempts = 0\n"))
+    try:
+        status, _, body, _ = await get(svc.proxy.port, None)
+        assert status == 502 and b"TLS: certificate not trusted" in body, body
+        new_ca.cert_pem.write_to_path(str(ca_file))
+        ok, problems = await svc.reload("test")
+        assert ok, problems
+        status, _, body, _ = await get(svc.proxy.port, None)
+        assert status == 200 and body == b"renewed", body
+    finally:
+        await svc.stop()
+        await runner.cleanup()
