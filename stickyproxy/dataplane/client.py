@@ -37,6 +37,7 @@ from .http import (
     FIELD_SPECIAL,
     FORWARDED,
     HOP_BY_HOP,
+    PREFACE_PAUSE,
     STAND_IN_METHOD,
     RequestError,
     error_response,
@@ -376,11 +377,7 @@ class ClientProtocol(asyncio.Protocol):
         """llhttp refused the slice ``fed`` (``more`` is the input after it; ``mark``: the
         requests parsed before it, or -1 if it did not start a message): go on with a
         fresh parser from a rewritten request line (``_retry_line``), or answer 400."""
-        if (
-            self.requests == 0
-            and self.server.config.listen.h2c
-            and str(e) == "Pause on PRI/Upgrade"
-        ):
+        if self.requests == 0 and self.server.config.listen.h2c and str(e) == PREFACE_PAUSE:
             # listen.h2c: the connection began with the HTTP/2 preface (RFC 9113 §3.3;
             # llhttp stops at its request line): it is HTTP/2 from its first byte
             from .h2client import take_over

@@ -49,7 +49,7 @@ from . import grpc
 from .client import CLOSING, DEAD, OPEN, ClientProtocol
 from .exchange import refused_exchange
 from .h2flow import StreamTransport, send_pending
-from .http import RequestError
+from .http import HOP_BY_HOP, NO_BODY_STATUSES, RequestError
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -58,8 +58,6 @@ log = logging.getLogger("stickyproxy")
 
 # RFC 9113 §3.4: the client connection preface.
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# What llhttp reports when a connection starts with the preface's request line.
-PREFACE_PAUSE: Final = "Pause on PRI/Upgrade"
 
 # SETTINGS_MAX_CONCURRENT_STREAMS: RFC 9113 §6.5.2 advises at least 100; each stream can
 # hold an exchange, an upstream connection and STREAM_WINDOW bytes.
@@ -104,7 +102,6 @@ MAX_SPARE_WINDOW_UPDATES: Final = 100
 CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
-_RESPONSE_DROP: Final = CONNECTION_SPECIFIC | {b"te", b"http2-settings", b"trailer"}
 # RFC 9113 §8.3.1: the request pseudo-header fields (":protocol" only with
 # SETTINGS_ENABLE_CONNECT_PROTOCOL, which is not offered).
 REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -240,7 +237,7 @@ def response_fields(status: int, fields: list[tuple[bytes, bytes]]) -> list[tupl
     out = [(b":status", b"%d" % status)]
     for name, value in fields:
         ln = name.lower()
-        if ln not in _RESPONSE_DROP:
+        if ln not in HOP_BY_HOP:
             out.append((ln, value))
     return out
 
@@ -344,7 +341,7 @@ class Stream(StreamTransport):
                 )
                 conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
                 return
-        if self.head_only or status in (204, 304):
+        if self.head_only or status in NO_BODY_STATUSES:
             # no body follows (RFC 9110 §9.3.2, §15.3.5, §15.4.5); llhttp cannot know HEAD's
             self.end_pending = True
             conn.send_headers(self, response_fields(status, fields), True)
@@ -877,7 +874,7 @@ class H2ClientProtocol(asyncio.Protocol):
 
 def response_fields_trailers(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Response trailers for HTTP/2: no pseudo-headers, no framing or connection fields."""
-    return [(n, v) for n, v in trailers if n not in _RESPONSE_DROP and n != b"content-length"]
+    return [(n, v) for n, v in trailers if n not in HOP_BY_HOP and n != b"content-length"]
 
 
 class AlpnSwitch(asyncio.Protocol):

@@ -44,6 +44,7 @@ from h2.errors import ErrorCodes
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from .h2flow import StreamTransport, send_pending
+from .http import HOP_BY_HOP, NO_BODY_STATUSES
 from .upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
@@ -87,9 +88,6 @@ _REQUEST_DROP: Final = frozenset(
         b"host",
         b"http2-settings",
     }
-)
-_RESPONSE_DROP: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 # A gRPC trailers-only response (HEADERS with END_STREAM) carries its status in the head;
 # over HTTP/1.1 these travel as the trailer section of an empty chunked body.
@@ -146,7 +144,7 @@ def response_head(
         if name == b"content-length":
             cl = value
             continue
-        if name in _RESPONSE_DROP:
+        if name in HOP_BY_HOP:
             continue
         line = name + b": " + value + _CRLF
         if ended and name in _STATUS_FIELDS:
@@ -160,7 +158,7 @@ def response_head(
     head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase), *lines]
     if status < 200:
         return b"".join(head) + _CRLF, "none"
-    if head_only or status in (204, 304):
+    if head_only or status in NO_BODY_STATUSES:
         if cl is not None:
             head.append(b"content-length: " + cl + _CRLF)
         return b"".join(head) + _CRLF, "none"

@@ -54,6 +54,10 @@ FIELD_CACHE_SIZE: Final = 4096
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1, §15.3.5, §15.4.5).
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
+# What llhttp reports when a connection starts with the HTTP/2 preface's request line
+# (RFC 9113 §3.4, "PRI * HTTP/2.0"): client.py hands such a connection to h2client.py.
+PREFACE_PAUSE: Final = "Pause on PRI/Upgrade"
+
 REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
