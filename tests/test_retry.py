@@ -11,6 +11,7 @@ from stickyproxy.dataplane.retry import (
     RESET,
     SAME_BACKEND,
     TIMEOUT,
+    TLS,
     decide,
     retry_reason,
 )
@@ -21,6 +22,8 @@ TABLE = [
     (CONNECT_REFUSED, False, False, False, True, NEXT_BACKEND, False),
     (CONNECT_REFUSED, True, False, True, True, NEXT_BACKEND, False),
     (CONNECT_TIMEOUT, False, False, False, True, NEXT_BACKEND, True),
+    # a refused certificate: nothing sent, the next backend, budgeted like a timeout
+    (TLS, False, False, False, True, NEXT_BACKEND, True),
     # a stale pooled connection: same backend, new connection, free
     (RESET, True, True, False, True, SAME_BACKEND, False),
     # ... unless that backend is no longer usable: the next one, still free

@@ -36,6 +36,7 @@ from .retry import (
     NO_RETRY,
     RESET,
     SAME_BACKEND,
+    TLS,
     decide,
     retry_reason,
 )
@@ -277,7 +278,7 @@ class Exchange:
                     slot.connected()
         except ssl.SSLError as e:  # an OSError too: the backend answered, its TLS failed
             if self.state == CONNECTING and self.slot is slot:
-                self.on_connect_failed(slot, "tls", e)
+                self.on_connect_failed(slot, TLS, e)
             return
         except (OSError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "connect"
@@ -296,16 +297,12 @@ class Exchange:
         events = self.server.events
         refused = kind == "connect"
         backend = slot.state
-        events.upstream_error(
-            backend, kind if kind == "tls" else "connect" if refused else "timeout"
-        )
-        if kind == "tls":
+        events.upstream_error(backend, kind)
+        if kind == TLS:
             # Nothing was sent: safe to try the next backend. But the host answered: it is
             # not a dead host (its pool is kept) nor one to skip (no connect_down), so a
             # last 502 keeps its reason: what was wrong with the certificate.
-            self.retry(
-                backend, CONNECT_TIMEOUT, f"backend {backend.id}: {describe_verify_error(exc)}", 502
-            )
+            self.retry(backend, TLS, f"backend {backend.id}: {describe_verify_error(exc)}", 502)
             return
         events.connect_failed(backend, kind)
         if refused:

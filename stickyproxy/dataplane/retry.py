@@ -16,6 +16,10 @@ off as complete). The decision weighs what a retry could cost:
   retry too: while a killed backend is torn down its kernel can still accept a connection
   and then reset it (seen in the bench kill drill: 14 such resets at once went past the
   budget and were answered 502).
+- A failed TLS handshake sent nothing either, but the host answered: a certificate not
+  trusted, expired or for another name, which a retry on the same backend cannot mend.
+  The next backend, within the budget, as for a connect timeout (its own kind, so metrics
+  tell the two apart).
 - A timeout (connect or response) or a malformed response is what an overloaded or
   broken backend does: retried only within the retry budget, so that retries cannot
   multiply the load of a fleet that is already slow.
@@ -32,6 +36,7 @@ from typing import Final
 # failure kinds (also the `kind` label of upstream_errors_total)
 CONNECT_REFUSED: Final = "connect"
 CONNECT_TIMEOUT: Final = "connect-timeout"
+TLS: Final = "tls"
 RESET: Final = "reset"
 TIMEOUT: Final = "timeout"
 PROTOCOL: Final = "protocol"
@@ -54,7 +59,7 @@ def decide(
     """
     if kind == CONNECT_REFUSED:
         return NEXT_BACKEND, False
-    if kind == CONNECT_TIMEOUT:
+    if kind == CONNECT_TIMEOUT or kind == TLS:
         return NEXT_BACKEND, True
     if not replayable:
         return NO_RETRY, False
