@@ -34,37 +34,13 @@ What it accepts (strictly, spec §2.1 and §2.2):
   LOCAL (the load balancer's own connection, e.g. a health check) returns ``local=True`` and
   no addresses, whatever the family byte says (§2.2: "the family ... is ignored").
 
-Integration into the client protocol (``dataplane/client.py``):
-
-1. Config: ``listen.proxy_protocol`` (bool, default false) next to ``listen.trusted_proxies``;
-   ``stickyproxy check`` refuses ``proxy_protocol = true`` with empty ``trusted_proxies``
-   (the header would be accepted from nobody). The spec forbids guessing (§2: "MUST not try to
-   guess whether the protocol header is present"), so the decision is per peer, made in
-   ``connection_made`` from the real socket peer:
-   - peer in ``trusted_proxies`` and ``proxy_protocol = true``: the connection must start with
-     a header. Until ``parse`` returns non-``NeedMore``, bytes go to a small buffer (never
-     more than ``NeedMore.at_most``, at most ``MAX_HEADER_BYTES``), not to llhttp.
-   - any other peer: no header is expected; when ``header_start`` says True for its first
-     bytes (a spoofing attempt, or a load balancer missing from ``trusted_proxies``), close;
-     while it says None (at most 12 bytes, e.g. a lone ``P`` of ``POST``), wait for more.
-2. ``Invalid`` (including a trusted peer that sends HTTP without a header): close the
-   transport without writing anything (there is no HTTP exchange to answer yet), and count
-   it (``reason`` is short and fixed-vocabulary: fit for a metric label or one log line).
-3. ``Header``: drop ``consumed`` bytes and feed the rest to llhttp as the first read.
-   If ``header.source`` is not None (``local`` is False and the family is TCP4/TCP6), it
-   replaces the peer: ``peer_ip = header.source[0]``, ``peer_bytes`` re-encoded, so
-   X-Forwarded-For gets the client's address and ``no_key = "client-ip"`` routes by it.
-   ``trusted`` is then recomputed with ``server.is_trusted(peer_ip)`` for the *client's*
-   address: the load balancer being trusted vouches for the header, not for an
-   X-Forwarded-For the client wrote. With ``local`` or ``family == "UNKNOWN"`` the real peer
-   stays (health checks from the load balancer are answered as from the balancer).
-4. Deadline: the header shares the request-head deadline set in ``connection_made``
-   (``timeouts.client_header``, with its own ``deadline_kind = "proxy-header"`` for the log);
-   the spec asks receivers to allow at least 3 s for it (a TCP retransmit), so ``check``
-   should warn when ``client_header`` is below ``MIN_HEADER_TIMEOUT``. On expiry: close
-   without a response.
-5. TLS on the listener: the header precedes the TLS handshake, so with ``[listen.tls]`` the
-   header must be read from the raw transport before ``loop.start_tls``.
+Used by ``dataplane/client.py`` ``ProxyHeaderProtocol`` (``listen.proxy_protocol``): a
+connection from a peer in ``listen.trusted_proxies`` must start with a header, parsed here
+as its bytes arrive (never more than ``MAX_HEADER_BYTES`` held, within
+``timeouts.client_header``; the spec asks for at least 3 s, docs/fleet.md); ``Invalid`` or
+no header in time closes it without an answer; a ``Header`` with a source address makes
+that address the connection's peer. Other peers are never asked for a header (the spec
+forbids guessing, §2): their bytes go to llhttp, which answers one that sends a header 400.
 """
 
 from __future__ import annotations
@@ -91,8 +67,6 @@ MAX_V2_LENGTH: Final = MAX_V2_ADDRESS_BYTES + MAX_V2_TLV_BYTES
 MAX_V2_BYTES: Final = V2_FIXED_BYTES + MAX_V2_LENGTH
 # Most bytes ever buffered before a decision, whichever version arrives.
 MAX_HEADER_BYTES: Final = max(MAX_V1_BYTES, MAX_V2_BYTES)
-# Spec §2: allow the header "at least 3 seconds to cover a TCP retransmit".
-MIN_HEADER_TIMEOUT: Final = 3.0
 
 V1_PREFIX: Final = b"PROXY "
 
@@ -163,23 +137,6 @@ class Invalid:
 
 
 Result = NeedMore | Header | Invalid
-
-
-def header_start(data: bytes) -> bool | None:
-    """Whether ``data``, a connection's first bytes, starts with a PROXY header.
-
-    True once a whole v1 prefix (``PROXY ``) or v2 signature is there; False as soon as the
-    bytes can be neither (``POST /``, a TLS ClientHello, an empty line followed by a request);
-    None while they are empty or a strict prefix of one (``P``, ``\\r\\n``): read more, at most
-    ``len(V2_SIGNATURE)`` bytes in all. For peers that must not send a header: True closes.
-    """
-    if not data:
-        return None
-    for prefix in (V1_PREFIX, V2_SIGNATURE):
-        n = min(len(data), len(prefix))
-        if n and data[:n] == prefix[:n]:
-            return True if n == len(prefix) else None
-    return False
 
 
 def parse(data: bytes) -> Result:
