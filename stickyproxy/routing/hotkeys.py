@@ -13,7 +13,7 @@ counters of keys tracked since before the first purge are exact up to the same `
 (the order of the hottest keys is their true order). ``merge`` adds another sketch's counters
 and offset (DataSketches' merge): the same bounds hold over the union of both streams.
 
-It is kept off the request's critical path by sampling: ``offer`` counts one request in
+It is kept off the request's critical path by sampling: ``Router.count_key`` counts one request in
 ``sample_every`` (a counter, no random number), and each sampled request weighs
 ``sample_every``, so counts and ``total`` are in requests and sketches sampled at different
 rates still merge. A strictly periodic client whose period divides ``sample_every`` can
@@ -71,7 +71,7 @@ class HotKey(NamedTuple):
 class HotKeys:
     """Frequent user keys of one process; ``merge`` combines processes' sketches."""
 
-    __slots__ = ("max_keys", "sample_every", "raw", "_counts", "_offset", "_total", "_countdown")
+    __slots__ = ("max_keys", "sample_every", "raw", "_counts", "_offset", "_total")
 
     def __init__(
         self,
@@ -95,18 +95,6 @@ class HotKeys:
         self._counts: dict[str, int] = {}
         self._offset = 0
         self._total = 0
-        self._countdown = sample_every
-
-    # -- the request path ------------------------------------------------------------------
-
-    def offer(self, key: str) -> None:
-        """Count this request's key if it is the one in ``sample_every`` that is sampled."""
-        n = self._countdown - 1
-        if n:
-            self._countdown = n
-            return
-        self._countdown = self.sample_every
-        self.add(key if self.raw else key_digest(key), self.sample_every)
 
     # -- the sketch ------------------------------------------------------------------------
 
@@ -230,7 +218,7 @@ class Recent:
     ``current``. Windows are checked only on sampled requests and on reads, with the
     caller's clock (``now``, monotonic seconds), so this stays pure."""
 
-    __slots__ = ("window", "sample_every", "raw", "current", "previous", "_countdown", "_end")
+    __slots__ = ("window", "sample_every", "raw", "current", "previous", "_end")
 
     def __init__(
         self,
@@ -247,7 +235,6 @@ class Recent:
         self.previous = HotKeys(max_keys, sample_every, raw)
         self.sample_every = sample_every
         self.raw = raw
-        self._countdown = sample_every
         self._end = now + window
 
     def same_settings(self, max_keys: int, sample_every: int, raw: bool, window: float) -> bool:
@@ -258,19 +245,10 @@ class Recent:
             window,
         )
 
-    def offer(self, key: str, now: float) -> None:
-        """The request path: a decrement and a compare, except on one request in
-        ``sample_every``."""
-        n = self._countdown - 1
-        if n:
-            self._countdown = n
-            return
-        self._countdown = self.sample_every
-        self.sampled(key, now)
-
     def sampled(self, key: str, now: float) -> None:
-        """Count ``key`` as one sampled request (``sample_every`` requests): for a caller
-        that keeps the countdown itself (the compiled router keeps it in a native int)."""
+        """Count ``key`` as one sampled request (``sample_every`` requests). The caller picks
+        the one request in ``sample_every``: ``Router.count_key`` keeps that countdown in a
+        native int of the compiled router."""
         if now >= self._end:
             self.rotate(now)
         self.current.add(key if self.raw else key_digest(key), self.sample_every)

@@ -18,10 +18,18 @@ TRUTH = Counter(STREAM)
 TRUE_TOP10 = [k for k, _ in TRUTH.most_common(10)]
 
 
+def count(h: HotKeys, key: str) -> None:
+    """One sampled request of ``key``, labelled as the proxy labels it."""
+    h.add(key if h.raw else key_digest(key), h.sample_every)
+
+
 def sketch_of(keys, max_keys=1024, sample_every=1, raw=True):
+    """The sketch of ``keys`` sampled one request in ``sample_every``, as Router.count_key
+    picks them (tests/routing/test_routing_quality.py tests that countdown)."""
     h = HotKeys(max_keys, sample_every, raw)
-    for k in keys:
-        h.offer(k)
+    for i, k in enumerate(keys, 1):
+        if i % sample_every == 0:
+            count(h, k)
     return h
 
 
@@ -71,27 +79,9 @@ def test_counts_are_bounded_by_the_offset_and_the_offset_by_total():
 def test_size_never_exceeds_max_keys():
     h = HotKeys(64, 1, raw=True)
     for i in range(20_000):
-        h.offer(f"once-{i}")  # every key new: the worst case for the sketch
+        count(h, f"once-{i}")  # every key new: the worst case for the sketch
         assert len(h) <= 64
     assert h.total == 20_000
-
-
-@pytest.mark.parametrize(
-    "sample_every, offered, sampled_positions",
-    [
-        (1, 3, [1, 2, 3]),
-        (4, 10, [4, 8]),
-        (16, 15, []),
-        (16, 32, [16, 32]),
-    ],
-)
-def test_offer_samples_one_request_in_n_by_a_counter(sample_every, offered, sampled_positions):
-    h = HotKeys(1024, sample_every, raw=True)
-    for i in range(1, offered + 1):
-        h.offer(f"k{i}")
-    assert sorted(e.key for e in h.top(100)) == sorted(f"k{i}" for i in sampled_positions)
-    assert h.total == sample_every * len(sampled_positions)
-    assert all(e.requests == sample_every for e in h.top(100))
 
 
 def test_sampled_sketch_still_finds_the_hottest_users():
@@ -114,7 +104,7 @@ def test_keys_are_hashed_unless_raw():
     raw = HotKeys(16, 1, raw=True)
     for h in (hashed, raw):
         for k in ("alice", "alice", "bob"):
-            h.offer(k)
+            count(h, k)
     assert hashed.top(1)[0].key == key_digest("alice")
     assert "alice" not in json.dumps(hashed.to_data())
     assert raw.top(1)[0].key == "alice"
@@ -125,7 +115,7 @@ def test_keys_are_hashed_unless_raw():
 def test_merge_of_worker_sketches_matches_one_sketch_over_all_requests():
     workers = [HotKeys(1024, 1) for _ in range(3)]
     for i, k in enumerate(STREAM):  # round robin, as connections land on workers
-        workers[i % 3].offer(k)
+        count(workers[i % 3], k)
     merged = HotKeys(1024, 1)
     for w in workers:
         merged.merge(w)

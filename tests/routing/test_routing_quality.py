@@ -263,17 +263,36 @@ def test_hot_keys_are_counted_over_the_last_one_to_two_windows(now, expect):
     rec = Recent(max_keys=8, sample_every=1, raw=True, window=10.0, now=0.0)
     for s in range(15):
         if s <= now:
-            rec.offer("x" if s < 10 else "y", float(s))
+            rec.sampled("x" if s < 10 else "y", float(s))
     view = rec.view(now)
     assert {h.key: h.requests for h in view.top(10)} == expect
 
 
 def test_hot_keys_sample_and_hash_unless_raw():
     rec = Recent(max_keys=8, sample_every=4, window=60.0)
-    for _ in range(40):
-        rec.offer("alice", 1.0)
+    for _ in range(10):  # ten sampled requests, each standing for four
+        rec.sampled("alice", 1.0)
     top = rec.view(1.0).top(1)
     assert top[0].key == key_digest("alice") and top[0].requests == 40
+
+
+@pytest.mark.parametrize(
+    "sample_every, offered, sampled_positions",
+    [
+        (1, 3, [1, 2, 3]),
+        (4, 10, [4, 8]),
+        (16, 15, []),
+        (16, 32, [16, 32]),
+    ],
+)
+def test_the_router_samples_one_request_in_n_by_a_counter(sample_every, offered, sampled_positions):
+    t = table(hotkeys={"sample_every": sample_every}, logging={"access_key": "raw"})
+    for i in range(1, offered + 1):
+        t.router.count_key(f"k{i}", 1.0)
+    h = t.router.hotkeys.current
+    assert sorted(e.key for e in h.top(100)) == sorted(f"k{i}" for i in sampled_positions)
+    assert h.total == sample_every * len(sampled_positions)
+    assert all(e.requests == sample_every for e in h.top(100))
 
 
 def test_the_hot_keys_view_ranks_and_names_owners_of_raw_keys():
