@@ -557,8 +557,9 @@ class H2ClientProtocol(asyncio.Protocol):
         sid: int = ev.stream_id  # type: ignore[assignment]
         h2c = self.h2
         if self.draining or len(self.streams) >= MAX_CONCURRENT_STREAMS:
-            # after GOAWAY (RFC 9113 §6.8) or past the limit before the client applied it
-            # (§5.1.2): refused, and safe for the client to retry
+            # after GOAWAY (RFC 9113 §6.8): refused, and safe for the client to retry. The
+            # limit itself h2 enforces first, as a connection error (§5.1.2 asks for a
+            # stream error: docs/http2.md); the count here only guards the same bound
             h2c.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
