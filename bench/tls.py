@@ -73,7 +73,7 @@ from .wrk import (
     THREADS,
     USERS_SCRIPT,
     WrkError,
-    parse_output,
+    run_argv,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -341,20 +341,9 @@ def run_wrk(
     meter = CpuMeter(server.proc.pid)
     meter.start()
     try:
-        done = subprocess.run(
-            argv,
-            check=False,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=duration + EXIT_GRACE,
-        )
-    except subprocess.TimeoutExpired:
-        raise WrkError(f"wrk ran past {duration + EXIT_GRACE:g}s") from None
-    used = meter.stop()
-    if done.returncode != 0:
-        raise WrkError(f"wrk exited with code {done.returncode}: {done.stderr.strip()}")
-    r = parse_output(done.stdout)
+        r = run_argv(argv, duration)
+    finally:
+        used = meter.stop()
     return {
         "rate": r.rps,
         "count": r.requests,

@@ -91,7 +91,12 @@ def run_wrk(port: int, duration: float, connections: int, users: int) -> WrkResu
 def run_script(
     port: int, duration: float, connections: int, script: Path, script_args: list[str]
 ) -> WrkResult:
-    argv = wrk_command(port, duration, connections, script, script_args)
+    return run_argv(wrk_command(port, duration, connections, script, script_args), duration)
+
+
+def run_argv(argv: list[str], duration: float) -> WrkResult:
+    """Run wrk as ``argv`` (a run of ``duration`` seconds) and parse its report; WrkError
+    when it overruns, fails or prints no report."""
     try:
         done = subprocess.run(
             argv,
